@@ -1,0 +1,45 @@
+# One entry for each chore. `make up` and `make test` install whatever is missing first.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PYTEST_ARGS ?=
+
+.PHONY: up test lint format bench fuzz system-deps test-system-deps clean
+
+up: system-deps $(BIN)/.installed node_modules/.installed
+	$(BIN)/remotecli up $(ARGS)
+
+test: test-system-deps $(BIN)/.installed node_modules/.installed lint
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: $(BIN)/.installed
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench: test-system-deps $(BIN)/.installed node_modules/.installed
+	$(BIN)/python -m bench $(ARGS)
+
+system-deps:
+	scripts/install-system-deps.sh run
+
+test-system-deps:
+	scripts/install-system-deps.sh test
+
+$(BIN)/.installed: pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+node_modules/.installed: package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+clean:
+	rm -rf $(VENV) node_modules .mypy_cache .ruff_cache .pytest_cache test-artifacts

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Install the Debian packages remote-cli needs, only those missing (fast when all are present).
+#   scripts/install-system-deps.sh run    what `make up` needs
+#   scripts/install-system-deps.sh test   plus what the tests and benchmarks drive
+set -euo pipefail
+
+run_packages=(xvfb x11vnc xterm bubblewrap procps fonts-dejavu-core)
+test_packages=(nginx-light chromium qemu-system-x86 qemu-utils debootstrap e2fsprogs
+  busybox-static cpio zstd nodejs npm)
+
+case "${1:-run}" in
+  run) wanted=("${run_packages[@]}") ;;
+  test) wanted=("${run_packages[@]}" "${test_packages[@]}") ;;
+  *) echo "usage: $0 run|test" >&2; exit 2 ;;
+esac
+
+missing=()
+for package in "${wanted[@]}"; do
+  if [[ $package == nodejs || $package == npm ]] && command -v "${package/nodejs/node}" >/dev/null; then
+    continue  # a Node.js from elsewhere (for example NodeSource) serves as well
+  fi
+  status=$(dpkg-query -W -f='${Status}' "$package" 2>/dev/null || true)
+  [[ $status == "install ok installed" ]] || missing+=("$package")
+done
+[[ ${#missing[@]} -eq 0 ]] && exit 0
+
+echo "Installing Debian packages: ${missing[*]}"
+sudo=()
+if [[ $(id -u) -ne 0 ]]; then
+  command -v sudo >/dev/null || { echo "error: run as root or install sudo to install: ${missing[*]}" >&2; exit 1; }
+  sudo=(sudo)
+fi
+export DEBIAN_FRONTEND=noninteractive
+"${sudo[@]}" apt-get update -q
+"${sudo[@]}" apt-get install -y -q --no-install-recommends "${missing[@]}"

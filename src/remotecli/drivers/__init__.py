@@ -1,0 +1,31 @@
+"""Session drivers: each starts and stops one session's sandbox and says where its VNC server is.
+
+``local`` (Xvfb + x11vnc + xterm under bubblewrap) is the embedded default; ``qemu`` runs each
+session in a microVM. :func:`create_driver` is the one place that maps a name to a driver.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from remotecli.drivers.base import Driver, ProgressCallback, SessionSpec, VncEndpoint
+from remotecli.exceptions import ConfigError
+
+DRIVER_NAMES = ("local", "qemu")
+
+__all__ = ["DRIVER_NAMES", "Driver", "ProgressCallback", "SessionSpec", "VncEndpoint", "create_driver"]
+
+
+def create_driver(name: str, data_dir: Path) -> Driver:
+    """Return the driver called ``name``, keeping its state under ``data_dir``."""
+    if name == "local":
+        from remotecli.drivers.local import LocalDriver
+
+        return LocalDriver(data_dir)
+    if name == "qemu":
+        from remotecli.drivers.qemu import QemuDriver
+
+        return QemuDriver(data_dir)
+    raise ConfigError(
+        f"unknown driver {name!r}; choose one of: {', '.join(DRIVER_NAMES)}", driver=name
+    )

@@ -1,0 +1,86 @@
+"""The driver seam: the few async methods every session driver implements.
+
+A driver owns the processes of the sessions it started and nothing else. The controller calls
+:meth:`Driver.start` once per session, watches :meth:`Driver.wait` to learn when a sandbox dies
+on its own, and calls :meth:`Driver.stop` to end it. Every method is safe to cancel: a cancelled
+``start`` leaves no process behind.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+ProgressCallback = Callable[[str], None]
+"""Receives short human-readable progress steps ("display :12 up", "VNC banner read")."""
+
+
+@dataclass(frozen=True)
+class VncEndpoint:
+    """Where a session's VNC server listens.
+
+    Exactly one of ``unix_path`` or ``host``/``port`` is set. A Unix socket is reachable only by
+    the controller's user (directory mode 0700). A TCP endpoint is always on loopback and then
+    carries the per-session VNC ``password`` (RFB security type 2) that the bridge answers for
+    the viewer, so the browser never sees it.
+    """
+
+    unix_path: str | None = None
+    host: str | None = None
+    port: int | None = None
+    password: str | None = None
+
+    def describe(self) -> str:
+        """Name the endpoint for logs and error messages (never the password)."""
+        if self.unix_path is not None:
+            return f"unix:{self.unix_path}"
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class SessionSpec:
+    """What a driver needs to start one session."""
+
+    session_id: str
+    provider: str
+    command: Sequence[str]
+    """The argv the terminal runs (``["bash", "-l"]`` for the shell provider)."""
+    workdir: Path
+    """The session's own directory under the data dir; the driver creates what it needs in it."""
+    env: Mapping[str, str] = field(default_factory=dict)
+    width: int = 1280
+    height: int = 720
+
+
+class Driver(Protocol):
+    """Starts and stops session sandboxes. One instance per controller."""
+
+    name: str
+
+    async def start(self, spec: SessionSpec, progress: ProgressCallback) -> VncEndpoint:
+        """Start the session and return once an RFB banner was read from its VNC server.
+
+        Raises :class:`remotecli.exceptions.DriverError` naming what failed and what to do.
+        """
+        ...
+
+    async def wait(self, session_id: str) -> str:
+        """Return when the session's sandbox ends by itself, with the reason in words."""
+        ...
+
+    async def stop(self, session_id: str) -> None:
+        """Stop the session and remove every process it had. Idempotent."""
+        ...
+
+    async def recover(self, session_id: str, workdir: Path) -> VncEndpoint | None:
+        """After a controller restart: the endpoint if the session still runs, else clean up.
+
+        Returns ``None`` when nothing of the session is alive; any leftover process is killed.
+        """
+        ...
+
+    async def close(self) -> None:
+        """Stop every session this driver started (controller shutdown)."""
+        ...

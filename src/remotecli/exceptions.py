@@ -1,0 +1,181 @@
+"""Every error remote-cli raises, under one root.
+
+::
+
+    RemoteCliError
+    ├── ConfigError                  bad flag, environment variable or TOML value
+    ├── ProtocolError                a protocol rule was broken
+    │   ├── LocalProtocolError       ... by us (a bug: never the peer's fault)
+    │   └── RemoteProtocolError      ... by the peer (client or upstream)
+    ├── ClientError                  the request cannot be served; maps to a 4xx
+    │   ├── BadRequest               400 malformed request, smuggling attempt, bad value
+    │   ├── NotAuthenticated         401 no or wrong credentials
+    │   ├── Forbidden                403 credentials fine, not allowed (Origin, ticket)
+    │   ├── NotFound                 404 no route, no such session (or someone else's)
+    │   ├── Conflict                 409 the state machine refuses the transition
+    │   ├── UpgradeRequired          426 wrong Sec-WebSocket-Version
+    │   ├── HeaderTooLarge           431 request head over the limit
+    │   ├── Unprocessable            422 e.g. provider not installed
+    │   └── TooManyRequests          429 per-user limit or login rate limit
+    ├── ServiceUnavailable           503 over a connection or host limit, shutting down
+    ├── UpstreamError                a peer we called failed; maps to 502 or 504
+    │   ├── UpstreamRefused          502 connection refused
+    │   ├── UpstreamUnreachable      502 no route to host, DNS, missing Unix socket
+    │   ├── UpstreamClosed           502 closed before answering (the original's "socket hang up")
+    │   ├── UpstreamConnectTimeout   504 connect did not finish in time
+    │   └── UpstreamHeadTimeout      504 response head did not arrive in time
+    └── SessionError                 a session's sandbox or VM failed
+        ├── DriverError              the driver could not start or stop a session
+        └── VncUnavailable           the session's VNC endpoint is gone (close 1011)
+
+Each exception carries data, not only a message: the HTTP ``status`` it maps to, the WebSocket
+``close_code`` used when it ends a tunnel or a bridge, and a ``kind`` label used in logs and
+metrics. Messages name the cause and, where there is one, the next step.
+"""
+
+from __future__ import annotations
+
+
+class RemoteCliError(Exception):
+    """Root of every remote-cli error."""
+
+    status: int = 500
+    close_code: int = 1011
+    kind: str = "internal"
+
+    def __init__(self, message: str, **data: object) -> None:
+        super().__init__(message)
+        self.message = message
+        self.data = data
+
+
+class ConfigError(RemoteCliError):
+    """A configuration value is missing or invalid; the message names it and the fix."""
+
+    kind = "config"
+
+
+class ProtocolError(RemoteCliError):
+    """A protocol rule was broken."""
+
+    kind = "protocol"
+
+
+class LocalProtocolError(ProtocolError):
+    """We broke a protocol rule: a bug in remote-cli."""
+
+    kind = "local_protocol"
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer broke a protocol rule."""
+
+    status = 400
+    close_code = 1002
+    kind = "remote_protocol"
+
+
+class ClientError(RemoteCliError):
+    """The request cannot be served as sent."""
+
+    status = 400
+    close_code = 1008
+    kind = "client"
+
+
+class BadRequest(ClientError):
+    status = 400
+    kind = "bad_request"
+
+
+class NotAuthenticated(ClientError):
+    status = 401
+    kind = "not_authenticated"
+
+
+class Forbidden(ClientError):
+    status = 403
+    kind = "forbidden"
+
+
+class NotFound(ClientError):
+    status = 404
+    kind = "not_found"
+
+
+class Conflict(ClientError):
+    status = 409
+    kind = "conflict"
+
+
+class UpgradeRequired(ClientError):
+    status = 426
+    kind = "upgrade_required"
+
+
+class HeaderTooLarge(ClientError):
+    status = 431
+    kind = "header_too_large"
+
+
+class Unprocessable(ClientError):
+    status = 422
+    kind = "unprocessable"
+
+
+class TooManyRequests(ClientError):
+    status = 429
+    kind = "too_many_requests"
+
+
+class ServiceUnavailable(RemoteCliError):
+    """Over a limit, or shutting down; the caller may try again later."""
+
+    status = 503
+    close_code = 1013
+    kind = "unavailable"
+
+
+class UpstreamError(RemoteCliError):
+    """A peer we called failed."""
+
+    status = 502
+    close_code = 1014
+    kind = "upstream"
+
+
+class UpstreamRefused(UpstreamError):
+    kind = "refused"
+
+
+class UpstreamUnreachable(UpstreamError):
+    kind = "unreachable"
+
+
+class UpstreamClosed(UpstreamError):
+    kind = "closed"
+
+
+class UpstreamConnectTimeout(UpstreamError):
+    status = 504
+    kind = "connect_timeout"
+
+
+class UpstreamHeadTimeout(UpstreamError):
+    status = 504
+    kind = "head_timeout"
+
+
+class SessionError(RemoteCliError):
+    """A session's sandbox or VM failed."""
+
+    kind = "session"
+
+
+class DriverError(SessionError):
+    kind = "driver"
+
+
+class VncUnavailable(SessionError):
+    close_code = 1011
+    kind = "vnc_unavailable"
