@@ -8,12 +8,23 @@ next step, with exit status 2 for bad configuration and 1 otherwise.
 
 from __future__ import annotations
 
+import re
 import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import click
 
 from remotecli import __version__
+from remotecli.config import (
+    GatewayConfig,
+    gateway_environment,
+    load_controller_config,
+    parse_listen,
+)
 from remotecli.exceptions import ConfigError, RemoteCliError
+from remotecli.logs import LOG_FORMATS, LOG_LEVELS
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -29,13 +40,349 @@ def cli() -> None:
 # --- remotecli gateway -------------------------------------------------------------------------
 # (owned by the gateway: src/remotecli/gateway/)
 
+# REMOTECLI_GATEWAY_<NAME> sets an option's default; repeatable ones take a space-separated list.
+_GATEWAY_LISTS = {"route": "routes", "trusted_proxy": "trusted_proxies"}
+
+
+class _GatewayCommand(click.Command):
+    """`remotecli gateway`, with option defaults taken from REMOTECLI_GATEWAY_* variables."""
+
+    def make_context(
+        self,
+        info_name: str | None,
+        args: list[str],
+        parent: click.Context | None = None,
+        **extra: Any,
+    ) -> click.Context:
+        defaults: dict[str, object] = {}
+        for name, value in gateway_environment().items():
+            if name in _GATEWAY_LISTS:
+                defaults[_GATEWAY_LISTS[name]] = value.split()
+            else:
+                defaults[name] = value
+        extra.setdefault("default_map", defaults)
+        return super().make_context(info_name, args, parent, **extra)
+
+
+@cli.command("gateway", cls=_GatewayCommand)
+@click.option(
+    "--listen",
+    default="127.0.0.1:8080",
+    show_default=True,
+    metavar="HOST:PORT",
+    help="Address to accept HTTP and WebSocket clients on; port 0 picks a free one.",
+)
+@click.option(
+    "--route",
+    "routes",
+    multiple=True,
+    metavar="PREFIX=UPSTREAM",
+    help="Send paths starting with PREFIX to UPSTREAM (http://HOST:PORT or unix:/path). "
+    "Repeat for more; the longest matching prefix wins; path and query go unchanged.",
+)
+@click.option(
+    "--connect-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=5.0,
+    show_default=True,
+    help="Seconds to connect to an upstream before answering 504.",
+)
+@click.option(
+    "--response-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=30.0,
+    show_default=True,
+    help="Seconds for an upstream's response head (or 101) to arrive before answering 504.",
+)
+@click.option(
+    "--handshake-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=10.0,
+    show_default=True,
+    help="Seconds for a client's request head to arrive (slowloris guard; 408 after it). "
+    "Also how long an idle keep-alive connection is kept.",
+)
+@click.option(
+    "--idle-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Seconds without traffic after which a WebSocket tunnel is closed "
+    "[default: never; TCP keepalive detects dead peers].",
+)
+@click.option(
+    "--max-header-bytes",
+    type=click.IntRange(min=1024),
+    default=16 * 1024,
+    show_default=True,
+    help="Largest request head accepted; bigger ones get 431.",
+)
+@click.option(
+    "--max-connections",
+    type=click.IntRange(min=1),
+    default=10_000,
+    show_default=True,
+    help="Open client connections and tunnels allowed; the next one gets 503.",
+)
+@click.option(
+    "--trusted-proxy",
+    "trusted_proxies",
+    multiple=True,
+    metavar="CIDR",
+    help="Believe X-Forwarded-* and Forwarded from peers in this network (e.g. 10.0.0.0/8). "
+    "Repeatable. From anyone else those headers are replaced.",
+)
+@click.option(
+    "--host-rewrite",
+    default=None,
+    metavar="HOST",
+    help="Send this Host header upstream [default: the client's Host].",
+)
+@click.option(
+    "--tls-cert",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="PEM certificate (chain): serve https and wss on --listen. Needs --tls-key.",
+)
+@click.option(
+    "--tls-key",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="PEM private key of --tls-cert.",
+)
+@click.option(
+    "--shutdown-grace",
+    type=click.FloatRange(min=0),
+    default=10.0,
+    show_default=True,
+    help="On SIGTERM, seconds in-flight requests and tunnels get before they are closed.",
+)
+@click.option(
+    "--metrics-listen",
+    default=None,
+    metavar="HOST:PORT",
+    help="Serve Prometheus metrics at http://HOST:PORT/metrics [default: off].",
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(LOG_FORMATS),
+    default="console",
+    show_default=True,
+    help="One line per request or tunnel, as JSON or human-readable text.",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(LOG_LEVELS),
+    default="info",
+    show_default=True,
+    help="Lowest level logged.",
+)
+def gateway_command(
+    listen: str,
+    routes: tuple[str, ...],
+    connect_timeout: float,
+    response_timeout: float,
+    handshake_timeout: float,
+    idle_timeout: float | None,
+    max_header_bytes: int,
+    max_connections: int,
+    trusted_proxies: tuple[str, ...],
+    host_rewrite: str | None,
+    tls_cert: str | None,
+    tls_key: str | None,
+    shutdown_grace: float,
+    metrics_listen: str | None,
+    log_format: str,
+    log_level: str,
+) -> None:
+    """Run the edge reverse proxy for HTTP and WebSocket in front of one or more upstreams.
+
+    Example: remotecli gateway --listen 0.0.0.0:8080 --route /=http://127.0.0.1:4000
+
+    Every option can also be set with REMOTECLI_GATEWAY_<OPTION> (e.g.
+    REMOTECLI_GATEWAY_CONNECT_TIMEOUT=2); see docs/gateway.md.
+    """
+    from remotecli.gateway import run
+    from remotecli.routing import parse_route
+
+    config = GatewayConfig(
+        listen=parse_listen(listen),
+        routes=tuple(parse_route(route) for route in routes),
+        connect_timeout=connect_timeout,
+        response_head_timeout=response_timeout,
+        handshake_timeout=handshake_timeout,
+        idle_timeout=idle_timeout,
+        max_header_bytes=max_header_bytes,
+        max_connections=max_connections,
+        trusted_proxies=trusted_proxies,
+        host_rewrite=host_rewrite,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        shutdown_grace=shutdown_grace,
+        metrics_listen=parse_listen(metrics_listen) if metrics_listen else None,
+        log_format=log_format,
+        log_level=log_level,
+    )
+    if not config.routes:
+        click.echo("warning: no --route given; only /healthz will answer", err=True)
+    run(config)
+
 
 # --- remotecli up / controller / user ------------------------------------------------------------
 # (owned by the controller: src/remotecli/controller/)
 
+_USER_NAME = re.compile(r"[a-z_][a-z0-9_.-]{0,31}")
+
+
+def _controller_options(command: Callable[..., None]) -> Callable[..., None]:
+    """The options `up` and `controller` share; values left out come from env, file, defaults."""
+    options = [
+        click.option(
+            "--listen",
+            metavar="HOST:PORT",
+            help="Where the gateway listens (default 127.0.0.1:8080; port 0 picks one).",
+        ),
+        click.option(
+            "--data-dir",
+            type=click.Path(file_okay=False, path_type=Path),
+            help="Store, tokens and sessions (default $XDG_DATA_HOME/remotecli).",
+        ),
+        click.option(
+            "--driver",
+            type=click.Choice(["local", "qemu"]),
+            help="Where sessions run: local sandboxes (default) or qemu microVMs.",
+        ),
+        click.option(
+            "--config",
+            "config_file",
+            type=click.Path(dir_okay=False, exists=True, path_type=Path),
+            help="A TOML file with [controller] settings and [providers.NAME] tables.",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _run_controller(
+    listen: str | None, data_dir: Path | None, driver: str | None, config_file: Path | None
+) -> None:
+    from remotecli.controller.server import run
+
+    config = load_controller_config(
+        {"listen": listen, "data_dir": data_dir, "driver": driver}, config_file=config_file
+    )
+
+    def announce(url: str) -> None:
+        click.echo(
+            "remote-cli is running. To open the dashboard, visit this URL:\n\n"
+            f"    {url}\n\n"
+            "Ctrl-C (or SIGTERM) stops it and every session it started.",
+        )
+        sys.stdout.flush()
+
+    run(config, announce)
+
+
+@cli.command()
+@_controller_options
+def up(
+    listen: str | None, data_dir: Path | None, driver: str | None, config_file: Path | None
+) -> None:
+    """Run the gateway and the controller here; print the dashboard URL with a login token."""
+    _run_controller(listen, data_dir, driver, config_file)
+
+
+@cli.command()
+@_controller_options
+def controller(
+    listen: str | None, data_dir: Path | None, driver: str | None, config_file: Path | None
+) -> None:
+    """Run the controller (its API behind an in-process gateway on --listen)."""
+    _run_controller(listen, data_dir, driver, config_file)
+
+
+@cli.group()
+def user() -> None:
+    """Manage the users who may log in."""
+
+
+@user.command("add")
+@click.argument("name")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--config", "config_file", type=click.Path(dir_okay=False, exists=True, path_type=Path)
+)
+def user_add(name: str, data_dir: Path | None, config_file: Path | None) -> None:
+    """Create user NAME (if needed) and print a new login token for it."""
+    from remotecli.controller.server import ADMIN_USER, add_user_token, open_store
+
+    if not _USER_NAME.fullmatch(name) or name == ADMIN_USER:
+        raise ConfigError(
+            f"user name {name!r} is not allowed: use 1-32 of a-z 0-9 _ . - starting with a "
+            f"letter (and not {ADMIN_USER!r}, whose token is REMOTECLI_TOKEN or admin.token)"
+        )
+    config = load_controller_config({"data_dir": data_dir}, config_file=config_file)
+    store = open_store(config.data_dir)
+    try:
+        token = add_user_token(store, name)
+    finally:
+        store.close()
+    click.echo(token)
+
 
 # --- remotecli image ----------------------------------------------------------------------------
 # (owned by the microVM image builder: src/remotecli/images/)
+
+
+@cli.group("image")
+def image_group() -> None:
+    """Build the guest image that `--driver qemu` boots as microVMs."""
+
+
+@image_group.command("build")
+@click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where images are kept (default: ~/.cache/remotecli/images). The qemu driver looks "
+    "here too.",
+)
+@click.option(
+    "--provider",
+    "providers",
+    multiple=True,
+    metavar="NAME",
+    help="Also install this provider's CLI from npm inside the image (claude-code, codex, "
+    "gemini). Repeat for several.",
+)
+@click.option("--force", is_flag=True, help="Rebuild even when the cache holds this image.")
+@click.option(
+    "--mirror",
+    default=None,
+    metavar="URL",
+    help="Debian mirror for debootstrap (default: debootstrap's own).",
+)
+def image_build(
+    cache_dir: Path | None, providers: tuple[str, ...], force: bool, mirror: str | None
+) -> None:
+    """Build a Debian 12 microVM image: kernel, initrd and read-only ext4 root.
+
+    The root filesystem comes from debootstrap (minbase) with Xvfb, x11vnc and xterm; the kernel
+    is Debian's linux-image-amd64, unpacked to an ELF vmlinux that QEMU boots directly. The
+    image is cached under a key computed from its inputs: building again is a no-op unless
+    --force. Needs root and the packages debootstrap, e2fsprogs and busybox-static.
+    """
+    from remotecli.images import build_image, default_cache_dir
+
+    target = cache_dir if cache_dir is not None else default_cache_dir()
+    image = build_image(
+        target,
+        providers,
+        force=force,
+        progress=lambda step: click.echo(f"[image] {step}", err=True),
+        mirror=mirror,
+    )
+    click.echo(str(image.directory))
 
 
 def main() -> None:

@@ -12,6 +12,7 @@
     │   ├── NotAuthenticated         401 no or wrong credentials
     │   ├── Forbidden                403 credentials fine, not allowed (Origin, ticket)
     │   ├── NotFound                 404 no route, no such session (or someone else's)
+    │   ├── RequestTimeout           408 request head not complete in time (slowloris)
     │   ├── Conflict                 409 the state machine refuses the transition
     │   ├── UpgradeRequired          426 wrong Sec-WebSocket-Version
     │   ├── HeaderTooLarge           431 request head over the limit
@@ -22,6 +23,7 @@
     │   ├── UpstreamRefused          502 connection refused
     │   ├── UpstreamUnreachable      502 no route to host, DNS, missing Unix socket
     │   ├── UpstreamClosed           502 closed before answering (the original's "socket hang up")
+    │   ├── UpstreamBadResponse      502 answered with a malformed or ambiguous response
     │   ├── UpstreamConnectTimeout   504 connect did not finish in time
     │   └── UpstreamHeadTimeout      504 response head did not arrive in time
     └── SessionError                 a session's sandbox or VM failed
@@ -103,6 +105,11 @@ class NotFound(ClientError):
     kind = "not_found"
 
 
+class RequestTimeout(ClientError):
+    status = 408
+    kind = "request_timeout"
+
+
 class Conflict(ClientError):
     status = 409
     kind = "conflict"
@@ -154,6 +161,10 @@ class UpstreamUnreachable(UpstreamError):
 
 class UpstreamClosed(UpstreamError):
     kind = "closed"
+
+
+class UpstreamBadResponse(UpstreamError):
+    kind = "bad_response"
 
 
 class UpstreamConnectTimeout(UpstreamError):

@@ -1,0 +1,172 @@
+"""Bridge benchmark: the VNC bridge against websockify, both doing WebSocket-to-TCP echo.
+
+The bridge runs behind a Gateway in its own process (:mod:`bench.peers.vnc_bridge`), websockify
+as `websockify PORT 127.0.0.1:ECHO`; both relay to the same plain TCP echo server
+(:mod:`bench.upstream`), standing in for a session's VNC server. Throughput and round trips are
+measured in interleaved rounds with the load client offering subprotocol ``binary`` as noVNC
+does. Then each peer, freshly started, is asked to hold many idle bridged connections, each
+checked with one echo: the most it holds is its concurrency limit.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import resource
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from bench.processes import Peer, free_port, hold_tunnels, python_peer, raise_fd_limit, run_client
+from bench.report import Section, fmt, median, ratio, verdict
+
+BRIDGE = "vnc bridge"
+WEBSOCKIFY = "websockify"
+_PATH = "/api/sessions/bench/vnc"
+
+
+def _bridge_peer(echo: int, workdir: Path) -> Peer:
+    port = free_port()
+    return python_peer(BRIDGE, "bench.peers.vnc_bridge", [str(port), str(echo)], workdir, port)
+
+
+def _websockify_peer(echo: int, workdir: Path) -> Peer:
+    port = free_port()
+    program = shutil.which("websockify", path=str(Path(sys.executable).parent)) or "websockify"
+    return Peer(WEBSOCKIFY, [program, str(port), f"127.0.0.1:{echo}"], workdir, port)
+
+
+def _missing() -> str | None:
+    """Why the bridge cannot run yet, or None."""
+    for module in ("remotecli.controller.bridge", "remotecli.gateway"):
+        try:
+            if importlib.util.find_spec(module) is None:
+                return f"{module} is not built yet"
+        except ImportError as exc:
+            return f"{module} is not importable: {exc}"
+    probe = subprocess.run(
+        [sys.executable, "-c", "import bench.peers.vnc_bridge"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    if probe.returncode != 0:
+        return "the bridge does not import: " + (probe.stderr.strip().splitlines() or ["?"])[-1]
+    return None
+
+
+def run(quick: bool, workdir: Path) -> list[Section]:
+    """Run the bridge benchmark; return its section."""
+    raise_fd_limit()
+    title = "VNC bridge: WebSocket to TCP echo (64 KiB messages)"
+    why = _missing()
+    if why is not None:
+        return [Section(title, skipped=why)]
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    bridge_count = min(6_000, (hard - 48) // 2)
+    counts = {BRIDGE: bridge_count, WEBSOCKIFY: 1_000}
+    rounds, seconds = (2, 1.0) if quick else (5, 2.0)
+    echo_port = free_port()
+    echo = python_peer(
+        "upstream-tcp", "bench.upstream", ["tcp", str(echo_port)], workdir, echo_port
+    )
+    echo.start()
+    makers = {BRIDGE: _bridge_peer, WEBSOCKIFY: _websockify_peer}
+    samples: dict[str, dict[str, list[float]]] = {BRIDGE: {}, WEBSOCKIFY: {}}
+    errors: dict[str, str] = {}
+    peers: dict[str, Peer] = {}
+    try:
+        for name, maker in makers.items():
+            try:
+                peer = maker(echo_port, workdir)
+                peer.start()
+                peers[name] = peer
+            except RuntimeError as exc:
+                errors[name] = str(exc)[:200]
+        names = list(peers)
+        for index in range(rounds):
+            for name in names[index % max(1, len(names)) :] + names[: index % max(1, len(names))]:
+                spec = {"port": peers[name].port, "path": _PATH, "subprotocol": "binary"}
+                throughput = run_client({**spec, "mode": "echo", "seconds": seconds}, 60)
+                rtt = run_client({**spec, "mode": "rtt", "count": 500}, 60)
+                for kind, result in (("echo", throughput), ("rtt", rtt)):
+                    if "error" in result:
+                        errors[f"{name} {kind}"] = result["error"]
+                if "mbps" in throughput:
+                    samples[name].setdefault("echo", []).append(throughput["mbps"])
+                if "p50_ms" in rtt:
+                    samples[name].setdefault("rtt", []).append(rtt["p50_ms"] * 1000)
+        for name in names:
+            peers.pop(name).stop()
+            peer = makers[name](echo_port, workdir)
+            peer.start()
+            peers[name] = peer
+            spec = {"port": peer.port, "path": _PATH, "subprotocol": "binary"}
+            spec |= {"count": counts[name], "concurrency": 100, "open_timeout": 10}
+            held = hold_tunnels(spec, peer, 240)
+            if "error" in held:
+                errors[f"{name} connections"] = held["error"]
+                continue
+            if held["errors"]:
+                errors[f"{name} connections"] = str(held["errors"])[:200]
+            samples[name]["held"] = [held["alive"]]
+            if held["alive"]:
+                per = (held["rss_held_kib"] - held["rss_before_kib"]) / held["alive"]
+                samples[name]["rss"] = [per]
+    finally:
+        for peer in peers.values():
+            peer.stop()
+        echo.stop()
+    return [_section(title, samples, counts, errors, rounds, seconds)]
+
+
+def _section(
+    title: str,
+    samples: dict[str, dict[str, list[float]]],
+    counts: dict[str, int],
+    errors: dict[str, str],
+    rounds: int,
+    seconds: float,
+) -> Section:
+    fig = {name: {key: median(values) for key, values in b.items()} for name, b in samples.items()}
+    bridge, ws = fig[BRIDGE], fig[WEBSOCKIFY]
+    columns = ["peer", "echo MB/s", "vs websockify", "RTT p50 µs", "connections held", "KiB/conn"]
+    rows = [
+        [
+            name,
+            fmt(fig[name].get("echo")),
+            ratio(fig[name].get("echo"), ws.get("echo")),
+            fmt(fig[name].get("rtt")),
+            f"{fmt(fig[name].get('held'))} of {counts[name]:,}",
+            fmt(fig[name].get("rss"), 1),
+        ]
+        for name in (BRIDGE, WEBSOCKIFY)
+    ]
+    held = bridge.get("held")
+    section = Section(title, columns, rows)
+    section.targets = [
+        (
+            "throughput ≥ 3× websockify",
+            ratio(bridge.get("echo"), ws.get("echo")),
+            verdict(
+                None
+                if bridge.get("echo") is None or not ws.get("echo")
+                else bridge["echo"] >= 3 * ws["echo"]  # type: ignore[operator]
+            ),
+        ),
+        (
+            "≥ 5,000 concurrent bridged connections",
+            fmt(held),
+            verdict(None if held is None else held >= 5_000),
+        ),
+    ]
+    section.notes = [
+        f"{rounds} interleaved rounds of {seconds:.0f} s; medians. Echo: payload bytes echoed "
+        "back per second through WebSocket → peer → TCP echo → peer → WebSocket, 1 MiB in flight.",
+        "Connections held: idle bridged connections opened 100 at a time on a freshly started "
+        "peer, each then answering one 64-byte echo; websockify is asked for 1,000 only (it "
+        "forks a process per connection). KiB/conn: growth of the peer's process tree RSS.",
+    ]
+    section.notes += [f"{key}: {message}" for key, message in errors.items()]
+    return section

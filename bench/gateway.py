@@ -1,0 +1,345 @@
+"""Gateway benchmark: `remotecli gateway` against nginx, node http-proxy and no proxy at all.
+
+Every peer runs in its own process with one worker, in front of the same WebSocket upstream
+(:mod:`bench.upstream`, its own process too); the load client is a third process per
+measurement (:mod:`bench.loadclient`). Rounds are interleaved (each round measures every peer,
+in a rotated order) so a burst of load from elsewhere on the machine hits all of them alike; a
+figure is the median over rounds. Memory per idle tunnel is measured on freshly started peers:
+the resident memory of the peer's process tree (nginx's master and worker) before and while
+holding N tunnels, divided by N.
+"""
+
+from __future__ import annotations
+
+import resource
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench.processes import (
+    REPO,
+    Peer,
+    free_port,
+    hold_tunnels,
+    python_peer,
+    raise_fd_limit,
+    run_client,
+)
+from bench.report import Section, fmt, median, ratio, verdict
+
+GATEWAY = "gateway"
+NGINX_STOCK = "nginx stock"
+NGINX_64K = "nginx 64k"
+NODE = "node http-proxy"
+DIRECT = "direct"
+PEERS = (GATEWAY, NGINX_STOCK, NGINX_64K, NODE, DIRECT)
+
+_NGINX_CONF = """\
+worker_processes 1;
+worker_rlimit_nofile {nofile};
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections {nofile}; }}
+http {{
+    access_log {dir}/access.log;
+    client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://127.0.0.1:{upstream};
+            proxy_http_version 1.1;
+            proxy_set_header Upgrade $http_upgrade;
+            proxy_set_header Connection "upgrade";
+            proxy_set_header Host $host;
+            proxy_read_timeout 1h;
+            proxy_send_timeout 1h;
+{extra}        }}
+    }}
+}}
+"""
+
+_NGINX_64K = """\
+            proxy_buffer_size 64k;
+            proxy_buffers 8 64k;
+            proxy_busy_buffers_size 128k;
+            client_body_buffer_size 64k;
+"""
+
+
+def nginx_peer(name: str, upstream: int, workdir: Path, big_buffers: bool) -> Peer:
+    """An nginx with one worker proxying WebSockets to 127.0.0.1:``upstream``."""
+    port = free_port()
+    directory = workdir / name.replace(" ", "-")
+    directory.mkdir(parents=True, exist_ok=True)
+    nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    conf = _NGINX_CONF.format(
+        nofile=nofile,
+        dir=directory,
+        port=port,
+        upstream=upstream,
+        extra=_NGINX_64K if big_buffers else "",
+    )
+    (directory / "nginx.conf").write_text(conf)
+    argv = ["nginx", "-p", str(directory), "-e", str(directory / "error.log")]
+    argv += ["-c", str(directory / "nginx.conf"), "-g", "daemon off;"]
+    return Peer(name, argv, workdir, port)
+
+
+def node_peer(upstream: int, workdir: Path) -> Peer:
+    """node-http-proxy (bench/peers/http_proxy.js) proxying to 127.0.0.1:``upstream``."""
+    port = free_port()
+    script = REPO / "bench" / "peers" / "http_proxy.js"
+    return Peer(
+        NODE, ["node", str(script), str(port), f"http://127.0.0.1:{upstream}"], workdir, port
+    )
+
+
+def gateway_peer(upstream: int, workdir: Path) -> Peer:
+    """`remotecli gateway` with one route to 127.0.0.1:``upstream``."""
+    port = free_port()
+    argv = [
+        str(Path(sys.executable).parent / "remotecli"),
+        "gateway",
+        "--listen",
+        f"127.0.0.1:{port}",
+    ]
+    argv += ["--route", f"/=http://127.0.0.1:{upstream}"]
+    help_text = subprocess.run(
+        [*argv[:2], "--help"], capture_output=True, text=True, check=False, timeout=30
+    ).stdout
+    if "--max-connections" in help_text:
+        argv += ["--max-connections", "30000"]
+    return Peer(GATEWAY, argv, workdir, port)
+
+
+class _Direct(Peer):
+    """No proxy: the client talks to the upstream itself."""
+
+    def __init__(self, upstream: int, workdir: Path) -> None:
+        super().__init__(DIRECT, [], workdir, upstream)
+
+    def start(self, timeout: float = 15.0) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+
+def _factories(upstream: int, workdir: Path) -> dict[str, Callable[[], Peer]]:
+    return {
+        GATEWAY: lambda: gateway_peer(upstream, workdir),
+        NGINX_STOCK: lambda: nginx_peer(NGINX_STOCK, upstream, workdir, big_buffers=False),
+        NGINX_64K: lambda: nginx_peer(NGINX_64K, upstream, workdir, big_buffers=True),
+        NODE: lambda: node_peer(upstream, workdir),
+        DIRECT: lambda: _Direct(upstream, workdir),
+    }
+
+
+def _start(factory: Callable[[], Peer], errors: dict[str, str], name: str) -> Peer | None:
+    """Start a peer; on failure record why and return None."""
+    try:
+        peer = factory()
+        peer.start()
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        errors[name] = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        return None
+    return peer
+
+
+def run(quick: bool, workdir: Path) -> list[Section]:
+    """Run the gateway benchmark; return its sections."""
+    raise_fd_limit()
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    big = min(10_000, (hard - 48) // 2)
+    rounds, seconds, rtt_count = (2, 1.0, 500) if quick else (5, 2.0, 2000)
+    upstream_port = free_port()
+    upstream = python_peer(
+        "upstream-ws", "bench.upstream", ["ws", str(upstream_port)], workdir, upstream_port
+    )
+    upstream.start()
+    factories = _factories(upstream_port, workdir)
+    errors: dict[str, str] = {}
+    peers: dict[str, Peer] = {}
+    samples: dict[str, dict[str, list[float]]] = {name: {} for name in PEERS}
+    try:
+        for name in PEERS:
+            peer = _start(factories[name], errors, name)
+            if peer is not None:
+                peers[name] = peer
+        names = [name for name in PEERS if name in peers]
+        for index in range(rounds):
+            for name in names[index % len(names) :] + names[: index % len(names)]:
+                _round(peers[name], samples[name], seconds, rtt_count, errors)
+        for peer in peers.values():
+            peer.stop()
+        sizes = (1_000,) if quick else (1_000, big)
+        for name in names:
+            if name == DIRECT:
+                continue
+            for size in sizes:
+                _memory(name, factories[name], size, samples[name], errors)
+    finally:
+        for peer in peers.values():
+            peer.stop()
+        upstream.stop()
+    return [_section(samples, errors, big, quick, rounds, seconds)]
+
+
+def _add(bucket: dict[str, list[float]], key: str, value: Any) -> None:
+    if isinstance(value, int | float):
+        bucket.setdefault(key, []).append(float(value))
+
+
+def _round(
+    peer: Peer,
+    bucket: dict[str, list[float]],
+    seconds: float,
+    rtt_count: int,
+    errors: dict[str, str],
+) -> None:
+    """One round of throughput, round-trip and upgrade measurements against one peer."""
+    base = {"port": peer.port, "path": "/echo"}
+    results = {
+        "upload": run_client({**base, "mode": "upload", "seconds": seconds}, 60),
+        "echo": run_client({**base, "mode": "echo", "seconds": seconds}, 60),
+        "rtt": run_client({**base, "mode": "rtt", "count": rtt_count}, 60),
+        "upgrades": run_client({**base, "mode": "upgrades", "count": 500}, 90),
+    }
+    for kind, result in results.items():
+        if "error" in result:
+            errors[f"{peer.name} {kind}"] = result["error"]
+    _add(bucket, "upload", results["upload"].get("mbps"))
+    _add(bucket, "echo", results["echo"].get("mbps"))
+    _add(bucket, "rtt_p50", results["rtt"].get("p50_ms"))
+    _add(bucket, "rtt_p99", results["rtt"].get("p99_ms"))
+    _add(bucket, "upg_p99", results["upgrades"].get("p99_ms"))
+    _add(bucket, "upg_failed", results["upgrades"].get("failed"))
+
+
+def _memory(
+    name: str,
+    factory: Callable[[], Peer],
+    size: int,
+    bucket: dict[str, list[float]],
+    errors: dict[str, str],
+) -> None:
+    """Start a fresh peer, warm it with one tunnel, then hold ``size`` idle tunnels."""
+    peer = _start(factory, errors, name)
+    if peer is None:
+        return
+    try:
+        spec = {"port": peer.port, "path": "/echo"}
+        run_client({**spec, "mode": "rtt", "count": 10}, 30)
+        result = hold_tunnels({**spec, "count": size, "concurrency": 200}, peer, 180)
+        if "error" in result:
+            errors[f"{name} {size} tunnels"] = result["error"]
+            return
+        if result["errors"]:
+            errors[f"{name} {size} tunnels"] = str(result["errors"])[:160]
+        held = result["alive"]
+        _add(bucket, f"held_{size}", held)
+        if held:
+            per = (result["rss_held_kib"] - result["rss_before_kib"]) / held
+            _add(bucket, f"rss_{size}", per)
+    finally:
+        peer.stop()
+
+
+def _section(
+    samples: dict[str, dict[str, list[float]]],
+    errors: dict[str, str],
+    big: int,
+    quick: bool,
+    rounds: int,
+    seconds: float,
+) -> Section:
+    """Turn the samples into the results table and the target checks."""
+    fig = {
+        name: {key: median(values) for key, values in bucket.items()}
+        for name, bucket in samples.items()
+    }
+    stock, big_nginx = fig[NGINX_STOCK], fig[NGINX_64K]
+    columns = [
+        "peer", "upload MB/s", "echo MB/s", "echo vs nginx 64k", "echo vs stock",
+        "RTT p50 µs", "RTT p99 µs", "500 upgrades p99 ms", "KiB/tunnel @1k",
+        f"KiB/tunnel @{big:,}", f"held of {big:,}",
+    ]  # fmt: skip
+    rows = []
+    for name in PEERS:
+        f = fig[name]
+        held = f.get(f"held_{big}")
+        rows.append([
+            name, fmt(f.get("upload")), fmt(f.get("echo")), ratio(f.get("echo"), big_nginx.get("echo")),
+            ratio(f.get("echo"), stock.get("echo")), fmt(_us(f.get("rtt_p50"))),
+            fmt(_us(f.get("rtt_p99"))), fmt(f.get("upg_p99"), 1), fmt(f.get("rss_1000"), 1),
+            fmt(f.get(f"rss_{big}"), 1), fmt(held),
+        ])  # fmt: skip
+    g = fig[GATEWAY]
+    section = Section(
+        "Gateway: WebSocket proxying (64 KiB messages, one connection)", columns, rows
+    )
+    section.targets = _targets(g, stock, big_nginx, big)
+    section.notes = [
+        f"{rounds} interleaved rounds of {seconds:.0f} s per throughput figure; each figure is the "
+        "median over rounds. Upload: bytes the upstream received per second (timed until it "
+        "acknowledged the last byte). Echo: bytes echoed back per second with 1 MiB in flight.",
+        "RTT: sequential 64-byte messages through the proxy to the echo upstream and back. "
+        "Upgrades: 500 WebSocket handshakes started at once, time of each to its 101.",
+        "KiB/tunnel: growth of the proxy's resident memory (whole process tree) while holding N "
+        "idle, working tunnels, divided by N; each N on a freshly started proxy.",
+        "Every process (load client, proxy, upstream) shares the same 2 cores, so throughput is "
+        "bounded by CPU and noisy while other work runs on the machine.",
+    ]
+    if big < 10_000:
+        section.notes.append(
+            f"10,000 tunnels need over 20,000 descriptors in the proxy process; the hard "
+            f"RLIMIT_NOFILE here is {big * 2 + 48:,} and cannot be raised without CAP_SYS_RESOURCE, "
+            f"so the large point is {big:,} tunnels (the most any one-process proxy can hold here)."
+        )
+    if quick:
+        section.notes.append("--quick: fewer, shorter rounds and only the 1,000-tunnel point.")
+    section.notes += [f"{key}: {message}" for key, message in errors.items()]
+    return section
+
+
+def _us(ms: float | None) -> float | None:
+    return None if ms is None else ms * 1000
+
+
+def _targets(
+    g: dict[str, float | None],
+    stock: dict[str, float | None],
+    big_nginx: dict[str, float | None],
+    big: int,
+) -> list[tuple[str, str, str]]:
+    """The issue's targets, measured against this run's peers."""
+
+    def at_least(value: float | None, reference: float | None, factor: float) -> bool | None:
+        return None if value is None or not reference else value >= factor * reference
+
+    def at_most(value: float | None, reference: float | None, factor: float) -> bool | None:
+        return None if value is None or not reference else value <= factor * reference
+
+    held = g.get(f"held_{big}")
+    return [
+        ("echo throughput ≥ 1.0× nginx 64k", ratio(g.get("echo"), big_nginx.get("echo")),
+         verdict(at_least(g.get("echo"), big_nginx.get("echo"), 1.0))),
+        ("upload throughput ≥ 1.0× nginx 64k", ratio(g.get("upload"), big_nginx.get("upload")),
+         verdict(at_least(g.get("upload"), big_nginx.get("upload"), 1.0))),
+        ("echo throughput ≥ 2× stock nginx", ratio(g.get("echo"), stock.get("echo")),
+         verdict(at_least(g.get("echo"), stock.get("echo"), 2.0))),
+        ("upload throughput ≥ 2× stock nginx", ratio(g.get("upload"), stock.get("upload")),
+         verdict(at_least(g.get("upload"), stock.get("upload"), 2.0))),
+        ("RTT p50 ≤ 1.1× nginx (stock)", ratio(g.get("rtt_p50"), stock.get("rtt_p50")),
+         verdict(at_most(g.get("rtt_p50"), stock.get("rtt_p50"), 1.1))),
+        ("≤ 4 KiB per idle tunnel (@1k)", fmt(g.get("rss_1000"), 1),
+         verdict(None if g.get("rss_1000") is None else g["rss_1000"] <= 4.0)),  # type: ignore[operator]
+        (f"{big:,} idle tunnels held", fmt(held),
+         verdict(None if held is None else held >= big)),
+    ]  # fmt: skip

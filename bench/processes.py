@@ -1,0 +1,186 @@
+"""The processes a benchmark starts: peers under test, upstreams and load clients.
+
+Every process is started in its own process group and stopped by :meth:`Peer.stop` (SIGTERM,
+then SIGKILL to that group only), so a benchmark never touches a process it did not start.
+:func:`rss_kib` reads the resident memory of a process and all its descendants from ``/proc``,
+which counts nginx's worker and websockify's per-connection children too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import resource
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+
+
+def raise_fd_limit() -> int:
+    """Raise this process's soft RLIMIT_NOFILE to its hard limit; return the new soft limit.
+
+    Children inherit it. The hard limit itself can be raised only with CAP_SYS_RESOURCE.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_port(port: int, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> bool:
+    """Wait until 127.0.0.1:``port`` accepts a connection; False after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            return False
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _children() -> dict[int, list[int]]:
+    """Map each pid to its direct children, from ``/proc/*/stat``."""
+    tree: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rpartition(")")[2].split()[1])
+        tree.setdefault(ppid, []).append(int(entry))
+    return tree
+
+
+def rss_kib(pid: int) -> int:
+    """Return the summed VmRSS (KiB) of ``pid`` and all its descendants."""
+    tree = _children()
+    total = 0
+    pending = [pid]
+    while pending:
+        current = pending.pop()
+        pending.extend(tree.get(current, []))
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{current}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+    return total
+
+
+class Peer:
+    """One long-running process under test or serving the test, stopped by :meth:`stop`."""
+
+    def __init__(self, name: str, argv: Sequence[str], log_dir: Path, port: int) -> None:
+        self.name = name
+        self.argv = list(argv)
+        self.port = port
+        self.log_path = log_dir / f"{name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 15.0) -> None:
+        """Start the process and wait until its port accepts; raise RuntimeError if it cannot."""
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=REPO,
+                start_new_session=True,
+            )
+        if not wait_port(self.port, timeout, self.proc):
+            self.stop()
+            tail = self.log_path.read_text(errors="replace")[-600:]
+            raise RuntimeError(f"{self.name} did not listen on port {self.port}: {tail.strip()}")
+
+    @property
+    def pid(self) -> int:
+        """The process id (the peer must have been started)."""
+        assert self.proc is not None
+        return self.proc.pid
+
+    def rss_kib(self) -> int:
+        """Resident memory of the peer's whole process tree, in KiB."""
+        return rss_kib(self.pid)
+
+    def stop(self) -> None:
+        """Stop the process and its group: SIGTERM, then SIGKILL after 5 s. Idempotent."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(5)
+
+
+def python_peer(name: str, module: str, args: Sequence[str], log_dir: Path, port: int) -> Peer:
+    """Return a peer running ``python -m module args`` with this interpreter."""
+    return Peer(name, [PYTHON, "-m", module, *args], log_dir, port)
+
+
+def run_client(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """Run one load-client measurement in its own process; its JSON result, or ``{"error"}``."""
+    argv = [PYTHON, "-m", "bench.loadclient", json.dumps(spec)]
+    try:
+        done = subprocess.run(argv, capture_output=True, cwd=REPO, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        return {"error": f"load client took over {timeout:.0f} s"}
+    lines = done.stdout.decode(errors="replace").strip().splitlines()
+    if done.returncode != 0 or not lines:
+        tail = done.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
+        return {"error": tail[0][:200]}
+    result: dict[str, Any] = json.loads(lines[-1])
+    return result
+
+
+def hold_tunnels(spec: dict[str, Any], peer: Peer, timeout: float) -> dict[str, Any]:
+    """Open ``spec["count"]`` idle tunnels through ``peer``; add its RSS before and while held."""
+    before = peer.rss_kib()
+    argv = [PYTHON, "-m", "bench.loadclient", json.dumps({**spec, "mode": "idle"})]
+    client = subprocess.Popen(
+        argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=REPO
+    )
+    assert client.stdout is not None and client.stdin is not None
+    try:
+        ready, _, _ = select.select([client.stdout], [], [], timeout)
+        line = client.stdout.readline() if ready else b""
+        if not line:
+            return {"error": f"no answer from the load client within {timeout:.0f} s"}
+        result: dict[str, Any] = json.loads(line)
+        result["rss_before_kib"] = before
+        result["rss_held_kib"] = peer.rss_kib()
+        client.stdin.write(b"close\n")
+        client.stdin.flush()
+        client.wait(30)
+        return result
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait(5)

@@ -1,0 +1,289 @@
+"""Configuration values for every role, and the one place the environment is read.
+
+Each role has a frozen dataclass that its command-line command fills in and hands to the role
+(`remotecli gateway` builds a :class:`GatewayConfig` and calls :func:`remotecli.gateway.run`).
+Environment variables are read here and nowhere else; every one of them is listed in
+``docs/gateway.md`` (gateway) or the page of the role that owns it.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from remotecli.exceptions import ConfigError
+
+# --- gateway -----------------------------------------------------------------------------------
+
+GATEWAY_ENV_PREFIX = "REMOTECLI_GATEWAY_"
+
+
+@dataclass(frozen=True)
+class Route:
+    """Requests whose path starts with ``prefix`` go to ``upstream``; the longest prefix wins."""
+
+    prefix: str  # "/api/"
+    upstream: str  # "http://127.0.0.1:4000" or "unix:/path/to.sock"
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """Everything `remotecli gateway` needs; build it with the CLI or directly in tests."""
+
+    listen: tuple[str, int] = ("127.0.0.1", 8080)  # port 0 = ephemeral
+    routes: tuple[Route, ...] = ()
+    connect_timeout: float = 5.0
+    response_head_timeout: float = 30.0
+    handshake_timeout: float = 10.0  # the request head must arrive within it (slowloris)
+    idle_timeout: float | None = None  # tunnels; None = never (TCP keepalive on)
+    max_header_bytes: int = 16 * 1024
+    max_connections: int = 10_000
+    trusted_proxies: tuple[str, ...] = ()  # CIDRs
+    host_rewrite: str | None = None  # None = keep the client's Host
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    shutdown_grace: float = 10.0
+    metrics_listen: tuple[str, int] | None = None
+    log_format: str = "console"
+    log_level: str = "info"
+
+
+def gateway_environment(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Return the ``REMOTECLI_GATEWAY_*`` variables as click option defaults (``LISTEN`` → listen).
+
+    The CLI passes the result as ``default_map`` so a flag given on the command line still wins;
+    repeatable options (``ROUTE``, ``TRUSTED_PROXY``) take a space-separated list.
+    """
+    source = os.environ if environ is None else environ
+    values: dict[str, str] = {}
+    for name, value in source.items():
+        if name.startswith(GATEWAY_ENV_PREFIX):
+            values[name.removeprefix(GATEWAY_ENV_PREFIX).lower()] = value
+    return values
+
+
+# --- controller --------------------------------------------------------------------------------
+# (owned by the controller)
+
+CONTROLLER_ENV = {
+    "REMOTECLI_LISTEN": "listen",
+    "REMOTECLI_DATA_DIR": "data_dir",
+    "REMOTECLI_DRIVER": "driver",
+    "REMOTECLI_SESSION_TTL": "session_ttl",
+    "REMOTECLI_IDLE_STOP": "idle_stop",
+    "REMOTECLI_MAX_SESSIONS": "max_sessions",
+    "REMOTECLI_MAX_SESSIONS_PER_USER": "max_sessions_per_user",
+    "REMOTECLI_ALLOWED_ORIGINS": "allowed_origins",
+    "REMOTECLI_TRUSTED_PROXIES": "trusted_proxies",
+    "REMOTECLI_LOG_FORMAT": "log_format",
+    "REMOTECLI_LOG_LEVEL": "log_level",
+}
+"""Environment variable → ControllerConfig field (docs/configuration.md lists each)."""
+
+CONTROLLER_TOKEN_ENV = "REMOTECLI_TOKEN"  # noqa: S105 (a variable name, not a secret)
+CONTROLLER_CONFIG_ENV = "REMOTECLI_CONFIG"
+
+
+@dataclass(frozen=True)
+class ProviderConfig:
+    """A provider declared in the TOML file: a name and the argv its terminal runs."""
+
+    name: str
+    command: tuple[str, ...]
+    title: str = ""
+    install_hint: str = ""
+
+
+def default_data_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """Return ``$XDG_DATA_HOME/remotecli``, or ``~/.local/share/remotecli`` without it."""
+    source = os.environ if environ is None else environ
+    xdg = source.get("XDG_DATA_HOME")
+    base = Path(xdg) if xdg else Path(source.get("HOME", str(Path.home()))) / ".local" / "share"
+    return base / "remotecli"
+
+
+@dataclass(frozen=True)
+class ControllerConfig:
+    """Everything `remotecli up` and `remotecli controller` need; build it with
+    :func:`load_controller_config` or directly in tests."""
+
+    listen: tuple[str, int] = ("127.0.0.1", 8080)
+    data_dir: Path = field(default_factory=default_data_dir)
+    driver: str = "local"
+    session_ttl: float = 3600.0  # seconds a session may live; 0 = forever
+    idle_stop: float = 1800.0  # seconds without a viewer before a ready session stops; 0 = never
+    max_sessions: int = 20  # active sessions on this host (503 past it)
+    max_sessions_per_user: int = 5  # active sessions per user (429 past it)
+    allowed_origins: tuple[str, ...] = ()  # extra origins allowed to open WebSockets by cookie
+    trusted_proxies: tuple[str, ...] = ()  # CIDRs whose X-Forwarded-* the gateway believes
+    providers: tuple[ProviderConfig, ...] = ()
+    admin_token: str | None = field(default=None, repr=False)  # from REMOTECLI_TOKEN
+    reap_interval: float = 15.0
+    log_format: str = "console"
+    log_level: str = "info"
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """Parse ``HOST:PORT`` (``[::1]:8080`` for IPv6); raise ConfigError naming the value."""
+    host, sep, port = value.strip().rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(
+            f"listen address {value!r} is not HOST:PORT; write e.g. 127.0.0.1:8080 or [::1]:8080",
+            value=value,
+        )
+    return host, int(port)
+
+
+def parse_duration(value: object, name: str) -> float:
+    """Parse seconds given as a number or as ``90s``, ``30m``, ``1h``; 0 disables."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        text = str(value).strip().lower()
+        units = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+        scale = units.get(text[-1:], 1.0)
+        number = text[:-1] if text[-1:] in units else text
+        try:
+            seconds = float(number) * scale
+        except ValueError:
+            raise ConfigError(
+                f"{name} = {value!r} is not a duration; write seconds or e.g. 90s, 30m, 1h",
+                name=name,
+            ) from None
+    if seconds < 0:
+        raise ConfigError(f"{name} = {value!r} is negative; use 0 to disable it", name=name)
+    return seconds
+
+
+def _parse_count(value: object, name: str) -> int:
+    try:
+        count = int(str(value))
+    except ValueError:
+        raise ConfigError(f"{name} = {value!r} is not a whole number", name=name) from None
+    if count < 1:
+        raise ConfigError(f"{name} = {value!r} must be at least 1", name=name)
+    return count
+
+
+def _parse_list(value: object) -> tuple[str, ...]:
+    if isinstance(value, list | tuple):
+        return tuple(str(v) for v in value)
+    return tuple(v.strip() for v in str(value).replace(",", " ").split() if v.strip())
+
+
+def _parse_providers(value: object) -> tuple[ProviderConfig, ...]:
+    if not isinstance(value, dict):
+        raise ConfigError(
+            '[providers] must be a table of tables, e.g. [providers.aider] command = ["aider"]'
+        )
+    providers = []
+    for name, entry in value.items():
+        command = entry.get("command") if isinstance(entry, dict) else None
+        if isinstance(command, str):
+            command = command.split()
+        if not isinstance(command, list) or not command:
+            raise ConfigError(
+                f'provider {name!r} needs command = ["program", "arg", ...]', provider=name
+            )
+        providers.append(
+            ProviderConfig(
+                name=str(name),
+                command=tuple(str(c) for c in command),
+                title=str(entry.get("title", "")),
+                install_hint=str(entry.get("install_hint", "")),
+            )
+        )
+    return tuple(providers)
+
+
+_CONTROLLER_PARSERS: dict[str, Callable[[object], object]] = {
+    "listen": lambda v: v if isinstance(v, tuple) else parse_listen(str(v)),
+    "data_dir": lambda v: Path(str(v)).expanduser(),
+    "driver": str,
+    "session_ttl": lambda v: parse_duration(v, "session_ttl"),
+    "idle_stop": lambda v: parse_duration(v, "idle_stop"),
+    "reap_interval": lambda v: parse_duration(v, "reap_interval"),
+    "max_sessions": lambda v: _parse_count(v, "max_sessions"),
+    "max_sessions_per_user": lambda v: _parse_count(v, "max_sessions_per_user"),
+    "allowed_origins": _parse_list,
+    "trusted_proxies": _parse_list,
+    "providers": _parse_providers,
+    "log_format": str,
+    "log_level": str,
+    "tls_cert": str,
+    "tls_key": str,
+}
+
+
+def _read_toml(path: Path) -> dict[str, object]:
+    try:
+        with path.open("rb") as handle:
+            document = tomllib.load(handle)
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration file {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"configuration file {path} is not valid TOML: {exc}") from exc
+    section = document.get("controller", {})
+    if not isinstance(section, dict):
+        raise ConfigError(f"[controller] in {path} must be a table")
+    values: dict[str, object] = dict(section)
+    if "providers" in document:
+        values["providers"] = document["providers"]
+    return values
+
+
+def load_controller_config(
+    flags: Mapping[str, object | None],
+    environ: Mapping[str, str] | None = None,
+    config_file: Path | None = None,
+) -> ControllerConfig:
+    """Merge defaults < TOML file < ``REMOTECLI_*`` environment < flags into a ControllerConfig.
+
+    ``flags`` maps field names to values, None meaning "not given". The file is ``config_file``,
+    else ``$REMOTECLI_CONFIG``; its keys live under ``[controller]`` and ``[providers.NAME]``.
+    Raises :class:`ConfigError` naming the bad key and what to write instead.
+    """
+    source = os.environ if environ is None else environ
+    raw: dict[str, object] = {}
+    path = config_file or (
+        Path(source[CONTROLLER_CONFIG_ENV]) if source.get(CONTROLLER_CONFIG_ENV) else None
+    )
+    if path is not None:
+        raw.update(_read_toml(path))
+    for variable, name in CONTROLLER_ENV.items():
+        if source.get(variable):
+            raw[name] = source[variable]
+    raw.update({k: v for k, v in flags.items() if v is not None})
+    values: dict[str, object] = {}
+    for name, value in raw.items():
+        parser = _CONTROLLER_PARSERS.get(name)
+        if parser is None:
+            known = ", ".join(sorted(_CONTROLLER_PARSERS))
+            raise ConfigError(f"unknown controller setting {name!r}; known settings: {known}")
+        values[name] = parser(value)
+    if values.get("driver", "local") not in ("local", "qemu"):
+        raise ConfigError(f"driver {values['driver']!r} is unknown; choose local or qemu")
+    token = source.get(CONTROLLER_TOKEN_ENV) or None
+    if token is not None and len(token) < 16:
+        raise ConfigError(f"{CONTROLLER_TOKEN_ENV} is too short; use at least 16 random characters")
+    return ControllerConfig(admin_token=token, **values)  # type: ignore[arg-type]
+
+
+# --- dashboard ---------------------------------------------------------------------------------
+NOVNC_DIR_ENV = "REMOTECLI_NOVNC_DIR"
+
+
+def novnc_dir_environment(environ: Mapping[str, str] | None = None) -> str | None:
+    """Return ``REMOTECLI_NOVNC_DIR`` (noVNC's npm package directory), or None when unset.
+
+    Unset, the dashboard looks for ``node_modules/@novnc/novnc`` above its own source files.
+    """
+    source = os.environ if environ is None else environ
+    value = source.get(NOVNC_DIR_ENV, "").strip()
+    return value or None

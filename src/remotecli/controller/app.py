@@ -1,0 +1,426 @@
+"""The controller's HTTP API: FastAPI routes over the session manager, with auth and errors.
+
+Every ``/api`` route needs the bearer token or the login cookie (401 without); a session that
+is not the caller's answers 404 as if it did not exist. Session ids and provider names are
+checked against strict patterns before they reach the store or the filesystem (422).
+:func:`error_response` is the one place a :class:`RemoteCliError` becomes an HTTP response:
+``{"error": kind, "message": ...}`` with the error's status. The app sits behind the gateway on
+a private Unix socket, so it believes the gateway's ``X-Forwarded-*`` headers.
+"""
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+import prometheus_client
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi import Path as PathParam
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import (
+    JSONResponse,
+    PlainTextResponse,
+    RedirectResponse,
+    Response,
+    StreamingResponse,
+)
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from remotecli import __version__
+from remotecli.auth import COOKIE_NAME, LoginRateLimiter, bearer_token, cookie_token
+from remotecli.controller.events import SessionEvent
+from remotecli.controller.sessions import SessionManager
+from remotecli.controller.store import SessionRecord
+from remotecli.exceptions import NotAuthenticated, RemoteCliError
+from remotecli.logs import get_logger
+from remotecli.states import State, is_final
+
+log = get_logger("controller.api")
+
+SESSION_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+PROVIDER_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,31}$"
+DASHBOARD_PATH = "/dashboard/remote-cli"
+SSE_KEEPALIVE = 15.0
+COOKIE_MAX_AGE = 30 * 24 * 3600
+
+SessionId = Annotated[
+    str, PathParam(pattern=SESSION_ID_PATTERN, description="A session id (1-64 of A-Za-z0-9_-)")
+]
+
+_STATUS_KINDS = {
+    400: "bad_request",
+    401: "not_authenticated",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    422: "unprocessable",
+    429: "too_many_requests",
+    503: "unavailable",
+}
+
+
+# --- models ---------------------------------------------------------------------------------------
+
+
+class ErrorOut(BaseModel):
+    error: str = Field(description="A stable label of the error kind (not_found, conflict, ...)")
+    message: str = Field(description="What went wrong and what to do next")
+
+
+class ProviderOut(BaseModel):
+    name: str
+    title: str
+    command: list[str]
+    available: bool
+    hint: str | None = Field(description="How to install it, when not available")
+
+
+class CreateSessionIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    provider: str = Field(pattern=PROVIDER_PATTERN, max_length=32, examples=["shell"])
+
+
+class SessionOut(BaseModel):
+    id: str
+    owner: str
+    provider: str
+    state: State
+    reason: str | None = Field(description="Why it failed or stopped, when it did")
+    created_at: datetime
+    updated_at: datetime
+    ready_at: datetime | None
+    vnc_path: str = Field(description="The WebSocket of its RFB stream (add ?ticket=)")
+    events_path: str
+    viewers: int
+    bytes_in: int = Field(description="Bytes viewers sent to the session")
+    bytes_out: int = Field(description="Bytes the session sent to viewers")
+
+
+class SessionHealthOut(SessionOut):
+    healthy: bool = Field(description="Ready, and its sandbox is watched and running")
+    novnc_path: str = Field(description="The original's WebSocket path of the same stream")
+
+
+class TicketOut(BaseModel):
+    ticket: str
+    expires_in: float = Field(description="Seconds it stays valid; it works once")
+    vnc_path: str = Field(description="The WebSocket path with the ticket, ready to open")
+
+
+# --- errors ---------------------------------------------------------------------------------------
+
+
+def error_response(exc: RemoteCliError) -> JSONResponse:
+    """Map a RemoteCliError to its HTTP response: its status, ``{"error", "message"}``."""
+    headers: dict[str, str] = {}
+    if exc.status == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="remotecli"'
+    retry_after = exc.data.get("retry_after")
+    if isinstance(retry_after, int):
+        headers["Retry-After"] = str(retry_after)
+    return JSONResponse(
+        {"error": exc.kind, "message": exc.message}, status_code=exc.status, headers=headers
+    )
+
+
+def _timestamp(value: float | None) -> datetime | None:
+    return None if value is None else datetime.fromtimestamp(value, UTC)
+
+
+def _session_fields(record: SessionRecord, viewers: int) -> dict[str, Any]:
+    return {
+        "id": record.id,
+        "owner": record.owner,
+        "provider": record.provider,
+        "state": record.state,
+        "reason": record.reason,
+        "created_at": _timestamp(record.created_at),
+        "updated_at": _timestamp(record.updated_at),
+        "ready_at": _timestamp(record.ready_at),
+        "vnc_path": f"/api/sessions/{record.id}/vnc",
+        "events_path": f"/api/sessions/{record.id}/events",
+        "viewers": viewers,
+        "bytes_in": record.bytes_in,
+        "bytes_out": record.bytes_out,
+    }
+
+
+def _sse(event: SessionEvent) -> str:
+    return f"event: {event.type}\ndata: {json.dumps(event.to_json())}\n\n"
+
+
+# --- the app --------------------------------------------------------------------------------------
+
+
+def client_address(request: Request) -> str:
+    """Return the client address: the gateway's last X-Forwarded-For entry, else the peer."""
+    forwarded = request.headers.get("x-forwarded-for")
+    if forwarded:
+        return forwarded.split(",")[-1].strip()
+    return request.client.host if request.client else "unknown"
+
+
+def create_app(
+    manager: SessionManager,
+    *,
+    registry: prometheus_client.CollectorRegistry | None = None,
+    limiter: LoginRateLimiter | None = None,
+    dashboard: bool = True,
+) -> FastAPI:
+    """Return the controller's FastAPI app over ``manager``.
+
+    ``registry`` is served at ``/metrics`` (pass the one the gateway and bridge use);
+    ``dashboard`` includes the browser dashboard's router.
+    """
+    app = FastAPI(
+        title="remote-cli controller",
+        version=__version__,
+        openapi_url="/api/openapi.json",
+        docs_url="/api/docs",
+        redoc_url=None,
+        responses={401: {"model": ErrorOut}},
+    )
+    logins = limiter if limiter is not None else LoginRateLimiter()
+    metrics_registry = registry if registry is not None else prometheus_client.REGISTRY
+
+    @app.exception_handler(RemoteCliError)
+    async def _remotecli_error(request: Request, exc: RemoteCliError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+        )
+        return JSONResponse(
+            {"error": "unprocessable", "message": f"invalid request: {problems}"},
+            status_code=422,
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = _STATUS_KINDS.get(exc.status_code, "error")
+        message = str(exc.detail)
+        if exc.status_code == 404:
+            message = f"no such path {request.url.path}; the API is described at /api/openapi.json"
+        return JSONResponse(
+            {"error": kind, "message": message},
+            status_code=exc.status_code,
+            headers=getattr(exc, "headers", None),
+        )
+
+    async def current_user(request: Request) -> str:
+        token = bearer_token(request.headers.get("authorization")) or cookie_token(
+            request.headers.get("cookie")
+        )
+        if token is None:
+            raise NotAuthenticated(
+                "no credentials: send `Authorization: Bearer TOKEN`, or open the login URL "
+                "`remotecli up` printed"
+            )
+        address = client_address(request)
+        logins.check(address)
+        user = manager.user_for_token(token)
+        if user is None:
+            logins.failed(address)
+            raise NotAuthenticated(
+                "the token is not valid; use the one `remotecli up` printed, or create one "
+                "with `remotecli user add NAME`"
+            )
+        return user
+
+    User = Annotated[str, Depends(current_user)]
+
+    def session_out(record: SessionRecord) -> SessionOut:
+        return SessionOut(**_session_fields(record, manager.viewers(record.id)))
+
+    @app.get("/api/providers", response_model=list[ProviderOut], tags=["providers"])
+    async def list_providers(user: User) -> list[ProviderOut]:
+        """List the providers a session can run, and whether each is installed."""
+        return [
+            ProviderOut(
+                name=s.name,
+                title=s.provider.title,
+                command=list(s.provider.command),
+                available=s.available,
+                hint=s.hint,
+            )
+            for s in manager.catalogue.statuses()
+        ]
+
+    @app.post(
+        "/api/sessions",
+        status_code=201,
+        response_model=SessionOut,
+        tags=["sessions"],
+        responses={422: {"model": ErrorOut}, 429: {"model": ErrorOut}, 503: {"model": ErrorOut}},
+    )
+    async def create_session(body: CreateSessionIn, user: User) -> SessionOut:
+        """Create a session running a provider; follow it on its events stream until ready."""
+        return session_out(manager.create(user, body.provider))
+
+    @app.get("/api/sessions", response_model=list[SessionOut], tags=["sessions"])
+    async def list_sessions(user: User) -> list[SessionOut]:
+        """List your sessions, newest first."""
+        return [session_out(r) for r in manager.owned(user)]
+
+    @app.get(
+        "/api/sessions/{session_id}",
+        response_model=SessionOut,
+        tags=["sessions"],
+        responses={404: {"model": ErrorOut}},
+    )
+    async def get_session(session_id: SessionId, user: User) -> SessionOut:
+        """Return one of your sessions."""
+        return session_out(manager.get(user, session_id))
+
+    @app.delete(
+        "/api/sessions/{session_id}",
+        response_model=SessionOut,
+        tags=["sessions"],
+        responses={404: {"model": ErrorOut}},
+    )
+    async def delete_session(session_id: SessionId, user: User) -> SessionOut:
+        """Stop one of your sessions and remove its processes; returns it once stopped."""
+        manager.get(user, session_id)
+        return session_out(await manager.stop(session_id, reason="deleted by its owner"))
+
+    @app.get(
+        "/api/sessions/{session_id}/events",
+        tags=["sessions"],
+        response_class=StreamingResponse,
+        responses={200: {"content": {"text/event-stream": {}}}, 404: {"model": ErrorOut}},
+    )
+    async def session_events(session_id: SessionId, user: User) -> StreamingResponse:
+        """Stream the session's state changes and progress as Server-Sent Events.
+
+        The first event is the current state; the stream ends after ``stopped`` or ``failed``.
+        """
+        manager.get(user, session_id)
+        subscription = manager.events.subscribe(session_id)
+
+        async def stream() -> AsyncIterator[str]:
+            try:
+                record = manager.store.session(session_id)
+                yield _sse(
+                    SessionEvent(
+                        type="state",
+                        session_id=session_id,
+                        state=record.state.value,
+                        elapsed=manager.clock() - record.created_at,
+                        reason=record.reason,
+                    )
+                )
+                if is_final(record.state):
+                    return
+                while True:
+                    try:
+                        event = await asyncio.wait_for(subscription.get(), SSE_KEEPALIVE)
+                    except TimeoutError:
+                        yield ": keepalive\n\n"
+                        continue
+                    if event is None:
+                        return  # too slow a reader; it reconnects and gets the state again
+                    yield _sse(event)
+                    if event.final:
+                        return
+            finally:
+                subscription.close()
+
+        return StreamingResponse(
+            stream(),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    @app.post(
+        "/api/sessions/{session_id}/ticket",
+        response_model=TicketOut,
+        tags=["sessions"],
+        responses={404: {"model": ErrorOut}, 409: {"model": ErrorOut}},
+    )
+    async def create_ticket(session_id: SessionId, user: User) -> TicketOut:
+        """Return a single-use ticket (60 s) to open the session's VNC WebSocket."""
+        ticket, ttl = manager.issue_ticket(user, session_id)
+        return TicketOut(
+            ticket=ticket,
+            expires_in=ttl,
+            vnc_path=f"/api/sessions/{session_id}/vnc?ticket={ticket}",
+        )
+
+    @app.get(
+        "/api/auth/session/{session_id}",
+        response_model=SessionHealthOut,
+        tags=["compatibility"],
+        responses={404: {"model": ErrorOut}},
+    )
+    async def session_health(session_id: SessionId, user: User) -> SessionHealthOut:
+        """Return one of your sessions and its health (the original's path)."""
+        record = manager.get(user, session_id)
+        return SessionHealthOut(
+            **_session_fields(record, manager.viewers(record.id)),
+            healthy=record.state is State.READY and manager.watched(record.id),
+            novnc_path=f"/api/auth/session/{record.id}/novnc/websock",
+        )
+
+    @app.get("/login", tags=["auth"], responses={303: {}, 401: {"model": ErrorOut}})
+    async def login(
+        request: Request, token: Annotated[str, Query(min_length=1, max_length=256)]
+    ) -> Response:
+        """Check a login token, set the HttpOnly cookie and go to the dashboard."""
+        address = client_address(request)
+        logins.check(address)
+        if manager.user_for_token(token) is None:
+            logins.failed(address)
+            raise NotAuthenticated(
+                "the login token is not valid; use the URL `remotecli up` printed"
+            )
+        scheme = request.headers.get("x-forwarded-proto") or request.url.scheme
+        response = RedirectResponse(DASHBOARD_PATH, status_code=303)
+        response.set_cookie(
+            COOKIE_NAME,
+            token,
+            max_age=COOKIE_MAX_AGE,
+            path="/",
+            httponly=True,
+            samesite="strict",
+            secure=scheme == "https",
+        )
+        return response
+
+    @app.get("/", include_in_schema=False)
+    async def root() -> RedirectResponse:
+        return RedirectResponse(DASHBOARD_PATH, status_code=307)
+
+    @app.get("/healthz", tags=["operations"])
+    async def healthz() -> dict[str, str]:
+        """Answer while the process serves requests."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["operations"], responses={503: {"model": ErrorOut}})
+    async def readyz() -> JSONResponse:
+        """Answer 200 once sessions were recovered and the store answers; 503 otherwise."""
+        if not manager.ready:
+            return JSONResponse(
+                {"error": "unavailable", "message": "starting up or shutting down"},
+                status_code=503,
+            )
+        active = manager.store.count_active()
+        return JSONResponse({"status": "ready", "active_sessions": active})
+
+    @app.get("/metrics", tags=["operations"], response_class=PlainTextResponse)
+    async def metrics() -> Response:
+        """Prometheus metrics of the gateway, the bridge and the sessions."""
+        return Response(
+            prometheus_client.generate_latest(metrics_registry),
+            media_type=prometheus_client.CONTENT_TYPE_LATEST,
+        )
+
+    if dashboard:
+        from remotecli.dashboard import router
+
+        app.include_router(router())
+    return app

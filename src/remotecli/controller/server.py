@@ -1,0 +1,271 @@
+"""Run the controller: the API on a private Unix socket, the gateway in front, in one event loop.
+
+:class:`Controller` wires the pieces: the store in the data dir, the admin token, the driver,
+the session manager (recovery first), the VNC bridge, the FastAPI app served by uvicorn on a
+Unix socket only this user can open (mode 0600 in a 0700 directory), and a
+:class:`remotecli.gateway.Gateway` on ``listen`` routing ``/`` to that socket, with the bridge's
+WebSocket paths served in-process. :func:`run` is the blocking entry ``remotecli up`` and
+``remotecli controller`` call: it prints the login URL and, on SIGTERM or Ctrl-C, closes the
+viewers (1001), stops every session, and exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import prometheus_client
+import uvicorn
+import uvloop
+
+from remotecli.auth import hash_token, new_token
+from remotecli.config import ControllerConfig, GatewayConfig, Route
+from remotecli.controller.app import create_app
+from remotecli.controller.bridge import VncBridge
+from remotecli.controller.sessions import SessionManager
+from remotecli.controller.store import Store
+from remotecli.drivers import create_driver
+from remotecli.drivers.base import Driver
+from remotecli.exceptions import ConfigError
+from remotecli.gateway import Gateway
+from remotecli.logs import LogFormat, configure_logging, get_logger
+from remotecli.providers import Catalogue
+
+log = get_logger("controller")
+
+ADMIN_USER = "admin"
+ADMIN_TOKEN_FILE = "admin.token"  # noqa: S105 (a file name)
+STORE_FILE = "remotecli.sqlite3"
+SOCKET_NAME = "controller.sock"
+UNIX_PATH_MAX = 100  # sun_path holds 108 bytes; keep a margin
+
+
+def prepare_data_dir(data_dir: Path) -> Path:
+    """Create the data dir (mode 0700) if needed and return it; ConfigError if impossible."""
+    try:
+        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot create the data dir {data_dir}: {exc.strerror}; choose another with "
+            "--data-dir or REMOTECLI_DATA_DIR"
+        ) from exc
+    return data_dir
+
+
+def open_store(data_dir: Path) -> Store:
+    """Open the SQLite store of ``data_dir``."""
+    return Store.open(prepare_data_dir(data_dir) / STORE_FILE)
+
+
+def ensure_admin_token(store: Store, data_dir: Path, env_token: str | None) -> str:
+    """Return the admin's token and make it the admin's only valid one.
+
+    ``REMOTECLI_TOKEN`` wins; else the token saved in ``admin.token`` (mode 0600) on the first
+    start; else a new one, saved there now.
+    """
+    path = data_dir / ADMIN_TOKEN_FILE
+    if env_token:
+        token = env_token
+    elif path.exists():
+        token = path.read_text(encoding="ascii").strip()
+    else:
+        token = new_token()
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w", encoding="ascii") as handle:
+            handle.write(token + "\n")
+    store.replace_tokens(ADMIN_USER, hash_token(token), time.time())
+    return token
+
+
+def add_user_token(store: Store, name: str) -> str:
+    """Create user ``name`` if needed and return a new token for it (shown once, stored hashed)."""
+    token = new_token()
+    store.add_token(name, hash_token(token), time.time())
+    return token
+
+
+def _bind_private_socket(run_dir: Path) -> tuple[socket.socket, Path]:
+    """Bind the API's Unix socket, readable and writable by this user only."""
+    path = run_dir / SOCKET_NAME
+    if len(os.fsencode(path)) > UNIX_PATH_MAX:
+        # A deep data dir cannot hold a socket path; use a private temporary directory instead.
+        path = Path(tempfile.mkdtemp(prefix="remotecli-")) / SOCKET_NAME
+    run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if path.exists():
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            path.unlink()  # a previous run died without removing it
+        else:
+            raise ConfigError(
+                f"another controller is serving {path}; stop it or choose another --data-dir"
+            )
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)
+    try:
+        sock.bind(str(path))
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, 0o600)
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock, path
+
+
+class _EmbeddedUvicorn(uvicorn.Server):
+    """uvicorn without its own signal handling: the controller owns SIGTERM and SIGINT."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def _display_host(host: str) -> str:
+    if host in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host
+
+
+class Controller:
+    """The controller with its gateway; :meth:`start`, read :attr:`address`, then :meth:`close`.
+
+    ``driver`` replaces the configured one (tests pass their own).
+    """
+
+    def __init__(
+        self,
+        config: ControllerConfig,
+        *,
+        driver: Driver | None = None,
+        registry: prometheus_client.CollectorRegistry | None = None,
+    ) -> None:
+        self.config = config
+        self.registry = registry if registry is not None else prometheus_client.CollectorRegistry()
+        self._driver = driver
+        self.admin_token = ""
+        self.socket_path: Path | None = None
+        self.store: Store | None = None
+        self.manager: SessionManager | None = None
+        self.bridge: VncBridge | None = None
+        self.gateway: Gateway | None = None
+        self._uvicorn: _EmbeddedUvicorn | None = None
+        self._uvicorn_task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Open the store, recover sessions, serve the API, and start the gateway."""
+        config = self.config
+        data_dir = prepare_data_dir(config.data_dir)
+        self.store = store = open_store(data_dir)
+        self.admin_token = ensure_admin_token(store, data_dir, config.admin_token)
+        driver = self._driver or create_driver(config.driver, data_dir)
+        catalogue = Catalogue(config.providers)
+        self.manager = manager = SessionManager(
+            config, store, driver, catalogue, registry=self.registry
+        )
+        await manager.start()
+        self.bridge = bridge = VncBridge(manager, registry=self.registry)
+        manager.attach_bridge(bridge)
+
+        sock, self.socket_path = _bind_private_socket(data_dir / "run")
+        app = create_app(manager, registry=self.registry)
+        server_config = uvicorn.Config(
+            app,
+            http="httptools",
+            loop="none",
+            lifespan="off",
+            ws="none",
+            log_config=None,
+            access_log=False,
+            proxy_headers=False,
+            timeout_graceful_shutdown=5,
+        )
+        self._uvicorn = _EmbeddedUvicorn(server_config)
+        self._uvicorn_task = asyncio.create_task(self._uvicorn.serve(sockets=[sock]))
+        while not self._uvicorn.started:
+            if self._uvicorn_task.done():
+                self._uvicorn_task.result()
+                raise ConfigError("the API server stopped while starting; see the log above")
+            await asyncio.sleep(0.005)
+
+        gateway_config = GatewayConfig(
+            listen=config.listen,
+            routes=(Route("/", f"unix:{self.socket_path}"),),
+            trusted_proxies=config.trusted_proxies,
+            tls_cert=config.tls_cert,
+            tls_key=config.tls_key,
+            shutdown_grace=5.0,
+            log_format=config.log_format,
+            log_level=config.log_level,
+        )
+        self.gateway = Gateway(gateway_config, bridge.local_upgrades(), registry=self.registry)
+        await self.gateway.start()
+        log.info("controller started", listen=self.url(), driver=driver.name)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The gateway's bound address."""
+        assert self.gateway is not None, "start() first"
+        return self.gateway.address
+
+    def url(self, path: str = "") -> str:
+        """Return ``http(s)://HOST:PORT`` + ``path`` for the bound address."""
+        host, port = self.address
+        scheme = "https" if self.config.tls_cert else "http"
+        return f"{scheme}://{_display_host(host)}:{port}{path}"
+
+    def login_url(self) -> str:
+        """Return the dashboard login URL with the admin token (print it for the operator)."""
+        return self.url(f"/login?token={self.admin_token}")
+
+    async def close(self) -> None:
+        """Close viewers (1001), stop every session, stop the gateway and the API server."""
+        if self.bridge is not None:
+            await self.bridge.shutdown()
+        if self.manager is not None:
+            await self.manager.close()
+        if self.gateway is not None:
+            await self.gateway.shutdown()
+        if self._uvicorn is not None and self._uvicorn_task is not None:
+            self._uvicorn.should_exit = True
+            await self._uvicorn_task
+        if self.socket_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.socket_path.unlink()
+        if self.store is not None:
+            self.store.close()
+        log.info("controller stopped")
+
+
+async def serve(config: ControllerConfig, announce: Callable[[str], None]) -> None:
+    """Run a controller until SIGTERM or SIGINT; ``announce`` receives the login URL."""
+    controller = Controller(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await controller.start()
+        announce(controller.login_url())
+        await stop.wait()
+        log.info("shutting down: stopping every session")
+    finally:
+        await controller.close()
+
+
+def run(config: ControllerConfig, announce: Callable[[str], None]) -> None:
+    """Configure logging and run the controller on uvloop until a signal; return to exit 0."""
+    fmt: LogFormat = "json" if config.log_format == "json" else "console"
+    configure_logging(fmt, config.log_level)
+    uvloop.run(serve(config, announce))

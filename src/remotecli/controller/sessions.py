@@ -1,0 +1,499 @@
+"""The session manager: runs each session's lifecycle through the driver, and authorizes viewers.
+
+Theory of operation. :meth:`SessionManager.create` checks the limits, stores a ``pending``
+session and starts one task per session that drives it: ``start`` → the driver's ``start`` →
+``ready`` → the driver's ``wait``. When ``wait`` returns while the session is still ``ready``,
+the sandbox died by itself: the session becomes ``failed`` with the driver's reason and its
+viewers are closed with 1011. :meth:`SessionManager.stop` (a user's DELETE, the reaper, or the
+shutdown) cancels that task, closes the viewers with 1000, asks the driver to stop and records
+``stopped``. Every change goes through the store's transition table and is published as an
+event. On start, :meth:`SessionManager.recover` settles sessions a previous controller left
+active, so nothing stays ``ready`` that is not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import prometheus_client
+
+from remotecli.auth import TicketBook, check_origin, cookie_token, hash_token
+from remotecli.config import ControllerConfig
+from remotecli.controller.bridge import VncTarget
+from remotecli.controller.events import SessionEvent, SessionEvents
+from remotecli.controller.store import SessionRecord, Store
+from remotecli.drivers.base import Driver, SessionSpec, VncEndpoint
+from remotecli.exceptions import (
+    Conflict,
+    NotAuthenticated,
+    NotFound,
+    RemoteCliError,
+    ServiceUnavailable,
+    TooManyRequests,
+)
+from remotecli.logs import get_logger
+from remotecli.providers import Catalogue
+from remotecli.states import Event, State, is_final
+
+log = get_logger("controller.sessions")
+
+Clock = Callable[[], float]
+
+
+class ViewerCloser(Protocol):
+    """The part of the VNC bridge the manager calls: end a session's viewers."""
+
+    async def close_viewers(self, session_id: str, code: int, reason: str) -> None: ...
+
+
+def new_session_id() -> str:
+    """Return a fresh session id (16 URL-safe characters, matching the bridge's path pattern)."""
+    return secrets.token_urlsafe(12)
+
+
+def describe_duration(seconds: float) -> str:
+    """Say a duration the way a person would (``1 h``, ``30 min``, ``45 s``)."""
+    if seconds >= 3600 and seconds % 3600 == 0:
+        return f"{seconds / 3600:g} h"
+    if seconds >= 60 and seconds % 60 == 0:
+        return f"{seconds / 60:g} min"
+    return f"{seconds:g} s"
+
+
+@dataclass
+class _Runtime:
+    """What the manager knows in memory about one active session."""
+
+    task: asyncio.Task[None] | None = None
+    stopping: asyncio.Task[SessionRecord] | None = None
+    viewers: int = 0
+    idle_since: float = 0.0
+
+
+class _Metrics:
+    def __init__(self, registry: prometheus_client.CollectorRegistry | None) -> None:
+        self.transitions = prometheus_client.Counter(
+            "remotecli_session_transitions",
+            "Session state changes, by the state entered.",
+            ["state"],
+            registry=registry,
+        )
+        self.start_seconds = prometheus_client.Histogram(
+            "remotecli_session_start_seconds",
+            "Seconds from session creation to ready.",
+            buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60),
+            registry=registry,
+        )
+        self.active = prometheus_client.Gauge(
+            "remotecli_sessions_active", "Sessions not stopped or failed.", registry=registry
+        )
+        self.viewers = prometheus_client.Gauge(
+            "remotecli_session_viewers", "VNC viewers attached to sessions.", registry=registry
+        )
+
+
+class SessionManager:
+    """Creates, watches, stops and reaps sessions; implements the bridge's VncAuthorizer.
+
+    Call :meth:`start` once (recovery and the reaper), :meth:`attach_bridge` once the bridge
+    exists, and :meth:`close` on shutdown (it stops every session).
+    """
+
+    def __init__(
+        self,
+        config: ControllerConfig,
+        store: Store,
+        driver: Driver,
+        catalogue: Catalogue,
+        *,
+        events: SessionEvents | None = None,
+        tickets: TicketBook | None = None,
+        clock: Clock = time.time,
+        registry: prometheus_client.CollectorRegistry | None = None,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.driver = driver
+        self.catalogue = catalogue
+        self.events = events if events is not None else SessionEvents()
+        self.tickets = tickets if tickets is not None else TicketBook()
+        self._clock = clock
+        self._bridge: ViewerCloser | None = None
+        self._runtime: dict[str, _Runtime] = {}
+        self._reaper: asyncio.Task[None] | None = None
+        self._closing = False
+        self._started = False
+        self._metrics = _Metrics(registry)
+
+    # --- lifecycle of the manager --------------------------------------------------------------
+
+    def attach_bridge(self, bridge: ViewerCloser) -> None:
+        """Let the manager close a session's viewers when it stops or fails."""
+        self._bridge = bridge
+
+    async def start(self) -> None:
+        """Recover sessions left by a previous run, then start the reaper."""
+        await self.recover()
+        self._started = True
+        self._reaper = asyncio.create_task(self._reap_forever(), name="session-reaper")
+
+    def clock(self) -> float:
+        """Return the manager's current time (seconds since the epoch; injectable in tests)."""
+        return self._clock()
+
+    @property
+    def ready(self) -> bool:
+        """True once recovery is done and until shutdown begins."""
+        return self._started and not self._closing
+
+    async def close(self) -> None:
+        """Refuse new sessions, stop every active one, then close the driver."""
+        self._closing = True
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+        active = self.store.active_sessions()
+        await asyncio.gather(
+            *(self.stop(r.id, reason="the controller shut down") for r in active),
+            return_exceptions=True,
+        )
+        await self.driver.close()
+
+    async def recover(self) -> None:
+        """Settle every session a previous controller left active.
+
+        A ``ready`` session whose sandbox still runs (``driver.recover`` returns its endpoint)
+        stays ready and is watched again; anything else is stopped through the driver and
+        marked ``failed`` (it was running or starting) or ``stopped`` (it was stopping).
+        """
+        for record in self.store.active_sessions():
+            workdir = self._workdir(record.id)
+            try:
+                endpoint = await self.driver.recover(record.id, workdir)
+            except RemoteCliError as exc:
+                endpoint = None
+                log.warning("recover failed", session_id=record.id, error=exc.message)
+            if endpoint is not None and record.state is State.READY:
+                runtime = self._runtime.setdefault(record.id, _Runtime())
+                runtime.idle_since = self._clock()
+                runtime.task = asyncio.create_task(self._watch(record.id))
+                log.info("session recovered", session_id=record.id)
+                continue
+            if endpoint is not None:
+                with contextlib.suppress(RemoteCliError):
+                    await self.driver.stop(record.id)
+            if record.state is State.STOPPING:
+                self._apply(
+                    record.id, Event.STOPPED, reason="stopped while the controller was down"
+                )
+            else:
+                self._apply(
+                    record.id,
+                    Event.FAIL,
+                    reason=f"the controller restarted while the session was {record.state.value}"
+                    + ("; its processes were gone" if endpoint is None else ""),
+                )
+        self._metrics.active.set(self.store.count_active())
+
+    # --- the API's operations ------------------------------------------------------------------
+
+    def create(self, owner: str, provider: str) -> SessionRecord:
+        """Store a new session for ``owner`` and start it in the background.
+
+        Raises Unprocessable (422) for an unknown or uninstalled provider, TooManyRequests (429)
+        over the per-user limit, ServiceUnavailable (503) over the host limit or while shutting
+        down.
+        """
+        status = self.catalogue.get(provider)
+        argv = status.argv()
+        if self._closing:
+            raise ServiceUnavailable("the controller is shutting down; try again in a moment")
+        per_user = self.config.max_sessions_per_user
+        if self.store.count_active(owner) >= per_user:
+            raise TooManyRequests(
+                f"you already have {per_user} active sessions, the limit per user; "
+                "delete one (DELETE /api/sessions/{id}) and try again",
+                limit=per_user,
+            )
+        if self.store.count_active() >= self.config.max_sessions:
+            raise ServiceUnavailable(
+                f"this host already runs {self.config.max_sessions} sessions, its limit; "
+                "try again when one ends (operators: REMOTECLI_MAX_SESSIONS)",
+                limit=self.config.max_sessions,
+            )
+        record = self.store.create_session(new_session_id(), owner, provider, self._clock())
+        self._metrics.active.set(self.store.count_active())
+        self._publish_state(record)
+        spec = SessionSpec(
+            session_id=record.id, provider=provider, command=argv, workdir=self._workdir(record.id)
+        )
+        runtime = self._runtime.setdefault(record.id, _Runtime())
+        runtime.task = asyncio.create_task(self._run(record, spec), name=f"session-{record.id}")
+        log.info("session created", session_id=record.id, owner=owner, provider=provider)
+        return record
+
+    def get(self, owner: str, session_id: str) -> SessionRecord:
+        """Return ``owner``'s session; NotFound (404) for an unknown one or someone else's."""
+        record = self.store.find_session(session_id)
+        if record is None or record.owner != owner:
+            raise NotFound(
+                f"no session {session_id} among yours; list them with GET /api/sessions",
+                session_id=session_id,
+            )
+        return record
+
+    def owned(self, owner: str) -> list[SessionRecord]:
+        """Return ``owner``'s sessions, newest first."""
+        return self.store.sessions(owner)
+
+    def issue_ticket(self, owner: str, session_id: str) -> tuple[str, float]:
+        """Return a single-use WebSocket ticket for ``owner``'s session and its lifetime."""
+        record = self.get(owner, session_id)
+        if is_final(record.state):
+            raise Conflict(
+                f"session {session_id} is {record.state.value}; create a new session",
+                session_id=session_id,
+            )
+        return self.tickets.issue(session_id, owner)
+
+    def viewers(self, session_id: str) -> int:
+        """Return how many viewers are attached to a session now."""
+        runtime = self._runtime.get(session_id)
+        return 0 if runtime is None else runtime.viewers
+
+    def watched(self, session_id: str) -> bool:
+        """True while the manager watches the session's sandbox for an exit."""
+        runtime = self._runtime.get(session_id)
+        return runtime is not None and runtime.task is not None and not runtime.task.done()
+
+    async def stop(self, session_id: str, *, reason: str | None = None) -> SessionRecord:
+        """Stop a session (idempotent) and return it once ``stopped`` (or ``failed``)."""
+        record = self.store.session(session_id)
+        if is_final(record.state):
+            return record
+        runtime = self._runtime.setdefault(session_id, _Runtime())
+        if runtime.stopping is None:
+            runtime.stopping = asyncio.create_task(self._stop(session_id, reason))
+        return await asyncio.shield(runtime.stopping)
+
+    async def _stop(self, session_id: str, reason: str | None) -> SessionRecord:
+        record = self.store.session(session_id)
+        if record.state is not State.STOPPING:
+            record = self._apply(session_id, Event.STOP, reason=reason)
+        runtime = self._runtime.setdefault(session_id, _Runtime())
+        if runtime.task is not None and not runtime.task.done():
+            runtime.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await runtime.task
+        await self._close_viewers(session_id, 1000, "session stopped")
+        try:
+            await self.driver.stop(session_id)
+        except RemoteCliError as exc:
+            return self._apply(session_id, Event.FAIL, reason=f"stopping failed: {exc.message}")
+        record = self._apply(session_id, Event.STOPPED)
+        self._runtime.pop(session_id, None)
+        return record
+
+    # --- one session's task --------------------------------------------------------------------
+
+    async def _run(self, record: SessionRecord, spec: SessionSpec) -> None:
+        session_id = record.id
+
+        def progress(message: str) -> None:
+            self.events.publish(
+                SessionEvent(
+                    type="progress",
+                    session_id=session_id,
+                    state=State.STARTING.value,
+                    elapsed=self._clock() - record.created_at,
+                    message=message,
+                )
+            )
+
+        try:
+            self._apply(session_id, Event.START)
+            endpoint = await self.driver.start(spec, progress)
+        except RemoteCliError as exc:
+            await self._fail(session_id, exc.message)
+            return
+        except Exception as exc:  # a driver bug must still end as a failed session, not a hang
+            log.exception("driver start crashed", session_id=session_id)
+            await self._fail(session_id, f"the driver crashed while starting: {exc!r}")
+            return
+        ready = self._apply(session_id, Event.READY, endpoint=endpoint)
+        self._metrics.start_seconds.observe((ready.ready_at or 0.0) - record.created_at)
+        self._runtime.setdefault(session_id, _Runtime()).idle_since = self._clock()
+        await self._watch(session_id)
+
+    async def _watch(self, session_id: str) -> None:
+        try:
+            reason = await self.driver.wait(session_id)
+        except RemoteCliError as exc:
+            reason = exc.message
+        record = self.store.find_session(session_id)
+        if record is None or record.state is not State.READY:
+            return  # a stop we asked for
+        await self._fail(session_id, f"the session ended by itself: {reason}")
+
+    async def _fail(self, session_id: str, reason: str) -> None:
+        try:
+            self._apply(session_id, Event.FAIL, reason=reason)
+        except Conflict:
+            return  # already final: a stop won the race
+        await self._close_viewers(session_id, 1011, f"session failed: {reason}"[:120])
+        with contextlib.suppress(RemoteCliError):
+            await self.driver.stop(session_id)
+        runtime = self._runtime.get(session_id)
+        if runtime is not None and runtime.stopping is None:
+            self._runtime.pop(session_id, None)
+
+    # --- reaper --------------------------------------------------------------------------------
+
+    async def reap(self) -> list[str]:
+        """Stop sessions past their TTL, and ready ones without a viewer for too long.
+
+        Returns the ids it stopped. The reaper task calls it every ``reap_interval`` seconds.
+        """
+        now = self._clock()
+        ttl, idle = self.config.session_ttl, self.config.idle_stop
+        doomed: dict[str, str] = {}
+        for record in self.store.active_sessions():
+            if record.state is State.STOPPING:
+                continue
+            runtime = self._runtime.get(record.id)
+            if ttl and now - record.created_at >= ttl:
+                doomed[record.id] = f"its time to live ({describe_duration(ttl)}) ran out"
+            elif (
+                idle
+                and record.state is State.READY
+                and runtime is not None
+                and runtime.viewers == 0
+                and now - runtime.idle_since >= idle
+            ):
+                doomed[record.id] = f"no viewer was attached for {describe_duration(idle)}"
+        results = await asyncio.gather(
+            *(self.stop(sid, reason=why) for sid, why in doomed.items()), return_exceptions=True
+        )
+        for sid, result in zip(doomed, results, strict=True):
+            if isinstance(result, BaseException):
+                log.warning("reaper could not stop a session", session_id=sid, error=repr(result))
+            else:
+                log.info("session reaped", session_id=sid, reason=doomed[sid])
+        return list(doomed)
+
+    async def _reap_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.reap_interval)
+            try:
+                await self.reap()
+            except Exception:  # the reaper must outlive one bad round
+                log.exception("reaper round failed")
+
+    # --- VncAuthorizer -------------------------------------------------------------------------
+
+    def user_for_token(self, token: str) -> str | None:
+        """Return the user a login token belongs to, or None."""
+        return self.store.user_for_token(hash_token(token))
+
+    def authorize_vnc(
+        self,
+        session_id: str,
+        *,
+        cookie_header: str | None,
+        origin: str | None,
+        host: str | None,
+        ticket: str | None,
+    ) -> VncTarget:
+        """Check a VNC WebSocket's credentials before the upgrade; see the bridge's contract."""
+        user: str | None
+        if ticket:
+            user = self.tickets.redeem(ticket, session_id).user
+        else:
+            token = cookie_token(cookie_header)
+            user = self.user_for_token(token) if token else None
+            if user is None:
+                raise NotAuthenticated(
+                    "the VNC WebSocket needs a ticket (?ticket= from "
+                    f"POST /api/sessions/{session_id}/ticket) or the login cookie; "
+                    "log in with the URL `remotecli up` printed",
+                    session_id=session_id,
+                )
+            check_origin(origin, host, None, self.config.allowed_origins)
+        record = self.get(user, session_id)
+        if record.state is not State.READY or record.endpoint is None:
+            raise Conflict(
+                f"session {session_id} is {record.state.value}, not ready; "
+                f"wait for ready on GET /api/sessions/{session_id}/events",
+                session_id=session_id,
+                state=record.state.value,
+            )
+        return VncTarget(session_id=session_id, owner=user, endpoint=record.endpoint)
+
+    def viewer_attached(self, session_id: str) -> None:
+        """Count a viewer in (a session with a viewer is never idle)."""
+        self._runtime.setdefault(session_id, _Runtime()).viewers += 1
+        self._metrics.viewers.inc()
+
+    def viewer_detached(self, session_id: str, bytes_in: int, bytes_out: int) -> None:
+        """Count a viewer out, add its bytes to the session, restart the idle clock."""
+        runtime = self._runtime.get(session_id)
+        if runtime is not None:
+            runtime.viewers = max(0, runtime.viewers - 1)
+            runtime.idle_since = self._clock()
+        self._metrics.viewers.dec()
+        self.store.add_bytes(session_id, bytes_in, bytes_out)
+
+    # --- internals -----------------------------------------------------------------------------
+
+    def _workdir(self, session_id: str) -> Path:
+        return self.config.data_dir / "sessions" / session_id
+
+    def _apply(
+        self,
+        session_id: str,
+        event: Event,
+        *,
+        reason: str | None = None,
+        endpoint: VncEndpoint | None = None,
+    ) -> SessionRecord:
+        before, record = self.store.apply(
+            session_id, event, self._clock(), reason=reason, endpoint=endpoint
+        )
+        self._metrics.transitions.labels(record.state.value).inc()
+        self._metrics.active.set(self.store.count_active())
+        log.info(
+            "session transition",
+            session_id=session_id,
+            from_state=before.value,
+            to_state=record.state.value,
+            reason=reason,
+        )
+        self._publish_state(record, reason)
+        return record
+
+    def _publish_state(self, record: SessionRecord, reason: str | None = None) -> None:
+        self.events.publish(
+            SessionEvent(
+                type="state",
+                session_id=record.id,
+                state=record.state.value,
+                elapsed=self._clock() - record.created_at,
+                reason=reason or record.reason,
+            )
+        )
+
+    async def _close_viewers(self, session_id: str, code: int, reason: str) -> None:
+        if self._bridge is None:
+            return
+        try:
+            await self._bridge.close_viewers(session_id, code, reason)
+        except Exception:  # closing viewers must never block a stop
+            log.exception("closing viewers failed", session_id=session_id)

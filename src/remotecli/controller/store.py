@@ -1,0 +1,355 @@
+"""The controller's store: users, their token hashes, sessions and every transition, in SQLite.
+
+One SQLite file in the data dir, in WAL mode so readers never wait for the writer. The schema is
+versioned with ``PRAGMA user_version`` and upgraded by the ordered :data:`MIGRATIONS` on open.
+Every state change runs :func:`remotecli.states.next_state` inside one ``BEGIN IMMEDIATE``
+transaction that also logs the transition, so a refused or interrupted change leaves nothing
+half written. Calls are synchronous and short; the controller makes them from its event loop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from remotecli.drivers.base import VncEndpoint
+from remotecli.exceptions import ConfigError, Conflict, NotFound
+from remotecli.states import ACTIVE_STATES, Event, State, next_state
+
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        "CREATE TABLE users (name TEXT PRIMARY KEY, created_at REAL NOT NULL)",
+        "CREATE TABLE tokens (hash TEXT PRIMARY KEY,"
+        " user TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE,"
+        " created_at REAL NOT NULL)",
+        "CREATE TABLE sessions (id TEXT PRIMARY KEY,"
+        " owner TEXT NOT NULL REFERENCES users(name),"
+        " provider TEXT NOT NULL, state TEXT NOT NULL, reason TEXT,"
+        " created_at REAL NOT NULL, updated_at REAL NOT NULL, ready_at REAL,"
+        " endpoint TEXT, bytes_in INTEGER NOT NULL DEFAULT 0,"
+        " bytes_out INTEGER NOT NULL DEFAULT 0)",
+        "CREATE INDEX sessions_by_owner ON sessions(owner, created_at)",
+        "CREATE INDEX sessions_by_state ON sessions(state)",
+        "CREATE TABLE transitions (id INTEGER PRIMARY KEY,"
+        " session_id TEXT NOT NULL REFERENCES sessions(id),"
+        " from_state TEXT, to_state TEXT NOT NULL, event TEXT NOT NULL, reason TEXT,"
+        " at REAL NOT NULL)",
+        "CREATE INDEX transitions_by_session ON transitions(session_id, id)",
+    ),
+)
+"""Schema migrations in order; migration ``n`` brings ``user_version`` from ``n`` to ``n + 1``."""
+
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+@dataclass(frozen=True)
+class SessionRecord:
+    """One session as stored."""
+
+    id: str
+    owner: str
+    provider: str
+    state: State
+    reason: str | None
+    created_at: float
+    updated_at: float
+    ready_at: float | None
+    endpoint: VncEndpoint | None
+    bytes_in: int
+    bytes_out: int
+
+
+@dataclass(frozen=True)
+class TransitionRecord:
+    """One logged state change."""
+
+    session_id: str
+    from_state: State | None
+    to_state: State
+    event: str
+    reason: str | None
+    at: float
+
+
+def _endpoint_to_json(endpoint: VncEndpoint | None) -> str | None:
+    if endpoint is None:
+        return None
+    return json.dumps(
+        {
+            "unix_path": endpoint.unix_path,
+            "host": endpoint.host,
+            "port": endpoint.port,
+            "password": endpoint.password,
+        }
+    )
+
+
+def _endpoint_from_json(text: str | None) -> VncEndpoint | None:
+    if text is None:
+        return None
+    data = json.loads(text)
+    return VncEndpoint(
+        unix_path=data.get("unix_path"),
+        host=data.get("host"),
+        port=data.get("port"),
+        password=data.get("password"),
+    )
+
+
+def _session(row: sqlite3.Row) -> SessionRecord:
+    return SessionRecord(
+        id=row["id"],
+        owner=row["owner"],
+        provider=row["provider"],
+        state=State(row["state"]),
+        reason=row["reason"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        ready_at=row["ready_at"],
+        endpoint=_endpoint_from_json(row["endpoint"]),
+        bytes_in=row["bytes_in"],
+        bytes_out=row["bytes_out"],
+    )
+
+
+class Store:
+    """The SQLite store; open it with :meth:`open` and :meth:`close` it on shutdown."""
+
+    def __init__(self, connection: sqlite3.Connection, path: Path) -> None:
+        self._db = connection
+        self.path = path
+
+    @classmethod
+    def open(cls, path: Path) -> Store:
+        """Open (or create) the database at ``path``, in WAL mode, migrated to the latest schema.
+
+        Raises :class:`ConfigError` when the file cannot be opened or comes from a newer
+        remote-cli (its schema version is above :data:`SCHEMA_VERSION`).
+        """
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # Token hashes and VNC passwords live here: only this user may read the file (SQLite
+            # gives its -wal and -shm files the same mode).
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+            connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            connection.row_factory = sqlite3.Row
+            connection.execute("PRAGMA journal_mode=WAL")
+            connection.execute("PRAGMA synchronous=NORMAL")
+            connection.execute("PRAGMA foreign_keys=ON")
+            connection.execute("PRAGMA busy_timeout=5000")
+        except (OSError, sqlite3.Error) as exc:
+            raise ConfigError(
+                f"cannot open the store {path}: {exc}; check the data dir is writable"
+            ) from exc
+        store = cls(connection, path)
+        store._migrate()
+        return store
+
+    def close(self) -> None:
+        """Close the database; the store cannot be used afterwards."""
+        self._db.close()
+
+    @property
+    def schema_version(self) -> int:
+        """The schema version of the open database."""
+        version: int = self._db.execute("PRAGMA user_version").fetchone()[0]
+        return version
+
+    def _migrate(self) -> None:
+        current = self.schema_version
+        if current > SCHEMA_VERSION:
+            raise ConfigError(
+                f"the store {self.path} has schema version {current}, newer than this "
+                f"remote-cli understands ({SCHEMA_VERSION}); upgrade remote-cli"
+            )
+        for version in range(current, SCHEMA_VERSION):
+            with self._transaction():
+                for statement in MIGRATIONS[version]:
+                    self._db.execute(statement)
+                self._db.execute(f"PRAGMA user_version = {version + 1}")
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    # --- users and tokens ----------------------------------------------------------------------
+
+    def add_user(self, name: str, now: float) -> None:
+        """Create user ``name`` if it does not exist yet."""
+        self._db.execute(
+            "INSERT OR IGNORE INTO users (name, created_at) VALUES (?, ?)", (name, now)
+        )
+
+    def users(self) -> list[str]:
+        """Return every user name."""
+        return [r["name"] for r in self._db.execute("SELECT name FROM users ORDER BY name")]
+
+    def add_token(self, user: str, token_hash: str, now: float) -> None:
+        """Let the token with hash ``token_hash`` authenticate ``user`` (created if missing)."""
+        with self._transaction() as db:
+            db.execute("INSERT OR IGNORE INTO users (name, created_at) VALUES (?, ?)", (user, now))
+            db.execute(
+                "INSERT OR REPLACE INTO tokens (hash, user, created_at) VALUES (?, ?, ?)",
+                (token_hash, user, now),
+            )
+
+    def replace_tokens(self, user: str, token_hash: str, now: float) -> None:
+        """Make ``token_hash`` the only token of ``user`` (the admin token from file or env)."""
+        with self._transaction() as db:
+            db.execute("INSERT OR IGNORE INTO users (name, created_at) VALUES (?, ?)", (user, now))
+            db.execute("DELETE FROM tokens WHERE user = ?", (user,))
+            db.execute(
+                "INSERT OR REPLACE INTO tokens (hash, user, created_at) VALUES (?, ?, ?)",
+                (token_hash, user, now),
+            )
+
+    def user_for_token(self, token_hash: str) -> str | None:
+        """Return the user a token hash belongs to, or None."""
+        row = self._db.execute("SELECT user FROM tokens WHERE hash = ?", (token_hash,)).fetchone()
+        return None if row is None else str(row["user"])
+
+    # --- sessions ------------------------------------------------------------------------------
+
+    def create_session(
+        self, session_id: str, owner: str, provider: str, now: float
+    ) -> SessionRecord:
+        """Insert a new ``pending`` session and log its creation; raise Conflict on a taken id."""
+        try:
+            with self._transaction() as db:
+                db.execute(
+                    "INSERT INTO sessions (id, owner, provider, state, created_at, updated_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    (session_id, owner, provider, State.PENDING.value, now, now),
+                )
+                db.execute(
+                    "INSERT INTO transitions (session_id, from_state, to_state, event, at)"
+                    " VALUES (?, NULL, ?, 'create', ?)",
+                    (session_id, State.PENDING.value, now),
+                )
+        except sqlite3.IntegrityError as exc:
+            raise Conflict(
+                f"cannot create session {session_id}: {exc}", session_id=session_id
+            ) from exc
+        return self.session(session_id)
+
+    def find_session(self, session_id: str) -> SessionRecord | None:
+        """Return the session with this id, or None."""
+        row = self._db.execute("SELECT * FROM sessions WHERE id = ?", (session_id,)).fetchone()
+        return None if row is None else _session(row)
+
+    def session(self, session_id: str) -> SessionRecord:
+        """Return the session with this id; raise NotFound (404) if there is none."""
+        record = self.find_session(session_id)
+        if record is None:
+            raise NotFound(f"no session {session_id}", session_id=session_id)
+        return record
+
+    def sessions(self, owner: str | None = None) -> list[SessionRecord]:
+        """Return the sessions of ``owner`` (all when None), newest first."""
+        if owner is None:
+            rows = self._db.execute("SELECT * FROM sessions ORDER BY created_at DESC, id")
+        else:
+            rows = self._db.execute(
+                "SELECT * FROM sessions WHERE owner = ? ORDER BY created_at DESC, id", (owner,)
+            )
+        return [_session(r) for r in rows]
+
+    def active_sessions(self) -> list[SessionRecord]:
+        """Return every session not in a final state, oldest first."""
+        marks = ",".join("?" * len(ACTIVE_STATES))
+        rows = self._db.execute(
+            f"SELECT * FROM sessions WHERE state IN ({marks}) ORDER BY created_at",  # noqa: S608
+            [s.value for s in ACTIVE_STATES],
+        )
+        return [_session(r) for r in rows]
+
+    def count_active(self, owner: str | None = None) -> int:
+        """Return how many sessions (of ``owner``, or of everyone) are not final."""
+        marks = ",".join("?" * len(ACTIVE_STATES))
+        query = f"SELECT COUNT(*) FROM sessions WHERE state IN ({marks})"  # noqa: S608
+        params: list[str] = [s.value for s in ACTIVE_STATES]
+        if owner is not None:
+            query += " AND owner = ?"
+            params.append(owner)
+        count: int = self._db.execute(query, params).fetchone()[0]
+        return count
+
+    def apply(
+        self,
+        session_id: str,
+        event: Event,
+        now: float,
+        *,
+        reason: str | None = None,
+        endpoint: VncEndpoint | None = None,
+    ) -> tuple[State, SessionRecord]:
+        """Apply ``event`` to a session and log it, in one transaction.
+
+        Returns the previous state and the updated session. Raises :class:`Conflict` (and
+        changes nothing) when the transition table refuses the event, :class:`NotFound` when
+        there is no such session.
+        """
+        with self._transaction() as db:
+            row = db.execute("SELECT state FROM sessions WHERE id = ?", (session_id,)).fetchone()
+            if row is None:
+                raise NotFound(f"no session {session_id}", session_id=session_id)
+            before = State(row["state"])
+            after = next_state(before, event)
+            db.execute(
+                "UPDATE sessions SET state = ?, updated_at = ?,"
+                " reason = COALESCE(?, reason),"
+                " endpoint = CASE WHEN ? = 'ready' THEN ? ELSE endpoint END,"
+                " ready_at = CASE WHEN ? = 'ready' THEN ? ELSE ready_at END"
+                " WHERE id = ?",
+                (
+                    after.value,
+                    now,
+                    reason,
+                    after.value,
+                    _endpoint_to_json(endpoint),
+                    after.value,
+                    now,
+                    session_id,
+                ),
+            )
+            db.execute(
+                "INSERT INTO transitions (session_id, from_state, to_state, event, reason, at)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (session_id, before.value, after.value, event.value, reason, now),
+            )
+        return before, self.session(session_id)
+
+    def add_bytes(self, session_id: str, bytes_in: int, bytes_out: int) -> None:
+        """Add a viewer's relayed byte counts to the session's totals."""
+        self._db.execute(
+            "UPDATE sessions SET bytes_in = bytes_in + ?, bytes_out = bytes_out + ? WHERE id = ?",
+            (bytes_in, bytes_out, session_id),
+        )
+
+    def transitions(self, session_id: str) -> list[TransitionRecord]:
+        """Return the logged transitions of a session, oldest first."""
+        rows = self._db.execute(
+            "SELECT * FROM transitions WHERE session_id = ? ORDER BY id", (session_id,)
+        )
+        return [
+            TransitionRecord(
+                session_id=r["session_id"],
+                from_state=None if r["from_state"] is None else State(r["from_state"]),
+                to_state=State(r["to_state"]),
+                event=r["event"],
+                reason=r["reason"],
+                at=r["at"],
+            )
+            for r in rows
+        ]

@@ -1,0 +1,166 @@
+"""The browser dashboard: the page at ``/dashboard/remote-cli``, its assets, and noVNC.
+
+The controller's FastAPI app includes :func:`router`. Everything the page needs is served from
+here, same origin, under a strict Content-Security-Policy that allows only this origin (no
+external network at all, no inline script, no ``eval``):
+
+- ``GET /dashboard/remote-cli`` (and with a trailing slash): the page;
+- ``GET /dashboard/remote-cli/static/<file>``: the page's own files from ``static/``, served from
+  a table built once at start, so a path outside it (``..``, absolute, encoded) is simply a 404;
+- ``GET /dashboard/remote-cli/novnc/rfb.js``: noVNC's ``RFB`` class as one ES module
+  (see :mod:`remotecli.dashboard.novnc`), or a 503 naming the fix when ``npm ci`` has not run.
+
+Assets carry an ETag and ``Cache-Control: no-cache``: the browser revalidates each load and gets
+a 304 when nothing changed, so a new release is never hidden by a stale cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import APIRouter, Request, Response
+
+from remotecli.config import NOVNC_DIR_ENV, novnc_dir_environment
+from remotecli.dashboard.novnc import NovncModule, build_module, find_novnc
+from remotecli.exceptions import ConfigError
+
+PREFIX = "/dashboard/remote-cli"
+STATIC_DIR = Path(__file__).parent / "static"
+
+CONTENT_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".svg": "image/svg+xml",
+    ".png": "image/png",
+}
+
+CONTENT_SECURITY_POLICY = "; ".join(
+    (
+        "default-src 'none'",
+        "script-src 'self'",
+        "style-src 'self'",
+        "img-src 'self' data: blob:",
+        "font-src 'self'",
+        "connect-src 'self'",
+        "base-uri 'none'",
+        "form-action 'self'",
+        "frame-ancestors 'none'",
+    )
+)
+
+SECURITY_HEADERS = {
+    "Content-Security-Policy": CONTENT_SECURITY_POLICY,
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+    "Cross-Origin-Opener-Policy": "same-origin",
+    "Cross-Origin-Resource-Policy": "same-origin",
+}
+
+
+@dataclass(frozen=True)
+class Asset:
+    """One file served by the dashboard: its bytes, type and validator."""
+
+    body: bytes
+    content_type: str
+    etag: str
+
+
+def router(novnc_dir: Path | None = None) -> APIRouter:
+    """Return the router that serves the dashboard; include it in the controller's app.
+
+    ``novnc_dir`` overrides where noVNC's npm package is looked for (default: the
+    ``REMOTECLI_NOVNC_DIR`` variable, else ``node_modules/@novnc/novnc`` above this package).
+    Files are read once here: restart the controller to serve edited assets.
+    """
+    assets = load_static(STATIC_DIR)
+    novnc = load_novnc(novnc_dir)
+    api = APIRouter(include_in_schema=False)
+
+    @api.api_route(PREFIX, methods=["GET", "HEAD"])
+    @api.api_route(PREFIX + "/", methods=["GET", "HEAD"])
+    def page(request: Request) -> Response:
+        return asset_response(request, assets["index.html"])
+
+    @api.api_route(PREFIX + "/static/{name:path}", methods=["GET", "HEAD"])
+    def static(name: str, request: Request) -> Response:
+        asset = assets.get(name)
+        if asset is None:
+            return text_response(404, f"no dashboard file {name!r}")
+        return asset_response(request, asset)
+
+    @api.api_route(PREFIX + "/novnc/rfb.js", methods=["GET", "HEAD"])
+    def novnc_module(request: Request) -> Response:
+        if isinstance(novnc, str):
+            return text_response(503, novnc)
+        return asset_response(
+            request, Asset(novnc.body, CONTENT_TYPES[".js"], novnc.etag), version=novnc.version
+        )
+
+    return api
+
+
+def load_static(directory: Path) -> dict[str, Asset]:
+    """Read every servable file under ``directory`` into a table keyed by its relative path."""
+    assets: dict[str, Asset] = {}
+    for path in sorted(directory.rglob("*")):
+        content_type = CONTENT_TYPES.get(path.suffix)
+        if content_type is None or not path.is_file():
+            continue
+        body = path.read_bytes()
+        etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
+        assets[path.relative_to(directory).as_posix()] = Asset(body, content_type, etag)
+    if "index.html" not in assets:
+        raise ConfigError(f"the dashboard's index.html is missing from {directory}: reinstall")
+    return assets
+
+
+def load_novnc(novnc_dir: Path | None) -> NovncModule | str:
+    """Build noVNC's module, or return the message the page shows when it cannot be found."""
+    if novnc_dir is None:
+        configured = novnc_dir_environment()
+        novnc_dir = Path(configured) if configured is not None else None
+    found = find_novnc(novnc_dir, Path(__file__).resolve().parent)
+    if found is None:
+        where = f"{NOVNC_DIR_ENV}={novnc_dir}" if novnc_dir else "node_modules/@novnc/novnc"
+        return (
+            f"The noVNC viewer is not installed ({where} not found): run `make up` "
+            f"(it runs `npm ci`), or set {NOVNC_DIR_ENV} to the @novnc/novnc package directory."
+        )
+    try:
+        return build_module(found)
+    except (ConfigError, OSError, UnicodeDecodeError) as exc:
+        return f"The noVNC viewer in {found} cannot be read ({exc}): run `make up` again."
+
+
+def asset_response(request: Request, asset: Asset, *, version: str | None = None) -> Response:
+    """Answer with ``asset``, or 304 when the browser's copy (If-None-Match) is current."""
+    headers = {**SECURITY_HEADERS, "ETag": asset.etag, "Cache-Control": "no-cache"}
+    if version is not None:
+        headers["X-noVNC-Version"] = version
+    if asset.etag in _etags(request.headers.get("if-none-match")):
+        return Response(status_code=304, headers=headers)
+    body = b"" if request.method == "HEAD" else asset.body
+    headers["Content-Length"] = str(len(asset.body))
+    return Response(body, media_type=asset.content_type, headers=headers)
+
+
+def text_response(status: int, message: str) -> Response:
+    """A plain-text error naming the cause and the next step, with the security headers."""
+    return Response(
+        message + "\n",
+        status_code=status,
+        media_type="text/plain; charset=utf-8",
+        headers={**SECURITY_HEADERS, "Cache-Control": "no-store"},
+    )
+
+
+def _etags(header: str | None) -> set[str]:
+    """Parse an If-None-Match header into its entity tags (weak ones compare as strong)."""
+    if not header:
+        return set()
+    return {tag.strip().removeprefix("W/") for tag in header.split(",")}

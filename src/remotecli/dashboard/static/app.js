@@ -1,0 +1,427 @@
+// The dashboard page: sign-in state, the provider cards, "My sessions", the progress of a new
+// session from its event stream, and the live view (viewer.js). Plain ES modules, no build step.
+
+import { api, ApiError, endedMessage, FINAL_STATES, followEvents, listOf, sessionFacts } from "./api.js";
+import { Viewer } from "./viewer.js";
+
+const NOVNC_URL = "/dashboard/remote-cli/novnc/rfb.js";
+const REFRESH_MS = 5000;
+const HIDDEN_KEY = "remotecli.hiddenSessions";
+
+const $ = (id) => document.getElementById(id);
+
+const page = {
+  sessions: [],
+  providers: [],
+  viewing: null,
+  stopEvents: null,
+  refreshTimer: null,
+  hidden: new Set(JSON.parse(localStorage.getItem(HIDDEN_KEY) ?? "[]")),
+};
+
+let rfbModule = null;
+
+/** Import noVNC once; on failure explain how to install it (the server's 503 says how). */
+async function loadRfb() {
+  if (rfbModule) return rfbModule;
+  try {
+    rfbModule = (await import(NOVNC_URL)).default;
+    return rfbModule;
+  } catch (error) {
+    let message = `The noVNC viewer could not be loaded (${error.message}): run \`make up\`.`;
+    try {
+      const response = await fetch(NOVNC_URL, { method: "GET" });
+      if (!response.ok) message = (await response.text()).trim();
+    } catch {
+      // keep the generic message: the server itself is unreachable
+    }
+    showBanner(message);
+    throw new Error(message);
+  }
+}
+
+const viewer = new Viewer($("screen"), loadRfb);
+
+function setStatus(tone, text) {
+  const status = $("status");
+  status.dataset.tone = tone;
+  status.textContent = text;
+}
+
+function showBanner(text) {
+  const banner = $("banner");
+  banner.textContent = text;
+  banner.hidden = !text;
+}
+
+function elapsed(since) {
+  return `${((performance.now() - since) / 1000).toFixed(2)} s`;
+}
+
+function age(createdAt) {
+  const created = Date.parse(createdAt ?? "");
+  if (Number.isNaN(created)) return "";
+  const seconds = Math.max(0, Math.round((Date.now() - created) / 1000));
+  if (seconds < 60) return `${seconds} s`;
+  if (seconds < 3600) return `${Math.floor(seconds / 60)} min`;
+  return `${Math.floor(seconds / 3600)} h ${Math.floor((seconds % 3600) / 60)} min`;
+}
+
+function button(label, onClick, { disabled = false, className = "" } = {}) {
+  const element = document.createElement("button");
+  element.type = "button";
+  element.textContent = label;
+  element.disabled = disabled;
+  if (className) element.className = className;
+  element.addEventListener("click", onClick);
+  return element;
+}
+
+function element(tag, text, className) {
+  const node = document.createElement(tag);
+  if (text !== undefined) node.textContent = text;
+  if (className) node.className = className;
+  return node;
+}
+
+// --- sign-in and periodic refresh ------------------------------------------------------------
+
+async function refresh() {
+  let sessions;
+  try {
+    sessions = listOf(await api("GET", "/api/sessions"), "sessions");
+  } catch (error) {
+    if (error instanceof ApiError && error.status === 401) {
+      showLogin();
+      return;
+    }
+    showBanner(error.message);
+    return;
+  }
+  if ($("main").hidden) await showMain();
+  showBanner("");
+  page.sessions = sessions;
+  renderSessions();
+}
+
+function showLogin() {
+  viewer.disconnect();
+  $("main").hidden = true;
+  $("login").hidden = false;
+  $("account").textContent = "Not signed in";
+  setStatus("idle", "Sign in to start a session.");
+  $("login-token").focus();
+}
+
+async function showMain() {
+  $("login").hidden = true;
+  $("main").hidden = false;
+  $("account").textContent = "Signed in";
+  if ($("status").dataset.tone === "idle") setStatus("idle", "Not connected to a session.");
+  loadRfb().catch(() => {
+    // the banner already says how to install noVNC; connecting will say it again
+  });
+  try {
+    page.providers = listOf(await api("GET", "/api/providers"), "providers");
+  } catch (error) {
+    showBanner(error.message);
+  }
+  renderProviders();
+}
+
+// --- providers ---------------------------------------------------------------------------------
+
+function providerId(provider) {
+  return provider.name ?? provider.id;
+}
+
+function providerTitle(provider) {
+  return provider.title ?? provider.label ?? provider.display_name ?? providerId(provider);
+}
+
+function renderProviders() {
+  const list = $("providers");
+  list.replaceChildren();
+  for (const provider of page.providers) {
+    const available = provider.available !== false;
+    const item = element("li", undefined, "card");
+    const connect = button(providerTitle(provider), () => startSession(provider), {
+      disabled: !available,
+      className: "card-button",
+    });
+    connect.dataset.provider = providerId(provider);
+    item.append(connect);
+    const note = provider.description ?? (available ? "" : "Not available.");
+    if (!available && provider.hint) {
+      const hint = element("p", provider.hint, "hint");
+      hint.id = `hint-${providerId(provider)}`;
+      connect.setAttribute("aria-describedby", hint.id);
+      item.append(hint);
+    } else if (note) {
+      item.append(element("p", note, "muted"));
+    }
+    list.append(item);
+  }
+  if (!page.providers.length) list.append(element("li", "No providers are configured.", "muted"));
+}
+
+// --- a new session: create, follow its progress, then view it ----------------------------------
+
+async function startSession(provider) {
+  const started = performance.now();
+  const name = providerId(provider);
+  for (const card of document.querySelectorAll(".card-button")) card.disabled = true;
+  resetProgress();
+  addStep(`Starting ${providerTitle(provider)}…`, started);
+  setStatus("connecting", `Starting ${providerTitle(provider)}…`);
+  let session;
+  try {
+    session = await api("POST", "/api/sessions", { provider: name });
+  } catch (error) {
+    addStep(error.message, started, "error");
+    setStatus("error", error.message);
+    renderProviders();
+    if (error instanceof ApiError && error.status === 401) showLogin();
+    return;
+  }
+  renderProviders();
+  addStep(`Session ${session.id} created (${session.state})`, started);
+  page.sessions = [session, ...page.sessions.filter((item) => item.id !== session.id)];
+  renderSessions();
+  watchSession(session, started);
+}
+
+/** Follow the session's events; connect the view when it is ready; report when it ends. */
+function watchSession(session, started) {
+  if (page.stopEvents) page.stopEvents();
+  page.viewing = session.id;
+  $("viewer-session").textContent = `${session.provider ?? ""} · ${session.id}`;
+  let viewing = false;
+  const onState = (state, reason) => {
+    updateSession(session.id, { state, reason });
+    if (state === "ready" && !viewing) {
+      viewing = true;
+      if (started !== null) addStep("Ready: opening the live view", started);
+      connectViewer(session.id, started);
+    } else if (FINAL_STATES.has(state) && page.viewing === session.id) {
+      const text = endedMessage(state, reason);
+      if (started !== null) addStep(text, started, "error");
+      viewer.disconnect();
+      setStatus("ended", text);
+      showScreenHint(text);
+    }
+  };
+  page.stopEvents = followEvents(
+    session.id,
+    (facts) => {
+      if (facts.message && started !== null && !viewing) addStep(facts.message, started);
+      if (facts.state) onState(facts.state, facts.reason);
+    },
+    async () => {
+      // The stream is gone for good (401, 404, or the server went away): ask for the state.
+      try {
+        const current = await api("GET", `/api/sessions/${encodeURIComponent(session.id)}`);
+        onState(current.state, current.reason);
+      } catch (error) {
+        if (page.viewing === session.id && !viewer.connected) setStatus("error", error.message);
+      }
+    },
+  );
+  if (session.state === "ready") onState("ready", null);
+}
+
+function connectViewer(sessionId, started) {
+  showScreenHint("");
+  enableViewerButtons(true);
+  if (started !== null) {
+    viewer.addEventListener(
+      "firstframe",
+      () => {
+        addStep("First screen drawn", started);
+        $("screen").dataset.connectMs = String(Math.round(performance.now() - started));
+      },
+      { once: true },
+    );
+  }
+  viewer.connect(sessionId);
+}
+
+function resetProgress() {
+  const progress = $("progress");
+  progress.replaceChildren();
+  progress.hidden = false;
+}
+
+function addStep(text, started, tone = "") {
+  const item = element("li", undefined, tone);
+  item.append(element("span", text), element("span", `+${elapsed(started)}`, "elapsed"));
+  $("progress").append(item);
+}
+
+function showScreenHint(text) {
+  const hint = $("screen-hint");
+  hint.textContent = text;
+  hint.hidden = !text;
+}
+
+// --- my sessions -------------------------------------------------------------------------------
+
+function updateSession(id, changes) {
+  const session = page.sessions.find((item) => item.id === id);
+  if (session && changes.state) {
+    session.state = changes.state;
+    if (changes.reason) session.reason = changes.reason;
+    renderSessions();
+  }
+}
+
+function visibleSessions() {
+  return page.sessions.filter(
+    (session) =>
+      !page.hidden.has(session.id) && (session.state !== "stopped" || session.id === page.viewing),
+  );
+}
+
+function renderSessions() {
+  const list = $("sessions");
+  const sessions = visibleSessions();
+  // Rebuild only when something other than the ages changed, so keyboard focus on a button
+  // survives the periodic refresh.
+  const shape = JSON.stringify(
+    sessions.map((session) => [session.id, session.state, session.reason, page.viewing]),
+  );
+  if (shape === list.dataset.shape) {
+    for (const session of sessions) {
+      const facts = list.querySelector(`li[data-session-id="${session.id}"] .facts`);
+      if (facts) facts.textContent = sessionFactsText(session);
+    }
+    return;
+  }
+  list.dataset.shape = shape;
+  list.replaceChildren();
+  $("sessions-empty").hidden = sessions.length > 0;
+  for (const session of sessions) {
+    const item = element("li", undefined, "session");
+    item.dataset.sessionId = session.id;
+    item.dataset.state = session.state;
+    const title = element("div", undefined, "session-title");
+    title.append(
+      element("strong", session.provider ?? "session"),
+      element("span", session.state, `badge state-${session.state}`),
+    );
+    const facts = element("div", sessionFactsText(session), "muted facts");
+    item.append(title, facts);
+    if (session.reason && FINAL_STATES.has(session.state)) {
+      item.append(element("div", session.reason, "hint"));
+    }
+    const actions = element("div", undefined, "actions");
+    const ready = session.state === "ready";
+    actions.append(
+      button("Reconnect", () => reconnect(session), { disabled: !ready }),
+      button(FINAL_STATES.has(session.state) ? "Remove" : "Terminate", () => terminate(session), {
+        className: "danger",
+      }),
+    );
+    item.append(actions);
+    if (session.id === page.viewing) item.classList.add("current");
+    list.append(item);
+  }
+}
+
+function sessionFactsText(session) {
+  return `${session.id} · ${age(session.created_at)} old`;
+}
+
+function reconnect(session) {
+  $("progress").hidden = true;
+  watchSession(session, null);
+}
+
+async function terminate(session) {
+  if (page.viewing === session.id) {
+    if (page.stopEvents) page.stopEvents();
+    page.stopEvents = null;
+    viewer.disconnect();
+    enableViewerButtons(false);
+    page.viewing = null;
+    $("viewer-session").textContent = "";
+    showScreenHint("Pick a provider to start a session.");
+  }
+  try {
+    if (!FINAL_STATES.has(session.state)) {
+      await api("DELETE", `/api/sessions/${encodeURIComponent(session.id)}`);
+    }
+  } catch (error) {
+    if (!(error instanceof ApiError) || (error.status !== 404 && error.status !== 409)) {
+      setStatus("error", `Could not terminate ${session.id}: ${error.message}`);
+      return;
+    }
+  }
+  page.hidden.add(session.id);
+  const known = new Set(page.sessions.map((item) => item.id));
+  localStorage.setItem(HIDDEN_KEY, JSON.stringify([...page.hidden].filter((id) => known.has(id))));
+  setStatus("idle", `Session ${session.id} terminated.`);
+  renderSessions();
+}
+
+// --- viewer controls ---------------------------------------------------------------------------
+
+function enableViewerButtons(enabled) {
+  for (const id of ["focus-button", "clipboard-button", "fullscreen-button", "disconnect-button"]) {
+    $(id).disabled = !enabled;
+  }
+}
+
+viewer.addEventListener("status", (event) => setStatus(event.detail.tone, event.detail.text));
+viewer.addEventListener("ended", (event) => {
+  enableViewerButtons(false);
+  showScreenHint(event.detail.text);
+  refresh();
+});
+viewer.addEventListener("clipboard", (event) => {
+  $("clipboard-text").value = event.detail.text;
+  navigator.clipboard?.writeText(event.detail.text).catch(() => {
+    // the page may not be allowed to write the system clipboard; the text box still has it
+  });
+});
+
+$("focus-button").addEventListener("click", () => viewer.focus());
+$("disconnect-button").addEventListener("click", () => {
+  if (page.stopEvents) page.stopEvents();
+  page.stopEvents = null;
+  viewer.disconnect();
+  enableViewerButtons(false);
+  showScreenHint("Disconnected. The session keeps running: use Reconnect in My sessions.");
+});
+$("clipboard-button").addEventListener("click", () => {
+  const panel = $("clipboard");
+  panel.hidden = !panel.hidden;
+  $("clipboard-button").setAttribute("aria-expanded", String(!panel.hidden));
+  if (!panel.hidden) $("clipboard-text").focus();
+});
+$("clipboard-send").addEventListener("click", () => {
+  viewer.sendClipboard($("clipboard-text").value);
+  setStatus("connected", "Clipboard sent to the session: paste it there (middle click in xterm).");
+  viewer.focus();
+});
+$("fullscreen-button").addEventListener("click", async () => {
+  try {
+    if (document.fullscreenElement) await document.exitFullscreen();
+    else await $("screen").requestFullscreen();
+  } catch (error) {
+    setStatus("error", `Full screen is not available here: ${error.message}`);
+  }
+});
+document.addEventListener("fullscreenchange", () => {
+  $("fullscreen-button").textContent = document.fullscreenElement ? "Exit full screen" : "Full screen";
+  viewer.focus();
+});
+$("login-form").addEventListener("submit", (event) => {
+  // The server's /login sets the cookie and redirects back here; never keep the token around.
+  event.preventDefault();
+  const token = $("login-token").value.trim();
+  if (token) location.assign(`/login?token=${encodeURIComponent(token)}`);
+});
+
+refresh();
+page.refreshTimer = setInterval(refresh, REFRESH_MS);

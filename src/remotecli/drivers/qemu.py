@@ -1,0 +1,530 @@
+"""The qemu driver: each session a microVM, started as a copy-on-write clone of a template.
+
+Theory of operation. The first session of a given machine (image, accelerator, memory,
+command, geometry) cold-boots a *template* VM whose RAM is a shared file mapping. Once the
+guest reports its display, terminal and VNC server up, the template is paused and its device
+state migrated into a file with ``x-ignore-shared`` (the RAM is already in its file), then it
+quits. Every session then starts QEMU with ``-incoming defer`` mapping the same RAM file
+*private* — copy-on-write, so the file is never written and untouched pages are shared by
+every clone through the page cache — loads the device state with ``migrate-incoming`` and
+runs. The clone then receives its own wall clock, entropy, hostname and VNC password over a
+second serial port from the guest's control agent, and is ready once an RFB banner arrives
+through its own loopback-only ``hostfwd`` port.
+
+Each VM is one QEMU process that this driver started; stopping asks QEMU to quit over QMP,
+then kills that PID. The serial console is captured to ``serial.log`` in the session dir.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import os
+import secrets
+import shutil
+import signal
+import string
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+from remotecli.drivers.base import ProgressCallback, SessionSpec, VncEndpoint
+from remotecli.drivers.qemu_machine import (
+    DEFAULT_MEMORY_MIB,
+    Machine,
+    VmPaths,
+    argv_for_log,
+    forwarded_port,
+    guest_hostname,
+    host_tsc_khz,
+    machine_argv,
+    probe_accelerator,
+    require_qemu,
+    session_line,
+)
+from remotecli.drivers.qmp import QmpClient, QmpError
+from remotecli.exceptions import DriverError
+from remotecli.images import GuestImage, default_cache_dir, find_image
+
+PASSWORD_ALPHABET = string.ascii_letters + string.digits
+PASSWORD_LENGTH = 8
+"""VNC authentication (RFB type 2) uses at most 8 characters of the password."""
+
+COLD_BOOT_SECONDS = 180.0
+RESTORE_SECONDS = 30.0
+QUIT_SECONDS = 3.0
+
+
+@dataclass
+class _Vm:
+    """One running QEMU process and what is needed to reach and stop it."""
+
+    session_id: str
+    process: asyncio.subprocess.Process | None
+    pid: int
+    paths: VmPaths
+    socket_dir: Path
+    qmp: QmpClient | None = None
+    port: int = 0
+    password: str = ""
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class QemuDriver:
+    """Sessions as QEMU microVMs; one instance per controller."""
+
+    name = "qemu"
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        image_cache: Path | None = None,
+        memory_mib: int = DEFAULT_MEMORY_MIB,
+        accelerator: str | None = None,
+    ) -> None:
+        """Keep templates under ``data_dir/qemu``; find images in ``image_cache``.
+
+        ``accelerator`` forces ``kvm`` or ``tcg``; by default KVM is probed once by booting
+        the kernel under it, and the answer is remembered in the data dir.
+        """
+        self._root = data_dir / "qemu"
+        self._image_cache = image_cache if image_cache is not None else default_cache_dir()
+        self._memory_mib = memory_mib
+        self._accelerator = accelerator
+        self._vms: dict[str, _Vm] = {}
+        self._template_locks: dict[str, asyncio.Lock] = {}
+        self.last_start_kind = ""
+        """``clone`` or ``cold`` plus ``+template`` when this start built the template."""
+
+    # --- the Driver seam ---------------------------------------------------------------------
+
+    async def start(self, spec: SessionSpec, progress: ProgressCallback) -> VncEndpoint:
+        """Start the session as a clone of its machine's template, building that first if new."""
+        require_qemu()
+        machine = await self.machine_for(spec, progress)
+        template = await self.ensure_template(machine, progress)
+        return await self.start_clone(spec, machine, template, progress)
+
+    async def wait(self, session_id: str) -> str:
+        """Return when the session's QEMU process ends, with its exit status in words."""
+        vm = self._vms.get(session_id)
+        if vm is None:
+            return "no such VM"
+        await vm.ended.wait()
+        code = vm.process.returncode if vm.process is not None else None
+        tail = _tail(vm.paths.serial)
+        return f"qemu exited with status {code}" + (f"; console: {tail}" if tail else "")
+
+    async def stop(self, session_id: str) -> None:
+        """Ask QEMU to quit over QMP, kill it if it lingers, remove its sockets. Idempotent."""
+        vm = self._vms.pop(session_id, None)
+        if vm is not None:
+            await _terminate(vm)
+
+    async def recover(self, session_id: str, workdir: Path) -> VncEndpoint | None:
+        """Reattach to a VM left running by a previous controller, or kill what is left of it."""
+        record = workdir / "vm.json"
+        try:
+            info = json.loads(record.read_text())
+        except (OSError, ValueError):
+            return None
+        paths = VmPaths(
+            Path(info["qmp"]), Path(info["control"]), Path(info["serial"]), Path(info["memory"])
+        )
+        vm = _Vm(session_id, None, int(info["pid"]), paths, Path(info["socket_dir"]))
+        if not _is_our_qemu(vm.pid, str(paths.qmp)):
+            shutil.rmtree(vm.socket_dir, ignore_errors=True)
+            record.unlink(missing_ok=True)
+            return None
+        try:
+            vm.qmp = await QmpClient.connect(str(paths.qmp), within=5.0)
+            vm.port, vm.password = int(info["port"]), str(info["password"])
+            await _read_banner(vm.port, within=5.0)
+        except DriverError:
+            await _terminate(vm)
+            record.unlink(missing_ok=True)
+            return None
+        self._vms[session_id] = vm
+        asyncio.get_running_loop().create_task(_watch_pid(vm))
+        return VncEndpoint(host="127.0.0.1", port=vm.port, password=vm.password)
+
+    async def close(self) -> None:
+        """Stop every VM this driver started."""
+        await asyncio.gather(*(self.stop(session_id) for session_id in list(self._vms)))
+
+    # --- templates and clones ----------------------------------------------------------------
+
+    async def machine_for(self, spec: SessionSpec, progress: ProgressCallback) -> Machine:
+        """Return the machine a session runs on: image for its provider, accelerator, command."""
+        providers = [spec.provider] if spec.provider not in ("shell", "") else []
+        try:
+            image = find_image(self._image_cache, providers)
+        except DriverError:
+            if not providers:
+                raise
+            image = find_image(self._image_cache, [])  # the command may exist in the base image
+        tsc_khz = host_tsc_khz(_read_cpuinfo())
+        accelerator = self._accelerator or await self._probed_accelerator(image, tsc_khz, progress)
+        return Machine(
+            image=image,
+            accelerator=accelerator,
+            memory_mib=self._memory_mib,
+            tsc_khz=tsc_khz,
+            command=tuple(spec.command),
+            width=spec.width,
+            height=spec.height,
+        )
+
+    async def ensure_template(self, machine: Machine, progress: ProgressCallback) -> Path:
+        """Return the template directory for ``machine``, cold-booting and saving it if needed."""
+        key = machine.template_key()
+        directory = self._root / "templates" / key
+        lock = self._template_locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            if (directory / "template.json").exists():
+                return directory
+            directory.mkdir(parents=True, exist_ok=True)
+            lock_file = await asyncio.to_thread(_flock, directory.with_suffix(".lock"))
+            try:
+                if not (directory / "template.json").exists():
+                    await self._make_template(machine, directory, progress)
+                    self.last_start_kind = "+template"
+            finally:
+                lock_file.close()
+        return directory
+
+    async def start_clone(
+        self, spec: SessionSpec, machine: Machine, template: Path, progress: ProgressCallback
+    ) -> VncEndpoint:
+        """Start one session as a copy-on-write clone of ``template``; return its endpoint."""
+        spec.workdir.mkdir(parents=True, exist_ok=True)
+        vm = await self._spawn(
+            spec.session_id, machine, spec.workdir, template / "memory", template=False
+        )
+        try:
+            assert vm.qmp is not None
+            await vm.qmp.execute(
+                "migrate-set-capabilities",
+                capabilities=[{"capability": "x-ignore-shared", "state": True}],
+            )
+            await vm.qmp.execute("migrate-incoming", uri=f"exec:cat {template / 'state'}")
+            await vm.qmp.wait_event("RESUME", within=RESTORE_SECONDS)
+            progress("clone restored from the template")
+            vm.password = "".join(secrets.choice(PASSWORD_ALPHABET) for _ in range(PASSWORD_LENGTH))
+            line = session_line(
+                int(time.time()),
+                guest_hostname(spec.session_id),
+                vm.password,
+                secrets.token_hex(32),
+            )
+            answer, vm.port = await asyncio.gather(
+                _control_exchange(vm.paths.control, line, "ok ", within=RESTORE_SECONDS),
+                _port(vm),
+            )
+            progress(f"guest took its clock, entropy, hostname and VNC password ({answer})")
+            await _read_banner(vm.port, within=RESTORE_SECONDS)
+            progress("VNC banner read")
+        except BaseException:
+            await _terminate(vm)
+            raise
+        self._vms[spec.session_id] = vm
+        _write_record(spec.workdir / "vm.json", vm)
+        self.last_start_kind = "clone"
+        return VncEndpoint(host="127.0.0.1", port=vm.port, password=vm.password)
+
+    async def start_cold(self, spec: SessionSpec, progress: ProgressCallback) -> VncEndpoint:
+        """Boot one session from scratch, without a template (for comparison in benchmarks)."""
+        machine = await self.machine_for(spec, progress)
+        spec.workdir.mkdir(parents=True, exist_ok=True)
+        memory = spec.workdir / "memory"
+        vm = await self._spawn(spec.session_id, machine, spec.workdir, memory, template=True)
+        try:
+            await _control_exchange(vm.paths.control, b"", "ready", within=COLD_BOOT_SECONDS)
+            vm.password = "".join(secrets.choice(PASSWORD_ALPHABET) for _ in range(PASSWORD_LENGTH))
+            line = session_line(
+                int(time.time()),
+                guest_hostname(spec.session_id),
+                vm.password,
+                secrets.token_hex(32),
+            )
+            await _control_exchange(vm.paths.control, line, "ok ", within=RESTORE_SECONDS)
+            vm.port = await _port(vm)
+            await _read_banner(vm.port, within=RESTORE_SECONDS)
+        except BaseException:
+            await _terminate(vm)
+            raise
+        finally:
+            memory.unlink(missing_ok=True)  # the mapping stays alive; the name is not needed
+        self._vms[spec.session_id] = vm
+        self.last_start_kind = "cold"
+        return VncEndpoint(host="127.0.0.1", port=vm.port, password=vm.password)
+
+    def pid_of(self, session_id: str) -> int | None:
+        """The QEMU process id of a running session (for tests and benchmarks)."""
+        vm = self._vms.get(session_id)
+        return vm.pid if vm is not None else None
+
+    def serial_log(self, session_id: str) -> Path | None:
+        """The file the session's serial console is captured to."""
+        vm = self._vms.get(session_id)
+        return vm.paths.serial if vm is not None else None
+
+    # --- internals ---------------------------------------------------------------------------
+
+    async def _probed_accelerator(
+        self, image: GuestImage, tsc_khz: int, progress: ProgressCallback
+    ) -> str:
+        record = self._root / "accelerator.json"
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            saved = json.loads(record.read_text())
+            if saved["kernel"] == image.key:
+                return str(saved["accelerator"])
+        progress("probing KVM by booting the kernel under it")
+        accelerator = await probe_accelerator(image, tsc_khz, self._root)
+        progress(f"accelerator: {accelerator}")
+        self._root.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps({"kernel": image.key, "accelerator": accelerator}))
+        return accelerator
+
+    async def _make_template(
+        self, machine: Machine, directory: Path, progress: ProgressCallback
+    ) -> None:
+        progress(f"cold-booting the template VM ({machine.accelerator}); this happens once")
+        started = time.monotonic()
+        memory = directory / "memory"
+        state = directory / "state"
+        memory.unlink(missing_ok=True)
+        vm = await self._spawn("template", machine, directory, memory, template=True)
+        try:
+            await _control_exchange(vm.paths.control, b"", "ready", within=COLD_BOOT_SECONDS)
+            vm.port = await _port(vm)
+            await _read_banner(vm.port, within=COLD_BOOT_SECONDS)
+            boot_seconds = time.monotonic() - started
+            progress(f"template booted in {boot_seconds:.1f} s; saving its state")
+            assert vm.qmp is not None
+            await vm.qmp.execute("stop")
+            await vm.qmp.execute(
+                "migrate-set-capabilities",
+                capabilities=[{"capability": "x-ignore-shared", "state": True}],
+            )
+            partial = directory / "state.partial"
+            await vm.qmp.execute("migrate", uri=f"exec:cat > {partial}")
+            await _wait_migration(vm.qmp)
+            partial.rename(state)
+        except BaseException:
+            await _terminate(vm)
+            memory.unlink(missing_ok=True)
+            raise
+        await _terminate(vm)
+        (directory / "template.json").write_text(
+            json.dumps({"boot_seconds": round(boot_seconds, 2), "saved_at": time.time()}) + "\n"
+        )
+
+    async def _spawn(
+        self, session_id: str, machine: Machine, workdir: Path, memory: Path, *, template: bool
+    ) -> _Vm:
+        # Unix socket paths are limited to 107 bytes; a private short directory keeps them short.
+        socket_dir = Path(tempfile.mkdtemp(prefix="rcli-qemu-"))
+        paths = VmPaths(
+            qmp=socket_dir / "qmp.sock",
+            control=socket_dir / "control.sock",
+            serial=workdir / "serial.log",
+            memory=memory,
+        )
+        argv = machine_argv(machine, paths, share_memory=template, incoming=not template)
+        log_path = workdir / "qemu.log"
+        with log_path.open("w") as log:
+            log.write(argv_for_log(argv) + "\n")
+            log.flush()
+            process = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log,
+                stderr=asyncio.subprocess.STDOUT,
+                start_new_session=True,
+            )
+        vm = _Vm(session_id, process, process.pid, paths, socket_dir)
+        asyncio.get_running_loop().create_task(_watch_process(vm))
+        try:
+            vm.qmp = await _race_exit(vm, QmpClient.connect(str(paths.qmp), within=10.0))
+        except BaseException:
+            await _terminate(vm)
+            raise
+        return vm
+
+
+async def _race_exit(vm: _Vm, operation: object) -> QmpClient:
+    """Await ``operation`` but fail at once, with QEMU's own words, if QEMU exits first."""
+    assert asyncio.iscoroutine(operation)
+    task: asyncio.Task[QmpClient] = asyncio.ensure_future(operation)
+    ended = asyncio.ensure_future(vm.ended.wait())
+    done, _ = await asyncio.wait({task, ended}, return_when=asyncio.FIRST_COMPLETED)
+    if task in done:
+        ended.cancel()
+        return task.result()
+    task.cancel()
+    log = vm.paths.serial.with_name("qemu.log")
+    raise DriverError(f"QEMU exited at start: {_tail(log)}; check the image and the QEMU version")
+
+
+async def _watch_process(vm: _Vm) -> None:
+    assert vm.process is not None
+    await vm.process.wait()
+    vm.ended.set()
+
+
+async def _watch_pid(vm: _Vm) -> None:
+    """Set ``vm.ended`` when a process we did not start (a recovered VM) exits."""
+    try:
+        descriptor = os.pidfd_open(vm.pid)
+    except ProcessLookupError:
+        vm.ended.set()
+        return
+    loop = asyncio.get_running_loop()
+    exited = asyncio.Event()
+    loop.add_reader(descriptor, exited.set)  # a pidfd turns readable when the process exits
+    try:
+        await exited.wait()
+    finally:
+        loop.remove_reader(descriptor)
+        os.close(descriptor)
+        vm.ended.set()
+
+
+async def _terminate(vm: _Vm) -> None:
+    """QMP quit, then SIGKILL to this VM's own PID; remove its sockets."""
+    if vm.qmp is not None and not vm.ended.is_set():
+        with contextlib.suppress(DriverError, OSError, TimeoutError):
+            await asyncio.wait_for(vm.qmp.execute("quit"), QUIT_SECONDS)
+    if vm.process is not None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(vm.process.wait(), QUIT_SECONDS)
+        if vm.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                vm.process.kill()
+            await vm.process.wait()
+    elif _is_our_qemu(vm.pid, str(vm.paths.qmp)):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(vm.pid, signal.SIGKILL)
+    if vm.qmp is not None:
+        vm.qmp.close()
+    vm.ended.set()
+    shutil.rmtree(vm.socket_dir, ignore_errors=True)
+
+
+async def _wait_migration(qmp: QmpClient) -> None:
+    deadline = time.monotonic() + RESTORE_SECONDS
+    while time.monotonic() < deadline:
+        status = (await qmp.execute("query-migrate")).get("status")
+        if status == "completed":
+            return
+        if status in ("failed", "cancelled"):
+            raise DriverError(f"saving the template failed (migration {status}); see qemu.log")
+        await asyncio.sleep(0.02)
+    raise DriverError("saving the template did not finish in time; check free disk space")
+
+
+async def _port(vm: _Vm) -> int:
+    assert vm.qmp is not None
+    text = await vm.qmp.execute("human-monitor-command", **{"command-line": "info usernet"})
+    return forwarded_port(str(text))
+
+
+async def _control_exchange(path: Path, line: bytes, expect: str, *, within: float) -> str:
+    """Send ``line`` to the guest's control agent and return its answer starting ``expect``."""
+    try:
+        async with asyncio.timeout(within):
+            reader, writer = await asyncio.open_unix_connection(str(path))
+            try:
+                if line:
+                    writer.write(line)
+                    await writer.drain()
+                while True:
+                    raw = await reader.readline()
+                    if not raw:
+                        raise DriverError("the VM closed its control channel (did QEMU exit?)")
+                    answer = raw.decode(errors="replace").strip()
+                    if answer.startswith(expect):
+                        return answer
+            finally:
+                writer.close()
+    except TimeoutError as exc:
+        raise DriverError(
+            f"the guest did not answer {expect.strip()!r} on its control channel within "
+            f"{within:.0f} s; see the session's serial.log"
+        ) from exc
+
+
+async def _read_banner(port: int, *, within: float) -> bytes:
+    """Read the RFB banner through the forward, retrying while the guest is not listening yet."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    last_error = "no answer"
+    while loop.time() < deadline:
+        try:
+            async with asyncio.timeout(max(0.05, deadline - loop.time())):
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                try:
+                    banner = await reader.readexactly(12)
+                finally:
+                    writer.close()
+            if banner.startswith(b"RFB "):
+                return banner
+            last_error = f"unexpected greeting {banner!r}"
+        except (OSError, asyncio.IncompleteReadError, TimeoutError) as exc:
+            last_error = str(exc) or type(exc).__name__
+        await asyncio.sleep(0.01)
+    raise DriverError(
+        f"no RFB banner from the guest's VNC server on 127.0.0.1:{port} within {within:.0f} s "
+        f"({last_error}); see the session's serial.log"
+    )
+
+
+def _write_record(path: Path, vm: _Vm) -> None:
+    record = {
+        "pid": vm.pid,
+        "port": vm.port,
+        "password": vm.password,
+        "qmp": str(vm.paths.qmp),
+        "control": str(vm.paths.control),
+        "serial": str(vm.paths.serial),
+        "memory": str(vm.paths.memory),
+        "socket_dir": str(vm.socket_dir),
+    }
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        json.dump(record, file)
+
+
+def _flock(path: Path) -> TextIO:
+    file = path.open("a")
+    fcntl.flock(file, fcntl.LOCK_EX)
+    return file
+
+
+def _read_cpuinfo() -> str:
+    return Path("/proc/cpuinfo").read_text()
+
+
+def _is_our_qemu(pid: int, qmp_path: str) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return qmp_path.encode() in cmdline
+
+
+def _tail(path: Path, lines: int = 3) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return " | ".join(line.strip() for line in text.strip().splitlines()[-lines:])
+
+
+__all__ = ["QemuDriver", "QmpError"]

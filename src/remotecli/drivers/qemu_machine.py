@@ -1,0 +1,271 @@
+"""How one QEMU microVM is configured: the command line, the accelerator probe, the guest line.
+
+Pure functions except :func:`probe_accelerator`, which runs QEMU once. The template and its
+clones must be started with the same devices in the same order, or the clone refuses the
+template's device state; :func:`machine_argv` is the one place that builds that list.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import os
+import re
+import shlex
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from remotecli.exceptions import DriverError
+from remotecli.images import GuestImage
+
+QEMU = "qemu-system-x86_64"
+GUEST_VNC_PORT = 5900
+DEFAULT_MEMORY_MIB = 256
+TCG_TB_SIZE_MIB = 32
+"""Translation-block cache per VM under TCG; QEMU's default (1 GiB) would dwarf the guest."""
+
+_USERNET_FORWARD = re.compile(r"HOST_FORWARD\]\s+\d+\s+127\.0\.0\.1\s+(\d+)")
+
+
+@dataclass(frozen=True)
+class Machine:
+    """What a template and all its clones share: image, accelerator, memory, guest command."""
+
+    image: GuestImage
+    accelerator: str
+    """``kvm`` or ``tcg``."""
+    memory_mib: int
+    tsc_khz: int
+    command: tuple[str, ...]
+    width: int
+    height: int
+
+    def template_key(self) -> str:
+        """Hash of everything a template's saved state depends on."""
+        parts = [
+            self.image.key,
+            self.accelerator,
+            str(self.memory_mib),
+            str(self.tsc_khz),
+            shlex.join(self.command),
+            f"{self.width}x{self.height}",
+            _qemu_identity(),
+        ]
+        return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+
+    def kernel_command_line(self) -> str:
+        """The guest kernel's command line; the provider command travels base64-encoded."""
+        command = base64.b64encode(shlex.join(self.command).encode()).decode()
+        return " ".join(
+            [
+                "console=ttyS0",
+                "reboot=t",
+                "panic=-1",
+                f"tsc_early_khz={self.tsc_khz}",
+                "tsc=reliable",
+                "quiet",
+                "mitigations=off",
+                "8250.nr_uarts=2",
+                f"remotecli.geometry={self.width}x{self.height}",
+                f"remotecli.command={command}",
+            ]
+        )
+
+
+@dataclass(frozen=True)
+class VmPaths:
+    """The files of one running VM: monitor and control sockets, console log, memory file."""
+
+    qmp: Path
+    control: Path
+    serial: Path
+    memory: Path
+
+
+def machine_argv(
+    machine: Machine, paths: VmPaths, *, share_memory: bool, incoming: bool
+) -> list[str]:
+    """Return the QEMU command line for a template (``share_memory``) or a clone (``incoming``).
+
+    The template maps its RAM file shared, so the guest's memory lands in the file; a clone
+    maps the same file private, so its writes are copy-on-write and the file stays untouched.
+    The VNC forward binds loopback only, on a port the kernel picks; ask QEMU for it with
+    :func:`forwarded_port`.
+    """
+    accel = "kvm" if machine.accelerator == "kvm" else f"tcg,tb-size={TCG_TB_SIZE_MIB}"
+    cpu = "host" if machine.accelerator == "kvm" else "max"
+    share = "on" if share_memory else "off"
+    argv = [
+        QEMU,
+        "-M",
+        "microvm,acpi=on,memory-backend=mem",
+        "-accel",
+        accel,
+        "-cpu",
+        cpu,
+        "-m",
+        f"{machine.memory_mib}M",
+        "-smp",
+        "1",
+        "-object",
+        f"memory-backend-file,id=mem,size={machine.memory_mib}M,mem-path={paths.memory},"
+        f"share={share}",
+        "-nodefaults",
+        "-no-user-config",
+        "-nographic",
+        "-display",
+        "none",
+        "-no-reboot",
+        "-kernel",
+        str(machine.image.kernel),
+        "-initrd",
+        str(machine.image.initrd),
+        "-append",
+        machine.kernel_command_line(),
+        "-chardev",
+        f"file,id=console,path={paths.serial}",
+        "-serial",
+        "chardev:console",
+        "-chardev",
+        f"socket,id=control,path={paths.control},server=on,wait=off",
+        "-device",
+        "isa-serial,chardev=control,iobase=0x2f8,irq=3",
+        "-drive",
+        f"file={machine.image.rootfs},if=none,format=raw,readonly=on,id=root",
+        "-device",
+        "virtio-blk-device,drive=root",
+        "-netdev",
+        f"user,id=net,restrict=on,hostfwd=tcp:127.0.0.1:0-:{GUEST_VNC_PORT}",
+        "-device",
+        "virtio-net-device,netdev=net",
+        "-qmp",
+        f"unix:{paths.qmp},server=on,wait=off",
+    ]
+    if incoming:
+        argv += ["-incoming", "defer"]
+    return argv
+
+
+def forwarded_port(usernet_info: str) -> int:
+    """Read the host port of the VNC forward from QEMU's ``info usernet`` text."""
+    match = _USERNET_FORWARD.search(usernet_info)
+    if match is None:
+        raise DriverError(
+            "QEMU reports no loopback forward for the VNC port; the user-mode network "
+            "did not start (see the session's qemu.log)"
+        )
+    return int(match.group(1))
+
+
+def session_line(epoch: int, hostname: str, password: str, seed: str) -> bytes:
+    """The control-agent line that gives a restored clone its own clock, name and secrets."""
+    for name, value in (("hostname", hostname), ("password", password), ("seed", seed)):
+        if not value or not re.fullmatch(r"[A-Za-z0-9-]+", value):
+            raise DriverError(f"the {name} for the guest must be letters, digits and dashes")
+    return f"session {epoch} {hostname} {password} {seed}\n".encode()
+
+
+def guest_hostname(session_id: str) -> str:
+    """A valid hostname made from a session id (letters, digits, dashes; at most 63)."""
+    cleaned = re.sub(r"[^a-z0-9-]", "-", session_id.lower()).strip("-")
+    return f"rcli-{cleaned}"[:63].rstrip("-")
+
+
+def host_tsc_khz(cpuinfo: str) -> int:
+    """Return the host's TSC frequency in kHz from ``/proc/cpuinfo`` text.
+
+    microvm has neither HPET nor PM timer, so the guest kernel cannot calibrate its TSC;
+    without ``tsc_early_khz`` about 3 in 10 TCG boots hang. Under TCG the guest's TSC runs
+    at the host's rate.
+    """
+    match = re.search(r"^cpu MHz\s*:\s*([0-9.]+)", cpuinfo, re.MULTILINE)
+    if match is None:
+        return 2_000_000
+    return round(float(match.group(1)) * 1000)
+
+
+async def probe_accelerator(image: GuestImage, tsc_khz: int, scratch: Path) -> str:
+    """Return ``kvm`` if KVM really runs the guest kernel here, else ``tcg``.
+
+    /dev/kvm existing is not enough: a nested host can open it and still fail to run a stock
+    kernel (QEMU aborts, or the vCPU spins for ever). So boot the kernel under KVM without a
+    root disk: a working KVM reaches "Kernel panic" (no root) within a second or two.
+    """
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return "tcg"
+    log = _fresh_file(scratch / "kvm-probe.log")
+    argv = [
+        QEMU,
+        "-M",
+        "microvm,acpi=on",
+        "-accel",
+        "kvm",
+        "-cpu",
+        "host",
+        "-m",
+        "128M",
+        "-nodefaults",
+        "-no-user-config",
+        "-nographic",
+        "-display",
+        "none",
+        "-no-reboot",
+        "-kernel",
+        str(image.kernel),
+        "-append",
+        f"console=ttyS0 reboot=t panic=-1 tsc_early_khz={tsc_khz}",
+        "-serial",
+        f"file:{log}",
+    ]
+    process = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        await asyncio.wait_for(process.wait(), 8.0)
+    except TimeoutError:
+        return "tcg"
+    finally:
+        if process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await process.wait()
+    return "kvm" if "Kernel panic" in _read(log) else "tcg"
+
+
+def _fresh_file(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    return path
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+def require_qemu() -> None:
+    """Raise DriverError naming the package when QEMU is not installed."""
+    if shutil.which(QEMU) is None:
+        raise DriverError(f"{QEMU} is not installed; install the Debian package qemu-system-x86")
+
+
+def _qemu_identity() -> str:
+    path = shutil.which(QEMU)
+    if path is None:
+        return "missing"
+    status = os.stat(path)
+    return f"{status.st_size}:{int(status.st_mtime)}"
+
+
+def argv_for_log(argv: Sequence[str]) -> str:
+    """The command line as one shell-quoted string, for the session's qemu.log."""
+    return shlex.join(argv)

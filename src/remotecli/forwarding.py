@@ -1,0 +1,169 @@
+"""Forwarding headers: who the client is, and how to tell the upstream (X-Forwarded-*, RFC 7239).
+
+Pure: the gateway passes the request's headers, the peer's address and the scheme it accepted
+on, and gets back the headers to forward plus the resolved client. Incoming forwarding headers
+are believed only when the peer is a trusted proxy (``--trusted-proxy CIDR``); from anyone else
+they are replaced, so a client cannot forge its address. ``X-Request-Id`` is kept when it is a
+short token and generated otherwise, so logs on both sides of the gateway share one id.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from remotecli.exceptions import ConfigError
+from remotecli.http11 import Header, get_all, get_one, without
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+FORWARDING_HEADERS = frozenset(
+    {
+        b"forwarded",
+        b"x-forwarded-for",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+        b"x-forwarded-port",
+        b"x-real-ip",
+    }
+)
+_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+
+def parse_trusted_proxies(cidrs: Iterable[str]) -> tuple[IPNetwork, ...]:
+    """Parse ``--trusted-proxy`` CIDRs; raise ConfigError naming the bad one."""
+    networks: list[IPNetwork] = []
+    for cidr in cidrs:
+        try:
+            networks.append(ipaddress.ip_network(cidr.strip(), strict=False))
+        except ValueError as exc:
+            raise ConfigError(
+                f"trusted proxy {cidr!r} is not a CIDR ({exc}); write e.g. 10.0.0.0/8 or ::1/128"
+            ) from exc
+    return tuple(networks)
+
+
+@dataclass(frozen=True)
+class Forwarding:
+    """The resolved client and the request headers to forward upstream."""
+
+    client_address: str  # the client IP after trusted-proxy resolution
+    scheme: str  # "http" or "https"
+    host: str | None  # the Host the client asked for
+    request_id: str
+    headers: list[Header]
+
+
+def _ip(text: str) -> IPAddress | None:
+    text = text.strip().strip('"')
+    if text.startswith("["):
+        text = text[1:].partition("]")[0]
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
+def _trusted(address: IPAddress | None, trusted: tuple[IPNetwork, ...]) -> bool:
+    return address is not None and any(address in network for network in trusted)
+
+
+def forwarded_node(address: str) -> str:
+    """Return ``address`` as an RFC 7239 node: IPv6 bracketed and quoted, IPv4 bare."""
+    ip = _ip(address)
+    if ip is None:
+        return "unknown"
+    if ip.version == 6:
+        return f'"[{ip.compressed}]"'
+    return ip.compressed
+
+
+def forwarded_value(value: str) -> str:
+    """Return ``value`` as an RFC 7239 token, or a quoted-string when it is not a token."""
+    if _TOKEN.fullmatch(value):
+        return value
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'
+
+
+def forward(
+    headers: list[Header],
+    *,
+    peer: str,
+    scheme: str,
+    port: int,
+    trusted: tuple[IPNetwork, ...],
+    new_request_id: Callable[[], str] = lambda: uuid.uuid4().hex,
+) -> Forwarding:
+    """Resolve the client and return the headers to forward: forwarding ones set, id kept or made.
+
+    ``peer`` is the address of the socket's other end, ``scheme`` and ``port`` how the gateway
+    accepted it. The caller forwards :attr:`Forwarding.headers` and logs the request id.
+    """
+    host_header = get_one(headers, b"host")
+    host = host_header.decode("latin-1") if host_header is not None else None
+    peer_ip = _ip(peer)
+    from_proxy = _trusted(peer_ip, trusted)
+
+    xff = (
+        [
+            part.strip()
+            for value in get_all(headers, b"x-forwarded-for")
+            for part in value.decode("latin-1").split(",")
+            if part.strip()
+        ]
+        if from_proxy
+        else []
+    )
+    client = peer_ip.compressed if peer_ip is not None else peer
+    for hop in reversed(xff):
+        client = hop
+        if not _trusted(_ip(hop), trusted):
+            break
+
+    proto = scheme
+    forwarded_host = host
+    forwarded_port = str(port)
+    previous_forwarded: list[bytes] = []
+    if from_proxy:
+        incoming_proto = get_one(headers, b"x-forwarded-proto")
+        if incoming_proto is not None and incoming_proto.strip().lower() in (b"http", b"https"):
+            proto = incoming_proto.strip().lower().decode()
+        incoming_host = get_one(headers, b"x-forwarded-host")
+        if incoming_host is not None:
+            forwarded_host = incoming_host.decode("latin-1")
+        incoming_port = get_one(headers, b"x-forwarded-port")
+        if incoming_port is not None and incoming_port.strip().isdigit():
+            forwarded_port = incoming_port.strip().decode()
+        previous_forwarded = get_all(headers, b"forwarded")
+
+    request_id_value = get_one(headers, b"x-request-id")
+    if request_id_value is not None and _REQUEST_ID.fullmatch(request_id_value):
+        request_id = request_id_value.decode()
+    else:
+        request_id = new_request_id()
+
+    element = f"for={forwarded_node(peer)};proto={scheme}"
+    if host is not None:
+        element += f";host={forwarded_value(host)}"
+    out = without(headers, FORWARDING_HEADERS | {b"x-request-id"})
+    peer_text = peer_ip.compressed if peer_ip is not None else "unknown"
+    out.append((b"X-Forwarded-For", ", ".join([*xff, peer_text]).encode("latin-1")))
+    out.append((b"X-Forwarded-Proto", proto.encode()))
+    if forwarded_host is not None:
+        out.append((b"X-Forwarded-Host", forwarded_host.encode("latin-1")))
+    out.append((b"X-Forwarded-Port", forwarded_port.encode()))
+    out.append((b"Forwarded", b", ".join([*previous_forwarded, element.encode("latin-1")])))
+    out.append((b"X-Request-Id", request_id.encode()))
+    return Forwarding(
+        client_address=client,
+        scheme=proto,
+        host=forwarded_host,
+        request_id=request_id,
+        headers=out,
+    )

@@ -1,0 +1,233 @@
+"""Build a guest image (kernel, initrd, root filesystem) into a cache directory, once.
+
+An image lives in ``CACHE/<key>/`` where the key is a hash of everything that goes into it:
+the builder's version, the Debian suite, the package list, the providers, the kernel package
+version, the guest scripts and the busybox binary. The same inputs give the same key, so a
+second build is a cache hit; a build writes into ``CACHE/<key>.partial-PID`` and renames it
+into place only when complete, so a crashed build never looks finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from remotecli.drivers.base import ProgressCallback
+from remotecli.exceptions import DriverError
+from remotecli.images import initrd, kernel, rootfs
+
+BUILDER_VERSION = "1"
+KERNEL_METAPACKAGE = "linux-image-amd64"
+BUSYBOX = Path("/bin/busybox")
+MANIFEST = "manifest.json"
+
+
+class ImageBuildError(DriverError):
+    """A guest image could not be built or found; the message names the step and the fix."""
+
+    kind = "image_build"
+
+
+@dataclass(frozen=True)
+class GuestImage:
+    """A complete guest image in the cache: the files QEMU boots."""
+
+    directory: Path
+    key: str
+    providers: tuple[str, ...]
+
+    @property
+    def kernel(self) -> Path:
+        """The uncompressed ELF kernel, booted through its PVH entry."""
+        return self.directory / "vmlinux"
+
+    @property
+    def initrd(self) -> Path:
+        return self.directory / "initrd.img"
+
+    @property
+    def rootfs(self) -> Path:
+        """The ext4 root filesystem, attached read-only."""
+        return self.directory / "rootfs.ext4"
+
+
+def default_cache_dir() -> Path:
+    """Return ``~/.cache/remotecli/images``, where images are built unless told otherwise."""
+    return Path.home() / ".cache" / "remotecli" / "images"
+
+
+def find_image(cache_dir: Path, providers: Sequence[str] = ()) -> GuestImage:
+    """Return the newest complete image in ``cache_dir`` holding every one of ``providers``.
+
+    Raises ImageBuildError, naming the command that builds one, when there is none.
+    """
+    wanted = set(providers)
+    best: tuple[float, GuestImage] | None = None
+    if cache_dir.is_dir():
+        for manifest_path in cache_dir.glob(f"*/{MANIFEST}"):
+            try:
+                manifest = json.loads(manifest_path.read_text())
+            except (OSError, ValueError):
+                continue
+            image_providers = tuple(manifest.get("providers", ()))
+            if not wanted <= set(image_providers):
+                continue
+            image = GuestImage(manifest_path.parent, manifest["key"], image_providers)
+            built = float(manifest.get("built_at", 0))
+            if best is None or built > best[0]:
+                best = (built, image)
+    if best is None:
+        extra = "".join(f" --provider {name}" for name in sorted(wanted))
+        raise ImageBuildError(
+            f"no guest image in {cache_dir}; build one with "
+            f"`remotecli image build --cache-dir {cache_dir}{extra}`"
+        )
+    return best[1]
+
+
+def resolve_kernel_package() -> tuple[str, str]:
+    """Return the concrete kernel package behind linux-image-amd64 and its candidate version."""
+    depends = _output(["apt-cache", "depends", KERNEL_METAPACKAGE], "apt-cache depends")
+    package = next(
+        (line.split(":", 1)[1].strip() for line in depends.splitlines() if "Depends:" in line),
+        None,
+    )
+    if package is None:
+        raise ImageBuildError(
+            f"apt-cache does not know {KERNEL_METAPACKAGE}; run apt-get update and retry"
+        )
+    policy = _output(["apt-cache", "policy", package], "apt-cache policy")
+    version = next(
+        (line.split(":", 1)[1].strip() for line in policy.splitlines() if "Candidate:" in line),
+        "unknown",
+    )
+    return package, version
+
+
+def image_key(providers: Sequence[str], kernel_package: str, kernel_version: str) -> str:
+    """Hash every input of the build into the image's cache key."""
+    inputs = {
+        "builder": BUILDER_VERSION,
+        "suite": rootfs.SUITE,
+        "packages": rootfs.packages_for(providers),
+        "providers": sorted(providers),
+        "kernel": [kernel_package, kernel_version],
+        "modules": initrd.ROOT_MODULES,
+        "scripts": [initrd.INIT_SCRIPT, rootfs.GUEST_INIT_SCRIPT, rootfs.GUEST_AGENT_SCRIPT],
+        "busybox": hashlib.sha256(_busybox()).hexdigest(),
+    }
+    digest = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+    return digest[:16]
+
+
+def build_image(
+    cache_dir: Path,
+    providers: Sequence[str] = (),
+    *,
+    force: bool = False,
+    progress: ProgressCallback = print,
+    mirror: str | None = None,
+) -> GuestImage:
+    """Build the image for ``providers`` into ``cache_dir``, or return the cached one.
+
+    Needs root (debootstrap, chroot) and the Debian packages debootstrap, e2fsprogs and
+    busybox-static. ``force`` rebuilds even when the cache has the image.
+    """
+    rootfs.check_providers(providers)
+    if os.geteuid() != 0:
+        raise ImageBuildError("building a guest image needs root (debootstrap); run it as root")
+    package, version = resolve_kernel_package()
+    key = image_key(providers, package, version)
+    final = cache_dir / key
+    if (final / MANIFEST).exists() and not force:
+        progress(f"image {key} is already built in {final}")
+        return GuestImage(final, key, tuple(sorted(providers)))
+    started = time.monotonic()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    work = cache_dir / f"{key}.partial-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    downloads = cache_dir / "downloads"
+    try:
+        _build_kernel_and_initrd(work, downloads, package, progress)
+        tree = work / "root"
+        progress(f"debootstrap Debian {rootfs.SUITE} minbase with the display stack")
+        rootfs.debootstrap(
+            tree, rootfs.packages_for(providers), downloads / "debs", progress, mirror=mirror
+        )
+        rootfs.install_guest_files(tree, _busybox())
+        rootfs.install_providers(tree, providers, progress)
+        rootfs.strip_tree(tree)
+        rootfs.make_ext4(tree, work / "rootfs.ext4", progress)
+        progress("removing the build tree")
+        shutil.rmtree(tree)
+        manifest = {
+            "key": key,
+            "providers": sorted(providers),
+            "kernel": {"package": package, "version": version},
+            "built_at": time.time(),
+            "build_seconds": round(time.monotonic() - started, 1),
+        }
+        (work / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        if final.exists():
+            shutil.rmtree(final)
+        work.rename(final)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    progress(f"image {key} built in {time.monotonic() - started:.0f} s: {final}")
+    return GuestImage(final, key, tuple(sorted(providers)))
+
+
+def _build_kernel_and_initrd(
+    work: Path, downloads: Path, package: str, progress: ProgressCallback
+) -> None:
+    downloads.mkdir(parents=True, exist_ok=True)
+    debs = sorted(downloads.glob(f"{package}_*.deb"))
+    if not debs:
+        progress(f"apt-get download {package}")
+        _output(["apt-get", "download", "-q", package], "apt-get download", cwd=downloads)
+        debs = sorted(downloads.glob(f"{package}_*.deb"))
+    if not debs:
+        raise ImageBuildError(f"apt-get download left no {package} package; run apt-get update")
+    unpacked = work / "kernel-package"
+    progress(f"unpacking {debs[-1].name}")
+    _output(["dpkg-deb", "-x", str(debs[-1]), str(unpacked)], "dpkg-deb -x")
+    vmlinuz = sorted((unpacked / "boot").glob("vmlinuz-*"))
+    modules = sorted((unpacked / "lib" / "modules").glob("*"))
+    if not vmlinuz or not modules:
+        raise ImageBuildError(f"{debs[-1].name} holds no vmlinuz or no modules; is it a kernel?")
+    progress("extracting vmlinux from the bzImage")
+    vmlinux = kernel.extract_vmlinux(vmlinuz[-1].read_bytes())
+    if kernel.pvh_entry(vmlinux) is None:
+        raise ImageBuildError("the kernel has no PVH entry note; use one built with CONFIG_PVH")
+    (work / "vmlinux").write_bytes(vmlinux)
+    progress("building the initrd (busybox and the virtio and ext4 modules)")
+    archive, order = initrd.build_initrd(modules[-1], _busybox())
+    (work / "initrd.img").write_bytes(archive)
+    progress(f"initrd: {len(archive) >> 10} KiB, modules {' '.join(order)}")
+    shutil.rmtree(unpacked)
+
+
+def _busybox() -> bytes:
+    if not BUSYBOX.exists():
+        raise ImageBuildError(f"{BUSYBOX} is missing; install the busybox-static package")
+    return BUSYBOX.read_bytes()
+
+
+def _output(argv: Sequence[str], step: str, cwd: Path | None = None) -> str:
+    if shutil.which(argv[0]) is None:
+        raise ImageBuildError(f"{argv[0]} is missing; run scripts/install-system-deps.sh test")
+    result = subprocess.run(argv, capture_output=True, text=True, cwd=cwd, check=False)
+    if result.returncode != 0:
+        raise ImageBuildError(
+            f"{step} failed with exit status {result.returncode}: {result.stderr.strip()[-400:]}"
+        )
+    return result.stdout

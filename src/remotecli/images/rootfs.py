@@ -1,0 +1,303 @@
+"""The guest's root filesystem: Debian 12 minbase, the display stack, and a tiny init.
+
+Theory of operation. ``debootstrap --variant=minbase`` lays out Debian 12 with the display
+stack named package by package (debootstrap resolves dependencies but not virtual packages).
+We then add the guest's own init (no systemd: one shell script as PID 1) and its control agent,
+strip what a guest never reads (documentation, locales, apt lists), and pack the tree into an
+ext4 image with ``mkfs.ext4 -d``, which needs no loop mount.
+
+Inside the guest the root is mounted read-only and every writable place is a tmpfs, so one
+image serves every session and writes vanish with the VM. The init starts Xvfb, an xterm
+running the provider's command, x11vnc (password read from a file that the agent rewrites),
+and the control agent on the second serial port (``ttyS1``). The agent applies what the host
+sends after a snapshot restore: wall clock, entropy, hostname and the VNC password (see
+``docs/microvm.md`` for the line protocol).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+
+from remotecli.drivers.base import ProgressCallback
+from remotecli.exceptions import DriverError
+from remotecli.images.initrd import GUEST_INIT
+
+SUITE = "bookworm"
+
+# Concrete package names only: debootstrap does not resolve virtual packages.
+DISPLAY_PACKAGES = (
+    "xvfb",
+    "x11vnc",
+    "xterm",
+    "xfonts-base",
+    "fonts-dejavu-core",
+    "procps",
+    "ncurses-term",
+)
+
+# Provider CLIs installed from npm inside the image, by provider name.
+NPM_PROVIDERS = {
+    "claude-code": "@anthropic-ai/claude-code",
+    "codex": "@openai/codex",
+    "gemini": "@google/gemini-cli",
+}
+NODE_PACKAGES = ("nodejs", "npm", "ca-certificates")
+
+BUSYBOX_IN_GUEST = "/usr/local/lib/remotecli/busybox"
+
+GUEST_INIT_SCRIPT = f"""#!/bin/sh
+# PID 1 of a remote-cli guest: writable tmpfs places, network, display, terminal, VNC, agent.
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+export HOME=/root TERM=xterm-256color LANG=C.UTF-8
+bb={BUSYBOX_IN_GUEST}
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+for dir in /tmp /run /var/tmp /var/log /var/cache /var/lib/remotecli /root /home; do
+  mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs "$dir"
+done
+chmod 1777 /tmp /var/tmp
+mkdir -p /dev/pts /dev/shm /run/remotecli /tmp/.X11-unix
+chmod 0700 /run/remotecli
+chmod 1777 /tmp/.X11-unix
+mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /dev/pts
+mount -t tmpfs -o mode=1777 tmpfs /dev/shm
+echo nameserver 10.0.2.3 > /run/resolv.conf
+$bb ip link set lo up
+$bb ip addr add 10.0.2.15/24 dev eth0
+$bb ip link set eth0 up
+$bb ip route add default via 10.0.2.2
+
+geometry=1280x720
+command=""
+for word in $(cat /proc/cmdline); do
+  case "$word" in
+    remotecli.geometry=*) geometry="${{word#remotecli.geometry=}}" ;;
+    remotecli.command=*) command="$(echo "${{word#remotecli.command=}}" | $bb base64 -d)" ;;
+  esac
+done
+[ -n "$command" ] || command="bash -l"
+
+# A boot-time password nobody knows; the host replaces it before it hands the VM out.
+$bb head -c 24 /dev/urandom | $bb base64 | $bb tr -dc A-Za-z0-9 | $bb head -c 8 \\
+  > /run/remotecli/vncpass
+stty -F /dev/ttyS1 raw -echo 115200 2>/dev/null
+/usr/local/sbin/remotecli-agent &
+
+Xvfb :0 -screen 0 "${{geometry}}x24" -nolisten tcp -noreset -extension GLX >/var/log/Xvfb.log 2>&1 &
+while [ ! -S /tmp/.X11-unix/X0 ]; do $bb usleep 10000; done
+width=${{geometry%x*}}
+height=${{geometry#*x}}
+cd /root
+DISPLAY=:0 xterm -geometry 200x60+0+0 -fa Monospace -fs 11 -bg black -fg white +bc \\
+  -e sh -c ': > /run/remotecli/terminal-up; exec sh -c "$1"' terminal "$command" &
+x11vnc -display :0 -rfbport 5900 -passwdfile read:/run/remotecli/vncpass -forever -shared \\
+  -noxdamage -nowf -noscr -nobell -nosel -noprimary -nosetclipboard -norc -quiet \\
+  -geometry "$width"x"$height" -o /var/log/x11vnc.log >/dev/null 2>&1 &
+while ! grep -q ':170C 00000000:0000 0A' /proc/net/tcp 2>/dev/null; do $bb usleep 10000; done
+while [ ! -e /run/remotecli/terminal-up ]; do $bb usleep 10000; done
+echo "remotecli: display, terminal and VNC server up" > /dev/ttyS0
+echo ready > /dev/ttyS1
+# PID 1 reaps orphans for ever.
+while :; do wait; $bb usleep 1000000; done
+"""
+
+# The control agent: one command per line on ttyS1, one answer per line.
+#   session EPOCH HOSTNAME PASSWORD SEED   -> "ok HOSTNAME"
+#   ping                                   -> "pong"
+GUEST_AGENT_SCRIPT = f"""#!/bin/sh
+# remote-cli control agent: applies what the host sends after a snapshot restore.
+bb={BUSYBOX_IN_GUEST}
+exec 3<>/dev/ttyS1
+while read -r verb epoch name password seed <&3; do
+  case "$verb" in
+    session)
+      date -s "@$epoch" >/dev/null 2>&1
+      printf '%s' "$seed" > /dev/urandom
+      printf '%s\\n' "$name" > /proc/sys/kernel/hostname
+      printf '%s\\n' "$password" > /run/remotecli/vncpass
+      printf 'ok %s\\n' "$name" >&3
+      ;;
+    ping) printf 'pong\\n' >&3 ;;
+    *) printf 'error unknown command\\n' >&3 ;;
+  esac
+done
+"""
+
+# Files a guest never reads; removing them keeps the image (and the build) small.
+_STRIP = (
+    "usr/share/doc",
+    "usr/share/man",
+    "usr/share/info",
+    "usr/share/locale",
+    "usr/share/lintian",
+    "var/cache/apt",
+    "var/lib/apt/lists",
+    "var/cache/debconf/templates.dat-old",
+)
+
+
+class RootfsError(DriverError):
+    """A step of the root filesystem build failed; the message names the step and the fix."""
+
+    kind = "rootfs"
+
+
+def packages_for(providers: Sequence[str]) -> list[str]:
+    """Return the Debian packages the image needs for ``providers`` (npm CLIs need Node.js)."""
+    packages = list(DISPLAY_PACKAGES)
+    if any(provider in NPM_PROVIDERS for provider in providers):
+        packages += NODE_PACKAGES
+    return packages
+
+
+def check_providers(providers: Sequence[str]) -> None:
+    """Raise RootfsError for a provider that cannot be installed in an image."""
+    for provider in providers:
+        if provider not in NPM_PROVIDERS:
+            known = ", ".join(sorted(NPM_PROVIDERS))
+            raise RootfsError(f"unknown provider {provider!r} for the image; choose from {known}")
+
+
+def debootstrap(
+    target: Path,
+    packages: Sequence[str],
+    download_cache: Path,
+    progress: ProgressCallback,
+    mirror: str | None = None,
+) -> None:
+    """Install Debian 12 minbase plus ``packages`` into ``target`` (which must not exist)."""
+    download_cache.mkdir(parents=True, exist_ok=True)
+    argv = [
+        "debootstrap",
+        "--variant=minbase",
+        f"--cache-dir={download_cache}",
+        f"--include={','.join(packages)}",
+        SUITE,
+        str(target),
+    ]
+    if mirror:
+        argv.append(mirror)
+    _run_logged(argv, progress, step="debootstrap", fix="check that the Debian mirror is reachable")
+
+
+def install_guest_files(root: Path, busybox: bytes) -> None:
+    """Add the guest init, the control agent and a static busybox to the tree at ``root``."""
+    _write(root / GUEST_INIT.lstrip("/"), GUEST_INIT_SCRIPT, 0o755)
+    _write(root / "usr/local/sbin/remotecli-agent", GUEST_AGENT_SCRIPT, 0o755)
+    busybox_path = root / BUSYBOX_IN_GUEST.lstrip("/")
+    busybox_path.parent.mkdir(parents=True, exist_ok=True)
+    busybox_path.write_bytes(busybox)
+    busybox_path.chmod(0o755)
+    resolv = root / "etc/resolv.conf"
+    if resolv.exists() or resolv.is_symlink():
+        resolv.unlink()
+    resolv.symlink_to("/run/resolv.conf")
+    _write(root / "etc/hostname", "remotecli\n", 0o644)
+    (root / "var/lib/remotecli").mkdir(parents=True, exist_ok=True)
+
+
+def install_providers(root: Path, providers: Sequence[str], progress: ProgressCallback) -> None:
+    """Install the npm CLIs of ``providers`` globally inside the tree, through chroot."""
+    if not providers:
+        return
+    host_resolv = Path("/etc/resolv.conf").read_text() if Path("/etc/resolv.conf").exists() else ""
+    resolv = root / "etc/resolv.conf"
+    resolv.unlink(missing_ok=True)
+    resolv.write_text(host_resolv)
+    try:
+        for provider in providers:
+            package = NPM_PROVIDERS[provider]
+            progress(f"npm install -g {package} (inside the image)")
+            _run_logged(
+                ["chroot", str(root), "npm", "install", "-g", "--no-audit", "--no-fund", package],
+                progress,
+                step=f"npm install {package}",
+                fix="check that the npm registry is reachable",
+            )
+    finally:
+        resolv.unlink(missing_ok=True)
+        resolv.symlink_to("/run/resolv.conf")
+
+
+def strip_tree(root: Path) -> None:
+    """Remove documentation, locales and package lists the guest never reads."""
+    for relative in _STRIP:
+        path = root / relative
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+            path.mkdir()
+        elif path.exists():
+            path.unlink()
+
+
+def tree_size(root: Path) -> int:
+    """Return the bytes the tree's regular files take, rounded up to 4 KiB blocks each."""
+    total = 0
+    for directory, dirnames, filenames in os.walk(root):
+        total += 4096 * (1 + len(dirnames))
+        for name in filenames:
+            path = os.path.join(directory, name)
+            if not os.path.islink(path):
+                total += (os.lstat(path).st_size + 4095) // 4096 * 4096
+            else:
+                total += 4096
+    return total
+
+
+def make_ext4(root: Path, image: Path, progress: ProgressCallback) -> None:
+    """Pack ``root`` into a fresh ext4 image file with ``mkfs.ext4 -d`` (no loop mount)."""
+    size_mib = tree_size(root) * 5 // 4 // (1 << 20) + 64
+    image.unlink(missing_ok=True)
+    progress(f"mkfs.ext4 -d: {size_mib} MiB image")
+    _run_logged(
+        [
+            "mkfs.ext4",
+            "-q",
+            "-F",
+            "-L",
+            "remotecli-root",
+            "-O",
+            "^has_journal",
+            "-E",
+            "root_owner=0:0",
+            "-d",
+            str(root),
+            str(image),
+            f"{size_mib}M",
+        ],
+        progress,
+        step="mkfs.ext4",
+        fix="install e2fsprogs 1.43 or later",
+    )
+
+
+def _write(path: Path, text: str, mode: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    path.chmod(mode)
+
+
+def _run_logged(argv: Sequence[str], progress: ProgressCallback, *, step: str, fix: str) -> None:
+    """Run ``argv``, passing its "I:" lines to ``progress``; raise RootfsError on failure."""
+    if shutil.which(argv[0]) is None:
+        raise RootfsError(f"{argv[0]} is not installed; run scripts/install-system-deps.sh test")
+    with subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
+    ) as process:
+        assert process.stdout is not None
+        tail: list[str] = []
+        for line in process.stdout:
+            line = line.rstrip()
+            tail = [*tail[-19:], line]
+            if line.startswith(("I: Retrieving", "I: Validating")):
+                continue  # one line per package is noise; the other steps are progress
+            if line.startswith(("I: ", "W: ", "E: ")):
+                progress(f"{step}: {line[3:]}")
+        code = process.wait()
+    if code != 0:
+        details = "\n".join(tail)
+        raise RootfsError(f"{step} failed with exit status {code}; {fix}\n{details}")

@@ -1,0 +1,118 @@
+"""A small, honest in-test driver: each "session" is a real TCP server that speaks an RFB banner.
+
+It lets the controller's tests run the whole lifecycle (start, ready, crash, stop, recover)
+over real sockets without a display. What it leaves out, on purpose: no Xvfb, no terminal, no
+provider command, no sandbox, no child processes, no VNC beyond the 12-byte ``RFB 003.008``
+banner, and nothing survives the test process (so ``recover`` only knows sessions this very
+instance started). The local driver's own tests and ``tests/e2e/`` cover those.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from remotecli.drivers.base import ProgressCallback, SessionSpec, VncEndpoint
+from remotecli.exceptions import DriverError
+
+BANNER = b"RFB 003.008\n"
+
+
+@dataclass
+class _Sandbox:
+    server: asyncio.Server
+    endpoint: VncEndpoint
+    ended: asyncio.Future[str] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+class BannerDriver:
+    """Starts one banner server per session; tests can hold a start, fail it, or crash a session."""
+
+    name = "banner"
+
+    def __init__(self, *, fail_start: str | None = None) -> None:
+        self.fail_start = fail_start
+        self.gate: asyncio.Event | None = None  # set it to hold start() until the test releases it
+        self.started: list[str] = []
+        self.stopped: list[str] = []
+        self.specs: dict[str, SessionSpec] = {}
+        self._sandboxes: dict[str, _Sandbox] = {}
+
+    async def start(self, spec: SessionSpec, progress: ProgressCallback) -> VncEndpoint:
+        """Listen on 127.0.0.1:0, read our own banner back (ready = banner read), return it."""
+        if self.fail_start is not None:
+            raise DriverError(self.fail_start, session_id=spec.session_id)
+        self.specs[spec.session_id] = spec
+        server = await asyncio.start_server(self._serve_banner, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        progress(f"banner server on 127.0.0.1:{port}")
+        try:
+            if self.gate is not None:
+                await self.gate.wait()
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            banner = await reader.readexactly(len(BANNER))
+            writer.close()
+            await writer.wait_closed()
+        except BaseException:
+            server.close()
+            raise
+        if banner != BANNER:
+            server.close()
+            raise DriverError(f"unexpected banner {banner!r}")
+        progress("VNC banner read")
+        endpoint = VncEndpoint(host="127.0.0.1", port=port)
+        self._sandboxes[spec.session_id] = _Sandbox(server, endpoint)
+        self.started.append(spec.session_id)
+        return endpoint
+
+    async def wait(self, session_id: str) -> str:
+        """Return the reason once the session was crashed or stopped."""
+        sandbox = self._sandboxes.get(session_id)
+        if sandbox is None:
+            return "no such session"
+        return await asyncio.shield(sandbox.ended)
+
+    def crash(self, session_id: str, reason: str) -> None:
+        """End a session as if its processes died by themselves."""
+        sandbox = self._sandboxes.pop(session_id)
+        sandbox.server.close()
+        sandbox.ended.set_result(reason)
+
+    async def stop(self, session_id: str) -> None:
+        """Close the session's server; idempotent."""
+        sandbox = self._sandboxes.pop(session_id, None)
+        if sandbox is None:
+            return
+        self.stopped.append(session_id)
+        sandbox.server.close()
+        await sandbox.server.wait_closed()
+        if not sandbox.ended.done():
+            sandbox.ended.set_result("stopped")
+
+    async def recover(self, session_id: str, workdir: Path) -> VncEndpoint | None:
+        """Return the endpoint if this instance still runs the session, else None."""
+        sandbox = self._sandboxes.get(session_id)
+        return None if sandbox is None else sandbox.endpoint
+
+    async def close(self) -> None:
+        """Stop every session."""
+        for session_id in list(self._sandboxes):
+            await self.stop(session_id)
+
+    def running(self) -> list[str]:
+        """Return the ids of sessions whose server still listens."""
+        return list(self._sandboxes)
+
+    @staticmethod
+    async def _serve_banner(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(BANNER)
+        try:
+            await writer.drain()
+            await reader.read()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()

@@ -1,0 +1,428 @@
+"""The dashboard in a real browser: Debian's chromium driven by Playwright, against `remotecli up`.
+
+The first tests serve only the dashboard router (no controller) and prove the page and noVNC
+load under the strict CSP. The rest run the whole system: `remotecli up` as a subprocess on a
+free port with a temporary data dir, the local driver's real Xvfb, x11vnc and xterm, and the
+page connecting the `shell` provider. They share one browser page and run in file order (connect,
+type, reload, happy-path console check, kill the VNC server, Claude Code). Screenshots go to
+``test-artifacts/dashboard/``.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import uvicorn
+from fastapi import FastAPI
+from playwright.sync_api import (
+    Browser,
+    ConsoleMessage,
+    Page,
+    Playwright,
+    WebSocket,
+    sync_playwright,
+)
+
+from remotecli.dashboard import router
+from tests.conftest import MS
+
+pytestmark = [pytest.mark.e2e, pytest.mark.browser]
+
+ROOT = Path(__file__).resolve().parents[2]
+ARTIFACTS = ROOT / "test-artifacts" / "dashboard"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+TIMEOUT = 30_000 * MS  # seconds
+URL_PATTERN = re.compile(r"https?://\S+/login\?token=\S+")
+
+# Counts the pixels of a screenshot in the page (no image library needed): the number of
+# distinct colours and the share of pixels that differ from the most common one.
+COLOUR_SPREAD_JS = """async (data) => {
+  const bytes = Uint8Array.from(atob(data), (c) => c.charCodeAt(0));
+  const bitmap = await createImageBitmap(new Blob([bytes], { type: "image/png" }));
+  const canvas = new OffscreenCanvas(bitmap.width, bitmap.height);
+  const context = canvas.getContext("2d");
+  context.drawImage(bitmap, 0, 0);
+  const pixels = context.getImageData(0, 0, bitmap.width, bitmap.height).data;
+  const counts = new Map();
+  for (let i = 0; i < pixels.length; i += 4) {
+    const key = (pixels[i] << 16) | (pixels[i + 1] << 8) | pixels[i + 2];
+    counts.set(key, (counts.get(key) ?? 0) + 1);
+  }
+  const total = pixels.length / 4;
+  const dominant = Math.max(...counts.values());
+  return { colours: counts.size, other: (total - dominant) / total };
+}"""
+
+# The framebuffer as noVNC drew it, as a compact digest of its pixels.
+CANVAS_PIXELS_JS = """() => {
+  const canvas = document.querySelector("#screen canvas");
+  const { width, height } = canvas;
+  const pixels = canvas.getContext("2d").getImageData(0, 0, width, height).data;
+  const rows = [];
+  for (let y = 0; y < height; y += 4) {
+    let sum = 0;
+    for (let x = 0; x < width; x += 1) sum = (sum * 31 + pixels[(y * width + x) * 4]) >>> 0;
+    rows.push(sum);
+  }
+  return rows;
+}"""
+
+
+def ms(seconds: float) -> float:
+    """Playwright takes timeouts in milliseconds."""
+    return seconds * 1000
+
+
+@dataclass
+class BrowserLog:
+    """What the page reported: console errors, uncaught exceptions, failed WebSockets."""
+
+    errors: list[str] = field(default_factory=list)
+    failed_sockets: list[str] = field(default_factory=list)
+
+    def attach(self, page: Page) -> None:
+        def on_console(message: ConsoleMessage) -> None:
+            if message.type == "error":
+                self.errors.append(f"console: {message.text}")
+
+        def on_socket(socket_: WebSocket) -> None:
+            socket_.on(
+                "socketerror", lambda error: self.failed_sockets.append(f"{socket_.url}: {error}")
+            )
+
+        page.on("console", on_console)
+        page.on("pageerror", lambda error: self.errors.append(f"uncaught: {error}"))
+        page.on("websocket", on_socket)
+
+
+@pytest.fixture(scope="module")
+def playwright() -> Iterator[Playwright]:
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.skip(f"{CHROMIUM} is missing: `make test` installs Debian's chromium package")
+    with sync_playwright() as driver:
+        yield driver
+
+
+@pytest.fixture(scope="module")
+def browser(playwright: Playwright) -> Iterator[Browser]:
+    browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    yield browser
+    browser.close()
+
+
+def screenshot(page: Page, name: str, selector: str | None = None) -> bytes:
+    """Save a screenshot under test-artifacts/dashboard/ and return its PNG bytes."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    path = ARTIFACTS / f"{name}.png"
+    if selector is None:
+        return page.screenshot(path=path)
+    return page.locator(selector).screenshot(path=path)
+
+
+def colour_spread(page: Page, png: bytes) -> dict[str, float]:
+    """Distinct colours of a PNG and the share of pixels off its most common colour."""
+    result: dict[str, float] = page.evaluate(COLOUR_SPREAD_JS, base64.b64encode(png).decode())
+    return result
+
+
+# --- the dashboard alone: page, assets and noVNC under the CSP --------------------------------
+
+
+@pytest.fixture(scope="module")
+def dashboard_only() -> Iterator[str]:
+    """Serve only the dashboard router from a real uvicorn on a free port."""
+    app = FastAPI()
+    app.include_router(router())
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + TIMEOUT
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(TIMEOUT)
+
+
+def test_novnc_module_loads_in_the_browser_under_the_csp(
+    browser: Browser, dashboard_only: str
+) -> None:
+    """The page's CSP lets noVNC's wrapped module load, and its default export is the RFB class."""
+    page = browser.new_page(viewport={"width": 1280, "height": 720})
+    violations: list[str] = []
+    page.on(
+        "console",
+        lambda message: (
+            violations.append(message.text) if "Content Security Policy" in message.text else None
+        ),
+    )
+    page.goto(f"{dashboard_only}/dashboard/remote-cli")
+    kind = page.evaluate(
+        """async () => {
+          const module = await import("/dashboard/remote-cli/novnc/rfb.js");
+          return [typeof module.default, typeof module.default.prototype.clipboardPasteFrom];
+        }"""
+    )
+    assert kind == ["function", "function"]
+    assert violations == []
+    page.close()
+
+
+# --- the whole system: `remotecli up` and the shell provider ------------------------------------
+
+
+@dataclass
+class Up:
+    """A running `remotecli up`: its login URL, data dir and process."""
+
+    url: str
+    base: str
+    data_dir: Path
+    process: subprocess.Popen[str]
+    output: list[str]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@pytest.fixture(scope="module")
+def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
+    """Start `remotecli up` on a free port with a fresh data dir; stop it and its sessions after."""
+    data_dir = tmp_path_factory.mktemp("remotecli-data")
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "remotecli",
+            "up",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--data-dir",
+            str(data_dir),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    assert process.stdout is not None
+    output: list[str] = []
+    found: list[str] = []
+    ready = threading.Event()
+
+    def pump() -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            output.append(line)
+            match = URL_PATTERN.search(line)
+            if match and not found:
+                found.append(match.group(0))
+                ready.set()
+        ready.set()
+
+    threading.Thread(target=pump, daemon=True).start()
+    ready.wait(TIMEOUT)
+    if not found:
+        process.kill()
+        pytest.fail("`remotecli up` printed no login URL:\n" + "".join(output))
+    url = found[0]
+    base = url.split("/login", 1)[0]
+    yield Up(url=url, base=base, data_dir=data_dir, process=process, output=output)
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(TIMEOUT)
+
+
+@dataclass
+class Live:
+    """The page viewing the shell session, and what it logged on the happy path."""
+
+    page: Page
+    session_id: str
+    log: BrowserLog
+    shell_pixels: list[int] = field(default_factory=list)
+
+
+@pytest.fixture(scope="module")
+def live(browser: Browser, up: Up) -> Iterator[Live]:
+    """Open the printed URL and connect the shell provider; wait for the first frame."""
+    page = browser.new_page(viewport={"width": 1280, "height": 720})
+    page.set_default_timeout(ms(TIMEOUT))
+    log = BrowserLog()
+    log.attach(page)
+    page.goto(up.url)
+    page.wait_for_url(re.compile(r"/dashboard/remote-cli/?$"))
+    page.locator('button[data-provider="shell"]').click()
+    page.locator('#screen[data-first-frame="drawn"]').wait_for()
+    session_id = page.locator("#sessions li.current").get_attribute("data-session-id")
+    assert session_id
+    yield Live(page=page, session_id=session_id, log=log)
+    page.close()
+
+
+def wait_for_terminal(live: Live, name: str) -> dict[str, float]:
+    """Wait until the canvas shows more than one colour (the prompt was drawn); screenshot it."""
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        spread = colour_spread(live.page, screenshot(live.page, name, "#screen canvas"))
+        if (spread["colours"] >= 2 and spread["other"] > 0.001) or time.monotonic() > deadline:
+            return spread
+        live.page.wait_for_timeout(100)
+
+
+def test_1_connecting_the_shell_shows_a_terminal(live: Live) -> None:
+    """Clicking the shell card ends with the live view showing a terminal, not a blank canvas."""
+    spread = wait_for_terminal(live, "1-shell-connected")
+    screenshot(live.page, "1-page-connected")
+    assert spread["colours"] >= 2, "the canvas is a single colour"
+    assert spread["other"] > 0.001, "the canvas is almost blank"
+    assert "Connected" in live.page.locator("#status").inner_text()
+
+
+def test_2_typing_in_the_page_reaches_the_session(live: Live, up: Up) -> None:
+    """Typed keys and Enter run a command in the session: the file appears in its HOME."""
+    target = up.data_dir / "sessions" / live.session_id / "home" / "browser.txt"
+    live.page.locator("#screen canvas").click()
+    live.page.keyboard.type("echo browser-ok > ~/browser.txt")
+    live.page.keyboard.press("Enter")
+    deadline = time.monotonic() + TIMEOUT
+    while not (target.exists() and target.read_text() == "browser-ok\n"):
+        assert time.monotonic() < deadline, f"{target} did not appear with the typed content"
+        time.sleep(0.05)
+    screenshot(live.page, "2-typed", "#screen canvas")
+
+
+def settled_pixels(page: Page) -> list[int]:
+    """The canvas digest once two reads one animation frame apart agree (drawing has settled)."""
+    deadline = time.monotonic() + TIMEOUT
+    previous: list[int] = page.evaluate(CANVAS_PIXELS_JS)
+    while True:
+        page.evaluate("() => new Promise((resolve) => requestAnimationFrame(resolve))")
+        current: list[int] = page.evaluate(CANVAS_PIXELS_JS)
+        if current == previous or time.monotonic() > deadline:
+            return current
+        previous = current
+
+
+def test_3_after_reload_the_session_is_listed_and_reconnects(live: Live) -> None:
+    """After a reload the session is in My sessions, and Reconnect shows the same terminal."""
+    page = live.page
+    before = settled_pixels(page)
+    page.reload()
+    item = page.locator(f'#sessions li[data-session-id="{live.session_id}"]')
+    item.wait_for()
+    assert item.get_attribute("data-state") == "ready"
+    item.get_by_role("button", name="Reconnect").click()
+    page.locator('#screen[data-first-frame="drawn"]').wait_for()
+    deadline = time.monotonic() + TIMEOUT
+    while page.evaluate(CANVAS_PIXELS_JS) != before:
+        assert time.monotonic() < deadline, (
+            "the reconnected view differs from the terminal typed in"
+        )
+        page.wait_for_timeout(100)
+    screenshot(page, "3-reconnected")
+    live.shell_pixels = before
+
+
+def test_4_happy_path_has_no_console_errors_or_failed_websockets(live: Live) -> None:
+    """Connect, type and reconnect produced no uncaught error, console error or failed WebSocket."""
+    assert live.log.errors == []
+    assert live.log.failed_sockets == []
+
+
+def vnc_server_pids(session_dir: Path) -> list[int]:
+    """PIDs of x11vnc processes whose command line names this session's directory."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if (
+            argv
+            and Path(argv[0].decode(errors="replace")).name == "x11vnc"
+            and any(str(session_dir).encode() in arg for arg in argv)
+        ):
+            pids.append(int(entry.name))
+    return pids
+
+
+def test_5_killing_the_vnc_server_is_explained_and_terminate_removes_it(live: Live, up: Up) -> None:
+    """With its VNC server killed, the page says the session ended; Terminate removes it."""
+    page = live.page
+    pids = vnc_server_pids(up.data_dir / "sessions" / live.session_id)
+    assert pids, "no x11vnc process names the session's directory"
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    status = page.locator("#status")
+    deadline = time.monotonic() + TIMEOUT
+    while "The session ended" not in status.inner_text():
+        assert time.monotonic() < deadline, (
+            f"status never said the session ended: {status.inner_text()}"
+        )
+        page.wait_for_timeout(100)
+    text = status.inner_text()
+    screenshot(page, "5-session-ended")
+    assert "1006" not in text
+    item = page.locator(f'#sessions li[data-session-id="{live.session_id}"]')
+    item.get_by_role("button", name=re.compile("Terminate|Remove")).click()
+    item.wait_for(state="detached")
+
+
+def test_6_claude_code_shows_its_first_screen(browser: Browser, up: Up, live: Live) -> None:
+    """Connecting Claude Code shows a first screen that differs from the shell's."""
+    if shutil.which("claude") is None:
+        pytest.skip("`claude` (@anthropic-ai/claude-code) is not installed: nothing to connect")
+    page = browser.new_page(viewport={"width": 1280, "height": 720})
+    page.set_default_timeout(ms(TIMEOUT))
+    page.goto(up.url)
+    card = page.locator('button[data-provider="claude-code"]')
+    if card.is_disabled():
+        pytest.skip("the claude-code provider is listed as unavailable by the controller")
+    card.click()
+    page.locator('#screen[data-first-frame="drawn"]').wait_for()
+    deadline = time.monotonic() + TIMEOUT
+    while True:  # Claude Code draws its first screen a moment after it starts
+        spread = colour_spread(page, screenshot(page, "6-claude-code", "#screen canvas"))
+        differs = page.evaluate(CANVAS_PIXELS_JS) != live.shell_pixels
+        if (spread["colours"] >= 2 and differs) or time.monotonic() > deadline:
+            break
+        page.wait_for_timeout(100)
+    assert spread["colours"] >= 2, "Claude Code's view is a single colour"
+    assert differs, "Claude Code's view is the same as the shell's"
+    page.close()

@@ -1,0 +1,197 @@
+"""`remotecli up` and `remotecli user add` as real subprocesses, reached through the gateway."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import MS
+
+REMOTECLI = [sys.executable, "-m", "remotecli"]
+URL_LINE = re.compile(r"(http://127\.0\.0\.1:\d+)/login\?token=(\S+)")
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The test process's environment without REMOTECLI_* settings, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REMOTECLI_")}
+    env.update(extra)
+    return env
+
+
+class Running:
+    """A `remotecli up` subprocess whose printed URL was read."""
+
+    def __init__(self, process: subprocess.Popen[str], base: str, token: str) -> None:
+        self.process = process
+        self.base = base
+        self.token = token
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(
+            base_url=self.base,
+            headers={"Authorization": f"Bearer {self.token}"},
+            timeout=10_000 * MS,
+        )
+
+    def terminate(self, signum: int = signal.SIGTERM) -> int:
+        self.process.send_signal(signum)
+        return self.process.wait(timeout=20_000 * MS)
+
+
+def read_url(process: subprocess.Popen[str]) -> tuple[str, str]:
+    """Read stdout lines until the login URL, with a timeout; fail with stderr if it exits."""
+    found: list[tuple[str, str]] = []
+    done = threading.Event()
+
+    def reader() -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            match = URL_LINE.search(line)
+            if match:
+                found.append((match.group(1), match.group(2)))
+                break
+        done.set()
+
+    threading.Thread(target=reader, daemon=True).start()
+    if not done.wait(15_000 * MS) or not found:
+        process.kill()
+        _out, err = process.communicate(timeout=5)
+        raise AssertionError(f"`remotecli up` printed no URL; stderr:\n{err}")
+    return found[0]
+
+
+@contextmanager
+def remotecli_up(
+    data_dir: Path, *args: str, env: dict[str, str] | None = None
+) -> Iterator[Running]:
+    """Run `remotecli up --listen 127.0.0.1:0 --data-dir DIR`; kill it if the test leaves it."""
+    process = subprocess.Popen(
+        [*REMOTECLI, "up", "--listen", "127.0.0.1:0", "--data-dir", str(data_dir), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env if env is not None else clean_env(),
+    )
+    try:
+        base, token = read_url(process)
+        yield Running(process, base, token)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
+        for stream in (process.stdout, process.stderr):
+            if stream is not None:
+                stream.close()
+
+
+def wait_ready(client: httpx.Client, session_id: str) -> str:
+    """Follow the SSE stream until ready or a final state; return the state reached."""
+    with client.stream("GET", f"/api/sessions/{session_id}/events") as response:
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                state: str = json.loads(line.removeprefix("data: "))["state"]
+                if state in ("ready", "failed", "stopped"):
+                    return state
+    raise AssertionError("the event stream ended without a final state")
+
+
+def test_up_prints_url_serves_and_exits_0_on_sigterm(tmp_path: Path) -> None:
+    """`up` prints the login URL, answers health, readiness and login via the gateway, exits 0."""
+    with remotecli_up(tmp_path / "data") as up:
+        assert httpx.get(f"{up.base}/healthz", timeout=5000 * MS).status_code == 200
+        ready = httpx.get(f"{up.base}/readyz", timeout=5000 * MS)
+        assert ready.json() == {"status": "ready", "active_sessions": 0}
+        login = httpx.get(f"{up.base}/login", params={"token": up.token}, timeout=5000 * MS)
+        assert login.status_code == 303
+        assert "remotecli_token=" in login.headers["set-cookie"]
+        assert httpx.get(f"{up.base}/api/sessions", timeout=5000 * MS).status_code == 401
+        assert up.terminate() == 0
+    token_file = tmp_path / "data" / "admin.token"
+    assert token_file.read_text().strip() == up.token
+    assert token_file.stat().st_mode & 0o777 == 0o600
+
+
+def test_admin_token_from_environment_and_user_add(tmp_path: Path) -> None:
+    """REMOTECLI_TOKEN is the admin token; `user add` prints a working token for another user."""
+    data = tmp_path / "data"
+    added = subprocess.run(
+        [*REMOTECLI, "user", "add", "bob", "--data-dir", str(data)],
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+        timeout=20_000 * MS,
+        check=True,
+    )
+    bob_token = added.stdout.strip()
+    assert len(bob_token) >= 43
+    admin_token = "env-admin-token-0123456789"
+    with remotecli_up(data, env=clean_env(REMOTECLI_TOKEN=admin_token)) as up:
+        assert up.token == admin_token
+        bob = httpx.get(
+            f"{up.base}/api/sessions",
+            headers={"Authorization": f"Bearer {bob_token}"},
+            timeout=5000 * MS,
+        )
+        assert bob.status_code == 200
+        assert up.terminate() == 0
+
+
+def test_bad_listen_address_exits_2(tmp_path: Path) -> None:
+    """A malformed --listen is refused with exit status 2 and a message naming the fix."""
+    result = subprocess.run(
+        [*REMOTECLI, "up", "--listen", "nowhere", "--data-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+        timeout=20_000 * MS,
+    )
+    assert result.returncode == 2
+    assert "is not HOST:PORT" in result.stderr
+
+
+needs_local_sandbox = pytest.mark.skipif(
+    not all(shutil.which(p) for p in ("Xvfb", "x11vnc", "xterm")),
+    reason="the local driver needs Xvfb, x11vnc and xterm (make test installs them)",
+)
+
+
+@needs_local_sandbox
+def test_restart_after_crash_with_a_running_session(tmp_path: Path) -> None:
+    """After the controller is killed with a session ready, the next start marks it failed."""
+    data = tmp_path / "data"
+    with remotecli_up(data) as up, up.client() as client:
+        session = client.post("/api/sessions", json={"provider": "shell"}).json()
+        assert wait_ready(client, session["id"]) == "ready"
+        assert up.terminate(signal.SIGKILL) == -signal.SIGKILL
+    with remotecli_up(data) as up, up.client() as client:
+        after = client.get(f"/api/sessions/{session['id']}").json()
+        assert after["state"] == "failed"
+        assert "controller restarted" in after["reason"]
+        assert up.terminate() == 0
+
+
+@needs_local_sandbox
+def test_sigterm_stops_running_sessions(tmp_path: Path) -> None:
+    """SIGTERM with a session ready stops it (state stopped) and exits 0."""
+    data = tmp_path / "data"
+    with remotecli_up(data) as up, up.client() as client:
+        session = client.post("/api/sessions", json={"provider": "shell"}).json()
+        assert wait_ready(client, session["id"]) == "ready"
+        assert up.terminate() == 0
+    with remotecli_up(data) as up, up.client() as client:
+        after = client.get(f"/api/sessions/{session['id']}").json()
+        assert after["state"] == "stopped"
+        assert after["reason"] == "the controller shut down"
+        assert up.terminate() == 0

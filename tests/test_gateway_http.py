@@ -1,0 +1,179 @@
+"""Plain HTTP through the gateway: keep-alive, streamed bodies, upstream reuse, forwarding."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+import uvloop
+
+from tests.conftest import MS
+from tests.gateway_peers import HttpUpstream, exchange, running_gateway
+
+
+@pytest.fixture
+def event_loop_policy() -> uvloop.EventLoopPolicy:
+    """Run these tests on uvloop, as `remotecli gateway` does."""
+    return uvloop.EventLoopPolicy()
+
+
+async def test_keep_alive_both_sides_reuses_one_upstream_connection() -> None:
+    """Ten requests on one client connection use one client and one upstream connection."""
+    upstream = await HttpUpstream().start()
+    async with running_gateway({"/": upstream.url}) as gateway:
+        port = gateway.address[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        for number in range(10):
+            writer.write(f"GET /item/{number} HTTP/1.1\r\nHost: example\r\n\r\n".encode())
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5000 * MS)
+            assert head.startswith(b"HTTP/1.1 200 ")
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            body = await reader.readexactly(length)
+            assert body == f"upstream saw GET /item/{number} with 0 bytes".encode()
+        writer.close()
+        assert upstream.connections == 1
+        assert gateway.upstream_connections_opened == 1
+    upstream.close()
+
+
+async def test_path_and_query_go_upstream_unchanged() -> None:
+    """The request target, query included, reaches the upstream byte for byte."""
+    upstream = await HttpUpstream().start()
+    async with running_gateway({"/api/": upstream.url}) as gateway:
+        async with httpx.AsyncClient() as client:
+            url = f"http://127.0.0.1:{gateway.address[1]}/api/a%20b/c?x=1&y=%2F"
+            response = await client.get(url)
+        assert response.status_code == 200
+        assert upstream.requests[-1].target == b"/api/a%20b/c?x=1&y=%2F"
+    upstream.close()
+
+
+async def test_large_content_length_response_is_streamed() -> None:
+    """A 20 MB Content-Length response arrives whole, with its length and upstream headers."""
+    upstream = await HttpUpstream().start()
+    async with running_gateway({"/": upstream.url}) as gateway:
+        async with httpx.AsyncClient() as client:
+            response = await client.get(f"http://127.0.0.1:{gateway.address[1]}/bytes/20000000")
+        assert response.status_code == 200
+        assert response.headers["content-length"] == "20000000"
+        assert response.headers["x-upstream"] == "yes"
+        assert len(response.content) == 20_000_000
+    upstream.close()
+
+
+async def test_chunked_request_body_streams_through_and_back() -> None:
+    """A chunked upload of 8 MB is echoed back chunked, intact, through the gateway."""
+    upstream = await HttpUpstream().start()
+    payload = bytes(range(256)) * 32768
+
+    async def body() -> object:
+        for start in range(0, len(payload), 65536):
+            yield payload[start : start + 65536]
+
+    async with running_gateway({"/": upstream.url}) as gateway:
+        async with httpx.AsyncClient() as client:
+            response = await client.post(
+                f"http://127.0.0.1:{gateway.address[1]}/echo",
+                content=body(),  # type: ignore[arg-type]
+            )
+        assert response.status_code == 200
+        assert response.headers["transfer-encoding"] == "chunked"
+        assert response.content == payload
+        assert upstream.header(b"transfer-encoding") == b"chunked"
+    upstream.close()
+
+
+async def test_content_length_request_body_reaches_upstream() -> None:
+    """A Content-Length upload reaches the upstream with its length and all its bytes."""
+    upstream = await HttpUpstream().start()
+    async with running_gateway({"/": upstream.url}) as gateway:
+        async with httpx.AsyncClient() as client:
+            response = await client.put(
+                f"http://127.0.0.1:{gateway.address[1]}/upload", content=b"z" * 3_000_000
+            )
+        assert response.text == "upstream saw PUT /upload with 3000000 bytes"
+        assert upstream.header(b"content-length") == b"3000000"
+    upstream.close()
+
+
+async def test_longest_prefix_wins() -> None:
+    """With routes / and /api/, a request under /api/ goes to the /api/ upstream."""
+    root = await HttpUpstream().start()
+    api = await HttpUpstream().start()
+    async with running_gateway({"/": root.url, "/api/": api.url}) as gateway:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{gateway.address[1]}") as client:
+            await client.get("/api/sessions")
+            await client.get("/dashboard")
+        assert [r.target for r in api.requests] == [b"/api/sessions"]
+        assert [r.target for r in root.requests] == [b"/dashboard"]
+    root.close()
+    api.close()
+
+
+async def test_healthz_is_answered_by_the_gateway() -> None:
+    """GET /healthz is answered 200 by the gateway itself, without any route."""
+    async with running_gateway({}) as gateway:
+        raw = await exchange(
+            gateway.address[1], b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+    assert raw.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert raw.endswith(b"\r\n\r\nok\n")
+
+
+async def test_hop_by_hop_headers_are_not_forwarded() -> None:
+    """Connection, Keep-Alive, TE and headers named in Connection stop at the gateway."""
+    upstream = await HttpUpstream().start()
+    async with running_gateway({"/": upstream.url}) as gateway:
+        await exchange(
+            gateway.address[1],
+            b"GET /x HTTP/1.1\r\nHost: h\r\nConnection: close, X-Secret-Hop\r\n"
+            b"Keep-Alive: timeout=5\r\nTE: trailers\r\nX-Secret-Hop: 1\r\nX-Kept: 2\r\n\r\n",
+        )
+        names = {key for key, _ in upstream.requests[-1].headers}
+        assert b"x-secret-hop" not in names
+        assert b"keep-alive" not in names
+        assert b"te" not in names
+        assert upstream.header(b"x-kept") == b"2"
+    upstream.close()
+
+
+async def test_non_2xx_from_upstream_is_relayed_verbatim() -> None:
+    """An upstream 418 reaches the client with its status, headers and body."""
+    upstream = await HttpUpstream().start()
+    async with running_gateway({"/": upstream.url}) as gateway:
+        async with httpx.AsyncClient() as client:
+            response = await client.get(f"http://127.0.0.1:{gateway.address[1]}/status/418")
+        assert response.status_code == 418
+        assert response.headers["x-upstream"] == "yes"
+        assert response.text == "status 418 from upstream"
+    upstream.close()
+
+
+async def test_head_request_gets_head_without_body() -> None:
+    """A HEAD request gets the upstream's head and no body, and the connection stays usable."""
+    upstream = await HttpUpstream().start()
+    async with running_gateway({"/": upstream.url}) as gateway:
+        async with httpx.AsyncClient() as client:
+            base = f"http://127.0.0.1:{gateway.address[1]}"
+            head = await client.head(f"{base}/bytes/100")
+            after = await client.get(f"{base}/bytes/5")
+        assert head.status_code == 200
+        assert head.content == b""
+        assert after.content == b"xxxxx"
+    upstream.close()
+
+
+async def test_unix_socket_upstream() -> None:
+    """A route to unix:/path reaches an upstream listening on that Unix socket."""
+    import tempfile
+
+    upstream = HttpUpstream()
+    with tempfile.TemporaryDirectory() as directory:
+        path = f"{directory}/up.sock"
+        upstream.server = await asyncio.start_unix_server(upstream._serve, path)
+        async with running_gateway({"/": f"unix:{path}"}) as gateway:
+            async with httpx.AsyncClient() as client:
+                response = await client.get(f"http://127.0.0.1:{gateway.address[1]}/via-unix")
+        assert response.text == "upstream saw GET /via-unix with 0 bytes"
+        upstream.close()
