@@ -65,7 +65,7 @@ def run(quick: bool, workdir: Path) -> list[Section]:
         return [Section(title, skipped=why)]
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     bridge_count = min(6_000, (hard - 48) // 2)
-    counts = {BRIDGE: bridge_count, WEBSOCKIFY: 1_000}
+    counts = {BRIDGE: bridge_count, WEBSOCKIFY: 600}
     rounds, seconds = (2, 1.0) if quick else (5, 2.0)
     echo_port = free_port()
     echo = python_peer(
@@ -103,7 +103,8 @@ def run(quick: bool, workdir: Path) -> list[Section]:
             peer.start()
             peers[name] = peer
             spec = {"port": peer.port, "path": _PATH, "subprotocol": "binary"}
-            spec |= {"count": counts[name], "concurrency": 100, "open_timeout": 10}
+            spec |= {"count": counts[name], "concurrency": 100 if name == BRIDGE else 50}
+            spec |= {"open_timeout": 10, "max_seconds": 90}
             held = hold_tunnels(spec, peer, 240)
             if "error" in held:
                 errors[f"{name} connections"] = held["error"]
@@ -145,18 +146,15 @@ def _section(
     ]
     held = bridge.get("held")
     section = Section(title, columns, rows)
+    speed, reference = bridge.get("echo"), ws.get("echo")
     section.targets = [
         (
-            "throughput ≥ 3× websockify",
-            ratio(bridge.get("echo"), ws.get("echo")),
-            verdict(
-                None
-                if bridge.get("echo") is None or not ws.get("echo")
-                else bridge["echo"] >= 3 * ws["echo"]  # type: ignore[operator]
-            ),
+            "throughput >= 3x websockify",
+            ratio(speed, reference),
+            verdict(None if speed is None or not reference else speed >= 3 * reference),
         ),
         (
-            "≥ 5,000 concurrent bridged connections",
+            ">= 5,000 concurrent bridged connections",
             fmt(held),
             verdict(None if held is None else held >= 5_000),
         ),
@@ -165,8 +163,9 @@ def _section(
         f"{rounds} interleaved rounds of {seconds:.0f} s; medians. Echo: payload bytes echoed "
         "back per second through WebSocket → peer → TCP echo → peer → WebSocket, 1 MiB in flight.",
         "Connections held: idle bridged connections opened 100 at a time on a freshly started "
-        "peer, each then answering one 64-byte echo; websockify is asked for 1,000 only (it "
-        "forks a process per connection). KiB/conn: growth of the peer's process tree RSS.",
+        "peer, each then answering one 64-byte echo; websockify is asked for 600 only (it "
+        "forks a process per connection, and serves about 510 at most). KiB/conn: growth of "
+        "the peer's process-tree RSS.",
     ]
     section.notes += [f"{key}: {message}" for key, message in errors.items()]
     return section

@@ -127,7 +127,7 @@ class _Direct(Peer):
     def start(self, timeout: float = 15.0) -> None:
         pass
 
-    def stop(self) -> None:
+    def stop(self, grace: float = 5.0) -> None:
         pass
 
 
@@ -265,21 +265,20 @@ def _section(
         for name, bucket in samples.items()
     }
     stock, big_nginx = fig[NGINX_STOCK], fig[NGINX_64K]
-    columns = [
-        "peer", "upload MB/s", "echo MB/s", "echo vs nginx 64k", "echo vs stock",
-        "RTT p50 µs", "RTT p99 µs", "500 upgrades p99 ms", "KiB/tunnel @1k",
-        f"KiB/tunnel @{big:,}", f"held of {big:,}",
-    ]  # fmt: skip
+    columns = ["peer", "upload MB/s", "echo MB/s", "echo vs nginx 64k", "echo vs stock"]
+    columns += ["RTT p50 µs", "RTT p99 µs", "500 upgrades p99 ms", "KiB/tunnel @1k"]
+    columns += [f"KiB/tunnel @{big:,}", f"held of {big:,}"]
     rows = []
     for name in PEERS:
         f = fig[name]
-        held = f.get(f"held_{big}")
-        rows.append([
-            name, fmt(f.get("upload")), fmt(f.get("echo")), ratio(f.get("echo"), big_nginx.get("echo")),
-            ratio(f.get("echo"), stock.get("echo")), fmt(_us(f.get("rtt_p50"))),
-            fmt(_us(f.get("rtt_p99"))), fmt(f.get("upg_p99"), 1), fmt(f.get("rss_1000"), 1),
-            fmt(f.get(f"rss_{big}"), 1), fmt(held),
-        ])  # fmt: skip
+        row = [name, fmt(f.get("upload")), fmt(f.get("echo"))]
+        row += [
+            ratio(f.get("echo"), big_nginx.get("echo")),
+            ratio(f.get("echo"), stock.get("echo")),
+        ]
+        row += [fmt(_us(f.get("rtt_p50"))), fmt(_us(f.get("rtt_p99"))), fmt(f.get("upg_p99"), 1)]
+        row += [fmt(f.get("rss_1000"), 1), fmt(f.get(f"rss_{big}"), 1), fmt(f.get(f"held_{big}"))]
+        rows.append(row)
     g = fig[GATEWAY]
     section = Section(
         "Gateway: WebSocket proxying (64 KiB messages, one connection)", columns, rows
@@ -298,9 +297,10 @@ def _section(
     ]
     if big < 10_000:
         section.notes.append(
-            f"10,000 tunnels need over 20,000 descriptors in the proxy process; the hard "
-            f"RLIMIT_NOFILE here is {big * 2 + 48:,} and cannot be raised without CAP_SYS_RESOURCE, "
-            f"so the large point is {big:,} tunnels (the most any one-process proxy can hold here)."
+            "10,000 tunnels need over 20,000 descriptors in the proxy process; the hard "
+            f"RLIMIT_NOFILE here is {big * 2 + 48:,} and cannot be raised without "
+            f"CAP_SYS_RESOURCE, so the large point is {big:,} tunnels (the most any one-process "
+            "proxy can hold here)."
         )
     if quick:
         section.notes.append("--quick: fewer, shorter rounds and only the 1,000-tunnel point.")
@@ -312,6 +312,13 @@ def _us(ms: float | None) -> float | None:
     return None if ms is None else ms * 1000
 
 
+def _check(value: float | None, reference: float | None, factor: float, most: bool) -> str:
+    """yes/no for ``value >= factor * reference`` (``<=`` when ``most``), or a dash."""
+    if value is None or not reference:
+        return verdict(None)
+    return verdict(value <= factor * reference if most else value >= factor * reference)
+
+
 def _targets(
     g: dict[str, float | None],
     stock: dict[str, float | None],
@@ -319,27 +326,38 @@ def _targets(
     big: int,
 ) -> list[tuple[str, str, str]]:
     """The issue's targets, measured against this run's peers."""
-
-    def at_least(value: float | None, reference: float | None, factor: float) -> bool | None:
-        return None if value is None or not reference else value >= factor * reference
-
-    def at_most(value: float | None, reference: float | None, factor: float) -> bool | None:
-        return None if value is None or not reference else value <= factor * reference
-
+    rtts = [v for v in (stock.get("rtt_p50"), big_nginx.get("rtt_p50")) if v is not None]
+    nginx_rtt = min(rtts) if rtts else None
+    targets = []
+    for kind in ("echo", "upload"):
+        value = g.get(kind)
+        targets.append(
+            (
+                f"{kind} throughput >= 1.0x nginx 64k",
+                ratio(value, big_nginx.get(kind)),
+                _check(value, big_nginx.get(kind), 1.0, most=False),
+            )
+        )
+        targets.append(
+            (
+                f"{kind} throughput >= 2x stock nginx",
+                ratio(value, stock.get(kind)),
+                _check(value, stock.get(kind), 2.0, most=False),
+            )
+        )
+    rtt = g.get("rtt_p50")
+    targets.append(
+        (
+            "RTT p50 <= 1.1x nginx (the faster of the two)",
+            ratio(rtt, nginx_rtt),
+            _check(rtt, nginx_rtt, 1.1, most=True),
+        )
+    )
+    for size in (1_000, big):
+        per = g.get(f"rss_{size}")
+        targets.append(
+            (f"<= 4 KiB per idle tunnel @{size:,}", fmt(per, 1), _check(per, 4, 1, True))
+        )
     held = g.get(f"held_{big}")
-    return [
-        ("echo throughput ≥ 1.0× nginx 64k", ratio(g.get("echo"), big_nginx.get("echo")),
-         verdict(at_least(g.get("echo"), big_nginx.get("echo"), 1.0))),
-        ("upload throughput ≥ 1.0× nginx 64k", ratio(g.get("upload"), big_nginx.get("upload")),
-         verdict(at_least(g.get("upload"), big_nginx.get("upload"), 1.0))),
-        ("echo throughput ≥ 2× stock nginx", ratio(g.get("echo"), stock.get("echo")),
-         verdict(at_least(g.get("echo"), stock.get("echo"), 2.0))),
-        ("upload throughput ≥ 2× stock nginx", ratio(g.get("upload"), stock.get("upload")),
-         verdict(at_least(g.get("upload"), stock.get("upload"), 2.0))),
-        ("RTT p50 ≤ 1.1× nginx (stock)", ratio(g.get("rtt_p50"), stock.get("rtt_p50")),
-         verdict(at_most(g.get("rtt_p50"), stock.get("rtt_p50"), 1.1))),
-        ("≤ 4 KiB per idle tunnel (@1k)", fmt(g.get("rss_1000"), 1),
-         verdict(None if g.get("rss_1000") is None else g["rss_1000"] <= 4.0)),  # type: ignore[operator]
-        (f"{big:,} idle tunnels held", fmt(held),
-         verdict(None if held is None else held >= big)),
-    ]  # fmt: skip
+    targets.append((f"{big:,} idle tunnels held", fmt(held), _check(held, big, 1.0, most=False)))
+    return targets

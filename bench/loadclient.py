@@ -161,7 +161,6 @@ async def echo(spec: dict[str, Any]) -> dict[str, Any]:
 
     tunnel.on_progress = pump
     tunnel.on_drain = pump
-    start = time.perf_counter()
     pump()
     await asyncio.sleep(_WARMUP)
     t0, r0 = time.perf_counter(), tunnel.received
@@ -169,7 +168,6 @@ async def echo(spec: dict[str, Any]) -> dict[str, Any]:
     t1, r1 = time.perf_counter(), tunnel.received
     stopping = True
     transport.abort()
-    del start
     return {"mbps": (r1 - r0) / (t1 - t0) / 1e6, "bytes": r1 - r0}
 
 
@@ -205,7 +203,10 @@ async def upload(spec: dict[str, Any]) -> dict[str, Any]:
 def _percentiles(samples: list[float]) -> dict[str, float]:
     """p50/p99/max of samples in seconds, as milliseconds."""
     ordered = sorted(samples)
-    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000  # noqa: E731
+
+    def pick(q: float) -> float:
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+
     return {"p50_ms": statistics.median(ordered) * 1000, "p99_ms": pick(0.99), "max_ms": pick(1)}
 
 

@@ -90,7 +90,15 @@ def rss_kib(pid: int) -> int:
 class Peer:
     """One long-running process under test or serving the test, stopped by :meth:`stop`."""
 
-    def __init__(self, name: str, argv: Sequence[str], log_dir: Path, port: int) -> None:
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        log_dir: Path,
+        port: int,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.env = env
         self.name = name
         self.argv = list(argv)
         self.port = port
@@ -106,6 +114,7 @@ class Peer:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=REPO,
+                env=self.env,
                 start_new_session=True,
             )
         if not wait_port(self.port, timeout, self.proc):
@@ -123,17 +132,15 @@ class Peer:
         """Resident memory of the peer's whole process tree, in KiB."""
         return rss_kib(self.pid)
 
-    def stop(self) -> None:
-        """Stop the process and its group: SIGTERM, then SIGKILL after 5 s. Idempotent."""
+    def stop(self, grace: float = 5.0) -> None:
+        """Stop the process and its group: SIGTERM, then SIGKILL after ``grace`` s. Idempotent."""
         proc, self.proc = self.proc, None
         if proc is None:
             return
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            pass
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(grace)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -167,7 +174,8 @@ def hold_tunnels(spec: dict[str, Any], peer: Peer, timeout: float) -> dict[str, 
     client = subprocess.Popen(
         argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=REPO
     )
-    assert client.stdout is not None and client.stdin is not None
+    assert client.stdout is not None
+    assert client.stdin is not None
     try:
         ready, _, _ = select.select([client.stdout], [], [], timeout)
         line = client.stdout.readline() if ready else b""

@@ -55,22 +55,22 @@ def median(values: Sequence[float]) -> float | None:
 
 
 def fmt(value: float | None, digits: int = 0) -> str:
-    """Format a figure, or an en dash when it was not measured."""
+    """Format a figure, or a dash when it was not measured."""
     if value is None:
-        return "–"
+        return "-"
     return f"{value:,.{digits}f}"
 
 
 def ratio(value: float | None, reference: float | None) -> str:
-    """``value / reference`` as ``1.23×``, or an en dash."""
+    """``value / reference`` as ``1.23x``, or a dash."""
     if value is None or not reference:
-        return "–"
-    return f"{value / reference:.2f}×"
+        return "-"
+    return f"{value / reference:.2f}x"
 
 
 def verdict(ok: bool | None) -> str:
-    """``yes``/``no``/``–`` for a target check."""
-    return "–" if ok is None else ("yes" if ok else "no")
+    """``yes``/``no``/``-`` for a target check."""
+    return "-" if ok is None else ("yes" if ok else "no")
 
 
 def render(sections: Sequence[Section], mode: str, elapsed: float) -> str:

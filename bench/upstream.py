@@ -112,7 +112,8 @@ class WsServer(_FlowControlled):
             self._control += view
             return
         if self._sink:
-            self._received += len(view)
+            if self._opcode != OP_TEXT:
+                self._received += len(view)
             return
         shift = self._offset % 4
         mask = self._mask[shift:] + self._mask[:shift]

@@ -13,11 +13,12 @@ from pathlib import Path
 
 import prometheus_client
 import pytest
+import uvloop
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus
-from websockets.frames import Opcode
 from websockets.client import ClientProtocol
-from websockets.frames import Frame
+from websockets.exceptions import InvalidStatus
+from websockets.frames import Frame, Opcode
+from websockets.typing import Subprotocol
 from websockets.uri import parse_uri
 
 from remotecli.config import GatewayConfig
@@ -28,8 +29,20 @@ from remotecli.gateway import Gateway
 from tests.conftest import MS
 from tests.rfb_viewer import RfbViewer
 
+# Overriding event_loop_policy is deprecated in pytest-asyncio; its replacement hook lives in
+# the shared conftest and would parametrize every test of the project.
+pytestmark = pytest.mark.filterwarnings('ignore:Overriding the "event_loop_policy"')
 TIMEOUT = 5_000 * MS
 PATHS = ["/api/sessions/{id}/vnc", "/api/auth/session/{id}/novnc/websock"]
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def event_loop_policy(request: pytest.FixtureRequest) -> asyncio.AbstractEventLoopPolicy:
+    """Run every bridge test on both loops: production runs on uvloop, whose transports differ."""
+    policy: asyncio.AbstractEventLoopPolicy = (
+        uvloop.EventLoopPolicy() if request.param == "uvloop" else asyncio.DefaultEventLoopPolicy()
+    )
+    return policy
 
 
 @dataclass
@@ -53,8 +66,13 @@ class Authorizer:
         ticket: str | None,
     ) -> VncTarget:
         self.calls.append(
-            {"session": session_id, "cookie": cookie_header, "origin": origin, "host": host,
-             "ticket": ticket}
+            {
+                "session": session_id,
+                "cookie": cookie_header,
+                "origin": origin,
+                "host": host,
+                "ticket": ticket,
+            }
         )
         if self.refusal is not None:
             raise self.refusal
@@ -165,17 +183,37 @@ async def test_relays_binary_both_ways_and_counts_bytes(
         server.server.close()
 
 
+async def test_large_and_fragmented_messages_arrive_intact(stack: Stack) -> None:
+    """Messages split across reads and fragmented messages reach the VNC side byte for byte."""
+    payload = os.urandom(300_000)
+    async with connect(stack.url(), max_size=None) as ws:
+        await ws.send(payload)
+        await ws.send([payload[:1000], payload[1000:70_000], payload[70_000:]])
+        received = b""
+        async with asyncio.timeout(TIMEOUT):
+            while len(received) < 2 * len(payload):
+                message = await ws.recv()
+                assert isinstance(message, bytes)
+                received += message
+        assert received == payload + payload
+        pong = await ws.ping()
+        await asyncio.wait_for(pong, TIMEOUT)  # the viewer's own pings are answered
+
+
 async def test_accepts_binary_subprotocol_when_offered(stack: Stack) -> None:
     """A viewer offering `binary` (noVNC) gets it; credentials headers reach the authorizer."""
     headers = {"Cookie": "remotecli_token=x", "Origin": "http://example.test"}
     async with connect(
-        stack.url(), subprotocols=["binary"], additional_headers=headers  # type: ignore[list-item]
+        stack.url(),
+        subprotocols=[Subprotocol("binary")],
+        additional_headers=headers,
     ) as ws:
         assert ws.subprotocol == "binary"
     call = stack.authorizer.calls[0]
     assert call["cookie"] == "remotecli_token=x"
     assert call["origin"] == "http://example.test"
-    assert call["host"] is not None and call["host"].startswith("127.0.0.1:")
+    assert call["host"] is not None
+    assert call["host"].startswith("127.0.0.1:")
 
 
 @pytest.mark.parametrize(
@@ -329,20 +367,37 @@ async def x11vnc_with_password(tmp_path: Path) -> AsyncIterator[tuple[str, str]]
     """A real Xvfb and x11vnc asking VNC Authentication on a Unix socket."""
     if shutil.which("Xvfb") is None or shutil.which("x11vnc") is None:
         pytest.skip("Xvfb and x11vnc are needed: run scripts/install-system-deps.sh run")
-    read_fd, write_fd = os.pipe()
     xvfb = await asyncio.create_subprocess_exec(
-        "Xvfb", "-displayfd", str(write_fd), "-nolisten", "tcp", "-screen", "0", "320x200x24",
-        pass_fds=(write_fd,), stderr=asyncio.subprocess.DEVNULL, start_new_session=True,
+        "Xvfb",
+        "-displayfd",
+        "1",
+        "-nolisten",
+        "tcp",
+        "-screen",
+        "0",
+        "320x200x24",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+        start_new_session=True,
     )
-    os.close(write_fd)
-    loop = asyncio.get_running_loop()
-    display = (await loop.run_in_executor(None, os.read, read_fd, 16)).decode().strip()
-    os.close(read_fd)
+    assert xvfb.stdout is not None
+    display = (await asyncio.wait_for(xvfb.stdout.readline(), TIMEOUT)).decode().strip()
     sock = str(tmp_path / "vnc.sock")
     x11vnc = await asyncio.create_subprocess_exec(
-        "x11vnc", "-display", f":{display}", "-unixsock", sock, "-rfbport", "0",
-        "-passwd", "s3cret", "-forever", "-shared", "-quiet",
-        stderr=open("/tmp/exp1/x11vnc-test.log", "wb"), start_new_session=True,
+        "x11vnc",
+        "-display",
+        f":{display}",
+        "-unixsock",
+        sock,
+        "-rfbport",
+        "0",
+        "-passwd",
+        "s3cret",
+        "-forever",
+        "-shared",
+        "-quiet",
+        stderr=asyncio.subprocess.DEVNULL,
+        start_new_session=True,
     )
     async with asyncio.timeout(TIMEOUT):
         while True:
@@ -365,11 +420,9 @@ async def test_bridge_answers_vnc_authentication_for_the_viewer(
 ) -> None:
     """With a password the viewer sees security None and the bridge authenticates to x11vnc."""
     sock, password = x11vnc_with_password
-    stack = await make_stack(
-        VncEndpoint(unix_path=sock, password=password if correct else "wrong")
-    )
+    stack = await make_stack(VncEndpoint(unix_path=sock, password=password if correct else "wrong"))
     try:
-        async with connect(stack.url(), subprotocols=["binary"]) as ws:  # type: ignore[list-item]
+        async with connect(stack.url(), subprotocols=[Subprotocol("binary")]) as ws:
             recv: Callable[[], Awaitable[bytes]] = ws.recv  # type: ignore[assignment]
             if correct:
                 viewer = RfbViewer(recv, ws.send)  # no password: security None offered

@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -195,3 +196,20 @@ def test_sigterm_stops_running_sessions(tmp_path: Path) -> None:
         assert after["state"] == "stopped"
         assert after["reason"] == "the controller shut down"
         assert up.terminate() == 0
+
+
+def test_taken_port_exits_2(tmp_path: Path) -> None:
+    """A --listen address already in use is refused with exit status 2 naming the address."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [*REMOTECLI, "up", "--listen", f"127.0.0.1:{port}", "--data-dir", str(tmp_path)],
+            capture_output=True,
+            text=True,
+            env=clean_env(),
+            timeout=20_000 * MS,
+        )
+    assert result.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import cast
 
 import httpx
 import pytest
@@ -172,8 +173,81 @@ async def test_unix_socket_upstream() -> None:
     with tempfile.TemporaryDirectory() as directory:
         path = f"{directory}/up.sock"
         upstream.server = await asyncio.start_unix_server(upstream._serve, path)
-        async with running_gateway({"/": f"unix:{path}"}) as gateway:
-            async with httpx.AsyncClient() as client:
-                response = await client.get(f"http://127.0.0.1:{gateway.address[1]}/via-unix")
+        async with (
+            running_gateway({"/": f"unix:{path}"}) as gateway,
+            httpx.AsyncClient() as client,
+        ):
+            response = await client.get(f"http://127.0.0.1:{gateway.address[1]}/via-unix")
         assert response.text == "upstream saw GET /via-unix with 0 bytes"
         upstream.close()
+
+
+async def test_forwarding_headers_from_untrusted_client_are_replaced() -> None:
+    """A client not in --trusted-proxy cannot forge X-Forwarded-For; its id is forwarded."""
+    upstream = await HttpUpstream().start()
+    async with running_gateway({"/": upstream.url}) as gateway:
+        await exchange(
+            gateway.address[1],
+            b"GET /f HTTP/1.1\r\nHost: app.example\r\nX-Forwarded-For: 6.6.6.6\r\n"
+            b"Forwarded: for=6.6.6.6\r\nX-Request-Id: trace-1\r\nConnection: close\r\n\r\n",
+        )
+        assert upstream.header(b"x-forwarded-for") == b"127.0.0.1"
+        assert upstream.header(b"forwarded") == b"for=127.0.0.1;proto=http;host=app.example"
+        assert upstream.header(b"x-forwarded-host") == b"app.example"
+        assert upstream.header(b"x-forwarded-port") == str(gateway.address[1]).encode()
+        assert upstream.header(b"x-request-id") == b"trace-1"
+    upstream.close()
+
+
+async def test_forwarding_headers_from_trusted_proxy_are_extended() -> None:
+    """From a trusted proxy, X-Forwarded-For is appended to and its proto is believed."""
+    upstream = await HttpUpstream().start()
+    async with running_gateway({"/": upstream.url}, trusted_proxies=("127.0.0.0/8",)) as gateway:
+        await exchange(
+            gateway.address[1],
+            b"GET /f HTTP/1.1\r\nHost: h\r\nX-Forwarded-For: 203.0.113.5\r\n"
+            b"X-Forwarded-Proto: https\r\nConnection: close\r\n\r\n",
+        )
+        assert upstream.header(b"x-forwarded-for") == b"203.0.113.5, 127.0.0.1"
+        assert upstream.header(b"x-forwarded-proto") == b"https"
+        request_id = upstream.header(b"x-request-id")
+        assert request_id is not None
+        assert len(request_id) == 32  # generated when the client sent none
+    upstream.close()
+
+
+async def test_host_rewrite_replaces_host_upstream() -> None:
+    """With --host-rewrite the upstream sees that Host; X-Forwarded-Host keeps the client's."""
+    upstream = await HttpUpstream().start()
+    async with running_gateway({"/": upstream.url}, host_rewrite="backend.internal") as gateway:
+        await exchange(
+            gateway.address[1], b"GET / HTTP/1.1\r\nHost: public\r\nConnection: close\r\n\r\n"
+        )
+        assert upstream.header(b"host") == b"backend.internal"
+        assert upstream.header(b"x-forwarded-host") == b"public"
+    upstream.close()
+
+
+async def test_client_pause_pauses_upstream_for_large_response() -> None:
+    """A client that stops reading a large response makes the gateway pause the upstream."""
+    upstream = await HttpUpstream().start()
+    async with running_gateway({"/": upstream.url}) as gateway:
+        _reader, writer = await asyncio.open_connection("127.0.0.1", gateway.address[1])
+        cast(asyncio.ReadTransport, writer.transport).pause_reading()
+        writer.write(b"GET /bytes/200000000 HTTP/1.1\r\nHost: h\r\n\r\n")
+        context = gateway._context
+        assert context is not None
+        async with asyncio.timeout(10000 * MS):
+            while True:
+                connection = next(iter(context.connections))
+                active = connection._active
+                if active is not None and active.upstream is not None:
+                    transport = active.upstream.transport
+                    if transport is not None and not transport.is_reading():
+                        break
+                await asyncio.sleep(0)
+        assert connection.transport is not None
+        assert connection.transport.get_write_buffer_size() <= 2 * 1024 * 1024
+        assert active.bytes_down < 100_000_000
+        writer.close()
+    upstream.close()

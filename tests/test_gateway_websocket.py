@@ -6,12 +6,13 @@ import asyncio
 import base64
 import re
 from collections.abc import Callable
+from typing import ClassVar, cast
 
 import pytest
 import uvloop
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection, serve
-from websockets.exceptions import ConnectionClosedOK
+from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
 
 from remotecli.gateway import ClientInfo, LocalUpgrade
 from remotecli.gateway.tunnel import READ_HIGH_WATER
@@ -69,7 +70,7 @@ async def test_echo_with_subprotocol_and_compression_end_to_end() -> None:
 
 
 async def test_end_to_end_headers_reach_upstream_unchanged() -> None:
-    """Key, Protocol, Extensions, Origin, Cookie, Authorization and custom headers arrive as sent."""
+    """Key, Protocol, Extensions, Origin, Cookie, Authorization, custom headers arrive as sent."""
     upstream = await WebSocketUpstream().start()
     async with running_gateway({"/": upstream.url}) as gateway:
         url = f"ws://127.0.0.1:{gateway.address[1]}/ws"
@@ -195,17 +196,19 @@ async def test_client_that_never_reads_keeps_gateway_memory_bounded() -> None:
     async with serve(flood, "127.0.0.1", 0, compression=None) as server:
         port = server.sockets[0].getsockname()[1]
         async with running_gateway({"/": f"http://127.0.0.1:{port}"}) as gateway:
-            reader, writer = await asyncio.open_connection(
+            _reader, writer = await asyncio.open_connection(
                 "127.0.0.1", gateway.address[1], limit=1024
             )
-            writer.transport.pause_reading()  # never read: the kernel buffers fill up
+            cast(
+                asyncio.ReadTransport, writer.transport
+            ).pause_reading()  # never read: the kernel buffers fill up
             writer.write(upgrade_request("/"))
             context = gateway._context
             assert context is not None
             await wait_for(lambda: len(context.tunnels) == 1, 5000 * MS)
             tunnel = next(iter(context.tunnels))
             upstream_transport = tunnel.upstream.transport
-            await wait_for(lambda: not upstream_transport.is_reading(), 10000 * MS)  # type: ignore[attr-defined]
+            await wait_for(lambda: not upstream_transport.is_reading(), 10000 * MS)
             assert tunnel.client.transport.get_write_buffer_size() <= READ_HIGH_WATER + (1 << 20)
             relayed = tunnel.bytes_down
             assert relayed < 64 << 20  # far less than the 128 MiB the upstream wants to send
@@ -244,7 +247,7 @@ async def test_half_close_is_relayed_both_ways() -> None:
 class EchoHead(asyncio.Protocol):
     """A tiny protocol that takes over a connection and echoes what it first receives."""
 
-    instances: list[EchoHead] = []
+    instances: ClassVar[list[EchoHead]] = []
 
     def __init__(self, client: ClientInfo) -> None:
         self.client = client
@@ -275,3 +278,16 @@ async def test_local_upgrade_takes_over_the_connection() -> None:
         assert gateway.metrics.tunnels_open._value.get() == 1
         writer.close()
         await wait_for(lambda: gateway.metrics.tunnels_open._value.get() == 0, 5000 * MS)
+
+
+async def test_idle_tunnel_is_closed_after_idle_timeout() -> None:
+    """With --idle-timeout, a tunnel with no traffic is closed and logged as idle."""
+    upstream = await WebSocketUpstream().start()
+    async with running_gateway({"/": upstream.url}, idle_timeout=300 * MS) as gateway:
+        async with connect(f"ws://127.0.0.1:{gateway.address[1]}/", ping_interval=None) as ws:
+            await ws.send(b"once")
+            assert await ws.recv() == b"once"
+            with pytest.raises(ConnectionClosed):
+                await asyncio.wait_for(ws.recv(), 5000 * MS)
+        assert gateway.metrics.tunnels.labels("idle")._value.get() == 1
+    await upstream.close()

@@ -353,7 +353,7 @@ def image_group() -> None:
     multiple=True,
     metavar="NAME",
     help="Also install this provider's CLI from npm inside the image (claude-code, codex, "
-    "gemini). Repeat for several.",
+    "gemini-cli). Repeat for several.",
 )
 @click.option("--force", is_flag=True, help="Rebuild even when the cache holds this image.")
 @click.option(

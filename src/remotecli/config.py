@@ -116,7 +116,7 @@ class ControllerConfig:
     session_ttl: float = 3600.0  # seconds a session may live; 0 = forever
     idle_stop: float = 1800.0  # seconds without a viewer before a ready session stops; 0 = never
     max_sessions: int = 20  # active sessions on this host (503 past it)
-    max_sessions_per_user: int = 5  # active sessions per user (429 past it)
+    max_sessions_per_user: int = 10  # active sessions per user (429 past it)
     allowed_origins: tuple[str, ...] = ()  # extra origins allowed to open WebSockets by cookie
     trusted_proxies: tuple[str, ...] = ()  # CIDRs whose X-Forwarded-* the gateway believes
     providers: tuple[ProviderConfig, ...] = ()
@@ -171,6 +171,13 @@ def _parse_count(value: object, name: str) -> int:
     return count
 
 
+def _parse_choice(value: object, name: str, choices: tuple[str, ...]) -> str:
+    text = str(value).strip().lower()
+    if text not in choices:
+        raise ConfigError(f"{name} = {value!r} is unknown; choose one of: {', '.join(choices)}")
+    return text
+
+
 def _parse_list(value: object) -> tuple[str, ...]:
     if isinstance(value, list | tuple):
         return tuple(str(v) for v in value)
@@ -214,8 +221,8 @@ _CONTROLLER_PARSERS: dict[str, Callable[[object], object]] = {
     "allowed_origins": _parse_list,
     "trusted_proxies": _parse_list,
     "providers": _parse_providers,
-    "log_format": str,
-    "log_level": str,
+    "log_format": lambda v: _parse_choice(v, "log_format", ("console", "json")),
+    "log_level": lambda v: _parse_choice(v, "log_level", ("debug", "info", "warning", "error")),
     "tls_cert": str,
     "tls_key": str,
 }

@@ -129,6 +129,8 @@ def check_head_size(received: int, limit: int) -> None:
 
 def check_request_head(head: RequestHead) -> None:
     """Raise BadRequest for a head no proxy should forward: no Host in 1.1, or several Hosts."""
+    if head.version not in ("1.0", "1.1"):
+        raise BadRequest(f"HTTP/{head.version} is not served here; send HTTP/1.1")
     hosts = get_all(head.headers, b"host")
     if len(hosts) > 1:
         raise BadRequest("request has several Host headers; send exactly one")

@@ -24,10 +24,11 @@ import asyncio
 import contextlib
 import re
 import secrets
+import struct
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, cast
 from urllib.parse import parse_qs, urlsplit
 
 import prometheus_client
@@ -36,6 +37,7 @@ from websockets.frames import Frame, Opcode
 from websockets.http11 import Request
 from websockets.protocol import State
 from websockets.server import ServerProtocol
+from websockets.speedups import apply_mask
 from websockets.typing import BytesLike, Subprotocol
 
 from remotecli.drivers.base import VncEndpoint
@@ -55,6 +57,10 @@ CLOSE_TIMEOUT = 5.0
 MAX_VIEWER_MESSAGE = 4 * 1024 * 1024
 WRITE_BUFFER_HIGH = 1024 * 1024
 BINARY = Subprotocol("binary")
+_HEADER_16 = struct.Struct("!BBH")
+_LENGTH_16 = struct.Struct("!H")
+_LENGTH_64 = struct.Struct("!Q")
+_HEADER_64 = struct.Struct("!BBQ")
 
 
 @dataclass(frozen=True)
@@ -194,6 +200,8 @@ class _Viewer(asyncio.Protocol):
         self.bytes_out = 0
         self.ended = asyncio.Event()
         self.viewer_rfb: NoAuthServerHandshake | None = None
+        self._fast = False  # parse the viewer's frames here rather than in websockets
+        self._inbound = bytearray()
         self.server_rfb: RfbClient | None = None
         self._ping_payload: bytes | None = None
         self._ping_timer: asyncio.TimerHandle | None = None
@@ -204,13 +212,16 @@ class _Viewer(asyncio.Protocol):
     # --- the viewer's transport ---------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
 
     def data_received(self, data: bytes) -> None:
-        self.ws.receive_data(data)
-        self._handle_events()
+        if self._fast:
+            self._relay_frames(data)
+        else:
+            self.ws.receive_data(data)
+            self._handle_events()
 
     def eof_received(self) -> bool | None:
         self.ws.receive_eof()
@@ -274,6 +285,10 @@ class _Viewer(asyncio.Protocol):
             )
         except RemoteCliError as exc:
             self._reject(exc.status, exc.message)
+            return
+        except Exception:  # the authorizer's bug: answer 500 rather than drop the viewer
+            log.exception("vnc_authorizer_failed", session_id=self.session_id)
+            self._reject(500, "internal error while checking credentials; see the server log")
             return
         if self.bridge.closing:
             self._reject(503, "the server is shutting down; reconnect in a moment")
@@ -347,6 +362,9 @@ class _Viewer(asyncio.Protocol):
             self.close_reason = response.body.decode(errors="replace").strip()
             return False
         self.attached = True
+        # Once open, data frames are parsed by _relay_frames; websockets still sees every
+        # control frame. Only switch when its parser holds no bytes of a half-received frame.
+        self._fast = not self.ws.reader.buffer
         self.bridge.metrics.viewers.inc()
         self.bridge.authorizer.viewer_attached(self.session_id)
         return True
@@ -376,13 +394,65 @@ class _Viewer(asyncio.Protocol):
                 self._to_viewer(leftover)
         upstream.transport.write(payload)
 
+    def _relay_frames(self, data: bytes) -> None:
+        """Relay the viewer's binary frames; hand control frames to websockets; 1003 on text.
+
+        The hot path of viewer-to-VNC traffic: one unmasking copy per frame, no generator.
+        """
+        buffer = self._inbound + data if self._inbound else data
+        end, position = len(buffer), 0
+        with memoryview(buffer) as view:
+            while end - position >= 2:
+                first, second = view[position], view[position + 1]
+                length, offset = second & 0x7F, position + 2
+                if length == 126:
+                    if end - offset < 2:
+                        break
+                    (length,) = _LENGTH_16.unpack_from(view, offset)
+                    offset += 2
+                elif length == 127:
+                    if end - offset < 8:
+                        break
+                    (length,) = _LENGTH_64.unpack_from(view, offset)
+                    offset += 8
+                if length > MAX_VIEWER_MESSAGE:
+                    self.close(1009, f"frame over {MAX_VIEWER_MESSAGE} bytes")
+                    return
+                if end - offset < 4 + length:
+                    break
+                opcode = first & 0x0F
+                if first & 0x70 or not second & 0x80:
+                    self.close(1002, "reserved bits set or unmasked frame from the viewer")
+                    return
+                frame_end = offset + 4 + length
+                if opcode in (0x0, 0x2):  # continuation, binary
+                    mask = bytes(view[offset : offset + 4])
+                    self._from_viewer(apply_mask(view[offset + 4 : frame_end], mask))
+                elif opcode == 0x1:
+                    self.close(1003, "text frames are not accepted; send RFB bytes as binary")
+                    return
+                else:  # ping, pong, close and anything unknown: websockets' rules apply
+                    self.ws.receive_data(bytes(view[position:frame_end]))
+                    self._handle_events()
+                position = frame_end
+        self._inbound = bytearray(buffer[position:]) if position < end else bytearray()
+
     def _to_viewer(self, data: bytes, *, count: bool = True) -> None:
         if not data or self.ws.state is not State.OPEN:
             return
+        size = len(data)
         if count:
-            self.bytes_out += len(data)
-        self.ws.send_binary(data)
-        self._flush()
+            self.bytes_out += size
+        # A server's frames are unmasked: writing the header and the payload as they are saves
+        # websockets' serializer two copies of every message (the hot path of the relay).
+        if size < 126:
+            header = bytes((0x82, size))
+        elif size < 65536:
+            header = _HEADER_16.pack(0x82, 126, size)
+        else:
+            header = _HEADER_64.pack(0x82, 127, size)
+        assert self.transport is not None
+        self.transport.writelines((header, data))
 
     def _flush(self) -> None:
         transport = self.transport
@@ -496,9 +566,9 @@ class _Upstream(asyncio.Protocol):
         self._pending = bytearray()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
 
     def data_received(self, data: bytes) -> None:
         rfb = self.viewer.server_rfb

@@ -59,6 +59,10 @@ class Subscription:
             return
         self._queue.put_nowait(event)
 
+    def pending(self) -> int:
+        """Return how many events wait to be read."""
+        return self._queue.qsize()
+
     async def get(self) -> SessionEvent | None:
         """Return the next event, or None when this subscriber was dropped for being slow."""
         return await self._queue.get()

@@ -71,11 +71,13 @@ def ensure_admin_token(store: Store, data_dir: Path, env_token: str | None) -> s
     start; else a new one, saved there now.
     """
     path = data_dir / ADMIN_TOKEN_FILE
+    saved = path.read_text(encoding="ascii").strip() if path.exists() else ""
     if env_token:
         token = env_token
-    elif path.exists():
-        token = path.read_text(encoding="ascii").strip()
+    elif saved:
+        token = saved
     else:
+        path.unlink(missing_ok=True)  # an emptied file: replace it
         token = new_token()
         descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(descriptor, "w", encoding="ascii") as handle:
@@ -209,8 +211,9 @@ class Controller:
             log_format=config.log_format,
             log_level=config.log_level,
         )
-        self.gateway = Gateway(gateway_config, bridge.local_upgrades(), registry=self.registry)
-        await self.gateway.start()
+        gateway = Gateway(gateway_config, bridge.local_upgrades(), registry=self.registry)
+        await gateway.start()
+        self.gateway = gateway
         log.info("controller started", listen=self.url(), driver=driver.name)
 
     @property

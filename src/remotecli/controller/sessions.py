@@ -286,6 +286,8 @@ class SessionManager:
 
     async def _stop(self, session_id: str, reason: str | None) -> SessionRecord:
         record = self.store.session(session_id)
+        if is_final(record.state):
+            return record  # it failed between the request and now
         if record.state is not State.STOPPING:
             record = self._apply(session_id, Event.STOP, reason=reason)
         runtime = self._runtime.setdefault(session_id, _Runtime())
@@ -297,9 +299,11 @@ class SessionManager:
         try:
             await self.driver.stop(session_id)
         except RemoteCliError as exc:
-            return self._apply(session_id, Event.FAIL, reason=f"stopping failed: {exc.message}")
-        record = self._apply(session_id, Event.STOPPED)
-        self._runtime.pop(session_id, None)
+            record = self._apply(session_id, Event.FAIL, reason=f"stopping failed: {exc.message}")
+        else:
+            record = self._apply(session_id, Event.STOPPED)
+        finally:
+            self._runtime.pop(session_id, None)
         return record
 
     # --- one session's task --------------------------------------------------------------------
@@ -344,6 +348,9 @@ class SessionManager:
         await self._fail(session_id, f"the session ended by itself: {reason}")
 
     async def _fail(self, session_id: str, reason: str) -> None:
+        runtime = self._runtime.get(session_id)
+        if runtime is not None and runtime.stopping is not None:
+            return  # a stop is under way: its outcome is the session's
         try:
             self._apply(session_id, Event.FAIL, reason=reason)
         except Conflict:

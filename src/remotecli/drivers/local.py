@@ -47,6 +47,7 @@ READY_TIMEOUT = 15.0
 _PR_SET_CHILD_SUBREAPER = 36
 _MARKER_VARIABLE = "REMOTECLI_SANDBOX"
 _REAP_TIMEOUT = 5.0
+_UNIX_PATH_MAX = 107  # sun_path is 108 bytes with the terminating NUL
 _POLL_INTERVAL = 0.01
 
 # Runs inside the sandbox. Arguments: run dir, width, height, then the session's command.
@@ -179,6 +180,13 @@ class LocalDriver:
             raise DriverError(
                 f"{', '.join(missing)} not installed; run scripts/install-system-deps.sh run",
                 missing=missing,
+            )
+        socket_path = spec.workdir / "run" / "vnc.sock"
+        if len(os.fsencode(socket_path)) > _UNIX_PATH_MAX:
+            raise DriverError(
+                f"the VNC socket path {socket_path} is longer than a Unix socket allows "
+                f"({_UNIX_PATH_MAX} bytes); choose a shorter data directory",
+                session_id=spec.session_id,
             )
         began = time.monotonic()
         home, run_dir = self._prepare(spec)

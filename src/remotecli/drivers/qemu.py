@@ -210,10 +210,14 @@ class QemuDriver:
             assert vm.qmp is not None
             await vm.qmp.execute(
                 "migrate-set-capabilities",
-                capabilities=[{"capability": "x-ignore-shared", "state": True}],
+                capabilities=[
+                    {"capability": "x-ignore-shared", "state": True},
+                    {"capability": "events", "state": True},
+                ],
             )
             await vm.qmp.execute("migrate-incoming", uri=f"exec:cat {template / 'state'}")
-            await vm.qmp.wait_event("RESUME", within=RESTORE_SECONDS)
+            await _wait_incoming(vm.qmp)
+            await vm.qmp.execute("cont")  # the template was saved paused, so clones load paused
             progress("clone restored from the template")
             vm.password = "".join(secrets.choice(PASSWORD_ALPHABET) for _ in range(PASSWORD_LENGTH))
             line = session_line(
@@ -222,13 +226,14 @@ class QemuDriver:
                 vm.password,
                 secrets.token_hex(32),
             )
-            answer, vm.port = await asyncio.gather(
+            vm.port = await _port(vm)
+            # The banner does not depend on the password (x11vnc rereads it per connection),
+            # so both waits overlap.
+            answer, _ = await asyncio.gather(
                 _control_exchange(vm.paths.control, line, "ok ", within=RESTORE_SECONDS),
-                _port(vm),
+                _read_banner(vm.port, within=RESTORE_SECONDS),
             )
-            progress(f"guest took its clock, entropy, hostname and VNC password ({answer})")
-            await _read_banner(vm.port, within=RESTORE_SECONDS)
-            progress("VNC banner read")
+            progress(f"VNC banner read; guest took its clock, entropy, name, password ({answer})")
         except BaseException:
             await _terminate(vm)
             raise
@@ -427,6 +432,22 @@ async def _wait_migration(qmp: QmpClient) -> None:
             raise DriverError(f"saving the template failed (migration {status}); see qemu.log")
         await asyncio.sleep(0.02)
     raise DriverError("saving the template did not finish in time; check free disk space")
+
+
+async def _wait_incoming(qmp: QmpClient) -> None:
+    """Wait for the MIGRATION event that says the template's state is loaded."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + RESTORE_SECONDS
+    while True:
+        event = await qmp.wait_event("MIGRATION", within=max(0.0, deadline - loop.time()))
+        status = event.get("data", {}).get("status")
+        if status == "completed":
+            return
+        if status in ("failed", "cancelled"):
+            raise DriverError(
+                f"restoring the template failed (migration {status}); the template does not "
+                "match this QEMU: delete the data dir's qemu/templates and retry"
+            )
 
 
 async def _port(vm: _Vm) -> int:

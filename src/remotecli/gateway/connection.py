@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import inspect
 import re
 import socket
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -36,6 +37,7 @@ from remotecli import http11
 from remotecli.config import GatewayConfig
 from remotecli.exceptions import (
     BadRequest,
+    LocalProtocolError,
     NotFound,
     RemoteCliError,
     RequestTimeout,
@@ -195,7 +197,9 @@ class ClientConnection(asyncio.Protocol):
         self._error: RemoteCliError | None = None
         self._reading = True
         self._upstream_paused = False
+        self._client_paused = False
         self._close_after = False
+        self._body_error: RemoteCliError | None = None  # the body in flight broke (bad chunk)
         self._detached = False
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
@@ -253,6 +257,12 @@ class ClientConnection(asyncio.Protocol):
         if self._active is None and not self._queue:
             return False
         self._close_after = True
+        active = self._active
+        if active is not None and active is self._parsing and not active.request_done:
+            # The body can never complete: the upstream would wait for it until its timeout.
+            self._protocol_failed(
+                BadRequest("the client closed its side before the request body was complete")
+            )
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -263,11 +273,13 @@ class ClientConnection(asyncio.Protocol):
             self._task.cancel()
 
     def pause_writing(self) -> None:
+        self._client_paused = True
         upstream = self._active.upstream if self._active is not None else None
         if upstream is not None and upstream.transport is not None:
             upstream.transport.pause_reading()
 
     def resume_writing(self) -> None:
+        self._client_paused = False
         upstream = self._active.upstream if self._active is not None else None
         if upstream is not None and upstream.transport is not None and not upstream.closed:
             upstream.transport.resume_reading()
@@ -386,9 +398,21 @@ class ClientConnection(asyncio.Protocol):
         except RemoteCliError as exc:
             self._answer_error(exchange, exc)
         except asyncio.CancelledError:
-            exchange.ended = "client_closed"
-            if exchange.upstream is not None and exchange.upstream.transport is not None:
-                exchange.upstream.transport.abort()
+            if self._body_error is not None:
+                self._answer_error(exchange, self._body_error)
+            else:
+                exchange.ended = "client_closed"
+                if exchange.upstream is not None and exchange.upstream.transport is not None:
+                    exchange.upstream.transport.abort()
+        except Exception as exc:  # a bug of ours: answer 500 and log it, never a silent close
+            log.exception("request failed", path=exchange.head.path)
+            self._answer_error(
+                exchange,
+                LocalProtocolError(
+                    f"the gateway failed on this request ({type(exc).__name__}); "
+                    "retry, and report it with the request id if it persists"
+                ),
+            )
         if not self._detached or exchange.ended == "client_closed":
             self._finish(exchange)
 
@@ -399,7 +423,8 @@ class ClientConnection(asyncio.Protocol):
             exchange.status = 200
             exchange.upstream_label = "gateway"
             body = b"" if head.method == "HEAD" else b"ok\n"
-            self.transport.write(http11.simple_response(200, body, close=self._closing(exchange)))
+            self._close_after = self._closing(exchange)
+            self.transport.write(http11.simple_response(200, body, close=self._close_after))
             return
         forwarding = forward(
             head.headers,
@@ -452,6 +477,9 @@ class ClientConnection(asyncio.Protocol):
         for attempt in (0, 1):
             upstream = await self._ctx.pool.acquire(address, fresh=attempt > 0)
             exchange.upstream = upstream
+            self._upstream_paused = False
+            if self._client_paused and upstream.transport is not None:
+                upstream.transport.pause_reading()  # the client is still not reading
             upstream.start_response(self)
             upstream.write(raw_head)
             chunked = exchange.framing.kind is Framing.CHUNKED
@@ -646,6 +674,13 @@ class ClientConnection(asyncio.Protocol):
         )
         ctx.tunnels.add(tunnel)
         ctx.metrics.tunnels_open.inc()
+        # Drop what the HTTP phase held (parsers form reference cycles) so that an idle
+        # tunnel costs only its two transports and the Tunnel.
+        upstream.forget()
+        exchange.upstream = None
+        exchange.raw_chunks = []
+        self._active = None
+        self._task = None
 
     # -- bookkeeping --------------------------------------------------------------------------
 
@@ -692,6 +727,16 @@ class ClientConnection(asyncio.Protocol):
         self._parser = None
         if self._active is not None:
             self._close_after = True  # answer the request in flight, then close
+            active = self._active
+            if active is self._parsing and not active.request_done and self._task is not None:
+                # Its own body broke: the upstream would wait forever for the rest.
+                self._body_error = exc
+                coro = cast(Coroutine[object, object, None], self._task.get_coro())
+                self._task.cancel()
+                if inspect.getcoroutinestate(coro) == inspect.CORO_CREATED:
+                    # Cancelled before its first step, _run never runs its handler: do it here.
+                    self._answer_error(active, exc)
+                    self._finish(active)
             return
         exchange = self._parsing or Exchange(
             RequestHead("-", "-"), http11.BodyFraming(Framing.NONE), False

@@ -76,6 +76,19 @@ class Tunnel:
     ``on_end`` is called once with the tunnel when both sides are closed.
     """
 
+    __slots__ = (
+        "_idle_timer",
+        "_lost",
+        "_on_end",
+        "client",
+        "context",
+        "ended",
+        "idle_timeout",
+        "last_activity",
+        "started",
+        "upstream",
+    )
+
     def __init__(
         self,
         client: asyncio.Transport,

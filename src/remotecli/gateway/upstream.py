@@ -83,6 +83,23 @@ class UpstreamConnection(asyncio.Protocol):
             for chunk in held:
                 self._sink.body(chunk)
 
+    def make_idle(self) -> None:
+        """Forget the last response and read again (a slow client may have paused reading)."""
+        self.head = None
+        self.done = None
+        self._sink = None
+        if self.transport is not None:
+            self.transport.resume_reading()
+
+    def forget(self) -> None:
+        """Drop the parser and the sink once the connection became a tunnel's."""
+        self._parser = None  # type: ignore[assignment]
+        self._sink = None
+        self._held = None
+        self.head = None
+        self.done = None
+        self.upgrade_rest = b""
+
     def body_until_close(self) -> None:
         """Tell the connection the body ends at EOF (no Content-Length, not chunked)."""
         self._until_close = True
@@ -264,8 +281,7 @@ class UpstreamPool:
         """Keep ``connection`` for reuse if its last response allows it, else close it."""
         idle = self._idle.setdefault(connection.address, [])
         if connection.reusable and len(idle) < MAX_IDLE_PER_UPSTREAM:
-            connection.head = None
-            connection.done = None
+            connection.make_idle()
             idle.append(connection)
         elif connection.transport is not None:
             connection.closed = True

@@ -43,7 +43,7 @@ DISPLAY_PACKAGES = (
 NPM_PROVIDERS = {
     "claude-code": "@anthropic-ai/claude-code",
     "codex": "@openai/codex",
-    "gemini": "@google/gemini-cli",
+    "gemini-cli": "@google/gemini-cli",
 }
 NODE_PACKAGES = ("nodejs", "npm", "ca-certificates")
 
@@ -115,11 +115,12 @@ exec 3<>/dev/ttyS1
 while read -r verb epoch name password seed <&3; do
   case "$verb" in
     session)
-      date -s "@$epoch" >/dev/null 2>&1
+      # Shell built-ins only before the answer: a fresh clone translates every new code path.
+      printf '%s\\n' "$password" > /run/remotecli/vncpass
       printf '%s' "$seed" > /dev/urandom
       printf '%s\\n' "$name" > /proc/sys/kernel/hostname
-      printf '%s\\n' "$password" > /run/remotecli/vncpass
       printf 'ok %s\\n' "$name" >&3
+      $bb date -s "@$epoch" >/dev/null 2>&1
       ;;
     ping) printf 'pong\\n' >&3 ;;
     *) printf 'error unknown command\\n' >&3 ;;

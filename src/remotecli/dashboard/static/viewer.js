@@ -5,6 +5,8 @@
 import { api, ApiError, endedMessage, FINAL_STATES, NOT_AUTHORISED, UNREACHABLE } from "./api.js";
 
 const BACKOFF_MS = [500, 1000, 2000, 4000, 8000, 15000];
+// Raw, CopyRect, RRE, Hextile, Zlib, Tight, ZRLE, JPEG, H.264, TightPNG: rectangles of pixels.
+const PIXEL_ENCODINGS = new Set([0, 1, 2, 5, 6, 7, 16, 21, 50, -260]);
 
 /**
  * Connects the screen element to sessions. Events: "status" (detail {tone, text}),
@@ -110,15 +112,24 @@ export class Viewer extends EventTarget {
     });
   }
 
-  // noVNC has no public "first framebuffer drawn" event: wrap the method that finishes one
-  // update, so the page (and the benchmark) know when the first pixels are on screen.
+  // noVNC has no public "first framebuffer drawn" event: wrap the two methods that handle one
+  // rectangle and finish one update, so the page (and the benchmark) learn when the first
+  // update carrying pixels (not only a desktop size or a cursor) is on screen.
   watchFirstFrame(rfb) {
-    const original = rfb._framebufferUpdate;
-    if (typeof original !== "function") return;
+    const handleRect = rfb._handleRect;
+    const framebufferUpdate = rfb._framebufferUpdate;
+    if (typeof handleRect !== "function" || typeof framebufferUpdate !== "function") return;
     const viewer = this;
+    let pixels = false;
+    rfb._handleRect = function (...args) {
+      const encoding = this._FBU.encoding;
+      const done = handleRect.apply(this, args);
+      if (done && PIXEL_ENCODINGS.has(encoding)) pixels = true;
+      return done;
+    };
     rfb._framebufferUpdate = function (...args) {
-      const done = original.apply(this, args);
-      if (done && viewer.screen.dataset.firstFrame !== "drawn" && viewer.rfb === rfb) {
+      const done = framebufferUpdate.apply(this, args);
+      if (done && pixels && viewer.rfb === rfb && viewer.screen.dataset.firstFrame !== "drawn") {
         viewer.screen.dataset.firstFrame = "drawn";
         viewer.dispatchEvent(new Event("firstframe"));
       }

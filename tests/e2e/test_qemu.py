@@ -1,0 +1,223 @@
+"""Issue 5 end to end: microVM sessions as copy-on-write clones, through gateway and bridge.
+
+The guest image is built once into the user's image cache (``remotecli image build``) and
+reused by later runs; the build time is printed. One controller with the qemu driver serves
+the whole module, so the template VM is cold-booted once and every session is a clone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import pytest_asyncio
+from websockets.asyncio.client import connect
+from websockets.typing import Subprotocol
+
+from remotecli.config import ControllerConfig
+from remotecli.controller.server import Controller
+from remotecli.drivers.qemu import QemuDriver
+from remotecli.images import GuestImage, ImageBuildError, build_image, find_image
+from remotecli.images.build import default_cache_dir
+from remotecli.rfb import PROTOCOL_VERSION_3_8, SECURITY_VNC_AUTH
+from tests.conftest import MS
+from tests.rfb_viewer import RfbViewer, wait_for_file
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.qemu,
+    pytest.mark.skipif(
+        shutil.which("qemu-system-x86_64") is None,
+        reason="qemu-system-x86_64 is needed: run scripts/install-system-deps.sh test",
+    ),
+    pytest.mark.asyncio(loop_scope="module"),
+]
+TIMEOUT = 60_000 * MS
+TEMPLATE_TIMEOUT = 240_000 * MS
+BINARY = Subprotocol("binary")
+
+
+@dataclass
+class System:
+    base: str
+    token: str
+    driver: QemuDriver
+
+    @property
+    def ws_base(self) -> str:
+        return "ws" + self.base.removeprefix("http")
+
+    def api(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(
+            base_url=self.base,
+            headers={"Authorization": f"Bearer {self.token}"},
+            timeout=TEMPLATE_TIMEOUT,
+        )
+
+
+@pytest.fixture(scope="module")
+def image(request: pytest.FixtureRequest) -> GuestImage:
+    """The cached guest image, built here (and timed) the first time."""
+    cache = default_cache_dir()
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    try:
+        found = find_image(cache)
+        if reporter is not None:
+            reporter.write_line(f"qemu: guest image {found.key} taken from the cache {cache}")
+        return found
+    except ImageBuildError:
+        if os.geteuid() != 0 or shutil.which("debootstrap") is None:
+            pytest.skip("no guest image and cannot build one here: run `remotecli image build`")
+    started = time.monotonic()
+    built = build_image(cache, progress=lambda step: None)
+    if reporter is not None:
+        reporter.write_line(f"qemu: guest image built in {time.monotonic() - started:.0f} s")
+    return built
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def system(
+    image: GuestImage, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[System]:
+    data_dir = tmp_path_factory.mktemp("qemu") / "data"
+    driver = QemuDriver(data_dir, image_cache=image.directory.parent)
+    controller = Controller(
+        ControllerConfig(listen=("127.0.0.1", 0), data_dir=data_dir), driver=driver
+    )
+    await controller.start()
+    try:
+        yield System(controller.url(), controller.admin_token, driver)
+    finally:
+        await controller.close()
+        await driver.close()
+
+
+async def delete_and_wait(api: httpx.AsyncClient, session_id: str, pid: int) -> None:
+    """Delete a session and wait until it is stopped and its QEMU process is gone."""
+    assert (await api.delete(f"/api/sessions/{session_id}")).status_code in (200, 202)
+    async with asyncio.timeout(TIMEOUT):
+        while (await api.get(f"/api/sessions/{session_id}")).json()["state"] != "stopped":
+            await asyncio.sleep(50 * MS)
+        while Path(f"/proc/{pid}").exists():
+            await asyncio.sleep(20 * MS)
+
+
+def qemu_pid(system: System, session_id: str) -> int:
+    pid = system.driver.pid_of(session_id)
+    assert pid is not None
+    return pid
+
+
+async def create_ready(system: System, api: httpx.AsyncClient) -> str:
+    """Create a shell session and return its id once its state is ready."""
+    created = await api.post("/api/sessions", json={"provider": "shell"})
+    assert created.status_code == 201, created.text
+    session_id: str = created.json()["id"]
+    async with asyncio.timeout(TEMPLATE_TIMEOUT):
+        async with api.stream("GET", f"/api/sessions/{session_id}/events") as events:
+            async for line in events.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                event = json.loads(line.removeprefix("data:"))
+                assert event.get("state") not in ("failed", "stopped"), event
+                if event.get("state") == "ready":
+                    return session_id
+    raise AssertionError(f"the event stream of {session_id} ended before ready")
+
+
+async def type_in(system: System, api: httpx.AsyncClient, session_id: str, text: str) -> None:
+    """Open the session's VNC WebSocket through gateway and bridge and type ``text``."""
+    ticket = (await api.post(f"/api/sessions/{session_id}/ticket")).json()["ticket"]
+    url = f"{system.ws_base}/api/sessions/{session_id}/vnc?ticket={ticket}"
+    async with connect(url, subprotocols=[BINARY], max_size=None) as ws:
+
+        async def receive() -> bytes:
+            data = await ws.recv()
+            assert isinstance(data, bytes)
+            return data
+
+        viewer = RfbViewer(receive, ws.send)
+        await asyncio.wait_for(viewer.handshake(), TIMEOUT)
+        await viewer.wait_non_blank(TIMEOUT)
+        await viewer.type(text)
+        await viewer.framebuffer_update()  # a round trip: the keys were processed
+
+
+def serial_log(system: System, session_id: str) -> Path:
+    path = system.driver.serial_log(session_id)
+    assert path is not None
+    return path
+
+
+def is_clone(pid: int) -> bool:
+    return b"-incoming" in Path(f"/proc/{pid}/cmdline").read_bytes()
+
+
+async def test_keys_typed_over_vnc_reach_the_clones_shell(system: System) -> None:
+    """A clone session's RFB stream, through gateway and bridge, carries keys to its shell."""
+    async with system.api() as api:
+        session_id = await create_ready(system, api)
+        pid = qemu_pid(system, session_id)
+        assert is_clone(pid)
+        await type_in(system, api, session_id, "echo vm-ok > /dev/ttyS0\n")
+        await wait_for_file(serial_log(system, session_id), TIMEOUT, "vm-ok")
+        await delete_and_wait(api, session_id, pid)
+
+
+async def test_two_sessions_do_not_see_each_others_files(system: System) -> None:
+    """A file written in one clone does not exist in another clone running at the same time."""
+    async with system.api() as api:
+        first, second = await asyncio.gather(create_ready(system, api), create_ready(system, api))
+        pids = {session_id: qemu_pid(system, session_id) for session_id in (first, second)}
+        await type_in(system, api, first, "echo mine > /root/first.txt; echo wrote > /dev/ttyS0\n")
+        await wait_for_file(serial_log(system, first), TIMEOUT, "wrote")
+        await type_in(
+            system,
+            api,
+            second,
+            "test -e /root/first.txt && echo seen > /dev/ttyS0 || echo unseen > /dev/ttyS0\n",
+        )
+        text = await wait_for_file(serial_log(system, second), TIMEOUT, "seen")
+        assert "unseen" in text
+        for session_id, pid in pids.items():
+            await delete_and_wait(api, session_id, pid)
+
+
+async def test_delete_leaves_no_qemu_process(system: System) -> None:
+    """Deleting a session ends its QEMU process and the state reaches stopped."""
+    async with system.api() as api:
+        session_id = await create_ready(system, api)
+        pid = qemu_pid(system, session_id)
+        assert Path(f"/proc/{pid}").exists()
+        await delete_and_wait(api, session_id, pid)
+        assert not Path(f"/proc/{pid}").exists()
+
+
+async def test_guest_vnc_demands_a_password_on_loopback_only(system: System) -> None:
+    """The clone's VNC forward listens on 127.0.0.1 and offers only VNC Authentication."""
+    async with system.api() as api:
+        session_id = await create_ready(system, api)
+        pid = qemu_pid(system, session_id)
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        forwards = [arg for arg in cmdline if b"hostfwd=" in arg]
+        assert forwards
+        assert all(b"hostfwd=tcp:127.0.0.1:" in arg and b"restrict=on" in arg for arg in forwards)
+        record = json.loads((Path(serial_log(system, session_id)).parent / "vm.json").read_text())
+        reader, writer = await asyncio.open_connection("127.0.0.1", record["port"])
+        try:
+            assert await asyncio.wait_for(reader.readexactly(12), TIMEOUT) == PROTOCOL_VERSION_3_8
+            writer.write(PROTOCOL_VERSION_3_8)
+            count = (await asyncio.wait_for(reader.readexactly(1), TIMEOUT))[0]
+            offered = await asyncio.wait_for(reader.readexactly(count), TIMEOUT)
+        finally:
+            writer.close()
+        assert list(offered) == [SECURITY_VNC_AUTH]
+        await delete_and_wait(api, session_id, pid)

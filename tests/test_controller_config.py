@@ -1,0 +1,131 @@
+"""The controller's configuration: flags > environment > TOML file > defaults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from remotecli.config import (
+    ControllerConfig,
+    ProviderConfig,
+    default_data_dir,
+    load_controller_config,
+    parse_duration,
+    parse_listen,
+)
+from remotecli.exceptions import ConfigError
+
+TOML = """
+[controller]
+listen = "127.0.0.1:9000"
+driver = "qemu"
+session_ttl = "2h"
+idle_stop = 300
+max_sessions = 7
+allowed_origins = ["https://cli.example.com"]
+
+[providers.aider]
+command = ["aider", "--no-git"]
+title = "Aider"
+install_hint = "pip install aider-chat"
+"""
+
+
+def write_config(tmp_path: Path, text: str = TOML) -> Path:
+    path = tmp_path / "remotecli.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults() -> None:
+    """With nothing given: 127.0.0.1:8080, the local driver, 1 h TTL, 30 min idle stop."""
+    config = load_controller_config({}, environ={"HOME": "/home/u"})
+    assert config.listen == ("127.0.0.1", 8080)
+    assert config.driver == "local"
+    assert config.session_ttl == 3600
+    assert config.idle_stop == 1800
+    assert config.data_dir == ControllerConfig().data_dir
+    assert config.admin_token is None
+
+
+def test_data_dir_follows_xdg() -> None:
+    """The data dir is $XDG_DATA_HOME/remotecli, else ~/.local/share/remotecli."""
+    assert default_data_dir({"XDG_DATA_HOME": "/x"}) == Path("/x/remotecli")
+    assert default_data_dir({"HOME": "/home/u"}) == Path("/home/u/.local/share/remotecli")
+
+
+def test_file_values(tmp_path: Path) -> None:
+    """The TOML file sets controller values and adds providers."""
+    config = load_controller_config({}, environ={}, config_file=write_config(tmp_path))
+    assert config.listen == ("127.0.0.1", 9000)
+    assert config.driver == "qemu"
+    assert config.session_ttl == 7200
+    assert config.idle_stop == 300
+    assert config.max_sessions == 7
+    assert config.allowed_origins == ("https://cli.example.com",)
+    assert config.providers == (
+        ProviderConfig("aider", ("aider", "--no-git"), "Aider", "pip install aider-chat"),
+    )
+
+
+def test_precedence_flags_env_file(tmp_path: Path) -> None:
+    """A flag beats the environment, which beats the file, which beats the default."""
+    path = write_config(tmp_path)
+    env = {
+        "REMOTECLI_LISTEN": "127.0.0.1:9100",
+        "REMOTECLI_MAX_SESSIONS": "9",
+        "REMOTECLI_TOKEN": "t" * 20,
+        "REMOTECLI_ALLOWED_ORIGINS": "https://a.example, https://b.example",
+    }
+    config = load_controller_config({"listen": "[::1]:9200"}, environ=env, config_file=path)
+    assert config.listen == ("::1", 9200)
+    assert config.max_sessions == 9
+    assert config.driver == "qemu"
+    assert config.allowed_origins == ("https://a.example", "https://b.example")
+    assert config.admin_token == "t" * 20
+    assert "t" * 20 not in repr(config)
+
+
+def test_config_file_from_environment(tmp_path: Path) -> None:
+    """REMOTECLI_CONFIG names the file when --config is not given."""
+    env = {"REMOTECLI_CONFIG": str(write_config(tmp_path))}
+    assert load_controller_config({}, environ=env).max_sessions == 7
+
+
+@pytest.mark.parametrize(
+    ("flags", "env", "message"),
+    [
+        ({"listen": "8080"}, {}, "is not HOST:PORT"),
+        ({}, {"REMOTECLI_SESSION_TTL": "soon"}, "is not a duration"),
+        ({}, {"REMOTECLI_MAX_SESSIONS": "0"}, "must be at least 1"),
+        ({}, {"REMOTECLI_DRIVER": "firecracker"}, "choose local or qemu"),
+        ({}, {"REMOTECLI_TOKEN": "short"}, "too short"),
+        ({}, {"REMOTECLI_LOG_LEVEL": "loud"}, "choose one of: debug, info"),
+    ],
+)
+def test_bad_values_name_the_fix(
+    flags: dict[str, object], env: dict[str, str], message: str
+) -> None:
+    """A bad value is a ConfigError whose message says what to write instead."""
+    with pytest.raises(ConfigError, match=message):
+        load_controller_config(flags, environ=env)
+
+
+def test_unknown_file_key_and_bad_toml(tmp_path: Path) -> None:
+    """An unknown key in [controller] and invalid TOML are refused, naming the problem."""
+    with pytest.raises(ConfigError, match="unknown controller setting 'listn'"):
+        load_controller_config(
+            {}, environ={}, config_file=write_config(tmp_path, '[controller]\nlistn = "x"\n')
+        )
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_controller_config({}, environ={}, config_file=write_config(tmp_path, "[controller"))
+
+
+def test_parsers() -> None:
+    """Durations accept seconds and s/m/h/d suffixes; listen accepts bracketed IPv6."""
+    assert parse_duration("90s", "x") == 90
+    assert parse_duration("30m", "x") == 1800
+    assert parse_duration(0, "x") == 0
+    assert parse_listen("[::1]:0") == ("::1", 0)
+    assert parse_listen("0.0.0.0:8080") == ("0.0.0.0", 8080)
