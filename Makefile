@@ -25,6 +25,15 @@ format: $(BIN)/.installed
 bench: test-system-deps $(BIN)/.installed node_modules/.installed
 	$(BIN)/python -m bench $(ARGS)
 
+# A longer coverage-guided run of the gateway's request-head fuzzer (FUZZ_SECONDS, default 600);
+# new inputs go to test-artifacts/fuzz/corpus, crashes to test-artifacts/fuzz/.
+FUZZ_SECONDS ?= 600
+fuzz: $(BIN)/.installed
+	mkdir -p test-artifacts/fuzz/corpus
+	$(BIN)/python tests/fuzz/fuzz_gateway.py -max_total_time=$(FUZZ_SECONDS) -max_len=65536 \
+		-dict=tests/fuzz/http.dict -artifact_prefix=test-artifacts/fuzz/ \
+		test-artifacts/fuzz/corpus tests/fuzz/corpus
+
 system-deps:
 	scripts/install-system-deps.sh run
 

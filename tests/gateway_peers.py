@@ -15,6 +15,7 @@ records every request head and counts connections, and answers by path:
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -217,3 +218,22 @@ async def exchange(port: int, raw: bytes, *, until_close: bool = True) -> bytes:
     data = await reader.read() if until_close else await reader.read(65536)
     writer.close()
     return data
+
+
+KEY = base64.b64encode(b"0123456789abcdef").decode()
+
+
+def upgrade_request(path: str = "/ws", extra: str = "", **overrides: str) -> bytes:
+    """Return a raw upgrade request; ``overrides`` replace or (with "") drop standard headers."""
+    headers = {
+        "Host": "gw.example",
+        "Upgrade": "websocket",
+        "Connection": "Upgrade",
+        "Sec-WebSocket-Key": KEY,
+        "Sec-WebSocket-Version": "13",
+        "Sec-WebSocket-Protocol": "chat",
+    }
+    headers.update({k.replace("_", "-"): v for k, v in overrides.items()})
+    lines = "".join(f"{k}: {v}\r\n" for k, v in headers.items() if v)
+    method = overrides.get("method", "GET")
+    return f"{method} {path} HTTP/1.1\r\n{lines}{extra}\r\n".encode()

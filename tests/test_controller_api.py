@@ -199,6 +199,19 @@ async def test_wrong_tokens_are_rate_limited(api: Harness) -> None:
     assert other.status_code == 200
 
 
+async def test_rate_limit_counts_the_client_behind_a_trusted_proxy(tmp_path: Path) -> None:
+    """Behind a trusted proxy, failures count per real client, not per proxy address."""
+    config = replace(base_config(tmp_path), trusted_proxies=("10.0.0.0/8",))
+    async for api in start_harness(tmp_path, config, BannerDriver(), Catalogue()):
+        for _ in range(3):
+            wrong = {"X-Forwarded-For": "192.0.2.7, 10.1.1.1", **api.auth("wrong-token")}
+            assert (await api.client.get("/api/sessions", headers=wrong)).status_code == 401
+        blocked = {"X-Forwarded-For": "192.0.2.7, 10.1.1.1", **api.auth()}
+        assert (await api.client.get("/api/sessions", headers=blocked)).status_code == 429
+        other = {"X-Forwarded-For": "192.0.2.8, 10.1.1.1", **api.auth()}
+        assert (await api.client.get("/api/sessions", headers=other)).status_code == 200
+
+
 async def test_login_sets_strict_httponly_cookie(api: Harness) -> None:
     """/login?token= redirects to the dashboard with an HttpOnly SameSite=Strict cookie."""
     response = await api.client.get("/login", params={"token": ADMIN_TOKEN})

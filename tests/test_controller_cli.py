@@ -97,6 +97,21 @@ def remotecli_up(
                 stream.close()
 
 
+def processes_mentioning(text: str) -> list[int]:
+    """Return the pids whose command line contains ``text`` (a session id is in its paths)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue  # it ended while we looked
+        if text.encode() in cmdline:
+            pids.append(int(entry.name))
+    return pids
+
+
 def wait_ready(client: httpx.Client, session_id: str) -> str:
     """Follow the SSE stream until ready or a final state; return the state reached."""
     with client.stream("GET", f"/api/sessions/{session_id}/events") as response:
@@ -170,16 +185,19 @@ needs_local_sandbox = pytest.mark.skipif(
 
 @needs_local_sandbox
 def test_restart_after_crash_with_a_running_session(tmp_path: Path) -> None:
-    """After the controller is killed with a session ready, the next start marks it failed."""
+    """After the controller is killed with a session ready, the next start marks it failed and
+    none of its processes is left."""
     data = tmp_path / "data"
     with remotecli_up(data) as up, up.client() as client:
         session = client.post("/api/sessions", json={"provider": "shell"}).json()
         assert wait_ready(client, session["id"]) == "ready"
+        assert processes_mentioning(session["id"]) != []  # the check below can see them
         assert up.terminate(signal.SIGKILL) == -signal.SIGKILL
     with remotecli_up(data) as up, up.client() as client:
         after = client.get(f"/api/sessions/{session['id']}").json()
         assert after["state"] == "failed"
         assert "controller restarted" in after["reason"]
+        assert processes_mentioning(session["id"]) == []
         assert up.terminate() == 0
 
 

@@ -120,8 +120,10 @@ async def test_crash_of_any_process_ends_wait_with_reason(
     assert [pid for pid in pids if Path(f"/proc/{pid}").exists()] == []
 
 
-async def test_stop_leaves_no_process(driver: LocalDriver, tmp_path: Path) -> None:
+@pytest.mark.parametrize("sandbox", [None, False], ids=["bubblewrap-if-installed", "no-sandbox"])
+async def test_stop_leaves_no_process(tmp_path: Path, sandbox: bool | None) -> None:
     """After stop() none of the session's processes is in the process table, zombies included."""
+    driver = LocalDriver(tmp_path, sandbox=sandbox)
     spec = spec_for(tmp_path, "stop")
     await asyncio.wait_for(driver.start(spec, lambda _: None), START_TIMEOUT)
     pids = processes_of(spec)
@@ -129,6 +131,7 @@ async def test_stop_leaves_no_process(driver: LocalDriver, tmp_path: Path) -> No
     await asyncio.wait_for(driver.stop(spec.session_id), START_TIMEOUT)
     assert [pid for pid in pids if Path(f"/proc/{pid}").exists()] == []
     await driver.stop(spec.session_id)  # idempotent
+    await driver.close()
 
 
 async def test_cancelled_start_leaves_no_process(driver: LocalDriver, tmp_path: Path) -> None:

@@ -150,7 +150,7 @@ FRAMING_VALUES = st.sampled_from(
     [b"0", b"4", b"5", b"+4", b"-1", b"4, 4", b"0x4", b" 4", b"chunked", b"Chunked",
      b"chunked, chunked", b"gzip, chunked", b"identity", b"xchunked", b"chunked\x0b", b""]
 )  # fmt: skip
-INJECTED = st.sampled_from([b"\x00", b"\r", b"\n", b"\r\nInjected: 1", b"\nInjected: 1"])
+INJECTED = st.sampled_from([b"\x00", b"\r", b"\n", b"\rInjected: 1", b"\nInjected: 1"])
 
 
 def mutate(data: bytes, edits: list[tuple[int, int, int]]) -> bytes:

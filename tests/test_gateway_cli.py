@@ -29,6 +29,11 @@ from tests.gateway_peers import HttpUpstream, WebSocketUpstream, running_gateway
 REMOTECLI = [sys.executable, "-m", "remotecli"]
 
 
+# Overriding event_loop_policy is deprecated in pytest-asyncio; its replacement hook would have
+# to live in the shared conftest, so the warning is silenced here instead.
+pytestmark = pytest.mark.filterwarnings('ignore:Overriding the "event_loop_policy"')
+
+
 @pytest.fixture
 def event_loop_policy() -> uvloop.EventLoopPolicy:
     """Run these tests on uvloop, as `remotecli gateway` does."""

@@ -12,6 +12,10 @@ import uvloop
 from tests.conftest import MS
 from tests.gateway_peers import HttpUpstream, exchange, running_gateway
 
+# Overriding event_loop_policy is deprecated in pytest-asyncio; its replacement hook would have
+# to live in the shared conftest, so the warning is silenced here instead.
+pytestmark = pytest.mark.filterwarnings('ignore:Overriding the "event_loop_policy"')
+
 
 @pytest.fixture
 def event_loop_policy() -> uvloop.EventLoopPolicy:

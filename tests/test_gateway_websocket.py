@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import re
 from collections.abc import Callable
 from typing import ClassVar, cast
@@ -17,31 +16,17 @@ from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
 from remotecli.gateway import ClientInfo, LocalUpgrade
 from remotecli.gateway.tunnel import READ_HIGH_WATER
 from tests.conftest import MS
-from tests.gateway_peers import WebSocketUpstream, exchange, running_gateway
+from tests.gateway_peers import WebSocketUpstream, exchange, running_gateway, upgrade_request
 
-KEY = base64.b64encode(b"0123456789abcdef").decode()
+# Overriding event_loop_policy is deprecated in pytest-asyncio; its replacement hook would have
+# to live in the shared conftest, so the warning is silenced here instead.
+pytestmark = pytest.mark.filterwarnings('ignore:Overriding the "event_loop_policy"')
 
 
 @pytest.fixture
 def event_loop_policy() -> uvloop.EventLoopPolicy:
     """Run these tests on uvloop, as `remotecli gateway` does."""
     return uvloop.EventLoopPolicy()
-
-
-def upgrade_request(path: str = "/ws", extra: str = "", **overrides: str) -> bytes:
-    """Return a raw upgrade request; ``overrides`` replace or (with "") drop standard headers."""
-    headers = {
-        "Host": "gw.example",
-        "Upgrade": "websocket",
-        "Connection": "Upgrade",
-        "Sec-WebSocket-Key": KEY,
-        "Sec-WebSocket-Version": "13",
-        "Sec-WebSocket-Protocol": "chat",
-    }
-    headers.update({k.replace("_", "-"): v for k, v in overrides.items()})
-    lines = "".join(f"{k}: {v}\r\n" for k, v in headers.items() if v)
-    method = overrides.get("method", "GET")
-    return f"{method} {path} HTTP/1.1\r\n{lines}{extra}\r\n".encode()
 
 
 async def wait_for(condition: Callable[[], bool], seconds: float) -> None:
@@ -291,3 +276,26 @@ async def test_idle_tunnel_is_closed_after_idle_timeout() -> None:
                 await asyncio.wait_for(ws.recv(), 5000 * MS)
         assert gateway.metrics.tunnels.labels("idle")._value.get() == 1
     await upstream.close()
+
+
+async def test_shutdown_calls_local_upgrade_shutdown_after_grace() -> None:
+    """Gateway shutdown gives a handed-over upgrade the grace, then calls its shutdown()."""
+    called = asyncio.Event()
+
+    async def shutdown_bridges() -> None:
+        called.set()
+        for protocol in EchoHead.instances:
+            if protocol.transport is not None:
+                protocol.transport.close()
+
+    local = LocalUpgrade(re.compile(r"/local"), EchoHead, shutdown_bridges)
+    async with running_gateway({}, local_upgrades=(local,)) as gateway:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gateway.address[1])
+        writer.write(upgrade_request("/local"))
+        await asyncio.wait_for(reader.readexactly(6), 5000 * MS)
+        await gateway.shutdown(grace=100 * MS)
+        assert called.is_set()
+        await asyncio.wait_for(reader.read(), 5000 * MS)
+        assert reader.at_eof()  # the handed-over connection was closed
+        assert gateway.metrics.tunnels_open._value.get() == 0
+        writer.close()

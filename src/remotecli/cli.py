@@ -297,7 +297,7 @@ def up(
 def controller(
     listen: str | None, data_dir: Path | None, driver: str | None, config_file: Path | None
 ) -> None:
-    """Run the controller (its API behind an in-process gateway on --listen)."""
+    """Run the controller alone, for a gateway elsewhere (same options as `up`)."""
     _run_controller(listen, data_dir, driver, config_file)
 
 
@@ -308,9 +308,16 @@ def user() -> None:
 
 @user.command("add")
 @click.argument("name")
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option(
-    "--config", "config_file", type=click.Path(dir_okay=False, exists=True, path_type=Path)
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="The controller's data dir (default $XDG_DATA_HOME/remotecli).",
+)
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="The TOML file the controller reads (for its data_dir).",
 )
 def user_add(name: str, data_dir: Path | None, config_file: Path | None) -> None:
     """Create user NAME (if needed) and print a new login token for it."""

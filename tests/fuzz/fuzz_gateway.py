@@ -167,7 +167,8 @@ def check_forwarded(parsed: Parsed) -> None:
     lengths = names.count(b"content-length")
     codings = names.count(b"transfer-encoding")
     assert not (lengths and codings), f"forwarded with both framings: {raw!r}"
-    assert lengths <= 1 and codings <= 1, f"forwarded with a repeated framing header: {raw!r}"
+    assert lengths <= 1, f"forwarded with a repeated Content-Length: {raw!r}"
+    assert codings <= 1, f"forwarded with a repeated Transfer-Encoding: {raw!r}"
     if parsed.framing.kind is http11.Framing.CHUNKED:
         assert codings == 1
     elif parsed.framing.kind is http11.Framing.LENGTH:

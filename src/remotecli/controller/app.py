@@ -9,6 +9,7 @@ a private Unix socket, so it believes the gateway's ``X-Forwarded-*`` headers.
 """
 
 import asyncio
+import ipaddress
 import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -33,7 +34,7 @@ from remotecli.auth import COOKIE_NAME, LoginRateLimiter, bearer_token, cookie_t
 from remotecli.controller.events import SessionEvent
 from remotecli.controller.sessions import SessionManager
 from remotecli.controller.store import SessionRecord
-from remotecli.exceptions import NotAuthenticated, RemoteCliError
+from remotecli.exceptions import ConfigError, NotAuthenticated, RemoteCliError
 from remotecli.logs import get_logger
 from remotecli.states import State, is_final
 
@@ -155,12 +156,36 @@ def _sse(event: SessionEvent) -> str:
 # --- the app --------------------------------------------------------------------------------------
 
 
-def client_address(request: Request) -> str:
-    """Return the client address: the gateway's last X-Forwarded-For entry, else the peer."""
+Networks = tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+
+
+def trusted_networks(cidrs: tuple[str, ...]) -> Networks:
+    """Parse the trusted proxies' CIDRs; ConfigError naming a bad one."""
+    try:
+        return tuple(ipaddress.ip_network(c, strict=False) for c in cidrs)
+    except ValueError as exc:
+        raise ConfigError(f"trusted proxy {exc}; write CIDRs such as 10.0.0.0/8") from exc
+
+
+def client_address(request: Request, trusted: Networks = ()) -> str:
+    """Return the client's address as the gateway resolved it.
+
+    The gateway in front (the only peer of the private socket) sends ``X-Forwarded-For`` as the
+    trusted proxies' chain followed by its own peer: the client is the rightmost entry that is
+    not a trusted proxy.
+    """
     forwarded = request.headers.get("x-forwarded-for")
-    if forwarded:
-        return forwarded.split(",")[-1].strip()
-    return request.client.host if request.client else "unknown"
+    hops = [h.strip() for h in forwarded.split(",") if h.strip()] if forwarded else []
+    if not hops:
+        return request.client.host if request.client else "unknown"
+    for hop in reversed(hops):
+        try:
+            address = ipaddress.ip_address(hop)
+        except ValueError:
+            return hop
+        if not any(address in network for network in trusted):
+            return hop
+    return hops[0]
 
 
 def create_app(
@@ -184,6 +209,7 @@ def create_app(
         responses={401: {"model": ErrorOut}},
     )
     logins = limiter if limiter is not None else LoginRateLimiter()
+    trusted = trusted_networks(manager.config.trusted_proxies)
     metrics_registry = registry if registry is not None else prometheus_client.REGISTRY
 
     @app.exception_handler(RemoteCliError)
@@ -221,7 +247,7 @@ def create_app(
                 "no credentials: send `Authorization: Bearer TOKEN`, or open the login URL "
                 "`remotecli up` printed"
             )
-        address = client_address(request)
+        address = client_address(request, trusted)
         logins.check(address)
         user = manager.user_for_token(token)
         if user is None:
@@ -371,7 +397,7 @@ def create_app(
         request: Request, token: Annotated[str, Query(min_length=1, max_length=256)]
     ) -> Response:
         """Check a login token, set the HttpOnly cookie and go to the dashboard."""
-        address = client_address(request)
+        address = client_address(request, trusted)
         logins.check(address)
         if manager.user_for_token(token) is None:
             logins.failed(address)

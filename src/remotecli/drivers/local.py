@@ -239,10 +239,10 @@ class LocalDriver:
         session = self._sessions.pop(session_id, None)
         if session is None:
             return
-        _kill(session_processes(session.marker, session.process.pid))
+        killed = _kill(session_processes(session.marker, session.process.pid))
         with contextlib.suppress(ProcessLookupError):
             await session.process.wait()
-        await _reap(session.marker, session.process.pid)
+        await _reap(session.marker, session.process.pid, killed)
         for task in (session.reader, session.exited):
             if task is not None and not task.done():
                 task.cancel()
@@ -269,8 +269,7 @@ class LocalDriver:
         if not any((stat := _proc_stat(pid)) is not None and stat[1] == pgid for pid in marked):
             pgid = None
         leftovers = session_processes(marker, pgid)
-        _kill(leftovers)
-        await _reap(marker, pgid)
+        await _reap(marker, pgid, _kill(leftovers))
         with contextlib.suppress(OSError):
             pid_file.unlink()
         if leftovers:
@@ -346,8 +345,8 @@ class LocalDriver:
         if session.reader is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await session.reader
-        _kill(session_processes(session.marker, session.process.pid))
-        await _reap(session.marker, session.process.pid)
+        killed = _kill(session_processes(session.marker, session.process.pid))
+        await _reap(session.marker, session.process.pid, killed)
         if session.reason is None:
             session.reason = (
                 f"sandbox killed by signal {-returncode}"
@@ -397,25 +396,43 @@ class LocalDriver:
             return f"{major}.{minor}"
 
 
-def _kill(pids: list[int]) -> None:
+def _kill(pids: list[int]) -> dict[int, int]:
+    """SIGKILL ``pids``; return them with their start times, to follow them as zombies."""
+    known = {}
     for pid in pids:
+        stat = _proc_stat(pid)
+        if stat is not None:
+            known[pid] = stat[3]
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+    return known
 
 
-async def _reap(marker: str, pgid: int | None = None) -> None:
-    """Wait until no process of the session is left, reaping those orphaned to us."""
+async def _reap(marker: str, pgid: int | None, known: dict[int, int]) -> None:
+    """Wait until no process of the session is left, reaping those orphaned to us.
+
+    ``known`` (from :func:`_kill`) keeps zombies in view: a zombie's environment, hence its
+    marker, is no longer readable.
+    """
     deadline = time.monotonic() + _REAP_TIMEOUT
     me = os.getpid()
-    while members := session_processes(marker, pgid):
+    while True:
+        members = set(session_processes(marker, pgid))
+        members.update(
+            pid
+            for pid, start in known.items()
+            if (stat := _proc_stat(pid)) is not None and stat[3] == start
+        )
+        if not members:
+            return
         for pid in members:
             stat = _proc_stat(pid)
             if stat is not None and stat[0] == me and stat[2] == "Z":
                 with contextlib.suppress(ChildProcessError):
                     os.waitpid(pid, os.WNOHANG)  # noqa: ASYNC222 -- a zombie: returns at once
             elif stat is not None and stat[2] != "Z":
-                _kill([pid])
+                known.update(_kill([pid]))
         if time.monotonic() > deadline:
-            log.warning("session_processes_left", marker=marker, pids=members)
+            log.warning("session_processes_left", marker=marker, pids=sorted(members))
             return
         await asyncio.sleep(_POLL_INTERVAL)

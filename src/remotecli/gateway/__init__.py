@@ -13,7 +13,7 @@ import signal
 import uvloop
 
 from remotecli.config import GatewayConfig
-from remotecli.gateway.connection import ClientInfo, LocalUpgrade
+from remotecli.gateway.context import ClientInfo, LocalUpgrade
 from remotecli.gateway.server import Gateway
 from remotecli.logs import LOG_FORMATS, configure_logging
 

@@ -24,17 +24,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import inspect
-import re
 import socket
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Coroutine
 from typing import cast
 
 import httptools
 
 from remotecli import http11
-from remotecli.config import GatewayConfig
 from remotecli.exceptions import (
     BadRequest,
     LocalProtocolError,
@@ -46,13 +43,13 @@ from remotecli.exceptions import (
     UpstreamError,
     UpstreamHeadTimeout,
 )
-from remotecli.forwarding import IPNetwork, forward
-from remotecli.gateway.metrics import GatewayMetrics
+from remotecli.forwarding import forward
+from remotecli.gateway.context import ClientInfo, GatewayContext, LocalUpgrade
 from remotecli.gateway.tunnel import Tunnel
-from remotecli.gateway.upstream import WRITE_HIGH_WATER, UpstreamConnection, UpstreamPool
+from remotecli.gateway.upstream import WRITE_HIGH_WATER, UpstreamConnection
 from remotecli.http11 import Framing, RequestHead, ResponseHead
 from remotecli.logs import get_logger
-from remotecli.routing import Router, UpstreamAddress
+from remotecli.routing import UpstreamAddress
 from remotecli.upgrade import (
     check_websocket_request,
     client_switching_headers,
@@ -62,73 +59,6 @@ from remotecli.upgrade import (
 )
 
 log = get_logger("gateway")
-
-
-@dataclass(frozen=True)
-class ClientInfo:
-    """Who is on the other end of a request, as the gateway resolved it."""
-
-    address: str  # client IP after trusted-proxy resolution
-    scheme: str  # "http" or "https" (from TLS, or X-Forwarded-Proto of a trusted proxy)
-    host: str | None  # Host the client asked for
-    request_id: str  # X-Request-Id kept or generated
-
-
-@dataclass(frozen=True)
-class LocalUpgrade:
-    """A WebSocket upgrade served in-process instead of forwarded (the controller's VNC bridge)."""
-
-    pattern: re.Pattern[str]  # fullmatch on the path, query excluded
-    factory: Callable[[ClientInfo], asyncio.Protocol]  # makes the protocol that takes over
-    shutdown: Callable[[], Awaitable[None]] | None = None  # called on gateway shutdown (1001)
-
-
-@dataclass
-class GatewayContext:
-    """What every connection of one gateway shares: configuration, routes, pool, bookkeeping."""
-
-    config: GatewayConfig
-    router: Router
-    pool: UpstreamPool
-    metrics: GatewayMetrics
-    trusted: tuple[IPNetwork, ...]
-    local_upgrades: Sequence[LocalUpgrade]
-    scheme: str
-    port: int = 0
-    closing: bool = False
-    connections: set[ClientConnection] = field(default_factory=set)
-    tunnels: set[Tunnel] = field(default_factory=set)
-    local_transports: set[asyncio.BaseTransport] = field(default_factory=set)
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
-
-    @property
-    def open_count(self) -> int:
-        """Client connections, tunnels and handed-over upgrades open now."""
-        return len(self.connections) + len(self.tunnels) + len(self.local_transports)
-
-    def tunnel_ended(self, tunnel: Tunnel) -> None:
-        """Account for a tunnel whose both sides are closed, and write its log line."""
-        self.tunnels.discard(tunnel)
-        self.metrics.tunnels_open.dec()
-        self.metrics.tunnels.labels(tunnel.ended).inc()
-        self.metrics.add_bytes(tunnel.bytes_up, tunnel.bytes_down)
-        log.info(
-            "tunnel",
-            **tunnel.context,
-            bytes_up=tunnel.bytes_up,
-            bytes_down=tunnel.bytes_down,
-            duration_ms=round((time.monotonic() - tunnel.started) * 1000, 1),
-            ended=tunnel.ended,
-        )
-        self.changed.set()
-
-    def local_ended(self, transport: asyncio.BaseTransport) -> None:
-        """Account for a handed-over upgrade whose connection is gone."""
-        if transport in self.local_transports:
-            self.local_transports.discard(transport)
-            self.metrics.tunnels_open.dec()
-            self.metrics.tunnels.labels("local").inc()
-            self.changed.set()
 
 
 class Exchange:
@@ -402,8 +332,8 @@ class ClientConnection(asyncio.Protocol):
                 self._answer_error(exchange, self._body_error)
             else:
                 exchange.ended = "client_closed"
-                if exchange.upstream is not None and exchange.upstream.transport is not None:
-                    exchange.upstream.transport.abort()
+                if exchange.upstream is not None:
+                    exchange.upstream.abort()
         except Exception as exc:  # a bug of ours: answer 500 and log it, never a silent close
             log.exception("request failed", path=exchange.head.path)
             self._answer_error(
@@ -552,10 +482,8 @@ class ClientConnection(asyncio.Protocol):
         exchange.ended = exc.kind
         if isinstance(exc, UpstreamError):
             self._ctx.metrics.upstream_errors.labels(exc.kind).inc()
-        upstream = exchange.upstream
-        if upstream is not None and upstream.transport is not None:
-            upstream.closed = True
-            upstream.transport.abort()
+        if exchange.upstream is not None:
+            exchange.upstream.abort()
         self._close_after = True
         if self.transport is None or self.transport.is_closing():
             return

@@ -17,12 +17,8 @@ from prometheus_client import CollectorRegistry
 from remotecli.config import GatewayConfig
 from remotecli.exceptions import ConfigError
 from remotecli.forwarding import parse_trusted_proxies
-from remotecli.gateway.connection import (
-    ClientConnection,
-    ClientInfo,
-    GatewayContext,
-    LocalUpgrade,
-)
+from remotecli.gateway.connection import ClientConnection
+from remotecli.gateway.context import ClientInfo, GatewayContext, LocalUpgrade
 from remotecli.gateway.metrics import GatewayMetrics, MetricsEndpoint
 from remotecli.gateway.upstream import UpstreamPool
 from remotecli.logs import get_logger

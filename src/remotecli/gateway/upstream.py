@@ -83,6 +83,15 @@ class UpstreamConnection(asyncio.Protocol):
             for chunk in held:
                 self._sink.body(chunk)
 
+    def abort(self) -> None:
+        """Drop the connection now; nobody will await this response any more."""
+        self.closed = True
+        for future in (self.head, self.done):
+            if future is not None and not future.done():
+                future.cancel()
+        if self.transport is not None:
+            self.transport.abort()
+
     def make_idle(self) -> None:
         """Forget the last response and read again (a slow client may have paused reading)."""
         self.head = None
