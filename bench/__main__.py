@@ -2,20 +2,38 @@
 
 Prints the results as Markdown and writes them to ``bench/results/latest.md`` (or ``--output``).
 A benchmark whose subject is not built yet reports ``skipped: <why>`` instead of failing.
+
+Each benchmark is a module ``bench.<name>`` with ``run(quick, workdir) -> list[Section]``
+(``workdir`` is a fresh temporary directory, removed afterwards); ``run(quick)`` and a
+coroutine function are accepted too.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import importlib
+import inspect
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from bench.report import RESULTS, Section, render, write
 
-BENCHMARKS = ("gateway", "bridge", "sessions")
+BENCHMARKS = ("gateway", "bridge", "sessions", "dashboard")
+
+
+def _run(run: Callable[..., Any], quick: bool, workdir: Path) -> list[Section]:
+    """Call a benchmark's ``run`` with the arguments it takes; await it if it is a coroutine."""
+    takes_workdir = len(inspect.signature(run).parameters) >= 2
+    result = run(quick, workdir) if takes_workdir else run(quick)
+    if inspect.iscoroutine(result):
+        result = asyncio.run(result)
+    sections: list[Section] = result
+    return sections
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,10 +51,18 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="remotecli-bench-") as tmp:
         for name in chosen:
             print(f"running {name} ...", file=sys.stderr, flush=True)
-            module = importlib.import_module(f"bench.{name}")
+            try:
+                module = importlib.import_module(f"bench.{name}")
+            except ImportError as exc:
+                sections.append(Section(name, skipped=f"cannot import bench.{name}: {exc}"))
+                continue
             workdir = Path(tmp) / name
             workdir.mkdir()
-            sections += module.run(args.quick, workdir)
+            try:
+                sections += _run(module.run, args.quick, workdir)
+            except Exception as exc:  # one broken benchmark must not lose the others' figures
+                reason = f"failed: {type(exc).__name__}: {exc}".splitlines()[0][:300]
+                sections.append(Section(name, skipped=reason))
     page = render(sections, "quick" if args.quick else "full", time.monotonic() - started)
     print(page)
     path = write(page, args.output)

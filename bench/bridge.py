@@ -105,7 +105,7 @@ def run(quick: bool, workdir: Path) -> list[Section]:
             spec = {"port": peer.port, "path": _PATH, "subprotocol": "binary"}
             spec |= {"count": counts[name], "concurrency": 100 if name == BRIDGE else 50}
             spec |= {"open_timeout": 10, "max_seconds": 90}
-            held = hold_tunnels(spec, peer, 240)
+            held = hold_tunnels(spec, peer, 240, proportional=True)
             if "error" in held:
                 errors[f"{name} connections"] = held["error"]
                 continue
@@ -132,7 +132,14 @@ def _section(
 ) -> Section:
     fig = {name: {key: median(values) for key, values in b.items()} for name, b in samples.items()}
     bridge, ws = fig[BRIDGE], fig[WEBSOCKIFY]
-    columns = ["peer", "echo MB/s", "vs websockify", "RTT p50 µs", "connections held", "KiB/conn"]
+    columns = [
+        "peer",
+        "echo MB/s",
+        "vs websockify",
+        "RTT p50 µs",
+        "connections held",
+        "KiB/conn (PSS)",
+    ]
     rows = [
         [
             name,
@@ -165,7 +172,9 @@ def _section(
         "Connections held: idle bridged connections opened 100 at a time on a freshly started "
         "peer, each then answering one 64-byte echo; websockify is asked for 600 only (it "
         "forks a process per connection, and serves about 510 at most). KiB/conn: growth of "
-        "the peer's process-tree RSS.",
+        "the peer's process-tree PSS (proportional set size: shared pages divided among the "
+        "processes mapping them, fair to websockify's forked children), divided by the "
+        "connections held.",
     ]
     section.notes += [f"{key}: {message}" for key, message in errors.items()]
     return section

@@ -41,7 +41,7 @@ worker_processes 1;
 worker_rlimit_nofile {nofile};
 pid {dir}/nginx.pid;
 error_log {dir}/error.log warn;
-events {{ worker_connections {nofile}; }}
+events {{ worker_connections {connections}; }}
 http {{
     access_log {dir}/access.log;
     client_body_temp_path {dir}/body;
@@ -80,6 +80,7 @@ def nginx_peer(name: str, upstream: int, workdir: Path, big_buffers: bool) -> Pe
     nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     conf = _NGINX_CONF.format(
         nofile=nofile,
+        connections=2 * nofile,
         dir=directory,
         port=port,
         upstream=upstream,
@@ -147,7 +148,8 @@ def _start(factory: Callable[[], Peer], errors: dict[str, str], name: str) -> Pe
         peer = factory()
         peer.start()
     except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
-        errors[name] = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        errors[name] = f"skipped: {reason}"
         return None
     return peer
 
@@ -292,6 +294,9 @@ def _section(
         "Upgrades: 500 WebSocket handshakes started at once, time of each to its 101.",
         "KiB/tunnel: growth of the proxy's resident memory (whole process tree) while holding N "
         "idle, working tunnels, divided by N; each N on a freshly started proxy.",
+        "nginx runs with worker_connections at twice the descriptor limit, so the descriptor "
+        "limit, not nginx's connection table, bounds the tunnels it holds (with both at 20,000 "
+        "it stops near 9,400 with 'worker_connections are not enough').",
         "Every process (load client, proxy, upstream) shares the same 2 cores, so throughput is "
         "bounded by CPU and noisy while other work runs on the machine.",
     ]
@@ -304,6 +309,10 @@ def _section(
         )
     if quick:
         section.notes.append("--quick: fewer, shorter rounds and only the 1,000-tunnel point.")
+    for name in PEERS:
+        failed = sum(samples[name].get("upg_failed", []))
+        if failed:
+            section.notes.append(f"{name}: {failed:.0f} of the concurrent upgrades failed.")
     section.notes += [f"{key}: {message}" for key, message in errors.items()]
     return section
 

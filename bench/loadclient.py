@@ -273,8 +273,10 @@ async def idle(spec: dict[str, Any]) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
     frame = masked_frame(OP_BINARY, os.urandom(64))
     for tunnel in tunnels:
-        tunnel.frame_done = loop.create_future()
         assert tunnel.transport is not None
+        if tunnel.transport.is_closing():
+            continue  # the peer closed it after the upgrade: not held
+        tunnel.frame_done = loop.create_future()
         tunnel.transport.write(frame)
     answers = await asyncio.gather(
         *(asyncio.wait_for(t.frame_done, 30) for t in tunnels if t.frame_done is not None),

@@ -17,10 +17,11 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -72,18 +73,25 @@ def _children() -> dict[int, list[int]]:
     return tree
 
 
-def rss_kib(pid: int) -> int:
-    """Return the summed VmRSS (KiB) of ``pid`` and all its descendants."""
+def rss_kib(pid: int, proportional: bool = False) -> int:
+    """Return the summed resident memory (KiB) of ``pid`` and all its descendants.
+
+    VmRSS by default; with ``proportional``, Pss from ``smaps_rollup``, which shares pages
+    among the processes mapping them (fair for forking servers such as websockify, whose
+    children's RSS counts the same copy-on-write pages again and again).
+    """
     tree = _children()
     total = 0
     pending = [pid]
+    source, field = ("smaps_rollup", "Pss:") if proportional else ("status", "VmRSS:")
     while pending:
         current = pending.pop()
         pending.extend(tree.get(current, []))
         with contextlib.suppress(OSError):
-            for line in Path(f"/proc/{current}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
+            for line in Path(f"/proc/{current}/{source}").read_text().splitlines():
+                if line.startswith(field):
                     total += int(line.split()[1])
+                    break
     return total
 
 
@@ -128,9 +136,9 @@ class Peer:
         assert self.proc is not None
         return self.proc.pid
 
-    def rss_kib(self) -> int:
-        """Resident memory of the peer's whole process tree, in KiB."""
-        return rss_kib(self.pid)
+    def rss_kib(self, proportional: bool = False) -> int:
+        """Resident memory of the peer's whole process tree, in KiB (see :func:`rss_kib`)."""
+        return rss_kib(self.pid, proportional)
 
     def stop(self, grace: float = 5.0) -> None:
         """Stop the process and its group: SIGTERM, then SIGKILL after ``grace`` s. Idempotent."""
@@ -167,28 +175,51 @@ def run_client(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
     return result
 
 
-def hold_tunnels(spec: dict[str, Any], peer: Peer, timeout: float) -> dict[str, Any]:
-    """Open ``spec["count"]`` idle tunnels through ``peer``; add its RSS before and while held."""
-    before = peer.rss_kib()
+def hold_tunnels(
+    spec: dict[str, Any], peer: Peer, timeout: float, proportional: bool = False
+) -> dict[str, Any]:
+    """Open ``spec["count"]`` idle tunnels through ``peer``; add its RSS before and while held.
+
+    With ``proportional`` the memory figures are PSS instead of RSS (see :func:`rss_kib`).
+    """
+    before = peer.rss_kib(proportional)
     argv = [PYTHON, "-m", "bench.loadclient", json.dumps({**spec, "mode": "idle"})]
-    client = subprocess.Popen(
-        argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=REPO
-    )
+    # stderr goes to a file, not a pipe, so a chatty client never blocks on it
+    with tempfile.TemporaryFile() as errors:
+        client = subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors, cwd=REPO
+        )
+        try:
+            return _held(client, errors, peer, before, timeout, proportional)
+        finally:
+            if client.poll() is None:
+                client.kill()
+                client.wait(5)
+
+
+def _held(
+    client: subprocess.Popen[bytes],
+    errors: IO[bytes],
+    peer: Peer,
+    before: int,
+    timeout: float,
+    proportional: bool,
+) -> dict[str, Any]:
+    """Wait for the idle client's report, read the peer's RSS, then let the client close."""
     assert client.stdout is not None
     assert client.stdin is not None
-    try:
-        ready, _, _ = select.select([client.stdout], [], [], timeout)
-        line = client.stdout.readline() if ready else b""
-        if not line:
-            return {"error": f"no answer from the load client within {timeout:.0f} s"}
-        result: dict[str, Any] = json.loads(line)
-        result["rss_before_kib"] = before
-        result["rss_held_kib"] = peer.rss_kib()
-        client.stdin.write(b"close\n")
-        client.stdin.flush()
-        client.wait(30)
-        return result
-    finally:
+    ready, _, _ = select.select([client.stdout], [], [], timeout)
+    line = client.stdout.readline() if ready else b""
+    if not line:
         if client.poll() is None:
-            client.kill()
-            client.wait(5)
+            return {"error": f"no answer from the load client within {timeout:.0f} s"}
+        errors.seek(0)
+        tail = errors.read().decode(errors="replace").strip().splitlines()
+        return {"error": "load client failed: " + (tail[-1] if tail else "no output")[:200]}
+    result: dict[str, Any] = json.loads(line)
+    result["rss_before_kib"] = before
+    result["rss_held_kib"] = peer.rss_kib(proportional)
+    client.stdin.write(b"close\n")
+    client.stdin.flush()
+    client.wait(30)
+    return result

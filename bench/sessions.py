@@ -123,7 +123,7 @@ def run(quick: bool, workdir: Path) -> list[Section]:
     sequential, batch = (5, 5) if quick else (20, 10)
     port = free_port()
     token = secrets.token_urlsafe(24)
-    env = {**os.environ, "REMOTECLI_TOKEN": token}
+    env = {**os.environ, "REMOTECLI_TOKEN": token, "REMOTECLI_MAX_SESSIONS_PER_USER": "20"}
     argv = [_remotecli(), "up", "--listen", f"127.0.0.1:{port}"]
     argv += ["--data-dir", str(workdir / "data"), "--driver", "local"]
     peer = Peer("remotecli-up", argv, workdir, port, env=env)

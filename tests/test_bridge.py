@@ -50,7 +50,7 @@ class Authorizer:
     """A small in-test authorizer: one session, one ticket, a configurable refusal."""
 
     endpoint: VncEndpoint
-    refusal: RemoteCliError | None = None
+    refusal: Exception | None = None
     calls: list[dict[str, str | None]] = field(default_factory=list)
     attached: list[str] = field(default_factory=list)
     detached: list[tuple[str, int, int]] = field(default_factory=list)
@@ -237,6 +237,25 @@ async def test_refusals_are_http_statuses_before_the_upgrade(
     assert response.status_code == status
     assert response.body == (refusal.message + "\n").encode()
     assert stack.authorizer.attached == []
+
+
+async def test_after_bridge_shutdown_new_viewers_get_503(stack: Stack) -> None:
+    """Once the bridge is shutting down, a new viewer is refused with 503, not a silent close."""
+    await stack.bridge.shutdown()
+    with pytest.raises(InvalidStatus) as caught:
+        async with connect(stack.url()):
+            pass
+    assert caught.value.response.status_code == 503
+
+
+async def test_authorizer_bug_is_500_with_a_reason(stack: Stack) -> None:
+    """An unexpected error in the authorizer is answered 500 with a plain-text reason."""
+    stack.authorizer.refusal = ZeroDivisionError("an authorizer bug")
+    with pytest.raises(InvalidStatus) as caught:
+        async with connect(stack.url()):
+            pass
+    assert caught.value.response.status_code == 500
+    assert b"internal error" in caught.value.response.body
 
 
 async def test_unknown_session_is_404(stack: Stack) -> None:

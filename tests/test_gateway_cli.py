@@ -74,13 +74,14 @@ async def test_help_documents_every_option() -> None:
         (["--route", "api=http://x:1"], {}, "must start with '/'"),
         (["--route", "/=http://x:1", "--trusted-proxy", "10.0.0.300/8"], {}, "not a CIDR"),
         ([], {"REMOTECLI_GATEWAY_ROUTE": "/=tcp://x"}, "is not understood"),
+        ([], {"REMOTECLI_GATEWAY_LISTN": "x"}, "REMOTECLI_GATEWAY_LISTN is not a gateway option"),
         (["--route", "/=http://x:1", "--tls-cert", "/nonexistent.pem"], {}, "both --tls-cert"),
     ],
 )
 async def test_bad_configuration_exits_2_naming_it(
     args: list[str], env: dict[str, str], message: str
 ) -> None:
-    """Bad routes, CIDRs or TLS options exit 2 with one line naming the problem."""
+    """Bad routes, CIDRs, TLS options or variables exit 2 with one line naming the problem."""
     status, _, err = await run_cli("gateway", "--listen", "127.0.0.1:0", *args, env=env)
     assert status == 2
     assert message in err
@@ -218,3 +219,13 @@ async def test_metrics_endpoint_serves_the_gateway_registry() -> None:
     assert "remotecli_gateway_handshake_seconds_bucket" in text
     assert 'remotecli_gateway_bytes_total{direction="down"}' in text
     upstream.close()
+
+
+async def test_listen_address_in_use_exits_2() -> None:
+    """A --listen address already taken exits 2 saying it cannot listen there."""
+    server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    status, _, err = await run_cli("gateway", "--listen", f"127.0.0.1:{port}")
+    server.close()
+    assert status == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in err

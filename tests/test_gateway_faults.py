@@ -380,9 +380,7 @@ async def test_malformed_upstream_response_is_502() -> None:
 
 async def test_upstream_dying_mid_body_aborts_the_client(log_lines: io.StringIO) -> None:
     """An upstream that closes mid-body makes the client see a cut response, logged as such."""
-    server = await raw_upstream(
-        [b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\nonly ten b", None]
-    )
+    server = await raw_upstream([b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\nonly ten b"])
     port = server.sockets[0].getsockname()[1]
     async with running_gateway({"/": f"http://127.0.0.1:{port}"}) as gateway:
         reader, writer = await asyncio.open_connection("127.0.0.1", gateway.address[1])

@@ -136,7 +136,10 @@ async def test_cookie_websocket_needs_an_allowed_origin(controller: Controller) 
             status = await upgrade_status(controller, url_path, origin=origin, Cookie=cookie)
             assert status == 403, f"{path} from {origin}: {status}"
         assert await upgrade_status(controller, url_path, Cookie=cookie) == 403
-        assert await upgrade_status(controller, url_path, origin=controller.url(), Cookie=cookie) == 101
+        assert (
+            await upgrade_status(controller, url_path, origin=controller.url(), Cookie=cookie)
+            == 101
+        )
 
 
 async def test_tickets_are_single_use_and_bound_to_one_session(controller: Controller) -> None:
@@ -178,7 +181,7 @@ def test_tokens_are_compared_in_constant_time_and_stored_hashed(
         seen.append((a, b))
         return real(a, b)
 
-    monkeypatch.setattr(auth.hmac, "compare_digest", spy)
+    monkeypatch.setattr(hmac, "compare_digest", spy)
     assert auth.tokens_match("secret-a", "secret-a")
     assert not auth.tokens_match("secret-a", "secret-b")
     assert seen == [(b"secret-a", b"secret-a"), (b"secret-a", b"secret-b")]
@@ -229,7 +232,7 @@ async def test_login_is_rate_limited(controller: Controller) -> None:
 async def test_traversal_and_over_long_names_are_refused_before_the_store(
     controller: Controller, method: str, path: str, body: dict[str, str] | None
 ) -> None:
-    """Ids and provider names with ../, encoded slashes, NUL or too long are 4xx; nothing is made."""
+    """Ids and providers with ../, encoded slashes, NUL or too long: 4xx, and nothing is made."""
     data_dir = controller.config.data_dir
     before = sorted(str(p) for p in data_dir.rglob("*") if "run" not in p.parts)
     async with client_for(controller, controller.admin_token) as client:

@@ -18,6 +18,7 @@ import click
 
 from remotecli import __version__
 from remotecli.config import (
+    GATEWAY_ENV_PREFIX,
     GatewayConfig,
     gateway_environment,
     load_controller_config,
@@ -55,7 +56,13 @@ class _GatewayCommand(click.Command):
         **extra: Any,
     ) -> click.Context:
         defaults: dict[str, object] = {}
+        known = {param.name for param in self.params}
         for name, value in gateway_environment().items():
+            if name not in known and name not in _GATEWAY_LISTS:
+                raise ConfigError(
+                    f"{GATEWAY_ENV_PREFIX}{name.upper()} is not a gateway option; "
+                    "see `remotecli gateway --help` for the names"
+                )
             if name in _GATEWAY_LISTS:
                 defaults[_GATEWAY_LISTS[name]] = value.split()
             else:

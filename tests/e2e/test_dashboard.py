@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -207,18 +206,10 @@ class Up:
     output: list[str]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 @pytest.fixture(scope="module")
 def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
-    """Start `remotecli up` on a free port with a fresh data dir; stop it and its sessions after."""
+    """Start `remotecli up` on an ephemeral port with a fresh data dir; stop it afterwards."""
     data_dir = tmp_path_factory.mktemp("remotecli-data")
-    port = free_port()
     process = subprocess.Popen(
         [
             sys.executable,
@@ -226,7 +217,7 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
             "remotecli",
             "up",
             "--listen",
-            f"127.0.0.1:{port}",
+            "127.0.0.1:0",
             "--data-dir",
             str(data_dir),
         ],
@@ -402,6 +393,36 @@ def test_5_killing_the_vnc_server_is_explained_and_terminate_removes_it(live: Li
     item = page.locator(f'#sessions li[data-session-id="{live.session_id}"]')
     item.get_by_role("button", name=re.compile("Terminate|Remove")).click()
     item.wait_for(state="detached")
+
+
+def test_without_login_the_page_asks_for_the_token_and_signs_in(browser: Browser, up: Up) -> None:
+    """Without the cookie the page shows the token form; submitting the token opens the dashboard."""
+    context = browser.new_context(viewport={"width": 1280, "height": 720})
+    page = context.new_page()
+    page.set_default_timeout(ms(TIMEOUT))
+    page.goto(f"{up.base}/dashboard/remote-cli")
+    page.locator("#login").wait_for()
+    screenshot(page, "login-form")
+    page.get_by_label("Token").fill(up.url.split("token=", 1)[1])
+    page.get_by_role("button", name="Sign in").click()
+    page.locator('button[data-provider="shell"]').wait_for()
+    assert page.locator("#login").is_hidden()
+    context.close()
+
+
+def test_narrow_window_keeps_every_control_reachable(browser: Browser, up: Up) -> None:
+    """At 390 px wide nothing scrolls sideways and the provider cards and status stay visible."""
+    context = browser.new_context(viewport={"width": 390, "height": 800})
+    page = context.new_page()
+    page.set_default_timeout(ms(TIMEOUT))
+    page.goto(up.url)
+    page.locator('button[data-provider="shell"]').wait_for()
+    screenshot(page, "narrow")
+    overflow = page.evaluate("() => document.documentElement.scrollWidth - window.innerWidth")
+    assert overflow <= 0
+    assert page.locator("#status").is_visible()
+    assert page.locator("#screen").is_visible()
+    context.close()
 
 
 def test_6_claude_code_shows_its_first_screen(browser: Browser, up: Up, live: Live) -> None:

@@ -88,7 +88,9 @@ async def system(
     image: GuestImage, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[System]:
     data_dir = tmp_path_factory.mktemp("qemu") / "data"
-    driver = QemuDriver(data_dir, image_cache=image.directory.parent)
+    # Templates are kept next to the image cache, so later runs clone at once.
+    cache = image.directory.parent
+    driver = QemuDriver(data_dir, image_cache=cache, template_cache=cache.parent / "templates")
     controller = Controller(
         ControllerConfig(listen=("127.0.0.1", 0), data_dir=data_dir), driver=driver
     )

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from remotecli.drivers.base import VncEndpoint
-from remotecli.exceptions import ConfigError, Conflict, NotFound
+from remotecli.exceptions import ConfigError, Conflict, NotFound, ServiceUnavailable
 from remotecli.states import ACTIVE_STATES, Event, State, next_state
 
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -175,13 +175,22 @@ class Store:
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        self._db.execute("BEGIN IMMEDIATE")
         try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:  # SQLite may have rolled back already (disk full)
+                    self._db.execute("ROLLBACK")
+                raise
+        except sqlite3.OperationalError as exc:
+            # Disk full, read-only or locked: nothing was written; say so instead of a bare 500.
+            raise ServiceUnavailable(
+                f"the store {self.path} cannot be written ({exc}); free space in the data dir "
+                "or check its permissions, then retry",
+                path=str(self.path),
+            ) from exc
 
     # --- users and tokens ----------------------------------------------------------------------
 

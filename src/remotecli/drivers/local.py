@@ -77,6 +77,19 @@ x11vnc -display "$DISPLAY" -unixsock "$run/vnc.sock" -rfbport 0 -noipv6 -nopw -f
 x11vnc=$!
 wait -n -p who
 status=$?
+# Xvfb's death takes xterm and x11vnc with it: name the first program found dead or dying, in
+# order of cause, not merely the first one `wait -n` reported. Dead: bash may have reaped it
+# already (its status stays available to `wait PID`); dying: PF_EXITING (0x4) in its flags.
+for pid in "$xvfb" "$x11vnc" "$xterm"; do
+  [ "$pid" = "$who" ] && break
+  flags=$(cut -d' ' -f9 "/proc/$pid/stat" 2>/dev/null || echo 4)
+  if (( ${flags:-4} & 4 )); then
+    who=$pid
+    wait "$pid"
+    status=$?
+    break
+  fi
+done
 case $who in
   "$xvfb") name=Xvfb ;;
   "$xterm") name=xterm ;;
@@ -191,6 +204,10 @@ class LocalDriver:
         began = time.monotonic()
         home, run_dir = self._prepare(spec)
         marker = f"{spec.session_id}.{secrets.token_hex(8)}"
+        # Record the marker before spawning: a controller killed between the spawn and the pid
+        # line below (before bwrap's --die-with-parent is armed) leaves a sandbox that recover()
+        # can then still find by its marker (a pid of 0 means "no group known").
+        (run_dir / "pid").write_text(f"0 {marker}\n")
         with (run_dir / "sandbox.log").open("wb") as sandbox_log:
             process = await asyncio.create_subprocess_exec(
                 *self._argv(spec, home, run_dir),

@@ -84,15 +84,19 @@ class QemuDriver:
         data_dir: Path,
         *,
         image_cache: Path | None = None,
+        template_cache: Path | None = None,
         memory_mib: int = DEFAULT_MEMORY_MIB,
         accelerator: str | None = None,
     ) -> None:
-        """Keep templates under ``data_dir/qemu``; find images in ``image_cache``.
+        """Keep templates under ``data_dir/qemu/templates``; find images in ``image_cache``.
 
-        ``accelerator`` forces ``kvm`` or ``tcg``; by default KVM is probed once by booting
-        the kernel under it, and the answer is remembered in the data dir.
+        ``template_cache`` keeps templates elsewhere (several data dirs may share one: a
+        template is keyed on everything its saved state depends on). ``accelerator`` forces
+        ``kvm`` or ``tcg``; by default KVM is probed once by booting the kernel under it, and
+        the answer is remembered in the data dir.
         """
         self._root = data_dir / "qemu"
+        self._templates = template_cache if template_cache is not None else self._root / "templates"
         self._image_cache = image_cache if image_cache is not None else default_cache_dir()
         self._memory_mib = memory_mib
         self._accelerator = accelerator
@@ -133,9 +137,8 @@ class QemuDriver:
             info = json.loads(record.read_text())
         except (OSError, ValueError):
             return None
-        paths = VmPaths(
-            Path(info["qmp"]), Path(info["control"]), Path(info["serial"]), Path(info["memory"])
-        )
+        memory = Path(info["memory"]) if info.get("memory") else None
+        paths = VmPaths(Path(info["qmp"]), Path(info["control"]), Path(info["serial"]), memory)
         vm = _Vm(session_id, None, int(info["pid"]), paths, Path(info["socket_dir"]))
         if not _is_our_qemu(vm.pid, str(paths.qmp)):
             shutil.rmtree(vm.socket_dir, ignore_errors=True)
@@ -183,7 +186,7 @@ class QemuDriver:
     async def ensure_template(self, machine: Machine, progress: ProgressCallback) -> Path:
         """Return the template directory for ``machine``, cold-booting and saving it if needed."""
         key = machine.template_key()
-        directory = self._root / "templates" / key
+        directory = self._templates / key
         lock = self._template_locks.setdefault(key, asyncio.Lock())
         async with lock:
             if (directory / "template.json").exists():
@@ -219,20 +222,7 @@ class QemuDriver:
             await _wait_incoming(vm.qmp)
             await vm.qmp.execute("cont")  # the template was saved paused, so clones load paused
             progress("clone restored from the template")
-            vm.password = "".join(secrets.choice(PASSWORD_ALPHABET) for _ in range(PASSWORD_LENGTH))
-            line = session_line(
-                int(time.time()),
-                guest_hostname(spec.session_id),
-                vm.password,
-                secrets.token_hex(32),
-            )
-            vm.port = await _port(vm)
-            # The banner does not depend on the password (x11vnc rereads it per connection),
-            # so both waits overlap.
-            answer, _ = await asyncio.gather(
-                _control_exchange(vm.paths.control, line, "ok ", within=RESTORE_SECONDS),
-                _read_banner(vm.port, within=RESTORE_SECONDS),
-            )
+            answer = await self._personalise(vm, spec.session_id)
             progress(f"VNC banner read; guest took its clock, entropy, name, password ({answer})")
         except BaseException:
             await _terminate(vm)
@@ -269,6 +259,44 @@ class QemuDriver:
         self.last_start_kind = "cold"
         return VncEndpoint(host="127.0.0.1", port=vm.port, password=vm.password)
 
+    async def save_full_snapshot(self, session_id: str, snapshot: Path) -> None:
+        """Save a running session's device state *and* all its RAM into ``snapshot``.
+
+        For the benchmark's "full restore" path; the session keeps running afterwards.
+        """
+        vm = self._vms[session_id]
+        assert vm.qmp is not None
+        await vm.qmp.execute("stop")
+        await vm.qmp.execute(
+            "migrate-set-capabilities",
+            capabilities=[{"capability": "x-ignore-shared", "state": False}],
+        )
+        await vm.qmp.execute("migrate", uri=f"exec:cat > {snapshot}")
+        await _wait_migration(vm.qmp)
+        await vm.qmp.execute("cont")
+
+    async def start_full_restore(
+        self, spec: SessionSpec, machine: Machine, snapshot: Path, progress: ProgressCallback
+    ) -> VncEndpoint:
+        """Start a session by loading every RAM page from ``snapshot`` (no shared RAM file)."""
+        spec.workdir.mkdir(parents=True, exist_ok=True)
+        vm = await self._spawn(spec.session_id, machine, spec.workdir, None, template=False)
+        try:
+            assert vm.qmp is not None
+            await vm.qmp.execute(
+                "migrate-set-capabilities", capabilities=[{"capability": "events", "state": True}]
+            )
+            await vm.qmp.execute("migrate-incoming", uri=f"exec:cat {snapshot}")
+            await _wait_incoming(vm.qmp)
+            await vm.qmp.execute("cont")
+            await self._personalise(vm, spec.session_id)
+            progress("full restore done; VNC banner read")
+        except BaseException:
+            await _terminate(vm)
+            raise
+        self._vms[spec.session_id] = vm
+        return VncEndpoint(host="127.0.0.1", port=vm.port, password=vm.password)
+
     def pid_of(self, session_id: str) -> int | None:
         """The QEMU process id of a running session (for tests and benchmarks)."""
         vm = self._vms.get(session_id)
@@ -280,6 +308,23 @@ class QemuDriver:
         return vm.paths.serial if vm is not None else None
 
     # --- internals ---------------------------------------------------------------------------
+
+    async def _personalise(self, vm: _Vm, session_id: str) -> str:
+        """Give a restored VM its own clock, entropy, hostname and VNC password; read a banner.
+
+        Returns the agent's answer. The banner does not depend on the password (x11vnc rereads
+        the password file on each connection), so both waits overlap.
+        """
+        vm.password = "".join(secrets.choice(PASSWORD_ALPHABET) for _ in range(PASSWORD_LENGTH))
+        line = session_line(
+            int(time.time()), guest_hostname(session_id), vm.password, secrets.token_hex(32)
+        )
+        vm.port = await _port(vm)
+        answer, _ = await asyncio.gather(
+            _control_exchange(vm.paths.control, line, "ok ", within=RESTORE_SECONDS),
+            _read_banner(vm.port, within=RESTORE_SECONDS),
+        )
+        return answer
 
     async def _probed_accelerator(
         self, image: GuestImage, tsc_khz: int, progress: ProgressCallback
@@ -331,7 +376,13 @@ class QemuDriver:
         )
 
     async def _spawn(
-        self, session_id: str, machine: Machine, workdir: Path, memory: Path, *, template: bool
+        self,
+        session_id: str,
+        machine: Machine,
+        workdir: Path,
+        memory: Path | None,
+        *,
+        template: bool,
     ) -> _Vm:
         # Unix socket paths are limited to 107 bytes; a private short directory keeps them short.
         socket_dir = Path(tempfile.mkdtemp(prefix="rcli-qemu-"))
@@ -514,7 +565,7 @@ def _write_record(path: Path, vm: _Vm) -> None:
         "qmp": str(vm.paths.qmp),
         "control": str(vm.paths.control),
         "serial": str(vm.paths.serial),
-        "memory": str(vm.paths.memory),
+        "memory": str(vm.paths.memory) if vm.paths.memory is not None else "",
         "socket_dir": str(vm.socket_dir),
     }
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

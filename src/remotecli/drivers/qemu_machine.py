@@ -83,7 +83,8 @@ class VmPaths:
     qmp: Path
     control: Path
     serial: Path
-    memory: Path
+    memory: Path | None
+    """The RAM file; None for anonymous RAM (a full restore loads every page from the state)."""
 
 
 def machine_argv(
@@ -99,6 +100,13 @@ def machine_argv(
     accel = "kvm" if machine.accelerator == "kvm" else f"tcg,tb-size={TCG_TB_SIZE_MIB}"
     cpu = "host" if machine.accelerator == "kvm" else "max"
     share = "on" if share_memory else "off"
+    if paths.memory is None:
+        backend = f"memory-backend-ram,id=mem,size={machine.memory_mib}M"
+    else:
+        backend = (
+            f"memory-backend-file,id=mem,size={machine.memory_mib}M,mem-path={paths.memory},"
+            f"share={share}"
+        )
     argv = [
         QEMU,
         "-M",
@@ -112,8 +120,7 @@ def machine_argv(
         "-smp",
         "1",
         "-object",
-        f"memory-backend-file,id=mem,size={machine.memory_mib}M,mem-path={paths.memory},"
-        f"share={share}",
+        backend,
         "-nodefaults",
         "-no-user-config",
         "-nographic",

@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import inspect
-import socket
 import time
 from collections.abc import Coroutine
 from typing import cast
@@ -151,10 +150,7 @@ class ClientConnection(asyncio.Protocol):
             )
             self._reject(ServiceUnavailable(reason))
             return
-        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)  # TCP_NODELAY: asyncio sets it
         self._parser = httptools.HttpRequestParser(self)
         self._arm_head_timer()
 
@@ -430,8 +426,7 @@ class ClientConnection(asyncio.Protocol):
                     continue
                 raise
             except TimeoutError as exc:
-                assert upstream.transport is not None
-                upstream.transport.abort()
+                upstream.abort()
                 raise UpstreamHeadTimeout(
                     f"upstream {address.label} did not answer within "
                     f"{self._config.response_head_timeout:g} s; check the upstream's health "
@@ -470,9 +465,7 @@ class ClientConnection(asyncio.Protocol):
         if exchange.request_done and exchange.head.method != "HEAD":
             self._ctx.pool.release(upstream)
         else:
-            upstream.closed = True
-            assert upstream.transport is not None
-            upstream.transport.close()
+            upstream.abort()  # a HEAD's body framing, or a request cut short: not reusable
             self._close_after = True
 
     def _closing(self, exchange: Exchange) -> bool:
@@ -593,12 +586,7 @@ class ClientConnection(asyncio.Protocol):
             idle_timeout=self._config.idle_timeout,
             client_early=exchange.early,
             upstream_early=upstream.upgrade_rest,
-            context={
-                "client": self._peer,
-                "path": exchange.head.path,
-                "upstream": exchange.upstream_label,
-                "request_id": exchange.request_id,
-            },
+            about=(self._peer, exchange.head.path, exchange.upstream_label, exchange.request_id),
         )
         ctx.tunnels.add(tunnel)
         ctx.metrics.tunnels_open.inc()

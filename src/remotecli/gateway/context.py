@@ -80,7 +80,10 @@ class GatewayContext:
         self.metrics.add_bytes(tunnel.bytes_up, tunnel.bytes_down)
         log.info(
             "tunnel",
-            **tunnel.context,
+            client=tunnel.about[0],
+            path=tunnel.about[1],
+            upstream=tunnel.about[2],
+            request_id=tunnel.about[3],
             bytes_up=tunnel.bytes_up,
             bytes_down=tunnel.bytes_down,
             duration_ms=round((time.monotonic() - tunnel.started) * 1000, 1),

@@ -22,6 +22,9 @@ from collections.abc import Callable
 
 READ_HIGH_WATER = 1024 * 1024  # bytes a tunnel end may buffer towards a slow peer
 
+# (client address, path, upstream, request id): a tuple, as idle tunnels should cost little.
+TunnelAbout = tuple[str, str, str, str]
+
 
 class TunnelEnd(asyncio.Protocol):
     """One side of a tunnel: forwards what its transport reads to the peer's transport."""
@@ -80,8 +83,8 @@ class Tunnel:
         "_idle_timer",
         "_lost",
         "_on_end",
+        "about",
         "client",
-        "context",
         "ended",
         "idle_timeout",
         "last_activity",
@@ -98,7 +101,7 @@ class Tunnel:
         idle_timeout: float | None = None,
         client_early: bytes = b"",
         upstream_early: bytes = b"",
-        context: dict[str, object] | None = None,
+        about: TunnelAbout = ("", "", "", ""),
     ) -> None:
         self.client = TunnelEnd(self, client)
         self.upstream = TunnelEnd(self, upstream)
@@ -108,7 +111,7 @@ class Tunnel:
         self.last_activity = time.monotonic()
         self.started = self.last_activity
         self.ended = ""  # how it ended: "closed", "eof", "reset", "idle", "shutdown"
-        self.context = context or {}  # what the end-of-tunnel log line says about it
+        self.about = about  # what the end-of-tunnel log line says about it
         self._on_end = on_end
         self._lost = 0
         self._idle_timer: asyncio.TimerHandle | None = None

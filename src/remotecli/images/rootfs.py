@@ -94,9 +94,14 @@ height=${{geometry#*x}}
 cd /root
 DISPLAY=:0 xterm -geometry 200x60+0+0 -fa Monospace -fs 11 -bg black -fg white +bc \\
   -e sh -c ': > /run/remotecli/terminal-up; exec sh -c "$1"' terminal "$command" &
-x11vnc -display :0 -rfbport 5900 -passwdfile read:/run/remotecli/vncpass -forever -shared \\
-  -noxdamage -nowf -noscr -nobell -nosel -noprimary -nosetclipboard -norc -quiet \\
-  -geometry "$width"x"$height" -o /var/log/x11vnc.log >/dev/null 2>&1 &
+# The VNC server is restarted if it ever exits, so the session stays reachable.
+while :; do
+  x11vnc -display :0 -rfbport 5900 -passwdfile read:/run/remotecli/vncpass -forever -shared \\
+    -noxdamage -nowf -noscr -nobell -nosel -noprimary -nosetclipboard -norc -quiet \\
+    -geometry "$width"x"$height" -o /var/log/x11vnc.log >/dev/null 2>&1
+  echo "remotecli: x11vnc exited; restarting it" > /dev/ttyS0
+  $bb usleep 200000
+done &
 while ! grep -q ':170C 00000000:0000 0A' /proc/net/tcp 2>/dev/null; do $bb usleep 10000; done
 while [ ! -e /run/remotecli/terminal-up ]; do $bb usleep 10000; done
 echo "remotecli: display, terminal and VNC server up" > /dev/ttyS0
@@ -116,7 +121,9 @@ while read -r verb epoch name password seed <&3; do
   case "$verb" in
     session)
       # Shell built-ins only before the answer: a fresh clone translates every new code path.
-      printf '%s\\n' "$password" > /run/remotecli/vncpass
+      # x11vnc rereads the file on each connection: replace it whole, never half-written.
+      printf '%s\\n' "$password" > /run/remotecli/vncpass.new
+      $bb mv -f /run/remotecli/vncpass.new /run/remotecli/vncpass
       printf '%s' "$seed" > /dev/urandom
       printf '%s\\n' "$name" > /proc/sys/kernel/hostname
       printf 'ok %s\\n' "$name" >&3

@@ -207,6 +207,7 @@ function watchSession(session, started) {
       const text = endedMessage(state, reason);
       if (started !== null) addStep(text, started, "error");
       viewer.disconnect();
+      enableViewerButtons(false);
       setStatus("ended", text);
       showScreenHint(text);
     }

@@ -1,0 +1,184 @@
+"""QEMU microVM sessions: create-to-ready for cold boot, full restore and copy-on-write clone.
+
+Also 10 clones created at once and the proportional memory (PSS, from
+``/proc/PID/smaps_rollup``) of each idle clone. Needs a built guest image
+(``remotecli image build``); templates are kept next to the image cache so that only the
+first run pays for the template's cold boot. Run alone with ``python -m bench.qemu [--quick]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from bench.report import Section, fmt, render, verdict
+from remotecli.drivers.base import SessionSpec, VncEndpoint
+from remotecli.drivers.qemu import QemuDriver
+from remotecli.exceptions import DriverError
+from remotecli.images import default_cache_dir, find_image
+
+TITLE = "QEMU microVM sessions: create to ready"
+COMMAND = ("bash", "-l")
+TARGET_CLONE_P50_MS = 300.0
+TARGET_BATCH_S = 3.0
+TARGET_PSS_MIB = 64.0
+
+
+def _pct(samples: list[float], q: float) -> float | None:
+    if not samples:
+        return None
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def pss_kib(pid: int) -> int | None:
+    """The proportional set size of one process in KiB, from ``/proc/PID/smaps_rollup``."""
+    try:
+        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1])
+    return None
+
+
+async def _timed(
+    driver: QemuDriver,
+    starter: Callable[[SessionSpec], Awaitable[VncEndpoint]],
+    workdir: Path,
+    name: str,
+) -> float:
+    spec = SessionSpec(session_id=name, provider="shell", command=COMMAND, workdir=workdir / name)
+    started = time.perf_counter()
+    await starter(spec)
+    return time.perf_counter() - started
+
+
+async def _measure(workdir: Path, quick: bool) -> dict[str, Any]:
+    cache = default_cache_dir()
+    image = find_image(cache)
+    driver = QemuDriver(
+        workdir / "data", image_cache=cache, template_cache=cache.parent / "templates"
+    )
+    cold_n, full_n, clone_n, batch_n = (1, 3, 10, 10) if quick else (3, 10, 30, 10)
+    quiet: Callable[[str], None] = lambda _step: None  # noqa: E731
+    result: dict[str, Any] = {"image": image.key}
+    try:
+        probe = SessionSpec("probe", "shell", COMMAND, workdir / "probe")
+        machine = await driver.machine_for(probe, quiet)
+        result["accelerator"] = machine.accelerator
+        started = time.perf_counter()
+        template = await driver.ensure_template(machine, quiet)
+        result["template_s"] = time.perf_counter() - started
+
+        async def clone(spec: SessionSpec) -> VncEndpoint:
+            return await driver.start_clone(spec, machine, template, quiet)
+
+        async def cold(spec: SessionSpec) -> VncEndpoint:
+            return await driver.start_cold(spec, quiet)
+
+        snapshot = workdir / "full.state"
+        await clone(probe)
+        await driver.save_full_snapshot("probe", snapshot)
+        await driver.stop("probe")
+
+        async def full(spec: SessionSpec) -> VncEndpoint:
+            return await driver.start_full_restore(spec, machine, snapshot, quiet)
+
+        for kind, starter, count in (("cold", cold, cold_n), ("full", full, full_n)):
+            times = []
+            for index in range(count):
+                times.append(await _timed(driver, starter, workdir, f"{kind}{index}"))
+                await driver.stop(f"{kind}{index}")
+            result[kind] = times
+        clones = []
+        for index in range(clone_n):
+            clones.append(await _timed(driver, clone, workdir, f"clone{index}"))
+            await driver.stop(f"clone{index}")
+        result["clone"] = clones
+        started = time.perf_counter()
+        names = [f"batch{index}" for index in range(batch_n)]
+        batch = await asyncio.gather(*(_timed(driver, clone, workdir, name) for name in names))
+        result["batch_s"] = time.perf_counter() - started
+        result["batch"] = list(batch)
+        await asyncio.sleep(3.0)  # let the clones go idle before reading their memory
+        pids = [driver.pid_of(name) for name in names]
+        result["pss_kib"] = [kib for pid in pids if pid is not None if (kib := pss_kib(pid))]
+    finally:
+        await driver.close()
+    return result
+
+
+def run(quick: bool, workdir: Path) -> list[Section]:
+    """Run the QEMU benchmark in ``workdir``; return its section (skipped without an image)."""
+    if shutil.which("qemu-system-x86_64") is None:
+        return [Section(TITLE, skipped="qemu-system-x86_64 is not installed")]
+    try:
+        find_image(default_cache_dir())
+    except DriverError as exc:
+        return [Section(TITLE, skipped=exc.message)]
+    try:
+        result = asyncio.run(_measure(workdir, quick))
+    except DriverError as exc:
+        return [Section(TITLE, skipped=f"a VM failed: {exc.message[:300]}")]
+    rows = []
+    for kind, label in (("cold", "cold boot"), ("full", "full restore"), ("clone", "CoW clone")):
+        samples = [1000 * value for value in result[kind]]
+        rows.append([label, str(len(samples)), fmt(_pct(samples, 0.5)), fmt(_pct(samples, 0.95))])
+    batch_ms = [1000 * value for value in result["batch"]]
+    rows.append(
+        [f"{len(batch_ms)} clones at once", str(len(batch_ms)), fmt(_pct(batch_ms, 0.5)),
+         fmt(_pct(batch_ms, 0.95))]
+    )  # fmt: skip
+    clone_p50 = _pct([1000 * value for value in result["clone"]], 0.5)
+    pss = [kib / 1024 for kib in result["pss_kib"]]
+    pss_mean = sum(pss) / len(pss) if pss else None
+    section = Section(TITLE, ["path", "samples", "p50 ms", "p95 ms"], rows)
+    section.targets = [
+        (
+            f"clone p50 <= {TARGET_CLONE_P50_MS:.0f} ms",
+            f"{fmt(clone_p50)} ms",
+            verdict(None if clone_p50 is None else clone_p50 <= TARGET_CLONE_P50_MS),
+        ),
+        (
+            f"10 at once <= {TARGET_BATCH_S:.0f} s",
+            f"{result['batch_s']:.2f} s",
+            verdict(result["batch_s"] <= TARGET_BATCH_S),
+        ),
+        (
+            f"idle PSS per session <= {TARGET_PSS_MIB:.0f} MiB",
+            f"{fmt(pss_mean, 1)} MiB (max {fmt(max(pss) if pss else None, 1)})",
+            verdict(None if pss_mean is None else pss_mean <= TARGET_PSS_MIB),
+        ),
+    ]
+    section.notes = [
+        f"accelerator {result['accelerator']}, image {result['image']}; ready = RFB banner "
+        "read through the loopback forward after the guest took its own password",
+        f"template (cold boot + save, or found cached): {result['template_s']:.1f} s",
+        "the figures depend on the machine's load: see the load average in the header",
+    ]
+    return [section]
+
+
+def main() -> int:
+    """Run this benchmark alone and print its Markdown."""
+    parser = argparse.ArgumentParser(prog="python -m bench.qemu", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="fewer samples")
+    args = parser.parse_args()
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="remotecli-bench-qemu-") as tmp:
+        sections = run(args.quick, Path(tmp))
+    print(render(sections, "quick" if args.quick else "full", time.monotonic() - started))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

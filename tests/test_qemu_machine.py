@@ -1,0 +1,103 @@
+"""The QEMU machine's pure parts: command line, forward port, guest control line, TSC rate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from remotecli.drivers.qemu_machine import (
+    Machine,
+    VmPaths,
+    forwarded_port,
+    guest_hostname,
+    host_tsc_khz,
+    machine_argv,
+    session_line,
+)
+from remotecli.exceptions import DriverError
+from remotecli.images import GuestImage
+
+IMAGE = GuestImage(Path("/images/k1"), "k1", ())
+MACHINE = Machine(IMAGE, "tcg", 256, 2_445_406, ("bash", "-l"), 1280, 720)
+PATHS = VmPaths(Path("/s/qmp.sock"), Path("/s/control.sock"), Path("/d/serial.log"), Path("/t/m"))
+
+USERNET = (
+    "Hub -1 (net):\r\n"
+    "  Protocol[State]    FD  Source Address  Port   Dest. Address  Port RecvQ SendQ\r\n"
+    "  TCP[HOST_FORWARD]  12       127.0.0.1 42197       10.0.2.15  5900     0     0\r\n"
+)
+
+
+def option(argv: list[str], flag: str) -> list[str]:
+    return [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == flag]
+
+
+def test_template_and_clone_differ_only_in_memory_sharing_and_incoming() -> None:
+    """A clone has the template's devices; only share=off and -incoming defer are added."""
+    template = machine_argv(MACHINE, PATHS, share_memory=True, incoming=False)
+    clone = machine_argv(MACHINE, PATHS, share_memory=False, incoming=True)
+    assert clone[-2:] == ["-incoming", "defer"]
+    differing = [(a, b) for a, b in zip(template, clone[:-2], strict=True) if a != b]
+    assert len(differing) == 1
+    assert differing[0][0].endswith("share=on")
+    assert differing[0][1].endswith("share=off")
+
+
+def test_network_is_restricted_and_forwarded_on_loopback_only() -> None:
+    """User-mode networking has restrict=on and the VNC forward binds 127.0.0.1 only."""
+    argv = machine_argv(MACHINE, PATHS, share_memory=False, incoming=True)
+    (netdev,) = option(argv, "-netdev")
+    assert "restrict=on" in netdev
+    assert "hostfwd=tcp:127.0.0.1:0-:5900" in netdev
+
+
+def test_tcg_has_a_bounded_translation_cache_and_kvm_uses_the_host_cpu() -> None:
+    """TCG gets an explicit tb-size; KVM runs -accel kvm with -cpu host."""
+    tcg = machine_argv(MACHINE, PATHS, share_memory=True, incoming=False)
+    assert option(tcg, "-accel") == ["tcg,tb-size=32"]
+    kvm_machine = Machine(IMAGE, "kvm", 256, 2_445_406, ("bash",), 1280, 720)
+    kvm = machine_argv(kvm_machine, PATHS, share_memory=True, incoming=False)
+    assert option(kvm, "-accel") == ["kvm"]
+    assert option(kvm, "-cpu") == ["host"]
+
+
+def test_kernel_command_line_carries_the_tsc_rate_and_the_command() -> None:
+    """The guest gets tsc_early_khz (microvm has no HPET) and the base64 command."""
+    line = MACHINE.kernel_command_line()
+    assert "tsc_early_khz=2445406" in line.split()
+    assert "remotecli.command=YmFzaCAtbA==" in line.split()
+
+
+def test_template_key_changes_with_the_command() -> None:
+    """Two provider commands never share a template."""
+    other = Machine(IMAGE, "tcg", 256, 2_445_406, ("codex",), 1280, 720)
+    assert MACHINE.template_key() != other.template_key()
+    assert MACHINE.template_key() == Machine(*vars(MACHINE).values()).template_key()
+
+
+def test_forwarded_port_is_read_from_info_usernet() -> None:
+    """The kernel-chosen host port of the VNC forward is parsed from QEMU's text."""
+    assert forwarded_port(USERNET) == 42197
+    with pytest.raises(DriverError, match="no loopback forward"):
+        forwarded_port("Hub -1 (net):\r\n")
+
+
+def test_session_line_refuses_values_that_could_break_the_line() -> None:
+    """Only letters, digits and dashes reach the guest agent's line."""
+    assert session_line(1700000000, "rcli-a", "Pw12", "ab01") == (
+        b"session 1700000000 rcli-a Pw12 ab01\n"
+    )
+    with pytest.raises(DriverError, match="password"):
+        session_line(1700000000, "rcli-a", "pw with space", "ab01")
+
+
+def test_guest_hostname_is_a_valid_hostname() -> None:
+    """Session ids become lower-case hostnames of at most 63 characters."""
+    assert guest_hostname("B0bz_RM-x") == "rcli-b0bz-rm-x"
+    assert len(guest_hostname("x" * 100)) == 63
+
+
+def test_tsc_rate_comes_from_cpuinfo() -> None:
+    """The host's rate in kHz is read from the first ``cpu MHz`` line."""
+    assert host_tsc_khz("processor\t: 0\ncpu MHz\t\t: 2445.406\n") == 2_445_406
