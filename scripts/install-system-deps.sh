@@ -6,7 +6,7 @@ set -euo pipefail
 
 run_packages=(xvfb x11vnc xterm bubblewrap procps fonts-dejavu-core)
 test_packages=(nginx-light chromium qemu-system-x86 qemu-utils debootstrap e2fsprogs
-  busybox-static cpio zstd nodejs npm)
+  busybox-static cpio zstd nodejs npm iproute2)
 
 case "${1:-run}" in
   run) wanted=("${run_packages[@]}") ;;

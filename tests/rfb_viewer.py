@@ -68,16 +68,21 @@ class RfbViewer:
             await self._pump()
 
     async def wait_non_blank(self, timeout: float) -> FramebufferUpdate:
-        """Request updates until one holds at least two different pixel values; return it."""
+        """Request updates until the terminal shows: mostly lit, and not one uniform colour.
+
+        "Mostly lit" (under half of the pixels black) tells the xterm window from the black root
+        window with only a cursor drawn on it: keys typed before the window maps are lost.
+        """
         assert self.init is not None
-        bytes_per_pixel = self.init.pixel_format.bits_per_pixel // 8
+        step = self.init.pixel_format.bits_per_pixel // 8
         async with asyncio.timeout(timeout):
             while True:
                 update = await self.framebuffer_update()
-                for rect in update.rectangles:
-                    first = rect.pixels[:bytes_per_pixel]
-                    if rect.pixels != first * (rect.width * rect.height):
-                        return update
+                pixels = b"".join(rect.pixels for rect in update.rectangles)
+                first = pixels[:step]
+                dark = sum(pixels[channel::step].count(0) for channel in range(3)) / 3
+                if pixels != first * (len(pixels) // step) and dark < len(pixels) / step / 2:
+                    return update
 
     async def type(self, text: str) -> None:
         """Send key press and release events typing ``text``."""

@@ -396,7 +396,7 @@ def test_5_killing_the_vnc_server_is_explained_and_terminate_removes_it(live: Li
 
 
 def test_without_login_the_page_asks_for_the_token_and_signs_in(browser: Browser, up: Up) -> None:
-    """Without the cookie the page shows the token form; submitting the token opens the dashboard."""
+    """Without the cookie the page shows the token form; submitting the token signs in."""
     context = browser.new_context(viewport={"width": 1280, "height": 720})
     page = context.new_page()
     page.set_default_timeout(ms(TIMEOUT))
@@ -423,6 +423,44 @@ def test_narrow_window_keeps_every_control_reachable(browser: Browser, up: Up) -
     assert page.locator("#status").is_visible()
     assert page.locator("#screen").is_visible()
     context.close()
+
+
+def test_a_dropped_connection_is_explained_and_reconnected_with_a_new_ticket(
+    browser: Browser, up: Up
+) -> None:
+    """Cutting the browser's TCP connections (a bare 1006) is told in words, then reconnected."""
+    ss = shutil.which("ss")
+    if ss is None:
+        pytest.skip("`ss` (Debian's iproute2) is missing: scripts/install-system-deps.sh test")
+    page = browser.new_page(viewport={"width": 1280, "height": 720})
+    page.set_default_timeout(ms(TIMEOUT))
+    sockets: list[str] = []
+    page.on("websocket", lambda socket_: sockets.append(socket_.url))
+    page.goto(up.url)
+    page.locator('button[data-provider="shell"]').click()
+    page.locator('#screen[data-first-frame="drawn"]').wait_for()
+    port = up.base.rsplit(":", 1)[1]
+    # Abort every connection to this test's gateway (the WebSocket among them): the browser sees
+    # 1006 with no reason, as when a network path drops.
+    subprocess.run(
+        [ss, "-K", "dst", "127.0.0.1", "dport", "=", f":{port}"], capture_output=True, check=False
+    )
+    status = page.locator("#status")
+    texts: list[str] = []
+    deadline = time.monotonic() + TIMEOUT
+    while not (len(sockets) >= 2 and status.inner_text().startswith("Connected")):
+        texts.append(status.inner_text())
+        assert time.monotonic() < deadline, f"never reconnected; status went {texts[-5:]}"
+        page.wait_for_timeout(20)
+    screenshot(page, "drop-reconnected")
+    assert any("Reconnecting" in text for text in texts), texts
+    assert all("1006" not in text for text in texts)
+    assert sockets[0] != sockets[1]  # a fresh single-use ticket for the new connection
+    session_id = page.locator("#sessions li.current").get_attribute("data-session-id")
+    item = page.locator(f'#sessions li[data-session-id="{session_id}"]')
+    item.get_by_role("button", name="Terminate").click()
+    item.wait_for(state="detached")
+    page.close()
 
 
 def test_6_claude_code_shows_its_first_screen(browser: Browser, up: Up, live: Live) -> None:

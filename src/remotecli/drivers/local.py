@@ -58,7 +58,7 @@ shift 3
 fifo="$run/display.fifo"
 rm -f "$fifo" "$run/vnc.sock"
 mkfifo -m 600 "$fifo"
-Xvfb -displayfd 3 -nolisten tcp -auth "$run/Xauthority" -screen 0 "${width}x${height}x24" \
+Xvfb -displayfd 3 -nolisten tcp -br -auth "$run/Xauthority" -screen 0 "${width}x${height}x24" \
   3>"$fifo" </dev/null 2>"$run/xvfb.log" &
 xvfb=$!
 if ! read -r display <"$fifo"; then

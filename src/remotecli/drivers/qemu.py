@@ -28,9 +28,11 @@ import signal
 import string
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TextIO
+
+import structlog
 
 from remotecli.drivers.base import ProgressCallback, SessionSpec, VncEndpoint
 from remotecli.drivers.qemu_machine import (
@@ -49,6 +51,8 @@ from remotecli.drivers.qemu_machine import (
 from remotecli.drivers.qmp import QmpClient, QmpError
 from remotecli.exceptions import DriverError
 from remotecli.images import GuestImage, default_cache_dir, find_image
+
+log = structlog.get_logger(component="qemu")
 
 PASSWORD_ALPHABET = string.ascii_letters + string.digits
 PASSWORD_LENGTH = 8
@@ -87,13 +91,16 @@ class QemuDriver:
         template_cache: Path | None = None,
         memory_mib: int = DEFAULT_MEMORY_MIB,
         accelerator: str | None = None,
+        pool_size: int = 0,
     ) -> None:
         """Keep templates under ``data_dir/qemu/templates``; find images in ``image_cache``.
 
         ``template_cache`` keeps templates elsewhere (several data dirs may share one: a
         template is keyed on everything its saved state depends on). ``accelerator`` forces
         ``kvm`` or ``tcg``; by default KVM is probed once by booting the kernel under it, and
-        the answer is remembered in the data dir.
+        the answer is remembered in the data dir. ``pool_size`` keeps that many QEMU processes
+        started ahead per template, waiting for the template's state: a session then skips
+        QEMU's own start-up (they hold no guest memory until used).
         """
         self._root = data_dir / "qemu"
         self._templates = template_cache if template_cache is not None else self._root / "templates"
@@ -102,6 +109,10 @@ class QemuDriver:
         self._accelerator = accelerator
         self._vms: dict[str, _Vm] = {}
         self._template_locks: dict[str, asyncio.Lock] = {}
+        self._pool_size = pool_size
+        self._pool: dict[str, list[_Vm]] = {}
+        self._refilling: set[str] = set()
+        self._pool_tasks: set[asyncio.Task[None]] = set()
         self.last_start_kind = ""
         """``clone`` or ``cold`` plus ``+template`` when this start built the template."""
 
@@ -157,8 +168,15 @@ class QemuDriver:
         return VncEndpoint(host="127.0.0.1", port=vm.port, password=vm.password)
 
     async def close(self) -> None:
-        """Stop every VM this driver started."""
+        """Stop every VM this driver started, the warm pool's included."""
+        for task in list(self._pool_tasks):
+            task.cancel()
+        await asyncio.gather(*self._pool_tasks, return_exceptions=True)
+        waiting = [vm for vms in self._pool.values() for vm in vms]
+        self._pool.clear()
         await asyncio.gather(*(self.stop(session_id) for session_id in list(self._vms)))
+        await asyncio.gather(*(_terminate(vm) for vm in waiting))
+        shutil.rmtree(self._root / "pool", ignore_errors=True)
 
     # --- templates and clones ----------------------------------------------------------------
 
@@ -206,9 +224,14 @@ class QemuDriver:
     ) -> VncEndpoint:
         """Start one session as a copy-on-write clone of ``template``; return its endpoint."""
         spec.workdir.mkdir(parents=True, exist_ok=True)
-        vm = await self._spawn(
-            spec.session_id, machine, spec.workdir, template / "memory", template=False
-        )
+        vm = self._take_from_pool(machine, spec)
+        if vm is None:
+            vm = await self._spawn(
+                spec.session_id, machine, spec.workdir, template / "memory", template=False
+            )
+        else:
+            progress("took a waiting QEMU from the warm pool")
+        self._refill_pool(machine, template)
         try:
             assert vm.qmp is not None
             await vm.qmp.execute(
@@ -309,22 +332,60 @@ class QemuDriver:
 
     # --- internals ---------------------------------------------------------------------------
 
+    def _take_from_pool(self, machine: Machine, spec: SessionSpec) -> _Vm | None:
+        """Return a waiting QEMU for ``machine``, its logs moved into the session dir."""
+        waiting = self._pool.get(machine.template_key(), [])
+        while waiting:
+            vm = waiting.pop(0)
+            if vm.ended.is_set():
+                continue
+            pool_dir = vm.paths.serial.parent
+            serial = spec.workdir / "serial.log"
+            vm.paths.serial.rename(serial)  # QEMU keeps writing through its open descriptor
+            (pool_dir / "qemu.log").rename(spec.workdir / "qemu.log")
+            pool_dir.rmdir()
+            vm.paths = replace(vm.paths, serial=serial)
+            vm.session_id = spec.session_id
+            return vm
+        return None
+
+    def _refill_pool(self, machine: Machine, template: Path) -> None:
+        key = machine.template_key()
+        if self._pool_size <= 0 or key in self._refilling:
+            return
+        self._refilling.add(key)
+        task = asyncio.get_running_loop().create_task(self._fill_pool(machine, template, key))
+        self._pool_tasks.add(task)
+        task.add_done_callback(self._pool_tasks.discard)
+
+    async def _fill_pool(self, machine: Machine, template: Path, key: str) -> None:
+        waiting = self._pool.setdefault(key, [])
+        try:
+            while len(waiting) < self._pool_size:
+                directory = self._root / "pool" / secrets.token_hex(6)
+                directory.mkdir(parents=True)
+                vm = await self._spawn(
+                    "pool", machine, directory, template / "memory", template=False
+                )
+                waiting.append(vm)
+        except DriverError as exc:
+            log.warning("warm pool: could not start QEMU", error=exc.message)
+        finally:
+            self._refilling.discard(key)
+
     async def _personalise(self, vm: _Vm, session_id: str) -> str:
         """Give a restored VM its own clock, entropy, hostname and VNC password; read a banner.
 
-        Returns the agent's answer. The banner does not depend on the password (x11vnc rereads
-        the password file on each connection), so both waits overlap.
+        Returns the agent's answer. The banner comes first: x11vnc rereads the password file on
+        each connection, and the agent rewrites that file in place when the line arrives.
         """
         vm.password = "".join(secrets.choice(PASSWORD_ALPHABET) for _ in range(PASSWORD_LENGTH))
         line = session_line(
             int(time.time()), guest_hostname(session_id), vm.password, secrets.token_hex(32)
         )
         vm.port = await _port(vm)
-        answer, _ = await asyncio.gather(
-            _control_exchange(vm.paths.control, line, "ok ", within=RESTORE_SECONDS),
-            _read_banner(vm.port, within=RESTORE_SECONDS),
-        )
-        return answer
+        await _read_banner(vm.port, within=RESTORE_SECONDS)
+        return await _control_exchange(vm.paths.control, line, "ok ", within=RESTORE_SECONDS)
 
     async def _probed_accelerator(
         self, image: GuestImage, tsc_khz: int, progress: ProgressCallback

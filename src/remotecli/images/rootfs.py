@@ -120,13 +120,13 @@ exec 3<>/dev/ttyS1
 while read -r verb epoch name password seed <&3; do
   case "$verb" in
     session)
-      # Shell built-ins only before the answer: a fresh clone translates every new code path.
-      # x11vnc rereads the file on each connection: replace it whole, never half-written.
-      printf '%s\\n' "$password" > /run/remotecli/vncpass.new
-      $bb mv -f /run/remotecli/vncpass.new /run/remotecli/vncpass
+      # Built-ins only before the answer: a fresh clone translates every new code path.
+      # The host reads the RFB banner before it sends this line and hands the VM out only
+      # after the answer, so no VNC connection can see the file half-written.
+      printf '%s\\n' "$password" > /run/remotecli/vncpass
+      printf 'ok %s\\n' "$name" >&3
       printf '%s' "$seed" > /dev/urandom
       printf '%s\\n' "$name" > /proc/sys/kernel/hostname
-      printf 'ok %s\\n' "$name" >&3
       $bb date -s "@$epoch" >/dev/null 2>&1
       ;;
     ping) printf 'pong\\n' >&3 ;;
