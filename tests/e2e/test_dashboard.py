@@ -11,6 +11,7 @@ type, reload, happy-path console check, kill the VNC server, Claude Code). Scree
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import re
 import shutil
@@ -206,27 +207,18 @@ class Up:
     output: list[str]
 
 
-@pytest.fixture(scope="module")
-def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
-    """Start `remotecli up` on an ephemeral port with a fresh data dir; stop it afterwards."""
-    data_dir = tmp_path_factory.mktemp("remotecli-data")
+@contextlib.contextmanager
+def remotecli_up(data_dir: Path, env: dict[str, str] | None = None) -> Iterator[Up]:
+    """Run `remotecli up` on an ephemeral port with ``data_dir``; stop it (SIGTERM) on exit."""
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "remotecli",
-            "up",
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            str(data_dir),
-        ],
+        [sys.executable, "-m", "remotecli", "up", "--listen", "127.0.0.1:0"]
+        + ["--data-dir", str(data_dir)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
+        env={**os.environ, **(env or {})},
     )
-    assert process.stdout is not None
     output: list[str] = []
     found: list[str] = []
     ready = threading.Event()
@@ -242,19 +234,27 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
         ready.set()
 
     threading.Thread(target=pump, daemon=True).start()
-    ready.wait(TIMEOUT)
-    if not found:
-        process.kill()
-        pytest.fail("`remotecli up` printed no login URL:\n" + "".join(output))
-    url = found[0]
-    base = url.split("/login", 1)[0]
-    yield Up(url=url, base=base, data_dir=data_dir, process=process, output=output)
-    process.send_signal(signal.SIGTERM)
     try:
-        process.wait(TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(TIMEOUT)
+        ready.wait(TIMEOUT)
+        if not found:
+            pytest.fail("`remotecli up` printed no login URL:\n" + "".join(output))
+        url = found[0]
+        base = url.split("/login", 1)[0]
+        yield Up(url=url, base=base, data_dir=data_dir, process=process, output=output)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(TIMEOUT)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(TIMEOUT)
+
+
+@pytest.fixture(scope="module")
+def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
+    """One `remotecli up` with a fresh data dir shared by the whole-system tests."""
+    with remotecli_up(tmp_path_factory.mktemp("remotecli-data")) as running:
+        yield running
 
 
 @dataclass
@@ -461,6 +461,21 @@ def test_a_dropped_connection_is_explained_and_reconnected_with_a_new_ticket(
     item.get_by_role("button", name="Terminate").click()
     item.wait_for(state="detached")
     page.close()
+
+
+def test_without_novnc_the_page_says_how_to_install_it(browser: Browser, tmp_path: Path) -> None:
+    """With noVNC not installed, the page says so and that `make up` installs it."""
+    missing = {"REMOTECLI_NOVNC_DIR": str(tmp_path / "no-novnc")}
+    with remotecli_up(tmp_path / "data", missing) as bare:
+        page = browser.new_page(viewport={"width": 1280, "height": 720})
+        page.set_default_timeout(ms(TIMEOUT))
+        page.goto(bare.url)
+        banner = page.locator("#banner")
+        banner.wait_for()
+        screenshot(page, "novnc-missing")
+        assert "noVNC viewer is not installed" in banner.inner_text()
+        assert "run `make up`" in banner.inner_text()
+        page.close()
 
 
 def test_6_claude_code_shows_its_first_screen(browser: Browser, up: Up, live: Live) -> None:
