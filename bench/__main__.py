@@ -23,7 +23,7 @@ from typing import Any
 
 from bench.report import RESULTS, Section, render, write
 
-BENCHMARKS = ("gateway", "bridge", "sessions", "dashboard")
+BENCHMARKS = ("gateway", "bridge", "sessions", "dashboard", "load", "qemu")
 
 
 def _run(run: Callable[..., Any], quick: bool, workdir: Path) -> list[Section]:

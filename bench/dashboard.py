@@ -39,14 +39,22 @@ URL_PATTERN = re.compile(r"https?://\S+/login\?token=\S+")
 TARGET_P50_S = 1.5
 STEP_TIMEOUT_S = 30.0
 
+# True once the view drew its first frame (and noted the time), or the session ended.
+FRAME_OR_END_JS = """() =>
+  document.querySelector("#screen").dataset.connectMs !== undefined ||
+  ["ended", "error"].includes(document.querySelector("#status").dataset.tone)"""
+
 DELETE_SESSION_JS = """async (id) => {
   const response = await fetch(`/api/sessions/${id}`, { method: "DELETE" });
   return response.status;
 }"""
 
 
-async def run(quick: bool) -> list[Section]:
-    """Measure click-to-first-frame over 10 runs (3 when quick); return one report section."""
+async def run(quick: bool, workdir: Path) -> list[Section]:
+    """Measure click-to-first-frame over 10 runs (3 when quick); return one report section.
+
+    ``workdir`` holds the data dir of the `remotecli up` it starts (and stops before returning).
+    """
     section = Section(
         title="Dashboard: click on Connect to first framebuffer drawn (headless chromium)",
         columns=["runs", "p50 s", "p95 s", "min s", "max s"],
@@ -55,12 +63,11 @@ async def run(quick: bool) -> list[Section]:
         section.skipped = f"{CHROMIUM} is missing: `make bench` installs Debian's chromium"
         return [section]
     runs = 3 if quick else 10
-    with tempfile.TemporaryDirectory(prefix="remotecli-bench-dashboard-") as data_dir:
-        process, url = await _start_up(Path(data_dir))
-        try:
-            timings = await _measure(url, runs)
-        finally:
-            await _stop(process)
+    process, url = await _start_up(workdir / "data")
+    try:
+        timings = await _measure(url, runs)
+    finally:
+        await _stop(process)
     timings.sort()
     p50 = statistics.median(timings)
     p95 = timings[min(len(timings) - 1, round(0.95 * (len(timings) - 1)))]
@@ -131,8 +138,11 @@ async def _measure(url: str, runs: int) -> list[float]:
             card = page.locator('button[data-provider="shell"]')
             await card.wait_for()
             await card.click()
+            await page.wait_for_function(FRAME_OR_END_JS)
             screen = page.locator('#screen[data-first-frame="drawn"][data-connect-ms]')
-            await screen.wait_for()
+            if await screen.count() != 1:
+                status = await page.locator("#status").inner_text()
+                raise RuntimeError(f"the shell session did not show its screen: {status}")
             timings.append(float(await screen.get_attribute("data-connect-ms") or "nan") / 1000)
             session_id = await page.locator("#sessions li.current").get_attribute("data-session-id")
             await page.evaluate(DELETE_SESSION_JS, session_id)
@@ -153,5 +163,6 @@ async def _stop(process: asyncio.subprocess.Process) -> None:
 
 
 if __name__ == "__main__":
-    for result in asyncio.run(run(quick="--quick" in sys.argv)):
-        print(result.markdown())
+    with tempfile.TemporaryDirectory(prefix="remotecli-bench-dashboard-") as tmp:
+        for result in asyncio.run(run("--quick" in sys.argv, Path(tmp))):
+            print(result.markdown())

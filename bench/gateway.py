@@ -159,7 +159,7 @@ def run(quick: bool, workdir: Path) -> list[Section]:
     raise_fd_limit()
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     big = min(10_000, (hard - 48) // 2)
-    rounds, seconds, rtt_count = (2, 1.0, 500) if quick else (5, 2.0, 2000)
+    rounds, seconds, rtt_count = (2, 1.0, 500) if quick else (7, 1.5, 2000)
     upstream_port = free_port()
     upstream = python_peer(
         "upstream-ws", "bench.upstream", ["ws", str(upstream_port)], workdir, upstream_port
@@ -176,8 +176,9 @@ def run(quick: bool, workdir: Path) -> list[Section]:
                 peers[name] = peer
         names = [name for name in PEERS if name in peers]
         for index in range(rounds):
-            for name in names[index % len(names) :] + names[: index % len(names)]:
-                _round(peers[name], samples[name], seconds, rtt_count, errors)
+            for kind, spec in _specs(seconds, rtt_count).items():
+                for name in names[index % len(names) :] + names[: index % len(names)]:
+                    _measure(peers[name], kind, spec, samples[name], errors)
         for peer in peers.values():
             peer.stop()
         sizes = (1_000,) if quick else (1_000, big)
@@ -198,30 +199,37 @@ def _add(bucket: dict[str, list[float]], key: str, value: Any) -> None:
         bucket.setdefault(key, []).append(float(value))
 
 
-def _round(
+def _specs(seconds: float, rtt_count: int) -> dict[str, dict[str, Any]]:
+    """The load-client measurements of one round, by name."""
+    return {
+        "upload": {"mode": "upload", "seconds": seconds},
+        "echo": {"mode": "echo", "seconds": seconds},
+        "rtt": {"mode": "rtt", "count": rtt_count},
+        "upgrades": {"mode": "upgrades", "count": 500},
+    }
+
+
+_FIGURES = {
+    "upload": (("upload", "mbps"),),
+    "echo": (("echo", "mbps"),),
+    "rtt": (("rtt_p50", "p50_ms"), ("rtt_p99", "p99_ms")),
+    "upgrades": (("upg_p99", "p99_ms"), ("upg_failed", "failed")),
+}
+
+
+def _measure(
     peer: Peer,
+    kind: str,
+    spec: dict[str, Any],
     bucket: dict[str, list[float]],
-    seconds: float,
-    rtt_count: int,
     errors: dict[str, str],
 ) -> None:
-    """One round of throughput, round-trip and upgrade measurements against one peer."""
-    base = {"port": peer.port, "path": "/echo"}
-    results = {
-        "upload": run_client({**base, "mode": "upload", "seconds": seconds}, 60),
-        "echo": run_client({**base, "mode": "echo", "seconds": seconds}, 60),
-        "rtt": run_client({**base, "mode": "rtt", "count": rtt_count}, 60),
-        "upgrades": run_client({**base, "mode": "upgrades", "count": 500}, 90),
-    }
-    for kind, result in results.items():
-        if "error" in result:
-            errors[f"{peer.name} {kind}"] = result["error"]
-    _add(bucket, "upload", results["upload"].get("mbps"))
-    _add(bucket, "echo", results["echo"].get("mbps"))
-    _add(bucket, "rtt_p50", results["rtt"].get("p50_ms"))
-    _add(bucket, "rtt_p99", results["rtt"].get("p99_ms"))
-    _add(bucket, "upg_p99", results["upgrades"].get("p99_ms"))
-    _add(bucket, "upg_failed", results["upgrades"].get("failed"))
+    """Run one measurement against one peer and add its figures to the peer's samples."""
+    result = run_client({"port": peer.port, "path": "/echo", **spec}, 90)
+    if "error" in result:
+        errors[f"{peer.name} {kind}"] = result["error"]
+    for key, field in _FIGURES[kind]:
+        _add(bucket, key, result.get(field))
 
 
 def _memory(
@@ -287,9 +295,10 @@ def _section(
     )
     section.targets = _targets(g, stock, big_nginx, big)
     section.notes = [
-        f"{rounds} interleaved rounds of {seconds:.0f} s per throughput figure; each figure is the "
-        "median over rounds. Upload: bytes the upstream received per second (timed until it "
-        "acknowledged the last byte). Echo: bytes echoed back per second with 1 MiB in flight.",
+        f"{rounds} rounds; in each, every measurement is taken of every peer in turn (rotated "
+        f"order), {seconds:g} s per throughput figure; each figure is the median over rounds. "
+        "Upload: bytes the upstream received per second (timed until it acknowledged the "
+        "last byte). Echo: bytes echoed back per second with 1 MiB in flight.",
         "RTT: sequential 64-byte messages through the proxy to the echo upstream and back. "
         "Upgrades: 500 WebSocket handshakes started at once, time of each to its 101.",
         "KiB/tunnel: growth of the proxy's resident memory (whole process tree) while holding N "
@@ -309,6 +318,13 @@ def _section(
         )
     if quick:
         section.notes.append("--quick: fewer, shorter rounds and only the 1,000-tunnel point.")
+    spread = [
+        f"{name} {max(values) / min(values):.2f}x"
+        for name in PEERS
+        if (values := samples[name].get("echo")) and min(values) > 0
+    ]
+    if spread:
+        section.notes.append("Echo spread over rounds (max/min): " + ", ".join(spread) + ".")
     for name in PEERS:
         failed = sum(samples[name].get("upg_failed", []))
         if failed:

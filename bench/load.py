@@ -343,7 +343,20 @@ def run(quick: bool) -> list[Section]:
                 " → ".join(str(v) for v in fds),
             ]
         )
-    notes = [f"{r['phase']}: {r}" for r in results]
+    notes = [
+        f"tunnels: opened in {r['open_seconds']} s, {HANDSHAKE_CONCURRENCY} handshakes at a "
+        f"time; handshake p50 {r['handshake_p50_ms']} ms, p99 {r['handshake_p99_ms']} ms; "
+        f"{r['echoed_all_at_once']} echoed 4 KiB while all were open"
+        for r in results
+        if r["phase"] == "tunnels"
+    ]
+    notes += [
+        f"creations: {r['rate_per_s']}/s; POST p50 {r['create_p50_ms']} ms, "
+        f"p99 {r['create_p99_ms']} ms; all deleted afterwards"
+        for r in results
+        if r["phase"] == "creations"
+    ]
+    notes.append("reproduce: .venv/bin/python -m bench.load [--quick] (see docs/reliability.md)")
     return [
         Section(
             "Load: tunnels through gateway and bridge, and session creations",

@@ -1,4 +1,4 @@
-"""The load client, run in its own process so it never shares a core's time with the proxy.
+"""The load client: one measurement per process, never on the event loop of what it measures.
 
 ``python -m bench.loadclient '{"mode": ..., "port": ..., ...}'`` runs one measurement against
 127.0.0.1:port and prints its result as one JSON line. Modes:
@@ -29,6 +29,7 @@ import statistics
 import struct
 import sys
 import time
+from collections.abc import Callable
 from typing import Any, cast
 
 import uvloop
@@ -55,8 +56,8 @@ class Tunnel(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.received = 0
         self.paused = False
-        self.on_progress: Any = None  # called with no argument after payload arrives
-        self.on_drain: Any = None  # called with no argument when writing may resume
+        self.on_progress: Callable[[], None] | None = None  # after payload arrives
+        self.on_drain: Callable[[], None] | None = None  # when writing may resume
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass

@@ -16,6 +16,8 @@ import hashlib
 import struct
 from collections.abc import Callable
 
+from websockets.speedups import apply_mask
+
 OP_TEXT = 0x1
 OP_BINARY = 0x2
 OP_CLOSE = 0x8
@@ -43,8 +45,6 @@ def frame_header(opcode: int, length: int, mask: bytes | None = None) -> bytes:
 
 def masked_frame(opcode: int, payload: bytes) -> bytes:
     """Return a complete client frame (masked with :data:`CLIENT_MASK`) to write as it is."""
-    from websockets.speedups import apply_mask
-
     return frame_header(opcode, len(payload), CLIENT_MASK) + apply_mask(payload, CLIENT_MASK)
 
 

@@ -115,3 +115,16 @@ def test_missing_novnc_is_explained_with_the_fix(tmp_path: Path) -> None:
     assert response.status_code == 503
     assert "run `make up`" in response.text
     assert response.headers["content-type"] == "text/plain; charset=utf-8"
+
+
+@needs_novnc
+def test_novnc_is_sent_gzipped_to_browsers_that_accept_it() -> None:
+    """noVNC goes gzipped to a client accepting gzip and plain otherwise, with the same bytes."""
+    http = client()
+    plain = http.get("/dashboard/remote-cli/novnc/rfb.js", headers={"Accept-Encoding": "identity"})
+    packed = http.get("/dashboard/remote-cli/novnc/rfb.js", headers={"Accept-Encoding": "gzip"})
+    assert "content-encoding" not in plain.headers
+    assert packed.headers["content-encoding"] == "gzip"
+    assert int(packed.headers["content-length"]) < len(plain.content) / 3
+    assert packed.content == plain.content  # httpx decoded the gzip body
+    assert packed.headers["vary"] == "Accept-Encoding"

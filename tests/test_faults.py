@@ -29,6 +29,9 @@ from websockets.exceptions import ConnectionClosed
 
 from remotecli.config import ControllerConfig
 from remotecli.controller.server import STORE_FILE, Controller
+from remotecli.controller.store import Store
+from remotecli.drivers.base import VncEndpoint
+from remotecli.states import Event
 from tests.banner_driver import BannerDriver
 from tests.conftest import MS
 from tests.gateway_peers import HttpUpstream, running_gateway
@@ -219,6 +222,95 @@ async def test_controller_killed_mid_burst_loses_no_session_and_cleans_up() -> N
         check_store(data_dir).close()
     finally:
         shutil.rmtree(data_dir, ignore_errors=True)
+
+
+# --- a crash at every statement of the store ------------------------------------------------------
+
+STEPS: list[tuple[str, str]] = [
+    ("s1", "create"),
+    ("s1", "start"),
+    ("s1", "ready"),
+    ("s1", "stop"),
+    ("s1", "stopped"),
+    ("s2", "create"),
+    ("s2", "start"),
+    ("s2", "fail"),
+]
+PATHS = {
+    "s1": ["pending", "starting", "ready", "stopping", "stopped"],
+    "s2": ["pending", "starting", "failed"],
+}
+
+
+def _run_steps_and_die_at(path: Path, statement: int, report: int) -> None:
+    """In a forked child: run STEPS on the store, SIGKILL itself at the n-th SQL statement."""
+    executed = 0
+
+    def trace(_sql: str) -> None:
+        nonlocal executed
+        executed += 1
+        if executed == statement:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    store = Store.open(path)
+    store._db.set_trace_callback(trace)  # the injection point: before each statement runs
+    for index, (session_id, step) in enumerate(STEPS):
+        if step == "create":
+            store.create_session(session_id, "alice", "shell", 1.0)
+        else:
+            endpoint = VncEndpoint(unix_path="/nonexistent") if step == "ready" else None
+            reason = "injected failure" if step == "fail" else None
+            store.apply(session_id, Event(step), 2.0 + index, reason=reason, endpoint=endpoint)
+        os.write(report, f"{index}\n".encode())
+    os._exit(0)
+
+
+def test_a_crash_at_any_statement_loses_no_committed_change(tmp_path: Path) -> None:
+    """SIGKILL before each SQL statement in turn: what was committed stays, nothing is half done."""
+    statement = 0
+    while True:
+        statement += 1
+        path = tmp_path / f"crash-{statement}" / STORE_FILE
+        store = Store.open(path)  # schema and user in place; the child only changes sessions
+        store.add_user("alice", 0.0)
+        store.close()
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover -- the child
+            os.close(read_end)
+            try:
+                _run_steps_and_die_at(path, statement, write_end)
+            finally:
+                os._exit(1)
+        os.close(write_end)
+        with os.fdopen(read_end) as reports:
+            committed = [STEPS[int(line)] for line in reports]
+        _, status = os.waitpid(pid, 0)
+        with check_store(path.parent) as db:
+            for session_id, states in PATHS.items():
+                logged = [
+                    row[0]
+                    for row in db.execute(
+                        "SELECT to_state FROM transitions WHERE session_id = ? ORDER BY id",
+                        (session_id,),
+                    )
+                ]
+                row = db.execute("SELECT state FROM sessions WHERE id = ?", (session_id,))
+                current = row.fetchone()
+                done = sum(1 for sid, _ in committed if sid == session_id)
+                assert len(logged) >= done, f"crash at {statement}: a committed step was lost"
+                assert logged == states[: len(logged)], f"crash at {statement}: {logged}"
+                if logged:
+                    assert current is not None
+                    assert current[0] == logged[-1], f"crash at {statement}: half a change"
+                else:
+                    assert current is None, f"crash at {statement}: a session without its log"
+        if os.WIFEXITED(status):
+            assert os.WEXITSTATUS(status) == 0
+            assert len(committed) == len(STEPS)
+            break
+        assert os.WTERMSIG(status) == signal.SIGKILL
+    assert statement > len(STEPS)  # every step's statements were a crash point once
 
 
 # --- a session's processes killed one by one ------------------------------------------------------

@@ -9,6 +9,7 @@ runs two real local sessions under bubblewrap.
 from __future__ import annotations
 
 import asyncio
+import errno
 import hmac
 import json
 import os
@@ -17,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -408,3 +410,40 @@ async def test_one_sandbox_cannot_read_another_sessions_home(tmp_path: Path) -> 
         assert victim_dir.stat().st_mode & 0o077 == 0, "a session's workdir is open to others"
     finally:
         await driver.close()
+
+
+@needs_sandbox
+async def test_another_local_user_cannot_reach_a_sessions_vnc_socket() -> None:
+    """The VNC socket is reachable only by the controller's user, even with the data dir open."""
+    from remotecli.drivers.local import LocalDriver
+
+    data_dir = Path(tempfile.mkdtemp(prefix="rc-perm-"))
+    data_dir.chmod(0o755)  # only the driver's own modes stand between other users and the socket
+    driver = LocalDriver(data_dir, sandbox=True)
+    workdir = data_dir / "sessions" / "s1"
+    try:
+        endpoint = await driver.start(
+            SessionSpec("s1", "shell", ["sleep", "600"], workdir, width=320, height=200),
+            lambda step: None,
+        )
+        assert endpoint.unix_path is not None
+        probe = (
+            "import socket, sys\n"
+            "s = socket.socket(socket.AF_UNIX)\n"
+            "try:\n    s.connect(sys.argv[1])\nexcept OSError as e:\n    print(e.errno)\n"
+            "else:\n    print('connected')\n"
+        )
+        as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+        result = subprocess.run(
+            [*as_nobody, sys.executable, "-c", probe, endpoint.unix_path],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        if result.returncode != 0 and "setpriv" in result.stderr:
+            pytest.skip(f"cannot switch to another user here: {result.stderr.strip()}")
+        assert result.stdout.strip() == str(errno.EACCES), result.stdout + result.stderr
+    finally:
+        await driver.close()
+        shutil.rmtree(data_dir, ignore_errors=True)

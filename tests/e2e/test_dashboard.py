@@ -1,10 +1,13 @@
 """The dashboard in a real browser: Debian's chromium driven by Playwright, against `remotecli up`.
 
-The first tests serve only the dashboard router (no controller) and prove the page and noVNC
-load under the strict CSP. The rest run the whole system: `remotecli up` as a subprocess on a
-free port with a temporary data dir, the local driver's real Xvfb, x11vnc and xterm, and the
-page connecting the `shell` provider. They share one browser page and run in file order (connect,
-type, reload, happy-path console check, kill the VNC server, Claude Code). Screenshots go to
+The first test serves only the dashboard router (no controller) and proves noVNC loads under the
+strict CSP. The rest run the whole system: `remotecli up` as a subprocess on an ephemeral port
+with a temporary data dir, the local driver's real Xvfb, x11vnc and xterm under bubblewrap.
+``test_1`` .. ``test_5`` share one page viewing one `shell` session and run in file order:
+connect, type, reload and reconnect, no console error on that happy path, then kill the
+session's x11vnc (the issue's tests 1, 2, 3, 5 and 4). Then: sign-in with the token form, a
+narrow window, a cut connection reconnected, noVNC missing, and Claude Code (issue test 6,
+skipped with the controller's hint when it is not installed). Screenshots go to
 ``test-artifacts/dashboard/``.
 """
 
@@ -55,6 +58,7 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 TIMEOUT = 30_000 * MS  # seconds
+UP_COMMAND = [sys.executable, "-m", "remotecli", "up", "--listen", "127.0.0.1:0"]
 URL_PATTERN = re.compile(r"https?://\S+/login\?token=\S+")
 
 # Counts the pixels of a screenshot in the page (no image library needed): the number of
@@ -89,6 +93,12 @@ CANVAS_PIXELS_JS = """() => {
   }
   return rows;
 }"""
+
+
+# True once the view drew its first frame, or the page said the session ended.
+FRAME_OR_END_JS = """() =>
+  document.querySelector("#screen").dataset.firstFrame === "drawn" ||
+  ["ended", "error"].includes(document.querySelector("#status").dataset.tone)"""
 
 
 def ms(seconds: float) -> float:
@@ -211,8 +221,7 @@ class Up:
 def remotecli_up(data_dir: Path, env: dict[str, str] | None = None) -> Iterator[Up]:
     """Run `remotecli up` on an ephemeral port with ``data_dir``; stop it (SIGTERM) on exit."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "remotecli", "up", "--listen", "127.0.0.1:0"]
-        + ["--data-dir", str(data_dir)],
+        [*UP_COMMAND, "--data-dir", str(data_dir)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -277,7 +286,9 @@ def live(browser: Browser, up: Up) -> Iterator[Live]:
     page.goto(up.url)
     page.wait_for_url(re.compile(r"/dashboard/remote-cli/?$"))
     page.locator('button[data-provider="shell"]').click()
-    page.locator('#screen[data-first-frame="drawn"]').wait_for()
+    page.wait_for_function(FRAME_OR_END_JS)
+    status = page.locator("#status").inner_text()
+    assert page.locator('#screen[data-first-frame="drawn"]').count() == 1, status
     session_id = page.locator("#sessions li.current").get_attribute("data-session-id")
     assert session_id
     yield Live(page=page, session_id=session_id, log=log)
@@ -480,16 +491,19 @@ def test_without_novnc_the_page_says_how_to_install_it(browser: Browser, tmp_pat
 
 def test_6_claude_code_shows_its_first_screen(browser: Browser, up: Up, live: Live) -> None:
     """Connecting Claude Code shows a first screen that differs from the shell's."""
-    if shutil.which("claude") is None:
-        pytest.skip("`claude` (@anthropic-ai/claude-code) is not installed: nothing to connect")
     page = browser.new_page(viewport={"width": 1280, "height": 720})
     page.set_default_timeout(ms(TIMEOUT))
     page.goto(up.url)
     card = page.locator('button[data-provider="claude-code"]')
+    card.wait_for()
     if card.is_disabled():
-        pytest.skip("the claude-code provider is listed as unavailable by the controller")
+        hint = page.locator("#hint-claude-code").inner_text()
+        page.close()
+        pytest.skip(f"the claude-code provider is not installed ({hint})")
     card.click()
-    page.locator('#screen[data-first-frame="drawn"]').wait_for()
+    page.wait_for_function(FRAME_OR_END_JS)
+    status = page.locator("#status").inner_text()
+    assert page.locator('#screen[data-first-frame="drawn"]').count() == 1, status
     deadline = time.monotonic() + TIMEOUT
     while True:  # Claude Code draws its first screen a moment after it starts
         spread = colour_spread(page, screenshot(page, "6-claude-code", "#screen canvas"))

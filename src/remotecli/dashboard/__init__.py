@@ -11,11 +11,13 @@ external network at all, no inline script, no ``eval``):
   (see :mod:`remotecli.dashboard.novnc`), or a 503 naming the fix when ``npm ci`` has not run.
 
 Assets carry an ETag and ``Cache-Control: no-cache``: the browser revalidates each load and gets
-a 304 when nothing changed, so a new release is never hidden by a stale cache.
+a 304 when nothing changed, so a new release is never hidden by a stale cache. Larger assets
+are gzipped once at start and sent compressed to browsers that accept it (noVNC: 730 → 160 KB).
 """
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,11 +65,21 @@ SECURITY_HEADERS = {
 
 @dataclass(frozen=True)
 class Asset:
-    """One file served by the dashboard: its bytes, type and validator."""
+    """One file served by the dashboard: its bytes, type and validator, and a gzip copy."""
 
     body: bytes
     content_type: str
     etag: str
+    gzipped: bytes | None = None
+
+    @classmethod
+    def of(cls, body: bytes, content_type: str) -> Asset:
+        """Make an asset, with a gzip copy when that saves enough to be worth it."""
+        etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
+        packed = gzip.compress(body, compresslevel=9, mtime=0) if len(body) > 1024 else None
+        if packed is not None and len(packed) > 0.9 * len(body):
+            packed = None
+        return cls(body, content_type, etag, packed)
 
 
 def router(novnc_dir: Path | None = None) -> APIRouter:
@@ -79,6 +91,8 @@ def router(novnc_dir: Path | None = None) -> APIRouter:
     """
     assets = load_static(STATIC_DIR)
     novnc = load_novnc(novnc_dir)
+    novnc_asset = None if isinstance(novnc, str) else Asset.of(novnc.body, CONTENT_TYPES[".js"])
+    novnc_version = None if isinstance(novnc, str) else novnc.version
     api = APIRouter(include_in_schema=False)
 
     @api.api_route(PREFIX, methods=["GET", "HEAD"])
@@ -95,11 +109,10 @@ def router(novnc_dir: Path | None = None) -> APIRouter:
 
     @api.api_route(PREFIX + "/novnc/rfb.js", methods=["GET", "HEAD"])
     def novnc_module(request: Request) -> Response:
-        if isinstance(novnc, str):
+        if novnc_asset is None:
+            assert isinstance(novnc, str)
             return text_response(503, novnc)
-        return asset_response(
-            request, Asset(novnc.body, CONTENT_TYPES[".js"], novnc.etag), version=novnc.version
-        )
+        return asset_response(request, novnc_asset, version=novnc_version)
 
     return api
 
@@ -111,9 +124,7 @@ def load_static(directory: Path) -> dict[str, Asset]:
         content_type = CONTENT_TYPES.get(path.suffix)
         if content_type is None or not path.is_file():
             continue
-        body = path.read_bytes()
-        etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
-        assets[path.relative_to(directory).as_posix()] = Asset(body, content_type, etag)
+        assets[path.relative_to(directory).as_posix()] = Asset.of(path.read_bytes(), content_type)
     if "index.html" not in assets:
         raise ConfigError(f"the dashboard's index.html is missing from {directory}: reinstall")
     return assets
@@ -138,15 +149,22 @@ def load_novnc(novnc_dir: Path | None) -> NovncModule | str:
 
 
 def asset_response(request: Request, asset: Asset, *, version: str | None = None) -> Response:
-    """Answer with ``asset``, or 304 when the browser's copy (If-None-Match) is current."""
+    """Answer with ``asset`` (gzipped when accepted), or 304 when the browser's copy is current."""
     headers = {**SECURITY_HEADERS, "ETag": asset.etag, "Cache-Control": "no-cache"}
+    if asset.gzipped is not None:
+        headers["Vary"] = "Accept-Encoding"
     if version is not None:
         headers["X-noVNC-Version"] = version
     if asset.etag in _etags(request.headers.get("if-none-match")):
         return Response(status_code=304, headers=headers)
-    body = b"" if request.method == "HEAD" else asset.body
-    headers["Content-Length"] = str(len(asset.body))
-    return Response(body, media_type=asset.content_type, headers=headers)
+    body = asset.body
+    if asset.gzipped is not None and _accepts_gzip(request.headers.get("accept-encoding")):
+        body = asset.gzipped
+        headers["Content-Encoding"] = "gzip"
+    headers["Content-Length"] = str(len(body))
+    return Response(
+        b"" if request.method == "HEAD" else body, headers=headers, media_type=asset.content_type
+    )
 
 
 def text_response(status: int, message: str) -> Response:
@@ -157,6 +175,15 @@ def text_response(status: int, message: str) -> Response:
         media_type="text/plain; charset=utf-8",
         headers={**SECURITY_HEADERS, "Cache-Control": "no-store"},
     )
+
+
+def _accepts_gzip(header: str | None) -> bool:
+    """True when Accept-Encoding lists gzip without ``q=0``."""
+    for part in (header or "").lower().split(","):
+        name, _, params = part.strip().partition(";")
+        if name.strip() in ("gzip", "*") and params.replace(" ", "") not in ("q=0", "q=0.0"):
+            return True
+    return False
 
 
 def _etags(header: str | None) -> set[str]:
