@@ -138,7 +138,7 @@ async def _pooled_clones(workdir: Path, count: int) -> list[float]:
         await clone(probe)  # starts the pool
         await driver.stop("warm")
         for index in range(count):
-            await asyncio.sleep(1.0)  # the pool refills between sessions, as between users
+            await asyncio.sleep(2.0)  # the pool refills between sessions, as between users
             times.append(await _timed(driver, clone, workdir / "pooled", f"pooled{index}"))
             await driver.stop(f"pooled{index}")
     finally:
@@ -163,7 +163,7 @@ def run(quick: bool, workdir: Path) -> list[Section]:
         ("cold", "cold boot"),
         ("full", "full restore"),
         ("clone", "CoW clone"),
-        ("pool", "CoW clone, warm pool of 1"),
+        ("pool", "CoW clone from a warm pool of 1"),
     ):
         samples = [1000 * value for value in result[kind]]
         rows.append([label, str(len(samples)), fmt(_pct(samples, 0.5)), fmt(_pct(samples, 0.95))])

@@ -232,6 +232,16 @@ async def test_host_rewrite_replaces_host_upstream() -> None:
     upstream.close()
 
 
+async def test_http10_request_without_host_gets_the_upstream_authority_as_host() -> None:
+    """An HTTP/1.0 request without Host reaches a strict HTTP/1.1 upstream with its host:port."""
+    upstream = await HttpUpstream().start()
+    async with running_gateway({"/": upstream.url}) as gateway:
+        answer = await exchange(gateway.address[1], b"GET /old HTTP/1.0\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 200 ")
+        assert upstream.header(b"host") == upstream.url.removeprefix("http://").encode()
+    upstream.close()
+
+
 async def test_client_pause_pauses_upstream_for_large_response() -> None:
     """A client that stops reading a large response makes the gateway pause the upstream."""
     upstream = await HttpUpstream().start()

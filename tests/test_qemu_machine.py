@@ -14,6 +14,7 @@ from remotecli.drivers.qemu_machine import (
     host_tsc_khz,
     machine_argv,
     session_line,
+    vnc_password_file,
 )
 from remotecli.exceptions import DriverError
 from remotecli.images import GuestImage
@@ -84,12 +85,17 @@ def test_forwarded_port_is_read_from_info_usernet() -> None:
 
 
 def test_session_line_refuses_values_that_could_break_the_line() -> None:
-    """Only letters, digits and dashes reach the guest agent's line."""
+    """Only letters, digits and dashes reach the agent; the password as its file's octal bytes."""
     assert session_line(1700000000, "rcli-a", "Pw12", "ab01") == (
-        b"session 1700000000 rcli-a Pw12 ab01\n"
+        b"session 1700000000 rcli-a \\265\\017\\345\\033\\065\\305\\161\\073 ab01\n"
     )
     with pytest.raises(DriverError, match="password"):
         session_line(1700000000, "rcli-a", "pw with space", "ab01")
+
+
+def test_password_file_matches_the_vncpasswd_format() -> None:
+    """The obfuscated bytes are those ``vncpasswd -f`` and ``x11vnc -storepasswd`` write."""
+    assert vnc_password_file("Pw12").hex() == "b50fe51b35c5713b"
 
 
 def test_guest_hostname_is_a_valid_hostname() -> None:

@@ -381,7 +381,7 @@ def image_build(
 ) -> None:
     """Build a Debian 12 microVM image: kernel, initrd and read-only ext4 root.
 
-    The root filesystem comes from debootstrap (minbase) with Xvfb, x11vnc and xterm; the kernel
+    The root filesystem comes from debootstrap (minbase) with TigerVNC Xvnc and xterm; the kernel
     is Debian's linux-image-amd64, unpacked to an ELF vmlinux that QEMU boots directly. The
     image is cached under a key computed from its inputs: building again is a no-op unless
     --force. Needs root and the packages debootstrap, e2fsprogs and busybox-static.

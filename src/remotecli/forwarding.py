@@ -9,6 +9,7 @@ short token and generated otherwise, so logs on both sides of the gateway share 
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import uuid
@@ -16,7 +17,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from remotecli.exceptions import ConfigError
-from remotecli.http11 import Header, get_all, get_one, without
+from remotecli.http11 import Header, get_all, get_one
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -31,6 +32,7 @@ FORWARDING_HEADERS = frozenset(
         b"x-real-ip",
     }
 )
+_REPLACED = FORWARDING_HEADERS | {b"x-request-id"}  # set again by forward()
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
@@ -59,6 +61,7 @@ class Forwarding:
     headers: list[Header]
 
 
+@functools.lru_cache(maxsize=4096)  # peers repeat; parsing an address costs more than a lookup
 def _ip(text: str) -> IPAddress | None:
     text = text.strip().strip('"')
     if text.startswith("["):
@@ -73,6 +76,7 @@ def _trusted(address: IPAddress | None, trusted: tuple[IPNetwork, ...]) -> bool:
     return address is not None and any(address in network for network in trusted)
 
 
+@functools.lru_cache(maxsize=4096)
 def forwarded_node(address: str) -> str:
     """Return ``address`` as an RFC 7239 node: IPv6 bracketed and quoted, IPv4 bare."""
     ip = _ip(address)
@@ -105,7 +109,18 @@ def forward(
     ``peer`` is the address of the socket's other end, ``scheme`` and ``port`` how the gateway
     accepted it. The caller forwards :attr:`Forwarding.headers` and logs the request id.
     """
-    host_header = get_one(headers, b"host")
+    # One pass: the headers kept, and the two every request needs (Host, X-Request-Id).
+    out: list[Header] = []
+    host_header: bytes | None = None
+    request_id_value: bytes | None = None
+    for key, value in headers:
+        name = key.lower()
+        if name not in _REPLACED:
+            out.append((key, value))
+            if name == b"host" and host_header is None:
+                host_header = value
+        elif name == b"x-request-id" and request_id_value is None:
+            request_id_value = value
     host = host_header.decode("latin-1") if host_header is not None else None
     peer_ip = _ip(peer)
     from_proxy = _trusted(peer_ip, trusted)
@@ -142,7 +157,6 @@ def forward(
             forwarded_port = incoming_port.strip().decode()
         previous_forwarded = get_all(headers, b"forwarded")
 
-    request_id_value = get_one(headers, b"x-request-id")
     if request_id_value is not None and _REQUEST_ID.fullmatch(request_id_value):
         request_id = request_id_value.decode()
     else:
@@ -151,7 +165,6 @@ def forward(
     element = f"for={forwarded_node(peer)};proto={scheme}"
     if host is not None:
         element += f";host={forwarded_value(host)}"
-    out = without(headers, FORWARDING_HEADERS | {b"x-request-id"})
     peer_text = peer_ip.compressed if peer_ip is not None else "unknown"
     out.append((b"X-Forwarded-For", ", ".join([*xff, peer_text]).encode("latin-1")))
     out.append((b"X-Forwarded-Proto", proto.encode()))

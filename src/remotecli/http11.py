@@ -82,13 +82,15 @@ class BodyFraming:
 
 def get_all(headers: Iterable[Header], name: bytes) -> list[bytes]:
     """Return every value of header ``name`` (lower-case bytes), in order."""
-    return [value for key, value in headers if key.lower() == name]
+    size = len(name)  # comparing lengths first spares a lower() per header that cannot match
+    return [value for key, value in headers if len(key) == size and key.lower() == name]
 
 
 def get_one(headers: Iterable[Header], name: bytes) -> bytes | None:
     """Return the first value of header ``name`` (lower-case bytes), or None."""
+    size = len(name)
     for key, value in headers:
-        if key.lower() == name:
+        if len(key) == size and key.lower() == name:
             return value
     return None
 

@@ -32,6 +32,13 @@ class UpstreamAddress:
         host = f"[{self.host}]" if self.host and ":" in self.host else self.host
         return f"{host}:{self.port}"
 
+    @property
+    def authority(self) -> str:
+        """The Host to send when the client gave none: ``host:port``, ``localhost`` for Unix."""
+        if self.path is not None:
+            return "localhost"
+        return self.label
+
 
 def parse_upstream(text: str) -> UpstreamAddress:
     """Parse ``http://host:port`` or ``unix:/path``; raise ConfigError for anything else."""

@@ -3,12 +3,12 @@
 The first test serves only the dashboard router (no controller) and proves noVNC loads under the
 strict CSP. The rest run the whole system: `remotecli up` as a subprocess on an ephemeral port
 with a temporary data dir, the local driver's real Xvfb, x11vnc and xterm under bubblewrap.
-``test_1`` .. ``test_5`` share one page viewing one `shell` session and run in file order:
-connect, type, reload and reconnect, no console error on that happy path, then kill the
-session's x11vnc (the issue's tests 1, 2, 3, 5 and 4). Then: sign-in with the token form, a
-narrow window, a cut connection reconnected, noVNC missing, and Claude Code (issue test 6,
-skipped with the controller's hint when it is not installed). Screenshots go to
-``test-artifacts/dashboard/``.
+``test_1`` .. ``test_7`` share one page viewing one `shell` session and run in file order:
+connect, type, reload and reconnect, clipboard, full screen, no console error on that happy
+path, then kill the session's x11vnc (the issue's tests 1, 2, 3, -, -, 5 and 4). Then: sign-in
+with the token form, a narrow window, a cut connection reconnected, noVNC missing, and
+``test_8`` Claude Code (the issue's test 6, skipped with the controller's hint when it is not
+installed). Screenshots go to ``test-artifacts/dashboard/``.
 """
 
 from __future__ import annotations
@@ -312,6 +312,8 @@ def test_1_connecting_the_shell_shows_a_terminal(live: Live) -> None:
     assert spread["colours"] >= 2, "the canvas is a single colour"
     assert spread["other"] > 0.001, "the canvas is almost blank"
     assert "Connected" in live.page.locator("#status").inner_text()
+    focused = live.page.evaluate("() => document.activeElement.closest('#screen') !== null")
+    assert focused, "the view does not have the keyboard focus after connecting"
 
 
 def test_2_typing_in_the_page_reaches_the_session(live: Live, up: Up) -> None:
@@ -359,7 +361,47 @@ def test_3_after_reload_the_session_is_listed_and_reconnects(live: Live) -> None
     live.shell_pixels = before
 
 
-def test_4_happy_path_has_no_console_errors_or_failed_websockets(live: Live) -> None:
+def test_4_clipboard_text_goes_both_ways(live: Live, up: Up) -> None:
+    """Text sent from the clipboard box is pasted in the session; text selected there comes back."""
+    page = live.page
+    page.get_by_role("button", name="Clipboard").click()
+    box = page.locator("#screen canvas").bounding_box()
+    assert box is not None
+    page.get_by_label(re.compile("Clipboard")).fill("echo clip-ok > ~/clip.txt")
+    page.get_by_role("button", name="Send to session").click()
+    # x11vnc makes the text the session's PRIMARY selection: a middle click pastes it in xterm
+    page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2, button="middle")
+    page.keyboard.press("Enter")
+    target = up.data_dir / "sessions" / live.session_id / "home" / "clip.txt"
+    deadline = time.monotonic() + TIMEOUT
+    while not (target.exists() and target.read_text() == "clip-ok\n"):
+        assert time.monotonic() < deadline, f"{target} did not appear: the paste did not arrive"
+        time.sleep(0.05)
+    # a triple click selects the terminal's first line: xterm owns PRIMARY, x11vnc sends it
+    page.mouse.click(box["x"] + box["width"] * 0.05, box["y"] + box["height"] * 0.02, click_count=3)
+    page.wait_for_function(
+        "() => document.querySelector('#clipboard-text').value.includes('echo browser-ok')"
+    )
+    screenshot(page, "4-clipboard")
+    page.get_by_role("button", name="Clipboard").click()
+
+
+def test_5_full_screen_toggles_the_view_and_keeps_the_keyboard(live: Live) -> None:
+    """Full screen shows the view and status alone, then returns; the keyboard stays on the view."""
+    page = live.page
+    button = page.get_by_role("button", name="Full screen")
+    button.click()
+    page.wait_for_function("() => document.fullscreenElement === document.documentElement")
+    screenshot(page, "5-full-screen")
+    assert page.locator("#status").is_visible()
+    assert page.locator(".sidebar").is_hidden()
+    page.get_by_role("button", name="Exit full screen").click()
+    page.wait_for_function("() => document.fullscreenElement === null")
+    # the page hands the focus back to the view when the full-screen change completes
+    page.wait_for_function("() => document.activeElement.closest('#screen') !== null")
+
+
+def test_6_happy_path_has_no_console_errors_or_failed_websockets(live: Live) -> None:
     """Connect, type and reconnect produced no uncaught error, console error or failed WebSocket."""
     assert live.log.errors == []
     assert live.log.failed_sockets == []
@@ -384,7 +426,7 @@ def vnc_server_pids(session_dir: Path) -> list[int]:
     return pids
 
 
-def test_5_killing_the_vnc_server_is_explained_and_terminate_removes_it(live: Live, up: Up) -> None:
+def test_7_killing_the_vnc_server_is_explained_and_terminate_removes_it(live: Live, up: Up) -> None:
     """With its VNC server killed, the page says the session ended; Terminate removes it."""
     page = live.page
     pids = vnc_server_pids(up.data_dir / "sessions" / live.session_id)
@@ -399,7 +441,7 @@ def test_5_killing_the_vnc_server_is_explained_and_terminate_removes_it(live: Li
         )
         page.wait_for_timeout(100)
     text = status.inner_text()
-    screenshot(page, "5-session-ended")
+    screenshot(page, "7-session-ended")
     assert "1006" not in text
     item = page.locator(f'#sessions li[data-session-id="{live.session_id}"]')
     item.get_by_role("button", name=re.compile("Terminate|Remove")).click()
@@ -489,7 +531,7 @@ def test_without_novnc_the_page_says_how_to_install_it(browser: Browser, tmp_pat
         page.close()
 
 
-def test_6_claude_code_shows_its_first_screen(browser: Browser, up: Up, live: Live) -> None:
+def test_8_claude_code_shows_its_first_screen(browser: Browser, up: Up, live: Live) -> None:
     """Connecting Claude Code shows a first screen that differs from the shell's."""
     page = browser.new_page(viewport={"width": 1280, "height": 720})
     page.set_default_timeout(ms(TIMEOUT))
@@ -506,7 +548,7 @@ def test_6_claude_code_shows_its_first_screen(browser: Browser, up: Up, live: Li
     assert page.locator('#screen[data-first-frame="drawn"]').count() == 1, status
     deadline = time.monotonic() + TIMEOUT
     while True:  # Claude Code draws its first screen a moment after it starts
-        spread = colour_spread(page, screenshot(page, "6-claude-code", "#screen canvas"))
+        spread = colour_spread(page, screenshot(page, "8-claude-code", "#screen canvas"))
         differs = page.evaluate(CANVAS_PIXELS_JS) != live.shell_pixels
         if (spread["colours"] >= 2 and differs) or time.monotonic() > deadline:
             break

@@ -71,7 +71,11 @@ def image(request: pytest.FixtureRequest) -> GuestImage:
     try:
         found = find_image(cache)
         if reporter is not None:
-            reporter.write_line(f"qemu: guest image {found.key} taken from the cache {cache}")
+            manifest = json.loads((found.directory / "manifest.json").read_text())
+            reporter.write_line(
+                f"qemu: guest image {found.key} taken from the cache {cache} "
+                f"(its build took {manifest.get('build_seconds', '?')} s)"
+            )
         return found
     except ImageBuildError:
         if os.geteuid() != 0 or shutil.which("debootstrap") is None:
@@ -135,6 +139,20 @@ async def create_ready(system: System, api: httpx.AsyncClient) -> str:
     raise AssertionError(f"the event stream of {session_id} ended before ready")
 
 
+async def wait_drawn(viewer: RfbViewer) -> None:
+    """Request full updates until the screen is not one uniform colour.
+
+    The guest's xterm is white on black, so the shared "mostly lit" check does not apply; a
+    clone's window is mapped already (it was in the template), so no keys are lost.
+    """
+    async with asyncio.timeout(TIMEOUT):
+        while True:
+            update = await viewer.framebuffer_update()
+            pixels = b"".join(rect.pixels for rect in update.rectangles)
+            if pixels != pixels[:4] * (len(pixels) // 4):
+                return
+
+
 async def type_in(system: System, api: httpx.AsyncClient, session_id: str, text: str) -> None:
     """Open the session's VNC WebSocket through gateway and bridge and type ``text``."""
     ticket = (await api.post(f"/api/sessions/{session_id}/ticket")).json()["ticket"]
@@ -148,7 +166,7 @@ async def type_in(system: System, api: httpx.AsyncClient, session_id: str, text:
 
         viewer = RfbViewer(receive, ws.send)
         await asyncio.wait_for(viewer.handshake(), TIMEOUT)
-        await viewer.wait_non_blank(TIMEOUT)
+        await wait_drawn(viewer)
         await viewer.type(text)
         await viewer.framebuffer_update()  # a round trip: the keys were processed
 

@@ -98,9 +98,9 @@ class QemuDriver:
         ``template_cache`` keeps templates elsewhere (several data dirs may share one: a
         template is keyed on everything its saved state depends on). ``accelerator`` forces
         ``kvm`` or ``tcg``; by default KVM is probed once by booting the kernel under it, and
-        the answer is remembered in the data dir. ``pool_size`` keeps that many QEMU processes
-        started ahead per template, waiting for the template's state: a session then skips
-        QEMU's own start-up (they hold no guest memory until used).
+        the answer is remembered in the data dir. ``pool_size`` keeps that many clones per template
+        restored, running and warmed up ahead of time (each costs an idle clone's memory): a
+        session taking one only gets its clock, entropy, hostname and password.
         """
         self._root = data_dir / "qemu"
         self._templates = template_cache if template_cache is not None else self._root / "templates"
@@ -225,26 +225,19 @@ class QemuDriver:
         """Start one session as a copy-on-write clone of ``template``; return its endpoint."""
         spec.workdir.mkdir(parents=True, exist_ok=True)
         vm = self._take_from_pool(machine, spec)
+        self._refill_pool(machine, template)
         if vm is None:
             vm = await self._spawn(
                 spec.session_id, machine, spec.workdir, template / "memory", template=False
             )
+            restored = False
         else:
-            progress("took a waiting QEMU from the warm pool")
-        self._refill_pool(machine, template)
+            progress("took a restored, warmed-up clone from the warm pool")
+            restored = True
         try:
-            assert vm.qmp is not None
-            await vm.qmp.execute(
-                "migrate-set-capabilities",
-                capabilities=[
-                    {"capability": "x-ignore-shared", "state": True},
-                    {"capability": "events", "state": True},
-                ],
-            )
-            await vm.qmp.execute("migrate-incoming", uri=f"exec:cat {template / 'state'}")
-            await _wait_incoming(vm.qmp)
-            await vm.qmp.execute("cont")  # the template was saved paused, so clones load paused
-            progress("clone restored from the template")
+            if not restored:
+                await _restore(vm, template)
+                progress("clone restored from the template")
             answer = await self._personalise(vm, spec.session_id)
             progress(f"VNC banner read; guest took its clock, entropy, name, password ({answer})")
         except BaseException:
@@ -263,16 +256,7 @@ class QemuDriver:
         vm = await self._spawn(spec.session_id, machine, spec.workdir, memory, template=True)
         try:
             await _control_exchange(vm.paths.control, b"", "ready", within=COLD_BOOT_SECONDS)
-            vm.password = "".join(secrets.choice(PASSWORD_ALPHABET) for _ in range(PASSWORD_LENGTH))
-            line = session_line(
-                int(time.time()),
-                guest_hostname(spec.session_id),
-                vm.password,
-                secrets.token_hex(32),
-            )
-            await _control_exchange(vm.paths.control, line, "ok ", within=RESTORE_SECONDS)
-            vm.port = await _port(vm)
-            await _read_banner(vm.port, within=RESTORE_SECONDS)
+            await self._personalise(vm, spec.session_id)
         except BaseException:
             await _terminate(vm)
             raise
@@ -367,6 +351,16 @@ class QemuDriver:
                 vm = await self._spawn(
                     "pool", machine, directory, template / "memory", template=False
                 )
+                try:
+                    # Restore and run each code path a session needs once, so the clone's
+                    # translation cache is warm when a session takes it.
+                    await _restore(vm, template)
+                    vm.port = await _port(vm)
+                    await _read_banner(vm.port, within=RESTORE_SECONDS)
+                    await _control_exchange(vm.paths.control, b"ping\n", "pong", within=5.0)
+                except BaseException:
+                    await _terminate(vm)
+                    raise
                 waiting.append(vm)
         except DriverError as exc:
             log.warning("warm pool: could not start QEMU", error=exc.message)
@@ -376,14 +370,15 @@ class QemuDriver:
     async def _personalise(self, vm: _Vm, session_id: str) -> str:
         """Give a restored VM its own clock, entropy, hostname and VNC password; read a banner.
 
-        Returns the agent's answer. The banner comes first: x11vnc rereads the password file on
+        Returns the agent's answer. The banner comes first: Xvnc rereads the password file on
         each connection, and the agent rewrites that file in place when the line arrives.
         """
         vm.password = "".join(secrets.choice(PASSWORD_ALPHABET) for _ in range(PASSWORD_LENGTH))
         line = session_line(
             int(time.time()), guest_hostname(session_id), vm.password, secrets.token_hex(32)
         )
-        vm.port = await _port(vm)
+        if not vm.port:
+            vm.port = await _port(vm)
         await _read_banner(vm.port, within=RESTORE_SECONDS)
         return await _control_exchange(vm.paths.control, line, "ok ", within=RESTORE_SECONDS)
 
@@ -544,6 +539,21 @@ async def _wait_migration(qmp: QmpClient) -> None:
             raise DriverError(f"saving the template failed (migration {status}); see qemu.log")
         await asyncio.sleep(0.02)
     raise DriverError("saving the template did not finish in time; check free disk space")
+
+
+async def _restore(vm: _Vm, template: Path) -> None:
+    """Load the template's device state into a clone started with -incoming defer; run it."""
+    assert vm.qmp is not None
+    await vm.qmp.execute(
+        "migrate-set-capabilities",
+        capabilities=[
+            {"capability": "x-ignore-shared", "state": True},
+            {"capability": "events", "state": True},
+        ],
+    )
+    await vm.qmp.execute("migrate-incoming", uri=f"exec:cat {template / 'state'}")
+    await _wait_incoming(vm.qmp)
+    await vm.qmp.execute("cont")  # the template was saved paused, so clones load paused
 
 
 async def _wait_incoming(qmp: QmpClient) -> None:

@@ -19,6 +19,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from Crypto.Cipher import DES
+
 from remotecli.exceptions import DriverError
 from remotecli.images import GuestImage
 
@@ -28,6 +30,7 @@ DEFAULT_MEMORY_MIB = 256
 TCG_TB_SIZE_MIB = 32
 """Translation-block cache per VM under TCG; QEMU's default (1 GiB) would dwarf the guest."""
 
+_VNC_PASSWD_KEY = bytes([23, 82, 107, 6, 35, 78, 88, 7])
 _USERNET_FORWARD = re.compile(r"HOST_FORWARD\]\s+\d+\s+127\.0\.0\.1\s+(\d+)")
 
 
@@ -169,11 +172,28 @@ def forwarded_port(usernet_info: str) -> int:
 
 
 def session_line(epoch: int, hostname: str, password: str, seed: str) -> bytes:
-    """The control-agent line that gives a restored clone its own clock, name and secrets."""
+    """The control-agent line that gives a restored clone its own clock, name and secrets.
+
+    ``password`` is the plain VNC password; the line carries its obfuscated password-file
+    bytes as octal escapes, which the guest writes with ``printf``.
+    """
     for name, value in (("hostname", hostname), ("password", password), ("seed", seed)):
         if not value or not re.fullmatch(r"[A-Za-z0-9-]+", value):
             raise DriverError(f"the {name} for the guest must be letters, digits and dashes")
-    return f"session {epoch} {hostname} {password} {seed}\n".encode()
+    escaped = "".join(f"\\{byte:03o}" for byte in vnc_password_file(password))
+    return f"session {epoch} {hostname} {escaped} {seed}\n".encode()
+
+
+def vnc_password_file(password: str) -> bytes:
+    """The 8 bytes of a VNC password file (``vncpasswd -f``) for ``password``.
+
+    The format DES-encrypts the first 8 bytes of the password with a fixed, public key: it
+    obscures, it does not protect. VNC's DES takes key bits in reverse order within each byte.
+    """
+    key = bytes(int(f"{byte:08b}"[::-1], 2) for byte in _VNC_PASSWD_KEY)
+    plain = password.encode("latin-1")[:8].ljust(8, b"\0")
+    encrypted: bytes = DES.new(key, DES.MODE_ECB).encrypt(plain)  # noqa: S304 -- the format
+    return encrypted
 
 
 def guest_hostname(session_id: str) -> str:

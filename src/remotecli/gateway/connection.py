@@ -44,65 +44,15 @@ from remotecli.exceptions import (
 )
 from remotecli.forwarding import forward
 from remotecli.gateway.context import ClientInfo, GatewayContext, LocalUpgrade
-from remotecli.gateway.tunnel import Tunnel
+from remotecli.gateway.exchange import Exchange, upstream_request_head
+from remotecli.gateway.handover import hand_over, start_tunnel
 from remotecli.gateway.upstream import WRITE_HIGH_WATER, UpstreamConnection
 from remotecli.http11 import Framing, RequestHead, ResponseHead
 from remotecli.logs import get_logger
 from remotecli.routing import UpstreamAddress
-from remotecli.upgrade import (
-    check_websocket_request,
-    client_switching_headers,
-    is_switching,
-    upstream_upgrade_headers,
-    wants_websocket,
-)
+from remotecli.upgrade import check_websocket_request, is_switching, wants_websocket
 
 log = get_logger("gateway")
-
-
-class Exchange:
-    """One request on a client connection, from its head to the end of its response."""
-
-    __slots__ = (
-        "bytes_down",
-        "bytes_up",
-        "chunked_out",
-        "early",
-        "ended",
-        "framing",
-        "head",
-        "keep_alive",
-        "pending",
-        "raw_chunks",
-        "request_done",
-        "request_id",
-        "responded",
-        "started",
-        "status",
-        "upstream",
-        "upstream_label",
-        "websocket",
-    )
-
-    def __init__(self, head: RequestHead, framing: http11.BodyFraming, websocket: bool) -> None:
-        self.head = head
-        self.framing = framing
-        self.websocket = websocket
-        self.keep_alive = True
-        self.pending: list[bytes] = []  # body bytes read before the upstream was connected
-        self.request_done = False
-        self.raw_chunks: list[bytes] = []
-        self.early = b""  # bytes after an upgrade request's head
-        self.upstream: UpstreamConnection | None = None
-        self.upstream_label = ""
-        self.request_id = ""
-        self.responded = False
-        self.chunked_out = False
-        self.status = 0
-        self.bytes_up = 0
-        self.bytes_down = 0
-        self.ended = "done"
-        self.started = time.monotonic()
 
 
 class ClientConnection(asyncio.Protocol):
@@ -380,20 +330,15 @@ class ClientConnection(asyncio.Protocol):
             )
         address = self._ctx.router.address(route)
         exchange.upstream_label = address.label
-        if exchange.websocket:
-            headers = upstream_upgrade_headers(forwarding.headers)
-        else:
-            headers = http11.end_to_end(forwarding.headers)
-            if exchange.framing.kind is Framing.CHUNKED:
-                headers.append((b"Transfer-Encoding", b"chunked"))
-        if self._config.host_rewrite is not None:
-            headers = http11.without(headers, [b"host"])
-            headers.insert(0, (b"Host", self._config.host_rewrite.encode("latin-1")))
-        raw_head = http11.serialize_request(RequestHead(head.method, head.target, "1.1", headers))
+        raw_head = upstream_request_head(exchange, forwarding, address, self._config.host_rewrite)
         upstream, response = await self._send_request(exchange, address, raw_head)
         exchange.status = response.status
         if exchange.websocket and is_switching(response):
-            self._start_tunnel(exchange, upstream, response)
+            assert self.transport is not None
+            self._detach()
+            start_tunnel(self._ctx, self.transport, upstream, exchange, response, self._peer)
+            self._active = None
+            self._task = None
             return
         await self._relay_response(exchange, upstream, response)
 
@@ -416,10 +361,14 @@ class ClientConnection(asyncio.Protocol):
             retry_safe = not exchange.pending and exchange.framing.kind is Framing.NONE
             exchange.pending = []
             self._update_reading()
-            assert upstream.head is not None
+            head = upstream.head
+            assert head is not None
+            # A timer failing the future costs less than asyncio.timeout() on this hot path.
+            timer = asyncio.get_running_loop().call_later(
+                self._config.response_head_timeout, _time_out, head
+            )
             try:
-                async with asyncio.timeout(self._config.response_head_timeout):
-                    return upstream, await upstream.head
+                return upstream, await head
             except UpstreamClosed as exc:
                 # A pooled connection the upstream had just closed: try once on a fresh one.
                 if attempt == 0 and upstream.reused and retry_safe and not exc.data["got_bytes"]:
@@ -432,6 +381,8 @@ class ClientConnection(asyncio.Protocol):
                     f"{self._config.response_head_timeout:g} s; check the upstream's health "
                     "or raise --response-timeout"
                 ) from exc
+            finally:
+                timer.cancel()
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _relay_response(
@@ -489,7 +440,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _finish(self, exchange: Exchange) -> None:
         ctx = self._ctx
-        ctx.metrics.requests.labels(str(exchange.status)).inc()
+        ctx.metrics.count_request(exchange.status)
         ctx.metrics.add_bytes(exchange.bytes_up, exchange.bytes_down)
         self._log(exchange)
         self._active = None
@@ -550,53 +501,8 @@ class ClientConnection(asyncio.Protocol):
         exchange.ended = "local_upgrade"
         exchange.upstream_label = "local"
         self._detach()
-        ctx = self._ctx
-        ctx.local_transports.add(transport)
-        ctx.metrics.tunnels_open.inc()
-        lost = protocol.connection_lost
-
-        def connection_lost(exc: Exception | None) -> None:
-            try:
-                lost(exc)
-            finally:
-                ctx.local_ended(transport)
-
-        protocol.connection_lost = connection_lost  # type: ignore[method-assign]
-        transport.set_protocol(protocol)
-        protocol.connection_made(transport)
-        protocol.data_received(exchange.raw_chunks[0] + exchange.early)
-        transport.resume_reading()
+        hand_over(self._ctx, transport, protocol, exchange.raw_chunks[0] + exchange.early)
         self._finish(exchange)
-
-    def _start_tunnel(
-        self, exchange: Exchange, upstream: UpstreamConnection, response: ResponseHead
-    ) -> None:
-        assert self.transport is not None
-        assert upstream.transport is not None
-        head = ResponseHead(101, response.reason, "1.1", client_switching_headers(response))
-        self.transport.write(http11.serialize_response(head))
-        ctx = self._ctx
-        ctx.metrics.handshake_seconds.observe(time.monotonic() - exchange.started)
-        ctx.metrics.requests.labels("101").inc()
-        self._detach()
-        tunnel = Tunnel(
-            self.transport,
-            upstream.transport,
-            on_end=ctx.tunnel_ended,
-            idle_timeout=self._config.idle_timeout,
-            client_early=exchange.early,
-            upstream_early=upstream.upgrade_rest,
-            about=(self._peer, exchange.head.path, exchange.upstream_label, exchange.request_id),
-        )
-        ctx.tunnels.add(tunnel)
-        ctx.metrics.tunnels_open.inc()
-        # Drop what the HTTP phase held (parsers form reference cycles) so that an idle
-        # tunnel costs only its two transports and the Tunnel.
-        upstream.forget()
-        exchange.upstream = None
-        exchange.raw_chunks = []
-        self._active = None
-        self._task = None
 
     # -- bookkeeping --------------------------------------------------------------------------
 
@@ -634,7 +540,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _reject(self, exc: RemoteCliError) -> None:
         assert self.transport is not None
-        self._ctx.metrics.requests.labels(str(exc.status)).inc()
+        self._ctx.metrics.count_request(exc.status)
         log.info("rejected", client=self._peer, status=exc.status, ended=exc.kind)
         self.transport.write(http11.response_for_error(exc))
         self.transport.close()
@@ -662,7 +568,7 @@ class ClientConnection(asyncio.Protocol):
         assert self.transport is not None
         self.transport.write(http11.response_for_error(exc))
         self.transport.close()
-        self._ctx.metrics.requests.labels(str(exc.status)).inc()
+        self._ctx.metrics.count_request(exc.status)
         self._log(exchange)
 
     def _arm_head_timer(self) -> None:
@@ -688,3 +594,9 @@ class ClientConnection(asyncio.Protocol):
                 "send the whole head at once, or raise --handshake-timeout"
             )
         )
+
+
+def _time_out(future: asyncio.Future[ResponseHead]) -> None:
+    """Fail ``future`` with TimeoutError unless it is already done (a response head timer)."""
+    if not future.done():
+        future.set_exception(TimeoutError())

@@ -61,12 +61,23 @@ class GatewayMetrics:
             registry=registry,
         )
 
+        self._by_status: dict[int, Counter] = {}  # label children, looked up once each
+        self._bytes_up = self.bytes.labels("up")
+        self._bytes_down = self.bytes.labels("down")
+
+    def count_request(self, status: int) -> None:
+        """Count one answered request (or upgrade) with its status."""
+        child = self._by_status.get(status)
+        if child is None:
+            child = self._by_status[status] = self.requests.labels(str(status))
+        child.inc()
+
     def add_bytes(self, up: int, down: int) -> None:
         """Count bytes relayed by one request or tunnel that ended."""
         if up:
-            self.bytes.labels("up").inc(up)
+            self._bytes_up.inc(up)
         if down:
-            self.bytes.labels("down").inc(down)
+            self._bytes_down.inc(down)
 
 
 class MetricsEndpoint:

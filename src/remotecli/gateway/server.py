@@ -20,6 +20,7 @@ from remotecli.forwarding import parse_trusted_proxies
 from remotecli.gateway.connection import ClientConnection
 from remotecli.gateway.context import ClientInfo, GatewayContext, LocalUpgrade
 from remotecli.gateway.metrics import GatewayMetrics, MetricsEndpoint
+from remotecli.gateway.tunnel import keepalive
 from remotecli.gateway.upstream import UpstreamPool
 from remotecli.logs import get_logger
 from remotecli.routing import Router
@@ -99,6 +100,8 @@ class Gateway:
                 f"cannot listen on {host}:{port} ({exc.strerror}); "
                 "choose a free address with --listen"
             ) from exc
+        for sock in self._server.sockets:
+            keepalive(sock)  # accepted sockets inherit it: a tunnel's client side needs it
         bound = self._server.sockets[0].getsockname()
         self._address = (str(bound[0]), int(bound[1]))
         context.port = self._address[1]

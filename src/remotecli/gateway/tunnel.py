@@ -9,7 +9,9 @@ transport's protocol, which pauses reading on the *other* transport; ``resume_wr
 resumes it. Memory per tunnel is therefore bounded by the two write buffers, whatever a slow
 peer does. An EOF from one side is passed on with ``write_eof`` (half-close) where the transport
 can (TCP, Unix); TLS cannot half-close, so there an EOF closes both after flushing. The tunnel
-ends when both transports are lost; ``close`` flushes what is buffered before closing.
+ends when both transports are lost; ``close`` flushes what is buffered before closing. TCP
+keepalive is switched on for the upstream side here; the client side inherits it from the
+gateway's listening socket (see :func:`keepalive`), which saves a system call per tunnel.
 Nothing is logged or allocated per chunk: the hot path is one ``write`` and one addition.
 """
 
@@ -118,7 +120,7 @@ class Tunnel:
         for end in (self.client, self.upstream):
             end.transport.set_write_buffer_limits(high=READ_HIGH_WATER)
             end.transport.set_protocol(end)
-            _keepalive(end.transport)
+        keepalive(upstream.get_extra_info("socket"))
         if upstream_early:
             self.upstream.data_received(upstream_early)
         if client_early:
@@ -173,7 +175,7 @@ class Tunnel:
             self.close("idle")
 
 
-def _keepalive(transport: asyncio.Transport) -> None:
-    sock = transport.get_extra_info("socket")
+def keepalive(sock: socket.socket | None) -> None:
+    """Switch TCP keepalive on for ``sock`` (a listening socket passes it to what it accepts)."""
     if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)

@@ -7,8 +7,9 @@ strip what a guest never reads (documentation, locales, apt lists), and pack the
 ext4 image with ``mkfs.ext4 -d``, which needs no loop mount.
 
 Inside the guest the root is mounted read-only and every writable place is a tmpfs, so one
-image serves every session and writes vanish with the VM. The init starts Xvfb, an xterm
-running the provider's command, x11vnc (password read from a file that the agent rewrites),
+image serves every session and writes vanish with the VM. The init starts TigerVNC's Xvnc
+(display and VNC server in one; password read from a file the agent rewrites), an xterm
+running the provider's command,
 and the control agent on the second serial port (``ttyS1``). The agent applies what the host
 sends after a snapshot restore: wall clock, entropy, hostname and the VNC password (see
 ``docs/microvm.md`` for the line protocol).
@@ -30,8 +31,8 @@ SUITE = "bookworm"
 
 # Concrete package names only: debootstrap does not resolve virtual packages.
 DISPLAY_PACKAGES = (
-    "xvfb",
-    "x11vnc",
+    "tigervnc-standalone-server",
+    "perl",  # named outright: debootstrap does not resolve tigervnc's "perl:any"
     "xterm",
     "xfonts-base",
     "fonts-dejavu-core",
@@ -81,27 +82,21 @@ for word in $(cat /proc/cmdline); do
 done
 [ -n "$command" ] || command="bash -l"
 
-# A boot-time password nobody knows; the host replaces it before it hands the VM out.
-$bb head -c 24 /dev/urandom | $bb base64 | $bb tr -dc A-Za-z0-9 | $bb head -c 8 \\
-  > /run/remotecli/vncpass
+# A boot-time password nobody knows (random bytes are a valid obfuscated password file);
+# the host replaces it before it hands the VM out.
+$bb head -c 8 /dev/urandom > /run/remotecli/vncpass
 stty -F /dev/ttyS1 raw -echo 115200 2>/dev/null
 /usr/local/sbin/remotecli-agent &
 
-Xvfb :0 -screen 0 "${{geometry}}x24" -nolisten tcp -noreset -extension GLX >/var/log/Xvfb.log 2>&1 &
+# TigerVNC's Xvnc is display and VNC server in one event-driven process: it accepts at once
+# and reads the password file on each authentication.
+Xvnc :0 -geometry "$geometry" -depth 24 -rfbport 5900 -SecurityTypes VncAuth \\
+  -PasswordFile /run/remotecli/vncpass -AlwaysShared -desktop remotecli -nolisten tcp \\
+  -extension GLX >/var/log/Xvnc.log 2>&1 &
 while [ ! -S /tmp/.X11-unix/X0 ]; do $bb usleep 10000; done
-width=${{geometry%x*}}
-height=${{geometry#*x}}
 cd /root
 DISPLAY=:0 xterm -geometry 200x60+0+0 -fa Monospace -fs 11 -bg black -fg white +bc \\
   -e sh -c ': > /run/remotecli/terminal-up; exec sh -c "$1"' terminal "$command" &
-# The VNC server is restarted if it ever exits, so the session stays reachable.
-while :; do
-  x11vnc -display :0 -rfbport 5900 -passwdfile read:/run/remotecli/vncpass -forever -shared \\
-    -noxdamage -nowf -noscr -nobell -nosel -noprimary -nosetclipboard -norc -quiet \\
-    -geometry "$width"x"$height" -o /var/log/x11vnc.log >/dev/null 2>&1
-  echo "remotecli: x11vnc exited; restarting it" > /dev/ttyS0
-  $bb usleep 200000
-done &
 while ! grep -q ':170C 00000000:0000 0A' /proc/net/tcp 2>/dev/null; do $bb usleep 10000; done
 while [ ! -e /run/remotecli/terminal-up ]; do $bb usleep 10000; done
 echo "remotecli: display, terminal and VNC server up" > /dev/ttyS0
@@ -112,6 +107,7 @@ while :; do wait; $bb usleep 1000000; done
 
 # The control agent: one command per line on ttyS1, one answer per line.
 #   session EPOCH HOSTNAME PASSWORD SEED   -> "ok HOSTNAME"
+# PASSWORD is the VNC password file's 8 obfuscated bytes as octal escapes (\\ooo x 8).
 #   ping                                   -> "pong"
 GUEST_AGENT_SCRIPT = f"""#!/bin/sh
 # remote-cli control agent: applies what the host sends after a snapshot restore.
@@ -123,7 +119,7 @@ while read -r verb epoch name password seed <&3; do
       # Built-ins only before the answer: a fresh clone translates every new code path.
       # The host reads the RFB banner before it sends this line and hands the VM out only
       # after the answer, so no VNC connection can see the file half-written.
-      printf '%s\\n' "$password" > /run/remotecli/vncpass
+      printf "$password" > /run/remotecli/vncpass
       printf 'ok %s\\n' "$name" >&3
       printf '%s' "$seed" > /dev/urandom
       printf '%s\\n' "$name" > /proc/sys/kernel/hostname

@@ -407,14 +407,18 @@ $("clipboard-send").addEventListener("click", () => {
 });
 $("fullscreen-button").addEventListener("click", async () => {
   try {
+    // The whole page goes full screen with the sidebar folded away, so the status line and
+    // the toolbar (with this button) stay visible above the session.
     if (document.fullscreenElement) await document.exitFullscreen();
-    else await $("screen").requestFullscreen();
+    else await document.documentElement.requestFullscreen();
   } catch (error) {
     setStatus("error", `Full screen is not available here: ${error.message}`);
   }
 });
 document.addEventListener("fullscreenchange", () => {
-  $("fullscreen-button").textContent = document.fullscreenElement ? "Exit full screen" : "Full screen";
+  const full = document.fullscreenElement !== null;
+  document.body.classList.toggle("full-screen", full);
+  $("fullscreen-button").textContent = full ? "Exit full screen" : "Full screen";
   viewer.focus();
 });
 $("login-form").addEventListener("submit", (event) => {
