@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import socket
 from collections.abc import Callable
 from typing import ClassVar, cast
 
@@ -165,6 +166,24 @@ async def test_upstream_close_ends_tunnel_cleanly() -> None:
             assert closed.value.rcvd is not None
             assert closed.value.rcvd.code == 1000
             await wait_for(lambda: gateway.metrics.tunnels_open._value.get() == 0, 5000 * MS)
+
+
+async def test_both_sides_of_a_tunnel_have_tcp_keepalive() -> None:
+    """A tunnel's client and upstream sockets both have SO_KEEPALIVE on, to detect dead peers."""
+    upstream = await WebSocketUpstream().start()
+    async with (
+        running_gateway({"/": upstream.url}) as gateway,
+        connect(f"ws://127.0.0.1:{gateway.address[1]}/") as ws,
+    ):
+        await ws.send("hello")
+        assert await ws.recv() == "hello"
+        context = gateway._context
+        assert context is not None
+        tunnel = next(iter(context.tunnels))
+        for end in (tunnel.client, tunnel.upstream):
+            sock = end.transport.get_extra_info("socket")
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+    await upstream.close()
 
 
 async def test_client_that_never_reads_keeps_gateway_memory_bounded() -> None:

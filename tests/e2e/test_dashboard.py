@@ -362,26 +362,34 @@ def test_3_after_reload_the_session_is_listed_and_reconnects(live: Live) -> None
 
 
 def test_4_clipboard_text_goes_both_ways(live: Live, up: Up) -> None:
-    """Text sent from the clipboard box is pasted in the session; text selected there comes back."""
+    """Text sent from the clipboard box is pasted in the session; text selected there comes back.
+
+    x11vnc applies selection changes from its polling loop and says nothing when it has, so each
+    direction repeats its gesture (a middle click and Enter on an empty prompt, or a triple
+    click) until its effect shows, within the timeout.
+    """
     page = live.page
     page.get_by_role("button", name="Clipboard").click()
     box = page.locator("#screen canvas").bounding_box()
     assert box is not None
     page.get_by_label(re.compile("Clipboard")).fill("echo clip-ok > ~/clip.txt")
     page.get_by_role("button", name="Send to session").click()
-    # x11vnc makes the text the session's PRIMARY selection: a middle click pastes it in xterm
-    page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2, button="middle")
-    page.keyboard.press("Enter")
     target = up.data_dir / "sessions" / live.session_id / "home" / "clip.txt"
     deadline = time.monotonic() + TIMEOUT
     while not (target.exists() and target.read_text() == "clip-ok\n"):
         assert time.monotonic() < deadline, f"{target} did not appear: the paste did not arrive"
-        time.sleep(0.05)
-    # a triple click selects the terminal's first line: xterm owns PRIMARY, x11vnc sends it
-    page.mouse.click(box["x"] + box["width"] * 0.05, box["y"] + box["height"] * 0.02, click_count=3)
-    page.wait_for_function(
-        "() => document.querySelector('#clipboard-text').value.includes('echo browser-ok')"
-    )
+        # x11vnc made the text the session's PRIMARY selection: a middle click pastes it
+        page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2, button="middle")
+        page.keyboard.press("Enter")
+        page.wait_for_timeout(250)
+    received = "() => document.querySelector('#clipboard-text').value.includes('echo browser-ok')"
+    deadline = time.monotonic() + TIMEOUT
+    while not page.evaluate(received):
+        assert time.monotonic() < deadline, "the session's selection never reached the page"
+        # a triple click selects the terminal's first line: xterm owns PRIMARY, x11vnc sends it
+        first_line = (box["x"] + box["width"] * 0.05, box["y"] + box["height"] * 0.02)
+        page.mouse.click(*first_line, click_count=3)
+        page.wait_for_timeout(250)
     screenshot(page, "4-clipboard")
     page.get_by_role("button", name="Clipboard").click()
 

@@ -241,3 +241,28 @@ async def test_guest_vnc_demands_a_password_on_loopback_only(system: System) -> 
             writer.close()
         assert list(offered) == [SECURITY_VNC_AUTH]
         await delete_and_wait(api, session_id, pid)
+
+
+async def test_a_restarted_controller_reattaches_to_a_running_vm(
+    system: System, tmp_path: Path
+) -> None:
+    """A new driver's recover() returns the running VM's endpoint, and its stop ends the VM."""
+    async with system.api() as api:
+        session_id = await create_ready(system, api)
+        pid = qemu_pid(system, session_id)
+        workdir = serial_log(system, session_id).parent
+        record = json.loads((workdir / "vm.json").read_text())
+        system.driver.detach(session_id)  # the old controller's driver lets go of the VM
+        restarted = QemuDriver(tmp_path / "restarted")
+        try:
+            endpoint = await restarted.recover(session_id, workdir)
+            assert endpoint is not None
+            assert (endpoint.port, endpoint.password) == (record["port"], record["password"])
+            await restarted.stop(session_id)
+            async with asyncio.timeout(TIMEOUT):
+                while Path(f"/proc/{pid}").exists():
+                    await asyncio.sleep(20 * MS)
+        finally:
+            await restarted.close()
+        assert await restarted.recover(session_id, workdir) is None
+        await api.delete(f"/api/sessions/{session_id}")

@@ -113,8 +113,6 @@ class QemuDriver:
         self._pool: dict[str, list[_Vm]] = {}
         self._refilling: set[str] = set()
         self._pool_tasks: set[asyncio.Task[None]] = set()
-        self.last_start_kind = ""
-        """``clone`` or ``cold`` plus ``+template`` when this start built the template."""
 
     # --- the Driver seam ---------------------------------------------------------------------
 
@@ -167,6 +165,15 @@ class QemuDriver:
         asyncio.get_running_loop().create_task(_watch_pid(vm))
         return VncEndpoint(host="127.0.0.1", port=vm.port, password=vm.password)
 
+    def detach(self, session_id: str) -> None:
+        """Forget a session without stopping its VM, as a controller that exits keeping it.
+
+        The VM keeps running; a later driver takes it back with :meth:`recover`.
+        """
+        vm = self._vms.pop(session_id, None)
+        if vm is not None and vm.qmp is not None:
+            vm.qmp.close()  # QEMU serves one monitor client at a time
+
     async def close(self) -> None:
         """Stop every VM this driver started, the warm pool's included."""
         for task in list(self._pool_tasks):
@@ -214,7 +221,6 @@ class QemuDriver:
             try:
                 if not (directory / "template.json").exists():
                     await self._make_template(machine, directory, progress)
-                    self.last_start_kind = "+template"
             finally:
                 lock_file.close()
         return directory
@@ -245,7 +251,6 @@ class QemuDriver:
             raise
         self._vms[spec.session_id] = vm
         _write_record(spec.workdir / "vm.json", vm)
-        self.last_start_kind = "clone"
         return VncEndpoint(host="127.0.0.1", port=vm.port, password=vm.password)
 
     async def start_cold(self, spec: SessionSpec, progress: ProgressCallback) -> VncEndpoint:
@@ -263,7 +268,6 @@ class QemuDriver:
         finally:
             memory.unlink(missing_ok=True)  # the mapping stays alive; the name is not needed
         self._vms[spec.session_id] = vm
-        self.last_start_kind = "cold"
         return VncEndpoint(host="127.0.0.1", port=vm.port, password=vm.password)
 
     async def save_full_snapshot(self, session_id: str, snapshot: Path) -> None:
