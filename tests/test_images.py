@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bz2
 import gzip
+import json
 import lzma
 import shutil
 import struct
@@ -192,3 +193,13 @@ def test_find_image_names_the_build_command_when_the_cache_is_empty(tmp_path: Pa
     """Without a built image the error tells the user the command that builds one."""
     with pytest.raises(DriverError, match="remotecli image build"):
         find_image(tmp_path / "empty")
+
+
+def test_find_image_prefers_exactly_the_providers_asked_for(tmp_path: Path) -> None:
+    """A plain image serves the shell even when a newer image also holds a provider CLI."""
+    for key, providers, built_at in (("plain", [], 1.0), ("claude", ["claude-code"], 2.0)):
+        (tmp_path / key).mkdir()
+        manifest = {"key": key, "providers": providers, "built_at": built_at}
+        (tmp_path / key / "manifest.json").write_text(json.dumps(manifest))
+    assert find_image(tmp_path).key == "plain"
+    assert find_image(tmp_path, ["claude-code"]).key == "claude"

@@ -63,27 +63,35 @@ class System:
         )
 
 
+def report(request: pytest.FixtureRequest, line: str) -> None:
+    """Print ``line`` on the terminal even while pytest captures output."""
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    if capture is None or reporter is None:
+        return
+    with capture.global_and_fixture_disabled():
+        reporter.write_line(line)
+
+
 @pytest.fixture(scope="module")
 def image(request: pytest.FixtureRequest) -> GuestImage:
     """The cached guest image, built here (and timed) the first time."""
     cache = default_cache_dir()
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
     try:
         found = find_image(cache)
-        if reporter is not None:
-            manifest = json.loads((found.directory / "manifest.json").read_text())
-            reporter.write_line(
-                f"qemu: guest image {found.key} taken from the cache {cache} "
-                f"(its build took {manifest.get('build_seconds', '?')} s)"
-            )
+        manifest = json.loads((found.directory / "manifest.json").read_text())
+        report(
+            request,
+            f"qemu: guest image {found.key} taken from the cache {cache} "
+            f"(its build took {manifest.get('build_seconds', '?')} s)",
+        )
         return found
     except ImageBuildError:
         if os.geteuid() != 0 or shutil.which("debootstrap") is None:
             pytest.skip("no guest image and cannot build one here: run `remotecli image build`")
     started = time.monotonic()
     built = build_image(cache, progress=lambda step: None)
-    if reporter is not None:
-        reporter.write_line(f"qemu: guest image built in {time.monotonic() - started:.0f} s")
+    report(request, f"qemu: guest image built in {time.monotonic() - started:.0f} s")
     return built
 
 

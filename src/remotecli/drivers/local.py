@@ -70,10 +70,15 @@ rm -f "$fifo"
 export DISPLAY=":$display"
 echo "display $display"
 cols=$((width / 6)) rows=$((height / 13))
-xterm -geometry "${cols}x${rows}+0+0" -e "$@" </dev/null 2>"$run/xterm.log" &
+HOLD_SCRIPT='"$@"; status=$?
+printf "\n[%s exited with status %d; press Enter to end the session]\n" "${1##*/}" "$status"
+read -r _'
+# When the command ends, keep its last screen (often an error message) until Enter is pressed.
+xterm -geometry "${cols}x${rows}+0+0" -e bash -c "$HOLD_SCRIPT" command "$@" \
+  </dev/null 2>"$run/xterm.log" &
 xterm=$!
 x11vnc -display "$DISPLAY" -unixsock "$run/vnc.sock" -rfbport 0 -noipv6 -nopw -forever \
-  -shared -quiet -nowf -noxdamage </dev/null >/dev/null 2>"$run/x11vnc.log" &
+  -shared -quiet -nowf -noxdamage -nonap </dev/null >/dev/null 2>"$run/x11vnc.log" &
 x11vnc=$!
 wait -n -p who
 status=$?
@@ -139,6 +144,27 @@ def session_processes(marker: str, pgid: int | None = None) -> list[int]:
         if needle in b"\0" + environ:
             members.append(pid)
     return members
+
+
+_SYSTEM_ROOTS = tuple(Path(p) for p in ("/usr", "/bin", "/sbin", "/lib", "/lib64", "/etc", "/opt"))
+
+
+def _program_roots(program: str) -> list[Path]:
+    """Directories to show read-only in the sandbox so the session's program can run.
+
+    A provider's CLI may live outside the system directories, for example in the project's
+    ``node_modules/.bin`` as a link into its package: show the whole ``node_modules`` tree it
+    belongs to (a Node.js CLI loads its dependencies from there), or else its own directory.
+    """
+    path = Path(program)
+    if not path.is_absolute():
+        return []
+    roots: list[Path] = []
+    for candidate in (path, path.resolve()):
+        root = next((p for p in candidate.parents if p.name == "node_modules"), candidate.parent)
+        if not any(root.is_relative_to(system) for system in _SYSTEM_ROOTS) and root not in roots:
+            roots.append(root)
+    return roots
 
 
 def _xauthority_entry(cookie: bytes) -> bytes:
@@ -330,6 +356,8 @@ class LocalDriver:
                 sandbox += ["--ro-bind", str(root), str(root)]
         sandbox += ["--ro-bind", "/etc", "/etc", "--ro-bind-try", "/opt", "/opt"]
         sandbox += ["--ro-bind-try", "/var/cache/fontconfig", "/var/cache/fontconfig"]
+        for root in _program_roots(spec.command[0]):
+            sandbox += ["--ro-bind", str(root), str(root)]
         sandbox += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]  # noqa: S108 -- a private one
         sandbox += ["--bind", str(home), str(home), "--bind", str(run_dir), str(run_dir)]
         sandbox += ["--chdir", str(home), "--"]

@@ -66,10 +66,11 @@ def default_cache_dir() -> Path:
 def find_image(cache_dir: Path, providers: Sequence[str] = ()) -> GuestImage:
     """Return the newest complete image in ``cache_dir`` holding every one of ``providers``.
 
-    Raises ImageBuildError, naming the command that builds one, when there is none.
+    An image with exactly those providers wins over a larger one. Raises ImageBuildError,
+    naming the command that builds one, when there is none.
     """
     wanted = set(providers)
-    best: tuple[float, GuestImage] | None = None
+    best: tuple[bool, float, GuestImage] | None = None
     if cache_dir.is_dir():
         for manifest_path in cache_dir.glob(f"*/{MANIFEST}"):
             try:
@@ -80,16 +81,16 @@ def find_image(cache_dir: Path, providers: Sequence[str] = ()) -> GuestImage:
             if not wanted <= set(image_providers):
                 continue
             image = GuestImage(manifest_path.parent, manifest["key"], image_providers)
-            built = float(manifest.get("built_at", 0))
-            if best is None or built > best[0]:
-                best = (built, image)
+            rank = (set(image_providers) == wanted, float(manifest.get("built_at", 0)))
+            if best is None or rank > best[:2]:
+                best = (*rank, image)
     if best is None:
         extra = "".join(f" --provider {name}" for name in sorted(wanted))
         raise ImageBuildError(
             f"no guest image in {cache_dir}; build one with "
             f"`remotecli image build --cache-dir {cache_dir}{extra}`"
         )
-    return best[1]
+    return best[2]
 
 
 def resolve_kernel_package() -> tuple[str, str]:
