@@ -73,7 +73,16 @@ def _ip(text: str) -> IPAddress | None:
 
 
 def _trusted(address: IPAddress | None, trusted: tuple[IPNetwork, ...]) -> bool:
-    return address is not None and any(address in network for network in trusted)
+    if not trusted or address is None:
+        return False  # the usual case, without building a generator per request
+    return any(address in network for network in trusted)
+
+
+@functools.lru_cache(maxsize=4096)
+def _canonical(address: str) -> str | None:
+    """Return ``address`` in its canonical text form, or None when it is not an IP address."""
+    ip = _ip(address)
+    return ip.compressed if ip is not None else None
 
 
 @functools.lru_cache(maxsize=4096)
@@ -135,7 +144,8 @@ def forward(
         if from_proxy
         else []
     )
-    client = peer_ip.compressed if peer_ip is not None else peer
+    peer_canonical = _canonical(peer)
+    client = peer_canonical if peer_canonical is not None else peer
     for hop in reversed(xff):
         client = hop
         if not _trusted(_ip(hop), trusted):
@@ -165,7 +175,7 @@ def forward(
     element = f"for={forwarded_node(peer)};proto={scheme}"
     if host is not None:
         element += f";host={forwarded_value(host)}"
-    peer_text = peer_ip.compressed if peer_ip is not None else "unknown"
+    peer_text = peer_canonical if peer_canonical is not None else "unknown"
     out.append((b"X-Forwarded-For", ", ".join([*xff, peer_text]).encode("latin-1")))
     out.append((b"X-Forwarded-Proto", proto.encode()))
     if forwarded_host is not None:

@@ -13,8 +13,9 @@ gateway buffer more than one read.
 
 A valid WebSocket upgrade is either handed to an in-process :class:`LocalUpgrade` or forwarded;
 on the upstream's 101 the connection stops being a ClientConnection and both transports are
-joined by a :class:`~remotecli.gateway.tunnel.Tunnel`. Every failure before a response has
-started is answered with the error's status and a body naming the cause (see
+joined by a :class:`~remotecli.gateway.tunnel.Tunnel` (both in :mod:`remotecli.gateway.context`;
+the heads sent each way are built in :mod:`remotecli.gateway.exchange`). Every failure before
+a response has started is answered with the error's status and a body naming the cause (see
 :func:`remotecli.http11.response_for_error`); one log line is written per request or tunnel
 when it ends.
 """
@@ -43,9 +44,14 @@ from remotecli.exceptions import (
     UpstreamHeadTimeout,
 )
 from remotecli.forwarding import forward
-from remotecli.gateway.context import ClientInfo, GatewayContext, LocalUpgrade
-from remotecli.gateway.exchange import Exchange, upstream_request_head
-from remotecli.gateway.handover import hand_over, start_tunnel
+from remotecli.gateway.context import (
+    ClientInfo,
+    GatewayContext,
+    LocalUpgrade,
+    hand_over,
+    start_tunnel,
+)
+from remotecli.gateway.exchange import Exchange, client_response_head, upstream_request_head
 from remotecli.gateway.upstream import WRITE_HIGH_WATER, UpstreamConnection
 from remotecli.http11 import Framing, RequestHead, ResponseHead
 from remotecli.logs import get_logger
@@ -389,22 +395,13 @@ class ClientConnection(asyncio.Protocol):
         self, exchange: Exchange, upstream: UpstreamConnection, response: ResponseHead
     ) -> None:
         assert self.transport is not None
-        framing = http11.response_framing(response.status, exchange.head.method, response.headers)
-        headers = http11.end_to_end(response.headers)
-        close = self._closing(exchange) or exchange.websocket
-        if framing.kind is Framing.CHUNKED:
-            if exchange.head.version == "1.1":
-                headers.append((b"Transfer-Encoding", b"chunked"))
-                exchange.chunked_out = True
-            else:
-                close = True  # an HTTP/1.0 client reads the body until the connection closes
-        elif framing.kind is Framing.UNTIL_CLOSE:
+        head, until_close, close = client_response_head(
+            exchange, response, close=self._closing(exchange) or exchange.websocket
+        )
+        if until_close:
             upstream.body_until_close()
-            close = True
         if close:
-            headers.append((b"Connection", b"close"))
             self._close_after = True
-        head = ResponseHead(response.status, response.reason, "1.1", headers)
         exchange.responded = True
         self.transport.write(http11.serialize_response(head))
         upstream.head_sent()

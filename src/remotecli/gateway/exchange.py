@@ -1,12 +1,14 @@
-"""One request on a client connection, and the request head the gateway sends upstream for it.
+"""One request on a client connection, and the heads the gateway sends on for it each way.
 
 An :class:`Exchange` holds what the gateway knows about one request from its head to the end
 of its response (framing, body bytes held before the upstream was connected, counters for the
 log line). :func:`upstream_request_head` turns the client's head into the bytes sent to the next
 hop: forwarding headers set, hop-by-hop headers dropped, the Host rewritten when configured,
 and a Host added when an HTTP/1.0 client sent none (the upstream hop is HTTP/1.1, where Host is
-mandatory). The caller (:class:`~remotecli.gateway.connection.ClientConnection`) owns the
-Exchange and decides when it ends.
+mandatory). :func:`client_response_head` does the same for the upstream's answer: end-to-end
+headers kept, the body re-framed for the client, and whether the connection must close after.
+The caller (:class:`~remotecli.gateway.connection.ClientConnection`) owns the Exchange, writes
+the heads and decides when it ends.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import time
 from remotecli import http11
 from remotecli.forwarding import Forwarding
 from remotecli.gateway.upstream import UpstreamConnection
-from remotecli.http11 import Framing, RequestHead
+from remotecli.http11 import Framing, RequestHead, ResponseHead
 from remotecli.routing import UpstreamAddress
 from remotecli.upgrade import upstream_upgrade_headers
 
@@ -91,3 +93,30 @@ def upstream_request_head(
         # Only HTTP/1.0 may come without Host; the next hop speaks 1.1, which requires it.
         headers.insert(0, (b"Host", address.authority.encode("latin-1")))
     return http11.serialize_request(RequestHead(head.method, head.target, "1.1", headers))
+
+
+def client_response_head(
+    exchange: Exchange, response: ResponseHead, *, close: bool
+) -> tuple[ResponseHead, bool, bool]:
+    """Return the head to send the client for ``response``, and two decisions the caller applies.
+
+    ``close`` says whether the client connection closes after this response anyway. Returns
+    ``(head, until_close, close)``: ``until_close`` when the upstream's body ends at its EOF
+    (tell the upstream connection so), ``close`` when the client connection must close after
+    the body. Sets ``exchange.chunked_out`` when the body is re-chunked for the client. Raises
+    UpstreamBadResponse (502) for ambiguous response framing, before anything is decided.
+    """
+    framing = http11.response_framing(response.status, exchange.head.method, response.headers)
+    headers = http11.end_to_end(response.headers)
+    until_close = framing.kind is Framing.UNTIL_CLOSE
+    if framing.kind is Framing.CHUNKED:
+        if exchange.head.version == "1.1":
+            headers.append((b"Transfer-Encoding", b"chunked"))
+            exchange.chunked_out = True
+        else:
+            close = True  # an HTTP/1.0 client reads the body until the connection closes
+    elif until_close:
+        close = True
+    if close:
+        headers.append((b"Connection", b"close"))
+    return ResponseHead(response.status, response.reason, "1.1", headers), until_close, close

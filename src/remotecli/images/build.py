@@ -161,7 +161,7 @@ def build_image(
         tree = work / "root"
         progress(f"debootstrap Debian {rootfs.SUITE} minbase with the display stack")
         rootfs.debootstrap(
-            tree, rootfs.packages_for(providers), downloads / "debs", progress, mirror=mirror
+            tree, list(rootfs.DISPLAY_PACKAGES), downloads / "debs", progress, mirror=mirror
         )
         rootfs.install_guest_files(tree, _busybox())
         rootfs.install_providers(tree, providers, progress)

@@ -46,7 +46,9 @@ NPM_PROVIDERS = {
     "codex": "@openai/codex",
     "gemini-cli": "@google/gemini-cli",
 }
-NODE_PACKAGES = ("nodejs", "npm", "ca-certificates")
+# Installed with apt-get inside the tree, not by debootstrap (only apt resolves virtual
+# packages); the CLIs themselves are installed by the host's npm into the tree.
+NODE_PACKAGES = ("nodejs", "ca-certificates")
 
 BUSYBOX_IN_GUEST = "/usr/local/lib/remotecli/busybox"
 
@@ -151,11 +153,13 @@ class RootfsError(DriverError):
 
 
 def packages_for(providers: Sequence[str]) -> list[str]:
-    """Return the Debian packages the image needs for ``providers`` (npm CLIs need Node.js)."""
-    packages = list(DISPLAY_PACKAGES)
-    if any(provider in NPM_PROVIDERS for provider in providers):
-        packages += NODE_PACKAGES
-    return packages
+    """Return every Debian package the image needs for ``providers`` (npm CLIs need Node.js)."""
+    return list(DISPLAY_PACKAGES) + apt_packages_for(providers)
+
+
+def apt_packages_for(providers: Sequence[str]) -> list[str]:
+    """Return the packages installed with apt-get after debootstrap (Node.js for npm CLIs)."""
+    return list(NODE_PACKAGES) if any(name in NPM_PROVIDERS for name in providers) else []
 
 
 def check_providers(providers: Sequence[str]) -> None:
@@ -205,23 +209,41 @@ def install_guest_files(root: Path, busybox: bytes) -> None:
 
 
 def install_providers(root: Path, providers: Sequence[str], progress: ProgressCallback) -> None:
-    """Install the npm CLIs of ``providers`` globally inside the tree, through chroot."""
+    """Install Node.js (apt-get in a chroot) and the npm CLIs of ``providers`` into the tree."""
     if not providers:
         return
     host_resolv = Path("/etc/resolv.conf").read_text() if Path("/etc/resolv.conf").exists() else ""
     resolv = root / "etc/resolv.conf"
     resolv.unlink(missing_ok=True)
     resolv.write_text(host_resolv)
+    environment = ["env", "DEBIAN_FRONTEND=noninteractive"]
     try:
+        progress("apt-get install Node.js and npm (inside the image)")
+        _run_logged(
+            ["chroot", str(root), *environment, "apt-get", "update", "-q"],
+            progress,
+            step="apt-get update",
+            fix="check that the Debian mirror is reachable",
+        )
+        _run_logged(
+            ["chroot", str(root), *environment, "apt-get", "install", "-y", "-q",
+             "--no-install-recommends", *apt_packages_for(providers)],
+            progress,
+            step="apt-get install",
+            fix="check that the Debian mirror is reachable",
+        )  # fmt: skip
+        # The host's npm installs into the tree's /usr/local: it already trusts what the host
+        # trusts (proxies, their CAs), and npm inside a bare chroot without /proc fails.
         for provider in providers:
             package = NPM_PROVIDERS[provider]
-            progress(f"npm install -g {package} (inside the image)")
+            progress(f"npm install -g {package} into the image")
             _run_logged(
-                ["chroot", str(root), "npm", "install", "-g", "--no-audit", "--no-fund", package],
+                ["npm", "install", "-g", "--no-audit", "--no-fund", "--prefix",
+                 str(root / "usr/local"), package],
                 progress,
                 step=f"npm install {package}",
-                fix="check that the npm registry is reachable",
-            )
+                fix="install npm on this host and check that the npm registry is reachable",
+            )  # fmt: skip
     finally:
         resolv.unlink(missing_ok=True)
         resolv.symlink_to("/run/resolv.conf")
