@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 import resource
 
-# Every timeout in the tests is a multiple of MS, so a slow machine scales them all at once
-# with REMOTECLI_TEST_TIMEOUT_FACTOR (as websockets' test suite does with WEBSOCKETS_TESTS_TIMEOUT_FACTOR).
+# Every timeout in the tests is a multiple of MS, so a slow machine scales them all at once with
+# REMOTECLI_TEST_TIMEOUT_FACTOR (as websockets' suite does with WEBSOCKETS_TESTS_TIMEOUT_FACTOR).
 TIMEOUT_FACTOR = float(os.environ.get("REMOTECLI_TEST_TIMEOUT_FACTOR", "1"))
 MS = 0.001 * TIMEOUT_FACTOR
 

@@ -13,7 +13,14 @@ from remotecli.exceptions import ConfigError
 
 DRIVER_NAMES = ("local", "qemu")
 
-__all__ = ["DRIVER_NAMES", "Driver", "ProgressCallback", "SessionSpec", "VncEndpoint", "create_driver"]
+__all__ = [
+    "DRIVER_NAMES",
+    "Driver",
+    "ProgressCallback",
+    "SessionSpec",
+    "VncEndpoint",
+    "create_driver",
+]
 
 
 def create_driver(name: str, data_dir: Path) -> Driver:
