@@ -117,13 +117,14 @@ async def test_longest_prefix_wins() -> None:
 
 
 async def test_healthz_is_answered_by_the_gateway() -> None:
-    """GET /healthz is answered 200 by the gateway itself, without any route."""
+    """GET /healthz is answered 200 with the controller's JSON body by the gateway itself."""
     async with running_gateway({}) as gateway:
         raw = await exchange(
             gateway.address[1], b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
         )
     assert raw.startswith(b"HTTP/1.1 200 OK\r\n")
-    assert raw.endswith(b"\r\n\r\nok\n")
+    assert b"\r\nContent-Type: application/json\r\n" in raw
+    assert raw.endswith(b'\r\n\r\n{"status":"ok"}')
 
 
 async def test_hop_by_hop_headers_are_not_forwarded() -> None:

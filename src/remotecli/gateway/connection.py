@@ -60,6 +60,8 @@ from remotecli.upgrade import check_websocket_request, is_switching, wants_webso
 
 log = get_logger("gateway")
 
+HEALTHZ_BODY = b'{"status":"ok"}'
+
 
 class ClientConnection(asyncio.Protocol):
     """The protocol of one accepted client connection (see the module's theory of operation)."""
@@ -304,9 +306,13 @@ class ClientConnection(asyncio.Protocol):
         if head.path == "/healthz" and head.method in ("GET", "HEAD") and not exchange.websocket:
             exchange.status = 200
             exchange.upstream_label = "gateway"
-            body = b"" if head.method == "HEAD" else b"ok\n"
+            # The same JSON body as the controller's own /healthz, which this one stands in front of.
+            body = b"" if head.method == "HEAD" else HEALTHZ_BODY
             self._close_after = self._closing(exchange)
-            self.transport.write(http11.simple_response(200, body, close=self._close_after))
+            response = http11.simple_response(
+                200, body, content_type=b"application/json", close=self._close_after
+            )
+            self.transport.write(response)
             return
         forwarding = forward(
             head.headers,
