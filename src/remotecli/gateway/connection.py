@@ -306,7 +306,7 @@ class ClientConnection(asyncio.Protocol):
         if head.path == "/healthz" and head.method in ("GET", "HEAD") and not exchange.websocket:
             exchange.status = 200
             exchange.upstream_label = "gateway"
-            # The same JSON body as the controller's own /healthz, which this one stands in front of.
+            # The JSON body of the controller's own /healthz, which this one stands in front of.
             body = b"" if head.method == "HEAD" else HEALTHZ_BODY
             self._close_after = self._closing(exchange)
             response = http11.simple_response(
