@@ -309,10 +309,10 @@ class ClientConnection(asyncio.Protocol):
             # The JSON body of the controller's own /healthz, which this one stands in front of.
             body = b"" if head.method == "HEAD" else HEALTHZ_BODY
             self._close_after = self._closing(exchange)
-            response = http11.simple_response(
+            health = http11.simple_response(
                 200, body, content_type=b"application/json", close=self._close_after
             )
-            self.transport.write(response)
+            self.transport.write(health)
             return
         forwarding = forward(
             head.headers,
