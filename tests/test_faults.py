@@ -53,6 +53,10 @@ asyncio.run(main())
 """
 
 
+# Overriding event_loop_policy is deprecated in pytest-asyncio, as in the gateway's tests.
+pytestmark = pytest.mark.filterwarnings('ignore:Overriding the "event_loop_policy"')
+
+
 @pytest.fixture
 def event_loop_policy() -> uvloop.EventLoopPolicy:
     """Run these tests on uvloop, as `remotecli up` does."""

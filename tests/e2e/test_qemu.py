@@ -29,6 +29,7 @@ from remotecli.images import GuestImage, ImageBuildError, build_image, find_imag
 from remotecli.images.build import default_cache_dir
 from remotecli.rfb import PROTOCOL_VERSION_3_8, SECURITY_VNC_AUTH
 from tests.conftest import MS
+from tests.e2e.sessions_api import create_ready_session
 from tests.rfb_viewer import RfbViewer, wait_for_file
 
 pytestmark = [
@@ -130,23 +131,6 @@ def qemu_pid(system: System, session_id: str) -> int:
     return pid
 
 
-async def create_ready(system: System, api: httpx.AsyncClient) -> str:
-    """Create a shell session and return its id once its state is ready."""
-    created = await api.post("/api/sessions", json={"provider": "shell"})
-    assert created.status_code == 201, created.text
-    session_id: str = created.json()["id"]
-    async with asyncio.timeout(TEMPLATE_TIMEOUT):
-        async with api.stream("GET", f"/api/sessions/{session_id}/events") as events:
-            async for line in events.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                event = json.loads(line.removeprefix("data:"))
-                assert event.get("state") not in ("failed", "stopped"), event
-                if event.get("state") == "ready":
-                    return session_id
-    raise AssertionError(f"the event stream of {session_id} ended before ready")
-
-
 async def wait_drawn(viewer: RfbViewer) -> None:
     """Request full updates until the screen is not one uniform colour.
 
@@ -192,7 +176,7 @@ def is_clone(pid: int) -> bool:
 async def test_keys_typed_over_vnc_reach_the_clones_shell(system: System) -> None:
     """A clone session's RFB stream, through gateway and bridge, carries keys to its shell."""
     async with system.api() as api:
-        session_id = await create_ready(system, api)
+        session_id = await create_ready_session(api, TEMPLATE_TIMEOUT)
         pid = qemu_pid(system, session_id)
         assert is_clone(pid)
         await type_in(system, api, session_id, "echo vm-ok > /dev/ttyS0\n")
@@ -203,7 +187,9 @@ async def test_keys_typed_over_vnc_reach_the_clones_shell(system: System) -> Non
 async def test_two_sessions_do_not_see_each_others_files(system: System) -> None:
     """A file written in one clone does not exist in another clone running at the same time."""
     async with system.api() as api:
-        first, second = await asyncio.gather(create_ready(system, api), create_ready(system, api))
+        first, second = await asyncio.gather(
+            create_ready_session(api, TEMPLATE_TIMEOUT), create_ready_session(api, TEMPLATE_TIMEOUT)
+        )
         pids = {session_id: qemu_pid(system, session_id) for session_id in (first, second)}
         await type_in(system, api, first, "echo mine > /root/first.txt; echo wrote > /dev/ttyS0\n")
         await wait_for_file(serial_log(system, first), TIMEOUT, "wrote")
@@ -222,7 +208,7 @@ async def test_two_sessions_do_not_see_each_others_files(system: System) -> None
 async def test_delete_leaves_no_qemu_process(system: System) -> None:
     """Deleting a session ends its QEMU process and the state reaches stopped."""
     async with system.api() as api:
-        session_id = await create_ready(system, api)
+        session_id = await create_ready_session(api, TEMPLATE_TIMEOUT)
         pid = qemu_pid(system, session_id)
         assert Path(f"/proc/{pid}").exists()
         await delete_and_wait(api, session_id, pid)
@@ -232,7 +218,7 @@ async def test_delete_leaves_no_qemu_process(system: System) -> None:
 async def test_guest_vnc_demands_a_password_on_loopback_only(system: System) -> None:
     """The clone's VNC forward listens on 127.0.0.1 and offers only VNC Authentication."""
     async with system.api() as api:
-        session_id = await create_ready(system, api)
+        session_id = await create_ready_session(api, TEMPLATE_TIMEOUT)
         pid = qemu_pid(system, session_id)
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         forwards = [arg for arg in cmdline if b"hostfwd=" in arg]
@@ -256,7 +242,7 @@ async def test_a_restarted_controller_reattaches_to_a_running_vm(
 ) -> None:
     """A new driver's recover() returns the running VM's endpoint, and its stop ends the VM."""
     async with system.api() as api:
-        session_id = await create_ready(system, api)
+        session_id = await create_ready_session(api, TEMPLATE_TIMEOUT)
         pid = qemu_pid(system, session_id)
         workdir = serial_log(system, session_id).parent
         record = json.loads((workdir / "vm.json").read_text())

@@ -7,7 +7,6 @@ real Xvfb, xterm, x11vnc and bubblewrap). One test also runs the real ``remotecl
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import re
 import shutil
@@ -28,6 +27,7 @@ from remotecli.config import ControllerConfig
 from remotecli.controller.server import Controller
 from remotecli.drivers.local import session_processes
 from tests.conftest import MS
+from tests.e2e.sessions_api import create_ready_session
 from tests.rfb_viewer import RfbViewer, wait_for_file
 
 pytestmark = [
@@ -69,23 +69,6 @@ async def system(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Syst
         yield System(controller.url(), controller.admin_token, data_dir, controller)
     finally:
         await controller.close()
-
-
-async def create_ready_session(api: httpx.AsyncClient) -> str:
-    """Create a shell session and return its id once the SSE stream says ready."""
-    created = await api.post("/api/sessions", json={"provider": "shell"})
-    assert created.status_code == 201, created.text
-    session_id: str = created.json()["id"]
-    async with asyncio.timeout(TIMEOUT):
-        async with api.stream("GET", f"/api/sessions/{session_id}/events") as events:
-            async for line in events.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                event = json.loads(line.removeprefix("data:"))
-                assert event.get("state") not in ("failed", "stopped"), event
-                if event.get("state") == "ready":
-                    return session_id
-    raise AssertionError(f"the event stream of {session_id} ended before ready")
 
 
 async def ticket_for(api: httpx.AsyncClient, session_id: str) -> str:
@@ -134,7 +117,7 @@ async def delete_and_check_no_process(api: httpx.AsyncClient, system: System, si
 async def test_shell_session_through_the_gateway(system: System, path: str) -> None:
     """A shell session is created, streamed over the WebSocket, typed into, and deleted."""
     async with system.api() as api:
-        session_id = await create_ready_session(api)
+        session_id = await create_ready_session(api, TIMEOUT)
         ticket = await ticket_for(api, session_id)
         url = f"{system.ws_base}{path.format(id=session_id)}?ticket={ticket}"
         async with connect(url, subprotocols=[BINARY], max_size=None) as ws:
@@ -150,7 +133,7 @@ async def test_reused_and_expired_tickets_are_refused(system: System) -> None:
     assert system.controller.manager is not None
     system.controller.manager.tickets = TicketBook(clock=lambda: now[0])
     async with system.api() as api:
-        session_id = await create_ready_session(api)
+        session_id = await create_ready_session(api, TIMEOUT)
         ticket = await ticket_for(api, session_id)
         url = f"{system.ws_base}/api/sessions/{session_id}/vnc?ticket="
         async with connect(url + ticket):
@@ -171,7 +154,7 @@ async def test_reused_and_expired_tickets_are_refused(system: System) -> None:
 async def test_cookie_needs_an_allowed_origin(system: System) -> None:
     """The login cookie opens the WebSocket from the same origin and is refused from another."""
     async with system.api() as api:
-        session_id = await create_ready_session(api)
+        session_id = await create_ready_session(api, TIMEOUT)
     url = f"{system.ws_base}/api/auth/session/{session_id}/novnc/websock"
     cookie = {"Cookie": f"remotecli_token={system.token}"}
     with pytest.raises(InvalidStatus) as refused:
@@ -204,7 +187,7 @@ async def test_remotecli_up_serves_a_session_and_stops_it_on_sigterm(
                 match = re.search(r"(http://[^/\s]+)/login\?token=(\S+)", line)
         system = System(match.group(1), match.group(2), data_dir)
         async with system.api() as api:
-            session_id = await create_ready_session(api)
+            session_id = await create_ready_session(api, TIMEOUT)
             pids = processes_of(data_dir, session_id)
             ticket = await ticket_for(api, session_id)
             url = f"{system.ws_base}/api/sessions/{session_id}/vnc?ticket={ticket}"
