@@ -4,9 +4,10 @@
 #   scripts/install-system-deps.sh test   plus what the tests and benchmarks drive
 set -euo pipefail
 
-run_packages=(xvfb x11vnc xterm bubblewrap procps fonts-dejavu-core)
+# nodejs and npm bring noVNC (and the optional provider CLIs) with `npm ci`.
+run_packages=(xvfb x11vnc xterm bubblewrap procps fonts-dejavu-core nodejs npm)
 test_packages=(nginx-light chromium qemu-system-x86 qemu-utils debootstrap e2fsprogs
-  busybox-static cpio zstd nodejs npm iproute2)
+  busybox-static cpio zstd iproute2)
 
 case "${1:-run}" in
   run) wanted=("${run_packages[@]}") ;;
