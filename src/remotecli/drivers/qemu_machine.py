@@ -28,6 +28,8 @@ QEMU = "qemu-system-x86_64"
 GUEST_VNC_PORT = 5900
 DEFAULT_MEMORY_MIB = 256
 TCG_TB_SIZE_MIB = 32
+# No default devices, no config files, no display, and exit (never reboot) when the guest does.
+BARE_MACHINE = ("-nodefaults", "-no-user-config", "-nographic", "-display", "none", "-no-reboot")
 """Translation-block cache per VM under TCG; QEMU's default (1 GiB) would dwarf the guest."""
 
 _VNC_PASSWD_KEY = bytes([23, 82, 107, 6, 35, 78, 88, 7])
@@ -124,12 +126,7 @@ def machine_argv(
         "1",
         "-object",
         backend,
-        "-nodefaults",
-        "-no-user-config",
-        "-nographic",
-        "-display",
-        "none",
-        "-no-reboot",
+        *BARE_MACHINE,
         "-kernel",
         str(machine.image.kernel),
         "-initrd",
@@ -235,12 +232,7 @@ async def probe_accelerator(image: GuestImage, tsc_khz: int, scratch: Path) -> s
         "host",
         "-m",
         "128M",
-        "-nodefaults",
-        "-no-user-config",
-        "-nographic",
-        "-display",
-        "none",
-        "-no-reboot",
+        *BARE_MACHINE,
         "-kernel",
         str(image.kernel),
         "-append",
