@@ -10,9 +10,13 @@ instance started). The local driver's own tests and ``tests/e2e/`` cover those.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from remotecli.config import ControllerConfig
+from remotecli.controller.server import Controller
 from remotecli.drivers.base import ProgressCallback, SessionSpec, VncEndpoint
 from remotecli.exceptions import DriverError
 
@@ -116,3 +120,15 @@ class BannerDriver:
             pass
         finally:
             writer.close()
+
+
+@contextlib.asynccontextmanager
+async def banner_controller(data_dir: Path) -> AsyncIterator[Controller]:
+    """Run a whole controller on 127.0.0.1 port 0 whose sessions are banner-driver sessions."""
+    config = ControllerConfig(listen=("127.0.0.1", 0), data_dir=data_dir)
+    running = Controller(config, driver=BannerDriver())
+    await running.start()
+    try:
+        yield running
+    finally:
+        await running.close()

@@ -15,21 +15,16 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from remotecli.config import ControllerConfig
 from remotecli.controller.server import Controller
-from tests.banner_driver import BANNER, BannerDriver
+from tests.banner_driver import BANNER, banner_controller
 from tests.conftest import MS
 
 
 @pytest.fixture
 async def controller(tmp_path: Path) -> AsyncIterator[Controller]:
-    config = ControllerConfig(listen=("127.0.0.1", 0), data_dir=tmp_path / "data")
-    running = Controller(config, driver=BannerDriver())
-    await running.start()
-    try:
+    """A running controller (banner driver) with its admin user, on 127.0.0.1 port 0."""
+    async with banner_controller(tmp_path / "data") as running:
         yield running
-    finally:
-        await running.close()
 
 
 async def ready_session(client: httpx.AsyncClient) -> str:

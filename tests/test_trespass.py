@@ -29,11 +29,10 @@ from websockets.exceptions import InvalidStatus
 
 from remotecli import auth
 from remotecli.auth import TicketBook
-from remotecli.config import ControllerConfig
 from remotecli.controller.server import STORE_FILE, Controller, add_user_token
 from remotecli.drivers.base import SessionSpec
 from remotecli.exceptions import Forbidden
-from tests.banner_driver import BANNER, BannerDriver
+from tests.banner_driver import BANNER, banner_controller
 from tests.conftest import MS
 
 VNC_PATHS = ("/api/sessions/{id}/vnc", "/api/auth/session/{id}/novnc/websock")
@@ -42,13 +41,8 @@ VNC_PATHS = ("/api/sessions/{id}/vnc", "/api/auth/session/{id}/novnc/websock")
 @pytest.fixture
 async def controller(tmp_path: Path) -> AsyncIterator[Controller]:
     """A running controller (banner driver) with its admin user, on 127.0.0.1 port 0."""
-    config = ControllerConfig(listen=("127.0.0.1", 0), data_dir=tmp_path / "data")
-    running = Controller(config, driver=BannerDriver())
-    await running.start()
-    try:
+    async with banner_controller(tmp_path / "data") as running:
         yield running
-    finally:
-        await running.close()
 
 
 def client_for(controller: Controller, token: str) -> httpx.AsyncClient:
