@@ -5,9 +5,11 @@
 set -euo pipefail
 
 # nodejs and npm bring noVNC (and the optional provider CLIs) with `npm ci`.
-run_packages=(xvfb x11vnc xterm bubblewrap procps fonts-dejavu-core nodejs npm)
+# passt (pasta), nftables and libseccomp2 make the local sandbox's network and system-call filter.
+run_packages=(xvfb x11vnc xterm bubblewrap passt nftables libseccomp2 procps fonts-dejavu-core
+  nodejs npm)
 test_packages=(nginx-light chromium qemu-system-x86 qemu-utils debootstrap e2fsprogs
-  busybox-static cpio zstd iproute2)
+  busybox-static cpio zstd iproute2 python3)
 
 case "${1:-run}" in
   run) wanted=("${run_packages[@]}") ;;
@@ -23,7 +25,19 @@ for package in "${wanted[@]}"; do
   status=$(dpkg-query -W -f='${Status}' "$package" 2>/dev/null || true)
   [[ $status == "install ok installed" ]] || missing+=("$package")
 done
-[[ ${#missing[@]} -eq 0 ]] && exit 0
+
+# pasta opens /dev/net/tun from inside the session's user namespace: it needs Debian's default
+# mode 0666 (some containers create the node 0600). Only root may change it.
+tun_mode() {
+  if [[ -c /dev/net/tun && $(stat -c %a /dev/net/tun) != 666 && $(id -u) -eq 0 ]]; then
+    chmod 0666 /dev/net/tun
+  fi
+}
+
+if [[ ${#missing[@]} -eq 0 ]]; then
+  tun_mode
+  exit 0
+fi
 
 echo "Installing Debian packages: ${missing[*]}"
 sudo=()
@@ -34,3 +48,4 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 "${sudo[@]}" apt-get update -q
 "${sudo[@]}" apt-get install -y -q --no-install-recommends "${missing[@]}"
+tun_mode

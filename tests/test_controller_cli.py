@@ -128,7 +128,11 @@ def test_up_prints_url_serves_and_exits_0_on_sigterm(tmp_path: Path) -> None:
     with remotecli_up(tmp_path / "data") as up:
         assert httpx.get(f"{up.base}/healthz", timeout=5000 * MS).status_code == 200
         ready = httpx.get(f"{up.base}/readyz", timeout=5000 * MS)
-        assert ready.json() == {"status": "ready", "active_sessions": 0}
+        assert {k: ready.json()[k] for k in ("status", "active_sessions")} == {
+            "status": "ready",
+            "active_sessions": 0,
+        }
+        assert "limits" in ready.json()["sandbox"]  # which limits are in force (docs/drivers.md)
         login = httpx.get(f"{up.base}/login", params={"token": up.token}, timeout=5000 * MS)
         assert login.status_code == 303
         assert "remotecli_token=" in login.headers["set-cookie"]

@@ -129,3 +129,25 @@ def test_parsers() -> None:
     assert parse_duration(0, "x") == 0
     assert parse_listen("[::1]:0") == ("::1", 0)
     assert parse_listen("0.0.0.0:8080") == ("0.0.0.0", 8080)
+
+
+def test_sandbox_settings_parse_sizes_cpus_and_egress() -> None:
+    """Session limits read sizes like 512M and 2G, CPUs as a number, and egress open or none."""
+    config = load_controller_config(
+        {},
+        environ={
+            "REMOTECLI_SESSION_MEMORY": "512M",
+            "REMOTECLI_SESSION_HOME_SIZE": "2GiB",
+            "REMOTECLI_SESSION_CPUS": "0.5",
+            "REMOTECLI_SESSION_PROCESSES": "256",
+            "REMOTECLI_EGRESS": "none",
+        },
+    )
+    assert config.session_memory == 512 * 1024**2
+    assert config.session_home_size == 2 * 1024**3
+    assert config.session_cpus == 0.5
+    assert config.session_processes == 256
+    assert config.egress == "none"
+    for variable, value in (("REMOTECLI_SESSION_MEMORY", "1M"), ("REMOTECLI_EGRESS", "host")):
+        with pytest.raises(ConfigError):
+            load_controller_config({}, environ={variable: value})

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from remotecli.drivers.base import SessionSpec, VncEndpoint
-from remotecli.drivers.local import LocalDriver, session_processes
+from remotecli.drivers.local import LocalDriver, sandbox_pids
 from tests.conftest import MS
 from tests.rfb_viewer import RfbViewer, wait_for_file
 
@@ -59,8 +59,7 @@ async def open_viewer(endpoint: VncEndpoint) -> tuple[RfbViewer, asyncio.StreamW
 
 def processes_of(spec: SessionSpec) -> list[int]:
     """Return the PIDs of the session's processes, found as the driver finds them."""
-    pgid, marker = (spec.workdir / "run" / "pid").read_text().split()
-    return session_processes(marker, int(pgid))
+    return sandbox_pids(spec.workdir)
 
 
 def pid_of(spec: SessionSpec, program: str) -> int:
@@ -77,11 +76,11 @@ def pid_of(spec: SessionSpec, program: str) -> int:
 async def test_start_returns_unix_endpoint_after_banner(
     driver: LocalDriver, tmp_path: Path
 ) -> None:
-    """start() reports progress and returns a 0700-protected Unix socket that speaks RFB."""
+    """start() reports progress and returns a Unix socket in the 0700 workdir that speaks RFB."""
     steps: list[str] = []
     spec = spec_for(tmp_path, "banner")
     endpoint = await asyncio.wait_for(driver.start(spec, steps.append), START_TIMEOUT)
-    assert endpoint.unix_path == str(spec.workdir / "run" / "vnc.sock")
+    assert endpoint.unix_path == str(spec.workdir / "vnc.sock")
     assert (spec.workdir.stat().st_mode & 0o777) == 0o700
     assert any(step.startswith("display :") for step in steps)
     assert steps[-1].startswith("VNC banner read (RFB 3.8)")

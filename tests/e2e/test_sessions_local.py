@@ -25,7 +25,7 @@ from websockets.typing import Subprotocol
 from remotecli.auth import TicketBook
 from remotecli.config import ControllerConfig
 from remotecli.controller.server import Controller
-from remotecli.drivers.local import session_processes
+from remotecli.drivers.local import sandbox_pids
 from tests.conftest import MS
 from tests.e2e.sessions_api import create_ready_session
 from tests.rfb_viewer import RfbViewer, wait_for_file
@@ -79,8 +79,7 @@ async def ticket_for(api: httpx.AsyncClient, session_id: str) -> str:
 
 
 def processes_of(data_dir: Path, session_id: str) -> list[int]:
-    pgid, marker = (data_dir / "sessions" / session_id / "run" / "pid").read_text().split()
-    return session_processes(marker, int(pgid))
+    return sandbox_pids(data_dir / "sessions" / session_id)
 
 
 async def prove_typing(ws: ClientConnection, home: Path) -> None:

@@ -171,7 +171,7 @@ class Controller:
         data_dir = prepare_data_dir(config.data_dir)
         self.store = store = open_store(data_dir)
         self.admin_token = ensure_admin_token(store, data_dir, config.admin_token)
-        driver = self._driver or create_driver(config.driver, data_dir)
+        driver = self._driver or create_driver(config.driver, data_dir, config)
         catalogue = Catalogue(config.providers)
         self.manager = manager = SessionManager(
             config, store, driver, catalogue, registry=self.registry
@@ -205,6 +205,7 @@ class Controller:
             listen=config.listen,
             routes=(Route("/", f"unix:{self.socket_path}"),),
             trusted_proxies=config.trusted_proxies,
+            allowed_hosts=config.allowed_hosts,
             tls_cert=config.tls_cert,
             tls_key=config.tls_key,
             shutdown_grace=5.0,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from remotecli.config import ControllerConfig
 from remotecli.drivers.base import Driver, ProgressCallback, SessionSpec, VncEndpoint
 from remotecli.exceptions import ConfigError
 
@@ -23,12 +24,24 @@ __all__ = [
 ]
 
 
-def create_driver(name: str, data_dir: Path) -> Driver:
-    """Return the driver called ``name``, keeping its state under ``data_dir``."""
+def create_driver(name: str, data_dir: Path, config: ControllerConfig | None = None) -> Driver:
+    """Return the driver called ``name``, keeping its state under ``data_dir``.
+
+    ``config`` carries the driver's own settings (the local sandbox's limits and egress).
+    """
     if name == "local":
         from remotecli.drivers.local import LocalDriver
+        from remotecli.sandbox.cgroups import Limits
 
-        return LocalDriver(data_dir)
+        if config is None:
+            return LocalDriver(data_dir)
+        limits = Limits(
+            memory_bytes=config.session_memory,
+            pids=config.session_processes,
+            cpus=config.session_cpus,
+            home_bytes=config.session_home_size,
+        )
+        return LocalDriver(data_dir, limits=limits, egress=config.egress)
     if name == "qemu":
         from remotecli.drivers.qemu import QemuDriver
 

@@ -1,23 +1,32 @@
-"""The local driver: each session is Xvfb + xterm + x11vnc in one bubblewrap sandbox.
+"""The local driver: each session is Xvfb + xterm + x11vnc in its own bubblewrap sandbox.
 
-Theory of operation. :meth:`LocalDriver.start` creates, in the session's ``workdir`` (mode
-0700), ``home/`` (the session's HOME) and ``run/`` (the VNC socket, the X cookie, the logs),
-then starts one process group: ``bwrap`` (when installed) running a short bash script that
+Theory of operation. :meth:`LocalDriver.start` creates the session's ``workdir`` (root-only,
+0700) with ``home/`` (HOME: a size-capped tmpfs owned by the session's uid) and ``run/`` (the
+session's own: the X cookie, the logs, the VNC socket as x11vnc makes it). It leases an
+unprivileged host uid for the session (:mod:`remotecli.sandbox.uids`), creates its cgroup
+(:mod:`remotecli.sandbox.cgroups`) and runs the launcher (:mod:`remotecli.sandbox.launch`),
+which joins the cgroup, sets rlimits, stages the directories, closes every inherited
+descriptor, drops to that uid and execs ``bwrap``. bubblewrap then builds a user namespace
+(uid 1000 inside, the leased uid outside, no capabilities), new mount, PID, IPC, UTS, cgroup and
+network namespaces, and loads the seccomp filter (:mod:`remotecli.sandbox.seccomp`). It stops
+before running anything (``--block-fd``) until the driver has given the network namespace its
+user-mode egress (``pasta``, :mod:`remotecli.sandbox.network`), then runs a short bash script:
 
-1. starts ``Xvfb -displayfd``: the server itself takes the first free display number, so
-   concurrent sessions never race for one; it accepts only clients holding the session's
-   MIT-MAGIC-COOKIE (``run/Xauthority``), because X's abstract sockets are shared by every
-   sandbox on the host;
-2. starts ``xterm`` running the session's command with ``HOME=workdir/home``, and ``x11vnc``
-   serving the display on the Unix socket ``run/vnc.sock`` only (``-rfbport 0``);
+1. ``Xvfb -displayfd``: the server picks the first free display number; it accepts only clients
+   holding the session's MIT-MAGIC-COOKIE (``run/Xauthority``);
+2. ``xterm`` running the session's command with ``HOME=/home/user``, and ``x11vnc`` serving the
+   display on the Unix socket ``run/vnc.sock`` only (``-rfbport 0``);
 3. waits for any of the three to exit and reports which one on its stdout.
 
-Under bubblewrap the sandbox sees the system read-only, a private ``/tmp`` and ``/proc``, and
-only its own ``home/`` and ``run/`` writable; it is killed with the controller
-(``--die-with-parent``) and its processes live in their own PID namespace. The session is ready
-once an RFB banner was read from ``run/vnc.sock``. Stopping kills the process group and reaps
-every member (this process becomes a child subreaper, so sandbox processes orphaned by the kill
-are reaped here rather than left as zombies).
+The session is ready once the driver has moved ``run/vnc.sock`` into the root-only workdir
+(checking it is a socket the session's uid made, not a link to anyone else's) and read an RFB
+banner from it. Stopping kills every process of the session (its process group, its marker, its
+uid, its cgroup), stops pasta, removes the cgroup, unmounts HOME and removes the workdir. This
+process is a child subreaper, so orphaned sandbox processes are reaped here, not left as zombies.
+
+Run by a non-root controller the sandbox is weaker, and says so in :meth:`LocalDriver.posture`:
+the sessions share the controller's uid, no cgroup or HOME cap, and no egress (a filter on it
+needs root).
 """
 
 from __future__ import annotations
@@ -25,30 +34,52 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import json
 import os
 import secrets
 import shutil
 import signal
+import stat
 import struct
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from remotecli.drivers.base import ProgressCallback, SessionSpec, VncEndpoint
-from remotecli.exceptions import DriverError, RemoteProtocolError
+from remotecli.exceptions import DriverError, RemoteCliError, RemoteProtocolError
 from remotecli.logs import get_logger
 from remotecli.rfb import parse_protocol_version
+from remotecli.sandbox import files, launch, seccomp
+from remotecli.sandbox.cgroups import CgroupHost, Limits, SessionCgroup, human_bytes
+from remotecli.sandbox.network import EgressFilter, Pasta, connect_loopback, tun_problem
+from remotecli.sandbox.uids import Lease, UidPool, processes_of_uid
 
 log = get_logger("driver.local")
 
 READY_TIMEOUT = 15.0
 """Seconds a session may take from start to an RFB banner before start() gives up."""
 
+SANDBOX_HOME = "/home/user"
+SANDBOX_RUN = "/run/session"
+SANDBOX_UID = 1000
+EGRESS_CHOICES = ("open", "none")
+SANDBOX_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
 _PR_SET_CHILD_SUBREAPER = 36
 _MARKER_VARIABLE = "REMOTECLI_SANDBOX"
 _REAP_TIMEOUT = 5.0
 _UNIX_PATH_MAX = 107  # sun_path is 108 bytes with the terminating NUL
 _POLL_INTERVAL = 0.01
+_MEMORY_POLL_INTERVAL = 0.25
+_PASSWD = (
+    "root:x:0:0:root:/root:/usr/sbin/nologin\n"
+    f"user:x:{SANDBOX_UID}:{SANDBOX_UID}:remote-cli session:{SANDBOX_HOME}:/bin/bash\n"
+    "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
+)
+_GROUP = f"root:x:0:\nuser:x:{SANDBOX_UID}:\nnogroup:x:65534:\n"
+PID_FILE = "sandbox.pid"
+"""In the root-only workdir: "PGID MARKER UID" of a running sandbox, for recover() after a crash."""
 
 # Runs inside the sandbox. Arguments: run dir, width, height, then the session's command.
 _SESSION_SCRIPT = r"""
@@ -122,28 +153,46 @@ def _proc_stat(pid: int) -> tuple[int, int, str, int] | None:
     return int(fields[1]), int(fields[2]), fields[0], int(fields[19])
 
 
-def session_processes(marker: str, pgid: int | None = None) -> list[int]:
-    """Return the PIDs of one session (zombies included): its process group and every process
-    carrying its ``REMOTECLI_SANDBOX`` marker (Xvfb and xterm's shell leave the group)."""
+def session_processes(
+    marker: str,
+    pgid: int | None = None,
+    uid: int | None = None,
+    cgroup: SessionCgroup | None = None,
+) -> list[int]:
+    """Return the PIDs of one session (zombies included).
+
+    Its process group, every process carrying its ``REMOTECLI_SANDBOX`` marker (Xvfb and
+    xterm's shell leave the group), and, since a hostile session can clear its environment and
+    leave its group, every process running as the session's own ``uid`` or in its ``cgroup``.
+    """
     needle = f"\0{_MARKER_VARIABLE}={marker}\0".encode()
-    members = []
+    members = set(processes_of_uid(uid)) if uid is not None else set()
+    if cgroup is not None:
+        with contextlib.suppress(OSError):
+            members.update(cgroup.pids())
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         pid = int(entry)
-        stat = _proc_stat(pid)
-        if stat is None:
+        stat_ = _proc_stat(pid)
+        if stat_ is None:
             continue
-        if stat[1] == pgid:
-            members.append(pid)
+        if stat_[1] == pgid:
+            members.add(pid)
             continue
         try:
             environ = Path(f"/proc/{pid}/environ").read_bytes()
         except OSError:
             continue
         if needle in b"\0" + environ:
-            members.append(pid)
-    return members
+            members.add(pid)
+    return sorted(members)
+
+
+def sandbox_pids(workdir: Path) -> list[int]:
+    """Return the PIDs of the session whose workdir is ``workdir``, from its pid file (tests)."""
+    pgid, marker, uid = (workdir / PID_FILE).read_text().split()
+    return session_processes(marker, int(pgid), None if uid == "-" else int(uid))
 
 
 _SYSTEM_ROOTS = tuple(Path(p) for p in ("/usr", "/bin", "/sbin", "/lib", "/lib64", "/etc", "/opt"))
@@ -182,29 +231,123 @@ def _xauthority_entry(cookie: bytes) -> bytes:
 @dataclass
 class _Session:
     spec: SessionSpec
-    process: asyncio.subprocess.Process
-    run_dir: Path
     marker: str
+    lease: Lease | None
+    run_dir: Path
+    process: asyncio.subprocess.Process | None = None
+    cgroup: SessionCgroup | None = None
+    pasta: Pasta | None = None
+    child_pid: int | None = None
     reason: str | None = None
     display: int | None = None
     lines: asyncio.Queue[str] = field(default_factory=asyncio.Queue)
-    reader: asyncio.Task[None] | None = None
+    tasks: list[asyncio.Task[object]] = field(default_factory=list)
     exited: asyncio.Task[str] | None = None
+
+    @property
+    def uid(self) -> int | None:
+        return None if self.lease is None else self.lease.uid
+
+
+@dataclass(frozen=True)
+class Posture:
+    """What the local sandbox enforces on this host, for ``/readyz`` and the docs."""
+
+    sandbox: str
+    uids: str
+    seccomp: str
+    network: str
+    limits: str
+    memory: str
+    processes: str
+    cpu: str
+    home: str
+
+    def to_json(self) -> dict[str, str]:
+        """Return the posture as a JSON object of strings."""
+        return dict(self.__dict__)
 
 
 class LocalDriver:
-    """Runs sessions as sandboxed processes on this machine. One instance per controller."""
+    """Runs sessions as sandboxed processes on this machine. One instance per controller.
+
+    ``sandbox=None`` requires bubblewrap when it is installed and runs unsandboxed only when it
+    is not (a development machine); ``False`` never sandboxes (tests of the bare script).
+    ``egress`` is ``open`` (internet through pasta, never the host or private ranges) or
+    ``none``; ``open`` falls back to ``none``, with the reason in :meth:`posture`, when the host
+    cannot enforce it.
+    """
 
     name = "local"
 
-    def __init__(self, data_dir: Path, *, sandbox: bool | None = None) -> None:
-        """Keep state under ``data_dir``; ``sandbox=None`` uses bubblewrap when it is installed."""
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        sandbox: bool | None = None,
+        limits: Limits | None = None,
+        egress: str = "open",
+        uid_pool: UidPool | None = None,
+    ) -> None:
         self.data_dir = data_dir
         self.bwrap = shutil.which("bwrap") if sandbox is not False else None
         if sandbox and self.bwrap is None:
             raise DriverError("bubblewrap (bwrap) is not installed; install the bubblewrap package")
+        if egress not in EGRESS_CHOICES:
+            raise DriverError(f"egress {egress!r} is unknown; choose open or none")
+        self.limits = limits if limits is not None else Limits()
+        self.privileged = self.bwrap is not None and os.geteuid() == 0
+        self.uids = (uid_pool or UidPool()) if self.privileged else None
+        self.cgroups = CgroupHost.detect() if self.privileged else None
+        self.egress, self.egress_reason = self._choose_egress(egress)
         self._sessions: dict[str, _Session] = {}
         _become_subreaper()
+
+    def _choose_egress(self, wanted: str) -> tuple[str, str]:
+        if self.bwrap is None:
+            return "host", "no sandbox: sessions share the host's network"
+        if wanted == "none":
+            return "none", "egress none: only the session's own loopback"
+        if not self.privileged or self.uids is None:
+            return (
+                "none",
+                "egress open needs a root controller (the filter is a host firewall rule)",
+            )
+        if shutil.which("pasta") is None:
+            return "none", "egress open needs pasta: install the Debian package passt"
+        problem = tun_problem()
+        if problem is not None:
+            return "none", problem
+        try:
+            egress_filter = EgressFilter.install(self.uids.first, self.uids.last)
+        except RemoteCliError as exc:
+            log.warning("egress_filter_failed", error=exc.message)
+            return "none", f"egress open refused: {exc.message}"
+        return "open", f"internet through pasta; {egress_filter.describe()}"
+
+    def posture(self) -> Posture:
+        """Say what the sandbox enforces here, in words (``/readyz`` shows it)."""
+        limits = self.limits
+        cgroups = self.cgroups
+        enforced = cgroups is not None and cgroups.version is not None
+        backend = cgroups.describe() if cgroups is not None else "none: the controller is not root"
+        if self.bwrap is None:
+            sandbox = "none: bubblewrap is not installed; sessions run as the controller's user"
+        else:
+            sandbox = "bubblewrap: user, mount, pid, ipc, uts, cgroup and network namespaces"
+        return Posture(
+            sandbox=sandbox,
+            uids="one unprivileged host uid per session"
+            if self.uids is not None
+            else "the controller's own uid (not root)",
+            seccomp="on" if self.bwrap is not None else "off",
+            network=self.egress_reason,
+            limits=backend,
+            memory=human_bytes(limits.memory_bytes) if enforced else "not enforced",
+            processes=str(limits.pids) if enforced or self.uids is not None else "not enforced",
+            cpu=limits.describe()["cpu"] if enforced else "not enforced",
+            home=f"{human_bytes(limits.home_bytes)} (tmpfs)" if self.privileged else "not capped",
+        )
 
     async def start(self, spec: SessionSpec, progress: ProgressCallback) -> VncEndpoint:
         """Start the session's sandbox and return its VNC socket once a banner was read.
@@ -220,55 +363,43 @@ class LocalDriver:
                 f"{', '.join(missing)} not installed; run scripts/install-system-deps.sh run",
                 missing=missing,
             )
-        socket_path = spec.workdir / "run" / "vnc.sock"
-        if len(os.fsencode(socket_path)) > _UNIX_PATH_MAX:
+        socket_path = spec.workdir / "vnc.sock"
+        if len(os.fsencode(spec.workdir / "run" / "vnc.sock")) > _UNIX_PATH_MAX:
             raise DriverError(
                 f"the VNC socket path {socket_path} is longer than a Unix socket allows "
                 f"({_UNIX_PATH_MAX} bytes); choose a shorter data directory",
                 session_id=spec.session_id,
             )
         began = time.monotonic()
-        home, run_dir = self._prepare(spec)
+        lease = self.uids.lease() if self.uids is not None else None
         marker = f"{spec.session_id}.{secrets.token_hex(8)}"
-        # Record the marker before spawning: a controller killed between the spawn and the pid
-        # line below (before bwrap's --die-with-parent is armed) leaves a sandbox that recover()
-        # can then still find by its marker (a pid of 0 means "no group known").
-        (run_dir / "pid").write_text(f"0 {marker}\n")
-        with (run_dir / "sandbox.log").open("wb") as sandbox_log:
-            process = await asyncio.create_subprocess_exec(
-                *self._argv(spec, home, run_dir),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=sandbox_log,
-                start_new_session=True,
-                env={**self._environment(spec, home, run_dir), _MARKER_VARIABLE: marker},
-            )
-        (run_dir / "pid").write_text(f"{process.pid} {marker}\n")
-        session = _Session(spec, process, run_dir, marker)
+        session = _Session(spec, marker, lease, spec.workdir / "run")
         self._sessions[spec.session_id] = session
-        session.reader = asyncio.create_task(self._read_reports(session))
-        session.exited = asyncio.create_task(self._watch(session))
-        progress("sandbox started" + (" under bubblewrap" if self.bwrap else " (no bubblewrap)"))
         try:
             async with asyncio.timeout(READY_TIMEOUT):
+                await self._launch(session, progress)
                 await self._await_display(session, progress)
                 version = await self._await_banner(session)
         except BaseException as exc:
             reason = session.reason
+            details = self._log_tails(session)
             await self.stop(spec.session_id)
             if isinstance(exc, TimeoutError):
                 raise DriverError(
-                    f"session {spec.session_id} showed no VNC banner within {READY_TIMEOUT:.0f} s;"
-                    f" see {run_dir}/x11vnc.log",
+                    f"session {spec.session_id} showed no VNC banner within {READY_TIMEOUT:.0f} s"
+                    + details,
                     session_id=spec.session_id,
                 ) from exc
-            if isinstance(exc, DriverError) and reason is not None:
-                raise DriverError(f"{exc.message}: {reason}", session_id=spec.session_id) from exc
+            if isinstance(exc, DriverError):
+                cause = f": {reason}" if reason is not None else ""
+                raise DriverError(
+                    f"{exc.message}{cause}{details}", session_id=spec.session_id
+                ) from exc
             raise
         elapsed = time.monotonic() - began
         progress(f"VNC banner read (RFB {version}) after {elapsed:.2f} s")
         log.info("session_ready", session_id=spec.session_id, seconds=round(elapsed, 3))
-        return VncEndpoint(unix_path=str(run_dir / "vnc.sock"))
+        return VncEndpoint(unix_path=str(socket_path))
 
     async def wait(self, session_id: str) -> str:
         """Return, with the reason, when any process of the session exits by itself."""
@@ -278,43 +409,55 @@ class LocalDriver:
         return await asyncio.shield(session.exited)
 
     async def stop(self, session_id: str) -> None:
-        """Kill the session's process group and reap every member. Idempotent."""
+        """Kill every process of the session, then remove all it had. Idempotent."""
         session = self._sessions.pop(session_id, None)
         if session is None:
             return
-        killed = _kill(session_processes(session.marker, session.process.pid))
-        with contextlib.suppress(ProcessLookupError):
-            await session.process.wait()
-        await _reap(session.marker, session.process.pid, killed)
-        for task in (session.reader, session.exited):
+        pgid = session.process.pid if session.process is not None else None
+        killed = _kill(session_processes(session.marker, pgid, session.uid, session.cgroup))
+        if session.process is not None:
+            with contextlib.suppress(ProcessLookupError):
+                await session.process.wait()
+        await _reap(session.marker, pgid, killed, session.uid)
+        for task in (*session.tasks, session.exited):
             if task is not None and not task.done():
                 task.cancel()
-        with contextlib.suppress(OSError):
-            (session.run_dir / "vnc.sock").unlink()
-        with contextlib.suppress(OSError):
-            (session.run_dir / "pid").unlink()
+        if session.pasta is not None:
+            await session.pasta.stop()
+        if session.cgroup is not None:
+            with contextlib.suppress(OSError, RemoteCliError):
+                session.cgroup.kill()
+                session.cgroup.remove()
+        _remove_workdir(session.spec.workdir)
+        if session.lease is not None:
+            session.lease.release()
         log.info("session_stopped", session_id=session_id)
 
     async def recover(self, session_id: str, workdir: Path) -> VncEndpoint | None:
-        """Kill what a previous controller left of the session (from its pid file); return None.
+        """Kill what a previous controller left of the session, remove its files; return None.
 
         A local sandbox dies with the controller that started it, so nothing is ever resumed.
         """
-        pid_file = workdir / "run" / "pid"
         try:
-            pid_text, marker = pid_file.read_text().split()
+            pid_text, marker, uid_text = (workdir / PID_FILE).read_text().split()
         except (OSError, ValueError):
+            _remove_workdir(workdir)
             return None
+        uid = None if uid_text == "-" else int(uid_text)
         # The recorded group counts only if a process with the marker is still in it: the
         # number may belong to someone else by now.
         marked = session_processes(marker)
         pgid: int | None = int(pid_text)
-        if not any((stat := _proc_stat(pid)) is not None and stat[1] == pgid for pid in marked):
+        if not any((stat_ := _proc_stat(pid)) is not None and stat_[1] == pgid for pid in marked):
             pgid = None
-        leftovers = session_processes(marker, pgid)
-        await _reap(marker, pgid, _kill(leftovers))
-        with contextlib.suppress(OSError):
-            pid_file.unlink()
+        leftovers = session_processes(marker, pgid, uid)
+        await _reap(marker, pgid, _kill(leftovers), uid)
+        if self.cgroups is not None and self.cgroups.version is not None:
+            # Only this session's cgroup: others may belong to sessions of other controllers.
+            others = {e.name for p in self.cgroups.parents if p.is_dir() for e in p.iterdir()}
+            with contextlib.suppress(OSError, RemoteCliError):
+                self.cgroups.sweep(keep=others - {session_id})
+        _remove_workdir(workdir)
         if leftovers:
             log.info("session_leftovers_killed", session_id=session_id, pids=leftovers)
         return None
@@ -323,31 +466,141 @@ class LocalDriver:
         """Stop every session this driver started."""
         await asyncio.gather(*(self.stop(session_id) for session_id in list(self._sessions)))
 
-    def _prepare(self, spec: SessionSpec) -> tuple[Path, Path]:
-        home, run_dir = spec.workdir / "home", spec.workdir / "run"
-        for directory in (spec.workdir, home, run_dir):
-            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            directory.chmod(0o700)
+    async def connect_loopback(
+        self,
+        session_id: str,
+        port: int,
+        *,
+        timeout: float = 5.0,  # noqa: ASYNC109 -- passed on: it bounds the namespace switch too
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Open a TCP connection to 127.0.0.1:``port`` on the session's own loopback.
+
+        The session's network namespace is its own, so this reaches only what the session
+        listens on (sign-in callbacks), never the host's or another session's loopback.
+        """
+        session = self._sessions.get(session_id)
+        if session is None or session.child_pid is None:
+            raise DriverError(
+                f"session {session_id} is not running in a network namespace of this driver",
+                session_id=session_id,
+            )
+        return await connect_loopback(session.child_pid, port, timeout=timeout)
+
+    # --- starting ------------------------------------------------------------------------------
+
+    async def _launch(self, session: _Session, progress: ProgressCallback) -> None:
+        spec = session.spec
+        home, run_dir = self._prepare(session)
+        if self.cgroups is not None and self.cgroups.version is not None:
+            session.cgroup = self.cgroups.create(spec.session_id, self.limits)
+        env = {**self._environment(spec), _MARKER_VARIABLE: session.marker}
+        child_fds: list[int] = []
+        info_fd = block_fd = -1
+        try:
+            if self.bwrap is None:
+                argv = self._script(spec, run_dir)
+            else:
+                info_fd, info_w = os.pipe()
+                block_r, block_fd = os.pipe()
+                child_fds += [info_w, block_r]
+                fds = {"info": info_w, "block": block_r, "seccomp": seccomp.program_fd()}
+                child_fds.append(fds["seccomp"])
+                if self.privileged:
+                    fds["passwd"] = files.data_pipe(_PASSWD.encode())
+                    fds["group"] = files.data_pipe(_GROUP.encode())
+                    child_fds += [fds["passwd"], fds["group"]]
+                argv = self._launcher(session, home, run_dir, fds)
+            workdir = spec.workdir
+            (workdir / PID_FILE).write_text(f"0 {session.marker} {session.uid or '-'}\n")
+            with (workdir / "sandbox.log").open("wb") as sandbox_log:
+                session.process = await asyncio.create_subprocess_exec(
+                    *argv,
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=sandbox_log,
+                    start_new_session=True,
+                    env=env,
+                    pass_fds=child_fds,
+                )
+        finally:
+            for fd in child_fds:
+                os.close(fd)
+        process = session.process
+        (spec.workdir / PID_FILE).write_text(
+            f"{process.pid} {session.marker} {session.uid or '-'}\n"
+        )
+        session.tasks.append(asyncio.create_task(self._read_reports(session)))
+        session.exited = asyncio.create_task(self._watch(session))
+        if self.bwrap is None:
+            progress("sandbox started (no bubblewrap)")
+            return
+        try:
+            session.child_pid = await _read_child_pid(info_fd)
+            if self.egress == "open" and session.uid is not None:
+                session.pasta = await Pasta.start(
+                    session.child_pid,
+                    session.uid,
+                    session.uid,
+                    log_path=spec.workdir / "pasta.log",
+                    extra_env={_MARKER_VARIABLE: session.marker},
+                )
+            os.write(block_fd, b"go")
+        finally:
+            os.close(block_fd)
+        if session.cgroup is not None:
+            session.tasks.append(asyncio.create_task(self._watch_memory(session)))
+        progress(f"sandbox started under bubblewrap (network: {self.egress})")
+
+    def _prepare(self, session: _Session) -> tuple[Path, Path]:
+        workdir = session.spec.workdir
+        home, run_dir = workdir / "home", workdir / "run"
+        if workdir.exists():
+            _remove_workdir(workdir)  # a previous run's leftovers: never reuse what a session wrote
+        workdir.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        workdir.mkdir(mode=0o700)
+        home.mkdir(mode=0o700)
+        run_dir.mkdir(mode=0o700)
         xauthority = run_dir / "Xauthority"
         xauthority.touch(mode=0o600)
         xauthority.write_bytes(_xauthority_entry(secrets.token_bytes(16)))
+        if session.uid is not None:
+            files.mount_home(home, self.limits.home_bytes, session.uid, session.uid)
+            for path in (run_dir, xauthority):
+                os.chown(path, session.uid, session.uid)
         return home, run_dir
 
-    def _argv(self, spec: SessionSpec, home: Path, run_dir: Path) -> list[str]:
-        script = [
+    def _script(self, spec: SessionSpec, run_dir: Path) -> list[str]:
+        width, height = str(spec.width), str(spec.height)
+        return [
             "bash",
             "-c",
             _SESSION_SCRIPT,
             "session",
             str(run_dir),
-            str(spec.width),
-            str(spec.height),
+            width,
+            height,
             *spec.command,
         ]
-        if self.bwrap is None:
-            return script
-        sandbox = [self.bwrap, "--die-with-parent", "--unshare-pid", "--unshare-ipc"]
-        sandbox += ["--unshare-uts", "--unshare-cgroup-try", "--ro-bind", "/usr", "/usr"]
+
+    def _launcher(
+        self, session: _Session, home: Path, run_dir: Path, fds: dict[str, int]
+    ) -> list[str]:
+        """Return the launcher's argv: its JSON spec carries bubblewrap's own argv."""
+        assert self.bwrap is not None
+        spec = session.spec
+        binds = {"home": str(home), "run": str(run_dir)}
+        roots = _program_roots(spec.command[0])
+        binds.update({f"program{i}": str(root) for i, root in enumerate(roots)})
+        if self.privileged:
+            staged = {name: f"{launch.STAGE}/{name}" for name in binds}
+        else:
+            staged = dict(binds)
+        sandbox = [self.bwrap, "--die-with-parent", "--new-session", "--unshare-user"]
+        sandbox += ["--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID), "--disable-userns"]
+        sandbox += ["--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-net"]
+        sandbox += ["--unshare-cgroup-try", "--hostname", "session"]
+        sandbox += ["--info-fd", str(fds["info"]), "--block-fd", str(fds["block"])]
+        sandbox += ["--seccomp", str(fds["seccomp"]), "--ro-bind", "/usr", "/usr"]
         for name in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
             root = Path("/") / name
             if root.is_symlink():
@@ -355,52 +608,102 @@ class LocalDriver:
             elif root.is_dir():
                 sandbox += ["--ro-bind", str(root), str(root)]
         sandbox += ["--ro-bind", "/etc", "/etc", "--ro-bind-try", "/opt", "/opt"]
+        if "passwd" in fds:
+            sandbox += ["--ro-bind-data", str(fds["passwd"]), "/etc/passwd"]
+            sandbox += ["--ro-bind-data", str(fds["group"]), "/etc/group"]
         sandbox += ["--ro-bind-try", "/var/cache/fontconfig", "/var/cache/fontconfig"]
-        for root in _program_roots(spec.command[0]):
-            sandbox += ["--ro-bind", str(root), str(root)]
-        sandbox += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]  # noqa: S108 -- a private one
-        sandbox += ["--bind", str(home), str(home), "--bind", str(run_dir), str(run_dir)]
-        sandbox += ["--chdir", str(home), "--"]
-        return sandbox + script
+        sandbox += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]  # noqa: S108 -- private
+        for i, root in enumerate(roots):  # after /tmp: a checkout under /tmp stays visible
+            sandbox += ["--ro-bind", staged[f"program{i}"], str(root)]
+        sandbox += ["--bind", staged["home"], SANDBOX_HOME, "--bind", staged["run"], SANDBOX_RUN]
+        sandbox += ["--chdir", SANDBOX_HOME, "--"]
+        sandbox += self._script(spec, Path(SANDBOX_RUN))
+        rlimits: dict[str, tuple[int, int]] = {"core": (0, 0)}
+        if session.uid is not None:
+            rlimits["nproc"] = (self.limits.pids, self.limits.pids)
+        else:
+            rlimits["fsize"] = (self.limits.home_bytes, self.limits.home_bytes)
+        plan = {
+            "cgroup_procs": [str(p) for p in session.cgroup.procs_files] if session.cgroup else [],
+            "rlimits": rlimits,
+            "binds": binds if self.privileged else {},
+            "keep_fds": sorted(fds.values()),
+            "uid": session.uid,
+            "gid": session.uid,
+            "argv": sandbox,
+        }
+        return [sys.executable, "-I", "-S", launch.__file__, json.dumps(plan)]
 
-    def _environment(self, spec: SessionSpec, home: Path, run_dir: Path) -> dict[str, str]:
+    def _environment(self, spec: SessionSpec) -> dict[str, str]:
+        sandboxed = self.bwrap is not None
+        run_dir = SANDBOX_RUN if sandboxed else str(spec.workdir / "run")
+        home = SANDBOX_HOME if sandboxed else str(spec.workdir / "home")
         env = {
-            "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
-            "HOME": str(home),
-            "USER": os.environ.get("USER", "remotecli"),
+            "PATH": SANDBOX_PATH if sandboxed else os.environ.get("PATH", SANDBOX_PATH),
+            "HOME": home,
+            "USER": "user",
+            "LOGNAME": "user",
             "LANG": os.environ.get("LANG", "C.UTF-8"),
             "TERM": "xterm-256color",
-            "XAUTHORITY": str(run_dir / "Xauthority"),
+            "XAUTHORITY": f"{run_dir}/Xauthority",
             "REMOTECLI_SESSION_ID": spec.session_id,
         }
         env.update(spec.env)
         return env
 
+    # --- watching ------------------------------------------------------------------------------
+
     async def _read_reports(self, session: _Session) -> None:
+        assert session.process is not None
         assert session.process.stdout is not None
         while line := await session.process.stdout.readline():
             text = line.decode(errors="replace").strip()
             if text.startswith("exited "):
                 _, name, status = [*text.split(), "?", "?"][:3]
-                session.reason = f"{name} exited with status {status}"
+                if session.reason is None:
+                    session.reason = f"{name} exited with status {status}"
             await session.lines.put(text)
 
     async def _watch(self, session: _Session) -> str:
+        assert session.process is not None
         returncode = await session.process.wait()
-        if session.reader is not None:
+        for task in session.tasks[:1]:  # the report reader: its last line may name the cause
             with contextlib.suppress(asyncio.CancelledError):
-                await session.reader
-        killed = _kill(session_processes(session.marker, session.process.pid))
-        await _reap(session.marker, session.process.pid, killed)
+                await task
+        pgid = session.process.pid
+        killed = _kill(session_processes(session.marker, pgid, session.uid, session.cgroup))
+        await _reap(session.marker, pgid, killed, session.uid)
+        self._note_oom(session)
         if session.reason is None:
             session.reason = (
                 f"sandbox killed by signal {-returncode}"
                 if returncode < 0
                 else f"sandbox exited with status {returncode}"
+                + (f" ({tail})" if (tail := self._launcher_error(session)) else "")
             )
         await session.lines.put("")
         log.info("session_exited", session_id=session.spec.session_id, reason=session.reason)
         return session.reason
+
+    def _note_oom(self, session: _Session) -> bool:
+        """Make "out of memory" the reason when the kernel killed inside the session's cgroup."""
+        if session.cgroup is None:
+            return False
+        with contextlib.suppress(OSError):
+            if session.cgroup.oom_kills() > 0:
+                limit = human_bytes(self.limits.memory_bytes)
+                session.reason = f"out of memory: limit {limit}"
+                return True
+        return False
+
+    async def _watch_memory(self, session: _Session) -> None:
+        """End the whole session once the kernel's OOM killer struck inside it (cgroup v1 kills
+        one process only; v2 with ``memory.oom.group`` kills them all)."""
+        while not self._note_oom(session):  # noqa: ASYNC110 -- a counter in a file: polled
+            await asyncio.sleep(_MEMORY_POLL_INTERVAL)
+        log.warning("session_out_of_memory", session_id=session.spec.session_id)
+        pgid = session.process.pid if session.process is not None else None
+        _kill(session_processes(session.marker, pgid, session.uid, session.cgroup))
 
     async def _await_display(self, session: _Session, progress: ProgressCallback) -> None:
         while True:
@@ -411,21 +714,39 @@ class LocalDriver:
                 return
             if not line or line.startswith("exited "):
                 raise DriverError(
-                    f"the X server of session {session.spec.session_id} did not start; "
-                    f"see {session.run_dir}/xvfb.log"
+                    f"the X server of session {session.spec.session_id} did not start"
                 )
 
     async def _await_banner(self, session: _Session) -> str:
-        """Connect to the VNC socket until a banner is read (x11vnc creates it when ready)."""
-        socket_path = str(session.run_dir / "vnc.sock")
+        """Take x11vnc's socket into the root-only workdir, then read its RFB banner.
+
+        The socket is made by a program the session controls, in a directory the session can
+        write: it could be a link to another session's socket or the controller's own. Moved
+        into the workdir it can no longer be swapped, and it must be a socket owned by the
+        session's uid there, or the session fails.
+        """
+        made = session.run_dir / "vnc.sock"
+        socket_path = session.spec.workdir / "vnc.sock"
         while True:
             if session.exited is not None and session.exited.done():
                 raise DriverError(
-                    f"session {session.spec.session_id} ended before its VNC server was ready; "
-                    f"see {session.run_dir}/x11vnc.log"
+                    f"session {session.spec.session_id} ended before its VNC server was ready"
                 )
+            if not socket_path.exists():
+                try:
+                    os.rename(made, socket_path)
+                except FileNotFoundError:
+                    await asyncio.sleep(_POLL_INTERVAL)
+                    continue
+                info = os.lstat(socket_path)
+                owner = session.uid if session.uid is not None else os.getuid()
+                if not stat.S_ISSOCK(info.st_mode) or info.st_uid != owner:
+                    raise DriverError(
+                        f"session {session.spec.session_id} put something other than its own "
+                        "socket where the VNC socket belongs"
+                    )
             try:
-                reader, writer = await asyncio.open_unix_connection(socket_path)
+                reader, writer = await asyncio.open_unix_connection(str(socket_path))
             except (FileNotFoundError, ConnectionRefusedError):
                 await asyncio.sleep(_POLL_INTERVAL)
                 continue
@@ -440,20 +761,63 @@ class LocalDriver:
                 writer.close()
             return f"{major}.{minor}"
 
+    def _launcher_error(self, session: _Session) -> str:
+        return files.read_tail(session.spec.workdir / "sandbox.log", 400).replace("\n", "; ")
+
+    def _log_tails(self, session: _Session) -> str:
+        """The last lines of the session's logs, for an error message (never following links)."""
+        parts = []
+        logs: list[tuple[str, Path, int | None]] = [
+            ("sandbox", session.spec.workdir / "sandbox.log", None)
+        ]
+        logs += [
+            (name, session.run_dir / f"{name}.log", session.uid)
+            for name in ("xvfb", "x11vnc", "xterm")
+        ]
+        for name, path, owner in logs:
+            tail = files.read_tail(path, 300, owner=owner)
+            if tail:
+                parts.append(f"{name}: {tail.replace(chr(10), ' | ')}")
+        return ("; " + "; ".join(parts)) if parts else ""
+
+
+async def _read_child_pid(info_fd: int) -> int:
+    """Read bubblewrap's ``--info-fd`` JSON and return the sandbox's first process id."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    pipe = os.fdopen(info_fd, "rb", buffering=0)
+    transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), pipe)
+    try:
+        data = await reader.readuntil(b"}")
+    except asyncio.IncompleteReadError as exc:
+        raise DriverError("the sandbox did not start") from exc
+    finally:
+        transport.close()
+    return int(json.loads(data)["child-pid"])
+
+
+def _remove_workdir(workdir: Path) -> None:
+    """Unmount the session's HOME and remove its workdir (never following a link in it)."""
+    files.unmount(workdir / "home")
+    with contextlib.suppress(FileNotFoundError):
+        shutil.rmtree(workdir)
+
 
 def _kill(pids: list[int]) -> dict[int, int]:
     """SIGKILL ``pids``; return them with their start times, to follow them as zombies."""
     known = {}
     for pid in pids:
-        stat = _proc_stat(pid)
-        if stat is not None:
-            known[pid] = stat[3]
+        info = _proc_stat(pid)
+        if info is not None:
+            known[pid] = info[3]
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     return known
 
 
-async def _reap(marker: str, pgid: int | None, known: dict[int, int]) -> None:
+async def _reap(
+    marker: str, pgid: int | None, known: dict[int, int], uid: int | None = None
+) -> None:
     """Wait until no process of the session is left, reaping those orphaned to us.
 
     ``known`` (from :func:`_kill`) keeps zombies in view: a zombie's environment, hence its
@@ -462,20 +826,20 @@ async def _reap(marker: str, pgid: int | None, known: dict[int, int]) -> None:
     deadline = time.monotonic() + _REAP_TIMEOUT
     me = os.getpid()
     while True:
-        members = set(session_processes(marker, pgid))
+        members = set(session_processes(marker, pgid, uid))
         members.update(
             pid
             for pid, start in known.items()
-            if (stat := _proc_stat(pid)) is not None and stat[3] == start
+            if (info := _proc_stat(pid)) is not None and info[3] == start
         )
         if not members:
             return
         for pid in members:
-            stat = _proc_stat(pid)
-            if stat is not None and stat[0] == me and stat[2] == "Z":
+            info = _proc_stat(pid)
+            if info is not None and info[0] == me and info[2] == "Z":
                 with contextlib.suppress(ChildProcessError):
                     os.waitpid(pid, os.WNOHANG)  # noqa: ASYNC222 -- a zombie: returns at once
-            elif stat is not None and stat[2] != "Z":
+            elif info is not None and info[2] != "Z":
                 known.update(_kill([pid]))
         if time.monotonic() > deadline:
             log.warning("session_processes_left", marker=marker, pids=sorted(members))
