@@ -80,6 +80,11 @@ CONTROLLER_ENV = {
     "REMOTECLI_TRUSTED_PROXIES": "trusted_proxies",
     "REMOTECLI_LOG_FORMAT": "log_format",
     "REMOTECLI_LOG_LEVEL": "log_level",
+    "REMOTECLI_SESSION_MEMORY": "session_memory",
+    "REMOTECLI_SESSION_PROCESSES": "session_processes",
+    "REMOTECLI_SESSION_CPUS": "session_cpus",
+    "REMOTECLI_SESSION_HOME_SIZE": "session_home_size",
+    "REMOTECLI_EGRESS": "egress",
 }
 """Environment variable → ControllerConfig field (docs/configuration.md lists each)."""
 
@@ -121,6 +126,11 @@ class ControllerConfig:
     trusted_proxies: tuple[str, ...] = ()  # CIDRs whose X-Forwarded-* the gateway believes
     providers: tuple[ProviderConfig, ...] = ()
     admin_token: str | None = field(default=None, repr=False)  # from REMOTECLI_TOKEN
+    session_memory: int = 2 * 1024**3  # bytes of memory per local session (cgroup)
+    session_processes: int = 1024  # processes and threads per local session
+    session_cpus: float = 1.0  # CPUs a local session may use at most; 0 = no cap
+    session_home_size: int = 1024**3  # bytes of HOME (a tmpfs, counted in the memory too)
+    egress: str = "open"  # a local session's internet: open (never the host, private ranges) | none
     reap_interval: float = 15.0
     log_format: str = "console"
     log_level: str = "info"
@@ -169,6 +179,34 @@ def _parse_count(value: object, name: str) -> int:
     if count < 1:
         raise ConfigError(f"{name} = {value!r} must be at least 1", name=name)
     return count
+
+
+def _parse_size(value: object, name: str) -> int:
+    """Parse a size such as ``2G``, ``512MiB`` or a number of bytes; at least 16 MiB."""
+    text = str(value).strip().upper().removesuffix("IB").removesuffix("B")
+    scale = {"K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}.get(text[-1:], 1)
+    number = text[:-1] if text[-1:] in ("K", "M", "G", "T") else text
+    try:
+        size = int(float(number) * scale)
+    except ValueError:
+        raise ConfigError(
+            f"{name} = {value!r} is not a size; write e.g. 2G or 512M", name=name
+        ) from None
+    if size < 16 * 1024**2:
+        raise ConfigError(f"{name} = {value!r} is too small; give at least 16M", name=name)
+    return size
+
+
+def _parse_cpus(value: object, name: str) -> float:
+    try:
+        cpus = float(str(value))
+    except ValueError:
+        raise ConfigError(
+            f"{name} = {value!r} is not a number of CPUs, e.g. 1 or 0.5", name=name
+        ) from None
+    if cpus < 0:
+        raise ConfigError(f"{name} = {value!r} is negative; 0 means no cap", name=name)
+    return cpus
 
 
 def _parse_choice(value: object, name: str, choices: tuple[str, ...]) -> str:
@@ -221,6 +259,11 @@ _CONTROLLER_PARSERS: dict[str, Callable[[object], object]] = {
     "allowed_origins": _parse_list,
     "trusted_proxies": _parse_list,
     "providers": _parse_providers,
+    "session_memory": lambda v: _parse_size(v, "session_memory"),
+    "session_processes": lambda v: _parse_count(v, "session_processes"),
+    "session_cpus": lambda v: _parse_cpus(v, "session_cpus"),
+    "session_home_size": lambda v: _parse_size(v, "session_home_size"),
+    "egress": lambda v: _parse_choice(v, "egress", ("open", "none")),
     "log_format": lambda v: _parse_choice(v, "log_format", ("console", "json")),
     "log_level": lambda v: _parse_choice(v, "log_level", ("debug", "info", "warning", "error")),
     "tls_cert": str,

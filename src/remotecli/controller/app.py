@@ -428,14 +428,22 @@ def create_app(
 
     @app.get("/readyz", tags=["operations"], responses={503: {"model": ErrorOut}})
     async def readyz() -> JSONResponse:
-        """Answer 200 once sessions were recovered and the store answers; 503 otherwise."""
+        """Answer 200 once sessions were recovered and the store answers; 503 otherwise.
+
+        ``sandbox`` says what isolation and limits the driver enforces on this host (the local
+        driver's :class:`~remotecli.drivers.local.Posture`), when it says.
+        """
         if not manager.ready:
             return JSONResponse(
                 {"error": "unavailable", "message": "starting up or shutting down"},
                 status_code=503,
             )
         active = manager.store.count_active()
-        return JSONResponse({"status": "ready", "active_sessions": active})
+        body: dict[str, object] = {"status": "ready", "active_sessions": active}
+        posture = getattr(manager.driver, "posture", None)
+        if callable(posture):
+            body["sandbox"] = posture().to_json()
+        return JSONResponse(body)
 
     @app.get("/metrics", tags=["operations"], response_class=PlainTextResponse)
     async def metrics() -> Response:
