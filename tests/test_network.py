@@ -34,17 +34,14 @@ import uvloop
 
 from remotecli.exceptions import DriverError, UpstreamRefused
 from remotecli.sandbox import network
-from remotecli.sandbox.network import (
+from remotecli.sandbox.egress import (
     BLOCKED_V4,
     BLOCKED_V6,
     EgressFilter,
-    Pasta,
-    connect_loopback,
-    create_socket_in,
     egress_ruleset,
     nameservers_from_resolv_conf,
-    tun_problem,
 )
+from remotecli.sandbox.network import Pasta, connect_loopback, create_socket_in, tun_problem
 from tests.conftest import MS
 
 

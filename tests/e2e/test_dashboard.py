@@ -40,6 +40,7 @@ from playwright.sync_api import (
 )
 
 from remotecli.dashboard import router
+from remotecli.drivers.local import sandbox_pids
 from tests.conftest import MS
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser]
@@ -416,21 +417,15 @@ def test_6_happy_path_has_no_console_errors_or_failed_websockets(live: Live) -> 
 
 
 def vnc_server_pids(session_dir: Path) -> list[int]:
-    """PIDs of x11vnc processes whose command line names this session's directory."""
+    """PIDs of the x11vnc processes of the session whose workdir is ``session_dir``."""
     pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+    for pid in sandbox_pids(session_dir):
         try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if (
-            argv
-            and Path(argv[0].decode(errors="replace")).name == "x11vnc"
-            and any(str(session_dir).encode() in arg for arg in argv)
-        ):
-            pids.append(int(entry.name))
+        if argv and Path(argv[0].decode(errors="replace")).name == "x11vnc":
+            pids.append(pid)
     return pids
 
 

@@ -52,7 +52,8 @@ from remotecli.logs import get_logger
 from remotecli.rfb import parse_protocol_version
 from remotecli.sandbox import files, launch, seccomp
 from remotecli.sandbox.cgroups import CgroupHost, Limits, SessionCgroup, human_bytes
-from remotecli.sandbox.network import EgressFilter, Pasta, connect_loopback, tun_problem
+from remotecli.sandbox.egress import EGRESS_CHOICES, EgressFilter
+from remotecli.sandbox.network import Pasta, connect_loopback, tun_problem
 from remotecli.sandbox.uids import Lease, UidPool, processes_of_uid
 
 log = get_logger("driver.local")
@@ -63,7 +64,6 @@ READY_TIMEOUT = 15.0
 SANDBOX_HOME = "/home/user"
 SANDBOX_RUN = "/run/session"
 SANDBOX_UID = 1000
-EGRESS_CHOICES = ("open", "none")
 SANDBOX_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 _PR_SET_CHILD_SUBREAPER = 36
