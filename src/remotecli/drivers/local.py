@@ -53,7 +53,7 @@ from remotecli.rfb import parse_protocol_version
 from remotecli.sandbox import files, launch, seccomp
 from remotecli.sandbox.cgroups import CgroupHost, Limits, SessionCgroup, human_bytes
 from remotecli.sandbox.egress import EGRESS_CHOICES, EgressFilter
-from remotecli.sandbox.network import Pasta, connect_loopback, tun_problem
+from remotecli.sandbox.network import Pasta, connect_loopback, open_namespace, tun_problem
 from remotecli.sandbox.uids import Lease, UidPool, processes_of_uid
 
 log = get_logger("driver.local")
@@ -238,6 +238,7 @@ class _Session:
     cgroup: SessionCgroup | None = None
     pasta: Pasta | None = None
     child_pid: int | None = None
+    netns_fd: int | None = None
     reason: str | None = None
     display: int | None = None
     lines: asyncio.Queue[str] = field(default_factory=asyncio.Queue)
@@ -424,10 +425,14 @@ class LocalDriver:
                 task.cancel()
         if session.pasta is not None:
             await session.pasta.stop()
+        if session.netns_fd is not None:
+            os.close(session.netns_fd)
+            session.netns_fd = None
         if session.cgroup is not None:
             with contextlib.suppress(OSError, RemoteCliError):
-                session.cgroup.kill()
-                session.cgroup.remove()
+                # Both wait (briefly) for the kernel to empty the cgroup: off the event loop.
+                await asyncio.to_thread(session.cgroup.kill)
+                await asyncio.to_thread(session.cgroup.remove)
         _remove_workdir(session.spec.workdir)
         if session.lease is not None:
             session.lease.release()
@@ -479,12 +484,14 @@ class LocalDriver:
         listens on (sign-in callbacks), never the host's or another session's loopback.
         """
         session = self._sessions.get(session_id)
-        if session is None or session.child_pid is None:
+        if session is None or session.child_pid is None or session.netns_fd is None:
             raise DriverError(
                 f"session {session_id} is not running in a network namespace of this driver",
                 session_id=session_id,
             )
-        return await connect_loopback(session.child_pid, port, timeout=timeout)
+        return await connect_loopback(
+            session.child_pid, port, timeout=timeout, netns_fd=session.netns_fd
+        )
 
     # --- starting ------------------------------------------------------------------------------
 
@@ -536,6 +543,7 @@ class LocalDriver:
             return
         try:
             session.child_pid = await _read_child_pid(info_fd)
+            session.netns_fd = open_namespace(session.child_pid)
             if self.egress == "open" and session.uid is not None:
                 session.pasta = await Pasta.start(
                     session.child_pid,

@@ -343,18 +343,32 @@ def global_address_interfaces_v6(if_inet6: str) -> set[str]:
 # --- reaching into a session's namespace ----------------------------------------------------------
 
 
+def open_namespace(child_pid: int) -> int:
+    """Return an fd of ``child_pid``'s network namespace, checked as :func:`create_socket_in` does.
+
+    A driver keeps it for the session's lifetime: a namespace fd stays valid however the pids of
+    the session are recycled, which a pid alone does not.
+    """
+    return _namespace_fds(child_pid, owner=False)[0]
+
+
 def create_socket_in(
     child_pid: int,
     family: socket.AddressFamily = socket.AF_INET,
     kind: socket.SocketKind = socket.SOCK_STREAM,
+    *,
+    netns_fd: int | None = None,
 ) -> socket.socket:
     """Return a new socket living in the network namespace of ``child_pid``.
 
     The socket is made by a thread of its own that enters the namespace and leaves it again
     before ending, so no pooled thread (the event loop's resolver, say) ever runs inside a
     session's namespace, even if leaving failed. Raises :class:`DriverError` when the namespace
-    is gone or is the controller's own (a recycled pid).
+    is gone or is the controller's own (a recycled pid). With ``netns_fd`` (from
+    :func:`open_namespace`) that namespace is used and ``child_pid`` only names it in errors.
     """
+    if netns_fd is not None:
+        return _in_namespace(netns_fd, lambda: socket.socket(family, kind))
     target, _ = _namespace_fds(child_pid, owner=False)
     try:
         return _in_namespace(target, lambda: socket.socket(family, kind))
@@ -367,13 +381,14 @@ async def connect_loopback(
     port: int,
     *,
     timeout: float,  # noqa: ASYNC109 -- its expiry becomes UpstreamConnectTimeout
+    netns_fd: int | None = None,
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """Open a TCP connection to 127.0.0.1:``port`` inside the session of ``child_pid``.
 
     Raises :class:`UpstreamRefused` when nothing listens there, :class:`UpstreamConnectTimeout`
     after ``timeout`` seconds, and :class:`DriverError` when the namespace is gone.
     """
-    sock = await asyncio.to_thread(create_socket_in, child_pid)
+    sock = await asyncio.to_thread(create_socket_in, child_pid, netns_fd=netns_fd)
     where = f"127.0.0.1:{port} in session process {child_pid}'s network namespace"
     try:
         sock.setblocking(False)
