@@ -110,6 +110,7 @@ async def serve(data_dir: Path) -> None:
         data_dir=data_dir,
         max_sessions=100_000,
         max_sessions_per_user=100_000,
+        create_rate=None,  # the burst of creations is what is measured
         log_level="warning",
     )
     controller = Controller(config, driver=EchoDriver())

@@ -160,7 +160,12 @@ def run(quick: bool, workdir: Path) -> list[Section]:
     sequential, batch = (5, 5) if quick else (20, 10)
     port = free_port()
     token = secrets.token_urlsafe(24)
-    env = {**os.environ, "REMOTECLI_TOKEN": token, "REMOTECLI_MAX_SESSIONS_PER_USER": "20"}
+    env = {
+        **os.environ,
+        "REMOTECLI_TOKEN": token,
+        "REMOTECLI_MAX_SESSIONS_PER_USER": "20",
+        "REMOTECLI_CREATE_RATE": "off",  # one user creates them all, as fast as it can
+    }
     argv = [_remotecli(), "up", "--listen", f"127.0.0.1:{port}"]
     argv += ["--data-dir", str(workdir / "data"), "--driver", "local"]
     peer = Peer("remotecli-up", argv, workdir, port, env=env)

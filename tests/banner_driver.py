@@ -14,6 +14,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from remotecli.config import ControllerConfig
 from remotecli.controller.server import Controller
@@ -123,9 +124,12 @@ class BannerDriver:
 
 
 @contextlib.asynccontextmanager
-async def banner_controller(data_dir: Path) -> AsyncIterator[Controller]:
-    """Run a whole controller on 127.0.0.1 port 0 whose sessions are banner-driver sessions."""
-    config = ControllerConfig(listen=("127.0.0.1", 0), data_dir=data_dir)
+async def banner_controller(data_dir: Path, **settings: Any) -> AsyncIterator[Controller]:
+    """Run a whole controller on 127.0.0.1 port 0 whose sessions are banner-driver sessions.
+
+    ``settings`` override other ControllerConfig fields (limits, allowed hosts, ...).
+    """
+    config = ControllerConfig(listen=("127.0.0.1", 0), data_dir=data_dir, **settings)
     running = Controller(config, driver=BannerDriver())
     await running.start()
     try:

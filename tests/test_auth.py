@@ -146,3 +146,32 @@ def test_foreign_or_missing_origin_refused(origin: str | None) -> None:
     with pytest.raises(Forbidden) as caught:
         check_origin(origin, "127.0.0.1:8080", "http")
     assert caught.value.status == 403
+
+
+def test_rate_limit_keys_ipv6_by_its_64_and_mapped_ipv4_as_ipv4() -> None:
+    """Addresses of one IPv6 /64 share a count, and ::ffff:a.b.c.d counts as a.b.c.d."""
+    limiter = LoginRateLimiter(max_failures=2, window=60, clock=FakeClock())
+    limiter.failed("2001:db8:1:2::1")
+    limiter.failed("2001:db8:1:2:ffff::99")
+    with pytest.raises(TooManyRequests):
+        limiter.check("2001:db8:1:2::abcd")
+    limiter.check("2001:db8:1:3::1")
+    limiter.failed("::ffff:192.0.2.1")
+    limiter.failed("192.0.2.1")
+    with pytest.raises(TooManyRequests):
+        limiter.check("192.0.2.1")
+    assert LoginRateLimiter.key("2001:db8:1:2::1") == "2001:db8:1:2::/64"
+    assert LoginRateLimiter.key("unknown") == "unknown"
+
+
+def test_record_failure_counts_until_the_limit_then_refuses_without_counting() -> None:
+    """Failures past the limit are refused with 429 and not stored, so a flood costs no memory."""
+    clock = FakeClock()
+    limiter = LoginRateLimiter(max_failures=3, window=60, clock=clock)
+    for _ in range(3):
+        limiter.record_failure("10.0.0.1")
+    for _ in range(100):
+        with pytest.raises(TooManyRequests):
+            limiter.record_failure("10.0.0.1")
+    clock.now += 60
+    limiter.record_failure("10.0.0.1")  # the window slid past the three counted ones

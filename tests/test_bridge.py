@@ -64,6 +64,7 @@ class Authorizer:
         origin: str | None,
         host: str | None,
         ticket: str | None,
+        client: str = "unknown",
     ) -> VncTarget:
         self.calls.append(
             {

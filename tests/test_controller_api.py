@@ -151,7 +151,7 @@ async def start_harness(
 def base_config(tmp_path: Path) -> ControllerConfig:
     return ControllerConfig(
         data_dir=tmp_path,
-        max_sessions=3,
+        max_sessions=4,  # a user alone may hold 4 // 2 = 2 (the fair share, remotecli.quotas)
         max_sessions_per_user=2,
         session_ttl=0,
         idle_stop=0,
@@ -182,14 +182,16 @@ async def test_no_credentials_is_401(api: Harness) -> None:
 
 
 async def test_wrong_tokens_are_rate_limited(api: Harness) -> None:
-    """Three wrong tokens from one address get 401s, then 429 even with the right token."""
+    """Three wrong tokens from one address get 401s, then 429; the right token still works."""
     headers = {"X-Forwarded-For": "192.0.2.7"}
     for _ in range(3):
         response = await api.client.get(
             "/api/sessions", headers={**headers, **api.auth("wrong-token")}
         )
         assert response.status_code == 401
-    response = await api.client.get("/api/sessions", headers={**headers, **api.auth()})
+    valid = await api.client.get("/api/sessions", headers={**headers, **api.auth()})
+    assert valid.status_code == 200
+    response = await api.client.get("/api/sessions", headers={**headers, **api.auth("wrong-token")})
     assert response.status_code == 429
     assert response.json()["error"] == "too_many_requests"
     assert int(response.headers["retry-after"]) > 0
@@ -206,10 +208,10 @@ async def test_rate_limit_counts_the_client_behind_a_trusted_proxy(tmp_path: Pat
         for _ in range(3):
             wrong = {"X-Forwarded-For": "192.0.2.7, 10.1.1.1", **api.auth("wrong-token")}
             assert (await api.client.get("/api/sessions", headers=wrong)).status_code == 401
-        blocked = {"X-Forwarded-For": "192.0.2.7, 10.1.1.1", **api.auth()}
+        blocked = {"X-Forwarded-For": "192.0.2.7, 10.1.1.1", **api.auth("wrong-token")}
         assert (await api.client.get("/api/sessions", headers=blocked)).status_code == 429
-        other = {"X-Forwarded-For": "192.0.2.8, 10.1.1.1", **api.auth()}
-        assert (await api.client.get("/api/sessions", headers=other)).status_code == 200
+        other = {"X-Forwarded-For": "192.0.2.8, 10.1.1.1", **api.auth("wrong-token")}
+        assert (await api.client.get("/api/sessions", headers=other)).status_code == 401
 
 
 async def test_login_sets_strict_httponly_cookie(api: Harness) -> None:
@@ -364,7 +366,7 @@ async def test_uninstalled_provider_is_422_with_hint(tmp_path: Path) -> None:
 
 
 async def test_per_user_limit_is_429_and_host_limit_503(api: Harness) -> None:
-    """Past 2 active sessions a user gets 429; past 3 on the host anyone gets 503."""
+    """Past 2 active sessions a user gets 429; past 4 on the host anyone gets 503."""
     await api.create()
     await api.create()
     response = await api.client.post(
@@ -373,6 +375,10 @@ async def test_per_user_limit_is_429_and_host_limit_503(api: Harness) -> None:
     assert response.status_code == 429
     assert "limit per user" in response.json()["message"]
     await api.create(token=BOB_TOKEN)
+    # Two users never fill the host (each holds at most its fair share): a third one does.
+    carol = "carol-token-0123456789abcdef"
+    api.store.add_token("carol", hash_token(carol), 1.0)
+    await api.create(token=carol)
     response = await api.client.post(
         "/api/sessions", json={"provider": "shell"}, headers=api.auth(BOB_TOKEN)
     )

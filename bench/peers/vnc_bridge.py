@@ -36,6 +36,7 @@ class OpenAuthorizer:
         origin: str | None,
         host: str | None,
         ticket: str | None,
+        client: str = "unknown",
     ) -> VncTarget:
         """Admit the viewer to the benchmark's endpoint."""
         return VncTarget(session_id=session_id, owner="bench", endpoint=self._endpoint)

@@ -6,16 +6,19 @@ Pure rules with no I/O; time comes from an injectable clock so tests can move it
   plain hash is as strong as a slow password hash and keeps each check cheap.
 - A *ticket* lets one WebSocket open one session's VNC stream: single use, bound to a session
   and a user, valid for 60 s. Tickets live in memory; a restart voids them, which is harmless.
-- Failed logins are counted per client address; past the limit every attempt is refused with
-  429 until the window slides past the failures.
+- Failed credentials are counted per client (IPv6 per /64); past the limit further *wrong*
+  credentials are refused with 429 until the window slides past the failures. A valid
+  credential is never refused: callers check it first (:mod:`remotecli.controller.identity`).
 - A WebSocket authenticated by the cookie must come from an allowed Origin, which stops other
   sites from opening a stream with the user's cookie (cross-site WebSocket hijacking).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
+import ipaddress
 import secrets
 import time
 from collections import deque
@@ -136,9 +139,15 @@ class TicketBook:
 
 
 class LoginRateLimiter:
-    """Refuses logins from an address after ``max_failures`` failures within ``window`` seconds.
+    """Counts failed credentials per client and refuses more of them past ``max_failures``.
 
-    Call :meth:`check` before checking a credential and :meth:`failed` when it was wrong.
+    Call it only for a credential that was wrong (:meth:`record_failure`); a valid one is
+    accepted without asking the limiter, so no one can be locked out by someone else's
+    failures. Keying: an IPv4 address is its own key; an IPv6 address counts by its /64 (one
+    machine usually holds a whole /64, so rotating addresses inside it gains nothing); an
+    IPv4-mapped IPv6 address counts as the IPv4 one. Every local process shares the key
+    ``127.0.0.1``: one of them failing often makes other local users' *wrong* credentials
+    answer 429 instead of 401 for a while, never their valid ones.
     """
 
     def __init__(
@@ -149,30 +158,56 @@ class LoginRateLimiter:
         self._clock = clock
         self._failures: dict[str, deque[float]] = {}
 
+    @staticmethod
+    @functools.lru_cache(maxsize=4096)
+    def key(address: str) -> str:
+        """Return the key failures from ``address`` are counted under (see the class)."""
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return address
+        if isinstance(ip, ipaddress.IPv6Address):
+            if ip.ipv4_mapped is not None:
+                return str(ip.ipv4_mapped)
+            return str(ipaddress.IPv6Network((ip, 64), strict=False))
+        return str(ip)
+
     def check(self, address: str) -> None:
         """Raise :class:`TooManyRequests` (429) when ``address`` failed too often recently."""
-        recent = self._recent(address)
+        key = self.key(address)
+        recent = self._recent(key)
         if len(recent) >= self._max:
             retry = max(1, round(recent[0] + self._window - self._clock()))
             raise TooManyRequests(
-                f"too many failed logins from {address}; try again in {retry} s with a valid token",
-                address=address,
+                f"too many wrong credentials from {key} ({len(recent)} within "
+                f"{self._window:g} s); wrong ones are refused for {retry} s more, a valid "
+                "token is still accepted",
+                address=key,
                 retry_after=retry,
             )
 
     def failed(self, address: str) -> None:
-        """Count one failed login from ``address``."""
-        self._recent(address).append(self._clock())
+        """Count one failed credential from ``address``."""
+        self._recent(self.key(address)).append(self._clock())
 
-    def _recent(self, address: str) -> deque[float]:
+    def record_failure(self, address: str) -> None:
+        """Count a wrong credential from ``address``; past the limit raise 429 instead.
+
+        A refused attempt is not counted, so a flood of them cannot grow memory; the caller
+        answers with the original error (401, 403) when this returns.
+        """
+        self.check(address)
+        self.failed(address)
+
+    def _recent(self, key: str) -> deque[float]:
         cutoff = self._clock() - self._window
-        recent = self._failures.setdefault(address, deque())
+        recent = self._failures.setdefault(key, deque())
         while recent and recent[0] <= cutoff:
             recent.popleft()
         if not recent and len(self._failures) > 10_000:
-            # Forget idle addresses so a scan of many addresses cannot grow memory forever.
+            # Forget idle keys so a scan of many addresses cannot grow memory forever.
             self._failures = {a: q for a, q in self._failures.items() if q}
-            self._failures[address] = recent
+            self._failures[key] = recent
         return recent
 
 
@@ -192,6 +227,16 @@ def normalize_origin(origin: str) -> str:
     return f"{scheme}://{netloc}"
 
 
+def same_origin(origin: str, host: str | None, scheme: str | None) -> bool:
+    """True when ``origin`` is ``scheme://host``, ``host`` being the Host the client asked for.
+
+    ``scheme`` None takes the Origin's own scheme, so only host and port count.
+    """
+    given = normalize_origin(origin)
+    scheme = scheme or urlsplit(origin.strip()).scheme
+    return bool(host and given and given == normalize_origin(f"{scheme}://{host}"))
+
+
 def check_origin(
     origin: str | None, host: str | None, scheme: str | None, allowed: Iterable[str] = ()
 ) -> None:
@@ -206,10 +251,9 @@ def check_origin(
             "WebSocket with cookie authentication needs an Origin header; "
             "use a ticket from POST /api/sessions/{id}/ticket instead"
         )
-    given = normalize_origin(origin)
-    scheme = scheme or urlsplit(origin.strip()).scheme
-    if host and given and given == normalize_origin(f"{scheme}://{host}"):
+    if same_origin(origin, host, scheme):
         return
+    given = normalize_origin(origin)
     if given and given in {normalize_origin(a) for a in allowed}:
         return
     raise Forbidden(

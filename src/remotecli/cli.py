@@ -42,7 +42,11 @@ def cli() -> None:
 # (owned by the gateway: src/remotecli/gateway/)
 
 # REMOTECLI_GATEWAY_<NAME> sets an option's default; repeatable ones take a space-separated list.
-_GATEWAY_LISTS = {"route": "routes", "trusted_proxy": "trusted_proxies"}
+_GATEWAY_LISTS = {
+    "route": "routes",
+    "trusted_proxy": "trusted_proxies",
+    "allowed_host": "allowed_hosts",
+}
 
 
 class _GatewayCommand(click.Command):
@@ -145,6 +149,15 @@ class _GatewayCommand(click.Command):
     help="Send this Host header upstream [default: the client's Host].",
 )
 @click.option(
+    "--allowed-host",
+    "allowed_hosts",
+    multiple=True,
+    metavar="NAME",
+    help="Also answer requests whose Host is NAME (repeatable); others get 421. Always "
+    "answered: the listen address, localhost, 127.0.0.1, ::1, and on 0.0.0.0 or :: this "
+    "machine's names and addresses. '*' turns the check off (unsafe: DNS rebinding).",
+)
+@click.option(
     "--tls-cert",
     type=click.Path(dir_okay=False),
     default=None,
@@ -194,6 +207,7 @@ def gateway_command(
     max_connections: int,
     trusted_proxies: tuple[str, ...],
     host_rewrite: str | None,
+    allowed_hosts: tuple[str, ...],
     tls_cert: str | None,
     tls_key: str | None,
     shutdown_grace: float,
@@ -225,6 +239,7 @@ def gateway_command(
         tls_cert=tls_cert,
         tls_key=tls_key,
         shutdown_grace=shutdown_grace,
+        allowed_hosts=tuple(allowed_hosts),
         metrics_listen=parse_listen(metrics_listen) if metrics_listen else None,
         log_format=log_format,
         log_level=log_level,
@@ -264,6 +279,14 @@ def _controller_options(command: Callable[..., None]) -> Callable[..., None]:
             type=click.Path(dir_okay=False, exists=True, path_type=Path),
             help="A TOML file with [controller] settings and [providers.NAME] tables.",
         ),
+        click.option(
+            "--allowed-host",
+            "allowed_hosts",
+            multiple=True,
+            metavar="NAME",
+            help="Also answer requests whose Host is NAME (repeatable; replaces "
+            "REMOTECLI_ALLOWED_HOSTS); others get 421. '*' turns the check off (unsafe).",
+        ),
     ]
     for option in reversed(options):
         command = option(command)
@@ -271,13 +294,21 @@ def _controller_options(command: Callable[..., None]) -> Callable[..., None]:
 
 
 def _run_controller(
-    listen: str | None, data_dir: Path | None, driver: str | None, config_file: Path | None
+    listen: str | None,
+    data_dir: Path | None,
+    driver: str | None,
+    config_file: Path | None,
+    allowed_hosts: tuple[str, ...] = (),
 ) -> None:
     from remotecli.controller.server import run
 
-    config = load_controller_config(
-        {"listen": listen, "data_dir": data_dir, "driver": driver}, config_file=config_file
-    )
+    flags = {
+        "listen": listen,
+        "data_dir": data_dir,
+        "driver": driver,
+        "allowed_hosts": allowed_hosts or None,
+    }
+    config = load_controller_config(flags, config_file=config_file)
 
     def announce(url: str) -> None:
         click.echo(
@@ -293,19 +324,27 @@ def _run_controller(
 @cli.command()
 @_controller_options
 def up(
-    listen: str | None, data_dir: Path | None, driver: str | None, config_file: Path | None
+    listen: str | None,
+    data_dir: Path | None,
+    driver: str | None,
+    config_file: Path | None,
+    allowed_hosts: tuple[str, ...],
 ) -> None:
     """Run the gateway and the controller here; print the dashboard URL with a login token."""
-    _run_controller(listen, data_dir, driver, config_file)
+    _run_controller(listen, data_dir, driver, config_file, allowed_hosts)
 
 
 @cli.command()
 @_controller_options
 def controller(
-    listen: str | None, data_dir: Path | None, driver: str | None, config_file: Path | None
+    listen: str | None,
+    data_dir: Path | None,
+    driver: str | None,
+    config_file: Path | None,
+    allowed_hosts: tuple[str, ...],
 ) -> None:
     """Run the controller alone, for a gateway elsewhere (same options as `up`)."""
-    _run_controller(listen, data_dir, driver, config_file)
+    _run_controller(listen, data_dir, driver, config_file, allowed_hosts)
 
 
 @cli.group()

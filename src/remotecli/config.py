@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from remotecli.exceptions import ConfigError
+from remotecli.hosts import allowed_host_name
 
 # --- gateway -----------------------------------------------------------------------------------
 
@@ -49,6 +50,9 @@ class GatewayConfig:
     metrics_listen: tuple[str, int] | None = None
     log_format: str = "console"
     log_level: str = "info"
+    # Host names answered besides the defaults (listen address, loopback; see remotecli.hosts);
+    # "*" = any. None = no Host check at all: in-process use only, the commands always pass one.
+    allowed_hosts: tuple[str, ...] | None = None
 
 
 def gateway_environment(environ: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -78,6 +82,8 @@ CONTROLLER_ENV = {
     "REMOTECLI_MAX_SESSIONS_PER_USER": "max_sessions_per_user",
     "REMOTECLI_ALLOWED_ORIGINS": "allowed_origins",
     "REMOTECLI_TRUSTED_PROXIES": "trusted_proxies",
+    "REMOTECLI_ALLOWED_HOSTS": "allowed_hosts",
+    "REMOTECLI_CREATE_RATE": "create_rate",
     "REMOTECLI_LOG_FORMAT": "log_format",
     "REMOTECLI_LOG_LEVEL": "log_level",
     "REMOTECLI_SESSION_MEMORY": "session_memory",
@@ -136,6 +142,8 @@ class ControllerConfig:
     log_level: str = "info"
     tls_cert: str | None = None
     tls_key: str | None = None
+    allowed_hosts: tuple[str, ...] = ()  # Host names answered besides the defaults; "*" = any
+    create_rate: tuple[int, float] | None = (10, 30.0)  # N creations per S seconds per user
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -169,6 +177,30 @@ def parse_duration(value: object, name: str) -> float:
     if seconds < 0:
         raise ConfigError(f"{name} = {value!r} is negative; use 0 to disable it", name=name)
     return seconds
+
+
+def parse_rate(value: object, name: str) -> tuple[int, float] | None:
+    """Parse ``N/PERIOD`` (``10/30s``, ``20/min``, ``100/1h``) as (N, seconds); ``off`` is None.
+
+    N is the burst a user may spend at once; the allowance refills at N per PERIOD.
+    """
+    text = str(value).strip().lower()
+    if text in ("off", "none", "0", "unlimited"):
+        return None
+    count, slash, period = text.partition("/")
+    period = {"s": "1s", "m": "1m", "min": "1m", "h": "1h", "hour": "1h"}.get(period, period)
+    try:
+        burst = int(count)
+        seconds = parse_duration(period, name) if slash else 0.0
+    except (ValueError, ConfigError):
+        burst, seconds = 0, 0.0
+    if burst < 1 or seconds <= 0:
+        raise ConfigError(
+            f"{name} = {value!r} is not a rate; write N/PERIOD such as 10/30s, 20/min or "
+            "100/1h (N at once, refilled at N per PERIOD), or off",
+            name=name,
+        )
+    return burst, seconds
 
 
 def _parse_count(value: object, name: str) -> int:
@@ -259,6 +291,8 @@ _CONTROLLER_PARSERS: dict[str, Callable[[object], object]] = {
     "allowed_origins": _parse_list,
     "trusted_proxies": _parse_list,
     "providers": _parse_providers,
+    "allowed_hosts": lambda v: tuple(allowed_host_name(h) for h in _parse_list(v)),
+    "create_rate": lambda v: parse_rate(v, "create_rate"),
     "session_memory": lambda v: _parse_size(v, "session_memory"),
     "session_processes": lambda v: _parse_count(v, "session_processes"),
     "session_cpus": lambda v: _parse_cpus(v, "session_cpus"),

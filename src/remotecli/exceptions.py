@@ -14,10 +14,11 @@
     │   ├── NotFound                 404 no route, no such session (or someone else's)
     │   ├── RequestTimeout           408 request head not complete in time (slowloris)
     │   ├── Conflict                 409 the state machine refuses the transition
+    │   ├── MisdirectedRequest       421 Host is not one this server answers for (DNS rebinding)
     │   ├── UpgradeRequired          426 wrong Sec-WebSocket-Version
     │   ├── HeaderTooLarge           431 request head over the limit
     │   ├── Unprocessable            422 e.g. provider not installed
-    │   └── TooManyRequests          429 per-user limit or login rate limit
+    │   └── TooManyRequests          429 per-user limits (sessions, creation rate), failed logins
     ├── ServiceUnavailable           503 over a connection or host limit, shutting down
     ├── UpstreamError                a peer we called failed; maps to 502 or 504
     │   ├── UpstreamRefused          502 connection refused
@@ -113,6 +114,13 @@ class RequestTimeout(ClientError):
 class Conflict(ClientError):
     status = 409
     kind = "conflict"
+
+
+class MisdirectedRequest(ClientError):
+    """The request named a Host this server does not answer for (RFC 9110 15.5.20)."""
+
+    status = 421
+    kind = "misdirected_request"
 
 
 class UpgradeRequired(ClientError):

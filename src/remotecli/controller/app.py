@@ -1,11 +1,16 @@
 """The controller's HTTP API: FastAPI routes over the session manager, with auth and errors.
 
-Every ``/api`` route needs the bearer token or the login cookie (401 without); a session that
-is not the caller's answers 404 as if it did not exist. Session ids and provider names are
+Every ``/api`` route needs the bearer token or the login cookie (401 without); who a request
+is, and how wrong credentials are limited, is decided in one place, the manager's
+:class:`~remotecli.controller.identity.Identity` (the VNC bridge asks the same one). The login
+URL's routes are in :mod:`remotecli.controller.login`. A session that is not the caller's
+answers 404 as if it did not exist. Session ids and provider names are
 checked against strict patterns before they reach the store or the filesystem (422).
 :func:`error_response` is the one place a :class:`RemoteCliError` becomes an HTTP response:
 ``{"error": kind, "message": ...}`` with the error's status. The app sits behind the gateway on
-a private Unix socket, so it believes the gateway's ``X-Forwarded-*`` headers.
+a private Unix socket, so it believes the gateway's ``X-Forwarded-*`` headers. The OpenAPI
+document is served at ``/api/openapi.json``; there is no browsable docs page (Swagger UI would
+load a script from a CDN into our origin).
 """
 
 import asyncio
@@ -16,7 +21,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import prometheus_client
-from fastapi import Depends, FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import (
@@ -30,11 +35,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from remotecli import __version__
-from remotecli.auth import COOKIE_NAME, LoginRateLimiter, bearer_token, cookie_token
+from remotecli.auth import LoginRateLimiter
+from remotecli.controller import login
 from remotecli.controller.events import SessionEvent
 from remotecli.controller.sessions import SessionManager
 from remotecli.controller.store import SessionRecord
-from remotecli.exceptions import ConfigError, NotAuthenticated, RemoteCliError
+from remotecli.exceptions import ConfigError, RemoteCliError
 from remotecli.logs import get_logger
 from remotecli.states import State, is_final
 
@@ -42,9 +48,8 @@ log = get_logger("controller.api")
 
 SESSION_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 PROVIDER_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,31}$"
-DASHBOARD_PATH = "/dashboard/remote-cli"
+DASHBOARD_PATH = login.DASHBOARD_PATH
 SSE_KEEPALIVE = 15.0
-COOKIE_MAX_AGE = 30 * 24 * 3600
 
 SessionId = Annotated[
     str, PathParam(pattern=SESSION_ID_PATTERN, description="A session id (1-64 of A-Za-z0-9_-)")
@@ -55,6 +60,7 @@ _STATUS_KINDS = {
     401: "not_authenticated",
     403: "forbidden",
     404: "not_found",
+    421: "misdirected_request",
     405: "method_not_allowed",
     409: "conflict",
     422: "unprocessable",
@@ -198,17 +204,20 @@ def create_app(
     """Return the controller's FastAPI app over ``manager``.
 
     ``registry`` is served at ``/metrics`` (pass the one the gateway and bridge use);
-    ``dashboard`` includes the browser dashboard's router.
+    ``limiter`` replaces the failed-credential limiter of ``manager.identity`` (tests pass a
+    smaller one); ``dashboard`` includes the browser dashboard's router.
     """
     app = FastAPI(
         title="remote-cli controller",
         version=__version__,
         openapi_url="/api/openapi.json",
-        docs_url="/api/docs",
+        docs_url=None,  # Swagger UI and ReDoc load scripts from a CDN: never in our origin
         redoc_url=None,
         responses={401: {"model": ErrorOut}},
     )
-    logins = limiter if limiter is not None else LoginRateLimiter()
+    identity = manager.identity
+    if limiter is not None:
+        identity.limiter = limiter
     trusted = trusted_networks(manager.config.trusted_proxies)
     metrics_registry = registry if registry is not None else prometheus_client.REGISTRY
 
@@ -238,25 +247,15 @@ def create_app(
             headers=getattr(exc, "headers", None),
         )
 
+    def client_of(request: Request) -> str:
+        return client_address(request, trusted)
+
     async def current_user(request: Request) -> str:
-        token = bearer_token(request.headers.get("authorization")) or cookie_token(
-            request.headers.get("cookie")
+        return identity.request_user(
+            authorization=request.headers.get("authorization"),
+            cookie_header=request.headers.get("cookie"),
+            client=client_of(request),
         )
-        if token is None:
-            raise NotAuthenticated(
-                "no credentials: send `Authorization: Bearer TOKEN`, or open the login URL "
-                "`remotecli up` printed"
-            )
-        address = client_address(request, trusted)
-        logins.check(address)
-        user = manager.user_for_token(token)
-        if user is None:
-            logins.failed(address)
-            raise NotAuthenticated(
-                "the token is not valid; use the one `remotecli up` printed, or create one "
-                "with `remotecli user add NAME`"
-            )
-        return user
 
     User = Annotated[str, Depends(current_user)]
 
@@ -392,30 +391,7 @@ def create_app(
             novnc_path=f"/api/auth/session/{record.id}/novnc/websock",
         )
 
-    @app.get("/login", tags=["auth"], responses={303: {}, 401: {"model": ErrorOut}})
-    async def login(
-        request: Request, token: Annotated[str, Query(min_length=1, max_length=256)]
-    ) -> Response:
-        """Check a login token, set the HttpOnly cookie and go to the dashboard."""
-        address = client_address(request, trusted)
-        logins.check(address)
-        if manager.user_for_token(token) is None:
-            logins.failed(address)
-            raise NotAuthenticated(
-                "the login token is not valid; use the URL `remotecli up` printed"
-            )
-        scheme = request.headers.get("x-forwarded-proto") or request.url.scheme
-        response = RedirectResponse(DASHBOARD_PATH, status_code=303)
-        response.set_cookie(
-            COOKIE_NAME,
-            token,
-            max_age=COOKIE_MAX_AGE,
-            path="/",
-            httponly=True,
-            samesite="strict",
-            secure=scheme == "https",
-        )
-        return response
+    app.include_router(login.router(identity, client_of))
 
     @app.get("/", include_in_schema=False)
     async def root() -> RedirectResponse:

@@ -83,8 +83,13 @@ class VncAuthorizer(Protocol):
         origin: str | None,
         host: str | None,
         ticket: str | None,
+        client: str,
     ) -> VncTarget:
-        """Check credentials for a VNC WebSocket; raise a ClientError before the upgrade."""
+        """Check credentials for a VNC WebSocket; raise a ClientError before the upgrade.
+
+        ``client`` is the viewer's address as the gateway resolved it (failed credentials are
+        counted against it).
+        """
         ...
 
     def viewer_attached(self, session_id: str) -> None:
@@ -282,6 +287,7 @@ class _Viewer(asyncio.Protocol):
                 origin=headers.get("Origin"),
                 host=self.client.host,
                 ticket=tickets[0] if tickets else None,
+                client=self.client.address,
             )
         except RemoteCliError as exc:
             self._reject(exc.status, exc.message)

@@ -205,6 +205,7 @@ class Controller:
             listen=config.listen,
             routes=(Route("/", f"unix:{self.socket_path}"),),
             trusted_proxies=config.trusted_proxies,
+            allowed_hosts=config.allowed_hosts,
             tls_cert=config.tls_cert,
             tls_key=config.tls_key,
             shutdown_grace=5.0,

@@ -1,14 +1,15 @@
 """The session manager: runs each session's lifecycle through the driver, and authorizes viewers.
 
-Theory of operation. :meth:`SessionManager.create` checks the limits, stores a ``pending``
-session and starts one task per session that drives it: ``start`` → the driver's ``start`` →
-``ready`` → the driver's ``wait``. When ``wait`` returns while the session is still ``ready``,
-the sandbox died by itself: the session becomes ``failed`` with the driver's reason and its
-viewers are closed with 1011. :meth:`SessionManager.stop` (a user's DELETE, the reaper, or the
-shutdown) cancels that task, closes the viewers with 1000, asks the driver to stop and records
-``stopped``. Every change goes through the store's transition table and is published as an
-event. On start, :meth:`SessionManager.recover` settles sessions a previous controller left
-active, so nothing stays ``ready`` that is not.
+Theory of operation. :meth:`SessionManager.create` checks the limits (per user, the host's
+cap, the user's fair share of it and the creation rate: :mod:`remotecli.quotas`), stores a
+``pending`` session and starts one task per session that drives it: ``start`` → the driver's
+``start`` → ``ready`` → the driver's ``wait``. When ``wait`` returns while the session is still
+``ready``, the sandbox died by itself: the session becomes ``failed`` with the driver's reason
+and its viewers are closed with 1011. :meth:`SessionManager.stop` (a user's DELETE, the
+reaper, or the shutdown) cancels that task, closes the viewers with 1000, asks the driver to
+stop and records ``stopped``. Every change goes through the store's transition table and is
+published as an event. On start, :meth:`SessionManager.recover` settles sessions a previous
+controller left active, so nothing stays ``ready`` that is not.
 """
 
 from __future__ import annotations
@@ -24,15 +25,15 @@ from typing import Protocol
 
 import prometheus_client
 
-from remotecli.auth import TicketBook, check_origin, cookie_token, hash_token
+from remotecli.auth import LoginRateLimiter, TicketBook, hash_token
 from remotecli.config import ControllerConfig
 from remotecli.controller.bridge import VncTarget
 from remotecli.controller.events import SessionEvent, SessionEvents
+from remotecli.controller.identity import Identity
 from remotecli.controller.store import SessionRecord, Store
 from remotecli.drivers.base import Driver, SessionSpec, VncEndpoint
 from remotecli.exceptions import (
     Conflict,
-    NotAuthenticated,
     NotFound,
     RemoteCliError,
     ServiceUnavailable,
@@ -40,6 +41,7 @@ from remotecli.exceptions import (
 )
 from remotecli.logs import get_logger
 from remotecli.providers import Catalogue
+from remotecli.quotas import CreationRate, describe_duration, fair_share
 from remotecli.states import Event, State, is_final
 
 log = get_logger("controller.sessions")
@@ -56,15 +58,6 @@ class ViewerCloser(Protocol):
 def new_session_id() -> str:
     """Return a fresh session id (16 URL-safe characters, matching the bridge's path pattern)."""
     return secrets.token_urlsafe(12)
-
-
-def describe_duration(seconds: float) -> str:
-    """Say a duration the way a person would (``1 h``, ``30 min``, ``45 s``)."""
-    if seconds >= 3600 and seconds % 3600 == 0:
-        return f"{seconds / 3600:g} h"
-    if seconds >= 60 and seconds % 60 == 0:
-        return f"{seconds / 60:g} min"
-    return f"{seconds:g} s"
 
 
 @dataclass
@@ -115,6 +108,7 @@ class SessionManager:
         *,
         events: SessionEvents | None = None,
         tickets: TicketBook | None = None,
+        limiter: LoginRateLimiter | None = None,
         clock: Clock = time.time,
         registry: prometheus_client.CollectorRegistry | None = None,
     ) -> None:
@@ -123,7 +117,14 @@ class SessionManager:
         self.driver = driver
         self.catalogue = catalogue
         self.events = events if events is not None else SessionEvents()
-        self.tickets = tickets if tickets is not None else TicketBook()
+        self.identity = Identity(
+            self.user_for_token,
+            tickets if tickets is not None else TicketBook(),
+            limiter=limiter,
+            allowed_origins=config.allowed_origins,
+        )
+        rate = config.create_rate
+        self._creation_rate = None if rate is None else CreationRate(*rate, clock=clock)
         self._clock = clock
         self._bridge: ViewerCloser | None = None
         self._runtime: dict[str, _Runtime] = {}
@@ -143,6 +144,15 @@ class SessionManager:
         await self.recover()
         self._started = True
         self._reaper = asyncio.create_task(self._reap_forever(), name="session-reaper")
+
+    @property
+    def tickets(self) -> TicketBook:
+        """The WebSocket tickets' book: :meth:`issue_ticket` fills it, the bridge redeems them."""
+        return self.identity.tickets
+
+    @tickets.setter
+    def tickets(self, book: TicketBook) -> None:
+        self.identity.tickets = book
 
     def clock(self) -> float:
         """Return the manager's current time (seconds since the epoch; injectable in tests)."""
@@ -209,27 +219,44 @@ class SessionManager:
         """Store a new session for ``owner`` and start it in the background.
 
         Raises Unprocessable (422) for an unknown or uninstalled provider, TooManyRequests (429)
-        over the per-user limit, ServiceUnavailable (503) over the host limit or while shutting
-        down.
+        over the per-user limit, the user's fair share of the host or the creation rate,
+        ServiceUnavailable (503) over the host limit or while shutting down.
         """
         status = self.catalogue.get(provider)
         argv = status.argv()
         if self._closing:
             raise ServiceUnavailable("the controller is shutting down; try again in a moment")
-        per_user = self.config.max_sessions_per_user
-        if self.store.count_active(owner) >= per_user:
+        per_user, host_cap = self.config.max_sessions_per_user, self.config.max_sessions
+        active = self.store.active_sessions()
+        mine = sum(1 for r in active if r.owner == owner)
+        if mine >= per_user:
             raise TooManyRequests(
                 f"you already have {per_user} active sessions, the limit per user; "
                 "delete one (DELETE /api/sessions/{id}) and try again",
                 limit=per_user,
             )
-        if self.store.count_active() >= self.config.max_sessions:
+        if len(active) >= host_cap:
             raise ServiceUnavailable(
-                f"this host already runs {self.config.max_sessions} sessions, its limit; "
+                f"this host already runs {host_cap} sessions, its limit; "
                 "try again when one ends (operators: REMOTECLI_MAX_SESSIONS)",
-                limit=self.config.max_sessions,
+                limit=host_cap,
             )
+        others = len({r.owner for r in active} - {owner})
+        share = fair_share(host_cap, per_user, others)
+        if mine >= share:
+            raise TooManyRequests(
+                f"you hold {mine} active session(s), your fair share of this host: its "
+                f"{host_cap} places are shared so that each user holds at most "
+                f"{host_cap} // ({others} other user(s) with sessions + 2) = {share}, which "
+                "keeps room for newcomers; delete one (DELETE /api/sessions/{id}) and try again",
+                limit=share,
+                other_users=others,
+            )
+        if self._creation_rate is not None:
+            self._creation_rate.check(owner)
         record = self.store.create_session(new_session_id(), owner, provider, self._clock())
+        if self._creation_rate is not None:
+            self._creation_rate.spend(owner)  # only once accepted: a full disk costs nothing
         self._metrics.active.set(self.store.count_active())
         self._publish_state(record)
         spec = SessionSpec(
@@ -418,22 +445,22 @@ class SessionManager:
         origin: str | None,
         host: str | None,
         ticket: str | None,
+        client: str = "unknown",
     ) -> VncTarget:
-        """Check a VNC WebSocket's credentials before the upgrade; see the bridge's contract."""
-        user: str | None
-        if ticket:
-            user = self.tickets.redeem(ticket, session_id).user
-        else:
-            token = cookie_token(cookie_header)
-            user = self.user_for_token(token) if token else None
-            if user is None:
-                raise NotAuthenticated(
-                    "the VNC WebSocket needs a ticket (?ticket= from "
-                    f"POST /api/sessions/{session_id}/ticket) or the login cookie; "
-                    "log in with the URL `remotecli up` printed",
-                    session_id=session_id,
-                )
-            check_origin(origin, host, None, self.config.allowed_origins)
+        """Check a VNC WebSocket's credentials before the upgrade; see the bridge's contract.
+
+        Who the viewer is comes from :class:`~remotecli.controller.identity.Identity` (wrong
+        tickets and cookies count against ``client``, the viewer's address); then the session
+        must be the viewer's (404) and ready (409).
+        """
+        user = self.identity.viewer_user(
+            session_id,
+            ticket=ticket,
+            cookie_header=cookie_header,
+            origin=origin,
+            host=host,
+            client=client,
+        )
         record = self.get(user, session_id)
         if record.state is not State.READY or record.endpoint is None:
             raise Conflict(

@@ -11,10 +11,13 @@ other side. Reading from the client is on only while a head or a body being forw
 expected (:meth:`ClientConnection._update_reading`), so a pipelining client cannot make the
 gateway buffer more than one read.
 
-A valid WebSocket upgrade is either handed to an in-process :class:`LocalUpgrade` or forwarded;
-on the upstream's 101 the connection stops being a ClientConnection and both transports are
-joined by a :class:`~remotecli.gateway.tunnel.Tunnel` (both in :mod:`remotecli.gateway.context`;
-the heads sent each way are built in :mod:`remotecli.gateway.exchange`). Every failure before
+Before routing, the Host the client asked for must be one the gateway answers for
+(:class:`remotecli.hosts.HostPolicy`; 421 otherwise, WebSocket upgrades included; only the
+gateway's own ``/healthz`` is answered whatever the Host). A valid WebSocket upgrade is either
+handed to an in-process :class:`LocalUpgrade` or forwarded; on the upstream's 101 the
+connection stops being a ClientConnection and both transports are joined by a
+:class:`~remotecli.gateway.tunnel.Tunnel` (both in :mod:`remotecli.gateway.context`; the heads
+sent each way are built in :mod:`remotecli.gateway.exchange`). Every failure before
 a response has started is answered with the error's status and a body naming the cause (see
 :func:`remotecli.http11.response_for_error`); one log line is written per request or tunnel
 when it ends.
@@ -322,6 +325,9 @@ class ClientConnection(asyncio.Protocol):
             trusted=self._ctx.trusted,
         )
         exchange.request_id = forwarding.request_id
+        if self._ctx.hosts is not None:
+            # Before routing, upgrades included: a rebound name (DNS rebinding) gets nothing.
+            self._ctx.hosts.check(forwarding.host)
         if exchange.websocket:
             for local in self._ctx.local_upgrades:
                 if local.pattern.fullmatch(head.path):

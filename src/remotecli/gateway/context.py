@@ -33,6 +33,7 @@ from remotecli.gateway.exchange import Exchange
 from remotecli.gateway.metrics import GatewayMetrics
 from remotecli.gateway.tunnel import Tunnel
 from remotecli.gateway.upstream import UpstreamConnection, UpstreamPool
+from remotecli.hosts import HostPolicy
 from remotecli.http11 import ResponseHead
 from remotecli.logs import get_logger
 from remotecli.routing import Router
@@ -74,6 +75,7 @@ class GatewayContext:
     trusted: tuple[IPNetwork, ...]
     local_upgrades: Sequence[LocalUpgrade]
     scheme: str
+    hosts: HostPolicy | None = None  # None: every Host is served
     port: int = 0
     closing: bool = False
     connections: set[ClientConnection] = field(default_factory=set)

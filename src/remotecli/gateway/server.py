@@ -2,13 +2,15 @@
 
 Create a :class:`Gateway` from a :class:`~remotecli.config.GatewayConfig`, ``await start()``
 (which binds, or raises ConfigError), then ``await serve_forever()`` until ``shutdown()``. The
-configuration is checked when the Gateway is built, so a bad route or CIDR fails before
-anything listens.
+configuration is checked when the Gateway is built, so a bad route, CIDR or allowed host
+fails before anything listens.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
+import socket
 import ssl
 from collections.abc import Sequence
 
@@ -22,6 +24,7 @@ from remotecli.gateway.context import ClientInfo, GatewayContext, LocalUpgrade
 from remotecli.gateway.metrics import GatewayMetrics, MetricsEndpoint
 from remotecli.gateway.tunnel import keepalive
 from remotecli.gateway.upstream import UpstreamPool
+from remotecli.hosts import WILDCARDS, HostPolicy
 from remotecli.logs import get_logger
 from remotecli.routing import Router
 
@@ -49,6 +52,30 @@ def _tls_context(config: GatewayConfig) -> ssl.SSLContext | None:
     return context
 
 
+def is_local_address(address: str) -> bool:
+    """True when ``address`` (an IP literal) is one of this machine's: it can be bound.
+
+    Binding a UDP socket to ``(address, 0)`` sends nothing; EADDRNOTAVAIL means the address
+    belongs to no interface here. Any other failure (no IPv6, a link-local address without its
+    zone) also counts as not local.
+    """
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.bind((address, 0))
+    except OSError as exc:
+        if exc.errno != errno.EADDRNOTAVAIL:
+            log.debug("local address probe failed", address=address, error=str(exc))
+        return False
+    return True
+
+
+def machine_names() -> tuple[str, ...]:
+    """This machine's host name. Not its FQDN: that would ask the resolver at every start;
+    a name served by DNS is added with ``--allowed-host``."""
+    return (socket.gethostname(),)
+
+
 class Gateway:
     """An HTTP and WebSocket reverse proxy; optionally serving some upgrades in-process."""
 
@@ -64,6 +91,9 @@ class Gateway:
         self._router = Router(config.routes)
         self._trusted = parse_trusted_proxies(config.trusted_proxies)
         self._tls = _tls_context(config)
+        self._hosts: HostPolicy | None = None
+        if config.allowed_hosts is not None:
+            HostPolicy.for_listen(config.listen[0], config.allowed_hosts)  # ConfigError now
         self._local_upgrades = tuple(local_upgrades)
         self._context: GatewayContext | None = None
         self._server: asyncio.Server | None = None
@@ -76,6 +106,15 @@ class Gateway:
         """Bind the listen address (and the metrics one); raise ConfigError if it cannot."""
         loop = asyncio.get_running_loop()
         self._stopped = asyncio.Event()
+        if self.config.allowed_hosts is not None:
+            wildcard = self.config.listen[0].strip("[]") in WILDCARDS
+            names = await loop.run_in_executor(None, machine_names) if wildcard else ()
+            self._hosts = HostPolicy.for_listen(
+                self.config.listen[0],
+                self.config.allowed_hosts,
+                machine_names=names,
+                is_local=is_local_address,
+            )
         context = GatewayContext(
             config=self.config,
             router=self._router,
@@ -84,6 +123,7 @@ class Gateway:
             trusted=self._trusted,
             local_upgrades=self._local_upgrades,
             scheme="https" if self._tls is not None else "http",
+            hosts=self._hosts,
         )
         host, port = self.config.listen
         try:
@@ -117,6 +157,12 @@ class Gateway:
             address=f"{context.scheme}://{self._address[0]}:{self._address[1]}",
             routes={route.prefix: route.upstream for route in self._router.routes},
             metrics=self.metrics_address,
+            allowed_hosts=(
+                "any (no Host check)"
+                if self._hosts is None or self._hosts.any_host
+                else sorted(self._hosts.names)
+                + (["local addresses"] if self._hosts.local_addresses else [])
+            ),
         )
 
     @property
