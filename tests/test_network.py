@@ -805,3 +805,44 @@ def test_egress_filter_install_is_idempotent_and_remove_removes(serialized: None
     assert f"table inet {table}" not in nft_tables()
     second.remove()
     assert f"table inet {table}" not in nft_tables()
+
+
+ROUTE_V4 = """Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT
+eth0\t00000000\t010200C0\t0003\t0\t0\t0\t00000000\t0\t0\t0
+eth0\t000200C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0
+veth1\t006433C6\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0
+"""
+ROUTE_V6 = (
+    "fd000000000000000000000000000000 40 "
+    + "0" * 32
+    + " 00 "
+    + "0" * 32
+    + " 00000100 00000002 00000000 00000001     eth0\n"
+    + "0" * 32
+    + " 00 "
+    + "0" * 32
+    + " 00 fd000000000000000000000000000001"
+    + " 00000400 00000003 00000000 00000003     eth0\n"
+    + "0" * 32
+    + " 00 "
+    + "0" * 32
+    + " 00 "
+    + "0" * 32
+    + " ffffffff 00000001 00000000 00200200       lo\n"
+)
+
+
+def test_host_networks_are_the_uplinks_prefixes_and_gateways() -> None:
+    """The host's LAN is what hangs off its default-route interfaces: their connected prefixes
+    and the gateways, not the other interfaces' routes and not lo's unreachable default."""
+    from remotecli.sandbox.egress import host_networks
+
+    lan = host_networks(ROUTE_V4, ROUTE_V6)
+    assert lan == ("192.0.2.1/32", "192.0.2.0/24", "fd00::/64", "fd00::1/128")
+
+
+def test_ruleset_merges_the_lan_into_the_blocked_ranges() -> None:
+    """A LAN prefix inside a fixed range is merged, since nft refuses overlapping intervals."""
+    script = egress_ruleset("t", 3_000_000, 3_000_009, (), ("10.1.0.0/16", "192.0.2.0/24"))
+    assert "10.1.0.0/16" not in script
+    assert "192.0.2.0/24" in script

@@ -14,14 +14,16 @@ import shutil
 import socket
 import stat
 import textwrap
+import types
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import cast
 
 import pytest
 import uvloop
 
 from remotecli.drivers.base import SessionSpec
-from remotecli.drivers.local import LocalDriver, sandbox_pids
+from remotecli.drivers.local import LocalDriver, _Session, sandbox_pids
 from remotecli.exceptions import DriverError
 from remotecli.sandbox import seccomp
 from remotecli.sandbox.cgroups import Limits
@@ -41,7 +43,7 @@ TIMEOUT = 20_000 * MS
 # Raw system calls from inside the sandbox; each prints "NAME errno" (0 means it succeeded).
 SYSCALL_PROBE = textwrap.dedent(
     """
-    import ctypes, errno, fcntl, os, sys
+    import ctypes, errno, fcntl, os, socket, sys
     libc = ctypes.CDLL(None, use_errno=True)
     def call(name, *args):
         libc.syscall.restype = ctypes.c_long
@@ -66,6 +68,13 @@ SYSCALL_PROBE = textwrap.dedent(
     call("clone_newuser", 56, 0x10000000 | 17, 0, 0, 0, 0)
     call("kexec_load", 246, 0, 0, None, 0)
     call("init_module", 175, None, 0, b"")
+    call("pidfd_getfd", 438, os.pidfd_open(os.getppid()), 1, 0)
+    for name, family in (("vsock", 40), ("alg", 38)):
+        try:
+            socket.socket(family, socket.SOCK_STREAM).close()
+            print(name, 0, flush=True)
+        except OSError as exc:
+            print(name, exc.errno, flush=True)
     for name, request in (("tiocsti", 0x5412), ("tiocsti_high_bits", 0x100005412)):
         try:
             fcntl.ioctl(0, request, b"x")
@@ -142,15 +151,17 @@ async def test_session_has_no_privilege(driver: LocalDriver, tmp_path: Path) -> 
 
 
 async def test_dangerous_system_calls_are_refused(driver: LocalDriver, tmp_path: Path) -> None:
-    """open_by_handle_at, mounts, bpf, perf, keyrings, userfaultfd, ptrace, new user namespaces,
-    kexec, modules and TIOCSTI (also with high bits set) fail; core_pattern is not writable."""
+    """open_by_handle_at, mounts, bpf, perf, keyrings, userfaultfd, ptrace, pidfd_getfd, new user
+    namespaces, kexec, modules, TIOCSTI (also with high bits set) and vsock or AF_ALG sockets
+    fail; core_pattern is not writable."""
     spec = spec_for(tmp_path, "calls", probe(f"/usr/bin/python3 -c '{SYSCALL_PROBE}'"))
     await driver.start(spec, lambda _: None)
     results = dict(line.split() for line in (await output_of(spec)).splitlines() if " " in line)
     for name, code in results.items():
         assert code != "0", f"{name} succeeded inside the sandbox"
-        assert int(code) in (errno.EPERM, errno.EACCES, errno.EROFS), (name, code)
-    assert len(results) == 18, results
+        expected = (errno.EPERM, errno.EACCES, errno.EROFS, errno.EAFNOSUPPORT)
+        assert int(code) in expected, (name, code)
+    assert len(results) == 21, results
 
 
 async def test_no_remount_and_no_write_outside_home(driver: LocalDriver, tmp_path: Path) -> None:
@@ -363,3 +374,63 @@ async def test_readyz_says_which_limits_are_in_force(tmp_path: Path) -> None:
     if not sandbox["limits"].startswith("none"):
         assert sandbox["memory"] == "512 MiB"
         assert sandbox["processes"] == "1024"
+
+
+@pytest.mark.parametrize(
+    "written",
+    [b"display 99 garbage\n", b"x" * 100_000 + b"\n", b"exited sshd 0\n", b"\xff\xfe\n"],
+    ids=["unknown-form", "long-line", "unknown-program", "not-ascii"],
+)
+async def test_anything_but_a_report_on_the_report_channel_ends_the_session(
+    tmp_path: Path, written: bytes
+) -> None:
+    """The report pipe is session-writable (any sandbox process can reach its descriptor), so
+    one line that is not a short ``display N`` / ``exited PROGRAM N`` ends the session with the
+    reason, and queues nothing."""
+    local = LocalDriver(tmp_path, sandbox=True)
+    stdout = asyncio.StreamReader(limit=256)
+    stdout.feed_data(b"display 3\n" + written * 50)
+    stdout.feed_eof()
+    process = types.SimpleNamespace(stdout=stdout, pid=-1, returncode=0)
+    session = _Session(
+        spec_for(tmp_path, "pipe", ["true"]),
+        "pipe.marker",
+        None,
+        tmp_path,
+        process=cast(asyncio.subprocess.Process, process),
+    )
+    await local._read_reports(session)
+    assert session.reason == "the session wrote to the driver's report channel; ended"
+    assert session.lines.qsize() == 1  # the display line only
+
+
+async def test_a_deep_tree_and_a_full_run_dir_cannot_stop_the_cleanup(
+    driver: LocalDriver, tmp_path: Path
+) -> None:
+    """A run dir filled to its cap (16 MiB, no disk) and 3,000 nested directories (deeper than
+    a recursive removal survives) neither break stop() nor survive it."""
+    deep = (
+        "dd if=/dev/zero of=/run/session/big bs=1M count=64 2>&1 | grep -m1 space; "
+        '/usr/bin/python3 -c \'import os\nos.chdir("/run/session")\n'
+        'for _ in range(3000):\n    os.mkdir("d"); os.chdir("d")\nprint("deep")\''
+    )
+    spec = spec_for(tmp_path, "deep", probe(deep))
+    await driver.start(spec, lambda _: None)
+    out = await output_of(spec)
+    assert "No space left on device" in out
+    assert (spec.workdir / "run" / "big").stat().st_size <= 16 * 1024**2
+    assert "deep" in out
+    await driver.stop("deep")
+    assert not spec.workdir.exists()
+
+
+async def test_pasta_runs_inside_the_sessions_cgroup(driver: LocalDriver, tmp_path: Path) -> None:
+    """The session's pasta is in its cgroup, so its CPU and memory count in the session's."""
+    if driver.egress != "open" or driver.cgroups is None or driver.cgroups.version is None:
+        pytest.skip(f"needs egress open and cgroups: {driver.posture()}")
+    spec = spec_for(tmp_path, "netcg", probe("true"))
+    await driver.start(spec, lambda _: None)
+    session = driver._sessions["netcg"]
+    assert session.pasta is not None
+    assert session.cgroup is not None
+    assert session.pasta.pid in session.cgroup.pids()

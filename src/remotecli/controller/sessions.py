@@ -191,6 +191,9 @@ class SessionManager:
             except RemoteCliError as exc:
                 endpoint = None
                 log.warning("recover failed", session_id=record.id, error=exc.message)
+            except Exception:  # one session's leftovers must not keep the controller down
+                endpoint = None
+                log.exception("recover crashed", session_id=record.id)
             if endpoint is not None and record.state is State.READY:
                 runtime = self._runtime.setdefault(record.id, _Runtime())
                 runtime.idle_since = self._clock()
@@ -327,6 +330,9 @@ class SessionManager:
             await self.driver.stop(session_id)
         except RemoteCliError as exc:
             record = self._apply(session_id, Event.FAIL, reason=f"stopping failed: {exc.message}")
+        except Exception as exc:  # a driver bug must still end the session, not leave it stopping
+            log.exception("driver stop crashed", session_id=session_id)
+            record = self._apply(session_id, Event.FAIL, reason=f"stopping failed: {exc!r}")
         else:
             record = self._apply(session_id, Event.STOPPED)
         finally:
@@ -369,6 +375,9 @@ class SessionManager:
             reason = await self.driver.wait(session_id)
         except RemoteCliError as exc:
             reason = exc.message
+        except Exception as exc:  # a driver bug: the session is not known to run any more
+            log.exception("driver wait crashed", session_id=session_id)
+            reason = f"the driver lost the session: {exc!r}"
         record = self.store.find_session(session_id)
         if record is None or record.state is not State.READY:
             return  # a stop we asked for

@@ -71,6 +71,12 @@ _MARKER_VARIABLE = "REMOTECLI_SANDBOX"
 _REAP_TIMEOUT = 5.0
 _UNIX_PATH_MAX = 107  # sun_path is 108 bytes with the terminating NUL
 _POLL_INTERVAL = 0.01
+_ENVIRON_HEAD = 4096
+_REPORT_LINE_MAX = 256  # "display 12", "exited xterm 0": a longer line is not ours
+_REPORT_LINES_MAX = 16
+_REPORTERS = ("Xvfb", "xterm", "x11vnc")
+_WORKDIR_BYTES = 16 * 1024**2
+_WORKDIR_INODES = 4096
 _MEMORY_POLL_INTERVAL = 0.25
 _PASSWD = (
     "root:x:0:0:root:/root:/usr/sbin/nologin\n"
@@ -161,15 +167,20 @@ def session_processes(
 ) -> list[int]:
     """Return the PIDs of one session (zombies included).
 
-    Its process group, every process carrying its ``REMOTECLI_SANDBOX`` marker (Xvfb and
-    xterm's shell leave the group), and, since a hostile session can clear its environment and
-    leave its group, every process running as the session's own ``uid`` or in its ``cgroup``.
+    With a ``uid`` of its own (a root controller), every process running as it or in its
+    ``cgroup``: a hostile session can leave its process group and clear its environment, not
+    change its uid or cgroup. (The launcher, root until it drops, is the driver's own child,
+    killed by its pid.) Without one, its process group and every process carrying its
+    ``REMOTECLI_SANDBOX`` marker (Xvfb and xterm's shell leave the group); the marker is the
+    first variable of the environment, so only a bounded head of each environment is read.
     """
     needle = f"\0{_MARKER_VARIABLE}={marker}\0".encode()
     members = set(processes_of_uid(uid)) if uid is not None else set()
     if cgroup is not None:
         with contextlib.suppress(OSError):
             members.update(cgroup.pids())
+    if uid is not None:
+        return sorted(members)
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -181,7 +192,8 @@ def session_processes(
             members.add(pid)
             continue
         try:
-            environ = Path(f"/proc/{pid}/environ").read_bytes()
+            with open(f"/proc/{pid}/environ", "rb") as handle:
+                environ = handle.read(_ENVIRON_HEAD)
         except OSError:
             continue
         if needle in b"\0" + environ:
@@ -410,12 +422,16 @@ class LocalDriver:
         return await asyncio.shield(session.exited)
 
     async def stop(self, session_id: str) -> None:
-        """Kill every process of the session, then remove all it had. Idempotent."""
+        """Kill every process of the session, then remove all it had. Idempotent.
+
+        Each clean-up step runs whatever the one before it did: a session must not keep its
+        uid, cgroup or files because something it left behind made an earlier step fail.
+        """
         session = self._sessions.pop(session_id, None)
         if session is None:
             return
         pgid = session.process.pid if session.process is not None else None
-        killed = _kill(session_processes(session.marker, pgid, session.uid, session.cgroup))
+        killed = _kill(_members(session))
         if session.process is not None:
             with contextlib.suppress(ProcessLookupError):
                 await session.process.wait()
@@ -429,11 +445,16 @@ class LocalDriver:
             os.close(session.netns_fd)
             session.netns_fd = None
         if session.cgroup is not None:
-            with contextlib.suppress(OSError, RemoteCliError):
+            try:
                 # Both wait (briefly) for the kernel to empty the cgroup: off the event loop.
                 await asyncio.to_thread(session.cgroup.kill)
                 await asyncio.to_thread(session.cgroup.remove)
-        _remove_workdir(session.spec.workdir)
+            except (OSError, RemoteCliError) as exc:
+                log.warning("session_cgroup_left", session_id=session_id, error=str(exc))
+        try:
+            await asyncio.to_thread(_remove_workdir, session.spec.workdir)
+        except OSError as exc:
+            log.warning("session_workdir_left", session_id=session_id, error=str(exc))
         if session.lease is not None:
             session.lease.release()
         log.info("session_stopped", session_id=session_id)
@@ -500,7 +521,7 @@ class LocalDriver:
         home, run_dir = self._prepare(session)
         if self.cgroups is not None and self.cgroups.version is not None:
             session.cgroup = self.cgroups.create(spec.session_id, self.limits)
-        env = {**self._environment(spec), _MARKER_VARIABLE: session.marker}
+        env = {_MARKER_VARIABLE: session.marker, **self._environment(spec)}
         child_fds: list[int] = []
         info_fd = block_fd = -1
         try:
@@ -528,6 +549,7 @@ class LocalDriver:
                     start_new_session=True,
                     env=env,
                     pass_fds=child_fds,
+                    limit=_REPORT_LINE_MAX,
                 )
         finally:
             for fd in child_fds:
@@ -552,6 +574,9 @@ class LocalDriver:
                     log_path=spec.workdir / "pasta.log",
                     extra_env={_MARKER_VARIABLE: session.marker},
                 )
+                if session.cgroup is not None:  # its CPU and memory are the session's
+                    for procs in session.cgroup.procs_files:
+                        procs.write_text(f"{session.pasta.pid}\n")
             os.write(block_fd, b"go")
         finally:
             os.close(block_fd)
@@ -566,13 +591,17 @@ class LocalDriver:
             _remove_workdir(workdir)  # a previous run's leftovers: never reuse what a session wrote
         workdir.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         workdir.mkdir(mode=0o700)
+        if session.uid is not None:
+            # run/ and the logs live on a small tmpfs: no disk, no inode flood, one unmount.
+            files.mount_tmpfs(workdir, _WORKDIR_BYTES, 0, 0, inodes=_WORKDIR_INODES)
         home.mkdir(mode=0o700)
         run_dir.mkdir(mode=0o700)
         xauthority = run_dir / "Xauthority"
         xauthority.touch(mode=0o600)
         xauthority.write_bytes(_xauthority_entry(secrets.token_bytes(16)))
         if session.uid is not None:
-            files.mount_home(home, self.limits.home_bytes, session.uid, session.uid)
+            inodes = max(4096, self.limits.home_bytes // 4096)
+            files.mount_tmpfs(home, self.limits.home_bytes, session.uid, session.uid, inodes=inodes)
             for path in (run_dir, xauthority):
                 os.chown(path, session.uid, session.uid)
         return home, run_dir
@@ -626,7 +655,7 @@ class LocalDriver:
         sandbox += ["--bind", staged["home"], SANDBOX_HOME, "--bind", staged["run"], SANDBOX_RUN]
         sandbox += ["--chdir", SANDBOX_HOME, "--"]
         sandbox += self._script(spec, Path(SANDBOX_RUN))
-        rlimits: dict[str, tuple[int, int]] = {"core": (0, 0)}
+        rlimits: dict[str, tuple[int, int]] = {"core": (0, 0), "nofile": (8192, 8192)}
         if session.uid is not None:
             rlimits["nproc"] = (self.limits.pids, self.limits.pids)
         else:
@@ -662,24 +691,49 @@ class LocalDriver:
     # --- watching ------------------------------------------------------------------------------
 
     async def _read_reports(self, session: _Session) -> None:
+        """Read the session script's reports: ``display N`` once, then ``exited NAME STATUS``.
+
+        The pipe is the session's to write (any of its processes can take the descriptor with
+        /proc or pidfd tricks), so it is read as hostile input: short lines of the two forms
+        only, a few of them, nothing queued after the display; anything else ends the session.
+        """
         assert session.process is not None
-        assert session.process.stdout is not None
-        while line := await session.process.stdout.readline():
-            text = line.decode(errors="replace").strip()
-            if text.startswith("exited "):
-                _, name, status = [*text.split(), "?", "?"][:3]
-                if session.reason is None:
-                    session.reason = f"{name} exited with status {status}"
-            await session.lines.put(text)
+        stdout = session.process.stdout
+        assert stdout is not None
+        lines = 0
+        try:
+            while line := await stdout.readline():
+                lines += 1
+                words = line.decode("ascii").split()
+                if lines > _REPORT_LINES_MAX or len(line) > _REPORT_LINE_MAX:
+                    raise ValueError("too much")
+                if words[:1] == ["display"] and len(words) == 2 and words[1].isdigit():
+                    if session.display is None:
+                        await session.lines.put(line.decode())
+                elif (
+                    words[:1] == ["exited"]
+                    and len(words) == 3
+                    and words[1] in _REPORTERS
+                    and words[2].isdigit()
+                ):
+                    if session.reason is None:
+                        session.reason = f"{words[1]} exited with status {words[2]}"
+                    await session.lines.put(line.decode())
+                else:
+                    raise ValueError("not a report")
+        except (ValueError, UnicodeDecodeError, asyncio.LimitOverrunError):
+            session.reason = "the session wrote to the driver's report channel; ended"
+            log.warning("session_report_violation", session_id=session.spec.session_id)
+            _kill(_members(session))
 
     async def _watch(self, session: _Session) -> str:
         assert session.process is not None
         returncode = await session.process.wait()
         for task in session.tasks[:1]:  # the report reader: its last line may name the cause
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         pgid = session.process.pid
-        killed = _kill(session_processes(session.marker, pgid, session.uid, session.cgroup))
+        killed = _kill(_members(session))
         await _reap(session.marker, pgid, killed, session.uid)
         self._note_oom(session)
         if session.reason is None:
@@ -710,8 +764,7 @@ class LocalDriver:
         while not self._note_oom(session):  # noqa: ASYNC110 -- a counter in a file: polled
             await asyncio.sleep(_MEMORY_POLL_INTERVAL)
         log.warning("session_out_of_memory", session_id=session.spec.session_id)
-        pgid = session.process.pid if session.process is not None else None
-        _kill(session_processes(session.marker, pgid, session.uid, session.cgroup))
+        _kill(_members(session))
 
     async def _await_display(self, session: _Session, progress: ProgressCallback) -> None:
         while True:
@@ -789,6 +842,16 @@ class LocalDriver:
         return ("; " + "; ".join(parts)) if parts else ""
 
 
+def _members(session: _Session) -> list[int]:
+    """Every process of ``session`` now, and the driver's own child while it is not reaped."""
+    process = session.process
+    pgid = process.pid if process is not None else None
+    found = set(session_processes(session.marker, pgid, session.uid, session.cgroup))
+    if process is not None and process.returncode is None:
+        found.add(process.pid)  # our unreaped child: its pid cannot belong to anyone else
+    return sorted(found)
+
+
 async def _read_child_pid(info_fd: int) -> int:
     """Read bubblewrap's ``--info-fd`` JSON and return the sandbox's first process id."""
     loop = asyncio.get_running_loop()
@@ -805,10 +868,11 @@ async def _read_child_pid(info_fd: int) -> int:
 
 
 def _remove_workdir(workdir: Path) -> None:
-    """Unmount the session's HOME and remove its workdir (never following a link in it)."""
+    """Unmount the session's HOME and workdir tmpfs, then remove what is left (no links
+    followed, any depth)."""
     files.unmount(workdir / "home")
-    with contextlib.suppress(FileNotFoundError):
-        shutil.rmtree(workdir)
+    files.unmount(workdir)
+    files.remove_tree(workdir)
 
 
 def _kill(pids: list[int]) -> dict[int, int]:

@@ -91,8 +91,64 @@ def nameservers_from_resolv_conf(text: str) -> tuple[str, ...]:
     return tuple(found)
 
 
-def egress_ruleset(table: str, uid_first: int, uid_last: int, nameservers: Sequence[str]) -> str:
+def host_networks(route_v4: str, route_v6: str = "") -> tuple[str, ...]:
+    """Return the host's own network (its "LAN"), from ``/proc/net/route`` and ``ipv6_route``.
+
+    That is every prefix directly connected to an interface that carries a default route, and
+    each default gateway. They may be public addresses (then no range above covers them), and a
+    session has no business with the host's neighbours or its router's admin page.
+    """
+    found: list[str] = []
+    v4_rows = [line.split() for line in route_v4.splitlines()[1:] if len(line.split()) >= 8]
+
+    def v4(hex_le: str) -> ipaddress.IPv4Address:
+        return ipaddress.IPv4Address(int(hex_le, 16).to_bytes(4, "little"))
+
+    uplinks4 = {row[0] for row in v4_rows if row[1] == "00000000" and row[7] == "00000000"}
+    for iface, destination, gateway, *_, mask in (row[:8] for row in v4_rows):
+        if iface not in uplinks4:
+            continue
+        if destination == "00000000" and mask == "00000000":
+            if gateway != "00000000":
+                found.append(f"{v4(gateway)}/32")
+        elif gateway == "00000000":
+            network = ipaddress.IPv4Network(f"{v4(destination)}/{v4(mask)}", strict=False)
+            found.append(str(network))
+    v6_rows = [line.split() for line in route_v6.splitlines() if len(line.split()) >= 10]
+    zero = "0" * 32
+
+    def v6(hex_be: str, plen: str = "80") -> str:
+        address = ipaddress.IPv6Address(int(hex_be, 16))
+        return str(ipaddress.IPv6Network(f"{address}/{int(plen, 16)}", strict=False))
+
+    reject = 0x0200  # RTF_REJECT: the "unreachable" default the kernel keeps on lo
+    uplinks6 = {
+        row[9]
+        for row in v6_rows
+        if row[0] == zero and row[1] == "00" and not int(row[8], 16) & reject and row[9] != "lo"
+    }
+    for row in v6_rows:
+        destination, plen, next_hop, iface = row[0], row[1], row[4], row[9]
+        if iface not in uplinks6:
+            continue
+        if destination == zero and plen == "00":
+            if next_hop != zero:
+                found.append(v6(next_hop))
+        elif next_hop == zero and int(plen, 16) < 128 and not destination.startswith("ff"):
+            found.append(v6(destination, plen))
+    return tuple(dict.fromkeys(found))
+
+
+def egress_ruleset(
+    table: str,
+    uid_first: int,
+    uid_last: int,
+    nameservers: Sequence[str],
+    lan: Sequence[str] = (),
+) -> str:
     """Return the nft script that (re)creates ``table`` atomically.
+
+    ``lan`` (from :func:`host_networks`) is blocked besides the fixed ranges.
 
     Declaring the table, deleting it and declaring it again in one ``nft -f`` transaction
     replaces any older version at once: there is no moment without the rule.
@@ -116,6 +172,12 @@ def egress_ruleset(table: str, uid_first: int, uid_last: int, nameservers: Seque
             ) from exc
         (dns4 if address.version == 4 else dns6).append(str(address))
 
+    # nft refuses overlapping intervals in one set: merge the fixed ranges and the LAN first.
+    nets4 = [ipaddress.IPv4Network(n) for n in (*BLOCKED_V4, *lan) if ":" not in n]
+    nets6 = [ipaddress.IPv6Network(n) for n in (*BLOCKED_V6, *lan) if ":" in n]
+    blocked4 = [str(n) for n in ipaddress.collapse_addresses(nets4)]
+    blocked6 = [str(n) for n in ipaddress.collapse_addresses(nets6)]
+
     def element_set(name: str, kind: str, elements: Sequence[str], interval: bool) -> str:
         lines = [f"\tset {name} {{", f"\t\ttype {kind}"]
         if interval:
@@ -131,8 +193,8 @@ def egress_ruleset(table: str, uid_first: int, uid_last: int, nameservers: Seque
             f"table inet {table}",
             f"delete table inet {table}",
             f"table inet {table} {{",
-            element_set("blocked_v4", "ipv4_addr", BLOCKED_V4, True),
-            element_set("blocked_v6", "ipv6_addr", BLOCKED_V6, True),
+            element_set("blocked_v4", "ipv4_addr", blocked4, True),
+            element_set("blocked_v6", "ipv6_addr", blocked6, True),
             element_set("dns_v4", "ipv4_addr", dns4, False),
             element_set("dns_v6", "ipv6_addr", dns6, False),
             "\tchain output {",
@@ -167,12 +229,18 @@ class EgressFilter:
     """
 
     def __init__(
-        self, table: str, uid_first: int, uid_last: int, nameservers: tuple[str, ...]
+        self,
+        table: str,
+        uid_first: int,
+        uid_last: int,
+        nameservers: tuple[str, ...],
+        lan: tuple[str, ...] = (),
     ) -> None:
         self.table = table
         self.uid_first = uid_first
         self.uid_last = uid_last
         self.nameservers = nameservers
+        self.lan = lan
 
     @classmethod
     def install(
@@ -194,9 +262,16 @@ class EgressFilter:
                 )
             except OSError:
                 nameservers = ()
-        script = egress_ruleset(table, uid_first, uid_last, nameservers)
+        routes = []
+        for name in ("route", "ipv6_route"):
+            try:
+                routes.append(Path(f"/proc/net/{name}").read_text())
+            except OSError:
+                routes.append("")
+        lan = host_networks(*routes)
+        script = egress_ruleset(table, uid_first, uid_last, nameservers, lan)
         _nft(script, f"install the egress filter (table inet {table})")
-        egress = cls(table, uid_first, uid_last, tuple(nameservers))
+        egress = cls(table, uid_first, uid_last, tuple(nameservers), lan)
         log.info("egress_filter_installed", summary=egress.describe())
         return egress
 
@@ -213,8 +288,10 @@ class EgressFilter:
         dns = ", ".join(self.nameservers) if self.nameservers else "none"
         return (
             f"nftables table inet {self.table} rejects uids {self.uid_first}-{self.uid_last} "
-            "to the host's own addresses and private, link-local, CGNAT, multicast and reserved "
-            f"ranges (IPv4 and IPv6); DNS allowed to {dns}"
+            "to the host's own addresses, its network "
+            f"({', '.join(self.lan) if self.lan else 'no default route'}) and private, "
+            "link-local, CGNAT, multicast and reserved ranges (IPv4 and IPv6); "
+            f"DNS allowed to {dns}"
         )
 
 

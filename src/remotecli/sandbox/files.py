@@ -13,6 +13,7 @@ import contextlib
 import ctypes
 import os
 import stat
+import subprocess
 from pathlib import Path
 
 from remotecli.exceptions import DriverError
@@ -39,20 +40,20 @@ def data_pipe(data: bytes) -> int:
     return read_end
 
 
-def mount_home(path: Path, size: int, uid: int, gid: int) -> None:
-    """Mount a tmpfs of ``size`` bytes on ``path`` (mode 0700, owned by ``uid``:``gid``).
+def mount_tmpfs(path: Path, size: int, uid: int, gid: int, *, inodes: int) -> None:
+    """Mount a tmpfs of ``size`` bytes and ``inodes`` files on ``path`` (0700, ``uid``:``gid``).
 
-    Its pages are charged to the memory cgroup of the session that writes them, so a full HOME
-    counts against the session's memory limit too, and nothing of it reaches the disk.
+    Its pages are charged to the memory cgroup of the session that writes them, so what a
+    session stores there counts against its memory limit too, nothing of it reaches the disk,
+    and removing it all, however deep, is one unmount.
     """
-    options = f"size={size},mode=0700,uid={uid},gid={gid}".encode()
-    result = _libc().mount(
-        b"remotecli-home", os.fsencode(path), b"tmpfs", _MS_NOSUID | _MS_NODEV, options
-    )
+    options = f"size={size},nr_inodes={inodes},mode=0700,uid={uid},gid={gid}".encode()
+    flags = _MS_NOSUID | _MS_NODEV
+    result = _libc().mount(b"remotecli", os.fsencode(path), b"tmpfs", flags, options)
     if result != 0:
         code = ctypes.get_errno()
         raise DriverError(
-            f"cannot mount the session's HOME (tmpfs) on {path}: {os.strerror(code)}",
+            f"cannot mount a tmpfs for the session on {path}: {os.strerror(code)}",
             path=str(path),
         )
 
@@ -61,6 +62,24 @@ def unmount(path: Path) -> None:
     """Detach whatever is mounted on ``path``; nothing when nothing is."""
     if os.path.ismount(path):
         _libc().umount2(os.fsencode(path), _MNT_DETACH)
+
+
+def remove_tree(path: Path) -> None:
+    """Remove ``path`` and all below it without following links, however deep it goes.
+
+    A session can nest thousands of directories, past Python's recursion limit (3.11's
+    ``shutil.rmtree`` recurses), so coreutils' ``rm`` does it, on this file system only.
+    """
+    if not os.path.lexists(path):
+        return
+    done = subprocess.run(
+        ["rm", "-rf", "--one-file-system", "--", str(path)],
+        capture_output=True,
+        check=False,
+        timeout=120,
+    )
+    if done.returncode != 0 and os.path.lexists(path):
+        raise OSError(f"cannot remove {path}: {done.stderr.decode(errors='replace').strip()}")
 
 
 def read_tail(path: Path, limit: int = TAIL_BYTES, *, owner: int | None = None) -> str:

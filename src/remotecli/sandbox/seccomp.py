@@ -33,6 +33,21 @@ _ACT_ERRNO = 0x00050000
 _CMP_MASKED_EQ = 7
 
 CLONE_NEWUSER = 0x10000000
+DENIED_FAMILIES = {
+    "AF_KEY": 15,
+    "AF_RDS": 21,
+    "AF_CAN": 29,
+    "AF_TIPC": 30,
+    "AF_BLUETOOTH": 31,
+    "AF_IEEE802154": 36,
+    "AF_ALG": 38,
+    "AF_VSOCK": 40,
+    "AF_QIPCRTR": 42,
+    "AF_SMC": 43,
+    "AF_XDP": 44,
+}
+"""Socket families a session never needs; each is kernel attack surface, and AF_VSOCK is a way
+out of the network namespace (vsock has none) to the hypervisor and its other guests."""
 TIOCSTI = 0x5412
 TIOCLINUX = 0x541C
 
@@ -81,7 +96,19 @@ DENIED: tuple[Rule, ...] = (
     Rule("userfaultfd", why="a classic aid to kernel exploits"),
     *(
         Rule(name, why="reads or writes another process")
-        for name in ("ptrace", "process_vm_readv", "process_vm_writev", "kcmp")
+        for name in ("ptrace", "process_vm_readv", "process_vm_writev", "kcmp", "pidfd_getfd")
+    ),
+    *(
+        Rule(
+            call,
+            errno=errno.EAFNOSUPPORT,
+            arg=0,
+            mask=0xFFFFFFFF,
+            value=family,
+            why=f"{name}: not a family a session needs",
+        )
+        for name, family in DENIED_FAMILIES.items()
+        for call in ("socket", "socketpair")
     ),
     Rule("unshare", why="new namespaces (a user namespace brings capabilities)"),
     Rule("setns", why="joins other namespaces"),
