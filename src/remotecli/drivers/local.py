@@ -33,12 +33,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import json
 import os
 import secrets
 import shutil
-import signal
 import stat
 import struct
 import sys
@@ -54,7 +52,15 @@ from remotecli.sandbox import files, launch, seccomp
 from remotecli.sandbox.cgroups import CgroupHost, Limits, SessionCgroup, human_bytes
 from remotecli.sandbox.egress import EGRESS_CHOICES, EgressFilter
 from remotecli.sandbox.network import Pasta, connect_loopback, open_namespace, tun_problem
-from remotecli.sandbox.uids import Lease, UidPool, processes_of_uid
+from remotecli.sandbox.processes import (
+    MARKER_VARIABLE,
+    become_subreaper,
+    kill,
+    proc_stat,
+    reap,
+    session_processes,
+)
+from remotecli.sandbox.uids import Lease, UidPool
 
 log = get_logger("driver.local")
 
@@ -66,12 +72,8 @@ SANDBOX_RUN = "/run/session"
 SANDBOX_UID = 1000
 SANDBOX_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
-_PR_SET_CHILD_SUBREAPER = 36
-_MARKER_VARIABLE = "REMOTECLI_SANDBOX"
-_REAP_TIMEOUT = 5.0
 _UNIX_PATH_MAX = 107  # sun_path is 108 bytes with the terminating NUL
 _POLL_INTERVAL = 0.01
-_ENVIRON_HEAD = 4096
 _REPORT_LINE_MAX = 256  # "display 12", "exited xterm 0": a longer line is not ours
 _REPORT_LINES_MAX = 16
 _REPORTERS = ("Xvfb", "xterm", "x11vnc")
@@ -140,65 +142,6 @@ case $who in
 esac
 echo "exited $name $status"
 """
-
-
-def _become_subreaper() -> None:
-    """Make this process the reaper of orphaned descendants (Linux), so kills leave no zombie."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-
-
-def _proc_stat(pid: int) -> tuple[int, int, str, int] | None:
-    """Return (ppid, pgrp, state, start time) of ``pid`` from /proc, or None if it is gone."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = raw[raw.rindex(")") + 2 :].split()
-    return int(fields[1]), int(fields[2]), fields[0], int(fields[19])
-
-
-def session_processes(
-    marker: str,
-    pgid: int | None = None,
-    uid: int | None = None,
-    cgroup: SessionCgroup | None = None,
-) -> list[int]:
-    """Return the PIDs of one session (zombies included).
-
-    With a ``uid`` of its own (a root controller), every process running as it or in its
-    ``cgroup``: a hostile session can leave its process group and clear its environment, not
-    change its uid or cgroup. (The launcher, root until it drops, is the driver's own child,
-    killed by its pid.) Without one, its process group and every process carrying its
-    ``REMOTECLI_SANDBOX`` marker (Xvfb and xterm's shell leave the group); the marker is the
-    first variable of the environment, so only a bounded head of each environment is read.
-    """
-    needle = f"\0{_MARKER_VARIABLE}={marker}\0".encode()
-    members = set(processes_of_uid(uid)) if uid is not None else set()
-    if cgroup is not None:
-        with contextlib.suppress(OSError):
-            members.update(cgroup.pids())
-    if uid is not None:
-        return sorted(members)
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        pid = int(entry)
-        stat_ = _proc_stat(pid)
-        if stat_ is None:
-            continue
-        if stat_[1] == pgid:
-            members.add(pid)
-            continue
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as handle:
-                environ = handle.read(_ENVIRON_HEAD)
-        except OSError:
-            continue
-        if needle in b"\0" + environ:
-            members.add(pid)
-    return sorted(members)
 
 
 def sandbox_pids(workdir: Path) -> list[int]:
@@ -314,7 +257,7 @@ class LocalDriver:
         self.cgroups = CgroupHost.detect() if self.privileged else None
         self.egress, self.egress_reason = self._choose_egress(egress)
         self._sessions: dict[str, _Session] = {}
-        _become_subreaper()
+        become_subreaper()
 
     def _choose_egress(self, wanted: str) -> tuple[str, str]:
         if self.bwrap is None:
@@ -431,11 +374,11 @@ class LocalDriver:
         if session is None:
             return
         pgid = session.process.pid if session.process is not None else None
-        killed = _kill(_members(session))
+        killed = kill(_members(session))
         if session.process is not None:
             with contextlib.suppress(ProcessLookupError):
                 await session.process.wait()
-        await _reap(session.marker, pgid, killed, session.uid)
+        await reap(session.marker, pgid, killed, session.uid)
         for task in (*session.tasks, session.exited):
             if task is not None and not task.done():
                 task.cancel()
@@ -474,10 +417,10 @@ class LocalDriver:
         # number may belong to someone else by now.
         marked = session_processes(marker)
         pgid: int | None = int(pid_text)
-        if not any((stat_ := _proc_stat(pid)) is not None and stat_[1] == pgid for pid in marked):
+        if not any((stat_ := proc_stat(pid)) is not None and stat_[1] == pgid for pid in marked):
             pgid = None
         leftovers = session_processes(marker, pgid, uid)
-        await _reap(marker, pgid, _kill(leftovers), uid)
+        await reap(marker, pgid, kill(leftovers), uid)
         if self.cgroups is not None and self.cgroups.version is not None:
             # Only this session's cgroup: others may belong to sessions of other controllers.
             others = {e.name for p in self.cgroups.parents if p.is_dir() for e in p.iterdir()}
@@ -521,7 +464,7 @@ class LocalDriver:
         home, run_dir = self._prepare(session)
         if self.cgroups is not None and self.cgroups.version is not None:
             session.cgroup = self.cgroups.create(spec.session_id, self.limits)
-        env = {_MARKER_VARIABLE: session.marker, **self._environment(spec)}
+        env = {MARKER_VARIABLE: session.marker, **self._environment(spec)}
         child_fds: list[int] = []
         info_fd = block_fd = -1
         try:
@@ -572,7 +515,7 @@ class LocalDriver:
                     session.uid,
                     session.uid,
                     log_path=spec.workdir / "pasta.log",
-                    extra_env={_MARKER_VARIABLE: session.marker},
+                    extra_env={MARKER_VARIABLE: session.marker},
                 )
                 if session.cgroup is not None:  # its CPU and memory are the session's
                     for procs in session.cgroup.procs_files:
@@ -724,7 +667,7 @@ class LocalDriver:
         except (ValueError, UnicodeDecodeError, asyncio.LimitOverrunError):
             session.reason = "the session wrote to the driver's report channel; ended"
             log.warning("session_report_violation", session_id=session.spec.session_id)
-            _kill(_members(session))
+            kill(_members(session))
 
     async def _watch(self, session: _Session) -> str:
         assert session.process is not None
@@ -733,8 +676,8 @@ class LocalDriver:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         pgid = session.process.pid
-        killed = _kill(_members(session))
-        await _reap(session.marker, pgid, killed, session.uid)
+        killed = kill(_members(session))
+        await reap(session.marker, pgid, killed, session.uid)
         self._note_oom(session)
         if session.reason is None:
             session.reason = (
@@ -764,7 +707,7 @@ class LocalDriver:
         while not self._note_oom(session):  # noqa: ASYNC110 -- a counter in a file: polled
             await asyncio.sleep(_MEMORY_POLL_INTERVAL)
         log.warning("session_out_of_memory", session_id=session.spec.session_id)
-        _kill(_members(session))
+        kill(_members(session))
 
     async def _await_display(self, session: _Session, progress: ProgressCallback) -> None:
         while True:
@@ -873,47 +816,3 @@ def _remove_workdir(workdir: Path) -> None:
     files.unmount(workdir / "home")
     files.unmount(workdir)
     files.remove_tree(workdir)
-
-
-def _kill(pids: list[int]) -> dict[int, int]:
-    """SIGKILL ``pids``; return them with their start times, to follow them as zombies."""
-    known = {}
-    for pid in pids:
-        info = _proc_stat(pid)
-        if info is not None:
-            known[pid] = info[3]
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    return known
-
-
-async def _reap(
-    marker: str, pgid: int | None, known: dict[int, int], uid: int | None = None
-) -> None:
-    """Wait until no process of the session is left, reaping those orphaned to us.
-
-    ``known`` (from :func:`_kill`) keeps zombies in view: a zombie's environment, hence its
-    marker, is no longer readable.
-    """
-    deadline = time.monotonic() + _REAP_TIMEOUT
-    me = os.getpid()
-    while True:
-        members = set(session_processes(marker, pgid, uid))
-        members.update(
-            pid
-            for pid, start in known.items()
-            if (info := _proc_stat(pid)) is not None and info[3] == start
-        )
-        if not members:
-            return
-        for pid in members:
-            info = _proc_stat(pid)
-            if info is not None and info[0] == me and info[2] == "Z":
-                with contextlib.suppress(ChildProcessError):
-                    os.waitpid(pid, os.WNOHANG)  # noqa: ASYNC222 -- a zombie: returns at once
-            elif info is not None and info[2] != "Z":
-                known.update(_kill([pid]))
-        if time.monotonic() > deadline:
-            log.warning("session_processes_left", marker=marker, pids=sorted(members))
-            return
-        await asyncio.sleep(_POLL_INTERVAL)
