@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import signal
@@ -24,7 +25,14 @@ from websockets.uri import parse_uri
 from remotecli.config import GatewayConfig
 from remotecli.controller.bridge import WRITE_BUFFER_HIGH, VncBridge, VncTarget
 from remotecli.drivers.base import VncEndpoint
-from remotecli.exceptions import Conflict, Forbidden, NotAuthenticated, NotFound, RemoteCliError
+from remotecli.exceptions import (
+    Conflict,
+    Forbidden,
+    NotAuthenticated,
+    NotFound,
+    RemoteCliError,
+    TooManyRequests,
+)
 from remotecli.gateway import Gateway
 from tests.conftest import MS
 from tests.rfb_viewer import RfbViewer
@@ -229,15 +237,31 @@ async def test_accepts_binary_subprotocol_when_offered(stack: Stack) -> None:
 async def test_refusals_are_http_statuses_before_the_upgrade(
     stack: Stack, refusal: RemoteCliError, status: int
 ) -> None:
-    """An authorizer refusal is an HTTP response with its status and a plain-text reason."""
+    """An authorizer refusal is an HTTP response with its status and a JSON error and message."""
     stack.authorizer.refusal = refusal
     with pytest.raises(InvalidStatus) as caught:
         async with connect(stack.url()):
             pass
     response = caught.value.response
     assert response.status_code == status
-    assert response.body == (refusal.message + "\n").encode()
+    assert json.loads(response.body) == {"error": refusal.kind, "message": refusal.message}
     assert stack.authorizer.attached == []
+
+
+async def test_refusals_are_json_with_retry_after_past_the_limit(stack: Stack) -> None:
+    """A refusal answers JSON `error` and `message`, with Retry-After when the error has one."""
+    stack.authorizer.refusal = TooManyRequests("too many wrong credentials", retry_after=9)
+    with pytest.raises(InvalidStatus) as caught:
+        async with connect(stack.url()):
+            pass
+    response = caught.value.response
+    assert response.status_code == 429
+    assert response.headers["Content-Type"] == "application/json"
+    assert response.headers["Retry-After"] == "9"
+    assert json.loads(response.body) == {
+        "error": "too_many_requests",
+        "message": "too many wrong credentials",
+    }
 
 
 async def test_after_bridge_shutdown_new_viewers_get_503(stack: Stack) -> None:

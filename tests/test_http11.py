@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from remotecli import http11
-from remotecli.exceptions import BadRequest, HeaderTooLarge, UpgradeRequired, UpstreamBadResponse
+from remotecli.exceptions import (
+    BadRequest,
+    HeaderTooLarge,
+    UpgradeRequired,
+    UpstreamBadResponse,
+    UpstreamRefused,
+)
 from remotecli.http11 import BodyFraming, Framing, RequestHead, ResponseHead
 
 
@@ -120,22 +128,28 @@ def test_http10_without_host_is_accepted() -> None:
     http11.check_request_head(RequestHead("GET", "/", "1.0", []))
 
 
-def test_error_response_names_cause_and_closes() -> None:
-    """An error answer has the status, a text body with the cause, its length, and closes."""
-    raw = http11.error_response(502, "upstream 127.0.0.1:4000 refused the connection")
-    head, _, body = raw.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 502 Bad Gateway\r\n")
-    assert b"\r\nConnection: close" in head
-    assert f"Content-Length: {len(body)}".encode() in head
-    assert body == b"502 Bad Gateway: upstream 127.0.0.1:4000 refused the connection\n"
-
-
 def test_response_for_error_carries_extra_headers() -> None:
     """An error carrying headers (426's Sec-WebSocket-Version) has them in its answer."""
     error = UpgradeRequired("speak 13", headers=((b"Sec-WebSocket-Version", b"13"),))
     raw = http11.response_for_error(error)
     assert raw.startswith(b"HTTP/1.1 426 Upgrade Required\r\n")
     assert b"\r\nSec-WebSocket-Version: 13\r\n" in raw
+
+
+def test_response_for_error_is_json_naming_the_cause_and_closes() -> None:
+    """The gateway's own error answer is JSON `error` and `message`, with its length, and closes."""
+    raw = http11.response_for_error(
+        UpstreamRefused("upstream 127.0.0.1:4000 refused the connection")
+    )
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 502 Bad Gateway\r\n")
+    assert b"\r\nContent-Type: application/json\r\n" in head
+    assert b"\r\nConnection: close" in head
+    assert f"Content-Length: {len(body)}".encode() in head
+    assert json.loads(body) == {
+        "error": "refused",
+        "message": "upstream 127.0.0.1:4000 refused the connection",
+    }
 
 
 def test_encode_chunk() -> None:

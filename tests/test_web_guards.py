@@ -372,7 +372,7 @@ async def test_gateway_command_allowed_host(args: tuple[str, ...], env: dict[str
             assert own.status_code == 404
             refused = await client.get(url, headers={"Host": "evil.example"})
             assert refused.status_code == 421
-            assert "421 Misdirected Request" in refused.text
+            assert refused.json()["error"] == "misdirected_request"
     finally:
         process.terminate()
         await process.wait()

@@ -12,6 +12,7 @@
     │   ├── NotAuthenticated         401 no or wrong credentials
     │   ├── Forbidden                403 credentials fine, not allowed (Origin, ticket)
     │   ├── NotFound                 404 no route, no such session (or someone else's)
+    │   ├── MethodNotAllowed         405 the path exists, the method does not
     │   ├── RequestTimeout           408 request head not complete in time (slowloris)
     │   ├── Conflict                 409 the state machine refuses the transition
     │   ├── MisdirectedRequest       421 Host is not one this server answers for (DNS rebinding)
@@ -34,9 +35,21 @@
 Each exception carries data, not only a message: the HTTP ``status`` it maps to, the WebSocket
 ``close_code`` used when it ends a tunnel or a bridge, and a ``kind`` label used in logs and
 metrics. Messages name the cause and, where there is one, the next step.
+
+:func:`http_answer` and :func:`close_for` are the one mapping from these errors to what a peer
+sees: an HTTP answer ``{"error": kind, "message": ...}`` (the gateway's own answers, the
+controller's API and the VNC bridge's refusals alike) or a WebSocket close code and reason.
+
+(The sandbox launcher's ``SetupError`` is the one exception outside this tree: the launcher runs
+as ``python -I -S`` with the standard library only, and its error never leaves that process; it
+becomes exit status 126 and a line on stderr, which the local driver puts in the session's
+failure reason.)
 """
 
 from __future__ import annotations
+
+import json
+from dataclasses import dataclass
 
 
 class RemoteCliError(Exception):
@@ -104,6 +117,11 @@ class Forbidden(ClientError):
 class NotFound(ClientError):
     status = 404
     kind = "not_found"
+
+
+class MethodNotAllowed(ClientError):
+    status = 405
+    kind = "method_not_allowed"
 
 
 class RequestTimeout(ClientError):
@@ -198,3 +216,78 @@ class DriverError(SessionError):
 class VncUnavailable(SessionError):
     close_code = 1011
     kind = "vnc_unavailable"
+
+
+# --- the one mapping to what a peer sees ------------------------------------------------------
+
+Header = tuple[str, str]
+MAX_CLOSE_REASON = 123  # RFC 6455 5.5: a control frame's payload is at most 125 bytes
+
+
+@dataclass(frozen=True)
+class ErrorAnswer:
+    """An HTTP answer to an error: status, headers (Content-Type included) and JSON body."""
+
+    status: int
+    headers: tuple[Header, ...]
+    body: bytes
+
+
+def http_answer(exc: RemoteCliError) -> ErrorAnswer:
+    """Map ``exc`` to its HTTP answer: its status, ``{"error": kind, "message": ...}``.
+
+    Adds ``WWW-Authenticate`` to a 401, ``Retry-After`` when the error carries ``retry_after``
+    and any ``headers`` it carries (426's ``Sec-WebSocket-Version``). The caller adds framing
+    (Content-Length, Connection) as its transport needs.
+    """
+    headers: list[Header] = [("Content-Type", "application/json")]
+    if exc.status == 401:
+        headers.append(("WWW-Authenticate", 'Bearer realm="remotecli"'))
+    retry_after = exc.data.get("retry_after")
+    if isinstance(retry_after, int):
+        headers.append(("Retry-After", str(retry_after)))
+    extra = exc.data.get("headers", ())
+    assert isinstance(extra, tuple | list)
+    for name, value in extra:
+        headers.append((_text(name), _text(value)))
+    body = json.dumps(
+        {"error": exc.kind, "message": exc.message}, ensure_ascii=False, separators=(",", ":")
+    )
+    return ErrorAnswer(exc.status, tuple(headers), body.encode())
+
+
+def error_for_status(status: int, message: str, **data: object) -> RemoteCliError:
+    """Return the error of this tree that ``status`` means (a framework's HTTP exception)."""
+    for cls in _BY_STATUS:
+        if cls.status == status:
+            return cls(message, **data)
+    error = ClientError(message, **data) if status < 500 else RemoteCliError(message, **data)
+    error.status = status
+    return error
+
+
+def close_for(exc: RemoteCliError) -> tuple[int, str]:
+    """Map ``exc`` to the WebSocket close code and reason (cut to fit a close frame)."""
+    reason = exc.message.encode()[:MAX_CLOSE_REASON].decode(errors="ignore")
+    return exc.close_code, reason
+
+
+def _text(value: object) -> str:
+    return value.decode("latin-1") if isinstance(value, bytes) else str(value)
+
+
+_BY_STATUS: tuple[type[RemoteCliError], ...] = (
+    BadRequest,
+    NotAuthenticated,
+    Forbidden,
+    NotFound,
+    MethodNotAllowed,
+    RequestTimeout,
+    Conflict,
+    MisdirectedRequest,
+    Unprocessable,
+    UpgradeRequired,
+    TooManyRequests,
+    HeaderTooLarge,
+    ServiceUnavailable,
+)

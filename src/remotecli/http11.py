@@ -10,8 +10,9 @@ Content-Length and Transfer-Encoding, repeated or malformed Content-Length, or a
 Transfer-Encoding other than ``chunked``; each refusal is a :class:`BadRequest` (400). Headers
 meant for one hop only (RFC 9110 7.6.1: Connection, those it names, Keep-Alive,
 Proxy-Connection, TE, Transfer-Encoding, Upgrade) are dropped by :func:`end_to_end` before a
-head is forwarded. Every error the gateway answers is rendered by :func:`error_response` with a
-plain-text body naming the cause and the next step.
+head is forwarded. Every error the gateway answers is rendered by :func:`response_for_error`
+from :func:`remotecli.exceptions.http_answer`: a JSON body naming the cause and the next step,
+the same shape as the controller API's errors.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from remotecli.exceptions import (
     HeaderTooLarge,
     RemoteCliError,
     UpstreamBadResponse,
+    http_answer,
 )
 
 Header = tuple[bytes, bytes]
@@ -228,7 +230,7 @@ def simple_response(
     headers: Iterable[Header] = (),
     close: bool = False,
 ) -> bytes:
-    """Return a whole response with a Content-Length body (health checks, error answers)."""
+    """Return a whole response with a Content-Length body (the gateway's own health check)."""
     all_headers = [
         (b"Content-Type", content_type),
         (b"Content-Length", str(len(body)).encode()),
@@ -239,19 +241,13 @@ def simple_response(
     return serialize_response(ResponseHead(status, headers=all_headers)) + body
 
 
-def error_response(status: int, cause: str, *, headers: Iterable[Header] = ()) -> bytes:
-    """Return a closing error response whose body names the cause and the next step."""
-    body = f"{status} {_reason(status)}: {cause}\n".encode()
-    return simple_response(status, body, headers=headers, close=True)
-
-
 def response_for_error(exc: RemoteCliError) -> bytes:
-    """Map any RemoteCliError to the HTTP answer the client gets (the one place this happens)."""
-    status = exc.data.get("status", exc.status)
-    extra = exc.data.get("headers", ())
-    assert isinstance(status, int)
-    assert isinstance(extra, tuple | list)
-    return error_response(status, exc.message, headers=extra)
+    """Return the closing HTTP answer the client gets for ``exc`` (see ``http_answer``)."""
+    answer = http_answer(exc)
+    headers = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in answer.headers]
+    headers.append((b"Content-Length", str(len(answer.body)).encode()))
+    headers.append((b"Connection", b"close"))
+    return serialize_response(ResponseHead(answer.status, headers=headers)) + answer.body
 
 
 def _reason(status: int) -> str:

@@ -6,8 +6,9 @@ is, and how wrong credentials are limited, is decided in one place, the manager'
 URL's routes are in :mod:`remotecli.controller.login`. A session that is not the caller's
 answers 404 as if it did not exist. Session ids and provider names are
 checked against strict patterns before they reach the store or the filesystem (422).
-:func:`error_response` is the one place a :class:`RemoteCliError` becomes an HTTP response:
-``{"error": kind, "message": ...}`` with the error's status. The app sits behind the gateway on
+:func:`error_response` turns a :class:`RemoteCliError` into its HTTP response through the one
+mapping, :func:`remotecli.exceptions.http_answer`: ``{"error": kind, "message": ...}`` with the
+error's status, as the gateway's own answers are. The app sits behind the gateway on
 a private Unix socket, so it believes the gateway's ``X-Forwarded-*`` headers. The OpenAPI
 document is served at ``/api/openapi.json``; there is no browsable docs page (Swagger UI would
 load a script from a CDN into our origin).
@@ -40,7 +41,14 @@ from remotecli.controller import login
 from remotecli.controller.events import SessionEvent
 from remotecli.controller.sessions import SessionManager
 from remotecli.controller.store import SessionRecord
-from remotecli.exceptions import ConfigError, RemoteCliError
+from remotecli.exceptions import (
+    ConfigError,
+    RemoteCliError,
+    ServiceUnavailable,
+    Unprocessable,
+    error_for_status,
+    http_answer,
+)
 from remotecli.logs import get_logger
 from remotecli.states import State, is_final
 
@@ -54,20 +62,6 @@ SSE_KEEPALIVE = 15.0
 SessionId = Annotated[
     str, PathParam(pattern=SESSION_ID_PATTERN, description="A session id (1-64 of A-Za-z0-9_-)")
 ]
-
-_STATUS_KINDS = {
-    400: "bad_request",
-    401: "not_authenticated",
-    403: "forbidden",
-    404: "not_found",
-    421: "misdirected_request",
-    405: "method_not_allowed",
-    409: "conflict",
-    422: "unprocessable",
-    429: "too_many_requests",
-    503: "unavailable",
-}
-
 
 # --- models ---------------------------------------------------------------------------------------
 
@@ -120,17 +114,10 @@ class TicketOut(BaseModel):
 # --- errors ---------------------------------------------------------------------------------------
 
 
-def error_response(exc: RemoteCliError) -> JSONResponse:
-    """Map a RemoteCliError to its HTTP response: its status, ``{"error", "message"}``."""
-    headers: dict[str, str] = {}
-    if exc.status == 401:
-        headers["WWW-Authenticate"] = 'Bearer realm="remotecli"'
-    retry_after = exc.data.get("retry_after")
-    if isinstance(retry_after, int):
-        headers["Retry-After"] = str(retry_after)
-    return JSONResponse(
-        {"error": exc.kind, "message": exc.message}, status_code=exc.status, headers=headers
-    )
+def error_response(exc: RemoteCliError) -> Response:
+    """Return the HTTP response for ``exc`` as :func:`http_answer` maps it."""
+    answer = http_answer(exc)
+    return Response(answer.body, status_code=answer.status, headers=dict(answer.headers))
 
 
 def _timestamp(value: float | None) -> datetime | None:
@@ -222,30 +209,23 @@ def create_app(
     metrics_registry = registry if registry is not None else prometheus_client.REGISTRY
 
     @app.exception_handler(RemoteCliError)
-    async def _remotecli_error(request: Request, exc: RemoteCliError) -> JSONResponse:
+    async def _remotecli_error(request: Request, exc: RemoteCliError) -> Response:
         return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
         )
-        return JSONResponse(
-            {"error": "unprocessable", "message": f"invalid request: {problems}"},
-            status_code=422,
-        )
+        return error_response(Unprocessable(f"invalid request: {problems}"))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        kind = _STATUS_KINDS.get(exc.status_code, "error")
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
         message = str(exc.detail)
         if exc.status_code == 404:
             message = f"no such path {request.url.path}; the API is described at /api/openapi.json"
-        return JSONResponse(
-            {"error": kind, "message": message},
-            status_code=exc.status_code,
-            headers=getattr(exc, "headers", None),
-        )
+        headers = tuple((getattr(exc, "headers", None) or {}).items())
+        return error_response(error_for_status(exc.status_code, message, headers=headers))
 
     def client_of(request: Request) -> str:
         return client_address(request, trusted)
@@ -403,17 +383,14 @@ def create_app(
         return {"status": "ok"}
 
     @app.get("/readyz", tags=["operations"], responses={503: {"model": ErrorOut}})
-    async def readyz() -> JSONResponse:
+    async def readyz() -> Response:
         """Answer 200 once sessions were recovered and the store answers; 503 otherwise.
 
         ``sandbox`` says what isolation and limits the driver enforces on this host (the local
         driver's :class:`~remotecli.drivers.local.Posture`), when it says.
         """
         if not manager.ready:
-            return JSONResponse(
-                {"error": "unavailable", "message": "starting up or shutting down"},
-                status_code=503,
-            )
+            return error_response(ServiceUnavailable("starting up or shutting down"))
         active = manager.store.count_active()
         body: dict[str, object] = {"status": "ready", "active_sessions": active}
         posture = getattr(manager.driver, "posture", None)

@@ -5,15 +5,17 @@ transport (:class:`remotecli.gateway.LocalUpgrade`); a :class:`_Viewer` protocol
 feeds the bytes to websockets' sans-I/O ``ServerProtocol``:
 
 1. handshake: the request's session id, cookie, Origin, Host and ``?ticket=`` go to the
-   :class:`VncAuthorizer`; a refusal is sent as an HTTP response with the status and a
-   plain-text reason, before any upgrade;
+   :class:`VncAuthorizer`; a refusal is sent, before any upgrade, as the HTTP answer
+   :func:`remotecli.exceptions.http_answer` maps it to (its status, a JSON ``error`` and
+   ``message``, ``Retry-After`` past the failed-credential limit);
 2. the bridge connects to the session's VNC endpoint (Unix or TCP). When the endpoint carries a
    password, it answers the server's VNC Authentication itself with :class:`remotecli.rfb.RfbClient`
    and later offers the viewer security type None (:class:`remotecli.rfb.NoAuthServerHandshake`);
 3. it sends the 101 (subprotocol ``binary`` when offered) and relays: binary payloads to the
    VNC socket, VNC bytes as binary messages. Each side's transport pauses the other side's
    reading when its write buffer is full (backpressure both ways);
-4. a text frame closes with 1003, the VNC endpoint going away with 1011 and the reason, a
+4. a text frame closes with 1003, the VNC endpoint going away with 1011 and the reason (an
+   error's close code and reason come from :func:`remotecli.exceptions.close_for`), a
    shutdown with 1001; a ping goes out every ``ping_interval`` and an unanswered one closes
    with 1011. One log line and the metrics are written when the connection ends.
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import re
 import secrets
 import struct
@@ -41,7 +44,15 @@ from websockets.speedups import apply_mask
 from websockets.typing import BytesLike, Subprotocol
 
 from remotecli.drivers.base import VncEndpoint
-from remotecli.exceptions import ProtocolError, RemoteCliError, VncUnavailable
+from remotecli.exceptions import (
+    NotFound,
+    ProtocolError,
+    RemoteCliError,
+    ServiceUnavailable,
+    VncUnavailable,
+    close_for,
+    http_answer,
+)
 from remotecli.gateway import ClientInfo, LocalUpgrade
 from remotecli.logs import get_logger
 from remotecli.rfb import ClientState, NoAuthServerHandshake, RfbClient
@@ -275,7 +286,7 @@ class _Viewer(asyncio.Protocol):
         path = urlsplit(request.path)
         match = self.pattern.fullmatch(path.path)
         if match is None:
-            self._reject(404, f"no VNC WebSocket at {path.path}")
+            self._reject(NotFound(f"no VNC WebSocket at {path.path}"))
             return
         self.session_id = match.group("id")
         tickets = parse_qs(path.query).get("ticket")
@@ -290,24 +301,33 @@ class _Viewer(asyncio.Protocol):
                 client=self.client.address,
             )
         except RemoteCliError as exc:
-            self._reject(exc.status, exc.message)
+            self._reject(exc)
             return
         except Exception:  # the authorizer's bug: answer 500 rather than drop the viewer
             log.exception("vnc_authorizer_failed", session_id=self.session_id)
-            self._reject(500, "internal error while checking credentials; see the server log")
+            self._reject(
+                RemoteCliError("internal error while checking credentials; see the server log")
+            )
             return
         if self.bridge.closing:
-            self._reject(503, "the server is shutting down; reconnect in a moment")
+            self._reject(ServiceUnavailable("the server is shutting down; reconnect in a moment"))
             return
         self.owner = target.owner
         self._connect_task = asyncio.get_running_loop().create_task(
             self._connect(request, target.endpoint)
         )
 
-    def _reject(self, status: int, reason: str) -> None:
-        self.status = status
-        self.close_reason = reason
-        self.ws.send_response(self.ws.reject(status, reason + "\n"))
+    def _reject(self, exc: RemoteCliError) -> None:
+        """Refuse the upgrade with the HTTP answer ``exc`` maps to, and close."""
+        answer = http_answer(exc)
+        self.status = answer.status
+        self.close_reason = exc.message
+        response = self.ws.reject(answer.status, "")  # websockets' Date and Connection: close
+        del response.headers["Content-Type"]
+        del response.headers["Content-Length"]
+        response.headers.update(answer.headers)
+        response.headers["Content-Length"] = str(len(answer.body))
+        self.ws.send_response(dataclasses.replace(response, body=answer.body))
         self._flush()
         if self.transport is not None:
             self.transport.close()
@@ -341,8 +361,10 @@ class _Viewer(asyncio.Protocol):
             if upstream.transport is not None:
                 upstream.transport.abort()
             self._accept(request)
-            self.close(
-                1011, f"VNC endpoint {endpoint.describe()} {what}; the session may have stopped"
+            self.fail(
+                VncUnavailable(
+                    f"VNC endpoint {endpoint.describe()} {what}; the session may have stopped"
+                )
             )
             return
         if self.transport is None or self.transport.is_closing():
@@ -386,7 +408,7 @@ class _Viewer(asyncio.Protocol):
             try:
                 self.viewer_rfb.receive_data(bytes(payload))
             except ProtocolError as exc:
-                self.close(1002, exc.message)
+                self.fail(exc)
                 return
             self._to_viewer(self.viewer_rfb.data_to_send(), count=False)
             if not self.viewer_rfb.done:
@@ -490,6 +512,10 @@ class _Viewer(asyncio.Protocol):
             self.ws.send_close(code, reason[:120])
             self._flush()
         self._close_upstream()
+
+    def fail(self, exc: RemoteCliError) -> None:
+        """Close with the code and reason ``exc`` maps to (see ``close_for``)."""
+        self.close(*close_for(exc))
 
     def abort(self) -> None:
         """Drop the viewer's connection without a closing handshake."""

@@ -1,5 +1,25 @@
 // The controller's HTTP API as the dashboard uses it: JSON calls, the SSE stream, and errors in
 // words. Calls go to the same origin with the login cookie; nothing here touches the page.
+// The API is read as docs/api.md and /api/openapi.json describe it, nothing guessed:
+// tests/test_dashboard_contract.py checks API_FIELDS and EVENT_NAMES against them, and that the
+// pages read no other field.
+
+/**
+ * The fields of the API's answers the dashboard reads, by OpenAPI schema name ("events" is the
+ * SSE `data:` object of GET /api/sessions/{id}/events). The pages hold each answer in a variable
+ * named for it (`problem`: ErrorOut, `provider`, `session` or `current`, `ticket`, `sse`), so
+ * the test can find every field they read.
+ */
+export const API_FIELDS = {
+  ErrorOut: ["message"],
+  ProviderOut: ["name", "title", "available", "hint"],
+  SessionOut: ["id", "provider", "state", "reason", "created_at"],
+  TicketOut: ["vnc_path"],
+  events: ["state", "reason", "message"],
+};
+
+/** The SSE event names the events stream sends. */
+export const EVENT_NAMES = ["state", "progress"];
 
 /** An API call that failed; `status` is 0 when the server could not be reached at all. */
 export class ApiError extends Error {
@@ -38,44 +58,27 @@ export async function api(method, path, body) {
     }
   }
   if (!response.ok) {
-    throw new ApiError(response.status, describeFailure(response.status, data, text));
+    throw new ApiError(response.status, describeFailure(response.status, data));
   }
   return data;
 }
 
-/** Turn an error response into a sentence, preferring the server's own explanation. */
-function describeFailure(status, data, text) {
+/** Turn an error response into a sentence: the server's `message`, or one naming the status. */
+function describeFailure(status, problem) {
   if (status === 401) return NOT_AUTHORISED;
-  const detail = data && (data.detail ?? data.message ?? data.error);
-  let message = "";
-  if (typeof detail === "string") message = detail;
-  else if (detail && typeof detail.message === "string") message = detail.message;
-  else if (Array.isArray(detail)) message = detail.map((item) => item.msg ?? "").join("; ");
-  else if (!data && text && text.length < 300) message = text.trim();
+  if (typeof problem?.message === "string" && problem.message) return problem.message;
   if (status === 502 || status === 503 || status === 504) {
-    return message || `The server is not answering (HTTP ${status}); try again in a moment.`;
+    return `The server is not answering (HTTP ${status}); try again in a moment.`;
   }
-  return message || `The server refused the request (HTTP ${status}).`;
-}
-
-/** Accept either a bare JSON list or an object holding the list under `key`. */
-export function listOf(data, key) {
-  if (Array.isArray(data)) return data;
-  if (data && Array.isArray(data[key])) return data[key];
-  return [];
+  return `The server refused the request (HTTP ${status}).`;
 }
 
 /** The states after which a session never runs again. */
 export const FINAL_STATES = new Set(["stopped", "failed"]);
 
-/** The state and reason carried by a session object or an SSE event payload. */
-export function sessionFacts(data) {
-  const session = data && typeof data.session === "object" && data.session ? data.session : data;
-  return {
-    state: session?.state ?? data?.state ?? null,
-    reason: session?.reason ?? data?.reason ?? null,
-    message: data?.message ?? data?.step ?? data?.progress ?? data?.detail ?? null,
-  };
+/** The state, reason and progress message of an SSE event's data. */
+export function sessionFacts(sse) {
+  return { state: sse.state, reason: sse.reason, message: sse.message };
 }
 
 /** Explain in words why a session is over, from its state and reason. */
@@ -86,25 +89,17 @@ export function endedMessage(state, reason) {
   return `The session ended: it was stopped${reason ? ` (${reason})` : ""}.`;
 }
 
-const EVENT_NAMES = ["message", "state", "progress", "session", "status", "ready", "failed"];
-
 /**
- * Follow a session's event stream; call `onEvent(facts, raw)` for each event.
+ * Follow a session's event stream; call `onEvent(facts, type)` for each event.
  * Returns a function that closes the stream. The stream is closed by itself once the session
  * reaches a final state (the browser would otherwise reconnect to it forever).
  */
 export function followEvents(sessionId, onEvent, onBroken) {
   const source = new EventSource(`/api/sessions/${encodeURIComponent(sessionId)}/events`);
   const handle = (event) => {
-    let data = null;
-    try {
-      data = JSON.parse(event.data);
-    } catch {
-      data = { message: event.data };
-    }
-    const facts = sessionFacts(data);
-    if (facts.state && FINAL_STATES.has(facts.state)) source.close();
-    onEvent(facts, data, event.type);
+    const facts = sessionFacts(JSON.parse(event.data));
+    if (FINAL_STATES.has(facts.state)) source.close();
+    onEvent(facts, event.type);
   };
   for (const name of EVENT_NAMES) source.addEventListener(name, handle);
   source.addEventListener("error", () => {

@@ -1,7 +1,7 @@
 // The dashboard page: sign-in state, the provider cards, "My sessions", the progress of a new
 // session from its event stream, and the live view (viewer.js). Plain ES modules, no build step.
 
-import { api, ApiError, endedMessage, FINAL_STATES, followEvents, listOf, sessionFacts } from "./api.js";
+import { api, ApiError, endedMessage, FINAL_STATES, followEvents } from "./api.js";
 import { Viewer } from "./viewer.js";
 
 const NOVNC_URL = "/dashboard/remote-cli/novnc/rfb.js";
@@ -89,7 +89,7 @@ function element(tag, text, className) {
 async function refresh() {
   let sessions;
   try {
-    sessions = listOf(await api("GET", "/api/sessions"), "sessions");
+    sessions = await api("GET", "/api/sessions");
   } catch (error) {
     if (error instanceof ApiError && error.status === 401) {
       showLogin();
@@ -122,7 +122,7 @@ async function showMain() {
     // the banner already says how to install noVNC; connecting will say it again
   });
   try {
-    page.providers = listOf(await api("GET", "/api/providers"), "providers");
+    page.providers = await api("GET", "/api/providers");
   } catch (error) {
     showBanner(error.message);
   }
@@ -131,34 +131,24 @@ async function showMain() {
 
 // --- providers ---------------------------------------------------------------------------------
 
-function providerId(provider) {
-  return provider.name ?? provider.id;
-}
-
-function providerTitle(provider) {
-  return provider.title ?? provider.label ?? provider.display_name ?? providerId(provider);
-}
-
 function renderProviders() {
   const list = $("providers");
   list.replaceChildren();
   for (const provider of page.providers) {
-    const available = provider.available !== false;
     const item = element("li", undefined, "card");
-    const connect = button(providerTitle(provider), () => startSession(provider), {
-      disabled: !available,
+    const connect = button(provider.title, () => startSession(provider), {
+      disabled: !provider.available,
       className: "card-button",
     });
-    connect.dataset.provider = providerId(provider);
+    connect.dataset.provider = provider.name;
     item.append(connect);
-    const note = provider.description ?? (available ? "" : "Not available.");
-    if (!available && provider.hint) {
+    if (!provider.available && provider.hint) {
       const hint = element("p", provider.hint, "hint");
-      hint.id = `hint-${providerId(provider)}`;
+      hint.id = `hint-${provider.name}`;
       connect.setAttribute("aria-describedby", hint.id);
       item.append(hint);
-    } else if (note) {
-      item.append(element("p", note, "muted"));
+    } else if (!provider.available) {
+      item.append(element("p", "Not available.", "muted"));
     }
     list.append(item);
   }
@@ -169,14 +159,13 @@ function renderProviders() {
 
 async function startSession(provider) {
   const started = performance.now();
-  const name = providerId(provider);
   for (const card of document.querySelectorAll(".card-button")) card.disabled = true;
   resetProgress();
-  addStep(`Starting ${providerTitle(provider)}…`, started);
-  setStatus("connecting", `Starting ${providerTitle(provider)}…`);
+  addStep(`Starting ${provider.title}…`, started);
+  setStatus("connecting", `Starting ${provider.title}…`);
   let session;
   try {
-    session = await api("POST", "/api/sessions", { provider: name });
+    session = await api("POST", "/api/sessions", { provider: provider.name });
   } catch (error) {
     addStep(error.message, started, "error");
     setStatus("error", error.message);
@@ -195,7 +184,7 @@ async function startSession(provider) {
 function watchSession(session, started) {
   if (page.stopEvents) page.stopEvents();
   page.viewing = session.id;
-  $("viewer-session").textContent = `${session.provider ?? ""} · ${session.id}`;
+  $("viewer-session").textContent = `${session.provider} · ${session.id}`;
   let viewing = false;
   const onState = (state, reason) => {
     updateSession(session.id, { state, reason });
@@ -307,7 +296,7 @@ function renderSessions() {
     item.dataset.state = session.state;
     const title = element("div", undefined, "session-title");
     title.append(
-      element("strong", session.provider ?? "session"),
+      element("strong", session.provider),
       element("span", session.state, `badge state-${session.state}`),
     );
     const facts = element("div", sessionFactsText(session), "muted facts");

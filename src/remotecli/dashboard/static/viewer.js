@@ -71,17 +71,14 @@ export class Viewer extends EventTarget {
     let ticket;
     try {
       RFB = await this.loadRfb();
-      const answer = await api("POST", `/api/sessions/${encodeURIComponent(sessionId)}/ticket`);
-      ticket = answer?.ticket ?? answer?.token;
-      if (typeof ticket !== "string") throw new ApiError(500, "The server sent no ticket.");
+      ticket = await api("POST", `/api/sessions/${encodeURIComponent(sessionId)}/ticket`);
     } catch (error) {
       if (generation === this.generation) await this.dropped(generation, { error });
       return;
     }
     if (generation !== this.generation) return;
     const scheme = location.protocol === "https:" ? "wss:" : "ws:";
-    const path = `/api/sessions/${encodeURIComponent(sessionId)}/vnc`;
-    const url = `${scheme}//${location.host}${path}?ticket=${encodeURIComponent(ticket)}`;
+    const url = `${scheme}//${location.host}${ticket.vnc_path}`;
     const socket = new WebSocket(url, ["binary"]);
     socket.addEventListener("close", (event) => {
       this.lastClose = { code: event.code, reason: event.reason };
@@ -178,9 +175,9 @@ export class Viewer extends EventTarget {
       }
       return { text: String(failure.message ?? failure), retry: true };
     }
-    const state = session?.state;
+    const state = session.state;
     if (FINAL_STATES.has(state) || state === "stopping") {
-      return { text: endedMessage(state, session?.reason), retry: false };
+      return { text: endedMessage(state, session.reason), retry: false };
     }
     if (error instanceof ApiError) {
       if (error.status === 409) return { text: "The session is not ready yet.", retry: true };

@@ -1,0 +1,126 @@
+"""The dashboard reads the API as /api/openapi.json describes it, and nothing it does not.
+
+The dashboard's ``api.js`` declares the fields it reads (``API_FIELDS``) and the SSE event names
+it listens to (``EVENT_NAMES``); these tests check the declaration against the OpenAPI document
+of a real controller, and check the pages' JavaScript against the declaration: every field read
+from a variable holding an API answer, and every API call, must be in it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import typing
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from remotecli.controller.events import SessionEvent
+from tests.banner_driver import banner_controller
+from tests.conftest import MS
+
+STATIC = Path(__file__).resolve().parents[1] / "src/remotecli/dashboard/static"
+PAGES = ("api.js", "app.js", "viewer.js")
+
+# The variable names the pages hold each kind of API answer in (see API_FIELDS in api.js).
+READERS = {
+    "problem": "ErrorOut",
+    "provider": "ProviderOut",
+    "session": "SessionOut",
+    "current": "SessionOut",
+    "ticket": "TicketOut",
+    "sse": "events",
+}
+
+# What each call the dashboard makes answers, as (array of?, schema) in the OpenAPI document.
+CALLS = {
+    ("get", "/api/providers"): (True, "ProviderOut"),
+    ("get", "/api/sessions"): (True, "SessionOut"),
+    ("post", "/api/sessions"): (False, "SessionOut"),
+    ("get", "/api/sessions/{session_id}"): (False, "SessionOut"),
+    ("delete", "/api/sessions/{session_id}"): (False, "SessionOut"),
+    ("post", "/api/sessions/{session_id}/ticket"): (False, "TicketOut"),
+}
+
+
+def _source(name: str) -> str:
+    return (STATIC / name).read_text()
+
+
+def _constant(name: str) -> Any:
+    """Return ``export const NAME = ...;`` of api.js, a JSON-like literal, as Python data."""
+    match = re.search(rf"export const {name} = (.*?);\n", _source("api.js"), re.DOTALL)
+    assert match is not None, f"api.js exports no {name}"
+    literal = re.sub(r"(\w+):", r'"\1":', match.group(1))  # quote the object keys
+    return json.loads(re.sub(r",(\s*[}\]])", r"\1", literal))  # and drop trailing commas
+
+
+def _schema_ref(schema: dict[str, Any]) -> str:
+    return str(schema["$ref"]).rsplit("/", 1)[-1]
+
+
+@pytest.fixture
+async def openapi(tmp_path: Path) -> AsyncIterator[dict[str, Any]]:
+    """The OpenAPI document a real controller serves through its gateway."""
+    async with (
+        banner_controller(tmp_path / "data") as controller,
+        httpx.AsyncClient(base_url=controller.url(), timeout=5000 * MS) as client,
+    ):
+        response = await client.get("/api/openapi.json")
+        assert response.status_code == 200
+        yield response.json()
+
+
+async def test_declared_fields_exist_in_the_schemas(openapi: dict[str, Any]) -> None:
+    """Every field API_FIELDS says the dashboard reads is a property of that OpenAPI schema."""
+    schemas = openapi["components"]["schemas"]
+    declared: dict[str, list[str]] = _constant("API_FIELDS")
+    for schema, fields in declared.items():
+        if schema == "events":
+            known = {field.name for field in dataclasses.fields(SessionEvent)}
+        else:
+            known = set(schemas[schema]["properties"])
+        assert set(fields) <= known, f"{schema} has no {sorted(set(fields) - known)}"
+
+
+async def test_calls_answer_the_declared_shapes(openapi: dict[str, Any]) -> None:
+    """Each call the pages make exists and answers a documented schema (lists as arrays)."""
+    made = set()
+    for name in PAGES:
+        for method, path in re.findall(r'api\("(\w+)", [`"]([^`"]+)[`"]', _source(name)):
+            made.add((method.lower(), re.sub(r"\$\{[^}]*\}", "{session_id}", path)))
+    assert made == set(CALLS)
+    for (method, path), (is_array, schema) in CALLS.items():
+        responses = openapi["paths"][path][method]["responses"]
+        ok = next(status for status in responses if status.startswith("2"))
+        body = responses[ok]["content"]["application/json"]["schema"]
+        if is_array:
+            assert body["type"] == "array", f"{method} {path}"
+            body = body["items"]
+        assert _schema_ref(body) == schema, f"{method} {path}"
+    assert _constant("API_FIELDS")["ErrorOut"] == ["message"]
+    assert set(openapi["components"]["schemas"]["ErrorOut"]["required"]) == {"error", "message"}
+
+
+def test_pages_read_only_declared_fields() -> None:
+    """Every field the pages read from an API answer is one API_FIELDS declares."""
+    declared: dict[str, list[str]] = _constant("API_FIELDS")
+    pattern = re.compile(rf"\b({'|'.join(READERS)})\??\.(\w+)")
+    read: set[tuple[str, str]] = set()
+    for name in PAGES:
+        for variable, field in pattern.findall(_source(name)):
+            read.add((READERS[variable], field))
+    assert read, "no API field reads found: did the variable names change?"
+    undeclared = {(schema, field) for schema, field in read if field not in declared[schema]}
+    assert undeclared == set()
+
+
+def test_event_names_are_the_ones_the_stream_sends() -> None:
+    """The dashboard listens to exactly the SSE event names the controller sends."""
+    sent = typing.get_args(typing.get_type_hints(SessionEvent)["type"])
+    assert sorted(_constant("EVENT_NAMES")) == sorted(sent)
+    assert re.search(r"for \(const name of EVENT_NAMES\)", _source("api.js"))
