@@ -55,6 +55,10 @@ class EchoDriver:
         self._servers: dict[str, asyncio.Server] = {}
         self._ended: dict[str, asyncio.Future[str]] = {}
 
+    def can_run(self, command: Any) -> tuple[str, ...] | str:
+        """Say every program can run: the echo server never runs one."""
+        return tuple(command)
+
     async def start(self, spec: Any, progress: Any) -> Any:
         """Listen on 127.0.0.1:0 for this session and return the endpoint."""
         from remotecli.drivers.base import VncEndpoint

@@ -20,7 +20,7 @@ from typing import Any
 
 from bench.report import Section, fmt, render, verdict
 from remotecli.drivers.base import SessionSpec, VncEndpoint
-from remotecli.drivers.qemu import QemuDriver
+from remotecli.drivers.qemu_bench import QemuBenchDriver
 from remotecli.exceptions import DriverError
 from remotecli.images import default_cache_dir, find_image
 
@@ -51,7 +51,7 @@ def pss_kib(pid: int) -> int | None:
 
 
 async def _timed(
-    driver: QemuDriver,
+    driver: QemuBenchDriver,
     starter: Callable[[SessionSpec], Awaitable[VncEndpoint]],
     workdir: Path,
     name: str,
@@ -65,7 +65,7 @@ async def _timed(
 async def _measure(workdir: Path, quick: bool) -> dict[str, Any]:
     cache = default_cache_dir()
     image = find_image(cache)
-    driver = QemuDriver(
+    driver = QemuBenchDriver(
         workdir / "data", image_cache=cache, template_cache=cache.parent / "templates"
     )
     cold_n, full_n, clone_n, batch_n = (1, 3, 10, 10) if quick else (3, 10, 30, 10)
@@ -121,7 +121,7 @@ async def _measure(workdir: Path, quick: bool) -> dict[str, Any]:
 async def _pooled_clones(workdir: Path, count: int) -> list[float]:
     """Sequential clones from a driver that keeps one QEMU process started ahead."""
     cache = default_cache_dir()
-    driver = QemuDriver(
+    driver = QemuBenchDriver(
         workdir / "pooled", image_cache=cache, template_cache=cache.parent / "templates",
         pool_size=1,
     )  # fmt: skip

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ from remotecli.config import ControllerConfig
 from remotecli.controller.server import Controller
 from remotecli.drivers.base import ProgressCallback, SessionSpec, VncEndpoint
 from remotecli.exceptions import DriverError
+from remotecli.providers import HostPrograms
 
 BANNER = b"RFB 003.008\n"
 
@@ -45,6 +46,10 @@ class BannerDriver:
         self.stopped: list[str] = []
         self.specs: dict[str, SessionSpec] = {}
         self._sandboxes: dict[str, _Sandbox] = {}
+
+    def can_run(self, command: Sequence[str]) -> tuple[str, ...] | str:
+        """Answer as the local driver does: the program must be on this host (never run here)."""
+        return HostPrograms().can_run(command)
 
     async def start(self, spec: SessionSpec, progress: ProgressCallback) -> VncEndpoint:
         """Listen on 127.0.0.1:0, read our own banner back (ready = banner read), return it."""

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
 from remotecli.config import ProviderConfig
 from remotecli.exceptions import ConfigError, Unprocessable
-from remotecli.providers import BUILTIN_PROVIDERS, Catalogue
+from remotecli.providers import BUILTIN_PROVIDERS, NOT_FOUND, NPM_PROVIDERS, Catalogue
 
 
 def make_program(directory: Path, name: str) -> Path:
@@ -87,3 +88,42 @@ def test_bad_configured_name_is_a_config_error() -> None:
     """A configured provider name outside the pattern is refused at start."""
     with pytest.raises(ConfigError, match="must match"):
         Catalogue([ProviderConfig("Bad Name", ("x",))], search_path="", extra_bin_dirs=[])
+
+
+class RecordingDriver:
+    """A driver's program check only: answers from a table and records what it was asked."""
+
+    def __init__(self, answers: dict[str, tuple[str, ...] | str]) -> None:
+        self.answers = answers
+        self.asked: list[tuple[str, ...]] = []
+
+    def can_run(self, command: Sequence[str]) -> tuple[str, ...] | str:
+        self.asked.append(tuple(command))
+        return self.answers.get(command[0], NOT_FOUND)
+
+
+def test_catalogue_asks_the_driver_not_the_host(tmp_path: Path) -> None:
+    """With a driver, availability and the argv are the driver's answer, whatever is on PATH."""
+    make_program(tmp_path / "bin", "codex")  # on the host, but the driver says no
+    driver = RecordingDriver({"bash": ("bash", "-l"), "codex": "`codex` is not in the image"})
+    catalogue = Catalogue(search_path=str(tmp_path / "bin"), extra_bin_dirs=[], driver=driver)
+    statuses = {s.name: s for s in catalogue.statuses()}
+    assert statuses["shell"].argv() == ["bash", "-l"]
+    assert not statuses["codex"].available
+    assert statuses["codex"].hint == "`codex` is not in the image"
+    assert ("codex",) in driver.asked
+
+
+def test_not_found_from_the_driver_shows_the_install_hint() -> None:
+    """A driver that answers NOT_FOUND leaves the provider's own install hint as the next step."""
+    catalogue = Catalogue(driver=RecordingDriver({}))
+    assert catalogue.get("gemini-cli").hint == "install it with `npm install -g @google/gemini-cli`"
+
+
+def test_npm_providers_come_from_the_builtins() -> None:
+    """The image builder's npm packages are the built-in providers' own, in catalogue order."""
+    assert NPM_PROVIDERS == {
+        "claude-code": "@anthropic-ai/claude-code",
+        "codex": "@openai/codex",
+        "gemini-cli": "@google/gemini-cli",
+    }

@@ -18,6 +18,7 @@ import click
 
 from remotecli import __version__
 from remotecli.config import (
+    DRIVER_NAMES,
     GATEWAY_ENV_PREFIX,
     GatewayConfig,
     gateway_environment,
@@ -26,6 +27,7 @@ from remotecli.config import (
 )
 from remotecli.exceptions import ConfigError, RemoteCliError
 from remotecli.logs import LOG_FORMATS, LOG_LEVELS
+from remotecli.providers import NPM_PROVIDERS
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -270,7 +272,7 @@ def _controller_options(command: Callable[..., None]) -> Callable[..., None]:
         ),
         click.option(
             "--driver",
-            type=click.Choice(["local", "qemu"]),
+            type=click.Choice(DRIVER_NAMES),
             help="Where sessions run: local sandboxes (default) or qemu microVMs.",
         ),
         click.option(
@@ -405,8 +407,8 @@ def image_group() -> None:
     "providers",
     multiple=True,
     metavar="NAME",
-    help="Also install this provider's CLI from npm inside the image (claude-code, codex, "
-    "gemini-cli). Repeat for several.",
+    help=f"Also install this provider's CLI from npm inside the image ({', '.join(NPM_PROVIDERS)})."
+    " Repeat for several.",
 )
 @click.option("--force", is_flag=True, help="Rebuild even when the cache holds this image.")
 @click.option(

@@ -91,8 +91,16 @@ CONTROLLER_ENV = {
     "REMOTECLI_SESSION_CPUS": "session_cpus",
     "REMOTECLI_SESSION_HOME_SIZE": "session_home_size",
     "REMOTECLI_EGRESS": "egress",
+    "REMOTECLI_QEMU_MEMORY": "qemu_memory",
+    "REMOTECLI_QEMU_ACCELERATOR": "qemu_accelerator",
+    "REMOTECLI_QEMU_POOL_SIZE": "qemu_pool_size",
 }
 """Environment variable → ControllerConfig field (docs/configuration.md lists each)."""
+
+DRIVER_NAMES = ("local", "qemu")
+"""Every session driver, the default first (``remotecli.drivers.create_driver`` builds them)."""
+
+QEMU_ACCELERATORS = ("auto", "kvm", "tcg")
 
 CONTROLLER_TOKEN_ENV = "REMOTECLI_TOKEN"  # noqa: S105 (a variable name, not a secret)
 CONTROLLER_CONFIG_ENV = "REMOTECLI_CONFIG"
@@ -137,6 +145,9 @@ class ControllerConfig:
     session_cpus: float = 1.0  # CPUs a local session may use at most; 0 = no cap
     session_home_size: int = 1024**3  # bytes of HOME (a tmpfs, counted in the memory too)
     egress: str = "open"  # a local session's internet: open (never the host, private ranges) | none
+    qemu_memory: int = 256 * 1024**2  # bytes of guest RAM per microVM
+    qemu_accelerator: str = "auto"  # kvm | tcg | auto (probe KVM once, remembered in the data dir)
+    qemu_pool_size: int = 0  # microVMs per template kept restored and warm ahead of sessions
     reap_interval: float = 15.0
     log_format: str = "console"
     log_level: str = "info"
@@ -203,13 +214,13 @@ def parse_rate(value: object, name: str) -> tuple[int, float] | None:
     return burst, seconds
 
 
-def _parse_count(value: object, name: str) -> int:
+def _parse_count(value: object, name: str, minimum: int = 1) -> int:
     try:
         count = int(str(value))
     except ValueError:
         raise ConfigError(f"{name} = {value!r} is not a whole number", name=name) from None
-    if count < 1:
-        raise ConfigError(f"{name} = {value!r} must be at least 1", name=name)
+    if count < minimum:
+        raise ConfigError(f"{name} = {value!r} must be at least {minimum}", name=name)
     return count
 
 
@@ -298,6 +309,9 @@ _CONTROLLER_PARSERS: dict[str, Callable[[object], object]] = {
     "session_cpus": lambda v: _parse_cpus(v, "session_cpus"),
     "session_home_size": lambda v: _parse_size(v, "session_home_size"),
     "egress": lambda v: _parse_choice(v, "egress", ("open", "none")),
+    "qemu_memory": lambda v: _parse_size(v, "qemu_memory"),
+    "qemu_accelerator": lambda v: _parse_choice(v, "qemu_accelerator", QEMU_ACCELERATORS),
+    "qemu_pool_size": lambda v: _parse_count(v, "qemu_pool_size", minimum=0),
     "log_format": lambda v: _parse_choice(v, "log_format", ("console", "json")),
     "log_level": lambda v: _parse_choice(v, "log_level", ("debug", "info", "warning", "error")),
     "tls_cert": str,
@@ -351,8 +365,10 @@ def load_controller_config(
             known = ", ".join(sorted(_CONTROLLER_PARSERS))
             raise ConfigError(f"unknown controller setting {name!r}; known settings: {known}")
         values[name] = parser(value)
-    if values.get("driver", "local") not in ("local", "qemu"):
-        raise ConfigError(f"driver {values['driver']!r} is unknown; choose local or qemu")
+    if values.get("driver", DRIVER_NAMES[0]) not in DRIVER_NAMES:
+        raise ConfigError(
+            f"driver {values['driver']!r} is unknown; choose {' or '.join(DRIVER_NAMES)}"
+        )
     token = source.get(CONTROLLER_TOKEN_ENV) or None
     if token is not None and len(token) < 16:
         raise ConfigError(f"{CONTROLLER_TOKEN_ENV} is too short; use at least 16 random characters")

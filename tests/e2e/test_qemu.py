@@ -24,7 +24,7 @@ from websockets.typing import Subprotocol
 
 from remotecli.config import ControllerConfig
 from remotecli.controller.server import Controller
-from remotecli.drivers.qemu import QemuDriver
+from remotecli.drivers.qemu_bench import QemuBenchDriver
 from remotecli.images import GuestImage, ImageBuildError, build_image, find_image
 from remotecli.images.build import default_cache_dir
 from remotecli.rfb import PROTOCOL_VERSION_3_8, SECURITY_VNC_AUTH
@@ -50,7 +50,7 @@ BINARY = Subprotocol("binary")
 class System:
     base: str
     token: str
-    driver: QemuDriver
+    driver: QemuBenchDriver
 
     @property
     def ws_base(self) -> str:
@@ -103,7 +103,7 @@ async def system(
     data_dir = tmp_path_factory.mktemp("qemu") / "data"
     # Templates are kept next to the image cache, so later runs clone at once.
     cache = image.directory.parent
-    driver = QemuDriver(data_dir, image_cache=cache, template_cache=cache.parent / "templates")
+    driver = QemuBenchDriver(data_dir, image_cache=cache, template_cache=cache.parent / "templates")
     controller = Controller(
         ControllerConfig(listen=("127.0.0.1", 0), data_dir=data_dir), driver=driver
     )
@@ -247,7 +247,7 @@ async def test_a_restarted_controller_reattaches_to_a_running_vm(
         workdir = serial_log(system, session_id).parent
         record = json.loads((workdir / "vm.json").read_text())
         system.driver.detach(session_id)  # the old controller's driver lets go of the VM
-        restarted = QemuDriver(tmp_path / "restarted")
+        restarted = QemuBenchDriver(tmp_path / "restarted")
         try:
             endpoint = await restarted.recover(session_id, workdir)
             assert endpoint is not None

@@ -172,7 +172,7 @@ class Controller:
         self.store = store = open_store(data_dir)
         self.admin_token = ensure_admin_token(store, data_dir, config.admin_token)
         driver = self._driver or create_driver(config.driver, data_dir, config)
-        catalogue = Catalogue(config.providers)
+        catalogue = Catalogue(config.providers, driver=driver)
         self.manager = manager = SessionManager(
             config, store, driver, catalogue, registry=self.registry
         )

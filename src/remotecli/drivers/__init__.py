@@ -1,18 +1,17 @@
 """Session drivers: each starts and stops one session's sandbox and says where its VNC server is.
 
 ``local`` (Xvfb + x11vnc + xterm under bubblewrap) is the embedded default; ``qemu`` runs each
-session in a microVM. :func:`create_driver` is the one place that maps a name to a driver.
+session in a microVM. The names are :data:`remotecli.config.DRIVER_NAMES`; :func:`create_driver`
+is the one place that maps a name to a driver and hands it its settings.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from remotecli.config import ControllerConfig
+from remotecli.config import DRIVER_NAMES, ControllerConfig
 from remotecli.drivers.base import Driver, ProgressCallback, SessionSpec, VncEndpoint
 from remotecli.exceptions import ConfigError
-
-DRIVER_NAMES = ("local", "qemu")
 
 __all__ = [
     "DRIVER_NAMES",
@@ -27,7 +26,8 @@ __all__ = [
 def create_driver(name: str, data_dir: Path, config: ControllerConfig | None = None) -> Driver:
     """Return the driver called ``name``, keeping its state under ``data_dir``.
 
-    ``config`` carries the driver's own settings (the local sandbox's limits and egress).
+    ``config`` carries the driver's own settings (the local sandbox's limits and egress; the
+    microVMs' memory, accelerator and warm pool); without it each driver takes its defaults.
     """
     if name == "local":
         from remotecli.drivers.local import LocalDriver
@@ -45,7 +45,14 @@ def create_driver(name: str, data_dir: Path, config: ControllerConfig | None = N
     if name == "qemu":
         from remotecli.drivers.qemu import QemuDriver
 
-        return QemuDriver(data_dir)
+        if config is None:
+            return QemuDriver(data_dir)
+        return QemuDriver(
+            data_dir,
+            memory_mib=config.qemu_memory // 1024**2,
+            accelerator=None if config.qemu_accelerator == "auto" else config.qemu_accelerator,
+            pool_size=config.qemu_pool_size,
+        )
     raise ConfigError(
         f"unknown driver {name!r}; choose one of: {', '.join(DRIVER_NAMES)}", driver=name
     )

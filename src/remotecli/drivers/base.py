@@ -1,9 +1,10 @@
 """The driver seam: the few async methods every session driver implements.
 
-A driver owns the processes of the sessions it started and nothing else. The controller calls
-:meth:`Driver.start` once per session, watches :meth:`Driver.wait` to learn when a sandbox dies
-on its own, and calls :meth:`Driver.stop` to end it. Every method is safe to cancel: a cancelled
-``start`` leaves no process behind.
+A driver owns the processes of the sessions it started and nothing else. The provider
+catalogue asks :meth:`Driver.can_run` whether a provider's program exists where sessions run.
+The controller calls :meth:`Driver.start` once per session, watches :meth:`Driver.wait` to
+learn when a sandbox dies on its own, and calls :meth:`Driver.stop` to end it. Every method is
+safe to cancel: a cancelled ``start`` leaves no process behind.
 """
 
 from __future__ import annotations
@@ -58,6 +59,15 @@ class Driver(Protocol):
     """Starts and stops session sandboxes. One instance per controller."""
 
     name: str
+
+    def can_run(self, command: Sequence[str]) -> tuple[str, ...] | str:
+        """Return ``command`` as this driver will run it (its program resolved), or why it cannot.
+
+        The reason names the cause and the next step, or is
+        :data:`remotecli.providers.NOT_FOUND` when the provider's install hint is the next step.
+        Called on every provider listing: it must be quick and must not block on the network.
+        """
+        ...
 
     async def start(self, spec: SessionSpec, progress: ProgressCallback) -> VncEndpoint:
         """Start the session and return once an RFB banner was read from its VNC server.

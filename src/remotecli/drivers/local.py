@@ -41,13 +41,15 @@ import stat
 import struct
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from remotecli.drivers.banner import await_rfb_banner
 from remotecli.drivers.base import ProgressCallback, SessionSpec, VncEndpoint
 from remotecli.exceptions import DriverError, RemoteCliError, RemoteProtocolError
 from remotecli.logs import get_logger
-from remotecli.rfb import parse_protocol_version
+from remotecli.providers import HostPrograms
 from remotecli.sandbox import files, launch, seccomp
 from remotecli.sandbox.cgroups import CgroupHost, Limits, SessionCgroup, human_bytes
 from remotecli.sandbox.egress import EGRESS_CHOICES, EgressFilter
@@ -244,8 +246,10 @@ class LocalDriver:
         limits: Limits | None = None,
         egress: str = "open",
         uid_pool: UidPool | None = None,
+        programs: HostPrograms | None = None,
     ) -> None:
         self.data_dir = data_dir
+        self._programs = programs if programs is not None else HostPrograms()
         self.bwrap = shutil.which("bwrap") if sandbox is not False else None
         if sandbox and self.bwrap is None:
             raise DriverError("bubblewrap (bwrap) is not installed; install the bubblewrap package")
@@ -356,6 +360,14 @@ class LocalDriver:
         progress(f"VNC banner read (RFB {version}) after {elapsed:.2f} s")
         log.info("session_ready", session_id=spec.session_id, seconds=round(elapsed, 3))
         return VncEndpoint(unix_path=str(socket_path))
+
+    def can_run(self, command: Sequence[str]) -> tuple[str, ...] | str:
+        """Return ``command`` with its program resolved on this host, or say it is not found.
+
+        The sandbox shows the host's system directories and binds the program's own root, so a
+        program found on the controller's PATH (or in node_modules/.bin) is found inside it.
+        """
+        return self._programs.can_run(command)
 
     async def wait(self, session_id: str) -> str:
         """Return, with the reason, when any process of the session exits by itself."""
@@ -731,39 +743,40 @@ class LocalDriver:
         """
         made = session.run_dir / "vnc.sock"
         socket_path = session.spec.workdir / "vnc.sock"
-        while True:
+
+        def take_socket() -> bool:
+            """Move the socket into the workdir once it exists; False while it does not yet."""
             if session.exited is not None and session.exited.done():
                 raise DriverError(
                     f"session {session.spec.session_id} ended before its VNC server was ready"
                 )
-            if not socket_path.exists():
-                try:
-                    os.rename(made, socket_path)
-                except FileNotFoundError:
-                    await asyncio.sleep(_POLL_INTERVAL)
-                    continue
-                info = os.lstat(socket_path)
-                owner = session.uid if session.uid is not None else os.getuid()
-                if not stat.S_ISSOCK(info.st_mode) or info.st_uid != owner:
-                    raise DriverError(
-                        f"session {session.spec.session_id} put something other than its own "
-                        "socket where the VNC socket belongs"
-                    )
+            if socket_path.exists():
+                return True
             try:
-                reader, writer = await asyncio.open_unix_connection(str(socket_path))
-            except (FileNotFoundError, ConnectionRefusedError):
-                await asyncio.sleep(_POLL_INTERVAL)
-                continue
-            try:
-                banner = await reader.readexactly(12)
-                major, minor = parse_protocol_version(banner)
-            except (asyncio.IncompleteReadError, RemoteProtocolError) as exc:
+                os.rename(made, socket_path)
+            except FileNotFoundError:
+                return False
+            info = os.lstat(socket_path)
+            owner = session.uid if session.uid is not None else os.getuid()
+            if not stat.S_ISSOCK(info.st_mode) or info.st_uid != owner:
                 raise DriverError(
-                    f"the VNC socket of session {session.spec.session_id} sent no RFB banner",
-                ) from exc
-            finally:
-                writer.close()
-            return f"{major}.{minor}"
+                    f"session {session.spec.session_id} put something other than its own "
+                    "socket where the VNC socket belongs"
+                )
+            return True
+
+        try:
+            major, minor = await await_rfb_banner(
+                lambda: asyncio.open_unix_connection(str(socket_path)),
+                not_yet=(FileNotFoundError, ConnectionRefusedError),
+                interval=_POLL_INTERVAL,
+                prepare=take_socket,
+            )
+        except (asyncio.IncompleteReadError, RemoteProtocolError) as exc:
+            raise DriverError(
+                f"the VNC socket of session {session.spec.session_id} sent no RFB banner",
+            ) from exc
+        return f"{major}.{minor}"
 
     def _launcher_error(self, session: _Session) -> str:
         return files.read_tail(session.spec.workdir / "sandbox.log", 400).replace("\n", "; ")

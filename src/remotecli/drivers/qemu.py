@@ -28,12 +28,14 @@ import signal
 import string
 import tempfile
 import time
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import structlog
 
+from remotecli.drivers.banner import await_rfb_banner
 from remotecli.drivers.base import ProgressCallback, SessionSpec, VncEndpoint
 from remotecli.drivers.qemu_machine import (
     DEFAULT_MEMORY_MIB,
@@ -49,8 +51,9 @@ from remotecli.drivers.qemu_machine import (
     session_line,
 )
 from remotecli.drivers.qmp import QmpClient, QmpError
-from remotecli.exceptions import DriverError
+from remotecli.exceptions import DriverError, RemoteProtocolError
 from remotecli.images import GuestImage, default_cache_dir, find_image
+from remotecli.providers import BUILTIN_PROVIDERS, NPM_PROVIDERS
 
 log = structlog.get_logger(component="qemu")
 
@@ -76,6 +79,8 @@ class _Vm:
     port: int = 0
     password: str = ""
     ended: asyncio.Event = field(default_factory=asyncio.Event)
+    watcher: asyncio.Task[None] | None = None
+    """Sets ``ended`` when the process exits; the driver awaits it on close."""
 
 
 class QemuDriver:
@@ -113,8 +118,35 @@ class QemuDriver:
         self._pool: dict[str, list[_Vm]] = {}
         self._refilling: set[str] = set()
         self._pool_tasks: set[asyncio.Task[None]] = set()
+        self._watchers: set[asyncio.Task[None]] = set()
 
     # --- the Driver seam ---------------------------------------------------------------------
+
+    def can_run(self, command: Sequence[str]) -> tuple[str, ...] | str:
+        """Return ``command`` if its program is in the guest image a session would boot.
+
+        The guest resolves the program on its own PATH, so the command is returned as it is.
+        A built-in provider's program needs an image built with that provider; any other
+        program must be on the image's PATH (an image too old to list its programs is trusted).
+        """
+        name = os.path.basename(command[0])
+        providers = [p.name for p in BUILTIN_PROVIDERS if p.npm_package and p.command[0] == name]
+        try:
+            image = find_image(self._image_cache, providers)
+        except DriverError as exc:
+            # As machine_for does: the base image serves when it holds the program after all.
+            try:
+                image = find_image(self._image_cache, [])
+            except DriverError:
+                return exc.message
+            if providers and (image.programs is None or name not in image.programs):
+                return exc.message  # names the build command with the provider
+        if image.programs is not None and name not in image.programs:
+            return (
+                f"`{name}` is not in the guest image {image.directory}; add it to the image "
+                "or run this provider with the local driver"
+            )
+        return tuple(command)
 
     async def start(self, spec: SessionSpec, progress: ProgressCallback) -> VncEndpoint:
         """Start the session as a clone of its machine's template, building that first if new."""
@@ -162,7 +194,7 @@ class QemuDriver:
             record.unlink(missing_ok=True)
             return None
         self._vms[session_id] = vm
-        asyncio.get_running_loop().create_task(_watch_pid(vm))
+        self._watch(vm, _watch_pid(vm))
         return VncEndpoint(host="127.0.0.1", port=vm.port, password=vm.password)
 
     def detach(self, session_id: str) -> None:
@@ -171,7 +203,11 @@ class QemuDriver:
         The VM keeps running; a later driver takes it back with :meth:`recover`.
         """
         vm = self._vms.pop(session_id, None)
-        if vm is not None and vm.qmp is not None:
+        if vm is None:
+            return
+        if vm.watcher is not None:
+            vm.watcher.cancel()  # the VM outlives this driver; nothing here waits for its end
+        if vm.qmp is not None:
             vm.qmp.close()  # QEMU serves one monitor client at a time
 
     async def close(self) -> None:
@@ -184,12 +220,14 @@ class QemuDriver:
         await asyncio.gather(*(self.stop(session_id) for session_id in list(self._vms)))
         await asyncio.gather(*(_terminate(vm) for vm in waiting))
         shutil.rmtree(self._root / "pool", ignore_errors=True)
+        # Every VM is gone, so each watcher is finishing; a detached one was cancelled.
+        await asyncio.gather(*self._watchers, return_exceptions=True)
 
     # --- templates and clones ----------------------------------------------------------------
 
     async def machine_for(self, spec: SessionSpec, progress: ProgressCallback) -> Machine:
         """Return the machine a session runs on: image for its provider, accelerator, command."""
-        providers = [spec.provider] if spec.provider not in ("shell", "") else []
+        providers = [spec.provider] if spec.provider in NPM_PROVIDERS else []
         try:
             image = find_image(self._image_cache, providers)
         except DriverError:
@@ -253,72 +291,14 @@ class QemuDriver:
         _write_record(spec.workdir / "vm.json", vm)
         return VncEndpoint(host="127.0.0.1", port=vm.port, password=vm.password)
 
-    async def start_cold(self, spec: SessionSpec, progress: ProgressCallback) -> VncEndpoint:
-        """Boot one session from scratch, without a template (for comparison in benchmarks)."""
-        machine = await self.machine_for(spec, progress)
-        spec.workdir.mkdir(parents=True, exist_ok=True)
-        memory = spec.workdir / "memory"
-        vm = await self._spawn(spec.session_id, machine, spec.workdir, memory, template=True)
-        try:
-            await _control_exchange(vm.paths.control, b"", "ready", within=COLD_BOOT_SECONDS)
-            await self._personalise(vm, spec.session_id)
-        except BaseException:
-            await _terminate(vm)
-            raise
-        finally:
-            memory.unlink(missing_ok=True)  # the mapping stays alive; the name is not needed
-        self._vms[spec.session_id] = vm
-        return VncEndpoint(host="127.0.0.1", port=vm.port, password=vm.password)
-
-    async def save_full_snapshot(self, session_id: str, snapshot: Path) -> None:
-        """Save a running session's device state *and* all its RAM into ``snapshot``.
-
-        For the benchmark's "full restore" path; the session keeps running afterwards.
-        """
-        vm = self._vms[session_id]
-        assert vm.qmp is not None
-        await vm.qmp.execute("stop")
-        await vm.qmp.execute(
-            "migrate-set-capabilities",
-            capabilities=[{"capability": "x-ignore-shared", "state": False}],
-        )
-        await vm.qmp.execute("migrate", uri=f"exec:cat > {snapshot}")
-        await _wait_migration(vm.qmp)
-        await vm.qmp.execute("cont")
-
-    async def start_full_restore(
-        self, spec: SessionSpec, machine: Machine, snapshot: Path, progress: ProgressCallback
-    ) -> VncEndpoint:
-        """Start a session by loading every RAM page from ``snapshot`` (no shared RAM file)."""
-        spec.workdir.mkdir(parents=True, exist_ok=True)
-        vm = await self._spawn(spec.session_id, machine, spec.workdir, None, template=False)
-        try:
-            assert vm.qmp is not None
-            await vm.qmp.execute(
-                "migrate-set-capabilities", capabilities=[{"capability": "events", "state": True}]
-            )
-            await vm.qmp.execute("migrate-incoming", uri=f"exec:cat {snapshot}")
-            await _wait_incoming(vm.qmp)
-            await vm.qmp.execute("cont")
-            await self._personalise(vm, spec.session_id)
-            progress("full restore done; VNC banner read")
-        except BaseException:
-            await _terminate(vm)
-            raise
-        self._vms[spec.session_id] = vm
-        return VncEndpoint(host="127.0.0.1", port=vm.port, password=vm.password)
-
-    def pid_of(self, session_id: str) -> int | None:
-        """The QEMU process id of a running session (for tests and benchmarks)."""
-        vm = self._vms.get(session_id)
-        return vm.pid if vm is not None else None
-
-    def serial_log(self, session_id: str) -> Path | None:
-        """The file the session's serial console is captured to."""
-        vm = self._vms.get(session_id)
-        return vm.paths.serial if vm is not None else None
-
     # --- internals ---------------------------------------------------------------------------
+
+    def _watch(self, vm: _Vm, watcher: Coroutine[Any, Any, None]) -> None:
+        """Run ``watcher`` as ``vm``'s task, kept until it ends so :meth:`close` can await it."""
+        task = asyncio.get_running_loop().create_task(watcher)
+        vm.watcher = task
+        self._watchers.add(task)
+        task.add_done_callback(self._watchers.discard)
 
     def _take_from_pool(self, machine: Machine, spec: SessionSpec) -> _Vm | None:
         """Return a waiting QEMU for ``machine``, its logs moved into the session dir."""
@@ -465,7 +445,7 @@ class QemuDriver:
                 start_new_session=True,
             )
         vm = _Vm(session_id, process, process.pid, paths, socket_dir)
-        asyncio.get_running_loop().create_task(_watch_process(vm))
+        self._watch(vm, _watch_process(vm))
         try:
             vm.qmp = await _race_exit(vm, QmpClient.connect(str(paths.qmp), within=10.0))
         except BaseException:
@@ -607,29 +587,29 @@ async def _control_exchange(path: Path, line: bytes, expect: str, *, within: flo
         ) from exc
 
 
-async def _read_banner(port: int, *, within: float) -> bytes:
-    """Read the RFB banner through the forward, retrying while the guest is not listening yet."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    last_error = "no answer"
-    while loop.time() < deadline:
-        try:
-            async with asyncio.timeout(max(0.05, deadline - loop.time())):
-                reader, writer = await asyncio.open_connection("127.0.0.1", port)
-                try:
-                    banner = await reader.readexactly(12)
-                finally:
-                    writer.close()
-            if banner.startswith(b"RFB "):
-                return banner
-            last_error = f"unexpected greeting {banner!r}"
-        except (OSError, asyncio.IncompleteReadError, TimeoutError) as exc:
-            last_error = str(exc) or type(exc).__name__
-        await asyncio.sleep(0.01)
-    raise DriverError(
-        f"no RFB banner from the guest's VNC server on 127.0.0.1:{port} within {within:.0f} s "
-        f"({last_error}); see the session's serial.log"
-    )
+async def _read_banner(port: int, *, within: float) -> tuple[int, int]:
+    """Read the RFB banner through the forward, retrying while the guest is not listening yet.
+
+    QEMU's forward accepts at once and closes when nothing listens in the guest yet, so a short
+    read or an odd greeting means "not yet" here, not a failure.
+    """
+    last_error = ["no answer"]
+
+    def remember(exc: BaseException) -> None:
+        last_error[0] = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+
+    try:
+        async with asyncio.timeout(within):
+            return await await_rfb_banner(
+                lambda: asyncio.open_connection("127.0.0.1", port),
+                not_yet=(OSError, asyncio.IncompleteReadError, RemoteProtocolError),
+                retried=remember,
+            )
+    except TimeoutError as exc:
+        raise DriverError(
+            f"no RFB banner from the guest's VNC server on 127.0.0.1:{port} within "
+            f"{within:.0f} s ({last_error[0]}); see the session's serial.log"
+        ) from exc
 
 
 def _write_record(path: Path, vm: _Vm) -> None:

@@ -19,9 +19,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from remotecli.drivers.base import ProgressCallback
 from remotecli.exceptions import DriverError
 from remotecli.images import initrd, kernel, rootfs
+from remotecli.images.rootfs import ProgressCallback
 
 BUILDER_VERSION = "1"
 KERNEL_METAPACKAGE = "linux-image-amd64"
@@ -42,6 +42,8 @@ class GuestImage:
     directory: Path
     key: str
     providers: tuple[str, ...]
+    programs: frozenset[str] | None = None
+    """The program names on the guest's PATH; None for an image built before they were listed."""
 
     @property
     def kernel(self) -> Path:
@@ -80,7 +82,13 @@ def find_image(cache_dir: Path, providers: Sequence[str] = ()) -> GuestImage:
             image_providers = tuple(manifest.get("providers", ()))
             if not wanted <= set(image_providers):
                 continue
-            image = GuestImage(manifest_path.parent, manifest["key"], image_providers)
+            programs = manifest.get("programs")
+            image = GuestImage(
+                manifest_path.parent,
+                manifest["key"],
+                image_providers,
+                frozenset(programs) if isinstance(programs, list) else None,
+            )
             rank = (set(image_providers) == wanted, float(manifest.get("built_at", 0)))
             if best is None or rank > best[:2]:
                 best = (*rank, image)
@@ -166,12 +174,14 @@ def build_image(
         rootfs.install_guest_files(tree, _busybox())
         rootfs.install_providers(tree, providers, progress)
         rootfs.strip_tree(tree)
+        programs = rootfs.programs_on_path(tree)
         rootfs.make_ext4(tree, work / "rootfs.ext4", progress)
         progress("removing the build tree")
         shutil.rmtree(tree)
         manifest = {
             "key": key,
             "providers": sorted(providers),
+            "programs": sorted(programs),
             "kernel": {"package": package, "version": version},
             "built_at": time.time(),
             "build_seconds": round(time.monotonic() - started, 1),
@@ -184,7 +194,7 @@ def build_image(
         shutil.rmtree(work, ignore_errors=True)
         raise
     progress(f"image {key} built in {time.monotonic() - started:.0f} s: {final}")
-    return GuestImage(final, key, tuple(sorted(providers)))
+    return GuestImage(final, key, tuple(sorted(providers)), frozenset(programs))
 
 
 def _build_kernel_and_initrd(

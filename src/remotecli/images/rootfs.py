@@ -20,12 +20,15 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from remotecli.drivers.base import ProgressCallback
 from remotecli.exceptions import DriverError
 from remotecli.images.initrd import GUEST_INIT
+from remotecli.providers import NPM_PROVIDERS
+
+ProgressCallback = Callable[[str], None]
+"""Receives short human-readable build steps (the same shape as a driver's progress)."""
 
 SUITE = "bookworm"
 
@@ -40,21 +43,19 @@ DISPLAY_PACKAGES = (
     "ncurses-term",
 )
 
-# Provider CLIs installed from npm inside the image, by provider name.
-NPM_PROVIDERS = {
-    "claude-code": "@anthropic-ai/claude-code",
-    "codex": "@openai/codex",
-    "gemini-cli": "@google/gemini-cli",
-}
+# Provider CLIs are installed from npm inside the image: NPM_PROVIDERS, from the catalogue.
 # Installed with apt-get inside the tree, not by debootstrap (only apt resolves virtual
 # packages); the CLIs themselves are installed by the host's npm into the tree.
 NODE_PACKAGES = ("nodejs", "ca-certificates")
 
 BUSYBOX_IN_GUEST = "/usr/local/lib/remotecli/busybox"
 
+GUEST_PATH = ("usr/local/sbin", "usr/local/bin", "usr/sbin", "usr/bin", "sbin", "bin")
+"""The guest init's PATH, relative to the root."""
+
 GUEST_INIT_SCRIPT = f"""#!/bin/sh
 # PID 1 of a remote-cli guest: writable tmpfs places, network, display, terminal, VNC, agent.
-export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+export PATH={":".join("/" + d for d in GUEST_PATH)}
 export HOME=/root TERM=xterm-256color LANG=C.UTF-8
 bb={BUSYBOX_IN_GUEST}
 mount -t proc proc /proc
@@ -258,6 +259,16 @@ def strip_tree(root: Path) -> None:
             path.mkdir()
         elif path.exists():
             path.unlink()
+
+
+def programs_on_path(root: Path) -> set[str]:
+    """Return the names of the programs on the guest's PATH in the tree at ``root``."""
+    names: set[str] = set()
+    for relative in GUEST_PATH:
+        directory = root / relative
+        if directory.is_dir() and not directory.is_symlink():
+            names.update(entry.name for entry in directory.iterdir())
+    return names
 
 
 def tree_size(root: Path) -> int:

@@ -1,0 +1,59 @@
+"""The driver registry: one list of names, and each driver built with its settings from config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from remotecli.config import DRIVER_NAMES, ControllerConfig, load_controller_config
+from remotecli.drivers import create_driver
+from remotecli.drivers.qemu import QemuDriver
+from remotecli.exceptions import ConfigError
+
+
+def test_qemu_options_reach_the_driver_from_the_environment(tmp_path: Path) -> None:
+    """REMOTECLI_QEMU_MEMORY, _ACCELERATOR and _POOL_SIZE become the qemu driver's settings."""
+    environ = {
+        "REMOTECLI_DRIVER": "qemu",
+        "REMOTECLI_QEMU_MEMORY": "512M",
+        "REMOTECLI_QEMU_ACCELERATOR": "tcg",
+        "REMOTECLI_QEMU_POOL_SIZE": "2",
+    }
+    config = load_controller_config({"data_dir": tmp_path}, environ=environ)
+    driver = create_driver(config.driver, tmp_path, config)
+    assert isinstance(driver, QemuDriver)
+    # The settings are private to the driver; read them here rather than boot a VM to see them.
+    assert (driver._memory_mib, driver._accelerator, driver._pool_size) == (512, "tcg", 2)
+
+
+def test_qemu_defaults_probe_the_accelerator_and_keep_no_pool(tmp_path: Path) -> None:
+    """By default the qemu driver gets 256 MiB, probes KVM itself and keeps no warm pool."""
+    driver = create_driver("qemu", tmp_path, ControllerConfig(data_dir=tmp_path))
+    assert isinstance(driver, QemuDriver)
+    assert (driver._memory_mib, driver._accelerator, driver._pool_size) == (256, None, 0)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "words"),
+    [
+        ("REMOTECLI_QEMU_ACCELERATOR", "hvf", "choose one of: auto, kvm, tcg"),
+        ("REMOTECLI_QEMU_POOL_SIZE", "-1", "must be at least 0"),
+        ("REMOTECLI_QEMU_MEMORY", "1M", "at least 16M"),
+        ("REMOTECLI_DRIVER", "docker", "choose local or qemu"),
+    ],
+)
+def test_bad_driver_settings_are_refused(
+    tmp_path: Path, variable: str, value: str, words: str
+) -> None:
+    """A bad driver name or qemu setting is a ConfigError that says what to write instead."""
+    with pytest.raises(ConfigError, match=words):
+        load_controller_config({"data_dir": tmp_path}, environ={variable: value})
+
+
+def test_every_driver_name_builds_a_driver_of_that_name(tmp_path: Path) -> None:
+    """DRIVER_NAMES is the one list: create_driver builds each, and refuses any other name."""
+    assert DRIVER_NAMES[0] == ControllerConfig().driver
+    assert create_driver("qemu", tmp_path).name == "qemu"
+    with pytest.raises(ConfigError, match="choose one of: local, qemu"):
+        create_driver("docker", tmp_path)
