@@ -25,6 +25,7 @@ import signal
 import socket
 import subprocess
 import textwrap
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -846,3 +847,25 @@ def test_ruleset_merges_the_lan_into_the_blocked_ranges() -> None:
     script = egress_ruleset("t", 3_000_000, 3_000_009, (), ("10.1.0.0/16", "192.0.2.0/24"))
     assert "10.1.0.0/16" not in script
     assert "192.0.2.0/24" in script
+
+
+def test_loopback_configured_tells_a_fresh_namespace_from_a_ready_one() -> None:
+    """A new network namespace has lo down (pasta must wait: bubblewrap sets lo up itself and
+    fails if pasta did first); this process's namespace has 127.0.0.1 up."""
+    from remotecli.sandbox.network import loopback_configured
+
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare to make a network namespace")
+    fresh = subprocess.Popen(["unshare", "--net", "sleep", "30"])
+    try:
+        deadline = time.monotonic() + 5
+        while (
+            os.readlink(f"/proc/{fresh.pid}/ns/net") == os.readlink("/proc/self/ns/net")
+            and time.monotonic() < deadline
+        ):
+            time.sleep(0.01)  # unshare has not switched namespaces yet
+        assert loopback_configured(os.getpid())
+        assert not loopback_configured(fresh.pid)
+    finally:
+        fresh.kill()
+        fresh.wait()

@@ -149,6 +149,17 @@ class Pasta:
                 "egress needs pasta: install the Debian package passt", child_pid=child_pid
             )
         began = time.monotonic()
+        # bubblewrap reports the child's pid before that child has set up its loopback; pasta
+        # configures lo too, and whichever comes second fails ("loopback: Failed RTM_NEWADDR"
+        # from bubblewrap). So pasta starts only once lo is up with 127.0.0.1.
+        while not loopback_configured(child_pid):
+            if time.monotonic() >= began + timeout:
+                raise DriverError(
+                    f"the network namespace of session process {child_pid} never got its "
+                    f"loopback within {timeout:g}s",
+                    child_pid=child_pid,
+                )
+            await asyncio.sleep(_READY_POLL)
         process, pidfd, pid_read = _spawn_pasta(
             program, child_pid, uid, gid, log_path, extra_env or {}
         )
@@ -295,6 +306,16 @@ def namespace_configured(child_pid: int) -> bool:
     )
 
 
+def loopback_configured(child_pid: int) -> bool:
+    """Tell whether the namespace of ``child_pid`` has ``lo`` up with 127.0.0.1 (its local
+    route exists only then)."""
+    try:
+        fib_trie = Path(f"/proc/{child_pid}/net/fib_trie").read_text()
+    except OSError:
+        return False
+    return "127.0.0.1" in local_addresses_v4(fib_trie, loopback=True)
+
+
 def default_routes_v4(route: str) -> set[str]:
     """Interfaces of the usable IPv4 default routes in a ``/proc/net/route`` text."""
     found = set()
@@ -307,15 +328,15 @@ def default_routes_v4(route: str) -> set[str]:
     return found
 
 
-def local_addresses_v4(fib_trie: str) -> set[str]:
-    """Non-loopback local IPv4 addresses in a ``/proc/net/fib_trie`` text."""
+def local_addresses_v4(fib_trie: str, *, loopback: bool = False) -> set[str]:
+    """Local IPv4 addresses in a ``/proc/net/fib_trie`` text (127.x only with ``loopback``)."""
     found = set()
     last = ""
     for line in fib_trie.splitlines():
         stripped = line.strip()
         if stripped.startswith("|--"):
             last = stripped[3:].strip()
-        elif stripped == "/32 host LOCAL" and last and not last.startswith("127."):
+        elif stripped == "/32 host LOCAL" and last and (loopback or not last.startswith("127.")):
             found.add(last)
     return found
 
