@@ -50,7 +50,7 @@ from remotecli.drivers.base import ProgressCallback, SessionSpec, VncEndpoint
 from remotecli.exceptions import DriverError, RemoteCliError, RemoteProtocolError
 from remotecli.logs import get_logger
 from remotecli.providers import HostPrograms
-from remotecli.sandbox import files, launch, seccomp
+from remotecli.sandbox import SYSTEM_PATH, files, launch, seccomp
 from remotecli.sandbox.cgroups import CgroupHost, Limits, SessionCgroup, human_bytes
 from remotecli.sandbox.egress import EGRESS_CHOICES, EgressFilter
 from remotecli.sandbox.network import Pasta, connect_loopback, open_namespace, tun_problem
@@ -72,7 +72,6 @@ READY_TIMEOUT = 15.0
 SANDBOX_HOME = "/home/user"
 SANDBOX_RUN = "/run/session"
 SANDBOX_UID = 1000
-SANDBOX_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 _UNIX_PATH_MAX = 107  # sun_path is 108 bytes with the terminating NUL
 _POLL_INTERVAL = 0.01
@@ -631,7 +630,7 @@ class LocalDriver:
         run_dir = SANDBOX_RUN if sandboxed else str(spec.workdir / "run")
         home = SANDBOX_HOME if sandboxed else str(spec.workdir / "home")
         env = {
-            "PATH": SANDBOX_PATH if sandboxed else os.environ.get("PATH", SANDBOX_PATH),
+            "PATH": SYSTEM_PATH if sandboxed else os.environ.get("PATH", SYSTEM_PATH),
             "HOME": home,
             "USER": "user",
             "LOGNAME": "user",

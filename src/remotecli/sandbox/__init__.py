@@ -11,3 +11,6 @@ One module per mechanism, each small enough to read in one screen:
 - ``network``: the session's own network namespace, user-mode egress through ``pasta`` and the
   host firewall rule that keeps that egress off the host and private ranges.
 """
+
+SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+"""The PATH of every program the sandbox starts (the session, pasta): system directories only."""

@@ -53,6 +53,7 @@ from remotecli.exceptions import (
     UpstreamUnreachable,
 )
 from remotecli.logs import get_logger
+from remotecli.sandbox import SYSTEM_PATH
 from remotecli.sandbox.files import read_tail
 
 log = get_logger("sandbox.network")
@@ -67,7 +68,6 @@ _STOP_GRACE = 1.0
 _READY_POLL = 0.005
 _TUN_DEVICE = Path("/dev/net/tun")
 _TUN_RDEV = (10, 200)
-_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 _T = TypeVar("_T")
 
@@ -268,7 +268,7 @@ def _spawn_pasta(
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=log_fd,
-            env={"PATH": _PATH, **extra_env},
+            env={"PATH": SYSTEM_PATH, **extra_env},
             close_fds=True,
             pass_fds=(netns, userns, pid_write),
         )
@@ -417,27 +417,21 @@ async def connect_loopback(
         async with asyncio.timeout(timeout):
             await loop.sock_connect(sock, ("127.0.0.1", port))
         return await asyncio.open_connection(sock=sock)
-    except ConnectionRefusedError as exc:
+    except BaseException as exc:
         sock.close()
-        raise UpstreamRefused(
-            f"{where} refused the connection: nothing listens there",
-            child_pid=child_pid,
-            port=port,
-        ) from exc
-    except TimeoutError as exc:
-        sock.close()
-        raise UpstreamConnectTimeout(
-            f"{where} did not accept the connection within {timeout:g}s",
-            child_pid=child_pid,
-            port=port,
-        ) from exc
-    except OSError as exc:
-        sock.close()
-        raise UpstreamUnreachable(
-            f"{where} cannot be reached: {exc.strerror or exc}", child_pid=child_pid, port=port
-        ) from exc
-    except BaseException:
-        sock.close()
+        data = {"child_pid": child_pid, "port": port}
+        if isinstance(exc, ConnectionRefusedError):
+            raise UpstreamRefused(
+                f"{where} refused the connection: nothing listens there", **data
+            ) from exc
+        if isinstance(exc, TimeoutError):
+            raise UpstreamConnectTimeout(
+                f"{where} did not accept the connection within {timeout:g}s", **data
+            ) from exc
+        if isinstance(exc, OSError):
+            raise UpstreamUnreachable(
+                f"{where} cannot be reached: {exc.strerror or exc}", **data
+            ) from exc
         raise
 
 
