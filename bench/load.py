@@ -55,6 +55,9 @@ class EchoDriver:
         self._servers: dict[str, asyncio.Server] = {}
         self._ended: dict[str, asyncio.Future[str]] = {}
 
+    def isolation(self) -> None:
+        return None
+
     def can_run(self, command: Any) -> tuple[str, ...] | str:
         """Say every program can run: the echo server never runs one."""
         return tuple(command)

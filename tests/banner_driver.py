@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +46,10 @@ class BannerDriver:
         self.stopped: list[str] = []
         self.specs: dict[str, SessionSpec] = {}
         self._sandboxes: dict[str, _Sandbox] = {}
+
+    def isolation(self) -> Mapping[str, object] | None:
+        """Nothing to say about isolation here (see the Driver seam)."""
+        return None
 
     def can_run(self, command: Sequence[str]) -> tuple[str, ...] | str:
         """Answer as the local driver does: the program must be on this host (never run here)."""

@@ -21,8 +21,10 @@ import uvicorn
 from remotecli.auth import COOKIE_NAME, LoginRateLimiter, TicketBook, hash_token
 from remotecli.config import ControllerConfig
 from remotecli.controller.app import create_app
+from remotecli.controller.identity import Identity
 from remotecli.controller.sessions import SessionManager
 from remotecli.controller.store import Store
+from remotecli.controller.viewers import ViewerAccess
 from remotecli.exceptions import Conflict, Forbidden, NotAuthenticated, NotFound
 from remotecli.providers import Catalogue
 from remotecli.states import State
@@ -60,6 +62,7 @@ class Harness:
     client: httpx.AsyncClient
     ticket_clock: FakeClock
     socket_path: Path
+    viewers: ViewerAccess
 
     def auth(self, token: str = ADMIN_TOKEN) -> dict[str, str]:
         return {"Authorization": f"Bearer {token}"}
@@ -123,8 +126,10 @@ async def start_harness(
         registry=registry,
     )
     await manager.start()
+    identity = Identity.of_store(store, manager.tickets, allowed_origins=config.allowed_origins)
     app = create_app(
         manager,
+        identity,
         registry=registry,
         limiter=LoginRateLimiter(max_failures=3, window=60),
         dashboard=False,
@@ -141,7 +146,8 @@ async def start_harness(
     async with httpx.AsyncClient(
         transport=transport, base_url="http://controller", timeout=5000 * MS
     ) as client:
-        yield Harness(config, store, driver, manager, client, ticket_clock, socket_path)
+        viewers = ViewerAccess(identity, manager)
+        yield Harness(config, store, driver, manager, client, ticket_clock, socket_path, viewers)
     await manager.close()
     server.should_exit = True
     await task
@@ -408,13 +414,13 @@ async def test_ticket_opens_once(api: Harness) -> None:
     ticket = response.json()["ticket"]
     assert response.json()["expires_in"] == 60
     assert response.json()["vnc_path"].endswith(f"?ticket={ticket}")
-    target = api.manager.authorize_vnc(
+    target = api.viewers.authorize_vnc(
         session["id"], cookie_header=None, origin=None, host=HOST, ticket=ticket
     )
     assert target.owner == "admin"
     assert target.endpoint.port is not None
     with pytest.raises(Forbidden, match="already used"):
-        api.manager.authorize_vnc(
+        api.viewers.authorize_vnc(
             session["id"], cookie_header=None, origin=None, host=HOST, ticket=ticket
         )
 
@@ -428,7 +434,7 @@ async def test_expired_ticket_refused(api: Harness) -> None:
     ).json()["ticket"]
     api.ticket_clock.now += 60
     with pytest.raises(Forbidden, match="expired"):
-        api.manager.authorize_vnc(
+        api.viewers.authorize_vnc(
             session["id"], cookie_header=None, origin=None, host=HOST, ticket=ticket
         )
 
@@ -439,18 +445,18 @@ async def test_cookie_needs_allowed_origin(api: Harness) -> None:
     await api.wait_state(session["id"], State.READY)
     cookie = f"{COOKIE_NAME}={ADMIN_TOKEN}"
     sid = session["id"]
-    target = api.manager.authorize_vnc(
+    target = api.viewers.authorize_vnc(
         sid, cookie_header=cookie, origin=f"http://{HOST}", host=HOST, ticket=None
     )
     assert target.session_id == sid
     with pytest.raises(Forbidden):
-        api.manager.authorize_vnc(
+        api.viewers.authorize_vnc(
             sid, cookie_header=cookie, origin="http://evil.example", host=HOST, ticket=None
         )
     with pytest.raises(NotAuthenticated):
-        api.manager.authorize_vnc(sid, cookie_header=None, origin=None, host=HOST, ticket=None)
+        api.viewers.authorize_vnc(sid, cookie_header=None, origin=None, host=HOST, ticket=None)
     with pytest.raises(NotAuthenticated):
-        api.manager.authorize_vnc(
+        api.viewers.authorize_vnc(
             sid,
             cookie_header=f"{COOKIE_NAME}=wrong",
             origin=f"http://{HOST}",
@@ -459,7 +465,7 @@ async def test_cookie_needs_allowed_origin(api: Harness) -> None:
         )
     bob_cookie = f"{COOKIE_NAME}={BOB_TOKEN}"
     with pytest.raises(NotFound):
-        api.manager.authorize_vnc(
+        api.viewers.authorize_vnc(
             sid, cookie_header=bob_cookie, origin=f"http://{HOST}", host=HOST, ticket=None
         )
 
@@ -473,7 +479,7 @@ async def test_vnc_refused_while_starting(api: Harness) -> None:
         await api.client.post(f"/api/sessions/{session['id']}/ticket", headers=api.auth())
     ).json()["ticket"]
     with pytest.raises(Conflict, match="not ready"):
-        api.manager.authorize_vnc(
+        api.viewers.authorize_vnc(
             session["id"], cookie_header=None, origin=None, host=HOST, ticket=ticket
         )
     api.driver.gate.set()

@@ -16,7 +16,8 @@ import uvloop
 
 from bench.processes import raise_fd_limit
 from remotecli.config import GatewayConfig
-from remotecli.controller.bridge import VncBridge, VncTarget
+from remotecli.controller.bridge import VncBridge
+from remotecli.controller.viewers import VncTarget
 from remotecli.drivers.base import VncEndpoint
 from remotecli.gateway import Gateway
 from remotecli.logs import configure_logging

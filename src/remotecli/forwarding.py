@@ -13,7 +13,7 @@ import functools
 import ipaddress
 import re
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from remotecli.exceptions import ConfigError
@@ -104,6 +104,28 @@ def forwarded_value(value: str) -> str:
     return f'"{escaped}"'
 
 
+def resolve_client(hops: Sequence[str], peer: str, trusted: tuple[IPNetwork, ...]) -> str:
+    """Return the client of a request that came from ``peer`` through the proxies ``hops`` name.
+
+    ``hops`` is the ``X-Forwarded-For`` chain (leftmost the first), believed only when ``peer``
+    is trusted. The client is the rightmost hop that is not a trusted proxy (an entry that is
+    not an IP address counts as untrusted), or the leftmost when every hop is trusted.
+    """
+    client = peer
+    for hop in reversed(hops):
+        client = hop
+        if not _trusted(_ip(hop), trusted):
+            break
+    return client
+
+
+def forwarded_for(value: str | None) -> list[str]:
+    """Split an ``X-Forwarded-For`` value into its hops, empty entries dropped."""
+    if not value:
+        return []
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
 def forward(
     headers: list[Header],
     *,
@@ -136,20 +158,15 @@ def forward(
 
     xff = (
         [
-            part.strip()
+            hop
             for value in get_all(headers, b"x-forwarded-for")
-            for part in value.decode("latin-1").split(",")
-            if part.strip()
+            for hop in forwarded_for(value.decode("latin-1"))
         ]
         if from_proxy
         else []
     )
     peer_canonical = _canonical(peer)
-    client = peer_canonical if peer_canonical is not None else peer
-    for hop in reversed(xff):
-        client = hop
-        if not _trusted(_ip(hop), trusted):
-            break
+    client = resolve_client(xff, peer_canonical if peer_canonical is not None else peer, trusted)
 
     proto = scheme
     forwarded_host = host

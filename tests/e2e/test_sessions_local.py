@@ -130,7 +130,9 @@ async def test_reused_and_expired_tickets_are_refused(system: System) -> None:
     now = [0.0]
     assert system.controller is not None
     assert system.controller.manager is not None
-    system.controller.manager.tickets = TicketBook(clock=lambda: now[0])
+    assert system.controller.identity is not None
+    book = TicketBook(clock=lambda: now[0])  # the manager issues, the identity redeems
+    system.controller.manager.tickets = system.controller.identity.tickets = book
     async with system.api() as api:
         session_id = await create_ready_session(api, TIMEOUT)
         ticket = await ticket_for(api, session_id)

@@ -1,21 +1,22 @@
 """The controller's HTTP API: FastAPI routes over the session manager, with auth and errors.
 
 Every ``/api`` route needs the bearer token or the login cookie (401 without); who a request
-is, and how wrong credentials are limited, is decided in one place, the manager's
-:class:`~remotecli.controller.identity.Identity` (the VNC bridge asks the same one). The login
+is, and how wrong credentials are limited, is decided in one place,
+:class:`~remotecli.controller.identity.Identity` (the VNC bridge asks the same one); routes
+then call the :class:`~remotecli.controller.sessions.SessionManager`'s verbs. The login
 URL's routes are in :mod:`remotecli.controller.login`. A session that is not the caller's
 answers 404 as if it did not exist. Session ids and provider names are
 checked against strict patterns before they reach the store or the filesystem (422).
 :func:`error_response` turns a :class:`RemoteCliError` into its HTTP response through the one
 mapping, :func:`remotecli.exceptions.http_answer`: ``{"error": kind, "message": ...}`` with the
 error's status, as the gateway's own answers are. The app sits behind the gateway on
-a private Unix socket, so it believes the gateway's ``X-Forwarded-*`` headers. The OpenAPI
+a private Unix socket, so it believes the gateway's ``X-Forwarded-*`` headers, read with the
+gateway's own rule (:mod:`remotecli.forwarding`). The OpenAPI
 document is served at ``/api/openapi.json``; there is no browsable docs page (Swagger UI would
 load a script from a CDN into our origin).
 """
 
 import asyncio
-import ipaddress
 import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -39,18 +40,19 @@ from remotecli import __version__
 from remotecli.auth import LoginRateLimiter
 from remotecli.controller import login
 from remotecli.controller.events import SessionEvent
+from remotecli.controller.identity import Identity
 from remotecli.controller.sessions import SessionManager
 from remotecli.controller.store import SessionRecord
 from remotecli.exceptions import (
-    ConfigError,
     RemoteCliError,
     ServiceUnavailable,
     Unprocessable,
     error_for_status,
     http_answer,
 )
+from remotecli.forwarding import IPNetwork, forwarded_for, parse_trusted_proxies, resolve_client
 from remotecli.logs import get_logger
-from remotecli.states import State, is_final
+from remotecli.states import State
 
 log = get_logger("controller.api")
 
@@ -149,50 +151,31 @@ def _sse(event: SessionEvent) -> str:
 # --- the app --------------------------------------------------------------------------------------
 
 
-Networks = tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
-
-
-def trusted_networks(cidrs: tuple[str, ...]) -> Networks:
-    """Parse the trusted proxies' CIDRs; ConfigError naming a bad one."""
-    try:
-        return tuple(ipaddress.ip_network(c, strict=False) for c in cidrs)
-    except ValueError as exc:
-        raise ConfigError(f"trusted proxy {exc}; write CIDRs such as 10.0.0.0/8") from exc
-
-
-def client_address(request: Request, trusted: Networks = ()) -> str:
+def client_address(request: Request, trusted: tuple[IPNetwork, ...] = ()) -> str:
     """Return the client's address as the gateway resolved it.
 
     The gateway in front (the only peer of the private socket) sends ``X-Forwarded-For`` as the
-    trusted proxies' chain followed by its own peer: the client is the rightmost entry that is
-    not a trusted proxy.
+    trusted proxies' chain followed by its own peer; :func:`remotecli.forwarding.resolve_client`
+    picks the client, as the gateway itself did.
     """
-    forwarded = request.headers.get("x-forwarded-for")
-    hops = [h.strip() for h in forwarded.split(",") if h.strip()] if forwarded else []
-    if not hops:
-        return request.client.host if request.client else "unknown"
-    for hop in reversed(hops):
-        try:
-            address = ipaddress.ip_address(hop)
-        except ValueError:
-            return hop
-        if not any(address in network for network in trusted):
-            return hop
-    return hops[0]
+    peer = request.client.host if request.client else "unknown"
+    hops = forwarded_for(request.headers.get("x-forwarded-for"))
+    return resolve_client(hops, peer, trusted)
 
 
 def create_app(
     manager: SessionManager,
+    identity: Identity,
     *,
     registry: prometheus_client.CollectorRegistry | None = None,
     limiter: LoginRateLimiter | None = None,
     dashboard: bool = True,
 ) -> FastAPI:
-    """Return the controller's FastAPI app over ``manager``.
+    """Return the controller's FastAPI app: ``identity`` says who a request is, ``manager`` acts.
 
     ``registry`` is served at ``/metrics`` (pass the one the gateway and bridge use);
-    ``limiter`` replaces the failed-credential limiter of ``manager.identity`` (tests pass a
-    smaller one); ``dashboard`` includes the browser dashboard's router.
+    ``limiter`` replaces the failed-credential limiter of ``identity`` (tests pass a smaller
+    one); ``dashboard`` includes the browser dashboard's router.
     """
     app = FastAPI(
         title="remote-cli controller",
@@ -202,10 +185,9 @@ def create_app(
         redoc_url=None,
         responses={401: {"model": ErrorOut}},
     )
-    identity = manager.identity
     if limiter is not None:
         identity.limiter = limiter
-    trusted = trusted_networks(manager.config.trusted_proxies)
+    trusted = parse_trusted_proxies(manager.config.trusted_proxies)
     metrics_registry = registry if registry is not None else prometheus_client.REGISTRY
 
     @app.exception_handler(RemoteCliError)
@@ -253,7 +235,7 @@ def create_app(
                 available=s.available,
                 hint=s.hint,
             )
-            for s in manager.catalogue.statuses()
+            for s in manager.providers()
         ]
 
     @app.post(
@@ -304,22 +286,12 @@ def create_app(
 
         The first event is the current state; the stream ends after ``stopped`` or ``failed``.
         """
-        manager.get(user, session_id)
-        subscription = manager.events.subscribe(session_id)
+        first, subscription = manager.follow(user, session_id)
 
         async def stream() -> AsyncIterator[str]:
             try:
-                record = manager.store.session(session_id)
-                yield _sse(
-                    SessionEvent(
-                        type="state",
-                        session_id=session_id,
-                        state=record.state.value,
-                        elapsed=manager.clock() - record.created_at,
-                        reason=record.reason,
-                    )
-                )
-                if is_final(record.state):
+                yield _sse(first)
+                if first.final:
                     return
                 while True:
                     try:
@@ -387,15 +359,14 @@ def create_app(
         """Answer 200 once sessions were recovered and the store answers; 503 otherwise.
 
         ``sandbox`` says what isolation and limits the driver enforces on this host (the local
-        driver's :class:`~remotecli.drivers.local.Posture`), when it says.
+        driver's :meth:`~remotecli.drivers.base.Driver.isolation`), when it says.
         """
         if not manager.ready:
             return error_response(ServiceUnavailable("starting up or shutting down"))
-        active = manager.store.count_active()
-        body: dict[str, object] = {"status": "ready", "active_sessions": active}
-        posture = getattr(manager.driver, "posture", None)
-        if callable(posture):
-            body["sandbox"] = posture().to_json()
+        body: dict[str, object] = {"status": "ready", "active_sessions": manager.active_count()}
+        isolation = manager.isolation()
+        if isolation is not None:
+            body["sandbox"] = isolation
         return JSONResponse(body)
 
     @app.get("/metrics", tags=["operations"], response_class=PlainTextResponse)

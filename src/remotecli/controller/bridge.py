@@ -30,8 +30,7 @@ import secrets
 import struct
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Protocol, cast
+from typing import cast
 from urllib.parse import parse_qs, urlsplit
 
 import prometheus_client
@@ -43,6 +42,7 @@ from websockets.server import ServerProtocol
 from websockets.speedups import apply_mask
 from websockets.typing import BytesLike, Subprotocol
 
+from remotecli.controller.viewers import VncAuthorizer
 from remotecli.drivers.base import VncEndpoint
 from remotecli.exceptions import (
     NotFound,
@@ -72,44 +72,6 @@ _HEADER_16 = struct.Struct("!BBH")
 _LENGTH_16 = struct.Struct("!H")
 _LENGTH_64 = struct.Struct("!Q")
 _HEADER_64 = struct.Struct("!BBQ")
-
-
-@dataclass(frozen=True)
-class VncTarget:
-    """The session a viewer was allowed to reach."""
-
-    session_id: str
-    owner: str
-    endpoint: VncEndpoint
-
-
-class VncAuthorizer(Protocol):
-    """Implemented by the controller: credentials for a VNC WebSocket and viewer accounting."""
-
-    def authorize_vnc(
-        self,
-        session_id: str,
-        *,
-        cookie_header: str | None,
-        origin: str | None,
-        host: str | None,
-        ticket: str | None,
-        client: str,
-    ) -> VncTarget:
-        """Check credentials for a VNC WebSocket; raise a ClientError before the upgrade.
-
-        ``client`` is the viewer's address as the gateway resolved it (failed credentials are
-        counted against it).
-        """
-        ...
-
-    def viewer_attached(self, session_id: str) -> None:
-        """A viewer's WebSocket is open on the session (idle-stop accounting)."""
-        ...
-
-    def viewer_detached(self, session_id: str, bytes_in: int, bytes_out: int) -> None:
-        """A viewer left; ``bytes_in`` went to the VNC server, ``bytes_out`` to the viewer."""
-        ...
 
 
 class _Metrics:

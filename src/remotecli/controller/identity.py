@@ -27,7 +27,9 @@ from remotecli.auth import (
     bearer_token,
     check_origin,
     cookie_token,
+    hash_token,
 )
+from remotecli.controller.store import Store
 from remotecli.exceptions import ClientError, NotAuthenticated, RemoteCliError
 
 UserLookup = Callable[[str], str | None]
@@ -53,6 +55,22 @@ class Identity:
         self.tickets = tickets
         self.limiter = limiter if limiter is not None else LoginRateLimiter()
         self._allowed_origins = tuple(allowed_origins)
+
+    @classmethod
+    def of_store(
+        cls,
+        store: Store,
+        tickets: TicketBook,
+        *,
+        limiter: LoginRateLimiter | None = None,
+        allowed_origins: Iterable[str] = (),
+    ) -> Identity:
+        """Return the identity whose login tokens are the ones ``store`` keeps (hashed)."""
+
+        def users(token: str) -> str | None:
+            return store.user_for_token(hash_token(token))
+
+        return cls(users, tickets, limiter=limiter, allowed_origins=allowed_origins)
 
     def peek(self, token: str | None) -> str | None:
         """Return the user of ``token`` without counting anything (e.g. a cookie to replace)."""

@@ -29,8 +29,10 @@ from remotecli.auth import hash_token, new_token
 from remotecli.config import ControllerConfig, GatewayConfig, Route
 from remotecli.controller.app import create_app
 from remotecli.controller.bridge import VncBridge
+from remotecli.controller.identity import Identity
 from remotecli.controller.sessions import SessionManager
 from remotecli.controller.store import Store
+from remotecli.controller.viewers import ViewerAccess
 from remotecli.drivers import create_driver
 from remotecli.drivers.base import Driver
 from remotecli.exceptions import ConfigError
@@ -160,6 +162,7 @@ class Controller:
         self.socket_path: Path | None = None
         self.store: Store | None = None
         self.manager: SessionManager | None = None
+        self.identity: Identity | None = None
         self.bridge: VncBridge | None = None
         self.gateway: Gateway | None = None
         self._uvicorn: _EmbeddedUvicorn | None = None
@@ -177,11 +180,14 @@ class Controller:
             config, store, driver, catalogue, registry=self.registry
         )
         await manager.start()
-        self.bridge = bridge = VncBridge(manager, registry=self.registry)
+        self.identity = identity = Identity.of_store(
+            store, manager.tickets, allowed_origins=config.allowed_origins
+        )
+        self.bridge = bridge = VncBridge(ViewerAccess(identity, manager), registry=self.registry)
         manager.attach_bridge(bridge)
 
         sock, self.socket_path = _bind_private_socket(data_dir / "run")
-        app = create_app(manager, registry=self.registry)
+        app = create_app(manager, identity, registry=self.registry)
         server_config = uvicorn.Config(
             app,
             http="httptools",

@@ -1,4 +1,4 @@
-"""The session manager: runs each session's lifecycle through the driver, and authorizes viewers.
+"""The session manager: runs each session's lifecycle through the driver.
 
 Theory of operation. :meth:`SessionManager.create` checks the limits (per user, the host's
 cap, the user's fair share of it and the creation rate: :mod:`remotecli.quotas`), stores a
@@ -18,19 +18,17 @@ import asyncio
 import contextlib
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import prometheus_client
 
-from remotecli.auth import LoginRateLimiter, TicketBook, hash_token
+from remotecli.auth import TicketBook
 from remotecli.config import ControllerConfig
-from remotecli.controller.bridge import VncTarget
-from remotecli.controller.events import SessionEvent, SessionEvents
-from remotecli.controller.identity import Identity
+from remotecli.controller.events import SessionEvent, SessionEvents, Subscription
 from remotecli.controller.store import SessionRecord, Store
+from remotecli.controller.viewers import ViewerCloser
 from remotecli.drivers.base import Driver, SessionSpec, VncEndpoint
 from remotecli.exceptions import (
     Conflict,
@@ -40,19 +38,13 @@ from remotecli.exceptions import (
     TooManyRequests,
 )
 from remotecli.logs import get_logger
-from remotecli.providers import Catalogue
+from remotecli.providers import Catalogue, ProviderStatus
 from remotecli.quotas import CreationRate, describe_duration, fair_share
 from remotecli.states import Event, State, is_final
 
 log = get_logger("controller.sessions")
 
 Clock = Callable[[], float]
-
-
-class ViewerCloser(Protocol):
-    """The part of the VNC bridge the manager calls: end a session's viewers."""
-
-    async def close_viewers(self, session_id: str, code: int, reason: str) -> None: ...
 
 
 def new_session_id() -> str:
@@ -93,7 +85,7 @@ class _Metrics:
 
 
 class SessionManager:
-    """Creates, watches, stops and reaps sessions; implements the bridge's VncAuthorizer.
+    """Creates, watches, stops and reaps sessions; the verbs the API and the bridge call.
 
     Call :meth:`start` once (recovery and the reaper), :meth:`attach_bridge` once the bridge
     exists, and :meth:`close` on shutdown (it stops every session).
@@ -108,7 +100,6 @@ class SessionManager:
         *,
         events: SessionEvents | None = None,
         tickets: TicketBook | None = None,
-        limiter: LoginRateLimiter | None = None,
         clock: Clock = time.time,
         registry: prometheus_client.CollectorRegistry | None = None,
     ) -> None:
@@ -117,12 +108,7 @@ class SessionManager:
         self.driver = driver
         self.catalogue = catalogue
         self.events = events if events is not None else SessionEvents()
-        self.identity = Identity(
-            self.user_for_token,
-            tickets if tickets is not None else TicketBook(),
-            limiter=limiter,
-            allowed_origins=config.allowed_origins,
-        )
+        self.tickets = tickets if tickets is not None else TicketBook()
         rate = config.create_rate
         self._creation_rate = None if rate is None else CreationRate(*rate, clock=clock)
         self._clock = clock
@@ -144,19 +130,6 @@ class SessionManager:
         await self.recover()
         self._started = True
         self._reaper = asyncio.create_task(self._reap_forever(), name="session-reaper")
-
-    @property
-    def tickets(self) -> TicketBook:
-        """The WebSocket tickets' book: :meth:`issue_ticket` fills it, the bridge redeems them."""
-        return self.identity.tickets
-
-    @tickets.setter
-    def tickets(self, book: TicketBook) -> None:
-        self.identity.tickets = book
-
-    def clock(self) -> float:
-        """Return the manager's current time (seconds since the epoch; injectable in tests)."""
-        return self._clock()
 
     @property
     def ready(self) -> bool:
@@ -279,6 +252,36 @@ class SessionManager:
                 session_id=session_id,
             )
         return record
+
+    def follow(self, owner: str, session_id: str) -> tuple[SessionEvent, Subscription]:
+        """Subscribe to ``owner``'s session; return its current state as the first event.
+
+        Subscribed before the state is read, so no change falls between the two. The caller
+        closes the subscription (after a final first event at once).
+        """
+        self.get(owner, session_id)
+        subscription = self.events.subscribe(session_id)
+        record = self.store.session(session_id)
+        first = SessionEvent(
+            type="state",
+            session_id=session_id,
+            state=record.state.value,
+            elapsed=self._clock() - record.created_at,
+            reason=record.reason,
+        )
+        return first, subscription
+
+    def providers(self) -> list[ProviderStatus]:
+        """Return every provider in the catalogue and whether this driver can run it."""
+        return self.catalogue.statuses()
+
+    def active_count(self) -> int:
+        """Return how many sessions are pending, starting or ready."""
+        return self.store.count_active()
+
+    def isolation(self) -> Mapping[str, object] | None:
+        """Return what the driver says about its isolation on this host (``/readyz``)."""
+        return self.driver.isolation()
 
     def owned(self, owner: str) -> list[SessionRecord]:
         """Return ``owner``'s sessions, newest first."""
@@ -440,37 +443,11 @@ class SessionManager:
             except Exception:  # the reaper must outlive one bad round
                 log.exception("reaper round failed")
 
-    # --- VncAuthorizer -------------------------------------------------------------------------
+    # --- viewers (the bridge's accounting, through ViewerAccess) ---------------------------------
 
-    def user_for_token(self, token: str) -> str | None:
-        """Return the user a login token belongs to, or None."""
-        return self.store.user_for_token(hash_token(token))
-
-    def authorize_vnc(
-        self,
-        session_id: str,
-        *,
-        cookie_header: str | None,
-        origin: str | None,
-        host: str | None,
-        ticket: str | None,
-        client: str = "unknown",
-    ) -> VncTarget:
-        """Check a VNC WebSocket's credentials before the upgrade; see the bridge's contract.
-
-        Who the viewer is comes from :class:`~remotecli.controller.identity.Identity` (wrong
-        tickets and cookies count against ``client``, the viewer's address); then the session
-        must be the viewer's (404) and ready (409).
-        """
-        user = self.identity.viewer_user(
-            session_id,
-            ticket=ticket,
-            cookie_header=cookie_header,
-            origin=origin,
-            host=host,
-            client=client,
-        )
-        record = self.get(user, session_id)
+    def viewable(self, owner: str, session_id: str) -> VncEndpoint:
+        """Return the VNC endpoint of ``owner``'s session; 404 if not theirs, 409 unless ready."""
+        record = self.get(owner, session_id)
         if record.state is not State.READY or record.endpoint is None:
             raise Conflict(
                 f"session {session_id} is {record.state.value}, not ready; "
@@ -478,7 +455,7 @@ class SessionManager:
                 session_id=session_id,
                 state=record.state.value,
             )
-        return VncTarget(session_id=session_id, owner=user, endpoint=record.endpoint)
+        return record.endpoint
 
     def viewer_attached(self, session_id: str) -> None:
         """Count a viewer in (a session with a viewer is never idle)."""

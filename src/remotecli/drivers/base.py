@@ -69,6 +69,13 @@ class Driver(Protocol):
         """
         ...
 
+    def isolation(self) -> Mapping[str, object] | None:
+        """Return what isolation and limits this driver enforces on this host, for ``/readyz``.
+
+        JSON-ready; None when the driver has nothing to say. Must be quick.
+        """
+        ...
+
     async def start(self, spec: SessionSpec, progress: ProgressCallback) -> VncEndpoint:
         """Start the session and return once an RFB banner was read from its VNC server.
 

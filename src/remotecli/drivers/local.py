@@ -41,7 +41,7 @@ import stat
 import struct
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -283,6 +283,10 @@ class LocalDriver:
             log.warning("egress_filter_failed", error=exc.message)
             return "none", f"egress open refused: {exc.message}"
         return "open", f"internet through pasta; {egress_filter.describe()}"
+
+    def isolation(self) -> Mapping[str, object]:
+        """Return :meth:`posture` as JSON, for ``/readyz``."""
+        return self.posture().to_json()
 
     def posture(self) -> Posture:
         """Say what the sandbox enforces here, in words (``/readyz`` shows it)."""

@@ -28,7 +28,7 @@ import signal
 import string
 import tempfile
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
@@ -121,6 +121,10 @@ class QemuDriver:
         self._watchers: set[asyncio.Task[None]] = set()
 
     # --- the Driver seam ---------------------------------------------------------------------
+
+    def isolation(self) -> Mapping[str, object] | None:
+        """Nothing to say about isolation here (see the Driver seam)."""
+        return None
 
     def can_run(self, command: Sequence[str]) -> tuple[str, ...] | str:
         """Return ``command`` if its program is in the guest image a session would boot.
