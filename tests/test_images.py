@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from remotecli.exceptions import DriverError
+from remotecli.exceptions import DriverError, InitrdError, KernelImageError
 from remotecli.images import initrd, kernel
 from remotecli.images.build import find_image, image_key
-from remotecli.images.kernel import KernelImageError
 from remotecli.images.rootfs import check_providers, packages_for
 
 SETUP_SECTS = 2
@@ -142,7 +141,7 @@ def test_dependencies_are_loaded_first_and_builtins_left_out() -> None:
 
 def test_dependency_cycles_are_refused() -> None:
     """A cycle in module dependencies is an error, not an endless loop."""
-    with pytest.raises(initrd.InitrdError, match="cycle"):
+    with pytest.raises(InitrdError, match="cycle"):
         initrd.load_order(["a"], {"a": ["b"], "b": ["a"]})
 
 

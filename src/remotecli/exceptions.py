@@ -30,6 +30,11 @@
     │   └── UpstreamHeadTimeout      504 response head did not arrive in time
     └── SessionError                 a session's sandbox or VM failed
         ├── DriverError              the driver could not start or stop a session
+        │   ├── QmpError             QEMU's monitor answered with an error, or went away
+        │   ├── ImageBuildError      a guest image could not be built or found
+        │   ├── KernelImageError     the kernel file is not a bzImage we can take apart
+        │   ├── InitrdError          a module or file the initrd needs is missing
+        │   └── RootfsError          a step of the root filesystem build failed
         └── VncUnavailable           the session's VNC endpoint is gone (close 1011)
 
 Each exception carries data, not only a message: the HTTP ``status`` it maps to, the WebSocket
@@ -211,6 +216,36 @@ class SessionError(RemoteCliError):
 
 class DriverError(SessionError):
     kind = "driver"
+
+
+class QmpError(DriverError):
+    """QEMU answered a QMP command with an error, or the monitor connection failed."""
+
+    kind = "qmp"
+
+
+class ImageBuildError(DriverError):
+    """A guest image could not be built or found; the message names the step and the fix."""
+
+    kind = "image_build"
+
+
+class KernelImageError(DriverError):
+    """The kernel file is not a bzImage we can take apart; the message says what is wrong."""
+
+    kind = "kernel_image"
+
+
+class InitrdError(DriverError):
+    """A module or file the initrd needs is missing; the message names it."""
+
+    kind = "initrd"
+
+
+class RootfsError(DriverError):
+    """A step of the root filesystem build failed; the message names the step and the fix."""
+
+    kind = "rootfs"
 
 
 class VncUnavailable(SessionError):

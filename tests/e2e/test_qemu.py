@@ -25,7 +25,8 @@ from websockets.typing import Subprotocol
 from remotecli.config import ControllerConfig
 from remotecli.controller.server import Controller
 from remotecli.drivers.qemu_bench import QemuBenchDriver
-from remotecli.images import GuestImage, ImageBuildError, build_image, find_image
+from remotecli.exceptions import ImageBuildError
+from remotecli.images import GuestImage, build_image, find_image
 from remotecli.images.build import default_cache_dir
 from remotecli.rfb import PROTOCOL_VERSION_3_8, SECURITY_VNC_AUTH
 from tests.conftest import MS

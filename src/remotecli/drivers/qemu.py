@@ -50,7 +50,7 @@ from remotecli.drivers.qemu_machine import (
     require_qemu,
     session_line,
 )
-from remotecli.drivers.qmp import QmpClient, QmpError
+from remotecli.drivers.qmp import QmpClient
 from remotecli.exceptions import DriverError, RemoteProtocolError
 from remotecli.images import GuestImage, default_cache_dir, find_image
 from remotecli.providers import BUILTIN_PROVIDERS, NPM_PROVIDERS
@@ -658,4 +658,4 @@ def _tail(path: Path, lines: int = 3) -> str:
     return " | ".join(line.strip() for line in text.strip().splitlines()[-lines:])
 
 
-__all__ = ["QemuDriver", "QmpError"]
+__all__ = ["QemuDriver"]

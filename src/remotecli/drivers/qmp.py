@@ -13,13 +13,7 @@ import contextlib
 import json
 from typing import Any
 
-from remotecli.exceptions import DriverError
-
-
-class QmpError(DriverError):
-    """QEMU answered a QMP command with an error, or the monitor connection failed."""
-
-    kind = "qmp"
+from remotecli.exceptions import QmpError
 
 
 class QmpClient:

@@ -5,12 +5,6 @@
 
 from __future__ import annotations
 
-from remotecli.images.build import (
-    GuestImage,
-    ImageBuildError,
-    build_image,
-    default_cache_dir,
-    find_image,
-)
+from remotecli.images.build import GuestImage, build_image, default_cache_dir, find_image
 
-__all__ = ["GuestImage", "ImageBuildError", "build_image", "default_cache_dir", "find_image"]
+__all__ = ["GuestImage", "build_image", "default_cache_dir", "find_image"]

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from remotecli.exceptions import DriverError
+from remotecli.exceptions import ImageBuildError
 from remotecli.images import initrd, kernel, rootfs
 from remotecli.images.rootfs import ProgressCallback
 
@@ -27,12 +27,6 @@ BUILDER_VERSION = "1"
 KERNEL_METAPACKAGE = "linux-image-amd64"
 BUSYBOX = Path("/bin/busybox")
 MANIFEST = "manifest.json"
-
-
-class ImageBuildError(DriverError):
-    """A guest image could not be built or found; the message names the step and the fix."""
-
-    kind = "image_build"
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from remotecli.exceptions import DriverError
+from remotecli.exceptions import InitrdError
 
 # What the root disk and the network need, beyond the kernel's built-ins. crc32c is looked up
 # by name through the crypto API (ext4 metadata checksums), so no ``depends=`` line names it.
@@ -46,12 +46,6 @@ mount --move /dev /newroot/dev
 umount /proc
 exec switch_root /newroot {GUEST_INIT}
 """
-
-
-class InitrdError(DriverError):
-    """A module or file the initrd needs is missing; the message names it."""
-
-    kind = "initrd"
 
 
 @dataclass(frozen=True)

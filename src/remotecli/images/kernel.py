@@ -23,7 +23,7 @@ import subprocess
 import zlib
 from dataclasses import dataclass
 
-from remotecli.exceptions import DriverError
+from remotecli.exceptions import KernelImageError
 
 SETUP_HEADER_MAGIC = b"HdrS"
 ELF_MAGIC = b"\x7fELF"
@@ -40,12 +40,6 @@ _PAYLOAD_MAGICS: tuple[tuple[bytes, str], ...] = (
     (b"\x02\x21\x4c\x18", "lz4"),
     (b"\x89LZO", "lzo"),
 )
-
-
-class KernelImageError(DriverError):
-    """The kernel file is not a bzImage we can take apart; the message says what is wrong."""
-
-    kind = "kernel_image"
 
 
 @dataclass(frozen=True)

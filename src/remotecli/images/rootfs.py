@@ -23,7 +23,7 @@ import subprocess
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from remotecli.exceptions import DriverError
+from remotecli.exceptions import RootfsError
 from remotecli.images.initrd import GUEST_INIT
 from remotecli.providers import NPM_PROVIDERS
 
@@ -145,12 +145,6 @@ _STRIP = (
     "var/lib/apt/lists",
     "var/cache/debconf/templates.dat-old",
 )
-
-
-class RootfsError(DriverError):
-    """A step of the root filesystem build failed; the message names the step and the fix."""
-
-    kind = "rootfs"
 
 
 def packages_for(providers: Sequence[str]) -> list[str]:
