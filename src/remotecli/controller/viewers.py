@@ -12,13 +12,10 @@ ends. Nothing here does I/O.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
+from remotecli.controller.identity import Identity
 from remotecli.drivers.base import VncEndpoint
-
-if TYPE_CHECKING:  # annotations only: sessions.py imports this module at run time
-    from remotecli.controller.identity import Identity
-    from remotecli.controller.sessions import SessionManager
 
 
 @dataclass(frozen=True)
@@ -65,10 +62,26 @@ class ViewerCloser(Protocol):
     async def close_viewers(self, session_id: str, code: int, reason: str) -> None: ...
 
 
+class ViewableSessions(Protocol):
+    """What :class:`ViewerAccess` needs of the session manager (its verbs for viewers)."""
+
+    def viewable(self, owner: str, session_id: str) -> VncEndpoint:
+        """Return the endpoint of ``owner``'s session; 404 if not theirs, 409 unless ready."""
+        ...
+
+    def viewer_attached(self, session_id: str) -> None:
+        """Count a viewer in."""
+        ...
+
+    def viewer_detached(self, session_id: str, bytes_in: int, bytes_out: int) -> None:
+        """Count a viewer out and add its bytes to the session."""
+        ...
+
+
 class ViewerAccess:
     """The controller's :class:`VncAuthorizer`: identity first, then the session's state."""
 
-    def __init__(self, identity: Identity, sessions: SessionManager) -> None:
+    def __init__(self, identity: Identity, sessions: ViewableSessions) -> None:
         self.identity = identity
         self.sessions = sessions
 

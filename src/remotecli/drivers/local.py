@@ -10,7 +10,8 @@ descriptor, drops to that uid and execs ``bwrap``. bubblewrap then builds a user
 (uid 1000 inside, the leased uid outside, no capabilities), new mount, PID, IPC, UTS, cgroup and
 network namespaces, and loads the seccomp filter (:mod:`remotecli.sandbox.seccomp`). It stops
 before running anything (``--block-fd``) until the driver has given the network namespace its
-user-mode egress (``pasta``, :mod:`remotecli.sandbox.network`), then runs a short bash script:
+user-mode egress (``pasta``, :mod:`remotecli.sandbox.network`), then runs a short bash script
+(what the sandbox is, as data: :mod:`remotecli.drivers.local_sandbox`):
 
 1. ``Xvfb -displayfd``: the server picks the first free display number; it accepts only clients
    holding the session's MIT-MAGIC-COOKIE (``run/Xauthority``);
@@ -38,8 +39,6 @@ import os
 import secrets
 import shutil
 import stat
-import struct
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -47,10 +46,22 @@ from pathlib import Path
 
 from remotecli.drivers.banner import await_rfb_banner
 from remotecli.drivers.base import ProgressCallback, SessionSpec, VncEndpoint
+from remotecli.drivers.local_sandbox import (
+    GROUP,
+    PASSWD,
+    REPORT_LINE_MAX,
+    REPORT_LINES_MAX,
+    LaunchPlan,
+    launcher_argv,
+    parse_report,
+    script_argv,
+    session_environment,
+    xauthority_entry,
+)
 from remotecli.exceptions import DriverError, RemoteCliError, RemoteProtocolError
 from remotecli.logs import get_logger
 from remotecli.providers import HostPrograms
-from remotecli.sandbox import SYSTEM_PATH, files, launch, seccomp
+from remotecli.sandbox import files, seccomp
 from remotecli.sandbox.cgroups import CgroupHost, Limits, SessionCgroup, human_bytes
 from remotecli.sandbox.egress import EGRESS_CHOICES, EgressFilter
 from remotecli.sandbox.network import Pasta, connect_loopback, open_namespace, tun_problem
@@ -69,119 +80,19 @@ log = get_logger("driver.local")
 READY_TIMEOUT = 15.0
 """Seconds a session may take from start to an RFB banner before start() gives up."""
 
-SANDBOX_HOME = "/home/user"
-SANDBOX_RUN = "/run/session"
-SANDBOX_UID = 1000
-
 _UNIX_PATH_MAX = 107  # sun_path is 108 bytes with the terminating NUL
 _POLL_INTERVAL = 0.01
-_REPORT_LINE_MAX = 256  # "display 12", "exited xterm 0": a longer line is not ours
-_REPORT_LINES_MAX = 16
-_REPORTERS = ("Xvfb", "xterm", "x11vnc")
 _WORKDIR_BYTES = 16 * 1024**2
 _WORKDIR_INODES = 4096
 _MEMORY_POLL_INTERVAL = 0.25
-_PASSWD = (
-    "root:x:0:0:root:/root:/usr/sbin/nologin\n"
-    f"user:x:{SANDBOX_UID}:{SANDBOX_UID}:remote-cli session:{SANDBOX_HOME}:/bin/bash\n"
-    "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
-)
-_GROUP = f"root:x:0:\nuser:x:{SANDBOX_UID}:\nnogroup:x:65534:\n"
 PID_FILE = "sandbox.pid"
 """In the root-only workdir: "PGID MARKER UID" of a running sandbox, for recover() after a crash."""
-
-# Runs inside the sandbox. Arguments: run dir, width, height, then the session's command.
-_SESSION_SCRIPT = r"""
-set -u
-run=$1 width=$2 height=$3
-shift 3
-fifo="$run/display.fifo"
-rm -f "$fifo" "$run/vnc.sock"
-mkfifo -m 600 "$fifo"
-Xvfb -displayfd 3 -nolisten tcp -br -auth "$run/Xauthority" -screen 0 "${width}x${height}x24" \
-  3>"$fifo" </dev/null 2>"$run/xvfb.log" &
-xvfb=$!
-if ! read -r display <"$fifo"; then
-  wait "$xvfb"
-  echo "exited Xvfb $?"
-  exit 1
-fi
-rm -f "$fifo"
-export DISPLAY=":$display"
-echo "display $display"
-cols=$((width / 6)) rows=$((height / 13))
-HOLD_SCRIPT='"$@"; status=$?
-printf "\n[%s exited with status %d; press Enter to end the session]\n" "${1##*/}" "$status"
-read -r _'
-# When the command ends, keep its last screen (often an error message) until Enter is pressed.
-xterm -geometry "${cols}x${rows}+0+0" -e bash -c "$HOLD_SCRIPT" command "$@" \
-  </dev/null 2>"$run/xterm.log" &
-xterm=$!
-x11vnc -display "$DISPLAY" -unixsock "$run/vnc.sock" -rfbport 0 -noipv6 -nopw -forever \
-  -shared -quiet -nowf -noxdamage -nonap </dev/null >/dev/null 2>"$run/x11vnc.log" &
-x11vnc=$!
-wait -n -p who
-status=$?
-# Xvfb's death takes xterm and x11vnc with it: name the first program found dead or dying, in
-# order of cause, not merely the first one `wait -n` reported. Dead: bash may have reaped it
-# already (its status stays available to `wait PID`); dying: PF_EXITING (0x4) in its flags.
-for pid in "$xvfb" "$x11vnc" "$xterm"; do
-  [ "$pid" = "$who" ] && break
-  flags=$(cut -d' ' -f9 "/proc/$pid/stat" 2>/dev/null || echo 4)
-  if (( ${flags:-4} & 4 )); then
-    who=$pid
-    wait "$pid"
-    status=$?
-    break
-  fi
-done
-case $who in
-  "$xvfb") name=Xvfb ;;
-  "$xterm") name=xterm ;;
-  "$x11vnc") name=x11vnc ;;
-  *) name=unknown ;;
-esac
-echo "exited $name $status"
-"""
 
 
 def sandbox_pids(workdir: Path) -> list[int]:
     """Return the PIDs of the session whose workdir is ``workdir``, from its pid file (tests)."""
     pgid, marker, uid = (workdir / PID_FILE).read_text().split()
     return session_processes(marker, int(pgid), None if uid == "-" else int(uid))
-
-
-_SYSTEM_ROOTS = tuple(Path(p) for p in ("/usr", "/bin", "/sbin", "/lib", "/lib64", "/etc", "/opt"))
-
-
-def _program_roots(program: str) -> list[Path]:
-    """Directories to show read-only in the sandbox so the session's program can run.
-
-    A provider's CLI may live outside the system directories, for example in the project's
-    ``node_modules/.bin`` as a link into its package: show the whole ``node_modules`` tree it
-    belongs to (a Node.js CLI loads its dependencies from there), or else its own directory.
-    """
-    path = Path(program)
-    if not path.is_absolute():
-        return []
-    roots: list[Path] = []
-    for candidate in (path, path.resolve()):
-        root = next((p for p in candidate.parents if p.name == "node_modules"), candidate.parent)
-        if not any(root.is_relative_to(system) for system in _SYSTEM_ROOTS) and root not in roots:
-            roots.append(root)
-    return roots
-
-
-def _xauthority_entry(cookie: bytes) -> bytes:
-    """Return one Xauthority record for any address and display (FamilyWild)."""
-
-    def counted(value: bytes) -> bytes:
-        return struct.pack(">H", len(value)) + value
-
-    family_wild = 0xFFFF
-    return struct.pack(">H", family_wild) + b"".join(
-        counted(part) for part in (b"", b"", b"MIT-MAGIC-COOKIE-1", cookie)
-    )
 
 
 @dataclass
@@ -479,12 +390,15 @@ class LocalDriver:
         home, run_dir = self._prepare(session)
         if self.cgroups is not None and self.cgroups.version is not None:
             session.cgroup = self.cgroups.create(spec.session_id, self.limits)
-        env = {MARKER_VARIABLE: session.marker, **self._environment(spec)}
+        env = {
+            MARKER_VARIABLE: session.marker,
+            **session_environment(spec, sandboxed=self.bwrap is not None),
+        }
         child_fds: list[int] = []
         info_fd = block_fd = -1
         try:
             if self.bwrap is None:
-                argv = self._script(spec, run_dir)
+                argv = script_argv(spec, str(run_dir))
             else:
                 info_fd, info_w = os.pipe()
                 block_r, block_fd = os.pipe()
@@ -492,10 +406,23 @@ class LocalDriver:
                 fds = {"info": info_w, "block": block_r, "seccomp": seccomp.program_fd()}
                 child_fds.append(fds["seccomp"])
                 if self.privileged:
-                    fds["passwd"] = files.data_pipe(_PASSWD.encode())
-                    fds["group"] = files.data_pipe(_GROUP.encode())
+                    fds["passwd"] = files.data_pipe(PASSWD.encode())
+                    fds["group"] = files.data_pipe(GROUP.encode())
                     child_fds += [fds["passwd"], fds["group"]]
-                argv = self._launcher(session, home, run_dir, fds)
+                argv = launcher_argv(
+                    LaunchPlan(
+                        bwrap=self.bwrap,
+                        spec=spec,
+                        home=home,
+                        run_dir=run_dir,
+                        fds=fds,
+                        privileged=self.privileged,
+                        uid=session.uid,
+                        processes=self.limits.pids,
+                        home_bytes=self.limits.home_bytes,
+                        cgroup_procs=session.cgroup.procs_files if session.cgroup else (),
+                    )
+                )
             workdir = spec.workdir
             (workdir / PID_FILE).write_text(f"0 {session.marker} {session.uid or '-'}\n")
             with (workdir / "sandbox.log").open("wb") as sandbox_log:
@@ -507,7 +434,7 @@ class LocalDriver:
                     start_new_session=True,
                     env=env,
                     pass_fds=child_fds,
-                    limit=_REPORT_LINE_MAX,
+                    limit=REPORT_LINE_MAX,
                 )
         finally:
             for fd in child_fds:
@@ -556,95 +483,13 @@ class LocalDriver:
         run_dir.mkdir(mode=0o700)
         xauthority = run_dir / "Xauthority"
         xauthority.touch(mode=0o600)
-        xauthority.write_bytes(_xauthority_entry(secrets.token_bytes(16)))
+        xauthority.write_bytes(xauthority_entry(secrets.token_bytes(16)))
         if session.uid is not None:
             inodes = max(4096, self.limits.home_bytes // 4096)
             files.mount_tmpfs(home, self.limits.home_bytes, session.uid, session.uid, inodes=inodes)
             for path in (run_dir, xauthority):
                 os.chown(path, session.uid, session.uid)
         return home, run_dir
-
-    def _script(self, spec: SessionSpec, run_dir: Path) -> list[str]:
-        width, height = str(spec.width), str(spec.height)
-        return [
-            "bash",
-            "-c",
-            _SESSION_SCRIPT,
-            "session",
-            str(run_dir),
-            width,
-            height,
-            *spec.command,
-        ]
-
-    def _launcher(
-        self, session: _Session, home: Path, run_dir: Path, fds: dict[str, int]
-    ) -> list[str]:
-        """Return the launcher's argv: its JSON spec carries bubblewrap's own argv."""
-        assert self.bwrap is not None
-        spec = session.spec
-        binds = {"home": str(home), "run": str(run_dir)}
-        roots = _program_roots(spec.command[0])
-        binds.update({f"program{i}": str(root) for i, root in enumerate(roots)})
-        if self.privileged:
-            staged = {name: f"{launch.STAGE}/{name}" for name in binds}
-        else:
-            staged = dict(binds)
-        sandbox = [self.bwrap, "--die-with-parent", "--new-session", "--unshare-user"]
-        sandbox += ["--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID), "--disable-userns"]
-        sandbox += ["--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-net"]
-        sandbox += ["--unshare-cgroup-try", "--hostname", "session"]
-        sandbox += ["--info-fd", str(fds["info"]), "--block-fd", str(fds["block"])]
-        sandbox += ["--seccomp", str(fds["seccomp"]), "--ro-bind", "/usr", "/usr"]
-        for name in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
-            root = Path("/") / name
-            if root.is_symlink():
-                sandbox += ["--symlink", os.readlink(root), str(root)]
-            elif root.is_dir():
-                sandbox += ["--ro-bind", str(root), str(root)]
-        sandbox += ["--ro-bind", "/etc", "/etc", "--ro-bind-try", "/opt", "/opt"]
-        if "passwd" in fds:
-            sandbox += ["--ro-bind-data", str(fds["passwd"]), "/etc/passwd"]
-            sandbox += ["--ro-bind-data", str(fds["group"]), "/etc/group"]
-        sandbox += ["--ro-bind-try", "/var/cache/fontconfig", "/var/cache/fontconfig"]
-        sandbox += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]  # noqa: S108 -- private
-        for i, root in enumerate(roots):  # after /tmp: a checkout under /tmp stays visible
-            sandbox += ["--ro-bind", staged[f"program{i}"], str(root)]
-        sandbox += ["--bind", staged["home"], SANDBOX_HOME, "--bind", staged["run"], SANDBOX_RUN]
-        sandbox += ["--chdir", SANDBOX_HOME, "--"]
-        sandbox += self._script(spec, Path(SANDBOX_RUN))
-        rlimits: dict[str, tuple[int, int]] = {"core": (0, 0), "nofile": (8192, 8192)}
-        if session.uid is not None:
-            rlimits["nproc"] = (self.limits.pids, self.limits.pids)
-        else:
-            rlimits["fsize"] = (self.limits.home_bytes, self.limits.home_bytes)
-        plan = {
-            "cgroup_procs": [str(p) for p in session.cgroup.procs_files] if session.cgroup else [],
-            "rlimits": rlimits,
-            "binds": binds if self.privileged else {},
-            "keep_fds": sorted(fds.values()),
-            "uid": session.uid,
-            "gid": session.uid,
-            "argv": sandbox,
-        }
-        return [sys.executable, "-I", "-S", launch.__file__, json.dumps(plan)]
-
-    def _environment(self, spec: SessionSpec) -> dict[str, str]:
-        sandboxed = self.bwrap is not None
-        run_dir = SANDBOX_RUN if sandboxed else str(spec.workdir / "run")
-        home = SANDBOX_HOME if sandboxed else str(spec.workdir / "home")
-        env = {
-            "PATH": SYSTEM_PATH if sandboxed else os.environ.get("PATH", SYSTEM_PATH),
-            "HOME": home,
-            "USER": "user",
-            "LOGNAME": "user",
-            "LANG": os.environ.get("LANG", "C.UTF-8"),
-            "TERM": "xterm-256color",
-            "XAUTHORITY": f"{run_dir}/Xauthority",
-            "REMOTECLI_SESSION_ID": spec.session_id,
-        }
-        env.update(spec.env)
-        return env
 
     # --- watching ------------------------------------------------------------------------------
 
@@ -662,24 +507,17 @@ class LocalDriver:
         try:
             while line := await stdout.readline():
                 lines += 1
-                words = line.decode("ascii").split()
-                if lines > _REPORT_LINES_MAX or len(line) > _REPORT_LINE_MAX:
-                    raise ValueError("too much")
-                if words[:1] == ["display"] and len(words) == 2 and words[1].isdigit():
+                if lines > REPORT_LINES_MAX:
+                    raise ValueError("too many reports")
+                report = parse_report(line)
+                if report.kind == "display":
                     if session.display is None:
                         await session.lines.put(line.decode())
-                elif (
-                    words[:1] == ["exited"]
-                    and len(words) == 3
-                    and words[1] in _REPORTERS
-                    and words[2].isdigit()
-                ):
-                    if session.reason is None:
-                        session.reason = f"{words[1]} exited with status {words[2]}"
-                    await session.lines.put(line.decode())
                 else:
-                    raise ValueError("not a report")
-        except (ValueError, UnicodeDecodeError, asyncio.LimitOverrunError):
+                    if session.reason is None:
+                        session.reason = f"{report.program} exited with status {report.status}"
+                    await session.lines.put(line.decode())
+        except (ValueError, asyncio.LimitOverrunError):
             session.reason = "the session wrote to the driver's report channel; ended"
             log.warning("session_report_violation", session_id=session.spec.session_id)
             kill(_members(session))

@@ -1,0 +1,251 @@
+"""What a local session's sandbox is: its script, its users, its X cookie, bubblewrap's argv.
+
+The local driver's pure part, as :mod:`remotecli.drivers.qemu_machine` is the QEMU driver's.
+Pure: functions of the session's spec and of what the driver found on the host, no process
+started and no file written. :mod:`remotecli.drivers.local` runs what these describe:
+
+- :data:`SESSION_SCRIPT`, the bash script the sandbox runs (display server, terminal, VNC
+  server), and the report lines it writes on its stdout, read back by :func:`parse_report`
+  as hostile input (any process of the session can write to that pipe);
+- :func:`launcher_argv`, the launcher's command line (:mod:`remotecli.sandbox.launch`), whose
+  JSON plan carries bubblewrap's own argv: namespaces, read-only system directories, the
+  provider's program, HOME and the run directory;
+- :func:`session_environment`, the environment the session starts with; :data:`PASSWD` and
+  :data:`GROUP`, the sandbox's own ``/etc/passwd`` and ``/etc/group``;
+  :func:`xauthority_entry`, the X cookie's file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from remotecli.drivers.base import SessionSpec
+from remotecli.sandbox import SYSTEM_PATH, launch
+
+SANDBOX_HOME = "/home/user"
+SANDBOX_RUN = "/run/session"
+SANDBOX_UID = 1000
+
+REPORT_LINE_MAX = 256  # "display 12", "exited xterm 0": a longer line is not ours
+REPORT_LINES_MAX = 16
+REPORTERS = ("Xvfb", "xterm", "x11vnc")
+
+PASSWD = (
+    "root:x:0:0:root:/root:/usr/sbin/nologin\n"
+    f"user:x:{SANDBOX_UID}:{SANDBOX_UID}:remote-cli session:{SANDBOX_HOME}:/bin/bash\n"
+    "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
+)
+GROUP = f"root:x:0:\nuser:x:{SANDBOX_UID}:\nnogroup:x:65534:\n"
+
+# Runs inside the sandbox. Arguments: run dir, width, height, then the session's command.
+SESSION_SCRIPT = r"""
+set -u
+run=$1 width=$2 height=$3
+shift 3
+fifo="$run/display.fifo"
+rm -f "$fifo" "$run/vnc.sock"
+mkfifo -m 600 "$fifo"
+Xvfb -displayfd 3 -nolisten tcp -br -auth "$run/Xauthority" -screen 0 "${width}x${height}x24" \
+  3>"$fifo" </dev/null 2>"$run/xvfb.log" &
+xvfb=$!
+if ! read -r display <"$fifo"; then
+  wait "$xvfb"
+  echo "exited Xvfb $?"
+  exit 1
+fi
+rm -f "$fifo"
+export DISPLAY=":$display"
+echo "display $display"
+cols=$((width / 6)) rows=$((height / 13))
+HOLD_SCRIPT='"$@"; status=$?
+printf "\n[%s exited with status %d; press Enter to end the session]\n" "${1##*/}" "$status"
+read -r _'
+# When the command ends, keep its last screen (often an error message) until Enter is pressed.
+xterm -geometry "${cols}x${rows}+0+0" -e bash -c "$HOLD_SCRIPT" command "$@" \
+  </dev/null 2>"$run/xterm.log" &
+xterm=$!
+x11vnc -display "$DISPLAY" -unixsock "$run/vnc.sock" -rfbport 0 -noipv6 -nopw -forever \
+  -shared -quiet -nowf -noxdamage -nonap </dev/null >/dev/null 2>"$run/x11vnc.log" &
+x11vnc=$!
+wait -n -p who
+status=$?
+# Xvfb's death takes xterm and x11vnc with it: name the first program found dead or dying, in
+# order of cause, not merely the first one `wait -n` reported. Dead: bash may have reaped it
+# already (its status stays available to `wait PID`); dying: PF_EXITING (0x4) in its flags.
+for pid in "$xvfb" "$x11vnc" "$xterm"; do
+  [ "$pid" = "$who" ] && break
+  flags=$(cut -d' ' -f9 "/proc/$pid/stat" 2>/dev/null || echo 4)
+  if (( ${flags:-4} & 4 )); then
+    who=$pid
+    wait "$pid"
+    status=$?
+    break
+  fi
+done
+case $who in
+  "$xvfb") name=Xvfb ;;
+  "$xterm") name=xterm ;;
+  "$x11vnc") name=x11vnc ;;
+  *) name=unknown ;;
+esac
+echo "exited $name $status"
+"""
+
+
+_SYSTEM_ROOTS = tuple(Path(p) for p in ("/usr", "/bin", "/sbin", "/lib", "/lib64", "/etc", "/opt"))
+
+
+def program_roots(program: str) -> list[Path]:
+    """Directories to show read-only in the sandbox so the session's program can run.
+
+    A provider's CLI may live outside the system directories, for example in the project's
+    ``node_modules/.bin`` as a link into its package: show the whole ``node_modules`` tree it
+    belongs to (a Node.js CLI loads its dependencies from there), or else its own directory.
+    """
+    path = Path(program)
+    if not path.is_absolute():
+        return []
+    roots: list[Path] = []
+    for candidate in (path, path.resolve()):
+        root = next((p for p in candidate.parents if p.name == "node_modules"), candidate.parent)
+        if not any(root.is_relative_to(system) for system in _SYSTEM_ROOTS) and root not in roots:
+            roots.append(root)
+    return roots
+
+
+def xauthority_entry(cookie: bytes) -> bytes:
+    """Return one Xauthority record for any address and display (FamilyWild)."""
+
+    def counted(value: bytes) -> bytes:
+        return struct.pack(">H", len(value)) + value
+
+    family_wild = 0xFFFF
+    return struct.pack(">H", family_wild) + b"".join(
+        counted(part) for part in (b"", b"", b"MIT-MAGIC-COOKIE-1", cookie)
+    )
+
+
+@dataclass(frozen=True)
+class Report:
+    """One line of the session script's reports: ``display N`` or ``exited NAME STATUS``."""
+
+    kind: str  # "display" or "exited"
+    display: int | None = None
+    program: str | None = None
+    status: int | None = None
+
+
+def parse_report(line: bytes) -> Report:
+    """Parse one report line; raise ValueError for anything the script does not write."""
+    if len(line) > REPORT_LINE_MAX:
+        raise ValueError("report line too long")
+    words = line.decode("ascii").split()  # UnicodeDecodeError is a ValueError
+    if words[:1] == ["display"] and len(words) == 2 and words[1].isdigit():
+        return Report("display", display=int(words[1]))
+    exited = words[:1] == ["exited"] and len(words) == 3 and words[1] in REPORTERS
+    if exited and words[2].isdigit():
+        return Report("exited", program=words[1], status=int(words[2]))
+    raise ValueError("not a report")
+
+
+def script_argv(spec: SessionSpec, run_dir: str) -> list[str]:
+    """Return the argv that runs :data:`SESSION_SCRIPT` for ``spec`` with its run directory."""
+    width, height = str(spec.width), str(spec.height)
+    return ["bash", "-c", SESSION_SCRIPT, "session", run_dir, width, height, *spec.command]
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """What the driver decided for one sandboxed session, for :func:`launcher_argv`."""
+
+    bwrap: str
+    spec: SessionSpec
+    home: Path
+    run_dir: Path
+    fds: Mapping[str, int]  # info, block, seccomp; passwd and group when privileged
+    privileged: bool  # root controller: stage binds, own uid, cgroup, passwd
+    uid: int | None
+    processes: int
+    home_bytes: int
+    cgroup_procs: Sequence[Path] = ()
+
+
+def bwrap_argv(plan: LaunchPlan, staged: Mapping[str, str], roots: Sequence[Path]) -> list[str]:
+    """Return bubblewrap's argv: the namespaces, the filesystem, then the session script."""
+    fds = plan.fds
+    sandbox = [plan.bwrap, "--die-with-parent", "--new-session", "--unshare-user"]
+    sandbox += ["--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID), "--disable-userns"]
+    sandbox += ["--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-net"]
+    sandbox += ["--unshare-cgroup-try", "--hostname", "session"]
+    sandbox += ["--info-fd", str(fds["info"]), "--block-fd", str(fds["block"])]
+    sandbox += ["--seccomp", str(fds["seccomp"]), "--ro-bind", "/usr", "/usr"]
+    for name in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
+        root = Path("/") / name
+        if root.is_symlink():
+            sandbox += ["--symlink", os.readlink(root), str(root)]
+        elif root.is_dir():
+            sandbox += ["--ro-bind", str(root), str(root)]
+    sandbox += ["--ro-bind", "/etc", "/etc", "--ro-bind-try", "/opt", "/opt"]
+    if "passwd" in fds:
+        sandbox += ["--ro-bind-data", str(fds["passwd"]), "/etc/passwd"]
+        sandbox += ["--ro-bind-data", str(fds["group"]), "/etc/group"]
+    sandbox += ["--ro-bind-try", "/var/cache/fontconfig", "/var/cache/fontconfig"]
+    sandbox += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]  # noqa: S108 -- private
+    for i, root in enumerate(roots):  # after /tmp: a checkout under /tmp stays visible
+        sandbox += ["--ro-bind", staged[f"program{i}"], str(root)]
+    sandbox += ["--bind", staged["home"], SANDBOX_HOME, "--bind", staged["run"], SANDBOX_RUN]
+    sandbox += ["--chdir", SANDBOX_HOME, "--"]
+    return sandbox + script_argv(plan.spec, SANDBOX_RUN)
+
+
+def launcher_argv(plan: LaunchPlan) -> list[str]:
+    """Return the launcher's argv: its JSON plan carries bubblewrap's own argv.
+
+    A privileged launcher stages HOME, the run directory and the program's roots on a private
+    tmpfs first (see :mod:`remotecli.sandbox.launch`), so bubblewrap binds them from there.
+    """
+    binds = {"home": str(plan.home), "run": str(plan.run_dir)}
+    roots = program_roots(plan.spec.command[0])
+    binds.update({f"program{i}": str(root) for i, root in enumerate(roots)})
+    staged = dict(binds)
+    if plan.privileged:  # the launcher stages them first
+        staged = {name: f"{launch.STAGE}/{name}" for name in binds}
+    rlimits: dict[str, tuple[int, int]] = {"core": (0, 0), "nofile": (8192, 8192)}
+    if plan.uid is not None:
+        rlimits["nproc"] = (plan.processes, plan.processes)
+    else:
+        rlimits["fsize"] = (plan.home_bytes, plan.home_bytes)
+    launch_plan = {
+        "cgroup_procs": [str(p) for p in plan.cgroup_procs],
+        "rlimits": rlimits,
+        "binds": binds if plan.privileged else {},
+        "keep_fds": sorted(plan.fds.values()),
+        "uid": plan.uid,
+        "gid": plan.uid,
+        "argv": bwrap_argv(plan, staged, roots),
+    }
+    return [sys.executable, "-I", "-S", launch.__file__, json.dumps(launch_plan)]
+
+
+def session_environment(spec: SessionSpec, *, sandboxed: bool) -> dict[str, str]:
+    """Return the environment the session's script starts with (``spec.env`` last)."""
+    run_dir = SANDBOX_RUN if sandboxed else str(spec.workdir / "run")
+    home = SANDBOX_HOME if sandboxed else str(spec.workdir / "home")
+    env = {
+        "PATH": SYSTEM_PATH if sandboxed else os.environ.get("PATH", SYSTEM_PATH),
+        "HOME": home,
+        "USER": "user",
+        "LOGNAME": "user",
+        "LANG": os.environ.get("LANG", "C.UTF-8"),
+        "TERM": "xterm-256color",
+        "XAUTHORITY": f"{run_dir}/Xauthority",
+        "REMOTECLI_SESSION_ID": spec.session_id,
+    }
+    env.update(spec.env)
+    return env
