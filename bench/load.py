@@ -58,6 +58,14 @@ class EchoDriver:
     def isolation(self) -> None:
         return None
 
+    async def collect(self, session_id: str, paths: Any) -> dict[str, bytes]:
+        return {}
+
+    async def connect_loopback(self, session_id: str, port: int, *, address: str = "") -> Any:
+        from remotecli.exceptions import DriverError
+
+        raise DriverError("the echo driver's sessions have no loopback of their own")
+
     def can_run(self, command: Any) -> tuple[str, ...] | str:
         """Say every program can run: the echo server never runs one."""
         return tuple(command)

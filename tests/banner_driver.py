@@ -3,8 +3,10 @@
 It lets the controller's tests run the whole lifecycle (start, ready, crash, stop, recover)
 over real sockets without a display. What it leaves out, on purpose: no Xvfb, no terminal, no
 provider command, no sandbox, no child processes, no VNC beyond the 12-byte ``RFB 003.008``
-banner, and nothing survives the test process (so ``recover`` only knows sessions this very
-instance started). The local driver's own tests and ``tests/e2e/`` cover those.
+banner, HOME is the ``kept`` dict a test fills (:meth:`BannerDriver.collect` returns it), and a
+session's loopback is the host's (:meth:`BannerDriver.connect_loopback`: the test's own server
+stands in for the CLI's). Nothing survives the test process (so ``recover`` only knows
+sessions this very instance started). The local driver's own tests and ``tests/e2e/`` cover those.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 from remotecli.config import ControllerConfig
 from remotecli.controller.server import Controller
 from remotecli.drivers.base import ProgressCallback, SessionSpec, VncEndpoint
-from remotecli.exceptions import DriverError
+from remotecli.exceptions import DriverError, UpstreamRefused
 from remotecli.providers import HostPrograms
 
 BANNER = b"RFB 003.008\n"
@@ -46,6 +48,20 @@ class BannerDriver:
         self.stopped: list[str] = []
         self.specs: dict[str, SessionSpec] = {}
         self._sandboxes: dict[str, _Sandbox] = {}
+        self.kept: dict[str, dict[str, bytes]] = {}  # session id → files "in its HOME"
+
+    async def collect(self, session_id: str, paths: Sequence[str]) -> dict[str, bytes]:
+        """Return the files planted for the session (tests put them in ``kept``)."""
+        return dict(self.kept.get(session_id, {}))
+
+    async def connect_loopback(
+        self, session_id: str, port: int, *, address: str = "127.0.0.1"
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Connect to ``port`` on the host's loopback: a test stands up the session's server."""
+        try:
+            return await asyncio.open_connection(address, port)
+        except ConnectionRefusedError as exc:  # as the local driver says it
+            raise UpstreamRefused(f"{address}:{port} refused the connection") from exc
 
     def isolation(self) -> Mapping[str, object] | None:
         """Nothing to say about isolation here (see the Driver seam)."""

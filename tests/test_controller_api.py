@@ -23,6 +23,7 @@ from remotecli.config import ControllerConfig
 from remotecli.controller.app import create_app
 from remotecli.controller.identity import Identity
 from remotecli.controller.sessions import SessionManager
+from remotecli.controller.signins import SecretKey, SignIns, new_key_material
 from remotecli.controller.store import Store
 from remotecli.controller.viewers import ViewerAccess
 from remotecli.exceptions import Conflict, Forbidden, NotAuthenticated, NotFound
@@ -63,6 +64,7 @@ class Harness:
     ticket_clock: FakeClock
     socket_path: Path
     viewers: ViewerAccess
+    signins: SignIns
 
     def auth(self, token: str = ADMIN_TOKEN) -> dict[str, str]:
         return {"Authorization": f"Bearer {token}"}
@@ -117,6 +119,7 @@ async def start_harness(
     store.add_token("bob", hash_token(BOB_TOKEN), 1.0)
     ticket_clock = FakeClock()
     registry = prometheus_client.CollectorRegistry()
+    signins = SignIns(store, SecretKey(new_key_material(), "test"))
     manager = SessionManager(
         config,
         store,
@@ -124,6 +127,7 @@ async def start_harness(
         catalogue,
         tickets=TicketBook(clock=ticket_clock),
         registry=registry,
+        signins=signins,
     )
     await manager.start()
     identity = Identity.of_store(store, manager.tickets, allowed_origins=config.allowed_origins)
@@ -147,7 +151,9 @@ async def start_harness(
         transport=transport, base_url="http://controller", timeout=5000 * MS
     ) as client:
         viewers = ViewerAccess(identity, manager)
-        yield Harness(config, store, driver, manager, client, ticket_clock, socket_path, viewers)
+        yield Harness(
+            config, store, driver, manager, client, ticket_clock, socket_path, viewers, signins
+        )
     await manager.close()
     server.should_exit = True
     await task

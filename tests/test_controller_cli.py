@@ -235,3 +235,130 @@ def test_taken_port_exits_2(tmp_path: Path) -> None:
         )
     assert result.returncode == 2
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+
+
+# --- remotecli secret --------------------------------------------------------------------------
+
+
+def secret(
+    data: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run `remotecli secret ARGS --data-dir DATA` and return what it did."""
+    return subprocess.run(
+        [*REMOTECLI, "secret", *args, "--data-dir", str(data)],
+        capture_output=True,
+        text=True,
+        env=env if env is not None else clean_env(),
+        timeout=20_000 * MS,
+    )
+
+
+def keep_two_signins(data: Path, env_key: str | None = None) -> None:
+    """Store two kept sign-ins in ``data`` the way the controller does, then let go."""
+    from remotecli.controller.server import open_store
+    from remotecli.controller.signins import SignIns
+
+    store = open_store(data)
+    signins = SignIns.open(store, data, env_key)
+    signins.save("alice", "codex", {".codex/auth.json": b"token-a"}, None)
+    signins.save("bob", "codex", {".codex/auth.json": b"token-b"}, None)
+    signins.close()
+    store.close()
+
+
+def kept_files(data: Path, user: str, env_key: str | None = None) -> dict[str, bytes] | None:
+    """Load ``user``'s kept codex sign-in with the data dir's current key."""
+    from remotecli.controller.server import open_store
+    from remotecli.controller.signins import SignIns
+
+    store = open_store(data)
+    try:
+        signins = SignIns.open(store, data, env_key)
+        kept = signins.load(user, "codex")
+        signins.close()
+    finally:
+        store.close()
+    return None if kept is None else kept.files
+
+
+def test_secret_rotate_replaces_the_key_file(tmp_path: Path) -> None:
+    """`secret rotate` re-encrypts every kept sign-in, replaces secret.key and says how many."""
+    from remotecli.controller.signins import read_key_file
+
+    data = tmp_path / "data"
+    keep_two_signins(data)
+    old = read_key_file(data / "secret.key")
+    result = secret(data, "rotate")
+    assert result.returncode == 0, result.stderr
+    new = read_key_file(data / "secret.key")
+    assert new.key_id != old.key_id
+    assert result.stdout.strip() == f"re-encrypted 2 sign-in(s) with key {new.key_id}"
+    assert kept_files(data, "alice") == {".codex/auth.json": b"token-a"}
+
+
+def test_secret_rotate_with_environment_key(tmp_path: Path) -> None:
+    """With REMOTECLI_SECRET_KEY, `secret rotate` needs --new-key-file (exit 2 naming it), and
+    with one re-encrypts for that key."""
+    data = tmp_path / "data"
+    old_key = subprocess.run(
+        [*REMOTECLI, "secret", "new-key"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    keep_two_signins(data, old_key)
+    env = clean_env(REMOTECLI_SECRET_KEY=old_key)
+    refused = secret(data, "rotate", env=env)
+    assert refused.returncode == 2
+    assert "--new-key-file" in refused.stderr
+    new_key_file = tmp_path / "new.key"
+    created = subprocess.run([*REMOTECLI, "secret", "new-key"], capture_output=True, check=True)
+    new_key_file.write_bytes(created.stdout)
+    new_key_file.chmod(0o600)
+    result = secret(data, "rotate", "--new-key-file", str(new_key_file), env=env)
+    assert result.returncode == 0, result.stderr
+    assert "set REMOTECLI_SECRET_KEY" in result.stdout
+    new_key = new_key_file.read_text().strip()
+    assert kept_files(data, "bob", new_key) == {".codex/auth.json": b"token-b"}
+    assert not (data / "secret.key").exists()
+
+
+def test_secret_rotate_refused_while_the_key_is_held(tmp_path: Path) -> None:
+    """`secret rotate` exits 2 and changes nothing while a controller holds the key lock."""
+    from remotecli.controller.server import open_store
+    from remotecli.controller.signins import SignIns
+
+    data = tmp_path / "data"
+    keep_two_signins(data)
+    before = (data / "secret.key").read_bytes()
+    store = open_store(data)
+    holder = SignIns.open(store, data, None)
+    try:
+        result = secret(data, "rotate")
+    finally:
+        holder.close()
+        store.close()
+    assert result.returncode == 2
+    assert "a controller is running" in result.stderr
+    assert (data / "secret.key").read_bytes() == before
+
+
+def test_secret_rotate_refused_while_up_runs(tmp_path: Path) -> None:
+    """`secret rotate` exits 2 while `remotecli up` serves the same data dir."""
+    data = tmp_path / "data"
+    with remotecli_up(data) as up:
+        result = secret(data, "rotate")
+        assert up.terminate() == 0
+    assert result.returncode == 2
+    assert "a controller is running" in result.stderr
+
+
+def test_secret_forget(tmp_path: Path) -> None:
+    """`secret forget USER PROVIDER` and `secret forget --unreadable` drop what they name."""
+    data = tmp_path / "data"
+    keep_two_signins(data)
+    result = secret(data, "forget", "alice", "codex")
+    assert (result.returncode, result.stdout.strip()) == (0, "forgot 1 sign-in(s)")
+    assert kept_files(data, "alice") is None
+    (data / "secret.key").unlink()  # the key is lost: bob's sign-in cannot be read any more
+    result = secret(data, "forget", "--unreadable")
+    assert (result.returncode, result.stdout.strip()) == (0, "forgot 1 sign-in(s)")
+    assert kept_files(data, "bob") is None
+    assert secret(data, "forget").returncode == 2

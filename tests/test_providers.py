@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
-from remotecli.config import ProviderConfig
+from remotecli.config import ProviderConfig, keep_entry_problem, load_controller_config
 from remotecli.exceptions import ConfigError, Unprocessable
-from remotecli.providers import BUILTIN_PROVIDERS, NOT_FOUND, NPM_PROVIDERS, Catalogue
+from remotecli.providers import (
+    BUILTIN_PROVIDERS,
+    NOT_FOUND,
+    NPM_PROVIDERS,
+    Catalogue,
+    HostPrograms,
+    builtin_provider,
+)
 
 
 def make_program(directory: Path, name: str) -> Path:
@@ -117,7 +126,9 @@ def test_catalogue_asks_the_driver_not_the_host(tmp_path: Path) -> None:
 def test_not_found_from_the_driver_shows_the_install_hint() -> None:
     """A driver that answers NOT_FOUND leaves the provider's own install hint as the next step."""
     catalogue = Catalogue(driver=RecordingDriver({}))
-    assert catalogue.get("gemini-cli").hint == "install it with `npm install -g @google/gemini-cli`"
+    assert catalogue.get("gemini-cli").hint == (
+        "install it with `npm install -g @google/gemini-cli` (it needs Node.js 20 or newer)"
+    )
 
 
 def test_npm_providers_come_from_the_builtins() -> None:
@@ -127,3 +138,133 @@ def test_npm_providers_come_from_the_builtins() -> None:
         "codex": "@openai/codex",
         "gemini-cli": "@google/gemini-cli",
     }
+
+
+def test_builtins_keep_their_sign_in_files() -> None:
+    """Each built-in names the files under HOME that hold its sign-in; the shell keeps nothing."""
+    keep = {p.name: p.keep for p in BUILTIN_PROVIDERS}
+    assert keep == {
+        "shell": (),
+        "claude-code": ("~/.claude/.credentials.json", "~/.claude.json"),
+        "codex": ("~/.codex/auth.json",),
+        "gemini-cli": (
+            "~/.gemini/oauth_creds.json",
+            "~/.gemini/google_accounts.json",
+            "~/.gemini/gemini-credentials.json",
+            "~/.gemini/settings.json",
+        ),
+    }
+    assert all(keep_entry_problem(e) is None for p in BUILTIN_PROVIDERS for e in p.keep)
+
+
+def write_toml(tmp_path: Path, provider_lines: str) -> Path:
+    """Write a configuration file declaring one provider, ``tool``, with the lines given."""
+    path = tmp_path / "remotecli.toml"
+    path.write_text(f'[providers.tool]\ncommand = ["tool"]\n{provider_lines}\n')
+    return path
+
+
+def test_configured_provider_keeps_files(tmp_path: Path) -> None:
+    """keep = [...] under [providers.NAME] reaches the catalogue's provider as it was written."""
+    path = write_toml(tmp_path, 'keep = ["~/.tool/auth.json", "~/.config/tool"]')
+    config = load_controller_config({}, environ={}, config_file=path)
+    assert config.providers[0].keep == ("~/.tool/auth.json", "~/.config/tool")
+    catalogue = Catalogue(config.providers, search_path="", extra_bin_dirs=[])
+    assert catalogue.get("tool").provider.keep == ("~/.tool/auth.json", "~/.config/tool")
+
+
+def test_configured_provider_keeps_nothing_by_default(tmp_path: Path) -> None:
+    """A provider without keep keeps nothing, and one that replaces a built-in drops its keep."""
+    config = load_controller_config({}, environ={}, config_file=write_toml(tmp_path, ""))
+    assert config.providers[0].keep == ()
+    replaced = ProviderConfig("codex", ("codex", "--no-alt-screen"))
+    catalogue = Catalogue([replaced], search_path="", extra_bin_dirs=[])
+    assert catalogue.get("codex").provider.keep == ()
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ('["/etc/shadow"]', "'/etc/shadow' must start with ~/"),
+        ('[".tool/auth.json"]', "'.tool/auth.json' must start with ~/"),
+        ('["~/../other/.ssh"]', "'~/../other/.ssh' must name a file or directory under HOME"),
+        ('["~/.tool/../../x"]', "'~/.tool/../../x' must name a file or directory under HOME"),
+        ('["~/"]', "'~/' must name a file or directory under HOME"),
+        ('["~"]', "'~' must start with ~/"),
+        ('[""]', "'' must start with ~/"),
+        ('["~/.tool//auth.json"]', "no empty, . or .. parts"),
+        ('["~/./.tool"]', "no empty, . or .. parts"),
+        ("[42]", "keep entry 42 must be a string"),
+        ('"~/.tool"', "keep must be a list"),
+    ],
+)
+def test_bad_keep_entries_are_config_errors(tmp_path: Path, value: str, expected: str) -> None:
+    """A keep entry outside HOME, climbing out with .., empty or not a string names the provider."""
+    path = write_toml(tmp_path, f"keep = {value}")
+    with pytest.raises(ConfigError, match="provider 'tool'") as caught:
+        load_controller_config({}, environ={}, config_file=path)
+    assert expected in caught.value.message
+
+
+def make_node_package(root: Path, engines: str, node_version: str) -> HostPrograms:
+    """Lay out an npm CLI the way npm does (a .bin link to a node script in its package) and a
+    ``node`` that prints ``node_version``; return a finder that sees only these two."""
+    package = root / "node_modules" / "tool"
+    (package / "bin").mkdir(parents=True)
+    (package / "package.json").write_text(f'{{"name": "tool", "engines": {{"node": "{engines}"}}}}')
+    script = package / "bin" / "tool.js"
+    script.write_text("#!/usr/bin/env node\n")
+    script.chmod(0o755)
+    bin_dir = root / "node_modules" / ".bin"
+    bin_dir.mkdir()
+    (bin_dir / "tool").symlink_to("../tool/bin/tool.js")
+    node_dir = root / "node"
+    node_dir.mkdir()
+    node = node_dir / "node"
+    node.write_text(f"#!/bin/sh\necho v{node_version}\n")
+    node.chmod(0o755)
+    return HostPrograms(search_path=str(node_dir), extra_bin_dirs=[bin_dir])
+
+
+def test_node_script_needing_newer_node_is_not_available(tmp_path: Path) -> None:
+    """A node script whose package wants a newer Node.js than this host's says both versions."""
+    finder = make_node_package(tmp_path, ">=20", "18.20.4")
+    answer = finder.can_run(["tool"])
+    assert answer == (
+        "`tool` needs Node.js >=20 (its package.json engines) but this host's node is v18.20.4: "
+        "install Node.js 20 or newer (Debian 12 ships 18; NodeSource and nodejs.org have newer)"
+    )
+    catalogue = Catalogue([ProviderConfig("tool", ("tool",))], driver=finder)
+    assert not catalogue.get("tool").available
+    assert catalogue.get("tool").hint == answer
+
+
+def test_node_script_on_a_new_enough_node_is_available(tmp_path: Path) -> None:
+    """The same script on a Node.js that meets its engines field resolves to its .bin path."""
+    finder = make_node_package(tmp_path, ">=20", "20.20.2")
+    assert finder.can_run(["tool", "-x"]) == (str(tmp_path / "node_modules/.bin/tool"), "-x")
+
+
+def test_node_script_without_node_says_so(tmp_path: Path) -> None:
+    """A node script found where no node is says Node.js is missing, with the version it needs."""
+    finder = make_node_package(tmp_path, ">=20", "20.0.0")
+    (tmp_path / "node" / "node").unlink()
+    assert finder.can_run(["tool"]) == (
+        "`tool` runs on Node.js, which is not installed: install Node.js >=20"
+    )
+
+
+def test_installed_gemini_matches_this_hosts_node() -> None:
+    """The real Gemini CLI in node_modules is available exactly when this host's node is 20+."""
+    finder = HostPrograms()
+    answer = finder.can_run(["gemini"])
+    if answer == NOT_FOUND:
+        pytest.skip("gemini is not installed (npm ci installs it into node_modules)")
+    node = shutil.which("node")
+    assert node is not None
+    version = subprocess.run([node, "--version"], capture_output=True, text=True, check=True)
+    major = int(version.stdout.strip().removeprefix("v").split(".")[0])
+    assert isinstance(answer, tuple) == (major >= 20), answer
+    provider = builtin_provider("gemini-cli")
+    assert provider is not None
+    assert "Node.js 20 or newer" in provider.install_hint

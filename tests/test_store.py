@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from remotecli.auth import hash_token
-from remotecli.controller.store import SCHEMA_VERSION, Store
+from remotecli.controller.store import MIGRATIONS, SCHEMA_VERSION, SignInRecord, Store
 from remotecli.drivers.base import VncEndpoint
 from remotecli.exceptions import ConfigError, Conflict, NotFound
 from remotecli.states import Event, State
@@ -118,3 +118,64 @@ def test_counts_and_listing(store: Store) -> None:
     assert [r.id for r in store.sessions("alice")] == ["a2", "a1"]
     assert [r.id for r in store.active_sessions()] == ["a2", "b1"]
     assert store.session("a1").reason == "broken"
+
+
+def test_signins_migration_keeps_older_data(tmp_path: Path) -> None:
+    """A store made before the sign-ins table gains it on open and keeps its users and sessions."""
+    raw = sqlite3.connect(tmp_path / "old.sqlite3")
+    for statement in MIGRATIONS[0]:
+        raw.execute(statement)
+    raw.execute("INSERT INTO users VALUES ('alice', 1.0)")
+    raw.execute("PRAGMA user_version = 1")
+    raw.commit()
+    raw.close()
+    store = Store.open(tmp_path / "old.sqlite3")
+    assert store.schema_version == SCHEMA_VERSION
+    assert store.users() == ["alice"]
+    assert store.signins() == []
+    store.close()
+
+
+def test_save_signin_is_a_compare_and_set(store: Store) -> None:
+    """A sign-in is stored only from the version the caller names; connected_at stays the first
+    save's time."""
+    first = store.save_signin("alice", "codex", None, ("k1", b"n1", b"c1"), 10.0)
+    assert first == SignInRecord("alice", "codex", 1, "k1", b"n1", b"c1", 10.0, 10.0)
+    assert store.save_signin("alice", "codex", None, ("k1", b"n2", b"c2"), 11.0) is None
+    assert store.save_signin("alice", "codex", 2, ("k1", b"n2", b"c2"), 11.0) is None
+    second = store.save_signin("alice", "codex", 1, ("k2", b"n2", b"c2"), 12.0)
+    assert second == SignInRecord("alice", "codex", 2, "k2", b"n2", b"c2", 10.0, 12.0)
+    assert store.signin("alice", "codex") == second
+    assert store.signin("alice", "gemini") is None
+
+
+def test_delete_signins_by_filter(store: Store) -> None:
+    """Deleting sign-ins matches every filter given, and with no filter deletes nothing."""
+    for user, provider, key_id in [("a", "p", "k1"), ("a", "q", "k2"), ("b", "p", "k1")]:
+        store.save_signin(user, provider, None, (key_id, b"n", b"c"), 1.0)
+    assert store.signin_key_ids() == {"k1": 2, "k2": 1}
+    assert store.delete_signins() == 0
+    assert store.delete_signins("a", "p") == 1
+    assert store.delete_signins(key_id="k1") == 1
+    assert [(r.user, r.provider) for r in store.signins()] == [("a", "q")]
+    assert store.delete_signins("a") == 1
+    assert store.signins() == []
+
+
+def test_reseal_signins_is_one_transaction(store: Store) -> None:
+    """Resealing replaces key id, nonce and ciphertext of every record, or of none when the
+    sealer fails part way."""
+    store.save_signin("a", "p", None, ("k1", b"n", b"c"), 1.0)
+    store.save_signin("b", "p", None, ("k1", b"n", b"c"), 2.0)
+
+    def failing(record: SignInRecord) -> tuple[str, bytes, bytes]:
+        if record.user == "b":
+            raise ValueError("cannot read b")
+        return "k2", b"n2", b"c2"
+
+    with pytest.raises(ValueError, match="cannot read b"):
+        store.reseal_signins(failing)
+    assert store.signin_key_ids() == {"k1": 2}
+    assert store.reseal_signins(lambda r: None if r.user == "a" else ("k2", b"N", b"C")) == 1
+    record = store.signin("b", "p")
+    assert record == SignInRecord("b", "p", 1, "k2", b"N", b"C", 2.0, 2.0)

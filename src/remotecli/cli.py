@@ -1,4 +1,4 @@
-"""The command line: ``remotecli up | gateway | controller | user | image``.
+"""The command line: ``remotecli up | gateway | controller | user | secret | image``.
 
 Nothing else in the package reads ``sys.argv``. Each command turns its options into a
 configuration value and hands it to the role that runs it; errors under
@@ -383,6 +383,138 @@ def user_add(name: str, data_dir: Path | None, config_file: Path | None) -> None
     finally:
         store.close()
     click.echo(token)
+
+
+# --- remotecli secret ---------------------------------------------------------------------------
+# (owned by the controller's kept sign-ins: src/remotecli/controller/signins.py)
+
+_DATA_DIR_OPTION = click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="The controller's data dir (default $XDG_DATA_HOME/remotecli).",
+)
+_CONFIG_OPTION = click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="The TOML file the controller reads (for its data_dir).",
+)
+
+
+def _controller_answers(data_dir: Path) -> bool:
+    """Whether a controller serves the API socket of ``data_dir`` (a second guard after the
+    key lock, for a controller that holds none)."""
+    import socket
+
+    from remotecli.controller.server import SOCKET_NAME
+
+    path = data_dir / "run" / SOCKET_NAME
+    if not path.exists():
+        return False
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
+
+
+@cli.group("secret")
+def secret_group() -> None:
+    """Manage the key that encrypts the provider sign-ins kept between sessions."""
+
+
+@secret_group.command("new-key")
+def secret_new_key() -> None:
+    """Print a new random key (base64 of 32 bytes) for REMOTECLI_SECRET_KEY or --new-key-file."""
+    from remotecli.controller.signins import encode_key, new_key_material
+
+    click.echo(encode_key(new_key_material()))
+
+
+@secret_group.command("rotate")
+@_DATA_DIR_OPTION
+@_CONFIG_OPTION
+@click.option(
+    "--new-key-file",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="Re-encrypt with the key in this file (mode 0600, base64 or hex of 32 bytes) instead "
+    "of a fresh one. Required when REMOTECLI_SECRET_KEY holds the current key.",
+)
+def secret_rotate(
+    data_dir: Path | None, config_file: Path | None, new_key_file: Path | None
+) -> None:
+    """Re-encrypt every kept sign-in with a new key, with the controller stopped.
+
+    With the key in DATA_DIR/secret.key, a new key replaces it (written to secret.key.new
+    first; an interrupted run is finished by running it again). With REMOTECLI_SECRET_KEY,
+    give the new key with --new-key-file, then restart the controller with the variable set to
+    it. Refuses while a controller runs on the data dir.
+    """
+    from remotecli.controller.server import open_store
+    from remotecli.controller.signins import read_key_file, rotate_secret
+
+    config = load_controller_config({"data_dir": data_dir}, config_file=config_file)
+    if _controller_answers(config.data_dir):
+        raise ConfigError(
+            f"a controller is running on {config.data_dir}; stop it, rotate the key, then "
+            "start it again"
+        )
+    new_material = None if new_key_file is None else read_key_file(new_key_file).material
+    store = open_store(config.data_dir)
+    try:
+        count, key = rotate_secret(store, config.data_dir, config.secret_key, new_material)
+    finally:
+        store.close()
+    click.echo(f"re-encrypted {count} sign-in(s) with key {key.key_id}")
+    if config.secret_key:
+        click.echo(
+            "set REMOTECLI_SECRET_KEY to the content of the new key file before starting the "
+            "controller again"
+        )
+
+
+@secret_group.command("forget")
+@click.argument("user", required=False)
+@click.argument("provider", required=False)
+@click.option(
+    "--unreadable",
+    is_flag=True,
+    help="Forget every sign-in the current key cannot read (sealed with another key).",
+)
+@_DATA_DIR_OPTION
+@_CONFIG_OPTION
+def secret_forget(
+    user: str | None,
+    provider: str | None,
+    unreadable: bool,
+    data_dir: Path | None,
+    config_file: Path | None,
+) -> None:
+    """Forget kept sign-ins: USER's to PROVIDER, all of USER's, or --unreadable ones.
+
+    Their users sign in again in their next session. Safe while the controller runs.
+    """
+    from remotecli.controller.server import open_store
+    from remotecli.controller.signins import SignIns, load_secret_key
+
+    if unreadable == (user is not None):
+        raise click.UsageError("give USER [PROVIDER], or --unreadable")
+    config = load_controller_config({"data_dir": data_dir}, config_file=config_file)
+    store = open_store(config.data_dir)
+    try:
+        if unreadable:
+            key = load_secret_key(config.data_dir, config.secret_key)
+            count = SignIns(store, key).forget_unreadable()
+        elif provider is not None:
+            count = store.delete_signins(user, provider)
+        else:
+            count = store.delete_signins(user)
+    finally:
+        store.close()
+    click.echo(f"forgot {count} sign-in(s)")
 
 
 # --- remotecli image ----------------------------------------------------------------------------

@@ -8,6 +8,8 @@ Environment variables are read here and nowhere else; every one of them is liste
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 import tomllib
 from collections.abc import Callable, Mapping
@@ -103,6 +105,8 @@ DRIVER_NAMES = ("local", "qemu")
 QEMU_ACCELERATORS = ("auto", "kvm", "tcg")
 
 CONTROLLER_TOKEN_ENV = "REMOTECLI_TOKEN"  # noqa: S105 (a variable name, not a secret)
+CONTROLLER_SECRET_KEY_ENV = "REMOTECLI_SECRET_KEY"  # noqa: S105 (a variable name)
+SECRET_KEY_BYTES = 32  # AES-256
 CONTROLLER_CONFIG_ENV = "REMOTECLI_CONFIG"
 
 
@@ -114,6 +118,26 @@ class ProviderConfig:
     command: tuple[str, ...]
     title: str = ""
     install_hint: str = ""
+    keep: tuple[str, ...] = ()
+    """Paths under HOME, written ``~/...``, that hold the provider's sign-in (see
+    :func:`keep_entry_problem`); kept between sessions."""
+
+
+def keep_entry_problem(entry: object) -> str | None:
+    """Say what is wrong with one ``keep`` entry, or return None when it is a path under HOME.
+
+    An entry is ``~/`` followed by one or more names, none empty, ``.`` or ``..``.
+    """
+    if not isinstance(entry, str):
+        return "must be a string such as ~/.tool/credentials.json"
+    if not entry.startswith("~/"):
+        return "must start with ~/ (a path under the session's HOME)"
+    if "\0" in entry:
+        return "must not contain a NUL character"
+    parts = entry[2:].split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        return "must name a file or directory under HOME: no empty, . or .. parts"
+    return None
 
 
 def default_data_dir(environ: Mapping[str, str] | None = None) -> Path:
@@ -140,6 +164,8 @@ class ControllerConfig:
     trusted_proxies: tuple[str, ...] = ()  # CIDRs whose X-Forwarded-* the gateway believes
     providers: tuple[ProviderConfig, ...] = ()
     admin_token: str | None = field(default=None, repr=False)  # from REMOTECLI_TOKEN
+    # Sign-ins' key, base64 or hex of 32 bytes; None = DATA_DIR/secret.key (docs/signins.md)
+    secret_key: str | None = field(default=None, repr=False)  # from REMOTECLI_SECRET_KEY
     session_memory: int = 2 * 1024**3  # bytes of memory per local session (cgroup)
     session_processes: int = 1024  # processes and threads per local session
     session_cpus: float = 1.0  # CPUs a local session may use at most; 0 = no cap
@@ -285,9 +311,23 @@ def _parse_providers(value: object) -> tuple[ProviderConfig, ...]:
                 command=tuple(str(c) for c in command),
                 title=str(entry.get("title", "")),
                 install_hint=str(entry.get("install_hint", "")),
+                keep=_parse_keep(str(name), entry.get("keep", [])),
             )
         )
     return tuple(providers)
+
+
+def _parse_keep(name: str, value: object) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise ConfigError(
+            f'provider {name!r}: keep must be a list, e.g. keep = ["~/.tool/auth.json"]',
+            provider=name,
+        )
+    for entry in value:
+        problem = keep_entry_problem(entry)
+        if problem is not None:
+            raise ConfigError(f"provider {name!r}: keep entry {entry!r} {problem}", provider=name)
+    return tuple(value)
 
 
 _CONTROLLER_PARSERS: dict[str, Callable[[object], object]] = {
@@ -372,7 +412,31 @@ def load_controller_config(
     token = source.get(CONTROLLER_TOKEN_ENV) or None
     if token is not None and len(token) < 16:
         raise ConfigError(f"{CONTROLLER_TOKEN_ENV} is too short; use at least 16 random characters")
+    secret_key = source.get(CONTROLLER_SECRET_KEY_ENV, "").strip() or None
+    if secret_key is not None:
+        parse_secret_key(secret_key, CONTROLLER_SECRET_KEY_ENV)
+    values["secret_key"] = secret_key
     return ControllerConfig(admin_token=token, **values)  # type: ignore[arg-type]
+
+
+def parse_secret_key(text: str, source: str) -> bytes:
+    """Decode a sign-in key written as base64 or hex of 32 bytes; ConfigError naming ``source``."""
+    value = text.strip()
+    try:
+        if len(value) == 2 * SECRET_KEY_BYTES:
+            key = bytes.fromhex(value)
+        else:
+            padded = value + "=" * (-len(value) % 4)
+            key = base64.b64decode(padded.replace("-", "+").replace("_", "/"), validate=True)
+    except (ValueError, binascii.Error):
+        key = b""
+    if len(key) != SECRET_KEY_BYTES:
+        raise ConfigError(
+            f"{source} is not a key: write base64 or hex of {SECRET_KEY_BYTES} random bytes, "
+            "e.g. the output of `remotecli secret new-key`",
+            source=source,
+        )
+    return key
 
 
 # --- dashboard ---------------------------------------------------------------------------------

@@ -4,6 +4,7 @@
 
     RemoteCliError
     ├── ConfigError                  bad flag, environment variable or TOML value
+    ├── UnreadableSignIn             a kept sign-in cannot be decrypted (another key, altered)
     ├── ProtocolError                a protocol rule was broken
     │   ├── LocalProtocolError       ... by us (a bug: never the peer's fault)
     │   └── RemoteProtocolError      ... by the peer (client or upstream)
@@ -74,6 +75,15 @@ class ConfigError(RemoteCliError):
     """A configuration value is missing or invalid; the message names it and the fix."""
 
     kind = "config"
+
+
+class UnreadableSignIn(RemoteCliError):
+    """A stored sign-in cannot be decrypted: another key sealed it, or it was altered or moved.
+
+    Carries ``user``, ``provider``, ``stored_key_id`` and ``key_id``.
+    """
+
+    kind = "unreadable_signin"
 
 
 class ProtocolError(RemoteCliError):

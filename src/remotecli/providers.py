@@ -4,6 +4,10 @@ This is the one place that knows the providers. Four are built in (``shell``, ``
 ``codex``, ``gemini-cli``; the last three are npm packages, which the guest image builder
 installs by the names given here); the TOML file adds more under ``[providers.NAME]``.
 
+Each provider also says what to *keep* (:attr:`Provider.keep`): the files under HOME that hold its
+sign-in, which the controller carries from one session to the next. The built-ins' paths, and
+where they were read from, are in ``docs/providers.md``.
+
 Whether a provider is *available* is the driver's answer (:class:`ProgramFinder`): the local
 driver looks for the program on ``PATH`` or in the project's ``node_modules/.bin`` (where
 ``npm install`` puts the CLIs) with :class:`HostPrograms`; the qemu driver looks in the guest
@@ -13,9 +17,11 @@ how to install it, and starting it is refused with 422 carrying that hint.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
+import subprocess
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,17 +44,42 @@ class Provider:
     install_hint: str
     npm_package: str | None = None
     """The npm package that installs the program (the guest image builder installs it too)."""
+    keep: tuple[str, ...] = ()
+    """Paths under HOME, written ``~/...``, that hold the sign-in: files, or a directory."""
 
 
-def _npm(name: str, title: str, program: str, package: str) -> Provider:
-    return Provider(name, title, (program,), f"install it with `npm install -g {package}`", package)
+def _npm(
+    name: str, title: str, program: str, package: str, keep: tuple[str, ...], needs: str = ""
+) -> Provider:
+    hint = f"install it with `npm install -g {package}`{needs}"
+    return Provider(name, title, (program,), hint, package, keep)
 
 
+# The sign-in files of the versions in package.json (docs/providers.md says where each was read):
+# credentials, and the little state without which the CLI asks again how to sign in.
 BUILTIN_PROVIDERS = (
     Provider("shell", "Shell (bash)", ("bash", "-l"), "install bash with your system's packages"),
-    _npm("claude-code", "Claude Code", "claude", "@anthropic-ai/claude-code"),
-    _npm("codex", "Codex CLI", "codex", "@openai/codex"),
-    _npm("gemini-cli", "Gemini CLI", "gemini", "@google/gemini-cli"),
+    _npm(
+        "claude-code",
+        "Claude Code",
+        "claude",
+        "@anthropic-ai/claude-code",
+        ("~/.claude/.credentials.json", "~/.claude.json"),
+    ),
+    _npm("codex", "Codex CLI", "codex", "@openai/codex", ("~/.codex/auth.json",)),
+    _npm(
+        "gemini-cli",
+        "Gemini CLI",
+        "gemini",
+        "@google/gemini-cli",
+        (
+            "~/.gemini/oauth_creds.json",
+            "~/.gemini/google_accounts.json",
+            "~/.gemini/gemini-credentials.json",
+            "~/.gemini/settings.json",
+        ),
+        " (it needs Node.js 20 or newer)",
+    ),
 )
 
 NPM_PROVIDERS = {p.name: p.npm_package for p in BUILTIN_PROVIDERS if p.npm_package is not None}
@@ -120,7 +151,9 @@ class HostPrograms:
     """Finds programs on this host: on ``PATH``, then in the project's ``node_modules/.bin``.
 
     The local driver's answer (its sandbox sees the host's programs), and the catalogue's
-    when it is given no driver.
+    when it is given no driver. A Node.js script (``#!/usr/bin/env node``) whose package asks
+    for a newer Node.js (``"engines": {"node": ">=20"}``) than the ``node`` found here cannot
+    run, and is answered with the versions and the next step.
     """
 
     def __init__(
@@ -129,13 +162,102 @@ class HostPrograms:
         path = search_path if search_path is not None else os.environ.get("PATH", os.defpath)
         bins = project_bin_dirs() if extra_bin_dirs is None else list(extra_bin_dirs)
         self._path = os.pathsep.join([path, *(str(b) for b in bins)])
+        self._node_versions: dict[tuple[str, int], tuple[int, ...] | None] = {}
 
     def can_run(self, command: Sequence[str]) -> tuple[str, ...] | str:
-        """Return ``command`` with its program as an absolute path, or say it is not found."""
+        """Return ``command`` with its program as an absolute path, or say why it cannot run."""
         program = shutil.which(command[0], path=self._path)
         if program is None:
             return NOT_FOUND
+        problem = self._node_problem(command[0], program)
+        if problem is not None:
+            return problem
         return (os.path.abspath(program), *command[1:])
+
+    def _node_problem(self, name: str, program: str) -> str | None:
+        """Say why a Node.js script cannot run on this host's node, or None if it can."""
+        if not _runs_on_node(program):
+            return None
+        wanted = _engines_node(program)
+        node = shutil.which("node", path=self._path)
+        if node is None:
+            need = f" {wanted[0]}" if wanted else ""
+            return f"`{name}` runs on Node.js, which is not installed: install Node.js{need}"
+        if wanted is None:
+            return None
+        spec, minimum = wanted
+        have = self._node_version(node)
+        if have is None or have >= minimum:
+            return None  # a node that does not say its version is given the benefit of the doubt
+        shown = ".".join(str(n) for n in have)
+        return (
+            f"`{name}` needs Node.js {spec} (its package.json engines) but this host's node is "
+            f"v{shown}: install Node.js {minimum[0]} or newer (Debian 12 ships 18; NodeSource and "
+            "nodejs.org have newer)"
+        )
+
+    def _node_version(self, node: str) -> tuple[int, ...] | None:
+        """Return ``node --version`` as numbers, asked once per node binary."""
+        try:
+            key = (node, os.stat(node).st_mtime_ns)
+        except OSError:
+            return None
+        if key not in self._node_versions:
+            try:
+                done = subprocess.run(
+                    [node, "--version"], capture_output=True, text=True, timeout=10, check=False
+                )
+                self._node_versions[key] = _version(done.stdout.strip().removeprefix("v"))
+            except (OSError, subprocess.SubprocessError):
+                self._node_versions[key] = None
+        return self._node_versions[key]
+
+
+def _version(text: str) -> tuple[int, ...] | None:
+    """Return ``20.1.0`` as ``(20, 1, 0)``, or None when it is not such a version."""
+    found = re.fullmatch(r"(\d+)(?:\.(\d+))?(?:\.(\d+))?", text)
+    if found is None:
+        return None
+    return tuple(int(n) for n in found.groups() if n is not None)
+
+
+def _runs_on_node(program: str) -> bool:
+    """Say whether ``program`` is a script whose ``#!`` line runs ``node``."""
+    try:
+        with open(program, "rb") as file:
+            head = file.read(256)
+    except OSError:
+        return False
+    if not head.startswith(b"#!"):
+        return False
+    words = [os.path.basename(w) for w in head[2:].split(b"\n", 1)[0].split()]
+    if words[:1] == [b"env"]:
+        words = [w for w in words[1:] if not w.startswith(b"-")]
+    return words[:1] == [b"node"]
+
+
+def _engines_node(program: str) -> tuple[str, tuple[int, ...]] | None:
+    """Return the ``engines.node`` of the package holding ``program`` when it reads ``>=N``.
+
+    The package is the nearest ``package.json`` above the script (npm links ``.bin`` entries to
+    the script in its package). A range of another shape is not judged.
+    """
+    directory = Path(os.path.realpath(program)).parent
+    for candidate in (directory, *directory.parents)[:6]:
+        manifest = candidate / "package.json"
+        if not manifest.is_file():
+            continue
+        try:
+            engines = json.loads(manifest.read_text(encoding="utf-8")).get("engines") or {}
+        except (OSError, ValueError, AttributeError):
+            return None
+        spec = engines.get("node") if isinstance(engines, dict) else None
+        if not isinstance(spec, str):
+            return None
+        found = re.fullmatch(r">=\s*v?([\d.]+)", spec.strip())
+        minimum = _version(found.group(1)) if found else None
+        return (spec.strip(), minimum) if minimum else None
+    return None
 
 
 class Catalogue:
@@ -166,6 +288,7 @@ class Catalogue:
                 entry.title or entry.name,
                 entry.command,
                 entry.install_hint or f"install `{entry.command[0]}` and put it on PATH",
+                keep=entry.keep,
             )
         self._finder = driver if driver is not None else HostPrograms(search_path, extra_bin_dirs)
 

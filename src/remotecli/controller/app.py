@@ -61,6 +61,9 @@ PROVIDER_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,31}$"
 DASHBOARD_PATH = login.DASHBOARD_PATH
 SSE_KEEPALIVE = 15.0
 
+ProviderName = Annotated[
+    str, PathParam(pattern=PROVIDER_PATTERN, description="A provider name (see GET /api/providers)")
+]
 SessionId = Annotated[
     str, PathParam(pattern=SESSION_ID_PATTERN, description="A session id (1-64 of A-Za-z0-9_-)")
 ]
@@ -79,6 +82,24 @@ class ProviderOut(BaseModel):
     command: list[str]
     available: bool
     hint: str | None = Field(description="How to install it, when not available")
+    connected: bool = Field(description="You have a kept sign-in for it: sessions start signed in")
+    connected_at: datetime | None = Field(description="When its sign-in was first kept")
+    updated_at: datetime | None = Field(description="When its kept sign-in last changed")
+
+
+class CallbackIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    url: str = Field(
+        max_length=4096,
+        description="The address the browser ended on after signing in: "
+        "http://localhost:PORT/..., http://127.0.0.1:PORT/... or http://[::1]:PORT/...",
+        examples=["http://localhost:1455/auth/callback?code=abc&state=xyz"],
+    )
+
+
+class CallbackOut(BaseModel):
+    status: int = Field(description="The HTTP status the CLI in the session answered with")
+    body: str = Field(description="The start of its answer (2 KiB at most), as text")
 
 
 class CreateSessionIn(BaseModel):
@@ -100,6 +121,11 @@ class SessionOut(BaseModel):
     viewers: int
     bytes_in: int = Field(description="Bytes viewers sent to the session")
     bytes_out: int = Field(description="Bytes the session sent to viewers")
+    open_url: str | None = Field(
+        default=None,
+        description="The latest link the session asked a browser to open (a sign-in page): "
+        "open it in your own browser",
+    )
 
 
 class SessionHealthOut(SessionOut):
@@ -126,8 +152,9 @@ def _timestamp(value: float | None) -> datetime | None:
     return None if value is None else datetime.fromtimestamp(value, UTC)
 
 
-def _session_fields(record: SessionRecord, viewers: int) -> dict[str, Any]:
+def _session_fields(record: SessionRecord, viewers: int, open_url: str | None) -> dict[str, Any]:
     return {
+        "open_url": open_url,
         "id": record.id,
         "owner": record.owner,
         "provider": record.provider,
@@ -222,21 +249,44 @@ def create_app(
     User = Annotated[str, Depends(current_user)]
 
     def session_out(record: SessionRecord) -> SessionOut:
-        return SessionOut(**_session_fields(record, manager.viewers(record.id)))
+        return SessionOut(
+            **_session_fields(record, manager.viewers(record.id), manager.open_url(record.id))
+        )
 
     @app.get("/api/providers", response_model=list[ProviderOut], tags=["providers"])
     async def list_providers(user: User) -> list[ProviderOut]:
-        """List the providers a session can run, and whether each is installed."""
-        return [
-            ProviderOut(
-                name=s.name,
-                title=s.provider.title,
-                command=list(s.provider.command),
-                available=s.available,
-                hint=s.hint,
+        """List the providers a session can run, whether each is installed, and connected.
+
+        ``connected``: you have a kept sign-in for it, so its sessions start signed in.
+        """
+        connections = manager.connections(user)
+        out = []
+        for s in manager.providers():
+            connected_at, updated_at = connections.get(s.name, (None, None))
+            out.append(
+                ProviderOut(
+                    name=s.name,
+                    title=s.provider.title,
+                    command=list(s.provider.command),
+                    available=s.available,
+                    hint=s.hint,
+                    connected=s.name in connections,
+                    connected_at=_timestamp(connected_at),
+                    updated_at=_timestamp(updated_at),
+                )
             )
-            for s in manager.providers()
-        ]
+        return out
+
+    @app.delete(
+        "/api/providers/{provider}/connection",
+        status_code=204,
+        tags=["providers"],
+        responses={422: {"model": ErrorOut}},
+    )
+    async def disconnect_provider(provider: ProviderName, user: User) -> Response:
+        """Forget your kept sign-in for a provider; its next sessions start signed out."""
+        manager.disconnect(user, provider)
+        return Response(status_code=204)
 
     @app.post(
         "/api/sessions",
@@ -328,6 +378,27 @@ def create_app(
             vnc_path=f"/api/sessions/{session_id}/vnc?ticket={ticket}",
         )
 
+    @app.post(
+        "/api/sessions/{session_id}/callback",
+        response_model=CallbackOut,
+        tags=["sessions"],
+        responses={
+            400: {"model": ErrorOut},
+            404: {"model": ErrorOut},
+            409: {"model": ErrorOut},
+            502: {"model": ErrorOut},
+            504: {"model": ErrorOut},
+        },
+    )
+    async def relay_callback(session_id: SessionId, body: CallbackIn, user: User) -> CallbackOut:
+        """Finish a browser sign-in: GET the pasted localhost address inside the session.
+
+        Only ``localhost``, ``127.0.0.1`` and ``[::1]`` addresses are relayed (400 otherwise),
+        and only to the session's own loopback, where its CLI waits for the redirect.
+        """
+        status, text = await manager.callback(user, session_id, body.url)
+        return CallbackOut(status=status, body=text)
+
     @app.get(
         "/api/auth/session/{session_id}",
         response_model=SessionHealthOut,
@@ -338,7 +409,7 @@ def create_app(
         """Return one of your sessions and its health (the original's path)."""
         record = manager.get(user, session_id)
         return SessionHealthOut(
-            **_session_fields(record, manager.viewers(record.id)),
+            **_session_fields(record, manager.viewers(record.id), manager.open_url(record.id)),
             healthy=record.state is State.READY and manager.watched(record.id),
             novnc_path=f"/api/auth/session/{record.id}/novnc/websock",
         )

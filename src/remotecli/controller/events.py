@@ -21,13 +21,15 @@ QUEUE_LIMIT = 256
 class SessionEvent:
     """One thing that happened to a session."""
 
-    type: Literal["state", "progress"]
+    type: Literal["state", "progress", "open-url"]
     session_id: str
     state: str
     elapsed: float
     """Seconds since the session was created."""
     message: str | None = None
     reason: str | None = None
+    url: str | None = None
+    """On ``open-url``: the link the session asked a browser to open (http or https)."""
 
     def to_json(self) -> dict[str, Any]:
         """Return the event as the JSON object sent in an SSE ``data:`` line."""

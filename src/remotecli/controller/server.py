@@ -31,6 +31,7 @@ from remotecli.controller.app import create_app
 from remotecli.controller.bridge import VncBridge
 from remotecli.controller.identity import Identity
 from remotecli.controller.sessions import SessionManager
+from remotecli.controller.signins import SignIns
 from remotecli.controller.store import Store
 from remotecli.controller.viewers import ViewerAccess
 from remotecli.drivers import create_driver
@@ -162,6 +163,7 @@ class Controller:
         self.socket_path: Path | None = None
         self.store: Store | None = None
         self.manager: SessionManager | None = None
+        self.signins: SignIns | None = None
         self.identity: Identity | None = None
         self.bridge: VncBridge | None = None
         self.gateway: Gateway | None = None
@@ -176,8 +178,9 @@ class Controller:
         self.admin_token = ensure_admin_token(store, data_dir, config.admin_token)
         driver = self._driver or create_driver(config.driver, data_dir, config)
         catalogue = Catalogue(config.providers, driver=driver)
+        self.signins = signins = SignIns.open(store, data_dir, config.secret_key)
         self.manager = manager = SessionManager(
-            config, store, driver, catalogue, registry=self.registry
+            config, store, driver, catalogue, registry=self.registry, signins=signins
         )
         await manager.start()
         self.identity = identity = Identity.of_store(
@@ -253,6 +256,8 @@ class Controller:
         if self.socket_path is not None:
             with contextlib.suppress(FileNotFoundError):
                 self.socket_path.unlink()
+        if self.signins is not None:
+            self.signins.close()
         if self.store is not None:
             self.store.close()
         log.info("controller stopped")

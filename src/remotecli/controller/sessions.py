@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import secrets
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +27,9 @@ import prometheus_client
 
 from remotecli.auth import TicketBook
 from remotecli.config import ControllerConfig
+from remotecli.controller.connect import SignInKeeper, relay_callback
 from remotecli.controller.events import SessionEvent, SessionEvents, Subscription
+from remotecli.controller.signins import SignIns
 from remotecli.controller.store import SessionRecord, Store
 from remotecli.controller.viewers import ViewerCloser
 from remotecli.drivers.base import Driver, SessionSpec, VncEndpoint
@@ -60,6 +63,7 @@ class _Runtime:
     stopping: asyncio.Task[SessionRecord] | None = None
     viewers: int = 0
     idle_since: float = 0.0
+    open_url: str | None = None
 
 
 class _Metrics:
@@ -102,6 +106,7 @@ class SessionManager:
         tickets: TicketBook | None = None,
         clock: Clock = time.time,
         registry: prometheus_client.CollectorRegistry | None = None,
+        signins: SignIns | None = None,
     ) -> None:
         self.config = config
         self.store = store
@@ -118,6 +123,7 @@ class SessionManager:
         self._closing = False
         self._started = False
         self._metrics = _Metrics(registry)
+        self.keeper = SignInKeeper(signins, driver)
 
     # --- lifecycle of the manager --------------------------------------------------------------
 
@@ -148,6 +154,7 @@ class SessionManager:
             *(self.stop(r.id, reason="the controller shut down") for r in active),
             return_exceptions=True,
         )
+        await self.keeper.close()
         await self.driver.close()
 
     async def recover(self) -> None:
@@ -235,11 +242,20 @@ class SessionManager:
             self._creation_rate.spend(owner)  # only once accepted: a full disk costs nothing
         self._metrics.active.set(self.store.count_active())
         self._publish_state(record)
+        home_files, base = self.keeper.restore(owner, provider)
         spec = SessionSpec(
-            session_id=record.id, provider=provider, command=argv, workdir=self._workdir(record.id)
+            session_id=record.id,
+            provider=provider,
+            command=argv,
+            workdir=self._workdir(record.id),
+            home_files=home_files,
+            open_url=functools.partial(self._open_url, record.id),
         )
         runtime = self._runtime.setdefault(record.id, _Runtime())
-        runtime.task = asyncio.create_task(self._run(record, spec), name=f"session-{record.id}")
+        keep = (owner, provider, status.provider.keep, base)
+        runtime.task = asyncio.create_task(
+            self._run(record, spec, keep), name=f"session-{record.id}"
+        )
         log.info("session created", session_id=record.id, owner=owner, provider=provider)
         return record
 
@@ -274,6 +290,28 @@ class SessionManager:
     def providers(self) -> list[ProviderStatus]:
         """Return every provider in the catalogue and whether this driver can run it."""
         return self.catalogue.statuses()
+
+    def connections(self, owner: str) -> dict[str, tuple[float, float]]:
+        """Return ``owner``'s kept sign-ins: provider → (connected_at, updated_at)."""
+        signins = self.keeper.signins
+        return {} if signins is None else signins.status(owner)
+
+    def disconnect(self, owner: str, provider: str) -> None:
+        """Forget ``owner``'s kept sign-in for ``provider`` (422 for an unknown provider)."""
+        self.catalogue.get(provider)
+        if self.keeper.signins is not None and self.keeper.signins.forget(owner, provider):
+            log.info("signin_forgotten", owner=owner, provider=provider)
+
+    def open_url(self, session_id: str) -> str | None:
+        """Return the latest link the session asked to open, if any."""
+        runtime = self._runtime.get(session_id)
+        return None if runtime is None else runtime.open_url
+
+    async def callback(self, owner: str, session_id: str, url: str) -> tuple[int, str]:
+        """Relay a pasted sign-in callback to ``owner``'s ready session; see relay_callback."""
+        self.viewable(owner, session_id)  # 404 if not theirs, 409 unless ready
+        log.info("signin_callback", session_id=session_id)
+        return await relay_callback(self.driver, session_id, url)
 
     def active_count(self) -> int:
         """Return how many sessions are pending, starting or ready."""
@@ -329,6 +367,7 @@ class SessionManager:
             with contextlib.suppress(asyncio.CancelledError):
                 await runtime.task
         await self._close_viewers(session_id, 1000, "session stopped")
+        await self.keeper.finish(session_id)  # HOME is still there: keep the sign-in
         try:
             await self.driver.stop(session_id)
         except RemoteCliError as exc:
@@ -344,7 +383,12 @@ class SessionManager:
 
     # --- one session's task --------------------------------------------------------------------
 
-    async def _run(self, record: SessionRecord, spec: SessionSpec) -> None:
+    async def _run(
+        self,
+        record: SessionRecord,
+        spec: SessionSpec,
+        keep: tuple[str, str, Sequence[str], int | None],
+    ) -> None:
         session_id = record.id
 
         def progress(message: str) -> None:
@@ -369,6 +413,7 @@ class SessionManager:
             await self._fail(session_id, f"the driver crashed while starting: {exc!r}")
             return
         ready = self._apply(session_id, Event.READY, endpoint=endpoint)
+        self.keeper.watch(session_id, *keep)
         self._metrics.start_seconds.observe((ready.ready_at or 0.0) - record.created_at)
         self._runtime.setdefault(session_id, _Runtime()).idle_since = self._clock()
         await self._watch(session_id)
@@ -395,6 +440,7 @@ class SessionManager:
         except Conflict:
             return  # already final: a stop won the race
         await self._close_viewers(session_id, 1011, f"session failed: {reason}"[:120])
+        await self.keeper.finish(session_id)
         with contextlib.suppress(RemoteCliError):
             await self.driver.stop(session_id)
         runtime = self._runtime.get(session_id)
@@ -472,6 +518,22 @@ class SessionManager:
         self.store.add_bytes(session_id, bytes_in, bytes_out)
 
     # --- internals -----------------------------------------------------------------------------
+
+    def _open_url(self, session_id: str, url: str) -> None:
+        runtime = self._runtime.get(session_id)
+        record = self.store.find_session(session_id)
+        if runtime is None or record is None:
+            return
+        runtime.open_url = url
+        self.events.publish(
+            SessionEvent(
+                type="open-url",
+                session_id=session_id,
+                state=record.state.value,
+                elapsed=self._clock() - record.created_at,
+                url=url,
+            )
+        )
 
     def _workdir(self, session_id: str) -> Path:
         return self.config.data_dir / "sessions" / session_id

@@ -12,9 +12,9 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from remotecli.drivers.base import VncEndpoint
@@ -41,6 +41,14 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         " at REAL NOT NULL)",
         "CREATE INDEX transitions_by_session ON transitions(session_id, id)",
     ),
+    (
+        # One provider sign-in per user, AES-GCM encrypted by controller/signins.py; the store
+        # sees only ciphertext. ``version`` is the compare-and-set counter of save_signin().
+        "CREATE TABLE signins (user TEXT NOT NULL, provider TEXT NOT NULL,"
+        " version INTEGER NOT NULL, key_id TEXT NOT NULL, nonce BLOB NOT NULL,"
+        " ciphertext BLOB NOT NULL, connected_at REAL NOT NULL, updated_at REAL NOT NULL,"
+        " PRIMARY KEY (user, provider))",
+    ),
 )
 """Schema migrations in order; migration ``n`` brings ``user_version`` from ``n`` to ``n + 1``."""
 
@@ -62,6 +70,24 @@ class SessionRecord:
     endpoint: VncEndpoint | None
     bytes_in: int
     bytes_out: int
+
+
+@dataclass(frozen=True)
+class SignInRecord:
+    """One user's stored sign-in to one provider, still encrypted."""
+
+    user: str
+    provider: str
+    version: int
+    key_id: str
+    nonce: bytes
+    ciphertext: bytes = field(repr=False)
+    connected_at: float
+    updated_at: float
+
+
+SealSignIn = Callable[[SignInRecord], tuple[str, bytes, bytes] | None]
+"""Re-encrypts a record for :meth:`Store.reseal_signins`: (key id, nonce, ciphertext) or None."""
 
 
 @dataclass(frozen=True)
@@ -98,6 +124,19 @@ def _endpoint_from_json(text: str | None) -> VncEndpoint | None:
         host=data.get("host"),
         port=data.get("port"),
         password=data.get("password"),
+    )
+
+
+def _signin(row: sqlite3.Row) -> SignInRecord:
+    return SignInRecord(
+        user=row["user"],
+        provider=row["provider"],
+        version=row["version"],
+        key_id=row["key_id"],
+        nonce=bytes(row["nonce"]),
+        ciphertext=bytes(row["ciphertext"]),
+        connected_at=row["connected_at"],
+        updated_at=row["updated_at"],
     )
 
 
@@ -362,3 +401,102 @@ class Store:
             )
             for r in rows
         ]
+
+    # --- provider sign-ins ---------------------------------------------------------------------
+
+    def signin(self, user: str, provider: str) -> SignInRecord | None:
+        """Return the stored (encrypted) sign-in of ``user`` to ``provider``, or None."""
+        row = self._db.execute(
+            "SELECT * FROM signins WHERE user = ? AND provider = ?", (user, provider)
+        ).fetchone()
+        return None if row is None else _signin(row)
+
+    def signins(self, user: str | None = None) -> list[SignInRecord]:
+        """Return the stored sign-ins of ``user`` (everyone's when None), by user and provider."""
+        if user is None:
+            rows = self._db.execute("SELECT * FROM signins ORDER BY user, provider")
+        else:
+            rows = self._db.execute(
+                "SELECT * FROM signins WHERE user = ? ORDER BY provider", (user,)
+            )
+        return [_signin(r) for r in rows]
+
+    def save_signin(
+        self,
+        user: str,
+        provider: str,
+        expected_version: int | None,
+        sealed: tuple[str, bytes, bytes],
+        now: float,
+    ) -> SignInRecord | None:
+        """Store ``sealed`` (key id, nonce, ciphertext) as version ``expected_version + 1``.
+
+        A compare-and-set: inside one transaction, only when the stored version is
+        ``expected_version`` (None: nothing stored). Returns the new record, or None (and writes
+        nothing) when another save got there first; re-read with :meth:`signin` then.
+        """
+        key_id, nonce, ciphertext = sealed
+        version = (expected_version or 0) + 1
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT version FROM signins WHERE user = ? AND provider = ?", (user, provider)
+            ).fetchone()
+            if (None if row is None else row["version"]) != expected_version:
+                return None
+            if row is None:
+                db.execute(
+                    "INSERT INTO signins (user, provider, version, key_id, nonce, ciphertext,"
+                    " connected_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (user, provider, version, key_id, nonce, ciphertext, now, now),
+                )
+            else:
+                db.execute(
+                    "UPDATE signins SET version = ?, key_id = ?, nonce = ?, ciphertext = ?,"
+                    " updated_at = ? WHERE user = ? AND provider = ?",
+                    (version, key_id, nonce, ciphertext, now, user, provider),
+                )
+        return self.signin(user, provider)
+
+    def delete_signins(
+        self, user: str | None = None, provider: str | None = None, *, key_id: str | None = None
+    ) -> int:
+        """Delete the sign-ins matching every filter given (``user``, ``provider``, ``key_id``).
+
+        Returns how many were deleted. Called with no filter at all, it deletes nothing.
+        """
+        filters = {"user": user, "provider": provider, "key_id": key_id}
+        given = {column: value for column, value in filters.items() if value is not None}
+        if not given:
+            return 0
+        where = " AND ".join(f"{column} = ?" for column in given)
+        with self._transaction() as db:
+            cursor = db.execute(
+                f"DELETE FROM signins WHERE {where}",  # noqa: S608 (fixed column names)
+                list(given.values()),
+            )
+        return cursor.rowcount
+
+    def reseal_signins(self, seal: SealSignIn) -> int:
+        """Replace every sign-in's key id, nonce and ciphertext by ``seal``'s, in one transaction.
+
+        ``seal`` returns None to leave a record as it is; an exception from it rolls every
+        record back. Versions and times are kept. Returns how many records were replaced.
+        """
+        changed = 0
+        with self._transaction() as db:
+            for row in db.execute("SELECT * FROM signins ORDER BY user, provider").fetchall():
+                sealed = seal(_signin(row))
+                if sealed is None:
+                    continue
+                db.execute(
+                    "UPDATE signins SET key_id = ?, nonce = ?, ciphertext = ?"
+                    " WHERE user = ? AND provider = ?",
+                    (*sealed, row["user"], row["provider"]),
+                )
+                changed += 1
+        return changed
+
+    def signin_key_ids(self) -> dict[str, int]:
+        """Return how many sign-ins are stored under each key id."""
+        rows = self._db.execute("SELECT key_id, COUNT(*) FROM signins GROUP BY key_id")
+        return {str(r[0]): int(r[1]) for r in rows}

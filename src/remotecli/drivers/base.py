@@ -9,6 +9,7 @@ safe to cancel: a cancelled ``start`` leaves no process behind.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +54,12 @@ class SessionSpec:
     env: Mapping[str, str] = field(default_factory=dict)
     width: int = 1280
     height: int = 720
+    home_files: Mapping[str, bytes] = field(default_factory=dict)
+    """Files to put in the session's HOME before its command starts (a kept sign-in):
+    relative path → content, written mode 0600 and owned by the session's user."""
+    open_url: Callable[[str], None] | None = None
+    """Called, on the event loop, with each link the session asks a browser to open
+    (``$BROWSER``, ``xdg-open``) once the driver has checked it is an ``http``/``https`` URL."""
 
 
 class Driver(Protocol):
@@ -100,4 +107,25 @@ class Driver(Protocol):
 
     async def close(self) -> None:
         """Stop every session this driver started (controller shutdown)."""
+        ...
+
+    async def collect(self, session_id: str, paths: Sequence[str]) -> dict[str, bytes]:
+        """Read the files at ``paths`` (relative to HOME) from a running session's HOME.
+
+        HOME is written by the session's hostile user: nothing outside it is ever read (no
+        link followed), only regular files, size-capped. Returns {} for an unknown session.
+        Must be called before :meth:`stop`, which removes HOME.
+        """
+        ...
+
+    async def connect_loopback(
+        self, session_id: str, port: int, *, address: str = "127.0.0.1"
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Open a TCP connection to ``address``:``port`` on the session's own loopback.
+
+        ``address`` is ``127.0.0.1`` or ``::1``; never the host's loopback or another session's.
+
+        Raises :class:`remotecli.exceptions.UpstreamError` (nothing listens: refused) or
+        :class:`remotecli.exceptions.DriverError` (the driver cannot reach a session's loopback).
+        """
         ...

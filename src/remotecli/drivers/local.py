@@ -47,21 +47,28 @@ from pathlib import Path
 from remotecli.drivers.banner import await_rfb_banner
 from remotecli.drivers.base import ProgressCallback, SessionSpec, VncEndpoint
 from remotecli.drivers.local_sandbox import (
+    BROWSER_NAMES,
+    BROWSER_SCRIPT,
+    COMMAND_EXIT,
     GROUP,
+    LINKS_FIFO,
     PASSWD,
     REPORT_LINE_MAX,
     REPORT_LINES_MAX,
     LaunchPlan,
+    Report,
     launcher_argv,
+    parse_command_exit,
     parse_report,
     script_argv,
     session_environment,
     xauthority_entry,
 )
 from remotecli.exceptions import DriverError, RemoteCliError, RemoteProtocolError
+from remotecli.links import LinkReader
 from remotecli.logs import get_logger
 from remotecli.providers import HostPrograms
-from remotecli.sandbox import files, seccomp
+from remotecli.sandbox import files, keep, seccomp
 from remotecli.sandbox.cgroups import CgroupHost, Limits, SessionCgroup, human_bytes
 from remotecli.sandbox.egress import EGRESS_CHOICES, EgressFilter
 from remotecli.sandbox.network import Pasta, connect_loopback, open_namespace, tun_problem
@@ -106,6 +113,8 @@ class _Session:
     pasta: Pasta | None = None
     child_pid: int | None = None
     netns_fd: int | None = None
+    links_fd: int | None = None
+    links: LinkReader = field(default_factory=LinkReader)
     reason: str | None = None
     display: int | None = None
     lines: asyncio.Queue[str] = field(default_factory=asyncio.Queue)
@@ -313,6 +322,7 @@ class LocalDriver:
         if session.netns_fd is not None:
             os.close(session.netns_fd)
             session.netns_fd = None
+        self._stop_links(session)
         if session.cgroup is not None:
             try:
                 # Both wait (briefly) for the kernel to empty the cgroup: off the event loop.
@@ -367,11 +377,13 @@ class LocalDriver:
         port: int,
         *,
         timeout: float = 5.0,  # noqa: ASYNC109 -- passed on: it bounds the namespace switch too
+        address: str = "127.0.0.1",
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        """Open a TCP connection to 127.0.0.1:``port`` on the session's own loopback.
+        """Open a TCP connection to ``address``:``port`` on the session's own loopback.
 
         The session's network namespace is its own, so this reaches only what the session
         listens on (sign-in callbacks), never the host's or another session's loopback.
+        ``address`` is ``127.0.0.1`` or ``::1``.
         """
         session = self._sessions.get(session_id)
         if session is None or session.child_pid is None or session.netns_fd is None:
@@ -380,7 +392,7 @@ class LocalDriver:
                 session_id=session_id,
             )
         return await connect_loopback(
-            session.child_pid, port, timeout=timeout, netns_fd=session.netns_fd
+            session.child_pid, port, timeout=timeout, netns_fd=session.netns_fd, address=address
         )
 
     # --- starting ------------------------------------------------------------------------------
@@ -405,6 +417,8 @@ class LocalDriver:
                 child_fds += [info_w, block_r]
                 fds = {"info": info_w, "block": block_r, "seccomp": seccomp.program_fd()}
                 child_fds.append(fds["seccomp"])
+                fds["browser"] = files.data_pipe(BROWSER_SCRIPT.encode())
+                child_fds.append(fds["browser"])
                 if self.privileged:
                     fds["passwd"] = files.data_pipe(PASSWD.encode())
                     fds["group"] = files.data_pipe(GROUP.encode())
@@ -444,6 +458,7 @@ class LocalDriver:
             f"{process.pid} {session.marker} {session.uid or '-'}\n"
         )
         session.tasks.append(asyncio.create_task(self._read_reports(session)))
+        self._read_links(session)
         session.exited = asyncio.create_task(self._watch(session))
         if self.bwrap is None:
             progress("sandbox started (no bubblewrap)")
@@ -487,7 +502,20 @@ class LocalDriver:
         if session.uid is not None:
             inodes = max(4096, self.limits.home_bytes // 4096)
             files.mount_tmpfs(home, self.limits.home_bytes, session.uid, session.uid, inodes=inodes)
-            for path in (run_dir, xauthority):
+        links = run_dir / LINKS_FIFO
+        os.mkfifo(links, 0o600)
+        # Ours open for reading and writing: never EOF, never blocking the session's writers.
+        session.links_fd = os.open(links, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        if self.bwrap is None:  # no sandbox to bind the browser stand-ins into
+            bin_dir = run_dir / "bin"
+            bin_dir.mkdir(mode=0o700)
+            (bin_dir / "remotecli-open").write_text(BROWSER_SCRIPT)
+            (bin_dir / "remotecli-open").chmod(0o700)
+            for name in BROWSER_NAMES:
+                (bin_dir / name).symlink_to("remotecli-open")
+        keep.write_kept(home, session.spec.home_files, session.uid)
+        if session.uid is not None:
+            for path in (run_dir, xauthority, links):
                 os.chown(path, session.uid, session.uid)
         return home, run_dir
 
@@ -515,12 +543,56 @@ class LocalDriver:
                         await session.lines.put(line.decode())
                 else:
                     if session.reason is None:
-                        session.reason = f"{report.program} exited with status {report.status}"
+                        session.reason = self._exit_reason(session, report)
                     await session.lines.put(line.decode())
         except (ValueError, asyncio.LimitOverrunError):
             session.reason = "the session wrote to the driver's report channel; ended"
             log.warning("session_report_violation", session_id=session.spec.session_id)
             kill(_members(session))
+
+    def _exit_reason(self, session: _Session, report: Report) -> str:
+        """Name the session's own command when its exit ended the terminal, else the program."""
+        if report.program == "xterm":
+            written = files.read_tail(session.run_dir / COMMAND_EXIT, 80, owner=session.uid)
+            command = parse_command_exit(written)
+            if command is not None:
+                return f"{command[0]} exited with status {command[1]}"
+        return f"{report.program} exited with status {report.status}"
+
+    def _read_links(self, session: _Session) -> None:
+        """Pass each link the session asks a browser to open to ``spec.open_url``."""
+        fd, notify = session.links_fd, session.spec.open_url
+        if fd is None:
+            return
+
+        def readable() -> None:
+            try:
+                data = os.read(fd, 65536)
+            except BlockingIOError:
+                return
+            except OSError:
+                self._stop_links(session)
+                return
+            for link in session.links.receive_data(data):
+                log.info("session_open_url", session_id=session.spec.session_id)
+                if notify is not None:
+                    notify(link)
+
+        asyncio.get_running_loop().add_reader(fd, readable)
+
+    def _stop_links(self, session: _Session) -> None:
+        if session.links_fd is not None:
+            with contextlib.suppress(RuntimeError):
+                asyncio.get_running_loop().remove_reader(session.links_fd)
+            os.close(session.links_fd)
+            session.links_fd = None
+
+    async def collect(self, session_id: str, paths: Sequence[str]) -> dict[str, bytes]:
+        """Read the kept files at ``paths`` from the session's HOME (see the Driver seam)."""
+        session = self._sessions.get(session_id)
+        if session is None or not paths:
+            return {}
+        return await asyncio.to_thread(keep.read_kept, session.spec.workdir / "home", paths)
 
     async def _watch(self, session: _Session) -> str:
         assert session.process is not None

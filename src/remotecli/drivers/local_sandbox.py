@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 import sys
 from collections.abc import Mapping, Sequence
@@ -31,6 +32,22 @@ from remotecli.sandbox import SYSTEM_PATH, launch
 SANDBOX_HOME = "/home/user"
 SANDBOX_RUN = "/run/session"
 SANDBOX_UID = 1000
+
+LINKS_FIFO = "open-url"
+"""In the run directory: the FIFO the session's browser stand-ins write links to."""
+COMMAND_EXIT = "command.exit"
+"""In the run directory: "PROGRAM STATUS" once the session's command has exited."""
+BROWSER_DIR = "/run/remotecli/bin"
+BROWSER_NAMES = ("xdg-open", "sensible-browser", "www-browser", "x-www-browser")
+"""Programs a CLI may call to open a link; in a session each hands it to the user instead."""
+BROWSER_SCRIPT = """#!/bin/sh
+# remote-cli: this session has no browser; the link goes to the dashboard of its user.
+fifo="${REMOTECLI_RUN:-/run/session}/open-url"
+for url in "$@"; do
+  printf '%s\\n' "$url" >"$fifo" &&
+    printf 'remote-cli: the link is shown in your dashboard: %s\\n' "$url" >&2
+done
+"""
 
 REPORT_LINE_MAX = 256  # "display 12", "exited xterm 0": a longer line is not ours
 REPORT_LINES_MAX = 16
@@ -60,10 +77,11 @@ if ! read -r display <"$fifo"; then
   exit 1
 fi
 rm -f "$fifo"
-export DISPLAY=":$display"
+export DISPLAY=":$display" REMOTECLI_RUN="$run"
 echo "display $display"
 cols=$((width / 6)) rows=$((height / 13))
 HOLD_SCRIPT='"$@"; status=$?
+printf "%s %d\n" "${1##*/}" "$status" >"$REMOTECLI_RUN/command.exit"
 printf "\n[%s exited with status %d; press Enter to end the session]\n" "${1##*/}" "$status"
 read -r _'
 # When the command ends, keep its last screen (often an error message) until Enter is pressed.
@@ -168,7 +186,7 @@ class LaunchPlan:
     spec: SessionSpec
     home: Path
     run_dir: Path
-    fds: Mapping[str, int]  # info, block, seccomp; passwd and group when privileged
+    fds: Mapping[str, int]  # info, block, seccomp, browser; passwd and group when privileged
     privileged: bool  # root controller: stage binds, own uid, cgroup, passwd
     uid: int | None
     processes: int
@@ -196,6 +214,10 @@ def bwrap_argv(plan: LaunchPlan, staged: Mapping[str, str], roots: Sequence[Path
         sandbox += ["--ro-bind-data", str(fds["passwd"]), "/etc/passwd"]
         sandbox += ["--ro-bind-data", str(fds["group"]), "/etc/group"]
     sandbox += ["--ro-bind-try", "/var/cache/fontconfig", "/var/cache/fontconfig"]
+    browser = f"{BROWSER_DIR}/remotecli-open"
+    sandbox += ["--perms", "0555", "--ro-bind-data", str(fds["browser"]), browser]
+    for name in BROWSER_NAMES:
+        sandbox += ["--symlink", "remotecli-open", f"{BROWSER_DIR}/{name}"]
     sandbox += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]  # noqa: S108 -- private
     for i, root in enumerate(roots):  # after /tmp: a checkout under /tmp stays visible
         sandbox += ["--ro-bind", staged[f"program{i}"], str(root)]
@@ -237,8 +259,11 @@ def session_environment(spec: SessionSpec, *, sandboxed: bool) -> dict[str, str]
     """Return the environment the session's script starts with (``spec.env`` last)."""
     run_dir = SANDBOX_RUN if sandboxed else str(spec.workdir / "run")
     home = SANDBOX_HOME if sandboxed else str(spec.workdir / "home")
+    browser_dir = BROWSER_DIR if sandboxed else f"{run_dir}/bin"
+    path = SYSTEM_PATH if sandboxed else os.environ.get("PATH", SYSTEM_PATH)
     env = {
-        "PATH": SYSTEM_PATH if sandboxed else os.environ.get("PATH", SYSTEM_PATH),
+        "PATH": f"{browser_dir}:{path}",
+        "BROWSER": f"{browser_dir}/remotecli-open",
         "HOME": home,
         "USER": "user",
         "LOGNAME": "user",
@@ -249,3 +274,15 @@ def session_environment(spec: SessionSpec, *, sandboxed: bool) -> dict[str, str]
     }
     env.update(spec.env)
     return env
+
+
+_PROGRAM_NAME = re.compile(r"[A-Za-z0-9._+-]{1,64}")
+
+
+def parse_command_exit(text: str) -> tuple[str, int] | None:
+    """Parse :data:`COMMAND_EXIT` ("PROGRAM STATUS", written by the session): None if forged."""
+    words = text.split()
+    if len(words) != 2 or not _PROGRAM_NAME.fullmatch(words[0]) or not words[1].isdigit():
+        return None
+    status = int(words[1])
+    return (words[0], status) if status < 256 else None

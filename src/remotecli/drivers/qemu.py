@@ -122,6 +122,20 @@ class QemuDriver:
 
     # --- the Driver seam ---------------------------------------------------------------------
 
+    async def collect(self, session_id: str, paths: Sequence[str]) -> dict[str, bytes]:
+        """Kept sign-ins do not reach microVMs yet (the microVM issue): nothing to collect."""
+        return {}
+
+    async def connect_loopback(
+        self, session_id: str, port: int, *, address: str = "127.0.0.1"
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Refuse: a microVM's loopback is not reachable from the host yet."""
+        raise DriverError(
+            "sign-in callbacks cannot reach a microVM session yet; use the CLI's device-code "
+            "or paste-code sign-in, or a local session",
+            session_id=session_id,
+        )
+
     def isolation(self) -> Mapping[str, object] | None:
         """Nothing to say about isolation here (see the Driver seam)."""
         return None

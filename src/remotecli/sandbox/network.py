@@ -403,19 +403,25 @@ async def connect_loopback(
     *,
     timeout: float,  # noqa: ASYNC109 -- its expiry becomes UpstreamConnectTimeout
     netns_fd: int | None = None,
+    address: str = "127.0.0.1",
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """Open a TCP connection to 127.0.0.1:``port`` inside the session of ``child_pid``.
+    """Open a TCP connection to ``address``:``port`` inside the session of ``child_pid``.
 
-    Raises :class:`UpstreamRefused` when nothing listens there, :class:`UpstreamConnectTimeout`
-    after ``timeout`` seconds, and :class:`DriverError` when the namespace is gone.
+    ``address`` is a loopback address, ``127.0.0.1`` or ``::1``. Raises
+    :class:`UpstreamRefused` when nothing listens there, :class:`UpstreamConnectTimeout` after
+    ``timeout`` seconds, and :class:`DriverError` when the namespace is gone.
     """
-    sock = await asyncio.to_thread(create_socket_in, child_pid, netns_fd=netns_fd)
-    where = f"127.0.0.1:{port} in session process {child_pid}'s network namespace"
+    if address not in ("127.0.0.1", "::1"):
+        raise ValueError(f"not a loopback address: {address}")
+    family = socket.AF_INET6 if address == "::1" else socket.AF_INET
+    sock = await asyncio.to_thread(create_socket_in, child_pid, family, netns_fd=netns_fd)
+    shown = f"[{address}]" if family == socket.AF_INET6 else address
+    where = f"{shown}:{port} in session process {child_pid}'s network namespace"
     try:
         sock.setblocking(False)
         loop = asyncio.get_running_loop()
         async with asyncio.timeout(timeout):
-            await loop.sock_connect(sock, ("127.0.0.1", port))
+            await loop.sock_connect(sock, (address, port))
         return await asyncio.open_connection(sock=sock)
     except BaseException as exc:
         sock.close()
