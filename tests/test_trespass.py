@@ -443,3 +443,101 @@ async def test_another_local_user_cannot_reach_a_sessions_vnc_socket() -> None:
     finally:
         await driver.close()
         shutil.rmtree(data_dir, ignore_errors=True)
+
+
+TOOL_SCRIPT = """#!/bin/bash
+# A stand-in CLI: signs in by writing its token, asks a browser to open a link, then waits
+# for its callback on the session's loopback (python3's http.server, answering 200).
+mkdir -p ~/.tool && printf '%s' "$TOOL_TOKEN" > ~/.tool/auth.json
+xdg-open "https://auth.example.test/authorize?state=$TOOL_STATE"
+exec python3 -m http.server --bind 127.0.0.1 47824
+"""
+
+
+@needs_sandbox
+async def test_sign_ins_links_and_callbacks_leave_no_secret_in_logs_or_on_disk(
+    tmp_path: Path,
+) -> None:
+    """A kept token, a sign-in link's state and a callback's code appear in no log line and,
+    once the session ended, in no file of the data dir; the next session is signed in."""
+    secret_token, secret_state, secret_code = "tok-5e1f0c2a9b", "st-77d2e4", "code-3a9c1b"
+    tool_dir = tmp_path / "tool"
+    tool_dir.mkdir()
+    script = TOOL_SCRIPT.replace("$TOOL_TOKEN", secret_token)
+    (tool_dir / "tool-cli").write_text(script.replace("$TOOL_STATE", secret_state))
+    (tool_dir / "tool-cli").chmod(0o755)
+    config = tmp_path / "remotecli.toml"
+    config.write_text(
+        f'[providers.tool]\ncommand = ["{tool_dir / "tool-cli"}"]\nkeep = ["~/.tool"]\n'
+    )
+    data_dir, log_path = tmp_path / "data", tmp_path / "up.log"
+    env = {
+        **os.environ,
+        "REMOTECLI_LOG_FORMAT": "json",
+        "REMOTECLI_LOG_LEVEL": "debug",
+        "REMOTECLI_DATA_DIR": str(data_dir),
+    }
+    with log_path.open("w") as log_file:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "remotecli",
+                "up",
+                "--listen",
+                "127.0.0.1:0",
+                "--config",
+                str(config),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=log_file,
+            text=True,
+            env=env,
+        )
+        try:
+            assert process.stdout is not None
+            url = next(line.strip() for line in process.stdout if "/login?token=" in line)
+            match = re.fullmatch(r"(http://[^/]+)/login\?token=(\S+)", url)
+            assert match is not None, url
+            base, token = match.groups()
+            headers = {"Authorization": f"Bearer {token}"}
+            async with httpx.AsyncClient(base_url=base, timeout=10000 * MS) as client:
+                created = await client.post(
+                    "/api/sessions", json={"provider": "tool"}, headers=headers
+                )
+                assert created.status_code == 201, created.text
+                session_id = created.json()["id"]
+                async with asyncio.timeout(20000 * MS):
+                    while True:
+                        got = (
+                            await client.get(f"/api/sessions/{session_id}", headers=headers)
+                        ).json()
+                        if got["state"] == "ready" and got["open_url"]:
+                            break
+                        await asyncio.sleep(0.1)
+                assert secret_state in got["open_url"]
+                callback = f"http://localhost:47824/?code={secret_code}"
+                async with asyncio.timeout(20000 * MS):
+                    while True:
+                        relayed = await client.post(
+                            f"/api/sessions/{session_id}/callback",
+                            json={"url": callback},
+                            headers=headers,
+                        )
+                        if relayed.status_code != 502:  # http.server takes a moment to listen
+                            break
+                        await asyncio.sleep(0.1)
+                assert relayed.json()["status"] == 200, relayed.text
+                await client.delete(f"/api/sessions/{session_id}", headers=headers)
+                providers = (await client.get("/api/providers", headers=headers)).json()
+                assert next(p for p in providers if p["name"] == "tool")["connected"] is True
+                for path in data_dir.rglob("*"):
+                    if path.is_file() and not path.is_symlink():
+                        assert secret_token.encode() not in path.read_bytes(), path
+        finally:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=20)
+    logs = log_path.read_text()
+    assert "signin_kept" in logs  # the keeping did happen, and was logged
+    for secret in (secret_token, secret_state, secret_code, token):
+        assert secret not in logs, f"{secret} appeared in the logs"

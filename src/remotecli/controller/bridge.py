@@ -1,8 +1,9 @@
 """The VNC bridge: terminates a viewer's WebSocket and relays RFB bytes to the session's VNC.
 
 Theory of operation. The gateway hands each matching upgrade over as an already-connected
-transport (:class:`remotecli.gateway.LocalUpgrade`); a :class:`_Viewer` protocol takes it and
-feeds the bytes to websockets' sans-I/O ``ServerProtocol``:
+transport (:class:`remotecli.gateway.LocalUpgrade`); a :class:`_Viewer` protocol takes it, gives
+the request head to websockets' sans-I/O ``ServerProtocol`` for the opening handshake and, once
+the 101 is out, the viewer's frames to a :class:`remotecli.frames.FrameReader`:
 
 1. handshake: the request's session id, cookie, Origin, Host and ``?ticket=`` go to the
    :class:`VncAuthorizer`; a refusal is sent, before any upgrade, as the HTTP answer
@@ -12,12 +13,17 @@ feeds the bytes to websockets' sans-I/O ``ServerProtocol``:
    password, it answers the server's VNC Authentication itself with :class:`remotecli.rfb.RfbClient`
    and later offers the viewer security type None (:class:`remotecli.rfb.NoAuthServerHandshake`);
 3. it sends the 101 (subprotocol ``binary`` when offered) and relays: binary payloads to the
-   VNC socket, VNC bytes as binary messages. Each side's transport pauses the other side's
-   reading when its write buffer is full (backpressure both ways);
+   VNC socket, VNC bytes as binary messages (an unmasked header written before the bytes as
+   they are). Each side's transport pauses the other side's reading when its write buffer is
+   full (backpressure both ways). Bytes a viewer sends after its request head but before the
+   101 are kept, with reading paused, and relayed first;
 4. a text frame closes with 1003, the VNC endpoint going away with 1011 and the reason (an
    error's close code and reason come from :func:`remotecli.exceptions.close_for`), a
    shutdown with 1001; a ping goes out every ``ping_interval`` and an unanswered one closes
-   with 1011. One log line and the metrics are written when the connection ends.
+   with 1011. A frame breaking the WebSocket rules is answered as websockets answers it: the
+   reader's close (1002, 1007 or 1009), then the connection is closed. A viewer's close frame
+   is echoed, then the connection is closed. One log line and the metrics are written when
+   the connection ends.
 """
 
 from __future__ import annotations
@@ -27,7 +33,6 @@ import contextlib
 import dataclasses
 import re
 import secrets
-import struct
 import time
 from collections.abc import Callable, Sequence
 from typing import cast
@@ -35,11 +40,10 @@ from urllib.parse import parse_qs, urlsplit
 
 import prometheus_client
 from websockets.datastructures import Headers
-from websockets.frames import Frame, Opcode
+from websockets.frames import Close, Frame, Opcode
 from websockets.http11 import Request
 from websockets.protocol import State
 from websockets.server import ServerProtocol
-from websockets.speedups import apply_mask
 from websockets.typing import BytesLike, Subprotocol
 
 from remotecli.controller.viewers import VncAuthorizer
@@ -53,6 +57,7 @@ from remotecli.exceptions import (
     close_for,
     http_answer,
 )
+from remotecli.frames import FrameReader, close_frame, frame_header
 from remotecli.gateway import ClientInfo, LocalUpgrade
 from remotecli.logs import get_logger
 from remotecli.rfb import ClientState, NoAuthServerHandshake, RfbClient
@@ -68,10 +73,6 @@ CLOSE_TIMEOUT = 5.0
 MAX_VIEWER_MESSAGE = 4 * 1024 * 1024
 WRITE_BUFFER_HIGH = 1024 * 1024
 BINARY = Subprotocol("binary")
-_HEADER_16 = struct.Struct("!BBH")
-_LENGTH_16 = struct.Struct("!H")
-_LENGTH_64 = struct.Struct("!Q")
-_HEADER_64 = struct.Struct("!BBQ")
 
 
 class _Metrics:
@@ -161,10 +162,9 @@ class _Viewer(asyncio.Protocol):
         self.bridge = bridge
         self.pattern = pattern
         self.client = client
-        self.ws = ServerProtocol(
-            select_subprotocol=_select_binary,
-            max_size=MAX_VIEWER_MESSAGE,
-        )
+        self.ws = ServerProtocol(select_subprotocol=_select_binary)  # the handshake only
+        self.reader = FrameReader(MAX_VIEWER_MESSAGE)  # the viewer's frames after the 101
+        self.state = State.CONNECTING  # OPEN at the 101, CLOSING once our close frame is out
         self.transport: asyncio.Transport | None = None
         self.upstream: _Upstream | None = None
         self.session_id: str | None = None
@@ -178,9 +178,10 @@ class _Viewer(asyncio.Protocol):
         self.bytes_out = 0
         self.ended = asyncio.Event()
         self.viewer_rfb: NoAuthServerHandshake | None = None
-        self._fast = False  # parse the viewer's frames here rather than in websockets
-        self._inbound = bytearray()
         self.server_rfb: RfbClient | None = None
+        self._early: bytearray | None = None  # bytes after the request head, until the relay
+        self._vnc_pending = bytearray()  # VNC bytes before the 101 or the password handshake
+        self._vnc_auth: asyncio.Future[None] | None = None
         self._ping_payload: bytes | None = None
         self._ping_timer: asyncio.TimerHandle | None = None
         self._abort_timer: asyncio.TimerHandle | None = None
@@ -195,16 +196,16 @@ class _Viewer(asyncio.Protocol):
         self.transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
 
     def data_received(self, data: bytes) -> None:
-        if self._fast:
-            self._relay_frames(data)
+        if self.state is not State.CONNECTING:
+            self._receive_frames(data)
+        elif self._early is not None:
+            self._early += data
+            self._pause_reading()
         else:
-            self.ws.receive_data(data)
-            self._handle_events()
+            self._receive_head(data)
 
     def eof_received(self) -> bool | None:
-        self.ws.receive_eof()
-        self._handle_events()
-        return None
+        return None  # close the transport: connection_lost says 1006 unless a close came first
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.close_code is None and self.status == 101:
@@ -213,36 +214,42 @@ class _Viewer(asyncio.Protocol):
         self._finish()
 
     def pause_writing(self) -> None:
-        if self.upstream is not None and self.upstream.transport is not None:
-            self.upstream.transport.pause_reading()
+        if self.upstream is not None:
+            self.upstream.pause_reading()
 
     def resume_writing(self) -> None:
-        if self.upstream is not None and self.upstream.transport is not None:
-            self.upstream.transport.resume_reading()
+        if self.upstream is not None:
+            self.upstream.resume_reading()
 
-    # --- WebSocket events ---------------------------------------------------------------------
+    def _pause_reading(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
 
-    def _handle_events(self) -> None:
+    def _resume_reading(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    # --- handshake ----------------------------------------------------------------------------
+
+    def _receive_head(self, data: bytes) -> None:
+        """Give websockets the request head, and keep what follows it for the frame reader.
+
+        The gateway hands the whole head over at once, so it ends at the first blank line; a
+        head without one goes to websockets as it is, which refuses it or waits for the rest.
+        """
+        end = data.find(b"\r\n\r\n")
+        if end >= 0:
+            self._early = bytearray(data[end + 4 :])
+            if self._early:
+                self._pause_reading()
+            data = data[: end + 4]
+        self.ws.receive_data(data)
         for event in self.ws.events_received():
             if isinstance(event, Request):
+                if self._early is None:
+                    self._early = bytearray()
                 self._handle_request(event)
-            elif isinstance(event, Frame):
-                self._handle_frame(event)
         self._flush()
-
-    def _handle_frame(self, frame: Frame) -> None:
-        if frame.opcode is Opcode.BINARY or frame.opcode is Opcode.CONT:
-            self._from_viewer(frame.data)
-        elif frame.opcode is Opcode.TEXT:
-            self.close(1003, "text frames are not accepted; send RFB bytes as binary frames")
-        elif frame.opcode is Opcode.PONG:
-            if self._ping_payload is not None and frame.data == self._ping_payload:
-                self._ping_payload = None
-        elif frame.opcode is Opcode.CLOSE and self.close_code is None:
-            received = self.ws.close_rcvd
-            self.close_code = received.code if received is not None else 1005
-            self.close_reason = received.reason if received is not None else ""
-            self._close_upstream()
 
     def _handle_request(self, request: Request) -> None:
         path = urlsplit(request.path)
@@ -310,9 +317,9 @@ class _Viewer(asyncio.Protocol):
                     raise VncUnavailable(upstream.lost_reason)
                 if endpoint.password is not None:
                     self.server_rfb = RfbClient(password=endpoint.password, client_init=False)
-                    upstream.authenticated = loop.create_future()
-                    upstream.flush_pending()
-                    await upstream.authenticated
+                    self._vnc_auth = loop.create_future()
+                    self._flush_vnc_pending()
+                    await self._vnc_auth
         except (OSError, TimeoutError, RemoteCliError) as exc:
             if isinstance(exc, TimeoutError):
                 what = f"did not answer within {CONNECT_TIMEOUT:.0f} s"
@@ -320,14 +327,15 @@ class _Viewer(asyncio.Protocol):
                 what = exc.message
             else:
                 what = f"refused the connection ({exc.strerror or exc})"
-            if upstream.transport is not None:
-                upstream.transport.abort()
-            self._accept(request)
+            upstream.abort()
+            accepted = self._accept(request)
             self.fail(
                 VncUnavailable(
                     f"VNC endpoint {endpoint.describe()} {what}; the session may have stopped"
                 )
             )
+            if accepted:
+                self._start_relay()  # to read the viewer's answer to our close
             return
         if self.transport is None or self.transport.is_closing():
             upstream.close()
@@ -339,7 +347,8 @@ class _Viewer(asyncio.Protocol):
             self.viewer_rfb = NoAuthServerHandshake()
             self._to_viewer(self.viewer_rfb.data_to_send(), count=False)
         else:
-            upstream.flush_pending()
+            self._flush_vnc_pending()
+        self._start_relay()
         self._schedule_ping()
 
     def _accept(self, request: Request) -> bool:
@@ -351,13 +360,81 @@ class _Viewer(asyncio.Protocol):
         if self.status != 101 or self.session_id is None:
             self.close_reason = response.body.decode(errors="replace").strip()
             return False
+        self.state = State.OPEN
         self.attached = True
-        # Once open, data frames are parsed by _relay_frames; websockets still sees every
-        # control frame. Only switch when its parser holds no bytes of a half-received frame.
-        self._fast = not self.ws.reader.buffer
         self.bridge.metrics.viewers.inc()
         self.bridge.authorizer.viewer_attached(self.session_id)
         return True
+
+    def _flush(self) -> None:
+        """Write what websockets has to send for the handshake; its end of stream closes."""
+        transport = self.transport
+        if transport is None:
+            return
+        for data in self.ws.data_to_send():
+            if data:
+                transport.write(data)
+            else:
+                transport.close()
+
+    # --- the viewer's frames ------------------------------------------------------------------
+
+    def _start_relay(self) -> None:
+        """Read the viewer's frames: first those that came before the 101, then the rest."""
+        early, self._early = self._early, None
+        self._resume_reading()
+        if early:
+            self._receive_frames(bytes(early))
+
+    def _receive_frames(self, data: bytes) -> None:
+        reader = self.reader
+        reader.receive_data(data)
+        for frame in reader.events_received():
+            opcode = frame.opcode
+            if opcode is Opcode.BINARY or opcode is Opcode.CONT:  # the hot path
+                self._from_viewer(frame.data)
+            else:
+                self._handle_frame(frame)
+        if reader.failure is not None:
+            self._broken_rule(reader.failure)
+
+    def _handle_frame(self, frame: Frame) -> None:
+        if frame.opcode is Opcode.TEXT:
+            self.close(1003, "text frames are not accepted; send RFB bytes as binary frames")
+        elif frame.opcode is Opcode.PING:
+            self._send_control(frame_header(Opcode.PONG, len(frame.data)) + frame.data)
+        elif frame.opcode is Opcode.PONG:
+            if self._ping_payload is not None and frame.data == self._ping_payload:
+                self._ping_payload = None
+        elif frame.opcode is Opcode.CLOSE:
+            received = self.reader.close_rcvd
+            assert received is not None
+            if self.close_code is None:
+                self.close_code = received.code
+                self.close_reason = received.reason
+            # Echo the viewer's close frame as it came (websockets' rule), then close: a server
+            # closes the TCP connection once both close frames are out.
+            self._send_control(frame_header(Opcode.CLOSE, len(frame.data)) + frame.data)
+            self._end_connection()
+
+    def _broken_rule(self, failure: Close) -> None:
+        """Answer a frame that breaks the rules as websockets does: its close, then close."""
+        if self.close_code is None:
+            self.close_code = failure.code
+            self.close_reason = failure.reason
+        self._send_control(close_frame(failure.code, failure.reason))
+        self._end_connection()
+
+    def _send_control(self, frame: bytes) -> None:
+        if self.state is State.OPEN and self.transport is not None:
+            self.transport.write(frame)
+
+    def _end_connection(self) -> None:
+        self.state = State.CLOSED
+        self._close_upstream()
+        if self.transport is not None:
+            self.transport.close()
+            self._arm_abort()
 
     # --- relay --------------------------------------------------------------------------------
 
@@ -382,80 +459,65 @@ class _Viewer(asyncio.Protocol):
             self.server_rfb = None
             if leftover:
                 self._to_viewer(leftover)
-        upstream.transport.write(payload)
-
-    def _relay_frames(self, data: bytes) -> None:
-        """Relay the viewer's binary frames; hand control frames to websockets; 1003 on text.
-
-        The hot path of viewer-to-VNC traffic: one unmasking copy per frame, no generator.
-        """
-        buffer = self._inbound + data if self._inbound else data
-        end, position = len(buffer), 0
-        with memoryview(buffer) as view:
-            while end - position >= 2:
-                first, second = view[position], view[position + 1]
-                length, offset = second & 0x7F, position + 2
-                if length == 126:
-                    if end - offset < 2:
-                        break
-                    (length,) = _LENGTH_16.unpack_from(view, offset)
-                    offset += 2
-                elif length == 127:
-                    if end - offset < 8:
-                        break
-                    (length,) = _LENGTH_64.unpack_from(view, offset)
-                    offset += 8
-                if length > MAX_VIEWER_MESSAGE:
-                    self.close(1009, f"frame over {MAX_VIEWER_MESSAGE} bytes")
-                    return
-                if end - offset < 4 + length:
-                    break
-                opcode = first & 0x0F
-                if first & 0x70 or not second & 0x80:
-                    self.close(1002, "reserved bits set or unmasked frame from the viewer")
-                    return
-                frame_end = offset + 4 + length
-                if opcode in (0x0, 0x2):  # continuation, binary
-                    mask = bytes(view[offset : offset + 4])
-                    self._from_viewer(apply_mask(view[offset + 4 : frame_end], mask))
-                elif opcode == 0x1:
-                    self.close(1003, "text frames are not accepted; send RFB bytes as binary")
-                    return
-                else:  # ping, pong, close and anything unknown: websockets' rules apply
-                    self.ws.receive_data(bytes(view[position:frame_end]))
-                    self._handle_events()
-                position = frame_end
-        self._inbound = bytearray(buffer[position:]) if position < end else bytearray()
+        upstream.write(payload)
 
     def _to_viewer(self, data: bytes, *, count: bool = True) -> None:
-        if not data or self.ws.state is not State.OPEN:
+        if not data or self.state is not State.OPEN:
             return
-        size = len(data)
         if count:
-            self.bytes_out += size
-        # A server's frames are unmasked: writing the header and the payload as they are saves
-        # websockets' serializer two copies of every message (the hot path of the relay).
-        if size < 126:
-            header = bytes((0x82, size))
-        elif size < 65536:
-            header = _HEADER_16.pack(0x82, 126, size)
-        else:
-            header = _HEADER_64.pack(0x82, 127, size)
+            self.bytes_out += len(data)
         assert self.transport is not None
-        self.transport.writelines((header, data))
+        self.transport.writelines((frame_header(Opcode.BINARY, len(data)), data))
 
-    def _flush(self) -> None:
-        transport = self.transport
-        if transport is None:
+    # --- what the VNC connection reports (called by _Upstream) --------------------------------
+
+    def vnc_received(self, data: bytes) -> None:
+        """Bytes from the VNC server: answered while authenticating, relayed once open, or kept."""
+        if self.server_rfb is not None and self._vnc_auth is not None:
+            self._authenticate(data)  # buffered in server_rfb once authenticated, until ClientInit
+        elif self.status == 101:
+            self._to_viewer(data)
+        else:
+            self._vnc_pending += data  # before the 101 or before the password handshake started
+
+    def vnc_backlog(self, full: bool) -> None:
+        """The VNC side's write buffer filled (or drained): stop (or resume) reading the viewer."""
+        if full:
+            self._pause_reading()
+        elif self._early is None:  # bytes before the relay stay paused until it starts
+            self._resume_reading()
+
+    def vnc_lost(self, reason: str | None) -> None:
+        """The VNC connection ended; ``reason`` says why, or is None when the bridge closed it."""
+        if self._vnc_auth is not None and not self._vnc_auth.done():
+            self._vnc_auth.set_exception(
+                VncUnavailable("closed the connection during the VNC handshake")
+            )
+        if reason is not None and self.status == 101:
+            self.close(1011, reason)
+
+    def _flush_vnc_pending(self) -> None:
+        """Feed VNC bytes that arrived before the 101 or the password handshake was set up."""
+        pending, self._vnc_pending = bytes(self._vnc_pending), bytearray()
+        if pending:
+            self.vnc_received(pending)
+
+    def _authenticate(self, data: bytes) -> None:
+        assert self.server_rfb is not None
+        assert self._vnc_auth is not None
+        assert self.upstream is not None
+        rfb = self.server_rfb
+        try:
+            rfb.receive_data(data)
+        except (ProtocolError, VncUnavailable) as exc:
+            if not self._vnc_auth.done():
+                self._vnc_auth.set_exception(exc)
             return
-        for data in self.ws.data_to_send():
-            if data:
-                transport.write(data)
-            else:
-                transport.close()  # SEND_EOF: the closing handshake is over
-        if self._abort_timer is None and self.ws.close_expected() and not transport.is_closing():
-            loop = asyncio.get_running_loop()
-            self._abort_timer = loop.call_later(CLOSE_TIMEOUT, self.abort)
+        self.upstream.write(rfb.data_to_send())
+        if rfb.state is ClientState.AUTHENTICATED and not self._vnc_auth.done():
+            self._vnc_auth.set_result(None)
+
+    # --- closing ------------------------------------------------------------------------------
 
     def close(self, code: int, reason: str) -> None:
         """Start the closing handshake with ``code``; a no-op once closing."""
@@ -470,9 +532,10 @@ class _Viewer(asyncio.Protocol):
         if self.close_code is None:
             self.close_code = code
             self.close_reason = reason
-        if self.ws.state is State.OPEN:
-            self.ws.send_close(code, reason[:120])
-            self._flush()
+        if self.state is State.OPEN:
+            self._send_control(close_frame(code, reason[:120]))
+            self.state = State.CLOSING  # the viewer's close frame ends it, or the abort timer
+            self._arm_abort()
         self._close_upstream()
 
     def fail(self, exc: RemoteCliError) -> None:
@@ -480,13 +543,14 @@ class _Viewer(asyncio.Protocol):
         self.close(*close_for(exc))
 
     def abort(self) -> None:
-        """Drop the viewer's connection without a closing handshake."""
-        if self.transport is not None and not self.transport.is_closing():
+        """Drop the viewer's connection without a closing handshake (or the rest of one)."""
+        if self.transport is not None and not self.ended.is_set():
             self.transport.abort()
 
-    def upstream_lost(self, reason: str) -> None:
-        """The VNC side closed or failed: tell the viewer with 1011."""
-        self.close(1011, reason)
+    def _arm_abort(self) -> None:
+        if self._abort_timer is None:
+            loop = asyncio.get_running_loop()
+            self._abort_timer = loop.call_later(CLOSE_TIMEOUT, self.abort)
 
     def _close_upstream(self) -> None:
         if self.upstream is not None:
@@ -499,14 +563,13 @@ class _Viewer(asyncio.Protocol):
         self._ping_timer = loop.call_later(self.bridge.ping_interval, self._ping)
 
     def _ping(self) -> None:
-        if self.ws.state is not State.OPEN:
+        if self.state is not State.OPEN:
             return
         if self._ping_payload is not None:
             self.close(1011, f"keepalive ping unanswered for {self.bridge.ping_interval:.0f} s")
             return
         self._ping_payload = secrets.token_bytes(4)
-        self.ws.send_ping(self._ping_payload)
-        self._flush()
+        self._send_control(frame_header(Opcode.PING, 4) + self._ping_payload)
         self._schedule_ping()
 
     # --- end ----------------------------------------------------------------------------------
@@ -549,15 +612,13 @@ class _Viewer(asyncio.Protocol):
 
 
 class _Upstream(asyncio.Protocol):
-    """The connection to the session's VNC server, relaying to one :class:`_Viewer`."""
+    """The connection to the session's VNC server: moves bytes, reports to its viewer."""
 
     def __init__(self, viewer: _Viewer) -> None:
         self.viewer = viewer
         self.transport: asyncio.Transport | None = None
-        self.authenticated: asyncio.Future[None] | None = None
         self.closed_by_us = False
         self.lost_reason: str | None = None
-        self._pending = bytearray()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
@@ -565,58 +626,43 @@ class _Upstream(asyncio.Protocol):
         self.transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
 
     def data_received(self, data: bytes) -> None:
-        rfb = self.viewer.server_rfb
-        if rfb is not None:
-            self._authenticate(rfb, data)  # buffered in rfb once authenticated, until ClientInit
-        elif self.viewer.status == 101:
-            self.viewer._to_viewer(data)
-        else:
-            self._pending += data  # before the 101 or before the password handshake started
-
-    def flush_pending(self) -> None:
-        """Feed bytes that arrived before the password handshake was set up."""
-        pending, self._pending = bytes(self._pending), bytearray()
-        rfb = self.viewer.server_rfb
-        if pending and rfb is not None:
-            self._authenticate(rfb, pending)
-        elif pending:
-            self.viewer._to_viewer(pending)
-
-    def _authenticate(self, rfb: RfbClient, data: bytes) -> None:
-        assert self.authenticated is not None
-        assert self.transport is not None
-        try:
-            rfb.receive_data(data)
-        except (ProtocolError, VncUnavailable) as exc:
-            if not self.authenticated.done():
-                self.authenticated.set_exception(exc)
-            return
-        self.transport.write(rfb.data_to_send())
-        if rfb.state is ClientState.AUTHENTICATED and not self.authenticated.done():
-            self.authenticated.set_result(None)
+        self.viewer.vnc_received(data)
 
     def pause_writing(self) -> None:
-        if self.viewer.transport is not None:
-            self.viewer.transport.pause_reading()
+        self.viewer.vnc_backlog(True)
 
     def resume_writing(self) -> None:
-        if self.viewer.transport is not None:
-            self.viewer.transport.resume_reading()
+        self.viewer.vnc_backlog(False)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.authenticated is not None and not self.authenticated.done():
-            self.authenticated.set_exception(
-                VncUnavailable("closed the connection during the VNC handshake")
-            )
-        if self.closed_by_us:
-            return
-        detail = f": {exc}" if exc else ""
-        self.lost_reason = f"the VNC server closed the connection{detail}"
-        if self.viewer.status == 101:
-            self.viewer.upstream_lost(self.lost_reason)
+        if not self.closed_by_us:
+            detail = f": {exc}" if exc else ""
+            self.lost_reason = f"the VNC server closed the connection{detail}"
+        self.viewer.vnc_lost(self.lost_reason)
+
+    def write(self, data: BytesLike) -> None:
+        """Send bytes to the VNC server."""
+        if self.transport is not None:
+            self.transport.write(data)
+
+    def pause_reading(self) -> None:
+        """Stop reading the VNC server (the viewer's write buffer is full)."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        """Read the VNC server again."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
 
     def close(self) -> None:
         """Close the VNC connection from our side (the viewer left or the bridge closes)."""
         self.closed_by_us = True
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
+
+    def abort(self) -> None:
+        """Drop the VNC connection (it failed during connect or authentication)."""
+        self.closed_by_us = True
+        if self.transport is not None:
+            self.transport.abort()
