@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import re
+import shutil
+import subprocess
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
@@ -10,8 +15,10 @@ from fastapi.testclient import TestClient
 
 from remotecli.dashboard import CONTENT_SECURITY_POLICY, router
 from remotecli.dashboard.novnc import find_novnc
+from tests.conftest import MS
 
 ROOT = Path(__file__).resolve().parents[1]
+STATIC = ROOT / "src/remotecli/dashboard/static"
 NOVNC = find_novnc(None, ROOT)
 needs_novnc = pytest.mark.skipif(
     NOVNC is None, reason="node_modules/@novnc/novnc is missing: run `npm ci` (make test does)"
@@ -128,3 +135,73 @@ def test_novnc_is_sent_gzipped_to_browsers_that_accept_it() -> None:
     assert int(packed.headers["content-length"]) < len(plain.content) / 3
     assert packed.content == plain.content  # httpx decoded the gzip body
     assert packed.headers["vary"] == "Accept-Encoding"
+
+
+class _Elements(HTMLParser):
+    """Every element of a page with an id, as its attributes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.by_id: dict[str, dict[str, str | None]] = {}
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        attributes = dict(attrs, tag=tag)
+        if attributes.get("id"):
+            self.by_id[str(attributes["id"])] = attributes
+
+
+def test_the_sign_in_link_opens_in_a_new_tab_without_opener_or_referrer() -> None:
+    """The sign-in link opens apart from the dashboard: no window.opener, no Referer sent."""
+    elements = _Elements()
+    elements.feed(client().get("/dashboard/remote-cli").text)
+    link = elements.by_id["signin-link"]
+    assert link["tag"] == "a"
+    assert link["target"] == "_blank"
+    assert set(str(link["rel"]).split()) == {"noopener", "noreferrer"}
+    assert "href" not in link  # set by the page, from the session's link, only when http(s)
+    assert elements.by_id["callback-form"]["tag"] == "form"
+    assert elements.by_id["callback-url"]["tag"] == "input"
+
+
+MARKUP = re.compile(r"innerHTML|outerHTML|insertAdjacentHTML|document\.write|\beval\(|new Function")
+
+
+def test_the_pages_never_turn_text_into_markup() -> None:
+    """No page script parses strings as HTML or code: links and answers are set as text."""
+    for path in STATIC.glob("*.js"):
+        source = path.read_text()
+        found = MARKUP.findall(source)
+        assert found == [], f"{path.name}: {found}"
+
+
+NODE = shutil.which("node")
+
+
+@pytest.mark.skipif(NODE is None, reason="node is missing: `make test` installs nodejs")
+def test_only_http_and_https_links_become_links() -> None:
+    """webLink() (api.js) in a real JavaScript engine passes http(s) links unchanged, no other."""
+    cases = [
+        "https://auth.example.test/authorize?state=x&redirect_uri=http://localhost:1455/cb",
+        "http://auth.invalid/authorize?state=1",
+        "HTTPS://auth.example.test/",
+        "javascript:alert(1)",
+        " javascript:alert(1)",
+        "data:text/html,<script>alert(1)</script>",
+        "file:///etc/passwd",
+        "http//missing-colon",
+        "https://",
+        "",
+    ]
+    script = (
+        f"import {{ webLink }} from {json.dumps((STATIC / 'api.js').as_uri())};\n"
+        f"console.log(JSON.stringify({json.dumps(cases)}.map(webLink)));"
+    )
+    assert NODE is not None
+    result = subprocess.run(
+        [NODE, "--input-type=module", "-e", script],
+        capture_output=True,
+        text=True,
+        timeout=30_000 * MS,
+        check=True,
+    )
+    assert json.loads(result.stdout) == [*cases[:3], *[None] * 7]

@@ -3,7 +3,9 @@
 The dashboard's ``api.js`` declares the fields it reads (``API_FIELDS``) and the SSE event names
 it listens to (``EVENT_NAMES``); these tests check the declaration against the OpenAPI document
 of a real controller, and check the pages' JavaScript against the declaration: every field read
-from a variable holding an API answer, and every API call, must be in it.
+from a variable holding an API answer, and every API call, must be in it. That covers connecting
+a provider too: the providers' ``connected`` fields, forgetting a connection, a session's
+``open_url`` and its ``open-url`` event, and relaying the sign-in callback.
 """
 
 from __future__ import annotations
@@ -33,18 +35,32 @@ READERS = {
     "session": "SessionOut",
     "current": "SessionOut",
     "ticket": "TicketOut",
+    "callback": "CallbackOut",
     "sse": "events",
 }
 
-# What each call the dashboard makes answers, as (array of?, schema) in the OpenAPI document.
-CALLS = {
+# What each call the dashboard makes answers, as (array of?, schema) in the OpenAPI document;
+# schema None: an empty 204.
+CALLS: dict[tuple[str, str], tuple[bool, str | None]] = {
     ("get", "/api/providers"): (True, "ProviderOut"),
+    ("delete", "/api/providers/{provider}/connection"): (False, None),
     ("get", "/api/sessions"): (True, "SessionOut"),
     ("post", "/api/sessions"): (False, "SessionOut"),
     ("get", "/api/sessions/{session_id}"): (False, "SessionOut"),
     ("delete", "/api/sessions/{session_id}"): (False, "SessionOut"),
     ("post", "/api/sessions/{session_id}/ticket"): (False, "TicketOut"),
+    ("post", "/api/sessions/{session_id}/callback"): (False, "CallbackOut"),
 }
+
+
+def _path_template(path: str) -> str:
+    """``/api/providers/${...provider.name...}`` → ``/api/providers/{provider}``; a session id
+    (``session.id``, ``sessionId``, ``this.sessionId``) → ``{session_id}``."""
+
+    def parameter(match: re.Match[str]) -> str:
+        return "{provider}" if re.search(r"\bprovider\b", match.group(1)) else "{session_id}"
+
+    return re.sub(r"\$\{([^}]*)\}", parameter, path)
 
 
 def _source(name: str) -> str:
@@ -92,11 +108,14 @@ async def test_calls_answer_the_declared_shapes(openapi: dict[str, Any]) -> None
     made = set()
     for name in PAGES:
         for method, path in re.findall(r'api\("(\w+)", [`"]([^`"]+)[`"]', _source(name)):
-            made.add((method.lower(), re.sub(r"\$\{[^}]*\}", "{session_id}", path)))
+            made.add((method.lower(), _path_template(path)))
     assert made == set(CALLS)
     for (method, path), (is_array, schema) in CALLS.items():
         responses = openapi["paths"][path][method]["responses"]
         ok = next(status for status in responses if status.startswith("2"))
+        if schema is None:
+            assert ok == "204", f"{method} {path}"
+            continue
         body = responses[ok]["content"]["application/json"]["schema"]
         if is_array:
             assert body["type"] == "array", f"{method} {path}"
@@ -123,4 +142,21 @@ def test_event_names_are_the_ones_the_stream_sends() -> None:
     """The dashboard listens to exactly the SSE event names the controller sends."""
     sent = typing.get_args(typing.get_type_hints(SessionEvent)["type"])
     assert sorted(_constant("EVENT_NAMES")) == sorted(sent)
+    assert "open-url" in sent
     assert re.search(r"for \(const name of EVENT_NAMES\)", _source("api.js"))
+
+
+async def test_connecting_a_provider_is_read_as_documented(openapi: dict[str, Any]) -> None:
+    """The fields behind Connected, the sign-in link and the callback's answer are all read."""
+    declared: dict[str, list[str]] = _constant("API_FIELDS")
+    assert {"connected", "connected_at", "updated_at"} <= set(declared["ProviderOut"])
+    assert "open_url" in declared["SessionOut"]
+    assert "url" in declared["events"]
+    assert set(declared["CallbackOut"]) == {"status", "body"}
+    schemas = openapi["components"]["schemas"]
+    body = openapi["paths"]["/api/sessions/{session_id}/callback"]["post"]["requestBody"]
+    request = schemas[_schema_ref(body["content"]["application/json"]["schema"])]
+    assert set(request["properties"]) == {"url"}  # what the page posts: {url}
+    assert re.search(r"\{\s*url,?\s*\}", _source("app.js"))
+    for field in ("connected_at", "updated_at"):
+        assert schemas["ProviderOut"]["properties"][field]["anyOf"][0]["format"] == "date-time"

@@ -7,19 +7,20 @@
 /**
  * The fields of the API's answers the dashboard reads, by OpenAPI schema name ("events" is the
  * SSE `data:` object of GET /api/sessions/{id}/events). The pages hold each answer in a variable
- * named for it (`problem`: ErrorOut, `provider`, `session` or `current`, `ticket`, `sse`), so
- * the test can find every field they read.
+ * named for it (`problem`: ErrorOut, `provider`, `session` or `current`, `ticket`, `callback`,
+ * `sse`), so the test can find every field they read.
  */
 export const API_FIELDS = {
   ErrorOut: ["message"],
-  ProviderOut: ["name", "title", "available", "hint"],
-  SessionOut: ["id", "provider", "state", "reason", "created_at"],
+  ProviderOut: ["name", "title", "available", "hint", "connected", "connected_at", "updated_at"],
+  SessionOut: ["id", "provider", "state", "reason", "created_at", "open_url"],
   TicketOut: ["vnc_path"],
-  events: ["state", "reason", "message"],
+  CallbackOut: ["status", "body"],
+  events: ["state", "reason", "message", "url"],
 };
 
 /** The SSE event names the events stream sends. */
-export const EVENT_NAMES = ["state", "progress"];
+export const EVENT_NAMES = ["state", "progress", "open-url"];
 
 /** An API call that failed; `status` is 0 when the server could not be reached at all. */
 export class ApiError extends Error {
@@ -76,9 +77,23 @@ function describeFailure(status, problem) {
 /** The states after which a session never runs again. */
 export const FINAL_STATES = new Set(["stopped", "failed"]);
 
-/** The state, reason and progress message of an SSE event's data. */
+/** The state, reason, progress message and link (on `open-url`) of an SSE event's data. */
 export function sessionFacts(sse) {
-  return { state: sse.state, reason: sse.reason, message: sse.message };
+  return { state: sse.state, reason: sse.reason, message: sse.message, url: sse.url ?? null };
+}
+
+/**
+ * The link a session asked a browser to open, as an absolute http(s) URL string, or null when it
+ * is anything else (a `javascript:` or `file:` link must never become a link on this page).
+ */
+export function webLink(url) {
+  if (typeof url !== "string" || !/^https?:\/\//i.test(url)) return null;
+  try {
+    const parsed = new URL(url);
+    return parsed.protocol === "http:" || parsed.protocol === "https:" ? url : null;
+  } catch {
+    return null;
+  }
 }
 
 /** Explain in words why a session is over, from its state and reason. */

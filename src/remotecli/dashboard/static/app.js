@@ -1,11 +1,13 @@
-// The dashboard page: sign-in state, the provider cards, "My sessions", the progress of a new
-// session from its event stream, and the live view (viewer.js). Plain ES modules, no build step.
+// The dashboard page: sign-in state, the provider cards (connected or not), "My sessions", the
+// progress of a new session from its event stream, the provider sign-in a session asks for, and
+// the live view (viewer.js). Plain ES modules, no build step.
 
-import { api, ApiError, endedMessage, FINAL_STATES, followEvents } from "./api.js";
+import { api, ApiError, endedMessage, FINAL_STATES, followEvents, webLink } from "./api.js";
 import { Viewer } from "./viewer.js";
 
 const NOVNC_URL = "/dashboard/remote-cli/novnc/rfb.js";
 const REFRESH_MS = 5000;
+const COPIED_MS = 2000;
 const HIDDEN_KEY = "remotecli.hiddenSessions";
 
 const $ = (id) => document.getElementById(id);
@@ -13,7 +15,13 @@ const $ = (id) => document.getElementById(id);
 const page = {
   sessions: [],
   providers: [],
+  providersShape: "",
+  starting: false,
   viewing: null,
+  // The sign-in the viewed session asked for: its session and the link it asked to open.
+  signin: { sessionId: null, url: null },
+  // Links the user hid, by session: not shown again until the session asks for another one.
+  hiddenLinks: new Map(),
   stopEvents: null,
   refreshTimer: null,
   hidden: new Set(JSON.parse(localStorage.getItem(HIDDEN_KEY) ?? "[]")),
@@ -99,9 +107,15 @@ async function refresh() {
     return;
   }
   if ($("main").hidden) await showMain();
+  else await loadProviders();
   showBanner("");
   page.sessions = sessions;
   renderSessions();
+  // The event stream tells the link at once; the list catches one missed while it reconnected.
+  const current = sessions.find((item) => item.id === page.viewing);
+  if (current?.open_url && !FINAL_STATES.has(current.state)) {
+    showSignIn(current.id, current.open_url);
+  }
 }
 
 function showLogin() {
@@ -121,45 +135,116 @@ async function showMain() {
   loadRfb().catch(() => {
     // the banner already says how to install noVNC; connecting will say it again
   });
-  try {
-    page.providers = await api("GET", "/api/providers");
-  } catch (error) {
-    showBanner(error.message);
-  }
+  await loadProviders();
   renderProviders();
 }
 
 // --- providers ---------------------------------------------------------------------------------
+
+/** Fetch the providers; redraw the cards only when something changed (keeps keyboard focus). */
+async function loadProviders() {
+  let providers;
+  try {
+    providers = await api("GET", "/api/providers");
+  } catch (error) {
+    showBanner(error.message);
+    return;
+  }
+  const shape = JSON.stringify(providers);
+  if (shape === page.providersShape) return;
+  page.providersShape = shape;
+  page.providers = providers;
+  renderProviders();
+}
+
+/** A date and time from the API (ISO 8601) in the reader's own words, or "" when there is none. */
+function when(iso) {
+  const date = new Date(iso ?? "");
+  if (Number.isNaN(date.getTime())) return "";
+  return date.toLocaleString(undefined, { dateStyle: "medium", timeStyle: "short" });
+}
+
+/** "Connected since …", and when the kept sign-in last changed if that was later. */
+function connectedNote(provider) {
+  const note = element("p", undefined, "connected");
+  note.id = `connected-${provider.name}`;
+  note.append(element("strong", "Connected"));
+  const since = provider.connected_at ?? provider.updated_at;
+  if (since) {
+    const time = element("time", ` since ${when(since)}`);
+    time.dateTime = since;
+    note.append(time);
+  }
+  const changed = Date.parse(provider.updated_at ?? "") - Date.parse(since ?? "");
+  if (changed >= 60_000) {
+    const time = element("time", ` · renewed ${when(provider.updated_at)}`);
+    time.dateTime = provider.updated_at;
+    note.append(time);
+  }
+  note.title = "Your sign-in is kept: new sessions of this provider start signed in.";
+  return note;
+}
 
 function renderProviders() {
   const list = $("providers");
   list.replaceChildren();
   for (const provider of page.providers) {
     const item = element("li", undefined, "card");
+    item.dataset.provider = provider.name;
+    item.dataset.connected = String(provider.connected === true);
     const connect = button(provider.title, () => startSession(provider), {
-      disabled: !provider.available,
+      disabled: !provider.available || page.starting,
       className: "card-button",
     });
     connect.dataset.provider = provider.name;
     item.append(connect);
+    const described = [];
+    if (provider.connected) {
+      const note = connectedNote(provider);
+      const forget = button("Disconnect", () => disconnectProvider(provider), {
+        className: "link-button danger",
+      });
+      forget.setAttribute("aria-label", `Disconnect ${provider.title}`);
+      forget.dataset.disconnect = provider.name;
+      described.push(note.id);
+      item.append(note, forget);
+    }
     if (!provider.available && provider.hint) {
       const hint = element("p", provider.hint, "hint");
       hint.id = `hint-${provider.name}`;
-      connect.setAttribute("aria-describedby", hint.id);
+      described.push(hint.id);
       item.append(hint);
     } else if (!provider.available) {
       item.append(element("p", "Not available.", "muted"));
     }
+    if (described.length) connect.setAttribute("aria-describedby", described.join(" "));
     list.append(item);
   }
   if (!page.providers.length) list.append(element("li", "No providers are configured.", "muted"));
+}
+
+/** Forget the kept sign-in of a provider: its next sessions start signed out. */
+async function disconnectProvider(provider) {
+  const note = $("providers-note");
+  try {
+    await api("DELETE", `/api/providers/${encodeURIComponent(provider.name)}/connection`);
+  } catch (error) {
+    note.textContent = `Could not disconnect ${provider.title}: ${error.message}`;
+    note.dataset.tone = "error";
+    if (error instanceof ApiError && error.status === 401) showLogin();
+    return;
+  }
+  note.textContent = `${provider.title} disconnected: its next sessions start signed out.`;
+  note.dataset.tone = "";
+  await loadProviders();
 }
 
 // --- a new session: create, follow its progress, then view it ----------------------------------
 
 async function startSession(provider) {
   const started = performance.now();
-  for (const card of document.querySelectorAll(".card-button")) card.disabled = true;
+  page.starting = true;
+  renderProviders();
   resetProgress();
   addStep(`Starting ${provider.title}…`, started);
   setStatus("connecting", `Starting ${provider.title}…`);
@@ -169,10 +254,12 @@ async function startSession(provider) {
   } catch (error) {
     addStep(error.message, started, "error");
     setStatus("error", error.message);
+    page.starting = false;
     renderProviders();
     if (error instanceof ApiError && error.status === 401) showLogin();
     return;
   }
+  page.starting = false;
   renderProviders();
   addStep(`Session ${session.id} created (${session.state})`, started);
   page.sessions = [session, ...page.sessions.filter((item) => item.id !== session.id)];
@@ -185,6 +272,10 @@ function watchSession(session, started) {
   if (page.stopEvents) page.stopEvents();
   page.viewing = session.id;
   $("viewer-session").textContent = `${session.provider} · ${session.id}`;
+  if (page.signin.sessionId !== session.id) hideSignIn();
+  if (session.open_url && !FINAL_STATES.has(session.state)) {
+    showSignIn(session.id, session.open_url, started);
+  }
   let viewing = false;
   const onState = (state, reason) => {
     updateSession(session.id, { state, reason });
@@ -199,11 +290,13 @@ function watchSession(session, started) {
       enableViewerButtons(false);
       setStatus("ended", text);
       showScreenHint(text);
+      hideSignIn();
     }
   };
   page.stopEvents = followEvents(
     session.id,
-    (facts) => {
+    (facts, type) => {
+      if (type === "open-url" && facts.url) showSignIn(session.id, facts.url, started);
       if (facts.message && started !== null && !viewing) addStep(facts.message, started);
       if (facts.state) onState(facts.state, facts.reason);
     },
@@ -246,6 +339,127 @@ function addStep(text, started, tone = "") {
   const item = element("li", undefined, tone);
   item.append(element("span", text), element("span", `+${elapsed(started)}`, "elapsed"));
   $("progress").append(item);
+}
+
+// --- the sign-in a session asks for ------------------------------------------------------------
+
+/**
+ * Show the link the viewed session asked a browser to open, with a Copy button and the box for
+ * the address the browser ends on. The link is set only through DOM properties, and only for
+ * http(s): anything else is shown as text.
+ */
+function showSignIn(sessionId, url, started = null) {
+  if (page.viewing !== sessionId || page.hiddenLinks.get(sessionId) === url) return;
+  if (page.signin.sessionId === sessionId && page.signin.url === url) return;
+  page.signin = { sessionId, url };
+  const safe = webLink(url);
+  const link = $("signin-link");
+  if (safe) link.href = safe;
+  else link.removeAttribute("href");
+  link.hidden = !safe;
+  $("signin-url").value = url;
+  $("signin-copy").textContent = "Copy link";
+  const unsafe = $("signin-unsafe");
+  unsafe.textContent = safe
+    ? ""
+    : "The session asked to open something that is not a web page (not http or https): " +
+      "it is shown as text only.";
+  unsafe.hidden = Boolean(safe);
+  $("callback-url").value = "";
+  showCallbackResult("", "", "");
+  $("signin").hidden = false;
+  if (started !== null) addStep("The CLI asks you to sign in: open the sign-in page", started);
+}
+
+function hideSignIn() {
+  page.signin = { sessionId: null, url: null };
+  $("signin").hidden = true;
+  $("signin-link").removeAttribute("href");
+  $("signin-url").value = "";
+  $("callback-url").value = "";
+  showCallbackResult("", "", "");
+}
+
+/** Show the CLI's answer to the pasted address (`tone` ok, error or pending), as text only. */
+function showCallbackResult(tone, summary, body) {
+  const result = $("callback-result");
+  result.dataset.tone = tone;
+  delete result.dataset.status;
+  result.replaceChildren();
+  if (summary) result.append(element("span", summary));
+  if (body) result.append(element("pre", body, "callback-body"));
+  result.hidden = !summary;
+}
+
+async function copySignInLink() {
+  const url = page.signin.url;
+  if (!url) return;
+  const copy = $("signin-copy");
+  let copied = false;
+  try {
+    if (navigator.clipboard) {
+      await navigator.clipboard.writeText(url);
+      copied = true;
+    }
+  } catch {
+    copied = false;
+  }
+  const box = $("signin-url");
+  if (!copied) {
+    box.focus();
+    box.select();
+    try {
+      copied = document.execCommand("copy");
+    } catch {
+      copied = false;
+    }
+  }
+  copy.textContent = copied ? "Copied" : "Press Ctrl+C to copy";
+  setTimeout(() => {
+    if (page.signin.url === url) copy.textContent = "Copy link";
+  }, COPIED_MS);
+}
+
+/** Send the address the browser ended on to the session's CLI; show what it answered. */
+async function sendCallback(event) {
+  event.preventDefault();
+  const sessionId = page.signin.sessionId;
+  const url = $("callback-url").value.trim();
+  if (!sessionId) return;
+  if (!url) {
+    showCallbackResult(
+      "error",
+      "Paste the address first: after signing in, copy it from your browser's address bar.",
+      "",
+    );
+    return;
+  }
+  const submit = $("callback-submit");
+  submit.disabled = true;
+  showCallbackResult("pending", "Sending the address to the CLI in the session…", "");
+  let callback;
+  try {
+    callback = await api("POST", `/api/sessions/${encodeURIComponent(sessionId)}/callback`, {
+      url,
+    });
+  } catch (error) {
+    if (page.signin.sessionId === sessionId) showCallbackResult("error", error.message, "");
+    if (error instanceof ApiError && error.status === 401) showLogin();
+    return;
+  } finally {
+    submit.disabled = false;
+  }
+  if (page.signin.sessionId !== sessionId) return;
+  const ok = callback.status >= 200 && callback.status < 400;
+  const result = $("callback-result");
+  showCallbackResult(
+    ok ? "ok" : "error",
+    `The CLI answered ${callback.status}${ok ? "" : ": the sign-in did not finish"}.`,
+    callback.body,
+  );
+  result.dataset.status = String(callback.status);
+  // Its sign-in is kept a few seconds later; the card then says Connected.
+  setTimeout(loadProviders, REFRESH_MS + 1000);
 }
 
 function showScreenHint(text) {
@@ -334,6 +548,7 @@ async function terminate(session) {
     viewer.disconnect();
     enableViewerButtons(false);
     page.viewing = null;
+    hideSignIn();
     $("viewer-session").textContent = "";
     showScreenHint("Pick a provider to start a session.");
   }
@@ -376,6 +591,13 @@ viewer.addEventListener("clipboard", (event) => {
 });
 
 $("focus-button").addEventListener("click", () => viewer.focus());
+$("signin-copy").addEventListener("click", copySignInLink);
+$("signin-hide").addEventListener("click", () => {
+  if (page.signin.sessionId) page.hiddenLinks.set(page.signin.sessionId, page.signin.url);
+  hideSignIn();
+  viewer.focus();
+});
+$("callback-form").addEventListener("submit", sendCallback);
 $("disconnect-button").addEventListener("click", () => {
   if (page.stopEvents) page.stopEvents();
   page.stopEvents = null;
