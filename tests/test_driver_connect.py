@@ -21,6 +21,7 @@ from remotecli.controller.connect import relay_callback
 from remotecli.drivers.base import SessionSpec
 from remotecli.drivers.local import LocalDriver
 from remotecli.exceptions import BadRequest, UpstreamRefused
+from remotecli.providers import Catalogue
 from tests.conftest import MS
 from tests.rfb_viewer import wait_for_file
 from tests.test_driver_local import open_viewer
@@ -152,3 +153,25 @@ async def test_the_commands_own_exit_status_is_the_reason(
     reason = await asyncio.wait_for(driver.wait("exit"), START_TIMEOUT)
     assert reason == "bash exited with status 7"
     writer.close()
+
+
+@pytest.mark.parametrize("provider", ["claude-code", "codex", "gemini-cli"])
+async def test_each_installed_cli_runs_in_the_sandbox_from_the_checkout(
+    driver: LocalDriver, tmp_path: Path, provider: str
+) -> None:
+    """The provider's CLI, found where `make up` installs it, starts and exits 0 in a session."""
+    status = Catalogue(driver=driver).get(provider)
+    if not status.available:
+        pytest.skip(f"{provider} cannot run here: {status.hint}")
+    spec = SessionSpec(
+        session_id=f"cli-{provider}",
+        provider=provider,
+        command=[*status.argv(), "--version"],
+        workdir=tmp_path / "sessions" / f"cli-{provider}",
+        width=640,
+        height=400,
+    )
+    await asyncio.wait_for(driver.start(spec, lambda _: None), START_TIMEOUT)
+    written = await wait_for_file(spec.workdir / "run" / "command.exit", 60_000 * MS)
+    program = Path(status.argv()[0]).name
+    assert written == f"{program} 0\n"
