@@ -6,21 +6,36 @@ as `websockify PORT 127.0.0.1:ECHO`; both relay to the same plain TCP echo serve
 measured in interleaved rounds with the load client offering subprotocol ``binary`` as noVNC
 does. Then each peer, freshly started, is asked to hold many idle bridged connections, each
 checked with one echo: the most it holds is its concurrency limit.
+
+``BENCH_BRIDGE_BASELINE=/path/to/other/checkout/src`` adds a peer, ``vnc bridge baseline``: the
+same peer module with that source tree first on PYTHONPATH, to compare a change with the code
+before it in the same run (``git worktree add /tmp/before REV``).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
 import resource
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-from bench.processes import Peer, free_port, hold_tunnels, python_peer, raise_fd_limit, run_client
+from bench.processes import (
+    PYTHON,
+    Peer,
+    free_port,
+    hold_tunnels,
+    python_peer,
+    raise_fd_limit,
+    run_client,
+)
 from bench.report import Section, fmt, median, ratio, verdict
 
 BRIDGE = "vnc bridge"
+BASELINE = "vnc bridge baseline"
+BASELINE_ENV = "BENCH_BRIDGE_BASELINE"
 WEBSOCKIFY = "websockify"
 _PATH = "/api/sessions/bench/vnc"
 
@@ -28,6 +43,16 @@ _PATH = "/api/sessions/bench/vnc"
 def _bridge_peer(echo: int, workdir: Path) -> Peer:
     port = free_port()
     return python_peer(BRIDGE, "bench.peers.vnc_bridge", [str(port), str(echo)], workdir, port)
+
+
+def _baseline_peer(echo: int, workdir: Path) -> Peer:
+    """The bridge peer running the ``remotecli`` of the source tree BENCH_BRIDGE_BASELINE names."""
+    source = os.environ[BASELINE_ENV]
+    if not (Path(source) / "remotecli" / "controller" / "bridge.py").is_file():
+        raise RuntimeError(f"{BASELINE_ENV}={source} holds no remotecli package")
+    port = free_port()
+    argv = [PYTHON, "-m", "bench.peers.vnc_bridge", str(port), str(echo)]
+    return Peer(BASELINE, argv, workdir, port, env={**os.environ, "PYTHONPATH": source})
 
 
 def _websockify_peer(echo: int, workdir: Path) -> Peer:
@@ -65,7 +90,7 @@ def run(quick: bool, workdir: Path) -> list[Section]:
         return [Section(title, skipped=why)]
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     bridge_count = min(6_000, (hard - 48) // 2)
-    counts = {BRIDGE: bridge_count, WEBSOCKIFY: 600}
+    counts = {BRIDGE: bridge_count, BASELINE: bridge_count, WEBSOCKIFY: 600}
     rounds, seconds = (2, 1.0) if quick else (5, 2.0)
     echo_port = free_port()
     echo = python_peer(
@@ -73,7 +98,9 @@ def run(quick: bool, workdir: Path) -> list[Section]:
     )
     echo.start()
     makers = {BRIDGE: _bridge_peer, WEBSOCKIFY: _websockify_peer}
-    samples: dict[str, dict[str, list[float]]] = {BRIDGE: {}, WEBSOCKIFY: {}}
+    if os.environ.get(BASELINE_ENV):
+        makers = {BRIDGE: _bridge_peer, BASELINE: _baseline_peer, WEBSOCKIFY: _websockify_peer}
+    samples: dict[str, dict[str, list[float]]] = {name: {} for name in makers}
     errors: dict[str, str] = {}
     peers: dict[str, Peer] = {}
     try:
@@ -103,7 +130,7 @@ def run(quick: bool, workdir: Path) -> list[Section]:
             peer.start()
             peers[name] = peer
             spec = {"port": peer.port, "path": _PATH, "subprotocol": "binary"}
-            spec |= {"count": counts[name], "concurrency": 100 if name == BRIDGE else 50}
+            spec |= {"count": counts[name], "concurrency": 50 if name == WEBSOCKIFY else 100}
             spec |= {"open_timeout": 10, "max_seconds": 90}
             held = hold_tunnels(spec, peer, 240, proportional=True)
             if "error" in held:
@@ -149,7 +176,7 @@ def _section(
             f"{fmt(fig[name].get('held'))} of {counts[name]:,}",
             fmt(fig[name].get("rss"), 1),
         ]
-        for name in (BRIDGE, WEBSOCKIFY)
+        for name in samples
     ]
     held = bridge.get("held")
     section = Section(title, columns, rows)

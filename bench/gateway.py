@@ -6,11 +6,17 @@ measurement (:mod:`bench.loadclient`). Rounds are interleaved (each round measur
 in a rotated order) so a burst of load from elsewhere on the machine hits all of them alike; a
 figure is the median over rounds. Memory per idle tunnel is measured on freshly started peers:
 the resident memory of the peer's process tree (nginx's master and worker) before and while
-holding N tunnels, divided by N.
+holding N tunnels, divided by N. CPU per GB is the CPU time (user and system) of the peer's
+process tree over the timed span of a throughput measurement, divided by the payload moved.
+
+``BENCH_GATEWAY_BASELINE=/path/to/other/checkout/src`` adds a peer, ``gateway baseline``, that
+runs the gateway from that source tree (``python -m remotecli`` with it first on PYTHONPATH), to
+compare a change with the code before it in the same run (``git worktree add /tmp/before REV``).
 """
 
 from __future__ import annotations
 
+import os
 import resource
 import subprocess
 import sys
@@ -19,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.processes import (
+    PYTHON,
     REPO,
     Peer,
     free_port,
@@ -30,11 +37,19 @@ from bench.processes import (
 from bench.report import Section, fmt, median, ratio, verdict
 
 GATEWAY = "gateway"
+BASELINE = "gateway baseline"
+BASELINE_ENV = "BENCH_GATEWAY_BASELINE"
 NGINX_STOCK = "nginx stock"
 NGINX_64K = "nginx 64k"
 NODE = "node http-proxy"
 DIRECT = "direct"
 PEERS = (GATEWAY, NGINX_STOCK, NGINX_64K, NODE, DIRECT)
+
+
+def _peer_names() -> tuple[str, ...]:
+    """The peers of this run: the baseline gateway too when BENCH_GATEWAY_BASELINE names one."""
+    return (GATEWAY, BASELINE, *PEERS[1:]) if os.environ.get(BASELINE_ENV) else PEERS
+
 
 _NGINX_CONF = """\
 worker_processes 1;
@@ -101,22 +116,33 @@ def node_peer(upstream: int, workdir: Path) -> Peer:
     )
 
 
-def gateway_peer(upstream: int, workdir: Path) -> Peer:
-    """`remotecli gateway` with one route to 127.0.0.1:``upstream``."""
+def gateway_peer(upstream: int, workdir: Path, source: str | None = None) -> Peer:
+    """`remotecli gateway` with one route to 127.0.0.1:``upstream``.
+
+    With ``source`` (a ``src`` directory), the gateway of that source tree, as peer BASELINE.
+    """
     port = free_port()
-    argv = [
-        str(Path(sys.executable).parent / "remotecli"),
-        "gateway",
-        "--listen",
-        f"127.0.0.1:{port}",
-    ]
+    if source is None:
+        command, env, name = [str(Path(sys.executable).parent / "remotecli")], None, GATEWAY
+    else:
+        if not (Path(source) / "remotecli" / "__main__.py").is_file():
+            raise RuntimeError(f"{BASELINE_ENV}={source} holds no remotecli package")
+        command, name = [PYTHON, "-m", "remotecli"], BASELINE
+        env = {**os.environ, "PYTHONPATH": source}
+    argv = [*command, "gateway", "--listen", f"127.0.0.1:{port}"]
     argv += ["--route", f"/=http://127.0.0.1:{upstream}"]
     help_text = subprocess.run(
-        [*argv[:2], "--help"], capture_output=True, text=True, check=False, timeout=30
+        [*command, "gateway", "--help"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=30,
+        env=env,
+        cwd=REPO,
     ).stdout
     if "--max-connections" in help_text:
         argv += ["--max-connections", "30000"]
-    return Peer(GATEWAY, argv, workdir, port)
+    return Peer(name, argv, workdir, port, env=env)
 
 
 class _Direct(Peer):
@@ -135,6 +161,7 @@ class _Direct(Peer):
 def _factories(upstream: int, workdir: Path) -> dict[str, Callable[[], Peer]]:
     return {
         GATEWAY: lambda: gateway_peer(upstream, workdir),
+        BASELINE: lambda: gateway_peer(upstream, workdir, os.environ.get(BASELINE_ENV)),
         NGINX_STOCK: lambda: nginx_peer(NGINX_STOCK, upstream, workdir, big_buffers=False),
         NGINX_64K: lambda: nginx_peer(NGINX_64K, upstream, workdir, big_buffers=True),
         NODE: lambda: node_peer(upstream, workdir),
@@ -168,13 +195,13 @@ def run(quick: bool, workdir: Path) -> list[Section]:
     factories = _factories(upstream_port, workdir)
     errors: dict[str, str] = {}
     peers: dict[str, Peer] = {}
-    samples: dict[str, dict[str, list[float]]] = {name: {} for name in PEERS}
+    samples: dict[str, dict[str, list[float]]] = {name: {} for name in _peer_names()}
     try:
-        for name in PEERS:
+        for name in _peer_names():
             peer = _start(factories[name], errors, name)
             if peer is not None:
                 peers[name] = peer
-        names = [name for name in PEERS if name in peers]
+        names = [name for name in _peer_names() if name in peers]
         for index in range(rounds):
             for kind, spec in _specs(seconds, rtt_count).items():
                 for name in names[index % len(names) :] + names[: index % len(names)]:
@@ -210,8 +237,8 @@ def _specs(seconds: float, rtt_count: int) -> dict[str, dict[str, Any]]:
 
 
 _FIGURES = {
-    "upload": (("upload", "mbps"),),
-    "echo": (("echo", "mbps"),),
+    "upload": (("upload", "mbps"), ("upload_cpu", "cpu_s_per_gb")),
+    "echo": (("echo", "mbps"), ("echo_cpu", "cpu_s_per_gb")),
     "rtt": (("rtt_p50", "p50_ms"), ("rtt_p99", "p99_ms")),
     "upgrades": (("upg_p99", "p99_ms"), ("upg_failed", "failed")),
 }
@@ -225,7 +252,8 @@ def _measure(
     errors: dict[str, str],
 ) -> None:
     """Run one measurement against one peer and add its figures to the peer's samples."""
-    result = run_client({"port": peer.port, "path": "/echo", **spec}, 90)
+    pids = peer.pids() if peer.proc is not None else []  # direct: no proxy process
+    result = run_client({"port": peer.port, "path": "/echo", "cpu_pids": pids, **spec}, 90)
     if "error" in result:
         errors[f"{peer.name} {kind}"] = result["error"]
     for key, field in _FIGURES[kind]:
@@ -276,16 +304,18 @@ def _section(
     }
     stock, big_nginx = fig[NGINX_STOCK], fig[NGINX_64K]
     columns = ["peer", "upload MB/s", "echo MB/s", "echo vs nginx 64k", "echo vs stock"]
-    columns += ["RTT p50 µs", "RTT p99 µs", "500 upgrades p99 ms", "KiB/tunnel @1k"]
+    columns += ["upload CPU s/GB", "echo CPU s/GB", "RTT p50 µs", "RTT p99 µs"]
+    columns += ["500 upgrades p99 ms", "KiB/tunnel @1k"]
     columns += [f"KiB/tunnel @{big:,}", f"held of {big:,}"]
     rows = []
-    for name in PEERS:
+    for name in samples:
         f = fig[name]
         row = [name, fmt(f.get("upload")), fmt(f.get("echo"))]
         row += [
             ratio(f.get("echo"), big_nginx.get("echo")),
             ratio(f.get("echo"), stock.get("echo")),
         ]
+        row += [fmt(f.get("upload_cpu"), 2), fmt(f.get("echo_cpu"), 2)]
         row += [fmt(_us(f.get("rtt_p50"))), fmt(_us(f.get("rtt_p99"))), fmt(f.get("upg_p99"), 1)]
         row += [fmt(f.get("rss_1000"), 1), fmt(f.get(f"rss_{big}"), 1), fmt(f.get(f"held_{big}"))]
         rows.append(row)
@@ -299,6 +329,9 @@ def _section(
         f"order), {seconds:g} s per throughput figure; each figure is the median over rounds. "
         "Upload: bytes the upstream received per second (timed until it acknowledged the "
         "last byte). Echo: bytes echoed back per second with 1 MiB in flight.",
+        "CPU s/GB: CPU time (user + system, /proc/PID/stat) of the proxy's process tree over "
+        "the timed span of the throughput figure, divided by the payload moved (GB = 1e9 bytes; "
+        "for echo the bytes echoed back, each of which crossed the proxy twice).",
         "RTT: sequential 64-byte messages through the proxy to the echo upstream and back. "
         "Upgrades: 500 WebSocket handshakes started at once, time of each to its 101.",
         "KiB/tunnel: growth of the proxy's resident memory (whole process tree) while holding N "
@@ -320,12 +353,12 @@ def _section(
         section.notes.append("--quick: fewer, shorter rounds and only the 1,000-tunnel point.")
     spread = [
         f"{name} {max(values) / min(values):.2f}x"
-        for name in PEERS
+        for name in samples
         if (values := samples[name].get("echo")) and min(values) > 0
     ]
     if spread:
         section.notes.append("Echo spread over rounds (max/min): " + ", ".join(spread) + ".")
-    for name in PEERS:
+    for name in samples:
         failed = sum(samples[name].get("upg_failed", []))
         if failed:
             section.notes.append(f"{name}: {failed:.0f} of the concurrent upgrades failed.")
@@ -370,6 +403,14 @@ def _targets(
                 _check(value, stock.get(kind), 2.0, most=False),
             )
         )
+    cpu = g.get("upload_cpu")
+    targets.append(
+        (
+            "upload CPU s/GB <= 1.0x nginx 64k",
+            ratio(cpu, big_nginx.get("upload_cpu")),
+            _check(cpu, big_nginx.get("upload_cpu"), 1.0, most=True),
+        )
+    )
     rtt = g.get("rtt_p50")
     targets.append(
         (

@@ -14,6 +14,10 @@
   prints how many were opened and how many answered, then holds them until a line arrives on
   stdin (the parent reads memory meanwhile), then aborts them all (RST, so no TIME_WAIT).
 
+With ``cpu_pids`` in the spec (a peer's process tree), ``echo`` and ``upload`` also report the CPU
+seconds those processes used over the timed span, per GB of payload (``cpu_s_per_gb``): echoed
+bytes for ``echo`` (each crossed the proxy twice), bytes sent for ``upload``.
+
 Frames are built once and written again and again; received frames are counted by their headers
 (:class:`bench.wsframes.FrameParser`), never copied. Every wait is bounded by a deadline.
 """
@@ -34,7 +38,7 @@ from typing import Any, cast
 
 import uvloop
 
-from bench.processes import raise_fd_limit
+from bench.processes import cpu_seconds, raise_fd_limit
 from bench.wsframes import OP_BINARY, OP_TEXT, FrameParser, masked_frame, upgrade_request
 
 _WARMUP = 0.3
@@ -164,12 +168,13 @@ async def echo(spec: dict[str, Any]) -> dict[str, Any]:
     tunnel.on_drain = pump
     pump()
     await asyncio.sleep(_WARMUP)
-    t0, r0 = time.perf_counter(), tunnel.received
+    pids = spec.get("cpu_pids", [])
+    t0, r0, c0 = time.perf_counter(), tunnel.received, cpu_seconds(pids)
     await asyncio.sleep(spec["seconds"])
-    t1, r1 = time.perf_counter(), tunnel.received
+    t1, r1, c1 = time.perf_counter(), tunnel.received, cpu_seconds(pids)
     stopping = True
     transport.abort()
-    return {"mbps": (r1 - r0) / (t1 - t0) / 1e6, "bytes": r1 - r0}
+    return {"mbps": (r1 - r0) / (t1 - t0) / 1e6, "bytes": r1 - r0, **_cpu(pids, c1 - c0, r1 - r0)}
 
 
 async def upload(spec: dict[str, Any]) -> dict[str, Any]:
@@ -191,14 +196,23 @@ async def upload(spec: dict[str, Any]) -> dict[str, Any]:
 
     tunnel.on_drain = pump
     tunnel.text = asyncio.get_running_loop().create_future()
-    start = time.perf_counter()
+    pids = spec.get("cpu_pids", [])
+    start, cpu_start = time.perf_counter(), cpu_seconds(pids)
     pump()
     await asyncio.sleep(spec["seconds"])
     stopping = True
     transport.write(masked_frame(OP_TEXT, b"end"))
     done = await asyncio.wait_for(tunnel.text, 30)
+    cpu = cpu_seconds(pids) - cpu_start
     transport.abort()
-    return {"mbps": sent / (done - start) / 1e6, "bytes": sent}
+    return {"mbps": sent / (done - start) / 1e6, "bytes": sent, **_cpu(pids, cpu, sent)}
+
+
+def _cpu(pids: list[int], seconds: float, payload: int) -> dict[str, float]:
+    """``cpu_s_per_gb`` when a process tree was watched and payload moved, else nothing."""
+    if not pids or payload <= 0:
+        return {}
+    return {"cpu_s": seconds, "cpu_s_per_gb": seconds / (payload / 1e9)}
 
 
 def _percentiles(samples: list[float]) -> dict[str, float]:

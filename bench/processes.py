@@ -3,7 +3,8 @@
 Every process is started in its own process group and stopped by :meth:`Peer.stop` (SIGTERM,
 then SIGKILL to that group only), so a benchmark never touches a process it did not start.
 :func:`rss_kib` reads the resident memory of a process and all its descendants from ``/proc``,
-which counts nginx's worker and websockify's per-connection children too.
+which counts nginx's worker and websockify's per-connection children too; :func:`cpu_seconds`
+sums the CPU time (user and system) of such a tree the same way.
 """
 
 from __future__ import annotations
@@ -73,6 +74,18 @@ def _children() -> dict[int, list[int]]:
     return tree
 
 
+def tree_pids(pid: int) -> list[int]:
+    """Return ``pid`` and all its descendants living now (nginx's workers, forked children)."""
+    tree = _children()
+    found: list[int] = []
+    pending = [pid]
+    while pending:
+        current = pending.pop()
+        found.append(current)
+        pending.extend(tree.get(current, []))
+    return found
+
+
 def rss_kib(pid: int, proportional: bool = False) -> int:
     """Return the summed resident memory (KiB) of ``pid`` and all its descendants.
 
@@ -80,19 +93,32 @@ def rss_kib(pid: int, proportional: bool = False) -> int:
     among the processes mapping them (fair for forking servers such as websockify, whose
     children's RSS counts the same copy-on-write pages again and again).
     """
-    tree = _children()
     total = 0
-    pending = [pid]
     source, field = ("smaps_rollup", "Pss:") if proportional else ("status", "VmRSS:")
-    while pending:
-        current = pending.pop()
-        pending.extend(tree.get(current, []))
+    for current in tree_pids(pid):
         with contextlib.suppress(OSError):
             for line in Path(f"/proc/{current}/{source}").read_text().splitlines():
                 if line.startswith(field):
                     total += int(line.split()[1])
                     break
     return total
+
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """Return the CPU seconds (utime + stime, every thread) ``pids`` have used so far.
+
+    Read from ``/proc/PID/stat`` (fields 14 and 15, in clock ticks of 10 ms); a process that
+    has exited counts nothing. Take it before and after a measurement and subtract.
+    """
+    ticks = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime (after "pid (comm)")
+    return ticks / _CLOCK_TICKS
 
 
 class Peer:
@@ -139,6 +165,10 @@ class Peer:
     def rss_kib(self, proportional: bool = False) -> int:
         """Resident memory of the peer's whole process tree, in KiB (see :func:`rss_kib`)."""
         return rss_kib(self.pid, proportional)
+
+    def pids(self) -> list[int]:
+        """The peer's process and its descendants now (for :func:`cpu_seconds`)."""
+        return tree_pids(self.pid)
 
     def stop(self, grace: float = 5.0) -> None:
         """Stop the process and its group: SIGTERM, then SIGKILL after ``grace`` s. Idempotent."""

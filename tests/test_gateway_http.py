@@ -9,6 +9,7 @@ import httpx
 import pytest
 import uvloop
 
+from remotecli.gateway.connection import ClientConnection
 from tests.conftest import MS
 from tests.gateway_peers import HttpUpstream, exchange, running_gateway
 
@@ -254,7 +255,7 @@ async def test_client_pause_pauses_upstream_for_large_response() -> None:
         assert context is not None
         async with asyncio.timeout(10000 * MS):
             while True:
-                connection = next(iter(context.connections))
+                connection = cast(ClientConnection, next(iter(context.connections)))
                 active = connection._active
                 if active is not None and active.upstream is not None:
                     transport = active.upstream.transport

@@ -1,6 +1,8 @@
 """The edge gateway: an HTTP and WebSocket reverse proxy on uvloop and httptools.
 
-In-process use: ``Gateway(config, local_upgrades, registry)`` then ``start`` / ``shutdown``.
+In-process use: ``Gateway(config, local_upgrades, registry)`` then ``start`` / ``shutdown``;
+:class:`ClientInfo` and :class:`LocalUpgrade` live in :mod:`remotecli.handover` (the contract
+with what an upgrade is handed to) and are re-exported here.
 The command line calls :func:`run`, which blocks until SIGTERM or SIGINT and returns after a
 graceful shutdown.
 """
@@ -13,8 +15,8 @@ import signal
 import uvloop
 
 from remotecli.config import GatewayConfig
-from remotecli.gateway.context import ClientInfo, LocalUpgrade
 from remotecli.gateway.server import Gateway
+from remotecli.handover import ClientInfo, LocalUpgrade
 from remotecli.logs import LOG_FORMATS, configure_logging
 
 __all__ = ["ClientInfo", "Gateway", "LocalUpgrade", "run"]

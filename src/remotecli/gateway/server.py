@@ -20,10 +20,11 @@ from remotecli.config import GatewayConfig
 from remotecli.exceptions import ConfigError
 from remotecli.forwarding import parse_trusted_proxies
 from remotecli.gateway.connection import ClientConnection
-from remotecli.gateway.context import ClientInfo, GatewayContext, LocalUpgrade
+from remotecli.gateway.context import GatewayContext
 from remotecli.gateway.metrics import GatewayMetrics, MetricsEndpoint
 from remotecli.gateway.tunnel import keepalive
 from remotecli.gateway.upstream import UpstreamPool
+from remotecli.handover import ClientInfo, LocalUpgrade
 from remotecli.hosts import WILDCARDS, HostPolicy
 from remotecli.logs import get_logger
 from remotecli.routing import Router
