@@ -132,6 +132,8 @@ async def _measure(url: str, runs: int) -> list[float]:
         browser = await driver.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = await browser.new_page(viewport={"width": 1280, "height": 720})
         page.set_default_timeout(STEP_TIMEOUT_S * 1000)
+        # click-to-picture: the desktop view (Text is the page's default for terminals)
+        await page.add_init_script("localStorage.setItem('remotecli.defaultView', 'desktop')")
         await page.goto(url)
         for _ in range(runs):
             await page.reload()

@@ -61,6 +61,11 @@ class EchoDriver:
     async def collect(self, session_id: str, paths: Any) -> dict[str, bytes]:
         return {}
 
+    async def tty_socket(self, session_id: str) -> str:
+        from remotecli.exceptions import DriverError
+
+        raise DriverError("the echo driver's sessions have no text terminal")
+
     async def connect_loopback(self, session_id: str, port: int, *, address: str = "") -> Any:
         from remotecli.exceptions import DriverError
 

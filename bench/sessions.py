@@ -42,7 +42,7 @@ def _missing() -> str | None:
     )
     if done.returncode != 0:
         return "`remotecli up` is not built yet"
-    for program in ("Xvfb", "x11vnc", "xterm"):
+    for program in ("Xvnc", "tmux", "xterm"):
         if shutil.which(program) is None:
             return f"{program} is not installed (run `make test` once to install it)"
     return None
@@ -211,7 +211,8 @@ def run(quick: bool, workdir: Path) -> list[Section]:
         section.notes.append(
             "Memory: PSS of each ready session's processes, found by its own host uid; "
             "'sandbox' counts bubblewrap's two processes and pasta (user-mode networking), "
-            "'whole session' adds Xvfb, xterm, x11vnc and the shell."
+            "'whole session' adds Xvnc, the window manager, tmux, xterm, the text terminal's "
+            "server and the shell."
         )
     else:
         section.notes.append("Memory: no session ran under its own uid (the sandbox needs root).")

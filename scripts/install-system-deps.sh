@@ -5,11 +5,16 @@
 set -euo pipefail
 
 # nodejs and npm bring noVNC (and the optional provider CLIs) with `npm ci`.
+# A local session: Xvnc (tigervnc-standalone-server), the window manager, xterm, tmux, and the
+# system's python3 for its tty server; DejaVu Sans Mono, with Symbola and Noto Color Emoji as
+# fontconfig's fallback for symbols and emoji.
 # passt (pasta), nftables and libseccomp2 make the local sandbox's network and system-call filter.
-run_packages=(xvfb x11vnc xterm bubblewrap passt nftables libseccomp2 procps fonts-dejavu-core
+run_packages=(tigervnc-standalone-server matchbox-window-manager xterm tmux python3 bubblewrap
+  passt nftables libseccomp2 procps fonts-dejavu-core fonts-symbola fonts-noto-color-emoji
   nodejs npm)
+# xvfb and x11vnc: the benchmarks' peer display pair (`make bench`), no longer what sessions run.
 test_packages=(nginx-light chromium qemu-system-x86 qemu-utils debootstrap e2fsprogs
-  busybox-static cpio zstd iproute2 python3)
+  busybox-static cpio zstd iproute2 xvfb x11vnc)
 
 case "${1:-run}" in
   run) wanted=("${run_packages[@]}") ;;

@@ -49,6 +49,14 @@ class BannerDriver:
         self.specs: dict[str, SessionSpec] = {}
         self._sandboxes: dict[str, _Sandbox] = {}
         self.kept: dict[str, dict[str, bytes]] = {}  # session id → files "in its HOME"
+        self.tty_paths: dict[str, str] = {}  # session id → a tty socket a test stands up
+
+    async def tty_socket(self, session_id: str) -> str:
+        """Return the socket a test put in ``tty_paths`` for the session; else refuse."""
+        path = self.tty_paths.get(session_id)
+        if path is None:
+            raise DriverError(f"session {session_id} has no text terminal in this test")
+        return path
 
     async def collect(self, session_id: str, paths: Sequence[str]) -> dict[str, bytes]:
         """Return the files planted for the session (tests put them in ``kept``)."""

@@ -23,7 +23,8 @@ from websockets.typing import Subprotocol
 from websockets.uri import parse_uri
 
 from remotecli.config import GatewayConfig
-from remotecli.controller.bridge import WRITE_BUFFER_HIGH, VncBridge
+from remotecli.controller.bridge import VncBridge
+from remotecli.controller.session_stream import WRITE_BUFFER_HIGH
 from remotecli.controller.viewers import VncTarget
 from remotecli.drivers.base import VncEndpoint
 from remotecli.exceptions import (

@@ -182,8 +182,8 @@ def test_bad_listen_address_exits_2(tmp_path: Path) -> None:
 
 
 needs_local_sandbox = pytest.mark.skipif(
-    not all(shutil.which(p) for p in ("Xvfb", "x11vnc", "xterm")),
-    reason="the local driver needs Xvfb, x11vnc and xterm (make test installs them)",
+    not all(shutil.which(p) for p in ("Xvnc", "tmux", "xterm")),
+    reason="the local driver needs Xvnc, tmux and xterm (make test installs them)",
 )
 
 

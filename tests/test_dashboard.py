@@ -1,4 +1,4 @@
-"""The dashboard router: the page, its assets and noVNC, served safely from a real FastAPI app."""
+"""The dashboard router: the page, its assets, noVNC and xterm.js, served safely from a real app."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ from fastapi.testclient import TestClient
 
 from remotecli.dashboard import CONTENT_SECURITY_POLICY, router
 from remotecli.dashboard.novnc import find_novnc
+from remotecli.dashboard.xterm import FONT_DIR, FONTS, build_bundle, find_xterm
+from remotecli.exceptions import ConfigError
 from tests.conftest import MS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,12 +25,35 @@ NOVNC = find_novnc(None, ROOT)
 needs_novnc = pytest.mark.skipif(
     NOVNC is None, reason="node_modules/@novnc/novnc is missing: run `npm ci` (make test does)"
 )
+XTERM = find_xterm(None, None, ROOT)
+needs_xterm = pytest.mark.skipif(
+    XTERM is None, reason="node_modules/@xterm is missing: run `npm ci` (make test does)"
+)
+needs_font = pytest.mark.skipif(
+    not (FONT_DIR / FONTS[0]).is_file(),
+    reason=f"{FONT_DIR / FONTS[0]} is missing: Debian's fonts-dejavu-core installs it",
+)
+NODE = shutil.which("node")
+needs_node = pytest.mark.skipif(NODE is None, reason="node is missing: `make test` installs nodejs")
 
 
-def client(novnc_dir: Path | None = None) -> TestClient:
+def client(novnc_dir: Path | None = None, xterm_dir: Path | None = None) -> TestClient:
     app = FastAPI()
-    app.include_router(router(novnc_dir))
+    app.include_router(router(novnc_dir, xterm_dir))
     return TestClient(app)
+
+
+def run_module(script: str) -> object:
+    """Run ``script`` as an ES module in node; return what it printed, parsed as JSON."""
+    assert NODE is not None
+    result = subprocess.run(
+        [NODE, "--input-type=module", "-e", script],
+        capture_output=True,
+        text=True,
+        timeout=30_000 * MS,
+        check=True,
+    )
+    return json.loads(result.stdout)
 
 
 @pytest.mark.parametrize("path", ["/dashboard/remote-cli", "/dashboard/remote-cli/"])
@@ -47,6 +72,9 @@ def test_every_response_carries_a_self_only_content_security_policy() -> None:
         "/dashboard/remote-cli",
         "/dashboard/remote-cli/static/app.js",
         "/dashboard/remote-cli/static/missing.js",
+        "/dashboard/remote-cli/xterm/xterm.js",
+        "/dashboard/remote-cli/xterm/xterm.css",
+        "/dashboard/remote-cli/fonts/DejaVuSansMono.ttf",
     ):
         headers = http.get(path).headers
         assert headers["content-security-policy"] == CONTENT_SECURITY_POLICY
@@ -63,6 +91,8 @@ def test_every_response_carries_a_self_only_content_security_policy() -> None:
         ("app.js", "text/javascript; charset=utf-8"),
         ("viewer.js", "text/javascript; charset=utf-8"),
         ("api.js", "text/javascript; charset=utf-8"),
+        ("terminal.js", "text/javascript; charset=utf-8"),
+        ("reconnect.js", "text/javascript; charset=utf-8"),
         ("style.css", "text/css; charset=utf-8"),
         ("icon.svg", "image/svg+xml"),
     ],
@@ -85,6 +115,12 @@ def test_static_assets_have_their_content_type(name: str, content_type: str) -> 
         "/dashboard/remote-cli/static/..%5c__init__.py",
         "/dashboard/remote-cli/novnc/../../pyproject.toml",
         "/dashboard/remote-cli/novnc/package.json",
+        "/dashboard/remote-cli/xterm/%2e%2e%2fstatic%2fapp.js",
+        "/dashboard/remote-cli/xterm/package.json",
+        "/dashboard/remote-cli/xterm/xterm.mjs",
+        "/dashboard/remote-cli/xterm/..%2f..%2fpyproject.toml",
+        "/dashboard/remote-cli/fonts/..%2fDejaVuSans.ttf",
+        "/dashboard/remote-cli/fonts/DejaVuSans.ttf",
     ],
 )
 def test_paths_outside_the_asset_table_are_not_served(path: str) -> None:
@@ -163,21 +199,21 @@ def test_the_sign_in_link_opens_in_a_new_tab_without_opener_or_referrer() -> Non
     assert elements.by_id["callback-url"]["tag"] == "input"
 
 
-MARKUP = re.compile(r"innerHTML|outerHTML|insertAdjacentHTML|document\.write|\beval\(|new Function")
+MARKUP = re.compile(
+    r"innerHTML|outerHTML|insertAdjacentHTML|document\.write|\beval\(|new Function"
+    r"|setAttribute\([\"']style|createElement\([\"']style"
+)
 
 
 def test_the_pages_never_turn_text_into_markup() -> None:
-    """No page script parses strings as HTML or code: links and answers are set as text."""
+    """No page script parses strings as HTML or code, nor writes inline styles the CSP refuses."""
     for path in STATIC.glob("*.js"):
         source = path.read_text()
         found = MARKUP.findall(source)
         assert found == [], f"{path.name}: {found}"
 
 
-NODE = shutil.which("node")
-
-
-@pytest.mark.skipif(NODE is None, reason="node is missing: `make test` installs nodejs")
+@needs_node
 def test_only_http_and_https_links_become_links() -> None:
     """webLink() (api.js) in a real JavaScript engine passes http(s) links unchanged, no other."""
     cases = [
@@ -196,12 +232,215 @@ def test_only_http_and_https_links_become_links() -> None:
         f"import {{ webLink }} from {json.dumps((STATIC / 'api.js').as_uri())};\n"
         f"console.log(JSON.stringify({json.dumps(cases)}.map(webLink)));"
     )
-    assert NODE is not None
-    result = subprocess.run(
-        [NODE, "--input-type=module", "-e", script],
-        capture_output=True,
-        text=True,
-        timeout=30_000 * MS,
-        check=True,
+    assert run_module(script) == [*cases[:3], *[None] * 7]
+
+
+# --- the text view: xterm.js, its add-ons, its CSS and the font --------------------------------
+
+XTERM_FILES = {
+    "xterm.js": "text/javascript; charset=utf-8",
+    "addon-fit.js": "text/javascript; charset=utf-8",
+    "addon-web-links.js": "text/javascript; charset=utf-8",
+    "addon-unicode11.js": "text/javascript; charset=utf-8",
+    "xterm.css": "text/css; charset=utf-8",
+}
+
+
+@needs_xterm
+@pytest.mark.parametrize(("name", "content_type"), XTERM_FILES.items())
+def test_xterm_files_are_served_with_etag_and_revalidated(name: str, content_type: str) -> None:
+    """Each xterm.js file is served with its type, an ETag and no-cache, and a 304 when current."""
+    http = client()
+    first = http.get(f"/dashboard/remote-cli/xterm/{name}")
+    assert first.status_code == 200
+    assert first.headers["content-type"] == content_type
+    assert first.headers["cache-control"] == "no-cache"
+    again = http.get(
+        f"/dashboard/remote-cli/xterm/{name}", headers={"If-None-Match": first.headers["etag"]}
     )
-    assert json.loads(result.stdout) == [*cases[:3], *[None] * 7]
+    assert again.status_code == 304
+    assert again.content == b""
+
+
+@needs_xterm
+def test_xterm_modules_are_es_modules_without_source_maps() -> None:
+    """xterm.js and each add-on export their class as an ES module, with no map to fetch."""
+    http = client()
+    exports = {
+        "xterm.js": "Terminal",
+        "addon-fit.js": "FitAddon",
+        "addon-web-links.js": "WebLinksAddon",
+        "addon-unicode11.js": "Unicode11Addon",
+    }
+    for name, exported in exports.items():
+        text = http.get(f"/dashboard/remote-cli/xterm/{name}").text
+        assert re.search(rf"export\{{\w+ as {exported}\}};\s*$", text), name
+        assert "sourceMappingURL" not in text, name
+        assert not re.search(r"^import |\bimport\(|\brequire\(", text, re.MULTILINE), name
+
+
+@needs_xterm
+def test_xterm_styles_itself_through_the_cssom_not_inline_styles() -> None:
+    """The served xterm.js writes no <style> element nor style attribute, which the CSP refuses."""
+    text = client().get("/dashboard/remote-cli/xterm/xterm.js").text
+    assert 'createElement("style")' not in text
+    assert 'setAttribute("style"' not in text
+    assert text.count("__remotecliStyle(") == 4  # the helper, and the three sheets it replaces
+    assert "document.adoptedStyleSheets" in text
+    assert ".style.cssText+=" in text
+
+
+@needs_xterm
+def test_xterm_goes_gzipped_to_browsers_that_accept_it() -> None:
+    """xterm.js (345 KB) goes gzipped to a client accepting gzip, in under a third of its size."""
+    http = client()
+    plain = http.get(
+        "/dashboard/remote-cli/xterm/xterm.js", headers={"Accept-Encoding": "identity"}
+    )
+    packed = http.get("/dashboard/remote-cli/xterm/xterm.js", headers={"Accept-Encoding": "gzip"})
+    assert packed.headers["content-encoding"] == "gzip"
+    assert int(packed.headers["content-length"]) < len(plain.content) / 3
+    assert packed.content == plain.content
+
+
+def test_another_xterm_version_is_refused_with_the_fix(tmp_path: Path) -> None:
+    """An xterm.js whose styling is not the one adapted fails to load, naming `npm ci`."""
+    core = tmp_path / "xterm"
+    (core / "lib").mkdir(parents=True)
+    (core / "css").mkdir()
+    (core / "package.json").write_text('{"version": "9.9.9"}')
+    (core / "lib" / "xterm.mjs").write_text('const s=document.createElement("style");')
+    (core / "css" / "xterm.css").write_text(".xterm{}")
+    with pytest.raises(ConfigError, match=r"xterm\.js 9\.9\.9 .*run `npm ci`"):
+        build_bundle(tmp_path)
+    response = client(xterm_dir=tmp_path).get("/dashboard/remote-cli/xterm/xterm.js")
+    assert response.status_code == 503
+    assert "run `npm ci`" in response.text
+
+
+def test_missing_xterm_is_explained_with_the_fix(tmp_path: Path) -> None:
+    """Without xterm.js installed, its URLs answer 503 saying to run `make up`."""
+    response = client(xterm_dir=tmp_path / "nowhere").get("/dashboard/remote-cli/xterm/xterm.js")
+    assert response.status_code == 503
+    assert "run `make up`" in response.text
+    assert response.headers["content-security-policy"] == CONTENT_SECURITY_POLICY
+
+
+@needs_font
+@pytest.mark.parametrize("name", FONTS)
+def test_the_terminal_font_is_served_from_this_origin(name: str) -> None:
+    """DejaVu Sans Mono is served as font/ttf with an ETag, as the CSS's font-src 'self' needs."""
+    http = client()
+    response = http.get(f"/dashboard/remote-cli/fonts/{name}")
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "font/ttf"
+    assert response.content == (FONT_DIR / name).read_bytes()
+    again = http.get(
+        f"/dashboard/remote-cli/fonts/{name}", headers={"If-None-Match": response.headers["etag"]}
+    )
+    assert again.status_code == 304
+    css = (STATIC / "style.css").read_text()
+    assert f'url("/dashboard/remote-cli/fonts/{name}")' in css
+
+
+class _Markup(HTMLParser):
+    """The page's elements: inline scripts and styles, style attributes, and stylesheets."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inline: list[str] = []
+        self.stylesheets: list[str] = []
+        self._open: str | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        attributes = dict(attrs)
+        if tag == "style" or (tag == "script" and "src" not in attributes):
+            self.inline.append(tag)
+        if "style" in attributes or any(name.startswith("on") for name in attributes):
+            self.inline.append(f"{tag} attribute")
+        if tag == "link" and attributes.get("rel") == "stylesheet":
+            self.stylesheets.append(str(attributes["href"]))
+
+
+def test_the_page_has_no_inline_script_or_style() -> None:
+    """The page holds no inline script, style, style attribute or handler, and links xterm.css."""
+    markup = _Markup()
+    markup.feed(client().get("/dashboard/remote-cli").text)
+    assert markup.inline == []
+    assert markup.stylesheets == [
+        "/dashboard/remote-cli/xterm/xterm.css",
+        "/dashboard/remote-cli/static/style.css",
+    ]
+
+
+def test_the_text_view_controls_are_on_the_page() -> None:
+    """The page offers Text | Desktop, a text size control, and a box for each view."""
+    elements = _Elements()
+    elements.feed(client().get("/dashboard/remote-cli").text)
+    for name in ("view-text", "view-desktop", "font-smaller", "font-larger"):
+        assert elements.by_id[name]["tag"] == "button", name
+    assert elements.by_id["view-text"]["aria-pressed"] == "true"  # text is the default
+    assert elements.by_id["font-size"]["tag"] == "output"
+    assert "hidden" in elements.by_id["terminal"]  # until a session is shown as text
+    assert "hidden" not in elements.by_id["screen"]
+
+
+@needs_node
+def test_font_sizes_and_resize_messages_are_kept_in_range() -> None:
+    """fontSize() clamps to 10..32 px (default 15) and resize messages to 1..1000 cells."""
+    module = json.dumps((STATIC / "terminal.js").as_uri())
+    script = (
+        f"import {{ fontSize, resizeMessage, FONT_SIZES }} from {module};\n"
+        "console.log(JSON.stringify({\n"
+        "  sizes: [undefined, null, 'x', 4, 10, 15.4, 32, 99].map(fontSize),\n"
+        "  limits: FONT_SIZES,\n"
+        "  messages: [[80, 24], [0, -3], [5000, 1000.9]].map(([c, r]) => resizeMessage(c, r)),\n"
+        "}));"
+    )
+    result = run_module(script)
+    assert result == {
+        "sizes": [15, 15, 15, 10, 10, 15, 32, 32],
+        "limits": {"min": 10, "default": 15, "max": 32},
+        "messages": [
+            '{"type":"resize","cols":80,"rows":24}',
+            '{"type":"resize","cols":1,"rows":1}',
+            '{"type":"resize","cols":1000,"rows":1000}',
+        ],
+    }
+
+
+@needs_node
+def test_the_font_draws_capitals_at_least_10_px_tall_by_default() -> None:
+    """The default 15 px of DejaVu Sans Mono (capitals 0.729 em) draws capitals >= 10 CSS px."""
+    module = json.dumps((STATIC / "terminal.js").as_uri())
+    result = run_module(
+        f"import {{ FONT_SIZES, FONT_FAMILY }} from {module};\n"
+        "console.log(JSON.stringify([FONT_SIZES.default, FONT_FAMILY]));"
+    )
+    assert isinstance(result, list)
+    size, family = result
+    cap_height = 1493 / 2048  # DejaVu Sans Mono: its capital H is 1493 of 2048 units tall
+    assert size * cap_height >= 10
+    assert family == '"DejaVu Sans Mono", "Noto Sans Mono", monospace'
+
+
+@needs_node
+def test_pasted_text_becomes_x_keysyms() -> None:
+    """keysymFor() types Latin-1 as itself, other Unicode as 0x01000000+code, newline as Return."""
+    module = json.dumps((STATIC / "viewer.js").as_uri())
+    script = (
+        f"import {{ keysymFor }} from {module};\n"
+        "console.log(JSON.stringify([...'aZ é€\\n\\t\\x07'].map(keysymFor)));"
+    )
+    assert run_module(script) == [0x61, 0x5A, 0x20, 0xE9, 0x010020AC, 0xFF0D, 0xFF09, None]
+
+
+@needs_node
+def test_the_tty_path_carries_the_ticket_escaped() -> None:
+    """ttyPath() names the session's /tty WebSocket with the ticket as an escaped ?ticket=."""
+    module = json.dumps((STATIC / "api.js").as_uri())
+    script = (
+        f"import {{ ttyPath }} from {module};\n"
+        "console.log(JSON.stringify(ttyPath('Jf-NV5Ar9ffvUNb-', { ticket: 'a+b/c=' })));"
+    )
+    assert run_module(script) == "/api/sessions/Jf-NV5Ar9ffvUNb-/tty?ticket=a%2Bb%2Fc%3D"

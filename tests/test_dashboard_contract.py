@@ -5,12 +5,16 @@ it listens to (``EVENT_NAMES``); these tests check the declaration against the O
 of a real controller, and check the pages' JavaScript against the declaration: every field read
 from a variable holding an API answer, and every API call, must be in it. That covers connecting
 a provider too: the providers' ``connected`` fields, forgetting a connection, a session's
-``open_url`` and its ``open-url`` event, and relaying the sign-in callback.
+``open_url`` and its ``open-url`` event, and relaying the sign-in callback. The text view's
+WebSocket is not in the OpenAPI document (no WebSocket is): its path (``TTY_PATH``) is checked
+against docs/api.md and the path the controller's bridge serves.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import importlib.util
 import json
 import re
 import typing
@@ -26,7 +30,8 @@ from tests.banner_driver import banner_controller
 from tests.conftest import MS
 
 STATIC = Path(__file__).resolve().parents[1] / "src/remotecli/dashboard/static"
-PAGES = ("api.js", "app.js", "viewer.js")
+PAGES = ("api.js", "app.js", "viewer.js", "terminal.js", "reconnect.js")
+API_DOC = Path(__file__).resolve().parents[1] / "docs/api.md"
 
 # The variable names the pages hold each kind of API answer in (see API_FIELDS in api.js).
 READERS = {
@@ -160,3 +165,20 @@ async def test_connecting_a_provider_is_read_as_documented(openapi: dict[str, An
     assert re.search(r"\{\s*url,?\s*\}", _source("app.js"))
     for field in ("connected_at", "updated_at"):
         assert schemas["ProviderOut"]["properties"][field]["anyOf"][0]["format"] == "date-time"
+
+
+def test_the_text_view_opens_the_documented_tty_path() -> None:
+    """TTY_PATH is the WebSocket docs/api.md documents and the controller's bridge serves."""
+    if importlib.util.find_spec("remotecli.controller.tty_bridge") is None:
+        pytest.skip("the bridge serves no text view yet (remotecli.controller.tty_bridge)")
+    served = importlib.import_module("remotecli.controller.tty_bridge").TTY_PATH
+    path: str = _constant("TTY_PATH")
+    assert path == "/api/sessions/{id}/tty"
+    assert served.fullmatch(path.replace("{id}", "Jf-NV5Ar9ffvUNb-"))
+    documented = API_DOC.read_text()
+    if "/tty" not in documented:
+        pytest.skip("docs/api.md does not document the text view's WebSocket yet")
+    assert f"`{path}`" in documented or f"WebSocket `{path}`" in documented
+    # the page opens it with the desktop's ticket, and offers the documented subprotocol
+    assert re.search(r"ttyPath\(sessionId, ticket\)", _source("terminal.js"))
+    assert re.search(r'\[\s*"tty",?\s*\]', _source("terminal.js"))

@@ -28,8 +28,8 @@ from tests.test_driver_local import open_viewer
 
 pytestmark = [
     pytest.mark.skipif(
-        any(shutil.which(p) is None for p in ("Xvfb", "xterm", "x11vnc", "bwrap")),
-        reason="Xvfb, xterm, x11vnc and bubblewrap are needed: make test installs them",
+        any(shutil.which(p) is None for p in ("Xvnc", "xterm", "tmux", "bwrap")),
+        reason="Xvnc, xterm, tmux and bubblewrap are needed: make test installs them",
     ),
     pytest.mark.skipif(os.geteuid() != 0, reason="the full sandbox needs a root controller"),
 ]

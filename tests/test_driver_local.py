@@ -1,4 +1,4 @@
-"""Tests for the local driver with real Xvfb, xterm, x11vnc and bubblewrap."""
+"""Tests for the local driver with real Xvnc, tmux, xterm, the window manager and bubblewrap."""
 
 from __future__ import annotations
 
@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 
 from remotecli.drivers.base import SessionSpec, VncEndpoint
-from remotecli.drivers.local import LocalDriver, sandbox_pids
+from remotecli.drivers.local import PROGRAMS, LocalDriver, sandbox_pids
 from tests.conftest import MS
 from tests.rfb_viewer import RfbViewer, wait_for_file
 
 pytestmark = pytest.mark.skipif(
-    any(shutil.which(p) is None for p in ("Xvfb", "xterm", "x11vnc")),
-    reason="Xvfb, xterm and x11vnc are needed: run scripts/install-system-deps.sh run",
+    any(shutil.which(p) is None for p in PROGRAMS),
+    reason=f"{', '.join(PROGRAMS)} are needed: run scripts/install-system-deps.sh run",
 )
 needs_bwrap = pytest.mark.skipif(
     shutil.which("bwrap") is None, reason="bubblewrap is not installed"
@@ -62,15 +62,35 @@ def processes_of(spec: SessionSpec) -> list[int]:
     return sandbox_pids(spec.workdir)
 
 
-def pid_of(spec: SessionSpec, program: str) -> int:
+def pids_of(spec: SessionSpec, program: str) -> list[int]:
+    """Return the PIDs of the session's processes running ``program`` (tmux: its server only)."""
+    found = []
     for pid in processes_of(spec):
         try:
-            argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if os.path.basename(argv0.decode()) == program:
-            return pid
-    raise AssertionError(f"no {program} among the processes of session {spec.session_id}")
+        if os.path.basename(argv[0].decode()) != program:
+            continue
+        if program == "tmux" and b"new-session" not in argv:
+            continue  # a client (the xterm's, the waiter): the server is the one that made "main"
+        found.append(pid)
+    return found
+
+
+def pid_of(spec: SessionSpec, program: str) -> int:
+    pids = pids_of(spec, program)
+    if not pids:
+        raise AssertionError(f"no {program} among the processes of session {spec.session_id}")
+    return pids[0]
+
+
+async def all_running(spec: SessionSpec) -> None:
+    """Wait until every program of the session runs (start() returns once Xvnc is ready)."""
+    programs = ("Xvnc", "tmux", "remotecli-tty", "matchbox-window-manager", "xterm")
+    async with asyncio.timeout(START_TIMEOUT):
+        while not all(pids_of(spec, program) for program in programs):
+            await asyncio.sleep(20 * MS)
 
 
 async def test_start_returns_unix_endpoint_after_banner(
@@ -105,13 +125,14 @@ async def test_framebuffer_has_pixels_and_keys_reach_the_shell(
     writer.close()
 
 
-@pytest.mark.parametrize("program", ["Xvfb", "xterm", "x11vnc"])
+@pytest.mark.parametrize("program", ["Xvnc", "tmux", "remotecli-tty", "matchbox-window-manager"])
 async def test_crash_of_any_process_ends_wait_with_reason(
     driver: LocalDriver, tmp_path: Path, program: str
 ) -> None:
     """Killing any one of the session's programs makes wait() return a reason naming it."""
-    spec = spec_for(tmp_path, f"crash-{program.lower()}")
+    spec = spec_for(tmp_path, f"crash-{program.lower()[:8]}")
     await asyncio.wait_for(driver.start(spec, lambda _: None), START_TIMEOUT)
+    await all_running(spec)
     pids = processes_of(spec)
     os.kill(pid_of(spec, program), signal.SIGKILL)
     reason = await asyncio.wait_for(driver.wait(spec.session_id), START_TIMEOUT)
@@ -125,8 +146,11 @@ async def test_stop_leaves_no_process(tmp_path: Path, sandbox: bool | None) -> N
     driver = LocalDriver(tmp_path, sandbox=sandbox)
     spec = spec_for(tmp_path, "stop")
     await asyncio.wait_for(driver.start(spec, lambda _: None), START_TIMEOUT)
+    await all_running(spec)
     pids = processes_of(spec)
-    assert len(pids) >= 5  # sandbox (or script), Xvfb, xterm and its shell, x11vnc
+    # sandbox (or script), Xvnc, tmux's server and the shell in it, the tty server, the window
+    # manager, xterm and its tmux client
+    assert len(pids) >= 8
     await asyncio.wait_for(driver.stop(spec.session_id), START_TIMEOUT)
     assert [pid for pid in pids if Path(f"/proc/{pid}").exists()] == []
     await driver.stop(spec.session_id)  # idempotent
@@ -182,3 +206,21 @@ async def test_sessions_cannot_read_each_others_home(driver: LocalDriver, tmp_pa
     assert (home / "stolen.txt").read_text() == ""
     assert "No such file or directory" in (home / "error.txt").read_text()
     writer.close()
+
+
+async def test_a_killed_xterm_is_restarted_and_the_session_goes_on(
+    driver: LocalDriver, tmp_path: Path
+) -> None:
+    """xterm is only a view of tmux: killed, another one starts and the session does not end."""
+    spec = spec_for(tmp_path, "xterm-again")
+    await asyncio.wait_for(driver.start(spec, lambda _: None), START_TIMEOUT)
+    await all_running(spec)
+    first = pid_of(spec, "xterm")
+    os.kill(first, signal.SIGKILL)
+    async with asyncio.timeout(START_TIMEOUT):
+        while not [pid for pid in pids_of(spec, "xterm") if pid != first]:
+            await asyncio.sleep(20 * MS)
+    waiting = asyncio.ensure_future(driver.wait(spec.session_id))
+    await asyncio.sleep(300 * MS)
+    assert not waiting.done()
+    waiting.cancel()

@@ -56,4 +56,5 @@ def test_final_and_json() -> None:
         "elapsed": 1.235,
         "message": None,
         "reason": "Xvfb died",
+        "url": None,  # set on open-url events only; every event carries every field
     }

@@ -100,6 +100,7 @@ def test_check_link_keeps_a_valid_link_unchanged() -> None:
         ),
         ("http://[::1]:54545/callback", "::1", 54545, "/callback"),
         ("  http://LOCALHOST:9/  ", "127.0.0.1", 9, "/"),
+        ("localhost:1455/auth/callback?code=a", "127.0.0.1", 1455, "/auth/callback?code=a"),
     ],
 )
 def test_loopback_callbacks_are_accepted(url: str, address: str, port: int, target: str) -> None:

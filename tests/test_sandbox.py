@@ -1,4 +1,4 @@
-"""Attacks on the local sandbox, tried from inside a real session (bubblewrap, Xvfb, xterm).
+"""Attacks on the local sandbox, tried from inside a real session (bubblewrap, Xvnc, tmux, xterm).
 
 Each test starts real sessions through :class:`LocalDriver` as root, runs a probe as the
 session's command (the hostile user's code), and asserts from the host that the attack failed.
@@ -23,14 +23,14 @@ import pytest
 import uvloop
 
 from remotecli.drivers.base import SessionSpec
-from remotecli.drivers.local import LocalDriver, _Session, sandbox_pids
+from remotecli.drivers.local import PROGRAMS, LocalDriver, _Session, sandbox_pids
 from remotecli.exceptions import DriverError
 from remotecli.sandbox import seccomp
 from remotecli.sandbox.cgroups import Limits
 from remotecli.sandbox.uids import UID_BASE, UID_COUNT
 from tests.conftest import MS
 
-_MISSING = [p for p in ("bwrap", "Xvfb", "xterm", "x11vnc") if shutil.which(p) is None]
+_MISSING = [p for p in ("bwrap", *PROGRAMS) if shutil.which(p) is None]
 pytestmark = [
     pytest.mark.skipif(bool(_MISSING), reason=f"not installed: {', '.join(_MISSING)}"),
     pytest.mark.skipif(os.geteuid() != 0, reason="the sandbox's per-session uids need root"),
@@ -142,8 +142,13 @@ async def test_session_has_no_privilege(driver: LocalDriver, tmp_path: Path) -> 
     for spec in (first, second):
         owners: set[int] = set()
         for pid in sandbox_pids(spec.workdir):
-            with open(f"/proc/{pid}/status") as handle:
-                owners.update(int(line.split()[1]) for line in handle if line.startswith("Uid:"))
+            try:  # a short-lived helper (a tmux client, a subshell) may be gone already
+                with open(f"/proc/{pid}/status") as handle:
+                    owners.update(
+                        int(line.split()[1]) for line in handle if line.startswith("Uid:")
+                    )
+            except (FileNotFoundError, ProcessLookupError):
+                continue
         assert len(owners) == 1, f"{spec.session_id} runs as several uids: {owners}"
         uids.append(owners.pop())
     assert all(UID_BASE <= uid < UID_BASE + UID_COUNT for uid in uids)

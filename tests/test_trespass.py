@@ -367,8 +367,8 @@ async def test_tokens_and_tickets_never_reach_the_logs(
 
 
 needs_sandbox = pytest.mark.skipif(
-    any(shutil.which(p) is None for p in ("bwrap", "Xvfb", "xterm", "x11vnc")),
-    reason="bubblewrap, Xvfb, xterm and x11vnc are needed: scripts/install-system-deps.sh run",
+    any(shutil.which(p) is None for p in ("bwrap", "Xvnc", "xterm", "tmux")),
+    reason="bubblewrap, Xvnc, xterm and tmux are needed: scripts/install-system-deps.sh run",
 )
 
 

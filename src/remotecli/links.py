@@ -121,11 +121,14 @@ def callback_target(url: str) -> CallbackTarget:
     """Check a pasted callback address; raise BadRequest (400) naming what is wrong.
 
     Only ``http://localhost:PORT/...``, ``http://127.0.0.1:PORT/...`` and
-    ``http://[::1]:PORT/...`` pass: the session's own loopback, nothing else.
+    ``http://[::1]:PORT/...`` pass (``http://`` may be left out): the session's own loopback,
+    nothing else.
     """
     text = url.strip()
     if not text or len(text) > MAX_LINK or not _PRINTABLE.fullmatch(text):
         raise BadRequest("the callback address must be one line of printable ASCII, under 4 KiB")
+    if "://" not in text:  # copied from an address bar that hides the scheme
+        text = f"http://{text}"
     try:
         parts = urlsplit(text)
         port = parts.port

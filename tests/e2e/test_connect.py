@@ -48,8 +48,8 @@ pytestmark = [
     pytest.mark.e2e,
     pytest.mark.browser,
     pytest.mark.skipif(
-        any(shutil.which(p) is None for p in ("Xvfb", "xterm", "x11vnc", "bwrap")),
-        reason="Xvfb, xterm, x11vnc and bwrap are needed: run scripts/install-system-deps.sh run",
+        any(shutil.which(p) is None for p in ("Xvnc", "xterm", "tmux", "bwrap")),
+        reason="Xvnc, xterm, tmux and bwrap are needed: run scripts/install-system-deps.sh run",
     ),
 ]
 

@@ -1,7 +1,7 @@
 """Issue 3 end to end: sessions on the local driver, seen through the gateway over WebSocket.
 
 The controller runs as ``remotecli up`` runs it (gateway + API + VNC bridge in one event loop,
-real Xvfb, xterm, x11vnc and bubblewrap). One test also runs the real ``remotecli up`` command.
+real Xvnc, tmux, xterm and bubblewrap). One test also runs the real ``remotecli up`` command.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ from tests.rfb_viewer import RfbViewer, wait_for_file
 pytestmark = [
     pytest.mark.e2e,
     pytest.mark.skipif(
-        any(shutil.which(p) is None for p in ("Xvfb", "xterm", "x11vnc")),
-        reason="Xvfb, xterm and x11vnc are needed: run scripts/install-system-deps.sh run",
+        any(shutil.which(p) is None for p in ("Xvnc", "xterm", "tmux")),
+        reason="Xvnc, xterm and tmux are needed: run scripts/install-system-deps.sh run",
     ),
 ]
 TIMEOUT = 20_000 * MS

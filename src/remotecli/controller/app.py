@@ -136,7 +136,8 @@ class SessionHealthOut(SessionOut):
 class TicketOut(BaseModel):
     ticket: str
     expires_in: float = Field(description="Seconds it stays valid; it works once")
-    vnc_path: str = Field(description="The WebSocket path with the ticket, ready to open")
+    vnc_path: str = Field(description="The desktop view's WebSocket path with the ticket")
+    tty_path: str = Field(description="The text view's WebSocket path with the ticket")
 
 
 # --- errors ---------------------------------------------------------------------------------------
@@ -370,12 +371,13 @@ def create_app(
         responses={404: {"model": ErrorOut}, 409: {"model": ErrorOut}},
     )
     async def create_ticket(session_id: SessionId, user: User) -> TicketOut:
-        """Return a single-use ticket (60 s) to open the session's VNC WebSocket."""
+        """Return a single-use ticket (60 s) for one of the session's WebSockets (either view)."""
         ticket, ttl = manager.issue_ticket(user, session_id)
         return TicketOut(
             ticket=ticket,
             expires_in=ttl,
             vnc_path=f"/api/sessions/{session_id}/vnc?ticket={ticket}",
+            tty_path=f"/api/sessions/{session_id}/tty?ticket={ticket}",
         )
 
     @app.post(

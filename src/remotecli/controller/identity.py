@@ -130,7 +130,7 @@ class Identity:
         user = self.token_user(
             cookie_token(cookie_header),
             client=client,
-            missing="the VNC WebSocket needs a ticket (?ticket= from "
+            missing="the session's WebSocket needs a ticket (?ticket= from "
             f"POST /api/sessions/{session_id}/ticket) or the login cookie; "
             "log in with the URL `remotecli up` printed",
         )

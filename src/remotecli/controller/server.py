@@ -186,7 +186,8 @@ class Controller:
         self.identity = identity = Identity.of_store(
             store, manager.tickets, allowed_origins=config.allowed_origins
         )
-        self.bridge = bridge = VncBridge(ViewerAccess(identity, manager), registry=self.registry)
+        access = ViewerAccess(identity, manager)
+        self.bridge = bridge = VncBridge(access, tty_authorizer=access, registry=self.registry)
         manager.attach_bridge(bridge)
 
         sock, self.socket_path = _bind_private_socket(data_dir / "run")

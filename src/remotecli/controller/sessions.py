@@ -84,7 +84,9 @@ class _Metrics:
             "remotecli_sessions_active", "Sessions not stopped or failed.", registry=registry
         )
         self.viewers = prometheus_client.Gauge(
-            "remotecli_session_viewers", "VNC viewers attached to sessions.", registry=registry
+            "remotecli_session_viewers",
+            "Viewers (desktop and text) attached to sessions.",
+            registry=registry,
         )
 
 
@@ -502,6 +504,14 @@ class SessionManager:
                 state=record.state.value,
             )
         return record.endpoint
+
+    async def tty_socket(self, owner: str, session_id: str) -> str:
+        """Return the Unix socket of ``owner``'s session's text terminal; 404, 409 as viewable.
+
+        Raises the driver's DriverError when the session has no terminal socket.
+        """
+        self.viewable(owner, session_id)
+        return await self.driver.tty_socket(session_id)
 
     def viewer_attached(self, session_id: str) -> None:
         """Count a viewer in (a session with a viewer is never idle)."""

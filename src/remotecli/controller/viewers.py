@@ -1,12 +1,15 @@
-"""Who may watch a session: the contract between the VNC bridge and the controller.
+"""Who may watch a session: the contract between the viewer bridge and the controller.
 
-The bridge (:mod:`remotecli.controller.bridge`) knows WebSockets and RFB, nothing about users
-or sessions; it asks a :class:`VncAuthorizer` before every upgrade and reports viewers coming
-and going. :class:`ViewerAccess` is the controller's implementation: who the viewer is comes
-from :class:`~remotecli.controller.identity.Identity` (the same rule as for the API), which
-session it may reach from the :class:`~remotecli.controller.sessions.SessionManager`'s verbs.
-The manager, in turn, closes a session's viewers through :class:`ViewerCloser` when the session
-ends. Nothing here does I/O.
+The bridge (:mod:`remotecli.controller.bridge`, :mod:`remotecli.controller.tty_bridge`) knows
+WebSockets, RFB and the tty records, nothing about users or sessions; it asks a
+:class:`VncAuthorizer` (the VNC view) or a :class:`TtyAuthorizer` (the text view) before every
+upgrade and reports viewers coming and going (:class:`ViewerAccounting`). :class:`ViewerAccess`
+is the controller's implementation of both: who the viewer is comes from
+:class:`~remotecli.controller.identity.Identity` (the same rule as for the API, one ticket book
+for both views), which session it may reach from the
+:class:`~remotecli.controller.sessions.SessionManager`'s verbs. The manager, in turn, closes a
+session's viewers, of either view, through :class:`ViewerCloser` when the session ends. Nothing
+here does I/O.
 """
 
 from __future__ import annotations
@@ -27,7 +30,28 @@ class VncTarget:
     endpoint: VncEndpoint
 
 
-class VncAuthorizer(Protocol):
+@dataclass(frozen=True)
+class TtyTarget:
+    """The session a text viewer was allowed to reach, and its terminal's Unix socket."""
+
+    session_id: str
+    owner: str
+    socket_path: str
+
+
+class ViewerAccounting(Protocol):
+    """Viewers coming and going, of either view: what the bridge reports."""
+
+    def viewer_attached(self, session_id: str) -> None:
+        """A viewer's WebSocket is open on the session (idle-stop accounting)."""
+        ...
+
+    def viewer_detached(self, session_id: str, bytes_in: int, bytes_out: int) -> None:
+        """A viewer left; ``bytes_in`` went to the session, ``bytes_out`` to the viewer."""
+        ...
+
+
+class VncAuthorizer(ViewerAccounting, Protocol):
     """Credentials for a VNC WebSocket and viewer accounting: what the bridge asks."""
 
     def authorize_vnc(
@@ -47,17 +71,30 @@ class VncAuthorizer(Protocol):
         """
         ...
 
-    def viewer_attached(self, session_id: str) -> None:
-        """A viewer's WebSocket is open on the session (idle-stop accounting)."""
-        ...
 
-    def viewer_detached(self, session_id: str, bytes_in: int, bytes_out: int) -> None:
-        """A viewer left; ``bytes_in`` went to the VNC server, ``bytes_out`` to the viewer."""
+class TtyAuthorizer(ViewerAccounting, Protocol):
+    """Credentials for a text-terminal WebSocket and viewer accounting: what the bridge asks."""
+
+    async def authorize_tty(
+        self,
+        session_id: str,
+        *,
+        cookie_header: str | None,
+        origin: str | None,
+        host: str | None,
+        ticket: str | None,
+        client: str,
+    ) -> TtyTarget:
+        """Check credentials as :meth:`VncAuthorizer.authorize_vnc` does; find the terminal.
+
+        Raises a ClientError (401, 403, 404, 409, 429) to refuse before the upgrade, or a
+        SessionError when the session's terminal cannot be found (the driver's DriverError).
+        """
         ...
 
 
 class ViewerCloser(Protocol):
-    """The part of the VNC bridge the manager calls: end a session's viewers."""
+    """The part of the viewer bridge the manager calls: end a session's viewers."""
 
     async def close_viewers(self, session_id: str, code: int, reason: str) -> None: ...
 
@@ -67,6 +104,10 @@ class ViewableSessions(Protocol):
 
     def viewable(self, owner: str, session_id: str) -> VncEndpoint:
         """Return the endpoint of ``owner``'s session; 404 if not theirs, 409 unless ready."""
+        ...
+
+    async def tty_socket(self, owner: str, session_id: str) -> str:
+        """Return the terminal socket of ``owner``'s session; 404, 409 as :meth:`viewable`."""
         ...
 
     def viewer_attached(self, session_id: str) -> None:
@@ -79,7 +120,10 @@ class ViewableSessions(Protocol):
 
 
 class ViewerAccess:
-    """The controller's :class:`VncAuthorizer`: identity first, then the session's state."""
+    """The controller's :class:`VncAuthorizer` and :class:`TtyAuthorizer`.
+
+    Identity first, then the session's state.
+    """
 
     def __init__(self, identity: Identity, sessions: ViewableSessions) -> None:
         self.identity = identity
@@ -110,6 +154,33 @@ class ViewerAccess:
         )
         endpoint = self.sessions.viewable(user, session_id)
         return VncTarget(session_id=session_id, owner=user, endpoint=endpoint)
+
+    async def authorize_tty(
+        self,
+        session_id: str,
+        *,
+        cookie_header: str | None,
+        origin: str | None,
+        host: str | None,
+        ticket: str | None,
+        client: str = "unknown",
+    ) -> TtyTarget:
+        """Return the terminal socket the viewer may connect to; refuse before the upgrade.
+
+        The same rules as :meth:`authorize_vnc` (a ticket from either view's request works for
+        the session it was issued for, once); then the driver names the socket (DriverError
+        when the session has none).
+        """
+        user = self.identity.viewer_user(
+            session_id,
+            ticket=ticket,
+            cookie_header=cookie_header,
+            origin=origin,
+            host=host,
+            client=client,
+        )
+        path = await self.sessions.tty_socket(user, session_id)
+        return TtyTarget(session_id=session_id, owner=user, socket_path=path)
 
     def viewer_attached(self, session_id: str) -> None:
         """Count a viewer in (a session with a viewer is never idle)."""

@@ -8,7 +8,11 @@ external network at all, no inline script, no ``eval``):
 - ``GET /dashboard/remote-cli/static/<file>``: the page's own files from ``static/``, served from
   a table built once at start, so a path outside it (``..``, absolute, encoded) is simply a 404;
 - ``GET /dashboard/remote-cli/novnc/rfb.js``: noVNC's ``RFB`` class as one ES module
-  (see :mod:`remotecli.dashboard.novnc`), or a 503 naming the fix when ``npm ci`` has not run.
+  (see :mod:`remotecli.dashboard.novnc`), or a 503 naming the fix when ``npm ci`` has not run;
+- ``GET /dashboard/remote-cli/xterm/<file>``: xterm.js, its fit, web-links and unicode11 add-ons
+  (ES modules) and its CSS, for the text view (see :mod:`remotecli.dashboard.xterm`), or a 503;
+- ``GET /dashboard/remote-cli/fonts/<file>``: DejaVu Sans Mono, when Debian's font is installed
+  (the page's CSS falls back to the browser's own copy, then to other monospace fonts).
 
 Assets carry an ETag and ``Cache-Control: no-cache``: the browser revalidates each load and gets
 a 304 when nothing changed, so a new release is never hidden by a stale cache. Larger assets
@@ -26,6 +30,7 @@ from fastapi import APIRouter, Request, Response
 
 from remotecli.config import NOVNC_DIR_ENV, novnc_dir_environment
 from remotecli.dashboard.novnc import NovncModule, build_module, find_novnc
+from remotecli.dashboard.xterm import XtermBundle, build_bundle, find_xterm, fonts
 from remotecli.exceptions import ConfigError
 
 PREFIX = "/dashboard/remote-cli"
@@ -37,6 +42,7 @@ CONTENT_TYPES = {
     ".css": "text/css; charset=utf-8",
     ".svg": "image/svg+xml",
     ".png": "image/png",
+    ".ttf": "font/ttf",
 }
 
 CONTENT_SECURITY_POLICY = "; ".join(
@@ -82,17 +88,21 @@ class Asset:
         return cls(body, content_type, etag, packed)
 
 
-def router(novnc_dir: Path | None = None) -> APIRouter:
+def router(novnc_dir: Path | None = None, xterm_dir: Path | None = None) -> APIRouter:
     """Return the router that serves the dashboard; include it in the controller's app.
 
     ``novnc_dir`` overrides where noVNC's npm package is looked for (default: the
-    ``REMOTECLI_NOVNC_DIR`` variable, else ``node_modules/@novnc/novnc`` above this package).
-    Files are read once here: restart the controller to serve edited assets.
+    ``REMOTECLI_NOVNC_DIR`` variable, else ``node_modules/@novnc/novnc`` above this package);
+    ``xterm_dir`` where xterm.js's ``node_modules/@xterm`` is (default: beside noVNC, else above
+    this package). Files are read once here: restart the controller to serve edited assets.
     """
     assets = load_static(STATIC_DIR)
     novnc = load_novnc(novnc_dir)
     novnc_asset = None if isinstance(novnc, str) else Asset.of(novnc.body, CONTENT_TYPES[".js"])
     novnc_version = None if isinstance(novnc, str) else novnc.version
+    xterm = load_xterm(novnc_dir, xterm_dir)
+    xterm_assets = {} if isinstance(xterm, str) else xterm_table(xterm)
+    font_assets = {name: Asset.of(body, CONTENT_TYPES[".ttf"]) for name, body in fonts().items()}
     api = APIRouter(include_in_schema=False)
 
     @api.api_route(PREFIX, methods=["GET", "HEAD"])
@@ -113,6 +123,22 @@ def router(novnc_dir: Path | None = None) -> APIRouter:
             assert isinstance(novnc, str)
             return text_response(503, novnc)
         return asset_response(request, novnc_asset, version=novnc_version)
+
+    @api.api_route(PREFIX + "/xterm/{name}", methods=["GET", "HEAD"])
+    def xterm_file(name: str, request: Request) -> Response:
+        if isinstance(xterm, str):
+            return text_response(503, xterm)
+        asset = xterm_assets.get(name)
+        if asset is None:
+            return text_response(404, f"no xterm.js file {name!r}")
+        return asset_response(request, asset)
+
+    @api.api_route(PREFIX + "/fonts/{name}", methods=["GET", "HEAD"])
+    def font(name: str, request: Request) -> Response:
+        asset = font_assets.get(name)
+        if asset is None:
+            return text_response(404, f"no font {name!r} (install Debian's fonts-dejavu-core)")
+        return asset_response(request, asset)
 
     return api
 
@@ -146,6 +172,32 @@ def load_novnc(novnc_dir: Path | None) -> NovncModule | str:
         return build_module(found)
     except (ConfigError, OSError, UnicodeDecodeError) as exc:
         return f"The noVNC viewer in {found} cannot be read ({exc}): run `make up` again."
+
+
+def load_xterm(novnc_dir: Path | None, xterm_dir: Path | None) -> XtermBundle | str:
+    """Read xterm.js, or return the message its URLs answer (503) when it cannot be served."""
+    if novnc_dir is None:
+        configured = novnc_dir_environment()
+        novnc_dir = Path(configured) if configured is not None else None
+    found = find_xterm(xterm_dir, novnc_dir, Path(__file__).resolve().parent)
+    if found is None:
+        where = xterm_dir or "node_modules/@xterm"
+        return (
+            f"The text view (xterm.js) is not installed ({where} not found): run `make up` "
+            "(it runs `npm ci`)."
+        )
+    try:
+        return build_bundle(found)
+    except (ConfigError, UnicodeDecodeError) as exc:
+        return f"The text view (xterm.js) in {found} cannot be served: {exc}"
+
+
+def xterm_table(bundle: XtermBundle) -> dict[str, Asset]:
+    """xterm.js's files keyed by their name under ``/xterm/``."""
+    return {
+        file.name: Asset.of(file.body, CONTENT_TYPES[Path(file.name).suffix])
+        for file in bundle.files
+    }
 
 
 def asset_response(request: Request, asset: Asset, *, version: str | None = None) -> Response:

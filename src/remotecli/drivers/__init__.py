@@ -1,6 +1,6 @@
 """Session drivers: each starts and stops one session's sandbox and says where its VNC server is.
 
-``local`` (Xvfb + x11vnc + xterm under bubblewrap) is the embedded default; ``qemu`` runs each
+``local`` (Xvnc + tmux + xterm under bubblewrap) is the embedded default; ``qemu`` runs each
 session in a microVM. The names are :data:`remotecli.config.DRIVER_NAMES`; :func:`create_driver`
 is the one place that maps a name to a driver and hands it its settings.
 """

@@ -118,6 +118,16 @@ class Driver(Protocol):
         """
         ...
 
+    async def tty_socket(self, session_id: str) -> str:
+        """Return the Unix socket path of the session's text terminal (the tty protocol), once it
+        is there; raise :class:`remotecli.exceptions.DriverError` when the session has none.
+
+        The socket is reachable only by the controller's user. What is read from it is the
+        session's own (hostile) terminal output: relay it to the session's owner only. The
+        protocol is described in ``docs/drivers.md`` and :mod:`remotecli.sandbox.tty_server`.
+        """
+        ...
+
     async def connect_loopback(
         self, session_id: str, port: int, *, address: str = "127.0.0.1"
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:

@@ -1,10 +1,10 @@
-"""The local driver: each session is Xvfb + xterm + x11vnc in its own bubblewrap sandbox.
+"""The local driver: each session is Xvnc, tmux, xterm and a tty server in a bubblewrap sandbox.
 
 Theory of operation. :meth:`LocalDriver.start` creates the session's ``workdir`` (root-only,
 0700) with ``home/`` (HOME: a size-capped tmpfs owned by the session's uid) and ``run/`` (the
-session's own: the X cookie, the logs, the VNC socket as x11vnc makes it). It leases an
-unprivileged host uid for the session (:mod:`remotecli.sandbox.uids`), creates its cgroup
-(:mod:`remotecli.sandbox.cgroups`) and runs the launcher (:mod:`remotecli.sandbox.launch`),
+session's own: the X cookie, the logs, the sockets as the session's programs make them). It
+leases an unprivileged host uid for the session (:mod:`remotecli.sandbox.uids`), creates its
+cgroup (:mod:`remotecli.sandbox.cgroups`) and runs the launcher (:mod:`remotecli.sandbox.launch`),
 which joins the cgroup, sets rlimits, stages the directories, closes every inherited
 descriptor, drops to that uid and execs ``bwrap``. bubblewrap then builds a user namespace
 (uid 1000 inside, the leased uid outside, no capabilities), new mount, PID, IPC, UTS, cgroup and
@@ -13,17 +13,21 @@ before running anything (``--block-fd``) until the driver has given the network 
 user-mode egress (``pasta``, :mod:`remotecli.sandbox.network`), then runs a short bash script
 (what the sandbox is, as data: :mod:`remotecli.drivers.local_sandbox`):
 
-1. ``Xvfb -displayfd``: the server picks the first free display number; it accepts only clients
-   holding the session's MIT-MAGIC-COOKIE (``run/Xauthority``);
-2. ``xterm`` running the session's command with ``HOME=/home/user``, and ``x11vnc`` serving the
-   display on the Unix socket ``run/vnc.sock`` only (``-rfbport 0``);
-3. waits for any of the three to exit and reports which one on its stdout.
+1. ``Xvnc -displayfd``: display and VNC server in one; it picks the first free display number,
+   accepts only X clients holding the session's MIT-MAGIC-COOKIE (``run/Xauthority``) and
+   serves RFB on the Unix socket ``run/vnc.sock`` only;
+2. ``tmux`` running the session's command with ``HOME=/home/user``; the tty server
+   (:mod:`remotecli.sandbox.tty_server`) on ``run/tty.sock``; the window manager; ``xterm``
+   attached to tmux (restarted if it exits while the command runs);
+3. waits for any of them to exit and reports which one on its stdout.
 
 The session is ready once the driver has moved ``run/vnc.sock`` into the root-only workdir
 (checking it is a socket the session's uid made, not a link to anyone else's) and read an RFB
-banner from it. Stopping kills every process of the session (its process group, its marker, its
-uid, its cgroup), stops pasta, removes the cgroup, unmounts HOME and removes the workdir. This
-process is a child subreaper, so orphaned sandbox processes are reaped here, not left as zombies.
+banner from it; ``run/tty.sock`` is moved and checked the same way on the first
+:meth:`LocalDriver.tty_socket`. Stopping kills every process of the session (its process
+group, its marker, its uid, its cgroup), stops pasta, removes the cgroup, unmounts HOME and
+removes the workdir. This process is a child subreaper, so orphaned sandbox processes are
+reaped here, not left as zombies.
 
 Run by a non-root controller the sandbox is weaker, and says so in :meth:`LocalDriver.posture`:
 the sessions share the controller's uid, no cgroup or HOME cap, and no egress (a filter on it
@@ -55,6 +59,11 @@ from remotecli.drivers.local_sandbox import (
     PASSWD,
     REPORT_LINE_MAX,
     REPORT_LINES_MAX,
+    TMUX_CONF,
+    TMUX_CONF_NAME,
+    TTY_SERVER_NAME,
+    TTY_SOCKET,
+    VNC_SOCKET,
     LaunchPlan,
     Report,
     launcher_argv,
@@ -62,13 +71,14 @@ from remotecli.drivers.local_sandbox import (
     parse_report,
     script_argv,
     session_environment,
+    tty_server_source,
     xauthority_entry,
 )
 from remotecli.exceptions import DriverError, RemoteCliError, RemoteProtocolError
 from remotecli.links import LinkReader
 from remotecli.logs import get_logger
 from remotecli.providers import HostPrograms
-from remotecli.sandbox import files, keep, seccomp
+from remotecli.sandbox import SYSTEM_PATH, files, keep, seccomp
 from remotecli.sandbox.cgroups import CgroupHost, Limits, SessionCgroup, human_bytes
 from remotecli.sandbox.egress import EGRESS_CHOICES, EgressFilter
 from remotecli.sandbox.network import Pasta, connect_loopback, open_namespace, tun_problem
@@ -86,6 +96,10 @@ log = get_logger("driver.local")
 
 READY_TIMEOUT = 15.0
 """Seconds a session may take from start to an RFB banner before start() gives up."""
+TTY_TIMEOUT = 5.0
+"""Seconds :meth:`LocalDriver.tty_socket` waits for a ready session's tty server to listen."""
+PROGRAMS = ("Xvnc", "xterm", "tmux", "matchbox-window-manager", "python3")
+"""What the session script runs, found on the sandbox's PATH (the system directories)."""
 
 _UNIX_PATH_MAX = 107  # sun_path is 108 bytes with the terminating NUL
 _POLL_INTERVAL = 0.01
@@ -119,6 +133,8 @@ class _Session:
     display: int | None = None
     lines: asyncio.Queue[str] = field(default_factory=asyncio.Queue)
     tasks: list[asyncio.Task[object]] = field(default_factory=list)
+    sockets: set[str] = field(default_factory=set)
+    """The sockets of run/ already moved into the workdir (and checked)."""
     exited: asyncio.Task[str] | None = None
 
     @property
@@ -240,16 +256,16 @@ class LocalDriver:
         """
         if spec.session_id in self._sessions:
             raise DriverError(f"session {spec.session_id} is already running in this driver")
-        missing = [p for p in ("Xvfb", "xterm", "x11vnc") if shutil.which(p) is None]
+        missing = [p for p in PROGRAMS if shutil.which(p, path=SYSTEM_PATH) is None]
         if missing:
             raise DriverError(
                 f"{', '.join(missing)} not installed; run scripts/install-system-deps.sh run",
                 missing=missing,
             )
-        socket_path = spec.workdir / "vnc.sock"
-        if len(os.fsencode(spec.workdir / "run" / "vnc.sock")) > _UNIX_PATH_MAX:
+        socket_path = spec.workdir / VNC_SOCKET
+        if len(os.fsencode(spec.workdir / "run" / "tmux.sock")) > _UNIX_PATH_MAX:
             raise DriverError(
-                f"the VNC socket path {socket_path} is longer than a Unix socket allows "
+                f"the session's socket path {socket_path} is longer than a Unix socket allows "
                 f"({_UNIX_PATH_MAX} bytes); choose a shorter data directory",
                 session_id=spec.session_id,
             )
@@ -410,7 +426,7 @@ class LocalDriver:
         info_fd = block_fd = -1
         try:
             if self.bwrap is None:
-                argv = script_argv(spec, str(run_dir))
+                argv = script_argv(spec, str(run_dir), str(run_dir / "bin"))
             else:
                 info_fd, info_w = os.pipe()
                 block_r, block_fd = os.pipe()
@@ -419,6 +435,9 @@ class LocalDriver:
                 child_fds.append(fds["seccomp"])
                 fds["browser"] = files.data_pipe(BROWSER_SCRIPT.encode())
                 child_fds.append(fds["browser"])
+                fds["tmux_conf"] = files.data_pipe(TMUX_CONF.encode())
+                fds["tty_server"] = files.data_pipe(tty_server_source())
+                child_fds += [fds["tmux_conf"], fds["tty_server"]]
                 if self.privileged:
                     fds["passwd"] = files.data_pipe(PASSWD.encode())
                     fds["group"] = files.data_pipe(GROUP.encode())
@@ -513,6 +532,8 @@ class LocalDriver:
             (bin_dir / "remotecli-open").chmod(0o700)
             for name in BROWSER_NAMES:
                 (bin_dir / name).symlink_to("remotecli-open")
+            (bin_dir / TMUX_CONF_NAME).write_text(TMUX_CONF)
+            (bin_dir / TTY_SERVER_NAME).write_bytes(tty_server_source())
         keep.write_kept(home, session.spec.home_files, session.uid)
         if session.uid is not None:
             for path in (run_dir, xauthority, links):
@@ -552,7 +573,7 @@ class LocalDriver:
 
     def _exit_reason(self, session: _Session, report: Report) -> str:
         """Name the session's own command when its exit ended the terminal, else the program."""
-        if report.program == "xterm":
+        if report.program == "tmux":  # the CLI's hold script ends tmux's server
             written = files.read_tail(session.run_dir / COMMAND_EXIT, 80, owner=session.uid)
             command = parse_command_exit(written)
             if command is not None:
@@ -647,36 +668,15 @@ class LocalDriver:
                 )
 
     async def _await_banner(self, session: _Session) -> str:
-        """Take x11vnc's socket into the root-only workdir, then read its RFB banner.
-
-        The socket is made by a program the session controls, in a directory the session can
-        write: it could be a link to another session's socket or the controller's own. Moved
-        into the workdir it can no longer be swapped, and it must be a socket owned by the
-        session's uid there, or the session fails.
-        """
-        made = session.run_dir / "vnc.sock"
-        socket_path = session.spec.workdir / "vnc.sock"
+        """Take Xvnc's socket into the root-only workdir, then read its RFB banner."""
+        socket_path = session.spec.workdir / VNC_SOCKET
 
         def take_socket() -> bool:
-            """Move the socket into the workdir once it exists; False while it does not yet."""
             if session.exited is not None and session.exited.done():
                 raise DriverError(
                     f"session {session.spec.session_id} ended before its VNC server was ready"
                 )
-            if socket_path.exists():
-                return True
-            try:
-                os.rename(made, socket_path)
-            except FileNotFoundError:
-                return False
-            info = os.lstat(socket_path)
-            owner = session.uid if session.uid is not None else os.getuid()
-            if not stat.S_ISSOCK(info.st_mode) or info.st_uid != owner:
-                raise DriverError(
-                    f"session {session.spec.session_id} put something other than its own "
-                    "socket where the VNC socket belongs"
-                )
-            return True
+            return self._take_socket(session, VNC_SOCKET)
 
         try:
             major, minor = await await_rfb_banner(
@@ -691,6 +691,64 @@ class LocalDriver:
             ) from exc
         return f"{major}.{minor}"
 
+    def _take_socket(self, session: _Session, name: str) -> bool:
+        """Move the session's socket ``run/NAME`` into the root-only workdir; False until made.
+
+        The socket is made by a program the session controls, in a directory the session can
+        write: it could be a link to another session's socket or the controller's own. Moved
+        into the workdir it can no longer be swapped, and it must be a socket owned by the
+        session's uid there, or the session fails.
+        """
+        if name in session.sockets:
+            return True
+        taken = session.spec.workdir / name
+        try:
+            os.rename(session.run_dir / name, taken)
+        except FileNotFoundError:
+            return False
+        info = os.lstat(taken)
+        owner = session.uid if session.uid is not None else os.getuid()
+        if stat.S_ISSOCK(info.st_mode) and info.st_uid == owner:
+            session.sockets.add(name)
+            return True
+        with contextlib.suppress(OSError):
+            os.unlink(taken)  # a link or file: unlink never follows it
+        if session.reason is None:
+            session.reason = f"the session put something other than its own socket at run/{name}"
+        kill(_members(session))
+        raise DriverError(
+            f"session {session.spec.session_id} put something other than its own "
+            f"socket where its {name} belongs; the session was ended",
+            session_id=session.spec.session_id,
+        )
+
+    async def tty_socket(self, session_id: str) -> str:
+        """Return the Unix socket of the session's text terminal (the tty protocol).
+
+        Waits up to :data:`TTY_TIMEOUT` for the session's tty server to listen. Raises
+        :class:`DriverError` when the session is not running here or has no text terminal.
+        """
+        session = self._sessions.get(session_id)
+        if session is None:
+            raise DriverError(
+                f"session {session_id} is not running in this driver", session_id=session_id
+            )
+        deadline = time.monotonic() + TTY_TIMEOUT
+        while not self._take_socket(session, TTY_SOCKET):
+            if session.exited is None or session.exited.done():
+                raise DriverError(
+                    f"session {session_id} ended before its text terminal was ready",
+                    session_id=session_id,
+                )
+            if time.monotonic() >= deadline:
+                raise DriverError(
+                    f"the text terminal of session {session_id} did not start within "
+                    f"{TTY_TIMEOUT:.0f} s" + self._log_tails(session),
+                    session_id=session_id,
+                )
+            await asyncio.sleep(_POLL_INTERVAL)
+        return str(session.spec.workdir / TTY_SOCKET)
+
     def _launcher_error(self, session: _Session) -> str:
         return files.read_tail(session.spec.workdir / "sandbox.log", 400).replace("\n", "; ")
 
@@ -702,7 +760,7 @@ class LocalDriver:
         ]
         logs += [
             (name, session.run_dir / f"{name}.log", session.uid)
-            for name in ("xvfb", "x11vnc", "xterm")
+            for name in ("xvnc", "tmux", "tty", "wm", "xterm")
         ]
         for name, path, owner in logs:
             tail = files.read_tail(path, 300, owner=owner)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import struct
 import sys
 from collections.abc import Mapping, Sequence
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from remotecli.drivers.base import SessionSpec
-from remotecli.sandbox import SYSTEM_PATH, launch
+from remotecli.sandbox import SYSTEM_PATH, launch, tty_server
 
 SANDBOX_HOME = "/home/user"
 SANDBOX_RUN = "/run/session"
@@ -51,7 +52,8 @@ done
 
 REPORT_LINE_MAX = 256  # "display 12", "exited xterm 0": a longer line is not ours
 REPORT_LINES_MAX = 16
-REPORTERS = ("Xvfb", "xterm", "x11vnc")
+REPORTERS = ("Xvnc", "tmux", "remotecli-tty", "matchbox-window-manager", "xterm")
+"""The programs an ``exited`` report may name, in order of cause (the display first)."""
 
 PASSWD = (
     "root:x:0:0:root:/root:/usr/sbin/nologin\n"
@@ -60,46 +62,127 @@ PASSWD = (
 )
 GROUP = f"root:x:0:\nuser:x:{SANDBOX_UID}:\nnogroup:x:65534:\n"
 
-# Runs inside the sandbox. Arguments: run dir, width, height, then the session's command.
+LIB_DIR = "/run/remotecli"
+"""In the sandbox: the tmux configuration and the tty server, bound read-only."""
+TMUX_CONF_NAME = "tmux.conf"
+TTY_SERVER_NAME = "tty_server.py"
+TTY_SOCKET = "tty.sock"
+"""In the run directory: the text terminal's socket (the tty protocol), as its server makes it."""
+VNC_SOCKET = "vnc.sock"
+
+FONT_PIXELS = 15
+"""DejaVu Sans Mono's size on the desktop: capitals 11 px tall, cells 9 x 18 px."""
+CELL_WIDTH, CELL_HEIGHT, TERMINAL_BORDER = 9, 18, 4
+BACKGROUND, FOREGROUND, CURSOR = "#1e1e1e", "#d4d4d4", "#aeafad"
+PALETTE = (
+    "#000000", "#cd3131", "#0dbc79", "#e5e510", "#2472c8", "#bc3fbc", "#11a8cd", "#e5e5e5",
+    "#666666", "#f14c4c", "#23d18b", "#f5f543", "#3b8eea", "#d670d6", "#29b8db", "#ffffff",
+)  # fmt: skip
+"""The 16 ANSI colours (VS Code's dark terminal palette): readable on :data:`BACKGROUND`."""
+
+
+def xterm_options() -> list[str]:
+    """Return xterm's options: dark theme, TrueType DejaVu Sans Mono, UTF-8, direct colour."""
+    options = ["-fa", f"DejaVu Sans Mono:pixelsize={FONT_PIXELS}", "-u8"]
+    options += ["-tn", "xterm-256color", "-bg", BACKGROUND, "-fg", FOREGROUND, "-cr", CURSOR]
+    options += ["+sb", "-bw", "0", "-b", str(TERMINAL_BORDER), "-title", "remote-cli"]
+    resources = ["directColor: true", "metaSendsEscape: true", "bellIsUrgent: false"]
+    resources += [f"color{i}: {colour}" for i, colour in enumerate(PALETTE)]
+    for resource in resources:
+        options += ["-xrm", f"XTerm*{resource}"]
+    return options
+
+
+TMUX_CONF = """\
+# remote-cli: the session's tmux, bound read-only into the sandbox.
+# The CLI runs in tmux's one session "main"; the desktop's xterm and each text view attach to it.
+set -g default-terminal "tmux-256color"
+set -as terminal-features ",*:RGB"
+set -as terminal-overrides ",*:Tc"
+# The window takes the size of the client that was used last, so the desktop and a text view of
+# another size do not fight: the one being typed into (or resized) wins.
+set -g window-size latest
+set -g aggressive-resize on
+set -g status off
+set -g prefix None
+set -g prefix2 None
+set -s escape-time 10
+set -g history-limit 10000
+set -g focus-events on
+set -g set-titles off
+"""
+
+# Runs inside the sandbox. Arguments: run dir, width, height, the directory holding the tmux
+# configuration and the tty server, then the session's command.
 SESSION_SCRIPT = r"""
 set -u
-run=$1 width=$2 height=$3
-shift 3
-fifo="$run/display.fifo"
-rm -f "$fifo" "$run/vnc.sock"
+run=$1 width=$2 height=$3 lib=$4
+shift 4
+fifo="$run/display.fifo" sock="$run/tmux.sock"
+rm -f "$fifo" "$run/vnc.sock" "$run/tty.sock" "$sock"
 mkfifo -m 600 "$fifo"
-Xvfb -displayfd 3 -nolisten tcp -br -auth "$run/Xauthority" -screen 0 "${width}x${height}x24" \
-  3>"$fifo" </dev/null 2>"$run/xvfb.log" &
-xvfb=$!
+Xvnc -displayfd 3 -rfbunixpath "$run/vnc.sock" -rfbunixmode 0600 -rfbport -1 -nolisten tcp \
+  -SecurityTypes None -auth "$run/Xauthority" -AcceptSetDesktopSize=1 -AlwaysShared=1 \
+  -geometry "${width}x${height}" -depth 24 -dpi 96 -br -noreset -desktop remote-cli \
+  3>"$fifo" </dev/null 2>"$run/xvnc.log" &
+xvnc=$!
 if ! read -r display <"$fifo"; then
-  wait "$xvfb"
-  echo "exited Xvfb $?"
+  wait "$xvnc"
+  echo "exited Xvnc $?"
   exit 1
 fi
 rm -f "$fifo"
 export DISPLAY=":$display" REMOTECLI_RUN="$run"
 echo "display $display"
-cols=$((width / 6)) rows=$((height / 13))
 HOLD_SCRIPT='"$@"; status=$?
 printf "%s %d\n" "${1##*/}" "$status" >"$REMOTECLI_RUN/command.exit"
 printf "\n[%s exited with status %d; press Enter to end the session]\n" "${1##*/}" "$status"
-read -r _'
-# When the command ends, keep its last screen (often an error message) until Enter is pressed.
-xterm -geometry "${cols}x${rows}+0+0" -e bash -c "$HOLD_SCRIPT" command "$@" \
-  </dev/null 2>"$run/xterm.log" &
+read -r _
+exec tmux -S "$REMOTECLI_RUN/tmux.sock" kill-server'
+# The CLI runs in tmux; when it ends, keep its last screen (often an error message) until Enter.
+cols=$(((width - 2 * @BORDER@) / @CELL_WIDTH@)) rows=$(((height - 2 * @BORDER@) / @CELL_HEIGHT@))
+if ! tmux -u -S "$sock" -f "$lib/tmux.conf" new-session -d -s main -x "$cols" -y "$rows" \
+  -- bash -c "$HOLD_SCRIPT" command "$@" </dev/null >/dev/null 2>"$run/tmux.log"; then
+  echo "exited tmux 1"
+  exit 1
+fi
+# Ends when tmux's server does: nothing ever signals the channel.
+tmux -S "$sock" wait-for remotecli-never </dev/null >/dev/null 2>>"$run/tmux.log" &
+tmux=$!
+# The system's interpreter, standard library only (-I -S), whatever PATH the session was given.
+python=$(PATH=/usr/local/bin:/usr/bin:/bin type -P python3)
+(exec -a remotecli-tty "$python" -I -S "$lib/tty_server.py" "$run/tty.sock" "$sock" \
+  </dev/null >/dev/null 2>"$run/tty.log") &
+tty=$!
+# Keeps the terminal full-screen, and follows the screen when a viewer resizes the desktop.
+matchbox-window-manager -use_titlebar no </dev/null >/dev/null 2>"$run/wm.log" &
+wm=$!
+# xterm is only a view of tmux: if it ends while the CLI runs, start another (unless it keeps
+# ending at once: then the session ends with its status).
+(
+  quick=0
+  while :; do
+    began=$SECONDS
+    xterm @XTERM@ -e tmux -u -S "$sock" attach-session -t main </dev/null 2>>"$run/xterm.log"
+    status=$?
+    tmux -S "$sock" has-session -t main 2>/dev/null || exit "$status"
+    if ((SECONDS - began < 2)); then quick=$((quick + 1)); else quick=0; fi
+    ((quick < 3)) || exit "$status"
+  done
+) &
 xterm=$!
-x11vnc -display "$DISPLAY" -unixsock "$run/vnc.sock" -rfbport 0 -noipv6 -nopw -forever \
-  -shared -quiet -nowf -noxdamage -nonap </dev/null >/dev/null 2>"$run/x11vnc.log" &
-x11vnc=$!
 wait -n -p who
 status=$?
-# Xvfb's death takes xterm and x11vnc with it: name the first program found dead or dying, in
-# order of cause, not merely the first one `wait -n` reported. Dead: bash may have reaped it
-# already (its status stays available to `wait PID`); dying: PF_EXITING (0x4) in its flags.
-for pid in "$xvfb" "$x11vnc" "$xterm"; do
+# Xvnc's death takes the rest with it, tmux's ends the xterm: name the first program found dead
+# or dying, in order of cause, not merely the first one `wait -n` reported. Dead: bash may have
+# reaped it already (its status stays available to `wait PID`); dying: PF_EXITING (0x4) in its
+# flags, the 7th field after the command name (which may hold spaces: "tmux: server").
+for pid in "$xvnc" "$tmux" "$tty" "$wm" "$xterm"; do
   [ "$pid" = "$who" ] && break
-  flags=$(cut -d' ' -f9 "/proc/$pid/stat" 2>/dev/null || echo 4)
-  if (( ${flags:-4} & 4 )); then
+  stat=$(cat "/proc/$pid/stat" 2>/dev/null) || stat=""
+  read -r -a fields <<<"${stat##*) }"
+  flags=${fields[6]:-4}
+  if (( flags & 4 )); then
     who=$pid
     wait "$pid"
     status=$?
@@ -107,13 +190,26 @@ for pid in "$xvfb" "$x11vnc" "$xterm"; do
   fi
 done
 case $who in
-  "$xvfb") name=Xvfb ;;
+  "$xvnc") name=Xvnc ;;
+  "$tmux") name=tmux ;;
+  "$tty") name=remotecli-tty ;;
+  "$wm") name=matchbox-window-manager ;;
   "$xterm") name=xterm ;;
-  "$x11vnc") name=x11vnc ;;
   *) name=unknown ;;
 esac
 echo "exited $name $status"
 """
+SESSION_SCRIPT = (
+    SESSION_SCRIPT.replace("@BORDER@", str(TERMINAL_BORDER))
+    .replace("@CELL_WIDTH@", str(CELL_WIDTH))
+    .replace("@CELL_HEIGHT@", str(CELL_HEIGHT))
+    .replace("@XTERM@", " ".join(shlex.quote(option) for option in xterm_options()))
+)
+
+
+def tty_server_source() -> bytes:
+    """Return the source of :mod:`remotecli.sandbox.tty_server`, to bind into the sandbox."""
+    return Path(tty_server.__file__).read_bytes()
 
 
 _SYSTEM_ROOTS = tuple(Path(p) for p in ("/usr", "/bin", "/sbin", "/lib", "/lib64", "/etc", "/opt"))
@@ -172,10 +268,13 @@ def parse_report(line: bytes) -> Report:
     raise ValueError("not a report")
 
 
-def script_argv(spec: SessionSpec, run_dir: str) -> list[str]:
-    """Return the argv that runs :data:`SESSION_SCRIPT` for ``spec`` with its run directory."""
+def script_argv(spec: SessionSpec, run_dir: str, lib_dir: str = LIB_DIR) -> list[str]:
+    """Return the argv that runs :data:`SESSION_SCRIPT` for ``spec`` with its run directory.
+
+    ``lib_dir`` holds :data:`TMUX_CONF` and the tty server (:data:`LIB_DIR` in the sandbox).
+    """
     width, height = str(spec.width), str(spec.height)
-    return ["bash", "-c", SESSION_SCRIPT, "session", run_dir, width, height, *spec.command]
+    return ["bash", "-c", SESSION_SCRIPT, "session", run_dir, width, height, lib_dir, *spec.command]
 
 
 @dataclass(frozen=True)
@@ -186,7 +285,7 @@ class LaunchPlan:
     spec: SessionSpec
     home: Path
     run_dir: Path
-    fds: Mapping[str, int]  # info, block, seccomp, browser; passwd and group when privileged
+    fds: Mapping[str, int]  # info, block, seccomp, browser, tmux_conf, tty_server; passwd, group
     privileged: bool  # root controller: stage binds, own uid, cgroup, passwd
     uid: int | None
     processes: int
@@ -214,10 +313,15 @@ def bwrap_argv(plan: LaunchPlan, staged: Mapping[str, str], roots: Sequence[Path
         sandbox += ["--ro-bind-data", str(fds["passwd"]), "/etc/passwd"]
         sandbox += ["--ro-bind-data", str(fds["group"]), "/etc/group"]
     sandbox += ["--ro-bind-try", "/var/cache/fontconfig", "/var/cache/fontconfig"]
-    browser = f"{BROWSER_DIR}/remotecli-open"
-    sandbox += ["--perms", "0555", "--ro-bind-data", str(fds["browser"]), browser]
-    for name in BROWSER_NAMES:
-        sandbox += ["--symlink", "remotecli-open", f"{BROWSER_DIR}/{name}"]
+    if "browser" in fds:
+        browser = f"{BROWSER_DIR}/remotecli-open"
+        sandbox += ["--perms", "0555", "--ro-bind-data", str(fds["browser"]), browser]
+        for name in BROWSER_NAMES:
+            sandbox += ["--symlink", "remotecli-open", f"{BROWSER_DIR}/{name}"]
+    for fd_name, file_name in (("tmux_conf", TMUX_CONF_NAME), ("tty_server", TTY_SERVER_NAME)):
+        if fd_name in fds:
+            target = f"{LIB_DIR}/{file_name}"
+            sandbox += ["--perms", "0444", "--ro-bind-data", str(fds[fd_name]), target]
     sandbox += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]  # noqa: S108 -- private
     for i, root in enumerate(roots):  # after /tmp: a checkout under /tmp stays visible
         sandbox += ["--ro-bind", staged[f"program{i}"], str(root)]
@@ -269,6 +373,7 @@ def session_environment(spec: SessionSpec, *, sandboxed: bool) -> dict[str, str]
         "LOGNAME": "user",
         "LANG": os.environ.get("LANG", "C.UTF-8"),
         "TERM": "xterm-256color",
+        "COLORTERM": "truecolor",
         "XAUTHORITY": f"{run_dir}/Xauthority",
         "REMOTECLI_SESSION_ID": spec.session_id,
     }

@@ -126,6 +126,13 @@ class QemuDriver:
         """Kept sign-ins do not reach microVMs yet (the microVM issue): nothing to collect."""
         return {}
 
+    async def tty_socket(self, session_id: str) -> str:
+        """Refuse: a microVM session has no text terminal on the host yet."""
+        raise DriverError(
+            "the text view does not reach microVM sessions yet; use the Desktop view",
+            session_id=session_id,
+        )
+
     async def connect_loopback(
         self, session_id: str, port: int, *, address: str = "127.0.0.1"
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:

@@ -8,8 +8,9 @@ ext4 image with ``mkfs.ext4 -d``, which needs no loop mount.
 
 Inside the guest the root is mounted read-only and every writable place is a tmpfs, so one
 image serves every session and writes vanish with the VM. The init starts TigerVNC's Xvnc
-(display and VNC server in one; password read from a file the agent rewrites), an xterm
-running the provider's command,
+(display and VNC server in one; password read from a file the agent rewrites; it accepts a
+viewer's SetDesktopSize), matchbox-window-manager (keeps the terminal full-screen), an xterm
+themed as a local session's running the provider's command,
 and the control agent on the second serial port (``ttyS1``). The agent applies what the host
 sends after a snapshot restore: wall clock, entropy, hostname and the VNC password (see
 ``docs/microvm.md`` for the line protocol).
@@ -37,6 +38,7 @@ DISPLAY_PACKAGES = (
     "tigervnc-standalone-server",
     "perl",  # named outright: debootstrap does not resolve tigervnc's "perl:any"
     "xterm",
+    "matchbox-window-manager",  # keeps xterm full-screen when a viewer resizes the desktop
     "xfonts-base",
     "fonts-dejavu-core",
     "procps",
@@ -50,13 +52,29 @@ NODE_PACKAGES = ("nodejs", "ca-certificates")
 
 BUSYBOX_IN_GUEST = "/usr/local/lib/remotecli/busybox"
 
+GUEST_XTERM_OPTIONS = (
+    "-fa 'DejaVu Sans Mono:pixelsize=15' -u8 -tn xterm-256color -bg '#1e1e1e' -fg '#d4d4d4' "
+    "-cr '#aeafad' +sb -bw 0 -b 4 -title remote-cli -xrm 'XTerm*directColor: true' "
+    "-xrm 'XTerm*metaSendsEscape: true' -xrm 'XTerm*bellIsUrgent: false' "
+    + " ".join(
+        f"-xrm 'XTerm*color{i}: {colour}'"
+        for i, colour in enumerate(
+            ("#000000", "#cd3131", "#0dbc79", "#e5e510", "#2472c8", "#bc3fbc", "#11a8cd", "#e5e5e5",
+             "#666666", "#f14c4c", "#23d18b", "#f5f543", "#3b8eea", "#d670d6", "#29b8db", "#ffffff")
+        )
+    )
+)  # fmt: skip
+"""The guest's xterm: the local session's terminal (``drivers/local_sandbox.py``'s
+``xterm_options``, which this package may not import; a test keeps them equal): dark theme,
+DejaVu Sans Mono at 15 px, UTF-8, direct colour."""
+
 GUEST_PATH = ("usr/local/sbin", "usr/local/bin", "usr/sbin", "usr/bin", "sbin", "bin")
 """The guest init's PATH, relative to the root."""
 
 GUEST_INIT_SCRIPT = f"""#!/bin/sh
 # PID 1 of a remote-cli guest: writable tmpfs places, network, display, terminal, VNC, agent.
 export PATH={":".join("/" + d for d in GUEST_PATH)}
-export HOME=/root TERM=xterm-256color LANG=C.UTF-8
+export HOME=/root TERM=xterm-256color COLORTERM=truecolor LANG=C.UTF-8
 bb={BUSYBOX_IN_GUEST}
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
@@ -93,12 +111,14 @@ stty -F /dev/ttyS1 raw -echo 115200 2>/dev/null
 
 # TigerVNC's Xvnc is display and VNC server in one event-driven process: it accepts at once
 # and reads the password file on each authentication.
+# It takes a viewer's SetDesktopSize; the window manager then keeps xterm full-screen.
 Xvnc :0 -geometry "$geometry" -depth 24 -rfbport 5900 -SecurityTypes VncAuth \\
   -PasswordFile /run/remotecli/vncpass -AlwaysShared -desktop remotecli -nolisten tcp \\
-  -extension GLX >/var/log/Xvnc.log 2>&1 &
+  -AcceptSetDesktopSize=1 -dpi 96 -extension GLX >/var/log/Xvnc.log 2>&1 &
 while [ ! -S /tmp/.X11-unix/X0 ]; do $bb usleep 10000; done
 cd /root
-DISPLAY=:0 xterm -geometry 200x60+0+0 -fa Monospace -fs 11 -bg black -fg white +bc \\
+DISPLAY=:0 matchbox-window-manager -use_titlebar no >/var/log/wm.log 2>&1 &
+DISPLAY=:0 xterm {GUEST_XTERM_OPTIONS} \\
   -e sh -c ': > /run/remotecli/terminal-up; exec sh -c "$1"' terminal "$command" &
 while ! grep -q ':170C 00000000:0000 0A' /proc/net/tcp 2>/dev/null; do $bb usleep 10000; done
 while [ ! -e /run/remotecli/terminal-up ]; do $bb usleep 10000; done

@@ -59,8 +59,9 @@ def session_processes(
     ``cgroup``: a hostile session can leave its process group and clear its environment, not
     change its uid or cgroup. (The launcher, root until it drops, is the driver's own child,
     killed by its pid.) Without one, its process group and every process carrying its
-    ``REMOTECLI_SANDBOX`` marker (Xvfb and xterm's shell leave the group); the marker is the
-    first variable of the environment, so only a bounded head of each environment is read.
+    ``REMOTECLI_SANDBOX`` marker (the display server and the terminal's shell may leave the
+    group); the marker is the first variable of the environment, so only a bounded head of each
+    environment is read.
     """
     needle = f"\0{MARKER_VARIABLE}={marker}\0".encode()
     members = set(processes_of_uid(uid)) if uid is not None else set()

@@ -13,14 +13,27 @@
 export const API_FIELDS = {
   ErrorOut: ["message"],
   ProviderOut: ["name", "title", "available", "hint", "connected", "connected_at", "updated_at"],
-  SessionOut: ["id", "provider", "state", "reason", "created_at", "open_url"],
-  TicketOut: ["vnc_path"],
+  SessionOut: ["id", "provider", "state", "reason", "created_at", "open_url", "viewers"],
+  TicketOut: ["ticket", "vnc_path"],
   CallbackOut: ["status", "body"],
   events: ["state", "reason", "message", "url"],
 };
 
 /** The SSE event names the events stream sends. */
 export const EVENT_NAMES = ["state", "progress", "open-url"];
+
+/**
+ * The text view's WebSocket (docs/api.md): the same single-use ticket as the desktop's
+ * `vnc_path`, as `?ticket=`. WebSocket paths are not in the OpenAPI document, so
+ * tests/test_dashboard_contract.py checks this one against the docs and a real controller.
+ */
+export const TTY_PATH = "/api/sessions/{id}/tty";
+
+/** The text view's WebSocket path for `sessionId` with a ticket from POST .../ticket. */
+export function ttyPath(sessionId, ticket) {
+  const path = TTY_PATH.replace("{id}", encodeURIComponent(sessionId));
+  return `${path}?ticket=${encodeURIComponent(ticket.ticket)}`;
+}
 
 /** An API call that failed; `status` is 0 when the server could not be reached at all. */
 export class ApiError extends Error {

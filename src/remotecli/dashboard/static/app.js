@@ -1,14 +1,22 @@
 // The dashboard page: sign-in state, the provider cards (connected or not), "My sessions", the
 // progress of a new session from its event stream, the provider sign-in a session asks for, and
-// the live view (viewer.js). Plain ES modules, no build step.
+// the live view, as text (terminal.js) or as the desktop (viewer.js). Plain ES modules, no build
+// step.
 
 import { api, ApiError, endedMessage, FINAL_STATES, followEvents, webLink } from "./api.js";
+import { FONT_SIZES, TextView } from "./terminal.js";
 import { Viewer } from "./viewer.js";
 
 const NOVNC_URL = "/dashboard/remote-cli/novnc/rfb.js";
 const REFRESH_MS = 5000;
 const COPIED_MS = 2000;
 const HIDDEN_KEY = "remotecli.hiddenSessions";
+// The view chosen for each session ("text" or "desktop"), the text view's font size, and the view
+// new sessions open in (unset: text, as for every terminal provider).
+const VIEWS_KEY = "remotecli.views";
+const FONT_KEY = "remotecli.fontSize";
+const DEFAULT_VIEW_KEY = "remotecli.defaultView";
+const VIEWS = ["text", "desktop"];
 
 const $ = (id) => document.getElementById(id);
 
@@ -25,7 +33,58 @@ const page = {
   stopEvents: null,
   refreshTimer: null,
   hidden: new Set(JSON.parse(localStorage.getItem(HIDDEN_KEY) ?? "[]")),
+  // The session being viewed: its status-line name, and the view it is shown in.
+  label: "",
+  view: null,
+  // The session named by the address (#session=ID), opened once the list has loaded.
+  wanted: sessionInAddress(),
+  confirming: null,
 };
+
+/** Read JSON kept in localStorage, or `fallback` when it is missing or unreadable. */
+function stored(key, fallback) {
+  try {
+    return JSON.parse(localStorage.getItem(key) ?? "null") ?? fallback;
+  } catch {
+    return fallback;
+  }
+}
+
+/** The session id the address names (`#session=ID`), or null. */
+function sessionInAddress() {
+  const id = new URLSearchParams(location.hash.slice(1)).get("session");
+  return id && /^[A-Za-z0-9_-]{1,64}$/.test(id) ? id : null;
+}
+
+/** Name the viewed session in the address, so a reload (or a bookmark) opens it again. */
+function setAddress(sessionId) {
+  const hash = sessionId ? `#session=${encodeURIComponent(sessionId)}` : "";
+  if (location.hash !== hash) {
+    history.replaceState(null, "", `${location.pathname}${location.search}${hash}`);
+  }
+}
+
+/** The session as the status line names it: its provider and the start of its id. */
+function sessionLabel(session) {
+  return `${session.provider} ${session.id.slice(0, 8)}`;
+}
+
+/** The view `sessionId` was last shown in, else the default (text). */
+function chosenView(sessionId) {
+  const chosen = stored(VIEWS_KEY, {})[sessionId];
+  if (VIEWS.includes(chosen)) return chosen;
+  const preferred = localStorage.getItem(DEFAULT_VIEW_KEY);
+  return VIEWS.includes(preferred) ? preferred : "text";
+}
+
+function rememberView(sessionId, view) {
+  const known = new Set(page.sessions.map((item) => item.id));
+  const views = Object.fromEntries(
+    Object.entries(stored(VIEWS_KEY, {})).filter(([id]) => known.has(id)),
+  );
+  views[sessionId] = view;
+  localStorage.setItem(VIEWS_KEY, JSON.stringify(views));
+}
 
 let rfbModule = null;
 
@@ -49,6 +108,17 @@ async function loadRfb() {
 }
 
 const viewer = new Viewer($("screen"), loadRfb);
+const textView = new TextView($("terminal"), { fontSize: stored(FONT_KEY, undefined) });
+
+/** The view showing the session now (the other one is disconnected). */
+function activeView() {
+  return page.view === "desktop" ? viewer : textView;
+}
+
+function disconnectViews() {
+  viewer.disconnect();
+  textView.disconnect();
+}
 
 function setStatus(tone, text) {
   const status = $("status");
@@ -111,6 +181,7 @@ async function refresh() {
   showBanner("");
   page.sessions = sessions;
   renderSessions();
+  if (page.wanted) openFromAddress();
   // The event stream tells the link at once; the list catches one missed while it reconnected.
   const current = sessions.find((item) => item.id === page.viewing);
   if (current?.open_url && !FINAL_STATES.has(current.state)) {
@@ -119,7 +190,7 @@ async function refresh() {
 }
 
 function showLogin() {
-  viewer.disconnect();
+  disconnectViews();
   $("main").hidden = true;
   $("login").hidden = false;
   $("account").textContent = "Not signed in";
@@ -267,10 +338,33 @@ async function startSession(provider) {
   watchSession(session, started);
 }
 
+/** Open the session the address names, once the session list is known. */
+function openFromAddress() {
+  const wanted = page.wanted;
+  page.wanted = null;
+  if (page.viewing === wanted) return;
+  const session = page.sessions.find((item) => item.id === wanted);
+  if (!session || FINAL_STATES.has(session.state)) {
+    setAddress(page.viewing);
+    const why = session
+      ? endedMessage(session.state, session.reason)
+      : "it is not one of yours, or no longer exists.";
+    setStatus("idle", `The session in the address (${wanted}): ${why}`);
+    return;
+  }
+  $("progress").hidden = true;
+  watchSession(session, null);
+}
+
 /** Follow the session's events; connect the view when it is ready; report when it ends. */
 function watchSession(session, started) {
   if (page.stopEvents) page.stopEvents();
+  if (page.viewing !== session.id) disconnectViews();
   page.viewing = session.id;
+  page.label = sessionLabel(session);
+  page.view = chosenView(session.id);
+  setAddress(session.id);
+  showView(page.view);
   $("viewer-session").textContent = `${session.provider} · ${session.id}`;
   if (page.signin.sessionId !== session.id) hideSignIn();
   if (session.open_url && !FINAL_STATES.has(session.state)) {
@@ -286,9 +380,9 @@ function watchSession(session, started) {
     } else if (FINAL_STATES.has(state) && page.viewing === session.id) {
       const text = endedMessage(state, reason);
       if (started !== null) addStep(text, started, "error");
-      viewer.disconnect();
+      disconnectViews();
       enableViewerButtons(false);
-      setStatus("ended", text);
+      setStatus("ended", `${text} (${page.label})`);
       showScreenHint(text);
       hideSignIn();
     }
@@ -306,7 +400,9 @@ function watchSession(session, started) {
         const current = await api("GET", `/api/sessions/${encodeURIComponent(session.id)}`);
         onState(current.state, current.reason);
       } catch (error) {
-        if (page.viewing === session.id && !viewer.connected) setStatus("error", error.message);
+        if (page.viewing === session.id && !activeView().connected) {
+          setStatus("error", error.message);
+        }
       }
     },
   );
@@ -317,16 +413,51 @@ function connectViewer(sessionId, started) {
   showScreenHint("");
   enableViewerButtons(true);
   if (started !== null) {
-    viewer.addEventListener(
-      "firstframe",
+    const [view, event, element, step] =
+      page.view === "desktop"
+        ? [viewer, "firstframe", "screen", "First screen drawn"]
+        : [textView, "firstoutput", "terminal", "First text shown"];
+    view.addEventListener(
+      event,
       () => {
-        addStep("First screen drawn", started);
-        $("screen").dataset.connectMs = String(Math.round(performance.now() - started));
+        addStep(step, started);
+        $(element).dataset.connectMs = String(Math.round(performance.now() - started));
       },
       { once: true },
     );
   }
-  viewer.connect(sessionId);
+  activeView().connect(sessionId, page.label);
+}
+
+/** Show the text view or the desktop (the other one stays hidden and disconnected). */
+function showView(view) {
+  const text = view === "text";
+  $("terminal").hidden = !text;
+  $("screen").hidden = text;
+  $("view-text").setAttribute("aria-pressed", String(text));
+  $("view-desktop").setAttribute("aria-pressed", String(!text));
+  $("views").dataset.view = view;
+}
+
+/** Switch the viewed session to `view`, and remember the choice for that session. */
+function switchView(view) {
+  const sessionId = page.viewing;
+  if (!sessionId || view === page.view) return;
+  const wasConnected = activeView().connected || activeView().wanted;
+  activeView().disconnect();
+  page.view = view;
+  rememberView(sessionId, view);
+  showView(view);
+  if (wasConnected) activeView().connect(sessionId, page.label);
+}
+
+/** Show the text view's font size; `change` steps it (and keeps it for the next visit). */
+function stepFontSize(change) {
+  const size = textView.setFontSize(textView.fontSize + change);
+  if (change) localStorage.setItem(FONT_KEY, JSON.stringify(size));
+  $("font-size").value = `${size} px`;
+  $("font-smaller").disabled = size <= FONT_SIZES.min;
+  $("font-larger").disabled = size >= FONT_SIZES.max;
 }
 
 function resetProgress() {
@@ -492,7 +623,13 @@ function renderSessions() {
   // Rebuild only when something other than the ages changed, so keyboard focus on a button
   // survives the periodic refresh.
   const shape = JSON.stringify(
-    sessions.map((session) => [session.id, session.state, session.reason, page.viewing]),
+    sessions.map((session) => [
+      session.id,
+      session.state,
+      session.reason,
+      page.viewing,
+      page.confirming,
+    ]),
   );
   if (shape === list.dataset.shape) {
     for (const session of sessions) {
@@ -520,12 +657,21 @@ function renderSessions() {
     }
     const actions = element("div", undefined, "actions");
     const ready = session.state === "ready";
-    actions.append(
-      button("Reconnect", () => reconnect(session), { disabled: !ready }),
-      button(FINAL_STATES.has(session.state) ? "Remove" : "Terminate", () => terminate(session), {
-        className: "danger",
-      }),
-    );
+    if (page.confirming === session.id && !FINAL_STATES.has(session.state)) {
+      const question = element("p", "End this session? It is open in a viewer.", "confirm");
+      question.id = `confirm-${session.id}`;
+      const end = button("End session", () => terminate(session, true), { className: "danger" });
+      end.setAttribute("aria-describedby", question.id);
+      actions.classList.add("confirming");
+      actions.append(question, end, button("Keep it", () => askToTerminate(null)));
+    } else {
+      actions.append(
+        button("Reconnect", () => reconnect(session), { disabled: !ready }),
+        button(FINAL_STATES.has(session.state) ? "Remove" : "Terminate", () => terminate(session), {
+          className: "danger",
+        }),
+      );
+    }
     item.append(actions);
     if (session.id === page.viewing) item.classList.add("current");
     list.append(item);
@@ -541,13 +687,34 @@ function reconnect(session) {
   watchSession(session, null);
 }
 
-async function terminate(session) {
+/** Show (or, with null, hide) the question before ending a session someone is viewing. */
+function askToTerminate(sessionId) {
+  page.confirming = sessionId;
+  renderSessions();
+  if (sessionId) {
+    document.querySelector(`li[data-session-id="${sessionId}"] .confirm + button`)?.focus();
+  }
+}
+
+/** End a session (asking first when it has a viewer, unless `confirmed`); hide an ended one. */
+async function terminate(session, confirmed = false) {
+  const current = page.sessions.find((item) => item.id === session.id) ?? session;
+  const watched = current.viewers > 0 || page.viewing === current.id;
+  if (!confirmed && watched && !FINAL_STATES.has(current.state)) {
+    askToTerminate(current.id);
+    return;
+  }
+  page.confirming = null;
   if (page.viewing === session.id) {
     if (page.stopEvents) page.stopEvents();
     page.stopEvents = null;
-    viewer.disconnect();
+    disconnectViews();
     enableViewerButtons(false);
     page.viewing = null;
+    page.view = null;
+    $("terminal").hidden = true;
+    $("screen").hidden = false;
+    setAddress(null);
     hideSignIn();
     $("viewer-session").textContent = "";
     showScreenHint("Pick a provider to start a session.");
@@ -565,23 +732,46 @@ async function terminate(session) {
   page.hidden.add(session.id);
   const known = new Set(page.sessions.map((item) => item.id));
   localStorage.setItem(HIDDEN_KEY, JSON.stringify([...page.hidden].filter((id) => known.has(id))));
-  setStatus("idle", `Session ${session.id} terminated.`);
+  setStatus("idle", `Session ${sessionLabel(session)} terminated.`);
   renderSessions();
 }
 
 // --- viewer controls ---------------------------------------------------------------------------
 
 function enableViewerButtons(enabled) {
-  for (const id of ["focus-button", "clipboard-button", "fullscreen-button", "disconnect-button"]) {
+  const buttons = ["focus-button", "clipboard-button", "fullscreen-button", "disconnect-button"];
+  for (const id of [...buttons, "view-text", "view-desktop"]) {
     $(id).disabled = !enabled;
   }
 }
 
-viewer.addEventListener("status", (event) => setStatus(event.detail.tone, event.detail.text));
-viewer.addEventListener("ended", (event) => {
-  enableViewerButtons(false);
-  showScreenHint(event.detail.text);
-  refresh();
+for (const view of [viewer, textView]) {
+  view.addEventListener("status", (event) => {
+    if (view === activeView()) setStatus(event.detail.tone, event.detail.text);
+  });
+  view.addEventListener("ended", (event) => {
+    if (view !== activeView()) return;
+    enableViewerButtons(false);
+    showScreenHint(event.detail.text);
+    refresh();
+  });
+}
+// A paste into the desktop is typed into the session key by key (viewer.js); one too long to
+// type waits in the clipboard box, for the text view or Send to session.
+viewer.addEventListener("paste", (event) => {
+  const { text, typed } = event.detail;
+  if (typed) {
+    setStatus("connected", `Pasted ${text.length} characters into ${page.label} (typed).`);
+    return;
+  }
+  $("clipboard-text").value = text;
+  $("clipboard").hidden = false;
+  $("clipboard-button").setAttribute("aria-expanded", "true");
+  setStatus(
+    "connected",
+    `That paste is too long to type into the desktop: use the Text view (it pastes at once), ` +
+      "or Send to session from the clipboard box.",
+  );
 });
 viewer.addEventListener("clipboard", (event) => {
   $("clipboard-text").value = event.detail.text;
@@ -590,18 +780,22 @@ viewer.addEventListener("clipboard", (event) => {
   });
 });
 
-$("focus-button").addEventListener("click", () => viewer.focus());
+$("focus-button").addEventListener("click", () => activeView().focus());
+$("view-text").addEventListener("click", () => switchView("text"));
+$("view-desktop").addEventListener("click", () => switchView("desktop"));
+$("font-smaller").addEventListener("click", () => stepFontSize(-1));
+$("font-larger").addEventListener("click", () => stepFontSize(+1));
 $("signin-copy").addEventListener("click", copySignInLink);
 $("signin-hide").addEventListener("click", () => {
   if (page.signin.sessionId) page.hiddenLinks.set(page.signin.sessionId, page.signin.url);
   hideSignIn();
-  viewer.focus();
+  activeView().focus();
 });
 $("callback-form").addEventListener("submit", sendCallback);
 $("disconnect-button").addEventListener("click", () => {
   if (page.stopEvents) page.stopEvents();
   page.stopEvents = null;
-  viewer.disconnect();
+  disconnectViews();
   enableViewerButtons(false);
   showScreenHint("Disconnected. The session keeps running: use Reconnect in My sessions.");
 });
@@ -612,9 +806,17 @@ $("clipboard-button").addEventListener("click", () => {
   if (!panel.hidden) $("clipboard-text").focus();
 });
 $("clipboard-send").addEventListener("click", () => {
-  viewer.sendClipboard($("clipboard-text").value);
-  setStatus("connected", "Clipboard sent to the session: paste it there (middle click in xterm).");
-  viewer.focus();
+  const text = $("clipboard-text").value;
+  if (page.view === "text" && textView.paste(text)) {
+    setStatus("connected", `Clipboard pasted into ${page.label}.`);
+  } else {
+    viewer.sendClipboard(text);
+    setStatus(
+      "connected",
+      "Clipboard sent to the session: paste it there (middle click or Shift+Insert in xterm).",
+    );
+  }
+  activeView().focus();
 });
 $("fullscreen-button").addEventListener("click", async () => {
   try {
@@ -630,7 +832,7 @@ document.addEventListener("fullscreenchange", () => {
   const full = document.fullscreenElement !== null;
   document.body.classList.toggle("full-screen", full);
   $("fullscreen-button").textContent = full ? "Exit full screen" : "Full screen";
-  viewer.focus();
+  activeView().focus();
 });
 $("login-form").addEventListener("submit", (event) => {
   // The server's /login sets the cookie and redirects back here; never keep the token around.
@@ -639,5 +841,14 @@ $("login-form").addEventListener("submit", (event) => {
   if (token) location.assign(`/login?token=${encodeURIComponent(token)}`);
 });
 
+window.addEventListener("hashchange", () => {
+  const wanted = sessionInAddress();
+  if (wanted && wanted !== page.viewing) {
+    page.wanted = wanted;
+    refresh();
+  }
+});
+
+stepFontSize(0);
 refresh();
 page.refreshTimer = setInterval(refresh, REFRESH_MS);

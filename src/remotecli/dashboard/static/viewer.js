@@ -1,16 +1,36 @@
-// The live view: one noVNC RFB client at a time, reconnected with backoff while its session is
-// alive, and every drop explained in words from the close code, its reason and the session's
-// state (the browser only ever reports 1006 for a refused upgrade, so the state decides).
+// The desktop view: one noVNC RFB client at a time, reconnected with backoff while its session is
+// alive (reconnect.js says in words why it dropped). The session's desktop takes the size of the
+// view (noVNC's SetDesktopSize, debounced), so nothing is scaled or letterboxed once the server
+// has answered; a paste (Ctrl/Cmd+V) is typed into the session key by key.
 
-import { api, ApiError, endedMessage, FINAL_STATES, NOT_AUTHORISED, UNREACHABLE } from "./api.js";
+import { api } from "./api.js";
+import { backoff, explainDrop } from "./reconnect.js";
 
-const BACKOFF_MS = [500, 1000, 2000, 4000, 8000, 15000];
 // Raw, CopyRect, RRE, Hextile, Zlib, Tight, ZRLE, JPEG, H.264, TightPNG: rectangles of pixels.
 const PIXEL_ENCODINGS = new Set([0, 1, 2, 5, 6, 7, 16, 21, 50, -260]);
+// Ask the session for a new desktop size once the view has kept its size this long.
+const RESIZE_DEBOUNCE_MS = 250;
+// Longer pastes are not typed key by key: the text view pastes them at once.
+export const MAX_TYPED_PASTE = 4096;
+// X keysyms: Return, Tab, and the modifiers released while a paste is typed.
+const XK_RETURN = 0xff0d;
+const XK_TAB = 0xff09;
+const MODIFIER_CODES = /^(Control|Meta|Alt|OS|Shift)(Left|Right)?$/;
+
+/** The X keysym that types `character` (Latin-1 as is, other Unicode as 0x01000000 + code). */
+export function keysymFor(character) {
+  const code = character.codePointAt(0);
+  if (character === "\n" || character === "\r") return XK_RETURN;
+  if (character === "\t") return XK_TAB;
+  if (code < 0x20 || code === 0x7f) return null;
+  if (code <= 0xff) return code;
+  return 0x01000000 + code;
+}
 
 /**
  * Connects the screen element to sessions. Events: "status" (detail {tone, text}),
- * "clipboard" (detail {text}), "firstframe", "ended" (detail {text}).
+ * "clipboard" (detail {text}), "firstframe", "ended" (detail {text}), and "paste" (detail
+ * {text, typed}: false when the text was too long to type).
  */
 export class Viewer extends EventTarget {
   constructor(screen, loadRfb) {
@@ -24,16 +44,21 @@ export class Viewer extends EventTarget {
     this.generation = 0;
     this.retryTimer = null;
     this.lastClose = null;
+    this.label = "";
+    screen.addEventListener("keydown", (event) => this.keepPasteKey(event), true);
+    screen.addEventListener("paste", (event) => this.paste(event));
+    new ResizeObserver(() => this.fitDesktop()).observe(screen);
   }
 
   get connected() {
     return this.rfb !== null && this.rfb.__connected === true;
   }
 
-  /** Show `sessionId` in the screen element, replacing any session shown before. */
-  async connect(sessionId) {
+  /** Show `sessionId` (called `label` in the status) in the screen, replacing any before. */
+  async connect(sessionId, label = sessionId) {
     this.disconnect();
     this.sessionId = sessionId;
+    this.label = label;
     this.wanted = true;
     this.attempt = 0;
     await this.open();
@@ -49,6 +74,7 @@ export class Viewer extends EventTarget {
     this.rfb = null;
     if (rfb) rfb.disconnect();
     this.screen.dataset.firstFrame = "";
+    this.screen.dataset.resizable = "";
   }
 
   focus() {
@@ -66,7 +92,8 @@ export class Viewer extends EventTarget {
   async open() {
     const generation = this.generation;
     const sessionId = this.sessionId;
-    this.status(this.attempt ? "reconnecting" : "connecting", "Opening the live view…");
+    const opening = `Opening the desktop of ${this.label}…`;
+    this.status(this.attempt ? "reconnecting" : "connecting", opening);
     let RFB;
     let ticket;
     try {
@@ -85,16 +112,25 @@ export class Viewer extends EventTarget {
     });
     this.lastClose = null;
     const rfb = new RFB(this.screen, socket, { shared: true });
+    // Scaled only until the desktop has the view's size (or for good, when the server cannot
+    // resize: x11vnc, a microVM's VNC).
     rfb.scaleViewport = true;
-    rfb.resizeSession = false;
     rfb.focusOnClick = true;
+    // Text is the picture: the least lossy JPEG TigerVNC offers (the default, 6, smudges
+    // antialiased letters; a session's terminal compresses well losslessly anyway).
+    rfb.qualityLevel = 9;
     this.rfb = rfb;
     this.watchFirstFrame(rfb);
+    this.followDesktopSize(rfb);
+    rfb.resizeSession = true;
     rfb.addEventListener("connect", () => {
       if (generation !== this.generation) return;
       rfb.__connected = true;
       this.attempt = 0;
-      this.status("connected", "Connected: click the screen or press Focus keyboard to type.");
+      this.status(
+        "connected",
+        `Connected to ${this.label} (desktop): click it or press Focus keyboard to type.`,
+      );
       rfb.focus();
     });
     rfb.addEventListener("disconnect", () => {
@@ -107,6 +143,88 @@ export class Viewer extends EventTarget {
     rfb.addEventListener("clipboard", (event) => {
       this.dispatchEvent(new CustomEvent("clipboard", { detail: { text: event.detail.text } }));
     });
+  }
+
+  /**
+   * Let the session's desktop follow the view: noVNC asks for the view's size (SetDesktopSize)
+   * when it changes, here at most once per RESIZE_DEBOUNCE_MS of quiet, and the canvas is
+   * scaled only while the desktop's size differs from the view's.
+   */
+  followDesktopSize(rfb) {
+    const request = rfb._requestRemoteResize;
+    const resize = rfb._resize;
+    const answer = rfb._handleExtendedDesktopSize;
+    if ([request, resize, answer].some((method) => typeof method !== "function")) return;
+    const viewer = this;
+    let timer = null;
+    rfb._requestRemoteResize = function (...args) {
+      clearTimeout(timer);
+      timer = setTimeout(() => {
+        if (viewer.rfb === rfb) request.apply(rfb, args);
+      }, RESIZE_DEBOUNCE_MS);
+    };
+    rfb._resize = function (...args) {
+      resize.apply(this, args);
+      if (viewer.rfb === rfb) viewer.fitDesktop();
+    };
+    // The server's answer to our request (x = 1): y = 0 applied it, anything else refused it
+    // (x11vnc refuses; the view then stays scaled). Noted on the screen element for the tests.
+    rfb._handleExtendedDesktopSize = function (...args) {
+      const { x, y } = this._FBU;
+      const done = answer.apply(this, args);
+      if (done && x === 1 && viewer.rfb === rfb) {
+        viewer.screen.dataset.resizable = y === 0 ? "yes" : `refused (${y})`;
+      }
+      return done;
+    };
+  }
+
+  /** Scale the canvas while the desktop and the view differ in size; draw it 1:1 once equal. */
+  fitDesktop() {
+    const rfb = this.rfb;
+    if (!rfb || !rfb._fbWidth) return;
+    const { width, height } = this.screen.getBoundingClientRect();
+    if (width < 1 || height < 1) return;
+    const matches =
+      Math.abs(rfb._fbWidth - Math.floor(width)) <= 1 &&
+      Math.abs(rfb._fbHeight - Math.floor(height)) <= 1;
+    if (rfb.scaleViewport === matches) rfb.scaleViewport = !matches;
+    this.screen.dataset.desktopSize = `${rfb._fbWidth}x${rfb._fbHeight}`;
+  }
+
+  /** Let Ctrl/Cmd+V reach the browser (a paste event) instead of noVNC (a ^V keystroke). */
+  keepPasteKey(event) {
+    const paste = (event.ctrlKey || event.metaKey) && !event.altKey && event.code === "KeyV";
+    if (paste && this.connected) event.stopPropagation();
+  }
+
+  /** Type pasted text into the session, key by key, with the held modifiers released. */
+  paste(event) {
+    const text = event.clipboardData?.getData("text/plain") ?? "";
+    if (!this.connected || !text) return;
+    event.preventDefault();
+    this.dispatchEvent(new CustomEvent("paste", { detail: { text, typed: this.type(text) } }));
+  }
+
+  /** Send `text` as key presses; false (nothing sent) when it is too long to type. */
+  type(text) {
+    const rfb = this.rfb;
+    const characters = [...text.replace(/\r\n/g, "\n")];
+    if (!rfb || characters.length > MAX_TYPED_PASTE) return false;
+    // Ctrl (or Cmd) is still down for the session: release it while typing, then press it again
+    // so the session and noVNC agree when the user lets go.
+    const held = Object.entries(rfb._keyboard?._keyDownList ?? {}).filter(([code]) =>
+      MODIFIER_CODES.test(code),
+    );
+    for (const [code, keysym] of held) rfb.sendKey(keysym, code, false);
+    for (const character of characters) {
+      const keysym = keysymFor(character);
+      if (keysym === null) continue;
+      rfb.sendKey(keysym, null, true);
+      rfb.sendKey(keysym, null, false);
+    }
+    for (const [code, keysym] of held) rfb.sendKey(keysym, code, true);
+    return true;
   }
 
   // noVNC has no public "first framebuffer drawn" event: wrap the two methods that handle one
@@ -139,62 +257,26 @@ export class Viewer extends EventTarget {
     this.rfb = null;
     this.screen.dataset.firstFrame = "";
     if (!this.wanted) {
-      this.status("idle", "Disconnected from the session (it keeps running).");
+      this.status("idle", `Disconnected from ${this.label} (it keeps running).`);
       return;
     }
-    const { text, retry } = await this.explain(close, error);
+    const { text, retry } = await explainDrop(this.sessionId, close, error);
     if (generation !== this.generation) return;
     if (!retry) {
       this.wanted = false;
-      this.status(retry === null ? "error" : "ended", text);
+      this.status(retry === null ? "error" : "ended", `${text} (${this.label})`);
       this.dispatchEvent(new CustomEvent("ended", { detail: { text } }));
       return;
     }
-    const delay = BACKOFF_MS[Math.min(this.attempt, BACKOFF_MS.length - 1)];
+    const delay = backoff(this.attempt);
     this.attempt += 1;
     const seconds = (delay / 1000).toFixed(1);
-    this.status("reconnecting", `${text} Reconnecting in ${seconds} s (attempt ${this.attempt})…`);
+    this.status(
+      "reconnecting",
+      `${text} Reconnecting to ${this.label} in ${seconds} s (attempt ${this.attempt})…`,
+    );
     this.retryTimer = setTimeout(() => {
       if (generation === this.generation && this.wanted) this.open();
     }, delay);
-  }
-
-  /** Decide what happened: `retry` true to try again, false when over, null when refused. */
-  async explain(close, error) {
-    let session = null;
-    try {
-      session = await api("GET", `/api/sessions/${encodeURIComponent(this.sessionId)}`);
-    } catch (failure) {
-      if (failure instanceof ApiError) {
-        if (failure.status === 0) return { text: UNREACHABLE, retry: true };
-        if (failure.status === 401) return { text: NOT_AUTHORISED, retry: null };
-        if (failure.status === 404) {
-          return { text: "The session ended: it no longer exists on the server.", retry: false };
-        }
-        if (failure.status >= 500) return { text: failure.message, retry: true };
-      }
-      return { text: String(failure.message ?? failure), retry: true };
-    }
-    const state = session.state;
-    if (FINAL_STATES.has(state) || state === "stopping") {
-      return { text: endedMessage(state, session.reason), retry: false };
-    }
-    if (error instanceof ApiError) {
-      if (error.status === 409) return { text: "The session is not ready yet.", retry: true };
-      if (error.status === 401 || error.status === 403) {
-        return { text: NOT_AUTHORISED, retry: null };
-      }
-      return { text: error.message, retry: true };
-    }
-    if (error) return { text: `The viewer could not start: ${error.message}`, retry: null };
-    if (close?.code === 1001) {
-      return { text: "The server is restarting or shutting down.", retry: true };
-    }
-    if (close?.code === 1011 || close?.code === 1008) {
-      const why = close.reason ? `: ${close.reason}` : "";
-      return { text: `The server closed the live view${why}.`, retry: true };
-    }
-    if (close?.reason) return { text: `The live view closed: ${close.reason}.`, retry: true };
-    return { text: "The connection to the session's display was lost.", retry: true };
   }
 }
