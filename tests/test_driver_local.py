@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from remotecli.drivers.base import SessionSpec, VncEndpoint
-from remotecli.drivers.local import PROGRAMS, LocalDriver, sandbox_pids
+from remotecli.drivers.local import PROGRAMS, LocalDriver
+from remotecli.drivers.local_channels import sandbox_pids
 from tests.conftest import MS
 from tests.rfb_viewer import RfbViewer, wait_for_file
 

@@ -23,7 +23,8 @@ import pytest
 import uvloop
 
 from remotecli.drivers.base import SessionSpec
-from remotecli.drivers.local import PROGRAMS, LocalDriver, _Session, sandbox_pids
+from remotecli.drivers.local import PROGRAMS, LocalDriver
+from remotecli.drivers.local_channels import LocalSession, read_reports, sandbox_pids
 from remotecli.exceptions import DriverError
 from remotecli.sandbox import seccomp
 from remotecli.sandbox.cgroups import Limits
@@ -392,19 +393,18 @@ async def test_anything_but_a_report_on_the_report_channel_ends_the_session(
     """The report pipe is session-writable (any sandbox process can reach its descriptor), so
     one line that is not a short ``display N`` / ``exited PROGRAM N`` ends the session with the
     reason, and queues nothing."""
-    local = LocalDriver(tmp_path, sandbox=True)
     stdout = asyncio.StreamReader(limit=256)
     stdout.feed_data(b"display 3\n" + written * 50)
     stdout.feed_eof()
     process = types.SimpleNamespace(stdout=stdout, pid=-1, returncode=0)
-    session = _Session(
+    session = LocalSession(
         spec_for(tmp_path, "pipe", ["true"]),
         "pipe.marker",
         None,
         tmp_path,
         process=cast(asyncio.subprocess.Process, process),
     )
-    await local._read_reports(session)
+    await read_reports(session)
     assert session.reason == "the session wrote to the driver's report channel; ended"
     assert session.lines.qsize() == 1  # the display line only
 

@@ -41,7 +41,7 @@ from playwright.sync_api import (
 )
 
 from remotecli.dashboard import router
-from remotecli.drivers.local import sandbox_pids
+from remotecli.drivers.local_channels import sandbox_pids
 from tests.conftest import MS
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser]

@@ -25,7 +25,7 @@ from websockets.typing import Subprotocol
 from remotecli.auth import TicketBook
 from remotecli.config import ControllerConfig
 from remotecli.controller.server import Controller
-from remotecli.drivers.local import sandbox_pids
+from remotecli.drivers.local_channels import sandbox_pids
 from tests.conftest import MS
 from tests.e2e.sessions_api import create_ready_session
 from tests.rfb_viewer import RfbViewer, wait_for_file

@@ -38,48 +38,53 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import secrets
 import shutil
-import stat
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from remotecli.drivers.banner import await_rfb_banner
 from remotecli.drivers.base import ProgressCallback, SessionSpec, VncEndpoint
+from remotecli.drivers.local_channels import (
+    PID_FILE,
+    LocalSession,
+    launcher_error,
+    log_tails,
+    members,
+    read_child_pid,
+    read_links,
+    read_reports,
+    remove_workdir,
+    stop_links,
+    take_socket,
+)
 from remotecli.drivers.local_sandbox import (
     BROWSER_NAMES,
     BROWSER_SCRIPT,
-    COMMAND_EXIT,
     GROUP,
     LINKS_FIFO,
     PASSWD,
     REPORT_LINE_MAX,
-    REPORT_LINES_MAX,
     TMUX_CONF,
     TMUX_CONF_NAME,
     TTY_SERVER_NAME,
     TTY_SOCKET,
     VNC_SOCKET,
     LaunchPlan,
-    Report,
     launcher_argv,
-    parse_command_exit,
-    parse_report,
     script_argv,
     session_environment,
     tty_server_source,
     xauthority_entry,
 )
 from remotecli.exceptions import DriverError, RemoteCliError, RemoteProtocolError
-from remotecli.links import LinkReader
 from remotecli.logs import get_logger
 from remotecli.providers import HostPrograms
 from remotecli.sandbox import SYSTEM_PATH, files, keep, seccomp
-from remotecli.sandbox.cgroups import CgroupHost, Limits, SessionCgroup, human_bytes
+from remotecli.sandbox.cgroups import CgroupHost, Limits, human_bytes
 from remotecli.sandbox.egress import EGRESS_CHOICES, EgressFilter
 from remotecli.sandbox.network import Pasta, connect_loopback, open_namespace, tun_problem
 from remotecli.sandbox.processes import (
@@ -90,7 +95,7 @@ from remotecli.sandbox.processes import (
     reap,
     session_processes,
 )
-from remotecli.sandbox.uids import Lease, UidPool
+from remotecli.sandbox.uids import UidPool
 
 log = get_logger("driver.local")
 
@@ -106,40 +111,6 @@ _POLL_INTERVAL = 0.01
 _WORKDIR_BYTES = 16 * 1024**2
 _WORKDIR_INODES = 4096
 _MEMORY_POLL_INTERVAL = 0.25
-PID_FILE = "sandbox.pid"
-"""In the root-only workdir: "PGID MARKER UID" of a running sandbox, for recover() after a crash."""
-
-
-def sandbox_pids(workdir: Path) -> list[int]:
-    """Return the PIDs of the session whose workdir is ``workdir``, from its pid file (tests)."""
-    pgid, marker, uid = (workdir / PID_FILE).read_text().split()
-    return session_processes(marker, int(pgid), None if uid == "-" else int(uid))
-
-
-@dataclass
-class _Session:
-    spec: SessionSpec
-    marker: str
-    lease: Lease | None
-    run_dir: Path
-    process: asyncio.subprocess.Process | None = None
-    cgroup: SessionCgroup | None = None
-    pasta: Pasta | None = None
-    child_pid: int | None = None
-    netns_fd: int | None = None
-    links_fd: int | None = None
-    links: LinkReader = field(default_factory=LinkReader)
-    reason: str | None = None
-    display: int | None = None
-    lines: asyncio.Queue[str] = field(default_factory=asyncio.Queue)
-    tasks: list[asyncio.Task[object]] = field(default_factory=list)
-    sockets: set[str] = field(default_factory=set)
-    """The sockets of run/ already moved into the workdir (and checked)."""
-    exited: asyncio.Task[str] | None = None
-
-    @property
-    def uid(self) -> int | None:
-        return None if self.lease is None else self.lease.uid
 
 
 @dataclass(frozen=True)
@@ -195,7 +166,7 @@ class LocalDriver:
         self.uids = (uid_pool or UidPool()) if self.privileged else None
         self.cgroups = CgroupHost.detect() if self.privileged else None
         self.egress, self.egress_reason = self._choose_egress(egress)
-        self._sessions: dict[str, _Session] = {}
+        self._sessions: dict[str, LocalSession] = {}
         become_subreaper()
 
     def _choose_egress(self, wanted: str) -> tuple[str, str]:
@@ -272,7 +243,7 @@ class LocalDriver:
         began = time.monotonic()
         lease = self.uids.lease() if self.uids is not None else None
         marker = f"{spec.session_id}.{secrets.token_hex(8)}"
-        session = _Session(spec, marker, lease, spec.workdir / "run")
+        session = LocalSession(spec, marker, lease, spec.workdir / "run")
         self._sessions[spec.session_id] = session
         try:
             async with asyncio.timeout(READY_TIMEOUT):
@@ -281,7 +252,7 @@ class LocalDriver:
                 version = await self._await_banner(session)
         except BaseException as exc:
             reason = session.reason
-            details = self._log_tails(session)
+            details = log_tails(session)
             await self.stop(spec.session_id)
             if isinstance(exc, TimeoutError):
                 raise DriverError(
@@ -325,7 +296,7 @@ class LocalDriver:
         if session is None:
             return
         pgid = session.process.pid if session.process is not None else None
-        killed = kill(_members(session))
+        killed = kill(members(session))
         if session.process is not None:
             with contextlib.suppress(ProcessLookupError):
                 await session.process.wait()
@@ -338,7 +309,7 @@ class LocalDriver:
         if session.netns_fd is not None:
             os.close(session.netns_fd)
             session.netns_fd = None
-        self._stop_links(session)
+        stop_links(session)
         if session.cgroup is not None:
             try:
                 # Both wait (briefly) for the kernel to empty the cgroup: off the event loop.
@@ -347,7 +318,7 @@ class LocalDriver:
             except (OSError, RemoteCliError) as exc:
                 log.warning("session_cgroup_left", session_id=session_id, error=str(exc))
         try:
-            await asyncio.to_thread(_remove_workdir, session.spec.workdir)
+            await asyncio.to_thread(remove_workdir, session.spec.workdir)
         except OSError as exc:
             log.warning("session_workdir_left", session_id=session_id, error=str(exc))
         if session.lease is not None:
@@ -362,7 +333,7 @@ class LocalDriver:
         try:
             pid_text, marker, uid_text = (workdir / PID_FILE).read_text().split()
         except (OSError, ValueError):
-            _remove_workdir(workdir)
+            remove_workdir(workdir)
             return None
         uid = None if uid_text == "-" else int(uid_text)
         # The recorded group counts only if a process with the marker is still in it: the
@@ -378,7 +349,7 @@ class LocalDriver:
             others = {e.name for p in self.cgroups.parents if p.is_dir() for e in p.iterdir()}
             with contextlib.suppress(OSError, RemoteCliError):
                 self.cgroups.sweep(keep=others - {session_id})
-        _remove_workdir(workdir)
+        remove_workdir(workdir)
         if leftovers:
             log.info("session_leftovers_killed", session_id=session_id, pids=leftovers)
         return None
@@ -413,7 +384,7 @@ class LocalDriver:
 
     # --- starting ------------------------------------------------------------------------------
 
-    async def _launch(self, session: _Session, progress: ProgressCallback) -> None:
+    async def _launch(self, session: LocalSession, progress: ProgressCallback) -> None:
         spec = session.spec
         home, run_dir = self._prepare(session)
         if self.cgroups is not None and self.cgroups.version is not None:
@@ -476,14 +447,14 @@ class LocalDriver:
         (spec.workdir / PID_FILE).write_text(
             f"{process.pid} {session.marker} {session.uid or '-'}\n"
         )
-        session.tasks.append(asyncio.create_task(self._read_reports(session)))
-        self._read_links(session)
+        session.tasks.append(asyncio.create_task(read_reports(session)))
+        read_links(session)
         session.exited = asyncio.create_task(self._watch(session))
         if self.bwrap is None:
             progress("sandbox started (no bubblewrap)")
             return
         try:
-            session.child_pid = await _read_child_pid(info_fd)
+            session.child_pid = await read_child_pid(info_fd)
             session.netns_fd = open_namespace(session.child_pid)
             if self.egress == "open" and session.uid is not None:
                 session.pasta = await Pasta.start(
@@ -503,11 +474,11 @@ class LocalDriver:
             session.tasks.append(asyncio.create_task(self._watch_memory(session)))
         progress(f"sandbox started under bubblewrap (network: {self.egress})")
 
-    def _prepare(self, session: _Session) -> tuple[Path, Path]:
+    def _prepare(self, session: LocalSession) -> tuple[Path, Path]:
         workdir = session.spec.workdir
         home, run_dir = workdir / "home", workdir / "run"
         if workdir.exists():
-            _remove_workdir(workdir)  # a previous run's leftovers: never reuse what a session wrote
+            remove_workdir(workdir)  # a previous run's leftovers: never reuse what a session wrote
         workdir.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         workdir.mkdir(mode=0o700)
         if session.uid is not None:
@@ -542,72 +513,6 @@ class LocalDriver:
 
     # --- watching ------------------------------------------------------------------------------
 
-    async def _read_reports(self, session: _Session) -> None:
-        """Read the session script's reports: ``display N`` once, then ``exited NAME STATUS``.
-
-        The pipe is the session's to write (any of its processes can take the descriptor with
-        /proc or pidfd tricks), so it is read as hostile input: short lines of the two forms
-        only, a few of them, nothing queued after the display; anything else ends the session.
-        """
-        assert session.process is not None
-        stdout = session.process.stdout
-        assert stdout is not None
-        lines = 0
-        try:
-            while line := await stdout.readline():
-                lines += 1
-                if lines > REPORT_LINES_MAX:
-                    raise ValueError("too many reports")
-                report = parse_report(line)
-                if report.kind == "display":
-                    if session.display is None:
-                        await session.lines.put(line.decode())
-                else:
-                    if session.reason is None:
-                        session.reason = self._exit_reason(session, report)
-                    await session.lines.put(line.decode())
-        except (ValueError, asyncio.LimitOverrunError):
-            session.reason = "the session wrote to the driver's report channel; ended"
-            log.warning("session_report_violation", session_id=session.spec.session_id)
-            kill(_members(session))
-
-    def _exit_reason(self, session: _Session, report: Report) -> str:
-        """Name the session's own command when its exit ended the terminal, else the program."""
-        if report.program == "tmux":  # the CLI's hold script ends tmux's server
-            written = files.read_tail(session.run_dir / COMMAND_EXIT, 80, owner=session.uid)
-            command = parse_command_exit(written)
-            if command is not None:
-                return f"{command[0]} exited with status {command[1]}"
-        return f"{report.program} exited with status {report.status}"
-
-    def _read_links(self, session: _Session) -> None:
-        """Pass each link the session asks a browser to open to ``spec.open_url``."""
-        fd, notify = session.links_fd, session.spec.open_url
-        if fd is None:
-            return
-
-        def readable() -> None:
-            try:
-                data = os.read(fd, 65536)
-            except BlockingIOError:
-                return
-            except OSError:
-                self._stop_links(session)
-                return
-            for link in session.links.receive_data(data):
-                log.info("session_open_url", session_id=session.spec.session_id)
-                if notify is not None:
-                    notify(link)
-
-        asyncio.get_running_loop().add_reader(fd, readable)
-
-    def _stop_links(self, session: _Session) -> None:
-        if session.links_fd is not None:
-            with contextlib.suppress(RuntimeError):
-                asyncio.get_running_loop().remove_reader(session.links_fd)
-            os.close(session.links_fd)
-            session.links_fd = None
-
     async def collect(self, session_id: str, paths: Sequence[str]) -> dict[str, bytes]:
         """Read the kept files at ``paths`` from the session's HOME (see the Driver seam)."""
         session = self._sessions.get(session_id)
@@ -615,14 +520,14 @@ class LocalDriver:
             return {}
         return await asyncio.to_thread(keep.read_kept, session.spec.workdir / "home", paths)
 
-    async def _watch(self, session: _Session) -> str:
+    async def _watch(self, session: LocalSession) -> str:
         assert session.process is not None
         returncode = await session.process.wait()
         for task in session.tasks[:1]:  # the report reader: its last line may name the cause
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         pgid = session.process.pid
-        killed = kill(_members(session))
+        killed = kill(members(session))
         await reap(session.marker, pgid, killed, session.uid)
         self._note_oom(session)
         if session.reason is None:
@@ -630,13 +535,13 @@ class LocalDriver:
                 f"sandbox killed by signal {-returncode}"
                 if returncode < 0
                 else f"sandbox exited with status {returncode}"
-                + (f" ({tail})" if (tail := self._launcher_error(session)) else "")
+                + (f" ({tail})" if (tail := launcher_error(session)) else "")
             )
         await session.lines.put("")
         log.info("session_exited", session_id=session.spec.session_id, reason=session.reason)
         return session.reason
 
-    def _note_oom(self, session: _Session) -> bool:
+    def _note_oom(self, session: LocalSession) -> bool:
         """Make "out of memory" the reason when the kernel killed inside the session's cgroup."""
         if session.cgroup is None:
             return False
@@ -647,15 +552,15 @@ class LocalDriver:
                 return True
         return False
 
-    async def _watch_memory(self, session: _Session) -> None:
+    async def _watch_memory(self, session: LocalSession) -> None:
         """End the whole session once the kernel's OOM killer struck inside it (cgroup v1 kills
         one process only; v2 with ``memory.oom.group`` kills them all)."""
         while not self._note_oom(session):  # noqa: ASYNC110 -- a counter in a file: polled
             await asyncio.sleep(_MEMORY_POLL_INTERVAL)
         log.warning("session_out_of_memory", session_id=session.spec.session_id)
-        kill(_members(session))
+        kill(members(session))
 
-    async def _await_display(self, session: _Session, progress: ProgressCallback) -> None:
+    async def _await_display(self, session: LocalSession, progress: ProgressCallback) -> None:
         while True:
             line = await session.lines.get()
             if line.startswith("display "):
@@ -667,60 +572,29 @@ class LocalDriver:
                     f"the X server of session {session.spec.session_id} did not start"
                 )
 
-    async def _await_banner(self, session: _Session) -> str:
+    async def _await_banner(self, session: LocalSession) -> str:
         """Take Xvnc's socket into the root-only workdir, then read its RFB banner."""
         socket_path = session.spec.workdir / VNC_SOCKET
 
-        def take_socket() -> bool:
+        def take_vnc_socket() -> bool:
             if session.exited is not None and session.exited.done():
                 raise DriverError(
                     f"session {session.spec.session_id} ended before its VNC server was ready"
                 )
-            return self._take_socket(session, VNC_SOCKET)
+            return take_socket(session, VNC_SOCKET)
 
         try:
             major, minor = await await_rfb_banner(
                 lambda: asyncio.open_unix_connection(str(socket_path)),
                 not_yet=(FileNotFoundError, ConnectionRefusedError),
                 interval=_POLL_INTERVAL,
-                prepare=take_socket,
+                prepare=take_vnc_socket,
             )
         except (asyncio.IncompleteReadError, RemoteProtocolError) as exc:
             raise DriverError(
                 f"the VNC socket of session {session.spec.session_id} sent no RFB banner",
             ) from exc
         return f"{major}.{minor}"
-
-    def _take_socket(self, session: _Session, name: str) -> bool:
-        """Move the session's socket ``run/NAME`` into the root-only workdir; False until made.
-
-        The socket is made by a program the session controls, in a directory the session can
-        write: it could be a link to another session's socket or the controller's own. Moved
-        into the workdir it can no longer be swapped, and it must be a socket owned by the
-        session's uid there, or the session fails.
-        """
-        if name in session.sockets:
-            return True
-        taken = session.spec.workdir / name
-        try:
-            os.rename(session.run_dir / name, taken)
-        except FileNotFoundError:
-            return False
-        info = os.lstat(taken)
-        owner = session.uid if session.uid is not None else os.getuid()
-        if stat.S_ISSOCK(info.st_mode) and info.st_uid == owner:
-            session.sockets.add(name)
-            return True
-        with contextlib.suppress(OSError):
-            os.unlink(taken)  # a link or file: unlink never follows it
-        if session.reason is None:
-            session.reason = f"the session put something other than its own socket at run/{name}"
-        kill(_members(session))
-        raise DriverError(
-            f"session {session.spec.session_id} put something other than its own "
-            f"socket where its {name} belongs; the session was ended",
-            session_id=session.spec.session_id,
-        )
 
     async def tty_socket(self, session_id: str) -> str:
         """Return the Unix socket of the session's text terminal (the tty protocol).
@@ -734,7 +608,7 @@ class LocalDriver:
                 f"session {session_id} is not running in this driver", session_id=session_id
             )
         deadline = time.monotonic() + TTY_TIMEOUT
-        while not self._take_socket(session, TTY_SOCKET):
+        while not take_socket(session, TTY_SOCKET):
             if session.exited is None or session.exited.done():
                 raise DriverError(
                     f"session {session_id} ended before its text terminal was ready",
@@ -743,60 +617,8 @@ class LocalDriver:
             if time.monotonic() >= deadline:
                 raise DriverError(
                     f"the text terminal of session {session_id} did not start within "
-                    f"{TTY_TIMEOUT:.0f} s" + self._log_tails(session),
+                    f"{TTY_TIMEOUT:.0f} s" + log_tails(session),
                     session_id=session_id,
                 )
             await asyncio.sleep(_POLL_INTERVAL)
         return str(session.spec.workdir / TTY_SOCKET)
-
-    def _launcher_error(self, session: _Session) -> str:
-        return files.read_tail(session.spec.workdir / "sandbox.log", 400).replace("\n", "; ")
-
-    def _log_tails(self, session: _Session) -> str:
-        """The last lines of the session's logs, for an error message (never following links)."""
-        parts = []
-        logs: list[tuple[str, Path, int | None]] = [
-            ("sandbox", session.spec.workdir / "sandbox.log", None)
-        ]
-        logs += [
-            (name, session.run_dir / f"{name}.log", session.uid)
-            for name in ("xvnc", "tmux", "tty", "wm", "xterm")
-        ]
-        for name, path, owner in logs:
-            tail = files.read_tail(path, 300, owner=owner)
-            if tail:
-                parts.append(f"{name}: {tail.replace(chr(10), ' | ')}")
-        return ("; " + "; ".join(parts)) if parts else ""
-
-
-def _members(session: _Session) -> list[int]:
-    """Every process of ``session`` now, and the driver's own child while it is not reaped."""
-    process = session.process
-    pgid = process.pid if process is not None else None
-    found = set(session_processes(session.marker, pgid, session.uid, session.cgroup))
-    if process is not None and process.returncode is None:
-        found.add(process.pid)  # our unreaped child: its pid cannot belong to anyone else
-    return sorted(found)
-
-
-async def _read_child_pid(info_fd: int) -> int:
-    """Read bubblewrap's ``--info-fd`` JSON and return the sandbox's first process id."""
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader()
-    pipe = os.fdopen(info_fd, "rb", buffering=0)
-    transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), pipe)
-    try:
-        data = await reader.readuntil(b"}")
-    except asyncio.IncompleteReadError as exc:
-        raise DriverError("the sandbox did not start") from exc
-    finally:
-        transport.close()
-    return int(json.loads(data)["child-pid"])
-
-
-def _remove_workdir(workdir: Path) -> None:
-    """Unmount the session's HOME and workdir tmpfs, then remove what is left (no links
-    followed, any depth)."""
-    files.unmount(workdir / "home")
-    files.unmount(workdir)
-    files.remove_tree(workdir)
