@@ -111,3 +111,14 @@ def test_the_import_graph_has_no_cycle() -> None:
     graph = import_graph()
     assert len(graph) > 40  # the whole package was read
     assert find_cycle(graph) == []
+
+
+def test_the_controller_reaches_the_gateway_only_through_the_handover_contract() -> None:
+    """Only the controller's server assembles a Gateway; the bridge imports handover.py, not
+    the gateway package."""
+    offenders = {
+        path.name: sorted(m for m in imported_modules(path) if m.startswith("remotecli.gateway"))
+        for path in (PACKAGE / "controller").glob("*.py")
+        if path.name != "server.py"
+    }
+    assert {name: found for name, found in offenders.items() if found} == {}

@@ -41,7 +41,7 @@ from remotecli.controller.tty_bridge import TTY_PATH, TtyViewer
 from remotecli.controller.viewers import TtyAuthorizer, VncAuthorizer
 from remotecli.drivers.base import VncEndpoint
 from remotecli.exceptions import ProtocolError, RemoteCliError, VncUnavailable
-from remotecli.gateway import ClientInfo, LocalUpgrade
+from remotecli.handover import ClientInfo, LocalUpgrade
 from remotecli.logs import get_logger
 from remotecli.rfb import ClientState, NoAuthServerHandshake, RfbClient
 

@@ -64,7 +64,7 @@ from remotecli.exceptions import (
     http_answer,
 )
 from remotecli.frames import FrameReader, close_frame, frame_header
-from remotecli.gateway import ClientInfo
+from remotecli.handover import ClientInfo
 
 CONNECT_TIMEOUT = 5.0
 CLOSE_TIMEOUT = 5.0

@@ -40,7 +40,7 @@ from remotecli.controller.relay import (
 from remotecli.controller.session_stream import Upstream
 from remotecli.controller.viewers import TtyAuthorizer
 from remotecli.exceptions import BadRequest, RemoteCliError, SessionError
-from remotecli.gateway import ClientInfo
+from remotecli.handover import ClientInfo
 from remotecli.logs import get_logger
 from remotecli.tty import MAX_CONTROL, input_records, parse_control
 
