@@ -46,8 +46,9 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $@
 
-node_modules/.installed: package.json package-lock.json
+node_modules/.installed: package.json package-lock.json scripts/install-node-for-clis.sh
 	npm ci --no-audit --no-fund --loglevel=error
+	scripts/install-node-for-clis.sh
 	touch $@
 
 clean:

