@@ -114,7 +114,7 @@ stty -F /dev/ttyS1 raw -echo 115200 2>/dev/null
 # It takes a viewer's SetDesktopSize; the window manager then keeps xterm full-screen.
 Xvnc :0 -geometry "$geometry" -depth 24 -rfbport 5900 -SecurityTypes VncAuth \\
   -PasswordFile /run/remotecli/vncpass -AlwaysShared -desktop remotecli -nolisten tcp \\
-  -AcceptSetDesktopSize=1 -dpi 96 -extension GLX >/var/log/Xvnc.log 2>&1 &
+  -AcceptSetDesktopSize=1 -FrameRate=250 -dpi 96 -extension GLX >/var/log/Xvnc.log 2>&1 &
 while [ ! -S /tmp/.X11-unix/X0 ]; do $bb usleep 10000; done
 cd /root
 DISPLAY=:0 matchbox-window-manager -use_titlebar no >/var/log/wm.log 2>&1 &
