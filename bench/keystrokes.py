@@ -25,8 +25,8 @@ the key's byte as a binary message and times until the first output message. Eve
 keys starts with Ctrl-U (not timed) so the line never wraps. Peers are measured in interleaved
 rounds, after 20 warm-up keys each that are not counted.
 
-``BENCH_KEYSTROKES_XVNC_ARGS="-FrameRate=120"`` (for example) adds a peer: ``Xvnc direct`` with those extra
-arguments (to try a server setting against the others in the same run).
+``BENCH_KEYSTROKES_XVNC_ARGS="-FrameRate=120"`` (for example) adds a peer: ``Xvnc direct`` with
+those extra arguments (to try a server setting against the others in the same run).
 
 Then, when the ``claude-code`` provider is available, a ``claude-code`` session is created;
 once ready, both views are connected at once and every byte received on the wire (WebSocket
