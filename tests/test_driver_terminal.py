@@ -18,6 +18,7 @@ import struct
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -49,7 +50,7 @@ class Desktop:
     """An RFB viewer on a session's VNC socket: framebuffer, keys and SetDesktopSize."""
 
     reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
+    writer: Any  # asyncio.StreamWriter, or anything with write, drain and close
     width: int = 0
     height: int = 0
     pixel_format: PixelFormat | None = None
@@ -60,6 +61,11 @@ class Desktop:
     @classmethod
     async def open(cls, path: str) -> Desktop:
         reader, writer = await asyncio.open_unix_connection(path)
+        return await cls.over(reader, writer)
+
+    @classmethod
+    async def over(cls, reader: asyncio.StreamReader, writer: Any) -> Desktop:
+        """Shake hands (security None) on a connected stream; ``writer`` has write and drain."""
         client = RfbClient()
         while client.server_init is None:
             data = await reader.read(4096)

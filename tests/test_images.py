@@ -15,7 +15,7 @@ import pytest
 
 from remotecli.exceptions import DriverError, InitrdError, KernelImageError
 from remotecli.images import initrd, kernel
-from remotecli.images.build import find_image, image_key
+from remotecli.images.build import find_image, image_key, image_recipe
 from remotecli.images.rootfs import check_providers, packages_for
 
 SETUP_SECTS = 2
@@ -198,7 +198,20 @@ def test_find_image_prefers_exactly_the_providers_asked_for(tmp_path: Path) -> N
     """A plain image serves the shell even when a newer image also holds a provider CLI."""
     for key, providers, built_at in (("plain", [], 1.0), ("claude", ["claude-code"], 2.0)):
         (tmp_path / key).mkdir()
-        manifest = {"key": key, "providers": providers, "built_at": built_at}
+        recipe = image_recipe(providers)
+        manifest = {"key": key, "recipe": recipe, "providers": providers, "built_at": built_at}
         (tmp_path / key / "manifest.json").write_text(json.dumps(manifest))
     assert find_image(tmp_path).key == "plain"
     assert find_image(tmp_path, ["claude-code"]).key == "claude"
+
+
+def test_find_image_passes_over_an_image_of_another_recipe(tmp_path: Path) -> None:
+    """An image built from other guest scripts (an older remote-cli) is never booted."""
+    for key, recipe, built_at in (("old", "0" * 16, 2.0), ("current", image_recipe([]), 1.0)):
+        (tmp_path / key).mkdir()
+        manifest = {"key": key, "recipe": recipe, "providers": [], "built_at": built_at}
+        (tmp_path / key / "manifest.json").write_text(json.dumps(manifest))
+    assert find_image(tmp_path).key == "current"
+    (tmp_path / "current" / "manifest.json").unlink()
+    with pytest.raises(DriverError, match="built by another version of remote-cli"):
+        find_image(tmp_path)

@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 import pytest_asyncio
-from websockets.asyncio.client import connect
+from websockets.asyncio.client import ClientConnection, connect
 from websockets.typing import Subprotocol
 
 from remotecli.config import ControllerConfig
@@ -32,6 +32,7 @@ from remotecli.rfb import PROTOCOL_VERSION_3_8, SECURITY_VNC_AUTH
 from tests.conftest import MS
 from tests.e2e.sessions_api import create_ready_session
 from tests.rfb_viewer import RfbViewer, wait_for_file
+from tests.test_driver_terminal import Desktop
 
 pytestmark = [
     pytest.mark.e2e,
@@ -261,3 +262,53 @@ async def test_a_restarted_controller_reattaches_to_a_running_vm(
             await restarted.close()
         assert await restarted.recover(session_id, workdir) is None
         await api.delete(f"/api/sessions/{session_id}")
+
+
+class _SocketWriter:
+    """A StreamWriter's write, drain and close over a WebSocket (binary messages)."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+        self.pending = bytearray()
+
+    def write(self, data: bytes) -> None:
+        self.pending += data
+
+    async def drain(self) -> None:
+        if self.pending:
+            data, self.pending = bytes(self.pending), bytearray()
+            await self.ws.send(data)
+
+    def close(self) -> None:
+        pass
+
+
+async def test_the_microvm_desktop_follows_set_desktop_size(system: System) -> None:
+    """Through gateway and bridge, a microVM's Xvnc grants SetDesktopSize and then draws at it."""
+    async with system.api() as api:
+        session_id = await create_ready_session(api, TEMPLATE_TIMEOUT)
+        pid = qemu_pid(system, session_id)
+        ticket = (await api.post(f"/api/sessions/{session_id}/ticket")).json()["ticket"]
+        url = f"{system.ws_base}/api/sessions/{session_id}/vnc?ticket={ticket}"
+        async with connect(url, subprotocols=[BINARY], max_size=None) as ws:
+            reader = asyncio.StreamReader()
+
+            async def pump() -> None:
+                async for message in ws:
+                    assert isinstance(message, bytes)
+                    reader.feed_data(message)
+                reader.feed_eof()
+
+            pumping = asyncio.create_task(pump())
+            try:
+                desktop = await asyncio.wait_for(Desktop.over(reader, _SocketWriter(ws)), TIMEOUT)
+                await desktop.set_desktop_size(1024, 640)
+                async with asyncio.timeout(TIMEOUT):
+                    while not any(reason == 1 for reason, *_ in desktop.sizes):
+                        await desktop.update(incremental=True)
+                assert desktop.sizes[-1] == (1, 0, 1024, 640)  # asked by this viewer; granted
+                await asyncio.wait_for(desktop.update(), TIMEOUT)
+                assert (desktop.width, desktop.height) == (1024, 640)
+            finally:
+                pumping.cancel()
+        await delete_and_wait(api, session_id, pid)

@@ -67,6 +67,7 @@ def find_image(cache_dir: Path, providers: Sequence[str] = ()) -> GuestImage:
     """
     wanted = set(providers)
     best: tuple[bool, float, GuestImage] | None = None
+    stale = 0
     if cache_dir.is_dir():
         for manifest_path in cache_dir.glob(f"*/{MANIFEST}"):
             try:
@@ -75,6 +76,9 @@ def find_image(cache_dir: Path, providers: Sequence[str] = ()) -> GuestImage:
                 continue
             image_providers = tuple(manifest.get("providers", ()))
             if not wanted <= set(image_providers):
+                continue
+            if manifest.get("recipe") != image_recipe(image_providers):
+                stale += 1  # built by another remote-cli: its guest scripts differ
                 continue
             programs = manifest.get("programs")
             image = GuestImage(
@@ -88,9 +92,13 @@ def find_image(cache_dir: Path, providers: Sequence[str] = ()) -> GuestImage:
                 best = (*rank, image)
     if best is None:
         extra = "".join(f" --provider {name}" for name in sorted(wanted))
+        why = (
+            f"the {stale} guest image(s) in {cache_dir} were built by another version of remote-cli"
+            if stale
+            else f"no guest image in {cache_dir}"
+        )
         raise ImageBuildError(
-            f"no guest image in {cache_dir}; build one with "
-            f"`remotecli image build --cache-dir {cache_dir}{extra}`"
+            f"{why}; build one with `remotecli image build --cache-dir {cache_dir}{extra}`"
         )
     return best[2]
 
@@ -116,18 +124,27 @@ def resolve_kernel_package() -> tuple[str, str]:
 
 def image_key(providers: Sequence[str], kernel_package: str, kernel_version: str) -> str:
     """Hash every input of the build into the image's cache key."""
+    inputs = {"recipe": image_recipe(providers), "kernel": [kernel_package, kernel_version]}
+    digest = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+    return digest[:16]
+
+
+def image_recipe(providers: Sequence[str]) -> str:
+    """Hash what this remote-cli puts in an image (all but the kernel apt resolves at build).
+
+    Kept in the manifest: :func:`find_image` passes over an image built from another recipe
+    (an older guest script, say), so an upgrade never boots a stale image.
+    """
     inputs = {
         "builder": BUILDER_VERSION,
         "suite": rootfs.SUITE,
         "packages": rootfs.packages_for(providers),
         "providers": sorted(providers),
-        "kernel": [kernel_package, kernel_version],
         "modules": initrd.ROOT_MODULES,
         "scripts": [initrd.INIT_SCRIPT, rootfs.GUEST_INIT_SCRIPT, rootfs.GUEST_AGENT_SCRIPT],
         "busybox": hashlib.sha256(_busybox()).hexdigest(),
     }
-    digest = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
-    return digest[:16]
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def build_image(
@@ -174,6 +191,7 @@ def build_image(
         shutil.rmtree(tree)
         manifest = {
             "key": key,
+            "recipe": image_recipe(providers),
             "providers": sorted(providers),
             "programs": sorted(programs),
             "kernel": {"package": package, "version": version},
