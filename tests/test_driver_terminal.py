@@ -72,6 +72,7 @@ class Desktop:
             assert data, "the VNC server closed the connection during the handshake"
             client.receive_data(data)
             writer.write(client.data_to_send())
+            await writer.drain()
         assert client.take_unparsed() == b""
         init = client.server_init
         desktop = cls(reader, writer, init.width, init.height, init.pixel_format)
