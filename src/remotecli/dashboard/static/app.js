@@ -756,6 +756,12 @@ for (const view of [viewer, textView]) {
     refresh();
   });
 }
+// A session without a text terminal (a microVM's, today) is shown as its desktop.
+textView.addEventListener("notext", () => {
+  if (activeView() !== textView) return;
+  switchView("desktop");
+  setStatus("connected", `${page.label} has no text view; showing its desktop.`);
+});
 // A paste into the desktop is typed into the session key by key (viewer.js); one too long to
 // type waits in the clipboard box, for the text view or Send to session.
 viewer.addEventListener("paste", (event) => {

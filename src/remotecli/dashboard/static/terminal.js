@@ -290,6 +290,12 @@ export class TextView extends EventTarget {
       this.status("idle", `Disconnected from ${this.label} (it keeps running).`);
       return;
     }
+    if (close && close.code === 1011 && close.reason.includes("has no text terminal")) {
+      // e.g. a microVM session: the page shows its desktop instead (switching disconnects us)
+      this.status("idle", `${this.label} has no text view.`);
+      this.dispatchEvent(new CustomEvent("notext", { detail: { reason: close.reason } }));
+      return;
+    }
     const { text, retry } = await explainDrop(this.sessionId, close, error, "the session");
     if (generation !== this.generation) return;
     if (!retry) {
