@@ -10,12 +10,18 @@ import json
 from pathlib import Path
 
 from remotecli.drivers.qemu import QemuDriver
+from remotecli.images.build import image_recipe
 from remotecli.providers import Catalogue
 
 
 def add_image(cache: Path, key: str, providers: list[str], programs: list[str] | None) -> None:
     """Write an image's manifest (all that can_run reads) into the cache."""
-    manifest: dict[str, object] = {"key": key, "providers": providers, "built_at": 1.0}
+    manifest: dict[str, object] = {
+        "key": key,
+        "recipe": image_recipe(providers),  # built by this remote-cli
+        "providers": providers,
+        "built_at": 1.0,
+    }
     if programs is not None:
         manifest["programs"] = programs
     (cache / key).mkdir(parents=True)
