@@ -49,7 +49,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from remotecli.gateway.tunnel import TunnelAbout, keepalive
+from remotecli.gateway.tunnel import TunnelAbout, TunnelRecord, keepalive
 
 PIPE_SIZE = 1024 * 1024  # the most an end holds in flight; one splice moves up to this
 MAX_ROUNDS = 16  # full pipes moved per readable event before the loop serves the others
@@ -357,7 +357,7 @@ class SocketView:
         return self._end.tunnel.closing
 
 
-class SpliceTunnel:
+class SpliceTunnel(TunnelRecord):
     """A relay between two plain sockets, moved by the kernel, until both are closed.
 
     Build it with the sockets :func:`take_socket` gave, register it, then :meth:`start` it:
@@ -365,19 +365,7 @@ class SpliceTunnel:
     itself when a side is already gone.
     """
 
-    __slots__ = (
-        "_idle_timer",
-        "_on_end",
-        "about",
-        "client",
-        "closing",
-        "ended",
-        "finished",
-        "idle_timeout",
-        "last_activity",
-        "started",
-        "upstream",
-    )
+    __slots__ = ("client", "closing", "finished", "upstream")
 
     def __init__(
         self,
@@ -398,15 +386,9 @@ class SpliceTunnel:
             self.client.hold(client_early)
         if upstream_early:
             self.upstream.hold(upstream_early)
-        self.idle_timeout = idle_timeout
-        self.last_activity = time.monotonic()
-        self.started = self.last_activity
-        self.ended = ""  # how it ended: "closed", "eof", "reset", "idle", "shutdown"
-        self.about = about  # what the end-of-tunnel log line says about it
+        self._start_record(on_end, idle_timeout, about)
         self.closing = False
         self.finished = False
-        self._on_end = on_end
-        self._idle_timer: asyncio.TimerHandle | None = None
 
     def start(self) -> None:
         """Start relaying (register the tunnel first: it may end here)."""
@@ -414,9 +396,8 @@ class SpliceTunnel:
         self.upstream.start()
         if not self.closing:
             self.client.start()
-        if self.idle_timeout is not None and not self.finished:
-            loop = asyncio.get_running_loop()
-            self._idle_timer = loop.call_later(self.idle_timeout, self._idle)
+        if not self.finished:
+            self._arm_idle()
 
     @property
     def bytes_up(self) -> int:
@@ -470,15 +451,6 @@ class SpliceTunnel:
         if not self.ended:
             self.ended = "closed"
         self._on_end(self)
-
-    def _idle(self) -> None:
-        assert self.idle_timeout is not None
-        remaining = self.last_activity + self.idle_timeout - time.monotonic()
-        if remaining > 0:
-            loop = asyncio.get_running_loop()
-            self._idle_timer = loop.call_later(remaining, self._idle)
-        else:
-            self.close("idle")
 
 
 def can_splice(*transports: asyncio.Transport) -> bool:

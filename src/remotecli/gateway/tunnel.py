@@ -21,6 +21,7 @@ import asyncio
 import socket
 import time
 from collections.abc import Callable
+from typing import Any
 
 READ_HIGH_WATER = 1024 * 1024  # bytes a tunnel end may buffer towards a slow peer
 
@@ -74,25 +75,59 @@ class TunnelEnd(asyncio.Protocol):
             self.peer.transport.resume_reading()
 
 
-class Tunnel:
+class TunnelRecord:
+    """What every tunnel keeps for its end-of-tunnel log line and its idle timeout.
+
+    :class:`Tunnel` (transports) and :class:`remotecli.gateway.splice.SpliceTunnel` (sockets
+    the kernel moves) share it; each implements ``close(reason)``, which an idle tunnel gets.
+    """
+
+    __slots__ = (
+        "_idle_timer",
+        "_on_end",
+        "about",
+        "ended",
+        "idle_timeout",
+        "last_activity",
+        "started",
+    )
+
+    def _start_record(
+        self, on_end: Callable[[Any], None], idle_timeout: float | None, about: TunnelAbout
+    ) -> None:
+        self.idle_timeout = idle_timeout
+        self.last_activity = time.monotonic()
+        self.started = self.last_activity
+        self.ended = ""  # how it ended: "closed", "eof", "reset", "idle", "shutdown"
+        self.about = about  # what the end-of-tunnel log line says about it
+        self._on_end = on_end
+        self._idle_timer: asyncio.TimerHandle | None = None
+
+    def close(self, reason: str) -> None:
+        raise NotImplementedError
+
+    def _arm_idle(self) -> None:
+        if self.idle_timeout is not None:
+            self._idle_timer = asyncio.get_running_loop().call_later(self.idle_timeout, self._idle)
+
+    def _idle(self) -> None:
+        assert self.idle_timeout is not None
+        remaining = self.last_activity + self.idle_timeout - time.monotonic()
+        if remaining > 0:
+            loop = asyncio.get_running_loop()
+            self._idle_timer = loop.call_later(remaining, self._idle)
+        else:
+            self.close("idle")
+
+
+class Tunnel(TunnelRecord):
     """A relay between a client transport and an upstream transport until both are gone.
 
     Create it once both heads are exchanged; pass the bytes already read past each head.
     ``on_end`` is called once with the tunnel when both sides are closed.
     """
 
-    __slots__ = (
-        "_idle_timer",
-        "_lost",
-        "_on_end",
-        "about",
-        "client",
-        "ended",
-        "idle_timeout",
-        "last_activity",
-        "started",
-        "upstream",
-    )
+    __slots__ = ("_lost", "client", "upstream")
 
     def __init__(
         self,
@@ -109,14 +144,8 @@ class Tunnel:
         self.upstream = TunnelEnd(self, upstream)
         self.client.peer = self.upstream
         self.upstream.peer = self.client
-        self.idle_timeout = idle_timeout
-        self.last_activity = time.monotonic()
-        self.started = self.last_activity
-        self.ended = ""  # how it ended: "closed", "eof", "reset", "idle", "shutdown"
-        self.about = about  # what the end-of-tunnel log line says about it
-        self._on_end = on_end
+        self._start_record(on_end, idle_timeout, about)
         self._lost = 0
-        self._idle_timer: asyncio.TimerHandle | None = None
         for end in (self.client, self.upstream):
             end.transport.set_write_buffer_limits(high=READ_HIGH_WATER)
             end.transport.set_protocol(end)
@@ -131,8 +160,7 @@ class Tunnel:
                 end.peer.transport.close()
             else:
                 end.transport.resume_reading()
-        if idle_timeout is not None:
-            self._idle_timer = asyncio.get_running_loop().call_later(idle_timeout, self._idle)
+        self._arm_idle()
 
     @property
     def bytes_up(self) -> int:
@@ -164,15 +192,6 @@ class Tunnel:
             if not self.ended:
                 self.ended = "closed"
             self._on_end(self)
-
-    def _idle(self) -> None:
-        assert self.idle_timeout is not None
-        remaining = self.last_activity + self.idle_timeout - time.monotonic()
-        if remaining > 0:
-            loop = asyncio.get_running_loop()
-            self._idle_timer = loop.call_later(remaining, self._idle)
-        else:
-            self.close("idle")
 
 
 def keepalive(sock: socket.socket | None) -> None:
