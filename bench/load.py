@@ -107,6 +107,13 @@ class EchoDriver:
         for session_id in list(self._servers):
             await self.stop(session_id)
 
+    async def prepare(self) -> None:
+        """Nothing to prepare."""
+
+    def detach(self, session_id: str) -> bool:
+        """Refuse: these sessions end with the controller."""
+        return False
+
     @staticmethod
     async def _serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(b"RFB 003.008\n")
@@ -177,6 +184,9 @@ async def _settle(pid: int, fds_before: int, seconds: float) -> None:
 async def _tunnels(base: str, token: str, pid: int, count: int) -> dict[str, Any]:
     """Open ``count`` tunnels to one session, echo through all of them at once, close them."""
     headers = {"Authorization": f"Bearer {token}"}
+    async with httpx.AsyncClient(base_url=base, timeout=30) as browser:
+        login = await browser.get("/login", params={"token": token})  # as a browser signs in
+        cookie = login.headers["set-cookie"].split(";", 1)[0]
     async with httpx.AsyncClient(base_url=base, headers=headers, timeout=30) as client:
         session = (await client.post("/api/sessions", json={"provider": "shell"})).json()
         for _ in range(200):
@@ -203,7 +213,7 @@ async def _tunnels(base: str, token: str, pid: int, count: int) -> dict[str, Any
                 ws = await connect(
                     url,
                     origin=base,  # type: ignore[arg-type]
-                    additional_headers={"Cookie": f"remotecli_token={token}"},
+                    additional_headers={"Cookie": cookie},
                     open_timeout=30,
                     max_size=None,
                 )

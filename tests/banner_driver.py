@@ -140,6 +140,13 @@ class BannerDriver:
         for session_id in list(self._sandboxes):
             await self.stop(session_id)
 
+    async def prepare(self) -> None:
+        """Nothing to prepare."""
+
+    def detach(self, session_id: str) -> bool:
+        """Refuse: these sessions end with the controller."""
+        return False
+
     def running(self) -> list[str]:
         """Return the ids of sessions whose server still listens."""
         return list(self._sandboxes)

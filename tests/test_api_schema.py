@@ -124,6 +124,10 @@ def test_real_sessions_answer_as_documented(cut: ControllerUnderTest) -> None:
             case = operation.Case(path_parameters={"provider": "shell"})
         elif "{session_id}" not in operation.path:
             case = operation.Case()
+        elif label.startswith("PATCH"):
+            case = operation.Case(
+                path_parameters={"session_id": session_id}, body={"label": "renamed"}
+            )
         elif label.endswith("/callback"):
             case = operation.Case(
                 path_parameters={"session_id": session_id},

@@ -69,6 +69,14 @@ class Harness:
     def auth(self, token: str = ADMIN_TOKEN) -> dict[str, str]:
         return {"Authorization": f"Bearer {token}"}
 
+    async def login_cookie(self, token: str = ADMIN_TOKEN) -> str:
+        """Sign in with ``token`` through GET /login; return the Cookie header it earns."""
+        response = await self.client.get("/login", params={"token": token})
+        assert response.status_code == 303, response.text
+        value = response.headers["set-cookie"].split(";", 1)[0].split("=", 1)[1]
+        self.client.cookies.clear()  # the caller sends it by hand, where it wants
+        return f"{COOKIE_NAME}={value}"
+
     async def create(self, provider: str = "shell", token: str = ADMIN_TOKEN) -> dict[str, Any]:
         response = await self.client.post(
             "/api/sessions", json={"provider": provider}, headers=self.auth(token)
@@ -232,14 +240,36 @@ async def test_login_sets_strict_httponly_cookie(api: Harness) -> None:
     assert response.status_code == 303
     assert response.headers["location"] == "/dashboard/remote-cli"
     cookie = response.headers["set-cookie"]
-    assert cookie.startswith(f"{COOKIE_NAME}={ADMIN_TOKEN}")
+    value = cookie.split(";", 1)[0].removeprefix(f"{COOKIE_NAME}=")
+    assert cookie.startswith(f"{COOKIE_NAME}=")
+    assert value
+    assert ADMIN_TOKEN not in cookie  # a login of its own, not the token
     assert "HttpOnly" in cookie
     assert "SameSite=strict" in cookie
     assert "Secure" not in cookie
-    listed = await api.client.get(
+    listed = await api.client.get("/api/sessions", headers={"Cookie": f"{COOKIE_NAME}={value}"})
+    assert listed.status_code == 200
+    token_as_cookie = await api.client.get(
         "/api/sessions", headers={"Cookie": f"{COOKIE_NAME}={ADMIN_TOKEN}"}
     )
-    assert listed.status_code == 200
+    assert token_as_cookie.status_code == 401
+
+
+async def test_sign_out_ends_the_login_on_the_server(api: Harness) -> None:
+    """POST /api/logout clears the cookie and the server forgets the login: replaying it is 401."""
+    cookie = await api.login_cookie()
+    me = await api.client.get("/api/me", headers={"Cookie": cookie})
+    assert me.json() == {"name": "admin", "signed_in_with": "login"}
+    out = await api.client.post("/api/logout", headers={"Cookie": cookie})
+    assert out.status_code == 204
+    assert 'remotecli_login=""' in out.headers["set-cookie"]
+    assert "Max-Age=0" in out.headers["set-cookie"]
+    replay = await api.client.get("/api/sessions", headers={"Cookie": cookie})
+    assert replay.status_code == 401
+    assert "login ended" in replay.json()["message"]
+    # The token itself still works, and signing out twice is harmless.
+    assert (await api.client.get("/api/sessions", headers=api.auth())).status_code == 200
+    assert (await api.client.post("/api/logout", headers={"Cookie": cookie})).status_code == 204
 
 
 async def test_login_over_https_sets_secure_cookie(api: Harness) -> None:
@@ -449,7 +479,7 @@ async def test_cookie_needs_allowed_origin(api: Harness) -> None:
     """The login cookie opens the stream from the same origin only; no credentials is 401."""
     session = await api.create()
     await api.wait_state(session["id"], State.READY)
-    cookie = f"{COOKIE_NAME}={ADMIN_TOKEN}"
+    cookie = await api.login_cookie()
     sid = session["id"]
     target = api.viewers.authorize_vnc(
         sid, cookie_header=cookie, origin=f"http://{HOST}", host=HOST, ticket=None
@@ -469,7 +499,7 @@ async def test_cookie_needs_allowed_origin(api: Harness) -> None:
             host=HOST,
             ticket=None,
         )
-    bob_cookie = f"{COOKIE_NAME}={BOB_TOKEN}"
+    bob_cookie = await api.login_cookie(BOB_TOKEN)
     with pytest.raises(NotFound):
         api.viewers.authorize_vnc(
             sid, cookie_header=bob_cookie, origin=f"http://{HOST}", host=HOST, ticket=None
@@ -505,12 +535,19 @@ async def test_compat_path_reports_health(api: Harness) -> None:
 
 
 async def test_operations_endpoints(api: Harness) -> None:
-    """/healthz, /readyz, /metrics and the OpenAPI document answer without credentials."""
+    """/healthz, /readyz's status and the OpenAPI document answer anyone; /metrics and
+    /readyz's details only the admin (a user's token is not enough)."""
     assert (await api.client.get("/healthz")).json() == {"status": "ok"}
-    assert (await api.client.get("/readyz")).json()["status"] == "ready"
+    assert (await api.client.get("/readyz")).json() == {"status": "ready"}
     await api.create()
-    metrics = (await api.client.get("/metrics")).text
+    anonymous = await api.client.get("/metrics")
+    assert anonymous.status_code == 401
+    assert "REMOTECLI_METRICS_TOKEN" in anonymous.json()["message"]
+    assert (await api.client.get("/metrics", headers=api.auth(BOB_TOKEN))).status_code == 401
+    metrics = (await api.client.get("/metrics", headers=api.auth())).text
     assert "remotecli_session_transitions_total" in metrics
+    detailed = (await api.client.get("/readyz", headers=api.auth())).json()
+    assert detailed["active_sessions"] == 1
     openapi = (await api.client.get("/api/openapi.json")).json()
     for path in [
         "/api/providers",
@@ -545,7 +582,8 @@ async def test_restart_marks_orphaned_ready_session_failed(api: Harness) -> None
     await restarted.start()
     record = store.session(session["id"])
     assert record.state is State.FAILED
-    assert "controller restarted" in (record.reason or "")
+    assert "remote-cli was restarted" in (record.reason or "")
+    assert record.end_cause == "restart"
     await restarted.close()
     store.close()
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from remotecli.controller.sessions import RESTART_REASON
 from tests.conftest import MS
 
 REMOTECLI = [sys.executable, "-m", "remotecli"]
@@ -127,7 +128,8 @@ def test_up_prints_url_serves_and_exits_0_on_sigterm(tmp_path: Path) -> None:
     """`up` prints the login URL, answers health, readiness and login via the gateway, exits 0."""
     with remotecli_up(tmp_path / "data") as up:
         assert httpx.get(f"{up.base}/healthz", timeout=5000 * MS).status_code == 200
-        ready = httpx.get(f"{up.base}/readyz", timeout=5000 * MS)
+        operator = {"Authorization": f"Bearer {up.token}"}
+        ready = httpx.get(f"{up.base}/readyz", headers=operator, timeout=5000 * MS)
         assert {k: ready.json()[k] for k in ("status", "active_sessions")} == {
             "status": "ready",
             "active_sessions": 0,
@@ -135,7 +137,7 @@ def test_up_prints_url_serves_and_exits_0_on_sigterm(tmp_path: Path) -> None:
         assert "limits" in ready.json()["sandbox"]  # which limits are in force (docs/drivers.md)
         login = httpx.get(f"{up.base}/login", params={"token": up.token}, timeout=5000 * MS)
         assert login.status_code == 303
-        assert "remotecli_token=" in login.headers["set-cookie"]
+        assert "remotecli_login=" in login.headers["set-cookie"]
         assert httpx.get(f"{up.base}/api/sessions", timeout=5000 * MS).status_code == 401
         assert up.terminate() == 0
     token_file = tmp_path / "data" / "admin.token"
@@ -147,7 +149,7 @@ def test_admin_token_from_environment_and_user_add(tmp_path: Path) -> None:
     """REMOTECLI_TOKEN is the admin token; `user add` prints a working token for another user."""
     data = tmp_path / "data"
     added = subprocess.run(
-        [*REMOTECLI, "user", "add", "bob", "--data-dir", str(data)],
+        [*REMOTECLI, "user", "add", "bob", "--token-only", "--data-dir", str(data)],
         capture_output=True,
         text=True,
         env=clean_env(),
@@ -200,7 +202,8 @@ def test_restart_after_crash_with_a_running_session(tmp_path: Path) -> None:
     with remotecli_up(data) as up, up.client() as client:
         after = client.get(f"/api/sessions/{session['id']}").json()
         assert after["state"] == "failed"
-        assert "controller restarted" in after["reason"]
+        assert "remote-cli was restarted" in after["reason"]
+        assert after["end_cause"] == "restart"
         assert processes_mentioning(session["id"]) == []
         assert up.terminate() == 0
 
@@ -216,7 +219,8 @@ def test_sigterm_stops_running_sessions(tmp_path: Path) -> None:
     with remotecli_up(data) as up, up.client() as client:
         after = client.get(f"/api/sessions/{session['id']}").json()
         assert after["state"] == "stopped"
-        assert after["reason"] == "the controller shut down"
+        assert after["reason"] == RESTART_REASON
+        assert after["end_cause"] == "restart"
         assert up.terminate() == 0
 
 
@@ -347,7 +351,7 @@ def test_secret_rotate_refused_while_up_runs(tmp_path: Path) -> None:
         result = secret(data, "rotate")
         assert up.terminate() == 0
     assert result.returncode == 2
-    assert "a controller is running" in result.stderr
+    assert "is using the data dir" in result.stderr
 
 
 def test_secret_forget(tmp_path: Path) -> None:

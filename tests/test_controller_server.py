@@ -18,6 +18,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from remotecli.controller.server import Controller
 from tests.banner_driver import BANNER, banner_controller
 from tests.conftest import MS
+from tests.logins import login_cookie
 
 
 @pytest.fixture
@@ -76,7 +77,7 @@ async def test_cookie_from_foreign_origin_refused_before_upgrade(controller: Con
         async with connect(
             f"ws://{host}:{port}/api/auth/session/{session_id}/novnc/websock",
             origin="http://evil.example",  # type: ignore[arg-type]
-            additional_headers={"Cookie": f"remotecli_token={controller.admin_token}"},
+            additional_headers={"Cookie": login_cookie(controller)},
             open_timeout=5000 * MS,
         ):
             pass

@@ -23,11 +23,29 @@ class FakeClock:
         return self.now
 
 
+class DictLogins:
+    """Browser logins in a dict: ``alice-login`` and ``bob-login`` exist from the start."""
+
+    def __init__(self) -> None:
+        self.logins = {"alice-login": "alice", "bob-login": "bob"}
+
+    def user(self, secret: str) -> str | None:
+        return self.logins.get(secret)
+
+    def open(self, user: str) -> str:
+        secret = f"{user}-login-{len(self.logins)}"
+        self.logins[secret] = user
+        return secret
+
+    def close(self, secret: str) -> bool:
+        return self.logins.pop(secret, None) is not None
+
+
 def make_identity(max_failures: int = 3) -> tuple[Identity, TicketBook]:
     clock = FakeClock()
     tickets = TicketBook(clock=clock)
     limiter = LoginRateLimiter(max_failures=max_failures, window=60, clock=clock)
-    return Identity(TOKENS.get, tickets, limiter=limiter), tickets
+    return Identity(TOKENS.get, tickets, logins=DictLogins(), limiter=limiter), tickets
 
 
 def api_user(identity: Identity, token: str | None, client: str = "127.0.0.1") -> str:
@@ -47,7 +65,7 @@ def test_a_valid_token_is_accepted_past_the_failure_limit() -> None:
     assert api_user(identity, "alice-token") == "alice"
     assert (
         identity.request_user(
-            authorization=None, cookie_header=f"{COOKIE_NAME}=bob-token", client="127.0.0.1"
+            authorization=None, cookie_header=f"{COOKIE_NAME}=bob-login", client="127.0.0.1"
         )
         == "bob"
     )
@@ -101,7 +119,7 @@ def test_a_foreign_origin_with_a_valid_cookie_is_403_and_not_counted() -> None:
             identity.viewer_user(
                 "s1",
                 ticket=None,
-                cookie_header=f"{COOKIE_NAME}=alice-token",
+                cookie_header=f"{COOKIE_NAME}=alice-login",
                 origin="http://evil.example",
                 host=HOST,
                 client="10.0.0.1",
@@ -116,6 +134,21 @@ def test_peek_counts_nothing() -> None:
     for _ in range(5):
         assert identity.peek("stale") is None
     assert identity.peek(None) is None
-    assert identity.peek("bob-token") == "bob"
+    assert identity.peek("bob-login") == "bob"
     with pytest.raises(NotAuthenticated):
         api_user(identity, "wrong")
+
+
+def test_a_token_is_not_a_cookie_and_a_closed_login_is_gone() -> None:
+    """The cookie holds a login, not the token: a token there is refused; sign out ends it."""
+    identity, _ = make_identity()
+    with pytest.raises(NotAuthenticated, match="login ended"):
+        identity.request_user(
+            authorization=None, cookie_header=f"{COOKIE_NAME}=alice-token", client="127.0.0.1"
+        )
+    secret = identity.logins.open("alice")
+    cookie = f"{COOKIE_NAME}={secret}"
+    assert identity.request_user(authorization=None, cookie_header=cookie, client="::1") == "alice"
+    assert identity.logins.close(secret)
+    with pytest.raises(NotAuthenticated):
+        identity.request_user(authorization=None, cookie_header=cookie, client="::1")

@@ -370,7 +370,8 @@ async def test_readyz_says_which_limits_are_in_force(tmp_path: Path) -> None:
     await controller.start()
     try:
         async with httpx.AsyncClient(base_url=controller.url()) as client:
-            body = (await client.get("/readyz")).json()
+            operator = {"Authorization": f"Bearer {controller.admin_token}"}
+            body = (await client.get("/readyz", headers=operator)).json()
     finally:
         await controller.close()
     sandbox = body["sandbox"]

@@ -44,12 +44,12 @@ def test_newer_schema_refused(tmp_path: Path) -> None:
 def test_tokens_map_to_users(store: Store) -> None:
     """A token hash finds its user; replacing the admin's tokens voids the old one."""
     store.add_token("bob", hash_token("t-bob"), 2.0)
-    assert store.user_for_token(hash_token("t-bob")) == "bob"
-    assert store.user_for_token(hash_token("other")) is None
+    assert store.user_for_token(hash_token("t-bob"), 5.0) == "bob"
+    assert store.user_for_token(hash_token("other"), 5.0) is None
     store.replace_tokens("admin", hash_token("old"), 3.0)
     store.replace_tokens("admin", hash_token("new"), 4.0)
-    assert store.user_for_token(hash_token("old")) is None
-    assert store.user_for_token(hash_token("new")) == "admin"
+    assert store.user_for_token(hash_token("old"), 5.0) is None
+    assert store.user_for_token(hash_token("new"), 5.0) == "admin"
     assert store.users() == ["admin", "alice", "bob"]
 
 

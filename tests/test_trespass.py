@@ -34,6 +34,7 @@ from remotecli.drivers.base import SessionSpec
 from remotecli.exceptions import Forbidden
 from tests.banner_driver import BANNER, banner_controller
 from tests.conftest import MS
+from tests.logins import login_cookie
 
 VNC_PATHS = ("/api/sessions/{id}/vnc", "/api/auth/session/{id}/novnc/websock")
 
@@ -114,7 +115,7 @@ async def test_other_users_session_is_404_on_every_endpoint(controller: Controll
             controller,
             path.format(id=session_id),
             origin=own_origin,
-            Cookie=f"remotecli_token={intruder}",
+            Cookie=login_cookie(controller, "mallory"),
         )
         assert status == 404, f"{path}: {status}"
     async with client_for(controller, controller.admin_token) as owner:
@@ -125,7 +126,7 @@ async def test_cookie_websocket_needs_an_allowed_origin(controller: Controller) 
     """With cookie auth, a foreign or missing Origin is refused with HTTP 403 before the upgrade."""
     async with client_for(controller, controller.admin_token) as owner:
         session_id = await ready_session(owner)
-    cookie = f"remotecli_token={controller.admin_token}"
+    cookie = login_cookie(controller)
     for path in VNC_PATHS:
         url_path = path.format(id=session_id)
         for origin in ("http://evil.example", "null", f"{controller.url()}.evil.example"):
@@ -243,7 +244,7 @@ async def test_traversal_and_over_long_names_are_refused_before_the_store(
 
 async def test_websocket_paths_with_traversal_are_refused(controller: Controller) -> None:
     """A WebSocket to a VNC path whose id holds ../, %2F or is over-long is refused with a 4xx."""
-    cookie = f"remotecli_token={controller.admin_token}"
+    cookie = login_cookie(controller)
     for session_id in ("..%2F..%2Fetc", "%2e%2e", "a" * 65, "x%00y"):
         for path in VNC_PATHS:
             status = await upgrade_status(

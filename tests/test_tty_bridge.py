@@ -45,6 +45,7 @@ from remotecli.gateway import Gateway
 from remotecli.tty import MAX_INPUT
 from tests.banner_driver import BannerDriver
 from tests.conftest import MS
+from tests.logins import login_cookie
 
 # Overriding event_loop_policy is deprecated in pytest-asyncio; its replacement hook lives in
 # the shared conftest and would parametrize every test of the project.
@@ -631,7 +632,7 @@ async def test_no_credentials_is_401(running: Running) -> None:
 async def test_another_users_session_is_404(running: Running) -> None:
     """Someone else's session answers 404 on the text view, as one that does not exist."""
     session_id = await running.ready_session()
-    cookie = {"Cookie": f"remotecli_token={running.bob_token}"}
+    cookie = {"Cookie": login_cookie(running.controller, "bob")}
     status = await refused(
         running.url(f"/api/sessions/{session_id}/tty"),
         origin=running.origin,
@@ -652,7 +653,7 @@ async def test_a_ticket_for_one_session_is_refused_on_another(running: Running) 
 async def test_cookie_from_another_site_is_403(running: Running) -> None:
     """The login cookie with a cross-site Origin is refused with 403; same-origin opens."""
     session_id = await running.ready_session()
-    cookie = {"Cookie": f"remotecli_token={running.controller.admin_token}"}
+    cookie = {"Cookie": login_cookie(running.controller)}
     url = running.url(f"/api/sessions/{session_id}/tty")
     assert await refused(url, origin="http://evil.example", additional_headers=cookie) == 403
     async with connect(url, origin=running.origin, additional_headers=cookie) as ws:  # type: ignore[arg-type]

@@ -24,6 +24,7 @@ from remotecli.config import load_controller_config
 from remotecli.controller.server import Controller, add_user_token
 from tests.banner_driver import banner_controller
 from tests.conftest import MS
+from tests.logins import login_cookie
 from tests.test_trespass import VNC_PATHS, ready_session, upgrade_status
 
 WS_KEY = "dGhlIHNhbXBsZSBub25jZQ=="
@@ -75,7 +76,7 @@ def websocket_request(path: str, host: str, cookie: str) -> str:
     return (
         f"GET {path} HTTP/1.1\nHost: {host}\nUpgrade: websocket\nConnection: Upgrade\n"
         f"Sec-WebSocket-Key: {WS_KEY}\nSec-WebSocket-Version: 13\n"
-        f"Origin: http://{host}\nCookie: remotecli_token={cookie}\n\n"
+        f"Origin: http://{host}\nCookie: {cookie}\n\n"
     )
 
 
@@ -120,7 +121,7 @@ async def test_cross_site_login_link_asks_instead_of_setting_the_cookie(
 async def test_login_link_does_not_replace_another_users_cookie(controller: Controller) -> None:
     """A valid cookie of another user is not replaced by a login link, even from the address bar."""
     mallory = user(controller, "mallory")
-    admin_cookie = {"Cookie": f"remotecli_token={controller.admin_token}"}
+    admin_cookie = {"Cookie": login_cookie(controller)}
     async with browser(controller) as client:
         response = await client.get(
             "/login",
@@ -140,7 +141,7 @@ async def test_login_link_does_not_replace_another_users_cookie(controller: Cont
         stale = await client.get(
             "/login",
             params={"token": mallory},
-            headers={"Sec-Fetch-Site": "none", "Cookie": "remotecli_token=stale-token"},
+            headers={"Sec-Fetch-Site": "none", "Cookie": "remotecli_login=stale-login"},
         )
         assert stale.status_code == 303
 
@@ -157,7 +158,8 @@ async def test_same_origin_post_signs_in(controller: Controller) -> None:
             assert response.status_code == 303, response.text
             assert response.headers["location"] == "/dashboard/remote-cli"
             cookie = response.headers["set-cookie"]
-            assert cookie.startswith(f"remotecli_token={mallory}")
+            assert cookie.startswith("remotecli_login=")
+            assert mallory not in cookie  # the cookie is a login of its own, not the token
             assert "HttpOnly" in cookie
             assert "SameSite=strict" in cookie
 
@@ -213,7 +215,7 @@ async def test_wrong_logins_never_block_valid_credentials(controller: Controller
             controller,
             path.format(id=session_id),
             origin=controller.url(),
-            Cookie=f"remotecli_token={controller.admin_token}",
+            Cookie=login_cookie(controller),
         )
         assert status == 101, path
 
@@ -233,7 +235,7 @@ async def test_bad_cookie_and_ticket_websockets_count_and_get_429(controller: Co
                 status = await upgrade_status(controller, f"{url_path}?ticket=forged-{n}")
             else:
                 status = await upgrade_status(
-                    controller, url_path, origin=controller.url(), Cookie="remotecli_token=bad"
+                    controller, url_path, origin=controller.url(), Cookie="remotecli_login=bad"
                 )
             statuses.append(status)
     assert sorted(set(statuses)) == [401, 403]
@@ -241,7 +243,7 @@ async def test_bad_cookie_and_ticket_websockets_count_and_get_429(controller: Co
         url_path = path.format(id=session_id)
         assert await upgrade_status(controller, f"{url_path}?ticket=forged-x") == 429
         bad_cookie = await upgrade_status(
-            controller, url_path, origin=controller.url(), Cookie="remotecli_token=bad"
+            controller, url_path, origin=controller.url(), Cookie="remotecli_login=bad"
         )
         assert bad_cookie == 429
     async with browser(controller) as client:
@@ -278,12 +280,12 @@ async def test_foreign_host_is_misdirected_everywhere(controller: Controller) ->
             assert response.headers["connection"] == "close"
     path = f"/api/sessions/{session_id}/vnc"
     status, answer = await raw_exchange(
-        controller, websocket_request(path, "evil.example", controller.admin_token)
+        controller, websocket_request(path, "evil.example", login_cookie(controller))
     )
     assert status == 421
     assert b"evil.example" in answer
     status, _ = await raw_exchange(
-        controller, websocket_request(path, own_host(controller), controller.admin_token)
+        controller, websocket_request(path, own_host(controller), login_cookie(controller))
     )
     assert status == 101
 

@@ -31,7 +31,7 @@ from remotecli.exceptions import Forbidden, TooManyRequests
 
 Clock = Callable[[], float]
 
-COOKIE_NAME = "remotecli_token"
+COOKIE_NAME = "remotecli_login"  # a browser login, not the token (controller/identity.py)
 TICKET_TTL = 60.0
 
 
@@ -62,7 +62,7 @@ def bearer_token(authorization: str | None) -> str | None:
 
 
 def cookie_token(cookie_header: str | None) -> str | None:
-    """Return the login token carried by a ``Cookie`` header, or None."""
+    """Return the browser login secret carried by a ``Cookie`` header, or None."""
     if not cookie_header:
         return None
     jar: SimpleCookie = SimpleCookie()

@@ -351,42 +351,12 @@ def controller(
 
 @cli.group()
 def user() -> None:
-    """Manage the users who may log in."""
+    """Manage the users who may log in: add, list, remove, and issue a new token.
 
+    Safe while remote-cli runs: a removed user's token and browser logins stop working at
+    once, and the running controller ends their sessions within a second.
+    """
 
-@user.command("add")
-@click.argument("name")
-@click.option(
-    "--data-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    help="The controller's data dir (default $XDG_DATA_HOME/remotecli).",
-)
-@click.option(
-    "--config",
-    "config_file",
-    type=click.Path(dir_okay=False, exists=True, path_type=Path),
-    help="The TOML file the controller reads (for its data_dir).",
-)
-def user_add(name: str, data_dir: Path | None, config_file: Path | None) -> None:
-    """Create user NAME (if needed) and print a new login token for it."""
-    from remotecli.controller.server import ADMIN_USER, add_user_token, open_store
-
-    if not _USER_NAME.fullmatch(name) or name == ADMIN_USER:
-        raise ConfigError(
-            f"user name {name!r} is not allowed: use 1-32 of a-z 0-9 _ . - starting with a "
-            f"letter (and not {ADMIN_USER!r}, whose token is REMOTECLI_TOKEN or admin.token)"
-        )
-    config = load_controller_config({"data_dir": data_dir}, config_file=config_file)
-    store = open_store(config.data_dir)
-    try:
-        token = add_user_token(store, name)
-    finally:
-        store.close()
-    click.echo(token)
-
-
-# --- remotecli secret ---------------------------------------------------------------------------
-# (owned by the controller's kept sign-ins: src/remotecli/controller/signins.py)
 
 _DATA_DIR_OPTION = click.option(
     "--data-dir",
@@ -399,26 +369,259 @@ _CONFIG_OPTION = click.option(
     type=click.Path(dir_okay=False, exists=True, path_type=Path),
     help="The TOML file the controller reads (for its data_dir).",
 )
+_EXPIRES_OPTION = click.option(
+    "--expires",
+    metavar="DURATION",
+    default=None,
+    help="The token stops working after this long (e.g. 12h, 30d) [default: never].",
+)
 
 
-def _controller_answers(data_dir: Path) -> bool:
-    """Whether a controller serves the API socket of ``data_dir`` (a second guard after the
-    key lock, for a controller that holds none)."""
-    import socket
+def _check_user_name(name: str) -> None:
+    from remotecli.controller.identity import ADMIN_USER
 
-    from remotecli.controller.server import SOCKET_NAME
+    if not _USER_NAME.fullmatch(name) or name == ADMIN_USER:
+        raise ConfigError(
+            f"user name {name!r} is not allowed: use 1-32 of a-z 0-9 _ . - starting with a "
+            f"letter (and not {ADMIN_USER!r}, whose token is REMOTECLI_TOKEN or admin.token)"
+        )
 
-    path = data_dir / "run" / SOCKET_NAME
-    if not path.exists():
-        return False
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+
+def _expiry(expires: str | None) -> float | None:
+    import time
+
+    from remotecli.config import parse_duration
+
+    if expires is None:
+        return None
+    seconds = parse_duration(expires, "--expires")
+    if seconds <= 0:
+        raise ConfigError("--expires must be longer than 0; leave it out for a token that lasts")
+    return time.time() + seconds
+
+
+def _when(epoch: float | None, never: str = "never") -> str:
+    from datetime import UTC, datetime
+
+    if epoch is None:
+        return never
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _login_url(data_dir: Path, listen: tuple[str, int], token: str) -> str | None:
+    """The login URL of ``token``: the serving controller's address, else the configured one."""
+    from remotecli.controller.server import URL_FILE
+
     try:
-        probe.connect(str(path))
+        base = (data_dir / "run" / URL_FILE).read_text(encoding="utf-8").strip()
     except OSError:
-        return False
+        host, port = listen
+        if port == 0:
+            return None
+        shown = {"0.0.0.0": "127.0.0.1", "::": "[::1]", "": "127.0.0.1"}.get(host, host)
+        if ":" in shown and not shown.startswith("["):
+            shown = f"[{shown}]"
+        base = f"http://{shown}:{port}"
+    return f"{base}/login?token={token}"
+
+
+def _show_token(data_dir: Path, listen: tuple[str, int], name: str, token: str) -> None:
+    url = _login_url(data_dir, listen, token)
+    if url is not None:
+        click.echo(f"Login URL for {name} (it holds the token: send it privately):\n\n    {url}\n")
+    click.echo(f"Token for {name} (Authorization: Bearer): {token}")
+
+
+_TOKEN_ONLY_OPTION = click.option(
+    "--token-only", is_flag=True, help="Print only the token, for scripts."
+)
+
+
+@user.command("add")
+@click.argument("name")
+@_EXPIRES_OPTION
+@_TOKEN_ONLY_OPTION
+@_DATA_DIR_OPTION
+@_CONFIG_OPTION
+def user_add(
+    name: str,
+    expires: str | None,
+    token_only: bool,
+    data_dir: Path | None,
+    config_file: Path | None,
+) -> None:
+    """Create user NAME (or give an existing one another token) and print its login URL."""
+    from remotecli.controller.server import add_user_token, open_store
+
+    _check_user_name(name)
+    expires_at = _expiry(expires)
+    config = load_controller_config({"data_dir": data_dir}, config_file=config_file)
+    store = open_store(config.data_dir)
+    try:
+        existed = store.user_exists(name)
+        token = add_user_token(store, name, expires_at=expires_at)
     finally:
-        probe.close()
-    return True
+        store.close()
+    if token_only:
+        click.echo(token)
+        return
+    click.echo(f"{'Added a token for' if existed else 'Created user'} {name}.", err=True)
+    _show_token(config.data_dir, config.listen, name, token)
+
+
+@user.command("token")
+@click.argument("name")
+@_EXPIRES_OPTION
+@_TOKEN_ONLY_OPTION
+@_DATA_DIR_OPTION
+@_CONFIG_OPTION
+def user_token(
+    name: str,
+    expires: str | None,
+    token_only: bool,
+    data_dir: Path | None,
+    config_file: Path | None,
+) -> None:
+    """Issue a new token for NAME and revoke its old ones (its browsers are signed out).
+
+    For admin the new token is written to DATA_DIR/admin.token (unless REMOTECLI_TOKEN sets
+    it: then change that variable and restart instead).
+    """
+    from remotecli.controller.identity import ADMIN_USER
+    from remotecli.controller.server import add_user_token, open_store, save_admin_token
+
+    if name != ADMIN_USER:
+        _check_user_name(name)
+    expires_at = _expiry(expires)
+    config = load_controller_config({"data_dir": data_dir}, config_file=config_file)
+    if name == ADMIN_USER and config.admin_token:
+        raise ConfigError(
+            "the admin's token is set by REMOTECLI_TOKEN; set a new value there and restart "
+            "remote-cli"
+        )
+    if name == ADMIN_USER and expires_at is not None:
+        raise ConfigError("the admin's token does not expire; leave out --expires")
+    store = open_store(config.data_dir)
+    try:
+        if not store.user_exists(name):
+            raise ConfigError(f"there is no user {name!r}; create it with `remotecli user add`")
+        token = add_user_token(store, name, expires_at=expires_at, replace=True)
+        if name == ADMIN_USER:
+            save_admin_token(config.data_dir, token)
+    finally:
+        store.close()
+    if token_only:
+        click.echo(token)
+        return
+    click.echo(f"Revoked the old tokens of {name} and signed out its browsers.", err=True)
+    _show_token(config.data_dir, config.listen, name, token)
+
+
+@user.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@_DATA_DIR_OPTION
+@_CONFIG_OPTION
+def user_list(as_json: bool, data_dir: Path | None, config_file: Path | None) -> None:
+    """List the users: created, last seen, active sessions, tokens and when they expire."""
+    import json
+
+    from remotecli.controller.server import open_store
+
+    config = load_controller_config({"data_dir": data_dir}, config_file=config_file)
+    store = open_store(config.data_dir)
+    try:
+        records = store.user_records()
+    finally:
+        store.close()
+    if as_json:
+        click.echo(json.dumps([vars(r) for r in records], indent=2))
+        return
+    rows = [("NAME", "CREATED", "LAST SEEN", "ACTIVE", "TOKENS", "TOKEN EXPIRES")]
+    for r in records:
+        expires = "-" if not r.tokens else _when(r.token_expires_at)
+        rows.append(
+            (
+                r.name,
+                _when(r.created_at),
+                _when(r.last_seen, "never"),
+                str(r.active_sessions),
+                str(r.tokens),
+                expires,
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
+
+
+@user.command("remove")
+@click.argument("name")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.option(
+    "--wait",
+    type=click.FloatRange(min=0),
+    default=30.0,
+    show_default=True,
+    help="Seconds to wait for a running remote-cli to end the user's sessions.",
+)
+@_DATA_DIR_OPTION
+@_CONFIG_OPTION
+def user_remove(
+    name: str, yes: bool, wait: float, data_dir: Path | None, config_file: Path | None
+) -> None:
+    """Remove user NAME: its tokens and logins stop working now, its sessions end, and its
+    kept provider sign-ins are erased."""
+    import time
+
+    from remotecli.controller.datadir import serving_pid
+    from remotecli.controller.server import open_store
+
+    _check_user_name(name)
+    config = load_controller_config({"data_dir": data_dir}, config_file=config_file)
+    store = open_store(config.data_dir)
+    try:
+        if not store.user_exists(name):
+            raise ConfigError(f"there is no user {name!r}; `remotecli user list` shows them")
+        active = store.count_active(name)
+        if not yes:
+            if not sys.stdin.isatty():
+                raise ConfigError(f"removing {name} needs confirmation: add --yes")
+            click.confirm(
+                f"Remove {name}, end its {active} active session(s) and erase its kept sign-ins?",
+                abort=True,
+            )
+        signins = len(store.signins(name))
+        store.remove_user(name, time.time())
+        click.echo(f"Removed {name}: its tokens and logins no longer work.")
+        if signins:
+            click.echo(f"Erased {signins} kept sign-in(s).")
+        if not active:
+            return
+        pid = serving_pid(config.data_dir)
+        if pid is None:
+            click.echo(
+                f"{active} session(s) of {name} will be ended when remote-cli next starts "
+                "(none is running now)."
+            )
+            return
+        click.echo(f"Waiting for remote-cli (pid {pid}) to end {active} session(s)...")
+        deadline = time.monotonic() + wait
+        left = store.count_active(name)
+        while left and time.monotonic() < deadline:
+            time.sleep(0.2)
+            left = store.count_active(name)
+    finally:
+        store.close()
+    if left:
+        raise RemoteCliError(
+            f"{left} session(s) of {name} are still ending after {wait:.0f} s; "
+            "`remotecli user list` shows when they are gone"
+        )
+    click.echo(f"Ended {active} session(s).")
+
+
+# --- remotecli secret ---------------------------------------------------------------------------
+# (owned by the controller's kept sign-ins: src/remotecli/controller/signins.py)
 
 
 @cli.group("secret")
@@ -453,21 +656,22 @@ def secret_rotate(
     give the new key with --new-key-file, then restart the controller with the variable set to
     it. Refuses while a controller runs on the data dir.
     """
-    from remotecli.controller.server import open_store
+    from remotecli.controller.datadir import DataDirLock
+    from remotecli.controller.server import open_store, prepare_data_dir
     from remotecli.controller.signins import read_key_file, rotate_secret
 
     config = load_controller_config({"data_dir": data_dir}, config_file=config_file)
-    if _controller_answers(config.data_dir):
-        raise ConfigError(
-            f"a controller is running on {config.data_dir}; stop it, rotate the key, then "
-            "start it again"
-        )
     new_material = None if new_key_file is None else read_key_file(new_key_file).material
-    store = open_store(config.data_dir)
+    # Held while re-encrypting: no controller runs now, and none can start half-way through.
+    lock = DataDirLock.serve(prepare_data_dir(config.data_dir), purpose="secret rotate")
     try:
-        count, key = rotate_secret(store, config.data_dir, config.secret_key, new_material)
+        store = open_store(config.data_dir)
+        try:
+            count, key = rotate_secret(store, config.data_dir, config.secret_key, new_material)
+        finally:
+            store.close()
     finally:
-        store.close()
+        lock.release()
     click.echo(f"re-encrypted {count} sign-in(s) with key {key.key_id}")
     if config.secret_key:
         click.echo(
@@ -515,6 +719,80 @@ def secret_forget(
     finally:
         store.close()
     click.echo(f"forgot {count} sign-in(s)")
+
+
+# --- remotecli gc -------------------------------------------------------------------------------
+# (owned by the controller's clean-up: src/remotecli/controller/gc.py)
+
+
+@cli.command("gc")
+@click.option("--dry-run", is_flag=True, help="Only say what would be removed.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@_DATA_DIR_OPTION
+@_CONFIG_OPTION
+def gc_command(
+    dry_run: bool, as_json: bool, data_dir: Path | None, config_file: Path | None
+) -> None:
+    """Remove what is no longer needed: ended sessions past keep_ended_sessions (30 days by
+    default), session directories no active session owns, stale guest images and templates.
+
+    The controller does the same every gc_interval (a day by default). Safe while it runs:
+    nothing of an active session is touched.
+    """
+    import json
+    import time
+
+    from remotecli.controller.gc import run_gc
+    from remotecli.controller.server import open_store
+
+    config = load_controller_config({"data_dir": data_dir}, config_file=config_file)
+    store = open_store(config.data_dir)
+    try:
+        report = run_gc(config, store, now=time.time(), dry_run=dry_run)
+    finally:
+        store.close()
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2))
+    else:
+        for line in report.lines():
+            click.echo(line)
+
+
+# --- remotecli backup / restore ---------------------------------------------------------------
+# (owned by the controller: src/remotecli/controller/backup.py)
+
+
+@cli.command("backup")
+@click.argument("target", type=click.Path(file_okay=False, path_type=Path))
+@_DATA_DIR_OPTION
+@_CONFIG_OPTION
+def backup_command(target: Path, data_dir: Path | None, config_file: Path | None) -> None:
+    """Copy the store, the sign-in key and the admin token into the new directory TARGET.
+
+    Safe while remote-cli runs: the store is copied with SQLite's online backup. TARGET holds
+    secrets (mode 0700, files 0600): keep it as you keep the data dir.
+    """
+    from remotecli.controller.backup import back_up
+
+    config = load_controller_config({"data_dir": data_dir}, config_file=config_file)
+    report = back_up(config.data_dir, target)
+    click.echo(f"backed up {', '.join(report.files)} (schema {report.schema_version}) to {target}")
+
+
+@cli.command("restore")
+@click.argument("source", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@_DATA_DIR_OPTION
+@_CONFIG_OPTION
+def restore_command(source: Path, data_dir: Path | None, config_file: Path | None) -> None:
+    """Put a `remotecli backup` directory back into the data dir, with remote-cli stopped.
+
+    The files it replaces are kept beside, with the suffix .before-restore.
+    """
+    from remotecli.controller.backup import restore
+
+    config = load_controller_config({"data_dir": data_dir}, config_file=config_file)
+    report = restore(source, config.data_dir)
+    click.echo(f"restored {', '.join(report.files)} into {config.data_dir}; start remote-cli")
 
 
 # --- remotecli image ----------------------------------------------------------------------------

@@ -96,6 +96,10 @@ CONTROLLER_ENV = {
     "REMOTECLI_QEMU_MEMORY": "qemu_memory",
     "REMOTECLI_QEMU_ACCELERATOR": "qemu_accelerator",
     "REMOTECLI_QEMU_POOL_SIZE": "qemu_pool_size",
+    "REMOTECLI_ON_SHUTDOWN": "on_shutdown",
+    "REMOTECLI_METRICS_LISTEN": "metrics_listen",
+    "REMOTECLI_KEEP_ENDED_SESSIONS": "keep_ended_sessions",
+    "REMOTECLI_GC_INTERVAL": "gc_interval",
 }
 """Environment variable → ControllerConfig field (docs/configuration.md lists each)."""
 
@@ -106,6 +110,8 @@ QEMU_ACCELERATORS = ("auto", "kvm", "tcg")
 
 CONTROLLER_TOKEN_ENV = "REMOTECLI_TOKEN"  # noqa: S105 (a variable name, not a secret)
 CONTROLLER_SECRET_KEY_ENV = "REMOTECLI_SECRET_KEY"  # noqa: S105 (a variable name)
+CONTROLLER_METRICS_TOKEN_ENV = "REMOTECLI_METRICS_TOKEN"  # noqa: S105 (a variable name)
+ON_SHUTDOWN_CHOICES = ("stop", "keep")
 SECRET_KEY_BYTES = 32  # AES-256
 CONTROLLER_CONFIG_ENV = "REMOTECLI_CONFIG"
 
@@ -172,7 +178,7 @@ class ControllerConfig:
     session_home_size: int = 1024**3  # bytes of HOME (a tmpfs, counted in the memory too)
     egress: str = "open"  # a local session's internet: open (never the host, private ranges) | none
     qemu_memory: int = 256 * 1024**2  # bytes of guest RAM per microVM
-    qemu_accelerator: str = "auto"  # kvm | tcg | auto (probe KVM once, remembered in the data dir)
+    qemu_accelerator: str = "auto"  # kvm | tcg | auto (probe KVM once per host, remembered)
     qemu_pool_size: int = 0  # microVMs per template kept restored and warm ahead of sessions
     reap_interval: float = 15.0
     log_format: str = "console"
@@ -181,6 +187,13 @@ class ControllerConfig:
     tls_key: str | None = None
     allowed_hosts: tuple[str, ...] = ()  # Host names answered besides the defaults; "*" = any
     create_rate: tuple[int, float] | None = (10, 30.0)  # N creations per S seconds per user
+    # stop: end every session on shutdown; keep: leave those the driver can take back (qemu)
+    on_shutdown: str = "stop"
+    # /metrics and /readyz's details: bearer token (REMOTECLI_METRICS_TOKEN), a listener apart
+    metrics_token: str | None = field(default=None, repr=False)
+    metrics_listen: tuple[str, int] | None = None
+    keep_ended_sessions: float = 30 * 86400.0  # seconds ended sessions are kept; 0 = forever
+    gc_interval: float = 86400.0  # seconds between automatic clean-ups (remotecli gc); 0 = never
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -356,6 +369,10 @@ _CONTROLLER_PARSERS: dict[str, Callable[[object], object]] = {
     "log_level": lambda v: _parse_choice(v, "log_level", ("debug", "info", "warning", "error")),
     "tls_cert": str,
     "tls_key": str,
+    "on_shutdown": lambda v: _parse_choice(v, "on_shutdown", ON_SHUTDOWN_CHOICES),
+    "metrics_listen": lambda v: v if isinstance(v, tuple) else parse_listen(str(v)),
+    "keep_ended_sessions": lambda v: parse_duration(v, "keep_ended_sessions"),
+    "gc_interval": lambda v: parse_duration(v, "gc_interval"),
 }
 
 
@@ -416,6 +433,12 @@ def load_controller_config(
     if secret_key is not None:
         parse_secret_key(secret_key, CONTROLLER_SECRET_KEY_ENV)
     values["secret_key"] = secret_key
+    metrics_token = source.get(CONTROLLER_METRICS_TOKEN_ENV, "").strip() or None
+    if metrics_token is not None and len(metrics_token) < 16:
+        raise ConfigError(
+            f"{CONTROLLER_METRICS_TOKEN_ENV} is too short; use at least 16 random characters"
+        )
+    values["metrics_token"] = metrics_token
     return ControllerConfig(admin_token=token, **values)  # type: ignore[arg-type]
 
 

@@ -146,7 +146,17 @@ def world(playwright: Playwright, tmp_path_factory: pytest.TempPathFactory) -> I
     data_dir = base / "data"
     env = {"REMOTECLI_CONFIG": str(config), "REMOTECLI_TOKEN": "", "REMOTECLI_SECRET_KEY": ""}
     added = subprocess.run(
-        [sys.executable, "-m", "remotecli", "user", "add", OTHER_USER, "--data-dir", str(data_dir)],
+        [
+            sys.executable,
+            "-m",
+            "remotecli",
+            "user",
+            "add",
+            OTHER_USER,
+            "--token-only",
+            "--data-dir",
+            str(data_dir),
+        ],
         capture_output=True,
         text=True,
         env={**os.environ, **env},

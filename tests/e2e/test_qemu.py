@@ -312,3 +312,53 @@ async def test_the_microvm_desktop_follows_set_desktop_size(system: System) -> N
             finally:
                 pumping.cancel()
         await delete_and_wait(api, session_id, pid)
+
+
+async def test_on_shutdown_keep_carries_a_microvm_across_a_controller_restart(
+    image: GuestImage, system: System, tmp_path: Path
+) -> None:
+    """With on_shutdown = keep, stopping the controller leaves a ready microVM running; the
+    next controller on the same data dir takes it back (ready, watched) and its desktop answers
+    through the new gateway and bridge; deleting it then ends the VM."""
+    cache = image.directory.parent
+    templates = cache.parent / "templates"
+    config = ControllerConfig(
+        listen=("127.0.0.1", 0), data_dir=tmp_path / "data", on_shutdown="keep"
+    )
+    old_driver = QemuBenchDriver(config.data_dir, image_cache=cache, template_cache=templates)
+    first = Controller(config, driver=old_driver)
+    await first.start()
+    try:
+        async with httpx.AsyncClient(
+            base_url=first.url(),
+            headers={"Authorization": f"Bearer {first.admin_token}"},
+            timeout=TEMPLATE_TIMEOUT,
+        ) as api:
+            session_id = await create_ready_session(api, TEMPLATE_TIMEOUT)
+        pid = old_driver.pid_of(session_id)
+        assert pid is not None
+    finally:
+        await first.close()
+    assert Path(f"/proc/{pid}").exists(), "the kept VM must outlive its controller"
+    second = Controller(
+        config, driver=QemuBenchDriver(config.data_dir, image_cache=cache, template_cache=templates)
+    )
+    await second.start()
+    try:
+        assert second.manager is not None
+        assert second.manager.watched(session_id)
+        async with httpx.AsyncClient(
+            base_url=second.url(),
+            headers={"Authorization": f"Bearer {second.admin_token}"},
+            timeout=TIMEOUT,
+        ) as api:
+            assert (await api.get(f"/api/sessions/{session_id}")).json()["state"] == "ready"
+            ticket = (await api.post(f"/api/sessions/{session_id}/ticket")).json()
+            ws_base = "ws" + second.url().removeprefix("http")
+            async with connect(f"{ws_base}{ticket['vnc_path']}", subprotocols=[BINARY]) as ws:
+                banner = await asyncio.wait_for(ws.recv(), TIMEOUT)
+            assert isinstance(banner, bytes)
+            assert banner.startswith(b"RFB 003.")
+            await delete_and_wait(api, session_id, pid)
+    finally:
+        await second.close()

@@ -18,12 +18,12 @@ load a script from a CDN into our origin).
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import prometheus_client
-from fastapi import Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import (
@@ -37,13 +37,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from remotecli import __version__
-from remotecli.auth import LoginRateLimiter
+from remotecli.auth import LoginRateLimiter, bearer_token, tokens_match
 from remotecli.controller import login
 from remotecli.controller.events import SessionEvent
-from remotecli.controller.identity import Identity
-from remotecli.controller.sessions import SessionManager
+from remotecli.controller.identity import ADMIN_USER, Identity
+from remotecli.controller.sessions import LABEL_MAX, SessionManager
 from remotecli.controller.store import SessionRecord
 from remotecli.exceptions import (
+    NotAuthenticated,
     RemoteCliError,
     ServiceUnavailable,
     Unprocessable,
@@ -105,14 +106,41 @@ class CallbackOut(BaseModel):
 class CreateSessionIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     provider: str = Field(pattern=PROVIDER_PATTERN, max_length=32, examples=["shell"])
+    label: str | None = Field(
+        default=None,
+        max_length=256,
+        description=f"A name to tell it apart in lists (at most {LABEL_MAX} printable characters)",
+        examples=["review PR 42"],
+    )
+
+
+class UpdateSessionIn(BaseModel):
+    """A merge patch (RFC 7396): a field left out is left as it is."""
+
+    model_config = ConfigDict(extra="forbid")
+    label: str | None = Field(
+        default=None,
+        max_length=256,
+        description="The session's new label; null or blank removes it",
+    )
+
+
+class MeOut(BaseModel):
+    name: str = Field(description="Who this request is signed in as")
+    signed_in_with: str = Field(description="token (Authorization: Bearer) or login (cookie)")
 
 
 class SessionOut(BaseModel):
     id: str
     owner: str
     provider: str
+    label: str | None = Field(description="The name its owner gave it")
     state: State
     reason: str | None = Field(description="Why it failed or stopped, when it did")
+    end_cause: str | None = Field(
+        description="What ended it, in one word, when known: restart (remote-cli was "
+        "restarted), user-removed"
+    )
     created_at: datetime
     updated_at: datetime
     ready_at: datetime | None
@@ -159,8 +187,10 @@ def _session_fields(record: SessionRecord, viewers: int, open_url: str | None) -
         "id": record.id,
         "owner": record.owner,
         "provider": record.provider,
+        "label": record.label,
         "state": record.state,
         "reason": record.reason,
+        "end_cause": record.end_cause,
         "created_at": _timestamp(record.created_at),
         "updated_at": _timestamp(record.updated_at),
         "ready_at": _timestamp(record.ready_at),
@@ -189,6 +219,79 @@ def client_address(request: Request, trusted: tuple[IPNetwork, ...] = ()) -> str
     peer = request.client.host if request.client else "unknown"
     hops = forwarded_for(request.headers.get("x-forwarded-for"))
     return resolve_client(hops, peer, trusted)
+
+
+def operations_router(
+    manager: SessionManager,
+    registry: prometheus_client.CollectorRegistry,
+    operator: Callable[[Request], bool],
+) -> APIRouter:
+    """``/healthz``, ``/readyz`` and ``/metrics``; ``operator`` says who may read the details.
+
+    ``/healthz`` and ``/readyz``'s status are for anyone (load balancers). ``/readyz``'s
+    details (active sessions, the sandbox and accelerator) and ``/metrics`` need ``operator``:
+    on the API's port that is the metrics token or the admin's credentials; on the metrics
+    listener (``metrics_listen``) everyone, since its address is the protection.
+    """
+    router = APIRouter(tags=["operations"])
+
+    @router.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        """Answer while the process serves requests."""
+        return {"status": "ok"}
+
+    @router.get("/readyz", responses={503: {"model": ErrorOut}})
+    async def readyz(request: Request) -> Response:
+        """Answer 200 once sessions were recovered and the store answers; 503 otherwise.
+
+        For the metrics token, the admin or on the metrics listener, it also says how many
+        sessions are active and, under ``sandbox``, what isolation and limits the driver
+        enforces on this host (the local driver's sandbox, the qemu driver's accelerator).
+        """
+        if not manager.ready:
+            return error_response(ServiceUnavailable("starting up or shutting down"))
+        body: dict[str, object] = {"status": "ready"}
+        if operator(request):
+            body["active_sessions"] = manager.active_count()
+            isolation = manager.isolation()
+            if isolation is not None:
+                body["sandbox"] = isolation
+        return JSONResponse(body)
+
+    @router.get("/metrics", response_class=PlainTextResponse, responses={401: {"model": ErrorOut}})
+    async def metrics(request: Request) -> Response:
+        """Prometheus metrics of the gateway, the bridge and the sessions (operators only)."""
+        if not operator(request):
+            raise NotAuthenticated(
+                "/metrics needs `Authorization: Bearer` with REMOTECLI_METRICS_TOKEN or the "
+                "admin's token; or scrape the metrics listener (metrics_listen) instead"
+            )
+        return Response(
+            prometheus_client.generate_latest(registry),
+            media_type=prometheus_client.CONTENT_TYPE_LATEST,
+        )
+
+    return router
+
+
+def create_operations_app(
+    manager: SessionManager, registry: prometheus_client.CollectorRegistry
+) -> FastAPI:
+    """The app of the metrics listener: operations only, every detail to every client."""
+    app = FastAPI(
+        title="remote-cli operations",
+        version=__version__,
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
+    )
+
+    @app.exception_handler(RemoteCliError)
+    async def _remotecli_error(request: Request, exc: RemoteCliError) -> Response:
+        return error_response(exc)
+
+    app.include_router(operations_router(manager, registry, lambda request: True))
+    return app
 
 
 def create_app(
@@ -298,7 +401,7 @@ def create_app(
     )
     async def create_session(body: CreateSessionIn, user: User) -> SessionOut:
         """Create a session running a provider; follow it on its events stream until ready."""
-        return session_out(manager.create(user, body.provider))
+        return session_out(manager.create(user, body.provider, body.label))
 
     @app.get("/api/sessions", response_model=list[SessionOut], tags=["sessions"])
     async def list_sessions(user: User) -> list[SessionOut]:
@@ -314,6 +417,30 @@ def create_app(
     async def get_session(session_id: SessionId, user: User) -> SessionOut:
         """Return one of your sessions."""
         return session_out(manager.get(user, session_id))
+
+    @app.patch(
+        "/api/sessions/{session_id}",
+        response_model=SessionOut,
+        tags=["sessions"],
+        responses={404: {"model": ErrorOut}, 422: {"model": ErrorOut}},
+    )
+    async def update_session(
+        session_id: SessionId, body: UpdateSessionIn, user: User
+    ) -> SessionOut:
+        """Rename one of your sessions (its label), whatever its state.
+
+        A merge patch: ``{"label": "x"}`` renames, ``{"label": null}`` removes the label,
+        ``{}`` changes nothing.
+        """
+        if "label" not in body.model_fields_set:
+            return session_out(manager.get(user, session_id))
+        return session_out(manager.relabel(user, session_id, body.label))
+
+    @app.get("/api/me", response_model=MeOut, tags=["auth"])
+    async def me(request: Request, user: User) -> MeOut:
+        """Say who you are signed in as (the dashboard's header shows it)."""
+        via = "token" if bearer_token(request.headers.get("authorization")) else "login"
+        return MeOut(name=user, signed_in_with=via)
 
     @app.delete(
         "/api/sessions/{session_id}",
@@ -422,33 +549,25 @@ def create_app(
     async def root() -> RedirectResponse:
         return RedirectResponse(DASHBOARD_PATH, status_code=307)
 
-    @app.get("/healthz", tags=["operations"])
-    async def healthz() -> dict[str, str]:
-        """Answer while the process serves requests."""
-        return {"status": "ok"}
+    def operator(request: Request) -> bool:
+        """Whether a request may read /metrics and /readyz's details (see operations_router)."""
+        token = bearer_token(request.headers.get("authorization"))
+        metrics_token = manager.config.metrics_token
+        if token is not None and metrics_token is not None and tokens_match(token, metrics_token):
+            return True
+        try:
+            return current_user_of(request) == ADMIN_USER
+        except RemoteCliError:
+            return False
 
-    @app.get("/readyz", tags=["operations"], responses={503: {"model": ErrorOut}})
-    async def readyz() -> Response:
-        """Answer 200 once sessions were recovered and the store answers; 503 otherwise.
-
-        ``sandbox`` says what isolation and limits the driver enforces on this host (the local
-        driver's :meth:`~remotecli.drivers.base.Driver.isolation`), when it says.
-        """
-        if not manager.ready:
-            return error_response(ServiceUnavailable("starting up or shutting down"))
-        body: dict[str, object] = {"status": "ready", "active_sessions": manager.active_count()}
-        isolation = manager.isolation()
-        if isolation is not None:
-            body["sandbox"] = isolation
-        return JSONResponse(body)
-
-    @app.get("/metrics", tags=["operations"], response_class=PlainTextResponse)
-    async def metrics() -> Response:
-        """Prometheus metrics of the gateway, the bridge and the sessions."""
-        return Response(
-            prometheus_client.generate_latest(metrics_registry),
-            media_type=prometheus_client.CONTENT_TYPE_LATEST,
+    def current_user_of(request: Request) -> str:
+        return identity.request_user(
+            authorization=request.headers.get("authorization"),
+            cookie_header=request.headers.get("cookie"),
+            client=client_of(request),
         )
+
+    app.include_router(operations_router(manager, metrics_registry, operator))
 
     if dashboard:
         from remotecli.dashboard import router

@@ -14,12 +14,19 @@ decides, in this order:
 A valid cookie on a WebSocket must also come from an allowed Origin (403 otherwise; not a
 failed credential, so not counted). Tokens carry 256 random bits, so the limit is not what
 stops guessing: it tells a misconfigured or hostile client to back off.
+
+The cookie is not the token. Signing in with a token opens a *browser login*: a fresh random
+secret whose hash the store keeps beside the user, valid for :data:`LOGIN_TTL`. Sign out
+deletes it on the server, so a copied cookie stops working at once; removing a user, or
+``remotecli user token`` (a new token, the old ones revoked), signs out every browser of that
+user.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
-from typing import NoReturn
+from typing import NoReturn, Protocol
 
 from remotecli.auth import (
     LoginRateLimiter,
@@ -28,11 +35,57 @@ from remotecli.auth import (
     check_origin,
     cookie_token,
     hash_token,
+    new_token,
 )
 from remotecli.controller.store import Store
 from remotecli.exceptions import ClientError, NotAuthenticated, RemoteCliError
 
 UserLookup = Callable[[str], str | None]
+
+ADMIN_USER = "admin"
+"""The operator's user: its token is REMOTECLI_TOKEN or DATA_DIR/admin.token."""
+
+LOGIN_TTL = 30 * 24 * 3600.0
+"""Seconds a browser login (the cookie) lasts; the cookie's Max-Age is the same."""
+
+SEEN_EVERY = 60.0
+"""A user's last seen is written at most this often (seconds), not on every request."""
+
+
+class Logins(Protocol):
+    """Browser logins: the secret in a cookie, the user it stands for, and sign out."""
+
+    def user(self, secret: str) -> str | None:
+        """Return the user of a login secret, or None (unknown, signed out, expired)."""
+
+    def open(self, user: str) -> str:
+        """Start a login for ``user``; return its secret (the cookie's value)."""
+
+    def close(self, secret: str) -> bool:
+        """End a login (sign out); True when there was one."""
+
+
+class StoreLogins:
+    """:class:`Logins` kept in the store (hashed), each valid for :data:`LOGIN_TTL`."""
+
+    def __init__(self, store: Store, clock: Callable[[], float] = time.time) -> None:
+        self._store = store
+        self._clock = clock
+
+    def user(self, secret: str) -> str | None:
+        """Return the user of ``secret`` while its login lasts."""
+        return self._store.user_for_login(hash_token(secret), self._clock())
+
+    def open(self, user: str) -> str:
+        """Record a new login of ``user`` and return its secret (shown once, stored hashed)."""
+        secret = new_token()
+        now = self._clock()
+        self._store.add_login(user, hash_token(secret), now, now + LOGIN_TTL)
+        return secret
+
+    def close(self, secret: str) -> bool:
+        """Delete the login of ``secret``."""
+        return self._store.delete_login(hash_token(secret))
 
 
 class Identity:
@@ -48,13 +101,17 @@ class Identity:
         users: UserLookup,
         tickets: TicketBook,
         *,
+        logins: Logins,
         limiter: LoginRateLimiter | None = None,
         allowed_origins: Iterable[str] = (),
+        seen: Callable[[str], None] | None = None,
     ) -> None:
         self._users = users
+        self.logins = logins
         self.tickets = tickets
         self.limiter = limiter if limiter is not None else LoginRateLimiter()
         self._allowed_origins = tuple(allowed_origins)
+        self._seen = seen
 
     @classmethod
     def of_store(
@@ -64,17 +121,36 @@ class Identity:
         *,
         limiter: LoginRateLimiter | None = None,
         allowed_origins: Iterable[str] = (),
+        clock: Callable[[], float] = time.time,
     ) -> Identity:
-        """Return the identity whose login tokens are the ones ``store`` keeps (hashed)."""
+        """Return the identity whose tokens and logins are the ones ``store`` keeps (hashed).
+
+        Each user's last seen is written to the store at most every :data:`SEEN_EVERY` s.
+        """
 
         def users(token: str) -> str | None:
-            return store.user_for_token(hash_token(token))
+            return store.user_for_token(hash_token(token), clock())
 
-        return cls(users, tickets, limiter=limiter, allowed_origins=allowed_origins)
+        written: dict[str, float] = {}
 
-    def peek(self, token: str | None) -> str | None:
-        """Return the user of ``token`` without counting anything (e.g. a cookie to replace)."""
-        return self._users(token) if token else None
+        def seen(user: str) -> None:
+            now = clock()
+            if now - written.get(user, -SEEN_EVERY) >= SEEN_EVERY:
+                written[user] = now
+                store.touch_user(user, now)
+
+        return cls(
+            users,
+            tickets,
+            logins=StoreLogins(store, clock),
+            limiter=limiter,
+            allowed_origins=allowed_origins,
+            seen=seen,
+        )
+
+    def peek(self, cookie: str | None) -> str | None:
+        """Return the user of a login cookie without counting anything (e.g. one to replace)."""
+        return self.logins.user(cookie) if cookie else None
 
     def token_user(self, token: str | None, *, client: str, missing: str) -> str:
         """Return the user of a login token; ``missing`` is the 401 message without one.
@@ -89,22 +165,45 @@ class Identity:
             self._refuse(
                 client,
                 NotAuthenticated(
-                    "the token is not valid; use the one `remotecli up` printed, or create one "
-                    "with `remotecli user add NAME`"
+                    "the token is not valid (unknown, expired or revoked); use the one "
+                    "`remotecli up` printed, or ask for one with `remotecli user token NAME`"
                 ),
             )
+        self._saw(user)
+        return user
+
+    def cookie_user(self, cookie: str | None, *, client: str, missing: str) -> str:
+        """Return the user of a login cookie; 401 (429 past the limit) as :meth:`token_user`."""
+        if not cookie:
+            raise NotAuthenticated(missing)
+        user = self.logins.user(cookie)
+        if user is None:
+            self._refuse(
+                client,
+                NotAuthenticated(
+                    "this browser's login ended (signed out, expired, or its user was removed); "
+                    "sign in again with your login URL"
+                ),
+            )
+        self._saw(user)
         return user
 
     def request_user(
         self, *, authorization: str | None, cookie_header: str | None, client: str
     ) -> str:
         """Return the user of an API request (bearer token first, else the login cookie)."""
-        return self.token_user(
-            bearer_token(authorization) or cookie_token(cookie_header),
-            client=client,
-            missing="no credentials: send `Authorization: Bearer TOKEN`, or open the login URL "
-            "`remotecli up` printed",
+        missing = (
+            "no credentials: send `Authorization: Bearer TOKEN`, or open the login URL "
+            "`remotecli up` printed"
         )
+        token = bearer_token(authorization)
+        if token is not None:
+            return self.token_user(token, client=client, missing=missing)
+        return self.cookie_user(cookie_token(cookie_header), client=client, missing=missing)
+
+    def _saw(self, user: str) -> None:
+        if self._seen is not None:
+            self._seen(user)
 
     def viewer_user(
         self,
@@ -127,7 +226,7 @@ class Identity:
                 return self.tickets.redeem(ticket, session_id).user
             except ClientError as exc:
                 self._refuse(client, exc)
-        user = self.token_user(
+        user = self.cookie_user(
             cookie_token(cookie_header),
             client=client,
             missing="the session's WebSocket needs a ticket (?ticket= from "

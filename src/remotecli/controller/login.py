@@ -35,11 +35,11 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from remotecli.auth import COOKIE_NAME, cookie_token, normalize_origin, same_origin
-from remotecli.controller.identity import Identity
+from remotecli.controller.identity import LOGIN_TTL, Identity
 from remotecli.exceptions import BadRequest, Forbidden
 
 DASHBOARD_PATH = "/dashboard/remote-cli"
-COOKIE_MAX_AGE = 30 * 24 * 3600
+COOKIE_MAX_AGE = int(LOGIN_TTL)
 MAX_FORM_BYTES = 4096
 NO_TOKEN = "the login URL needs ?token=TOKEN; use the URL `remotecli up` printed"  # noqa: S105
 
@@ -147,11 +147,11 @@ def _host(request: Request) -> str | None:
     return request.headers.get("x-forwarded-host") or request.headers.get("host")
 
 
-def _signed_in(token: str, scheme: str) -> Response:
+def _signed_in(identity: Identity, user: str, scheme: str) -> Response:
     response = RedirectResponse(DASHBOARD_PATH, status_code=303)
     response.set_cookie(
         COOKIE_NAME,
-        token,
+        identity.logins.open(user),
         max_age=COOKIE_MAX_AGE,
         path="/",
         httponly=True,
@@ -207,7 +207,7 @@ def router(identity: Identity, client_of: Callable[[Request], str]) -> APIRouter
         if why is None and current is not None and current != user:
             why = f"signing in as {user} would sign {current} out of this browser"
         if why is None:
-            return _signed_in(token, scheme)
+            return _signed_in(identity, user, scheme)
         return HTMLResponse(
             confirmation_page(user, current, token, why), headers=CONFIRM_PAGE_HEADERS
         )
@@ -247,7 +247,31 @@ def router(identity: Identity, client_of: Callable[[Request], str]) -> APIRouter
                 "and confirm on the page it shows"
             )
         token = await _form_token(request)
-        identity.token_user(token, client=client_of(request), missing=NO_TOKEN)
-        return _signed_in(token, scheme)
+        user = identity.token_user(token, client=client_of(request), missing=NO_TOKEN)
+        return _signed_in(identity, user, scheme)
+
+    @api.post(
+        "/api/logout",
+        status_code=204,
+        responses={204: {"description": "signed out: the login is gone and the cookie cleared"}},
+    )
+    async def logout(request: Request) -> Response:
+        """Sign this browser out: its login ends on the server and the cookie is cleared.
+
+        Idempotent: without a cookie, or with one already ended, it still answers 204. The
+        cookie is SameSite=Strict, so another site cannot sign a browser out either.
+        """
+        cookie = cookie_token(request.headers.get("cookie"))
+        if cookie is not None:
+            identity.logins.close(cookie)
+        response = Response(status_code=204)
+        response.delete_cookie(
+            COOKIE_NAME,
+            path="/",
+            httponly=True,
+            samesite="strict",
+            secure=_scheme(request) == "https",
+        )
+        return response
 
     return api

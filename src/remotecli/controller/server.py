@@ -20,6 +20,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import prometheus_client
 import uvicorn
@@ -27,9 +28,10 @@ import uvloop
 
 from remotecli.auth import hash_token, new_token
 from remotecli.config import ControllerConfig, GatewayConfig, Route
-from remotecli.controller.app import create_app
+from remotecli.controller.app import create_app, create_operations_app
 from remotecli.controller.bridge import VncBridge
-from remotecli.controller.identity import Identity
+from remotecli.controller.datadir import DataDirLock
+from remotecli.controller.identity import ADMIN_USER, Identity
 from remotecli.controller.sessions import SessionManager
 from remotecli.controller.signins import SignIns
 from remotecli.controller.store import Store
@@ -43,10 +45,10 @@ from remotecli.providers import Catalogue
 
 log = get_logger("controller")
 
-ADMIN_USER = "admin"
 ADMIN_TOKEN_FILE = "admin.token"  # noqa: S105 (a file name)
 STORE_FILE = "remotecli.sqlite3"
 SOCKET_NAME = "controller.sock"
+URL_FILE = "url"  # DATA_DIR/run/url: the serving controller's base URL, for `user add`
 UNIX_PATH_MAX = 100  # sun_path holds 108 bytes; keep a margin
 
 
@@ -80,19 +82,32 @@ def ensure_admin_token(store: Store, data_dir: Path, env_token: str | None) -> s
     elif saved:
         token = saved
     else:
-        path.unlink(missing_ok=True)  # an emptied file: replace it
         token = new_token()
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(descriptor, "w", encoding="ascii") as handle:
-            handle.write(token + "\n")
+        save_admin_token(data_dir, token)
     store.replace_tokens(ADMIN_USER, hash_token(token), time.time())
     return token
 
 
-def add_user_token(store: Store, name: str) -> str:
-    """Create user ``name`` if needed and return a new token for it (shown once, stored hashed)."""
+def save_admin_token(data_dir: Path, token: str) -> None:
+    """Write the admin's token to ``admin.token`` (mode 0600), replacing the file whole."""
+    _write_private(data_dir / ADMIN_TOKEN_FILE, token + "\n")
+
+
+def add_user_token(
+    store: Store, name: str, *, expires_at: float | None = None, replace: bool = False
+) -> str:
+    """Create user ``name`` if needed and return a new token for it (shown once, stored hashed).
+
+    ``replace`` revokes its other tokens and signs out its browsers; ``expires_at`` (epoch
+    seconds) makes the token stop working then.
+    """
     token = new_token()
-    store.add_token(name, hash_token(token), time.time())
+    if replace:
+        store.replace_tokens(
+            name, hash_token(token), time.time(), expires_at=expires_at, sign_out=True
+        )
+    else:
+        store.add_token(name, hash_token(token), time.time(), expires_at=expires_at)
     return token
 
 
@@ -125,6 +140,59 @@ def _bind_private_socket(run_dir: Path) -> tuple[socket.socket, Path]:
     sock.listen(1024)
     sock.setblocking(False)
     return sock, path
+
+
+def _bind_tcp(address: tuple[str, int]) -> socket.socket:
+    """Bind a listening TCP socket on ``address`` (the metrics listener); ConfigError if taken."""
+    host, port = address
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(
+            f"cannot listen on {host}:{port} for metrics: {exc.strerror}; choose another "
+            "metrics_listen"
+        ) from exc
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` (mode 0600), replacing it whole."""
+    temporary = path.with_name(path.name + ".tmp")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    os.replace(temporary, path)
+
+
+async def _serve(
+    app: Any, sockets: list[socket.socket], what: str
+) -> tuple[_EmbeddedUvicorn, asyncio.Task[None]]:
+    """Serve ``app`` with uvicorn on ``sockets`` in this loop; return once it listens."""
+    server_config = uvicorn.Config(
+        app,
+        http="httptools",
+        loop="none",
+        lifespan="off",
+        ws="none",
+        log_config=None,
+        access_log=False,
+        proxy_headers=False,
+        timeout_graceful_shutdown=5,
+    )
+    server = _EmbeddedUvicorn(server_config)
+    task = asyncio.create_task(server.serve(sockets=sockets))
+    while not server.started:
+        if task.done():
+            task.result()
+            raise ConfigError(f"{what} stopped while starting; see the log above")
+        await asyncio.sleep(0.005)
+    return server, task
 
 
 class _EmbeddedUvicorn(uvicorn.Server):
@@ -169,11 +237,20 @@ class Controller:
         self.gateway: Gateway | None = None
         self._uvicorn: _EmbeddedUvicorn | None = None
         self._uvicorn_task: asyncio.Task[None] | None = None
+        self._operations: _EmbeddedUvicorn | None = None
+        self._operations_task: asyncio.Task[None] | None = None
+        self._lock: DataDirLock | None = None
+        self._gc_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        """Open the store, recover sessions, serve the API, and start the gateway."""
+        """Lock the data dir, open the store, recover sessions, serve the API and the gateway.
+
+        Raises ConfigError, before anything in the data dir is read, when another remote-cli
+        holds its lock.
+        """
         config = self.config
         data_dir = prepare_data_dir(config.data_dir)
+        self._lock = DataDirLock.serve(data_dir)
         self.store = store = open_store(data_dir)
         self.admin_token = ensure_admin_token(store, data_dir, config.admin_token)
         driver = self._driver or create_driver(config.driver, data_dir, config)
@@ -192,24 +269,13 @@ class Controller:
 
         sock, self.socket_path = _bind_private_socket(data_dir / "run")
         app = create_app(manager, identity, registry=self.registry)
-        server_config = uvicorn.Config(
-            app,
-            http="httptools",
-            loop="none",
-            lifespan="off",
-            ws="none",
-            log_config=None,
-            access_log=False,
-            proxy_headers=False,
-            timeout_graceful_shutdown=5,
-        )
-        self._uvicorn = _EmbeddedUvicorn(server_config)
-        self._uvicorn_task = asyncio.create_task(self._uvicorn.serve(sockets=[sock]))
-        while not self._uvicorn.started:
-            if self._uvicorn_task.done():
-                self._uvicorn_task.result()
-                raise ConfigError("the API server stopped while starting; see the log above")
-            await asyncio.sleep(0.005)
+        self._uvicorn, self._uvicorn_task = await _serve(app, [sock], "the API server")
+        if config.metrics_listen is not None:
+            self._operations, self._operations_task = await _serve(
+                create_operations_app(manager, self.registry),
+                [_bind_tcp(config.metrics_listen)],
+                f"the metrics listener on {config.metrics_listen[0]}:{config.metrics_listen[1]}",
+            )
 
         gateway_config = GatewayConfig(
             listen=config.listen,
@@ -225,7 +291,32 @@ class Controller:
         gateway = Gateway(gateway_config, bridge.local_upgrades(), registry=self.registry)
         await gateway.start()
         self.gateway = gateway
+        _write_private(data_dir / "run" / URL_FILE, self.url() + "\n")
+        if config.gc_interval:
+            self._gc_task = asyncio.create_task(self._collect_garbage_forever(), name="gc")
         log.info("controller started", listen=self.url(), driver=driver.name)
+
+    @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        """Where the metrics listener is bound, when there is one."""
+        if self._operations is None or not self._operations.servers:
+            return None
+        sockname = self._operations.servers[0].sockets[0].getsockname()
+        return str(sockname[0]), int(sockname[1])
+
+    async def _collect_garbage_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.gc_interval)
+            from remotecli.controller.gc import run_gc
+
+            assert self.store is not None
+            try:
+                report = await asyncio.to_thread(run_gc, self.config, self.store, now=time.time())
+            except Exception:  # the next round tries again
+                log.exception("clean-up failed")
+                continue
+            if report.items:
+                log.info("cleaned up", items=len(report.items), freed_bytes=report.freed_bytes)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -251,16 +342,28 @@ class Controller:
             await self.manager.close()
         if self.gateway is not None:
             await self.gateway.shutdown()
-        if self._uvicorn is not None and self._uvicorn_task is not None:
-            self._uvicorn.should_exit = True
-            await self._uvicorn_task
+        if self._gc_task is not None:
+            self._gc_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._gc_task
+        for server, task in (
+            (self._uvicorn, self._uvicorn_task),
+            (self._operations, self._operations_task),
+        ):
+            if server is not None and task is not None:
+                server.should_exit = True
+                await task
         if self.socket_path is not None:
             with contextlib.suppress(FileNotFoundError):
                 self.socket_path.unlink()
         if self.signins is not None:
             self.signins.close()
         if self.store is not None:
+            with contextlib.suppress(FileNotFoundError):
+                (self.config.data_dir / "run" / URL_FILE).unlink()
             self.store.close()
+        if self._lock is not None:
+            self._lock.release()
         log.info("controller stopped")
 
 

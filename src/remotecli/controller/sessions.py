@@ -19,6 +19,7 @@ import contextlib
 import functools
 import secrets
 import time
+import unicodedata
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,7 @@ from remotecli.exceptions import (
     RemoteCliError,
     ServiceUnavailable,
     TooManyRequests,
+    Unprocessable,
 )
 from remotecli.logs import get_logger
 from remotecli.providers import Catalogue, ProviderStatus
@@ -47,7 +49,37 @@ from remotecli.states import Event, State, is_final
 
 log = get_logger("controller.sessions")
 
+RESTART_REASON = "remote-cli was restarted or stopped, which ended this session; start a new one"
+"""Why a session ended with the controller (``end_cause`` ``restart``; the dashboard says so)."""
+
+LABEL_MAX = 64
+"""Characters a session's label may have."""
+
+STORE_POLL = 1.0
+"""Seconds between looks for changes another process made to the store (a removed user)."""
+
 Clock = Callable[[], float]
+
+
+def clean_label(label: str | None) -> str | None:
+    """Return ``label`` trimmed, or None when blank; Unprocessable (422) when unfit to show.
+
+    A label is at most :data:`LABEL_MAX` characters of printable text: no control characters
+    (no newlines, escapes or bidirectional overrides that would disguise it in a list).
+    """
+    if label is None:
+        return None
+    text = label.strip()
+    if not text:
+        return None
+    if len(text) > LABEL_MAX:
+        raise Unprocessable(f"a session label is at most {LABEL_MAX} characters; shorten it")
+    if any(unicodedata.category(c) in ("Cc", "Cf", "Cs", "Co", "Zl", "Zp") for c in text):
+        raise Unprocessable(
+            "a session label must be printable text: no control, format or separator "
+            "characters (newlines, escapes, direction overrides)"
+        )
+    return text
 
 
 def new_session_id() -> str:
@@ -122,6 +154,7 @@ class SessionManager:
         self._bridge: ViewerCloser | None = None
         self._runtime: dict[str, _Runtime] = {}
         self._reaper: asyncio.Task[None] | None = None
+        self._store_watch: asyncio.Task[None] | None = None
         self._closing = False
         self._started = False
         self._metrics = _Metrics(registry)
@@ -134,10 +167,13 @@ class SessionManager:
         self._bridge = bridge
 
     async def start(self) -> None:
-        """Recover sessions left by a previous run, then start the reaper."""
+        """Recover sessions left by a previous run, then start the reaper and the store watch."""
+        await self.driver.prepare()
         await self.recover()
+        await self.end_removed_users()
         self._started = True
         self._reaper = asyncio.create_task(self._reap_forever(), name="session-reaper")
+        self._store_watch = asyncio.create_task(self._watch_store(), name="store-watch")
 
     @property
     def ready(self) -> bool:
@@ -145,19 +181,45 @@ class SessionManager:
         return self._started and not self._closing
 
     async def close(self) -> None:
-        """Refuse new sessions, stop every active one, then close the driver."""
+        """Refuse new sessions, end (or, with ``on_shutdown = keep``, keep) each, close the driver.
+
+        Kept are only ready sessions the driver can let go of (:meth:`Driver.detach`); the next
+        controller takes them back in :meth:`recover`. Every other one is stopped with
+        :data:`RESTART_REASON`.
+        """
         self._closing = True
-        if self._reaper is not None:
-            self._reaper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reaper
+        for task in (self._reaper, self._store_watch):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         active = self.store.active_sessions()
+        if self.config.on_shutdown == "keep":
+            active = [r for r in active if not await self._keep(r)]
         await asyncio.gather(
-            *(self.stop(r.id, reason="the controller shut down") for r in active),
+            *(self.stop(r.id, reason=RESTART_REASON, cause="restart") for r in active),
             return_exceptions=True,
         )
         await self.keeper.close()
         await self.driver.close()
+
+    async def _keep(self, record: SessionRecord) -> bool:
+        """Let a ready session outlive this controller if the driver can; True if it was kept."""
+        if record.state is not State.READY:
+            return False
+        runtime = self._runtime.get(record.id)
+        watcher = runtime.task if runtime is not None else None
+        if not self.driver.detach(record.id):
+            return False
+        self._runtime.pop(record.id, None)
+        if watcher is not None:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+        await self.keeper.finish(record.id)  # saved now; the next start restores from it
+        await self._close_viewers(record.id, 1012, "remote-cli is restarting; reconnect soon")
+        log.info("session kept for the next start", session_id=record.id)
+        return True
 
     async def recover(self) -> None:
         """Settle every session a previous controller left active.
@@ -186,22 +248,51 @@ class SessionManager:
                 with contextlib.suppress(RemoteCliError):
                     await self.driver.stop(record.id)
             if record.state is State.STOPPING:
-                self._apply(
-                    record.id, Event.STOPPED, reason="stopped while the controller was down"
-                )
+                self._apply(record.id, Event.STOPPED, reason="stopped while remote-cli was down")
             else:
+                ended = "its processes were gone" if endpoint is None else "it could not be kept"
                 self._apply(
                     record.id,
                     Event.FAIL,
-                    reason=f"the controller restarted while the session was {record.state.value}"
-                    + ("; its processes were gone" if endpoint is None else ""),
+                    reason=f"remote-cli was restarted while the session was "
+                    f"{record.state.value} and {ended}; start a new one",
+                    cause="restart",
                 )
         self._metrics.active.set(self.store.count_active())
 
+    async def end_removed_users(self) -> list[str]:
+        """Stop every active session whose owner was removed (``remotecli user remove``).
+
+        Returns the ids stopped. Runs on start and whenever the store changes underneath.
+        """
+        doomed = [r.id for r in self.store.removed_owners_with_sessions()]
+        if doomed:
+            await asyncio.gather(
+                *(
+                    self.stop(sid, reason="its user was removed", cause="user-removed")
+                    for sid in doomed
+                ),
+                return_exceptions=True,
+            )
+            log.info("sessions of removed users ended", session_ids=doomed)
+        return doomed
+
+    async def _watch_store(self) -> None:
+        seen = self.store.data_version
+        while True:
+            await asyncio.sleep(STORE_POLL)
+            try:
+                version = self.store.data_version
+                if version != seen:
+                    seen = version
+                    await self.end_removed_users()
+            except Exception:  # the watch must outlive one bad round
+                log.exception("store watch round failed")
+
     # --- the API's operations ------------------------------------------------------------------
 
-    def create(self, owner: str, provider: str) -> SessionRecord:
-        """Store a new session for ``owner`` and start it in the background.
+    def create(self, owner: str, provider: str, label: str | None = None) -> SessionRecord:
+        """Store a new session for ``owner`` (named ``label``) and start it in the background.
 
         Raises Unprocessable (422) for an unknown or uninstalled provider, TooManyRequests (429)
         over the per-user limit, the user's fair share of the host or the creation rate,
@@ -239,7 +330,9 @@ class SessionManager:
             )
         if self._creation_rate is not None:
             self._creation_rate.check(owner)
-        record = self.store.create_session(new_session_id(), owner, provider, self._clock())
+        record = self.store.create_session(
+            new_session_id(), owner, provider, self._clock(), label=clean_label(label)
+        )
         if self._creation_rate is not None:
             self._creation_rate.spend(owner)  # only once accepted: a full disk costs nothing
         self._metrics.active.set(self.store.count_active())
@@ -270,6 +363,11 @@ class SessionManager:
                 session_id=session_id,
             )
         return record
+
+    def relabel(self, owner: str, session_id: str, label: str | None) -> SessionRecord:
+        """Give ``owner``'s session a new label (None or blank removes it); 404 as :meth:`get`."""
+        self.get(owner, session_id)
+        return self.store.set_label(session_id, clean_label(label))
 
     def follow(self, owner: str, session_id: str) -> tuple[SessionEvent, Subscription]:
         """Subscribe to ``owner``'s session; return its current state as the first event.
@@ -347,22 +445,27 @@ class SessionManager:
         runtime = self._runtime.get(session_id)
         return runtime is not None and runtime.task is not None and not runtime.task.done()
 
-    async def stop(self, session_id: str, *, reason: str | None = None) -> SessionRecord:
-        """Stop a session (idempotent) and return it once ``stopped`` (or ``failed``)."""
+    async def stop(
+        self, session_id: str, *, reason: str | None = None, cause: str | None = None
+    ) -> SessionRecord:
+        """Stop a session (idempotent) and return it once ``stopped`` (or ``failed``).
+
+        ``cause`` is a short word kept with the session (``restart``, ``user-removed``, ...).
+        """
         record = self.store.session(session_id)
         if is_final(record.state):
             return record
         runtime = self._runtime.setdefault(session_id, _Runtime())
         if runtime.stopping is None:
-            runtime.stopping = asyncio.create_task(self._stop(session_id, reason))
+            runtime.stopping = asyncio.create_task(self._stop(session_id, reason, cause))
         return await asyncio.shield(runtime.stopping)
 
-    async def _stop(self, session_id: str, reason: str | None) -> SessionRecord:
+    async def _stop(self, session_id: str, reason: str | None, cause: str | None) -> SessionRecord:
         record = self.store.session(session_id)
         if is_final(record.state):
             return record  # it failed between the request and now
         if record.state is not State.STOPPING:
-            record = self._apply(session_id, Event.STOP, reason=reason)
+            record = self._apply(session_id, Event.STOP, reason=reason, cause=cause)
         runtime = self._runtime.setdefault(session_id, _Runtime())
         if runtime.task is not None and not runtime.task.done():
             runtime.task.cancel()
@@ -555,9 +658,10 @@ class SessionManager:
         *,
         reason: str | None = None,
         endpoint: VncEndpoint | None = None,
+        cause: str | None = None,
     ) -> SessionRecord:
         before, record = self.store.apply(
-            session_id, event, self._clock(), reason=reason, endpoint=endpoint
+            session_id, event, self._clock(), reason=reason, endpoint=endpoint, cause=cause
         )
         self._metrics.transitions.labels(record.state.value).inc()
         self._metrics.active.set(self.store.count_active())

@@ -49,6 +49,19 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         " ciphertext BLOB NOT NULL, connected_at REAL NOT NULL, updated_at REAL NOT NULL,"
         " PRIMARY KEY (user, provider))",
     ),
+    (
+        # Everyday operation: users seen and removed, tokens that expire, browser logins that
+        # can be signed out one by one, session labels, and why a session ended.
+        "ALTER TABLE users ADD COLUMN last_seen REAL",
+        "ALTER TABLE users ADD COLUMN removed_at REAL",
+        "ALTER TABLE tokens ADD COLUMN expires_at REAL",
+        "CREATE TABLE logins (hash TEXT PRIMARY KEY,"
+        " user TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE,"
+        " created_at REAL NOT NULL, expires_at REAL NOT NULL)",
+        "CREATE INDEX logins_by_user ON logins(user)",
+        "ALTER TABLE sessions ADD COLUMN label TEXT",
+        "ALTER TABLE sessions ADD COLUMN end_cause TEXT",
+    ),
 )
 """Schema migrations in order; migration ``n`` brings ``user_version`` from ``n`` to ``n + 1``."""
 
@@ -70,6 +83,20 @@ class SessionRecord:
     endpoint: VncEndpoint | None
     bytes_in: int
     bytes_out: int
+    label: str | None = None
+    end_cause: str | None = None
+
+
+@dataclass(frozen=True)
+class UserRecord:
+    """One user as ``remotecli user list`` shows it."""
+
+    name: str
+    created_at: float
+    last_seen: float | None
+    active_sessions: int
+    tokens: int
+    token_expires_at: float | None  # the latest expiry among its tokens; None = one never does
 
 
 @dataclass(frozen=True)
@@ -153,6 +180,8 @@ def _session(row: sqlite3.Row) -> SessionRecord:
         endpoint=_endpoint_from_json(row["endpoint"]),
         bytes_in=row["bytes_in"],
         bytes_out=row["bytes_out"],
+        label=row["label"],
+        end_cause=row["end_cause"],
     )
 
 
@@ -231,54 +260,181 @@ class Store:
                 path=str(self.path),
             ) from exc
 
-    # --- users and tokens ----------------------------------------------------------------------
+    # --- users, tokens and browser logins ----------------------------------------------------
 
     def add_user(self, name: str, now: float) -> None:
-        """Create user ``name`` if it does not exist yet."""
-        self._db.execute(
-            "INSERT OR IGNORE INTO users (name, created_at) VALUES (?, ?)", (name, now)
+        """Create user ``name`` if it does not exist yet (a removed one comes back)."""
+        with self._transaction() as db:
+            self._ensure_user(db, name, now)
+
+    @staticmethod
+    def _ensure_user(db: sqlite3.Connection, name: str, now: float) -> None:
+        db.execute("INSERT OR IGNORE INTO users (name, created_at) VALUES (?, ?)", (name, now))
+        db.execute(
+            "UPDATE users SET removed_at = NULL, created_at = ?, last_seen = NULL"
+            " WHERE name = ? AND removed_at IS NOT NULL",
+            (now, name),
         )
 
     def users(self) -> list[str]:
-        """Return every user name."""
-        return [r["name"] for r in self._db.execute("SELECT name FROM users ORDER BY name")]
+        """Return every user name (removed ones left out)."""
+        return [
+            r["name"]
+            for r in self._db.execute(
+                "SELECT name FROM users WHERE removed_at IS NULL ORDER BY name"
+            )
+        ]
 
-    def add_token(self, user: str, token_hash: str, now: float) -> None:
+    def user_records(self) -> list[UserRecord]:
+        """Return every user with its last use, active sessions and tokens, by name."""
+        rows = self._db.execute(
+            "SELECT u.name, u.created_at, u.last_seen,"
+            " (SELECT COUNT(*) FROM sessions s WHERE s.owner = u.name"
+            "  AND s.state NOT IN ('stopped', 'failed')) AS active,"
+            " (SELECT COUNT(*) FROM tokens t WHERE t.user = u.name) AS tokens,"
+            " (SELECT CASE WHEN COUNT(*) = COUNT(t.expires_at) THEN MAX(t.expires_at) END"
+            "  FROM tokens t WHERE t.user = u.name) AS expires"
+            " FROM users u WHERE u.removed_at IS NULL ORDER BY u.name"
+        )
+        return [
+            UserRecord(
+                name=r["name"],
+                created_at=r["created_at"],
+                last_seen=r["last_seen"],
+                active_sessions=r["active"],
+                tokens=r["tokens"],
+                token_expires_at=r["expires"] if r["tokens"] else None,
+            )
+            for r in rows
+        ]
+
+    def user_exists(self, name: str) -> bool:
+        """Return True when ``name`` is a user (not removed)."""
+        row = self._db.execute(
+            "SELECT 1 FROM users WHERE name = ? AND removed_at IS NULL", (name,)
+        ).fetchone()
+        return row is not None
+
+    def add_token(
+        self, user: str, token_hash: str, now: float, *, expires_at: float | None = None
+    ) -> None:
         """Let the token with hash ``token_hash`` authenticate ``user`` (created if missing)."""
         with self._transaction() as db:
-            db.execute("INSERT OR IGNORE INTO users (name, created_at) VALUES (?, ?)", (user, now))
+            self._ensure_user(db, user, now)
             db.execute(
-                "INSERT OR REPLACE INTO tokens (hash, user, created_at) VALUES (?, ?, ?)",
-                (token_hash, user, now),
+                "INSERT OR REPLACE INTO tokens (hash, user, created_at, expires_at)"
+                " VALUES (?, ?, ?, ?)",
+                (token_hash, user, now, expires_at),
             )
 
-    def replace_tokens(self, user: str, token_hash: str, now: float) -> None:
-        """Make ``token_hash`` the only token of ``user`` (the admin token from file or env)."""
+    def replace_tokens(
+        self,
+        user: str,
+        token_hash: str,
+        now: float,
+        *,
+        expires_at: float | None = None,
+        sign_out: bool = False,
+    ) -> None:
+        """Make ``token_hash`` the only token of ``user``; ``sign_out`` also ends its logins."""
         with self._transaction() as db:
-            db.execute("INSERT OR IGNORE INTO users (name, created_at) VALUES (?, ?)", (user, now))
+            self._ensure_user(db, user, now)
             db.execute("DELETE FROM tokens WHERE user = ?", (user,))
+            if sign_out:
+                db.execute("DELETE FROM logins WHERE user = ?", (user,))
             db.execute(
-                "INSERT OR REPLACE INTO tokens (hash, user, created_at) VALUES (?, ?, ?)",
-                (token_hash, user, now),
+                "INSERT OR REPLACE INTO tokens (hash, user, created_at, expires_at)"
+                " VALUES (?, ?, ?, ?)",
+                (token_hash, user, now, expires_at),
             )
 
-    def user_for_token(self, token_hash: str) -> str | None:
-        """Return the user a token hash belongs to, or None."""
-        row = self._db.execute("SELECT user FROM tokens WHERE hash = ?", (token_hash,)).fetchone()
+    def user_for_token(self, token_hash: str, now: float) -> str | None:
+        """Return the user a token hash belongs to, or None (unknown, expired, user removed)."""
+        row = self._db.execute(
+            "SELECT t.user, t.expires_at FROM tokens t JOIN users u ON u.name = t.user"
+            " WHERE t.hash = ? AND u.removed_at IS NULL",
+            (token_hash,),
+        ).fetchone()
+        if row is None:
+            return None
+        if row["expires_at"] is not None and now >= row["expires_at"]:
+            return None
+        return str(row["user"])
+
+    def add_login(self, user: str, login_hash: str, now: float, expires_at: float) -> None:
+        """Record a browser login (the cookie's hash) of ``user`` until ``expires_at``."""
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO logins (hash, user, created_at, expires_at) VALUES (?, ?, ?, ?)",
+                (login_hash, user, now, expires_at),
+            )
+            db.execute("DELETE FROM logins WHERE expires_at <= ?", (now,))
+
+    def user_for_login(self, login_hash: str, now: float) -> str | None:
+        """Return the user of a browser login, or None (unknown, signed out, expired)."""
+        row = self._db.execute(
+            "SELECT l.user FROM logins l JOIN users u ON u.name = l.user"
+            " WHERE l.hash = ? AND l.expires_at > ? AND u.removed_at IS NULL",
+            (login_hash, now),
+        ).fetchone()
         return None if row is None else str(row["user"])
+
+    def delete_login(self, login_hash: str) -> bool:
+        """Forget one browser login (sign out); True when there was one."""
+        with self._transaction() as db:
+            cursor = db.execute("DELETE FROM logins WHERE hash = ?", (login_hash,))
+        return cursor.rowcount > 0
+
+    def touch_user(self, name: str, now: float) -> None:
+        """Record that ``name`` used remote-cli at ``now`` (its last seen)."""
+        self._db.execute("UPDATE users SET last_seen = ? WHERE name = ?", (now, name))
+
+    def remove_user(self, name: str, now: float) -> bool:
+        """Remove ``name``: its tokens, logins and kept sign-ins go now, in one transaction.
+
+        The user's row stays, marked removed, because its sessions refer to it; the controller
+        ends those sessions (:meth:`removed_owners_with_sessions`). Returns False when there
+        was no such user.
+        """
+        with self._transaction() as db:
+            cursor = db.execute(
+                "UPDATE users SET removed_at = ? WHERE name = ? AND removed_at IS NULL",
+                (now, name),
+            )
+            if cursor.rowcount == 0:
+                return False
+            db.execute("DELETE FROM tokens WHERE user = ?", (name,))
+            db.execute("DELETE FROM logins WHERE user = ?", (name,))
+            db.execute("DELETE FROM signins WHERE user = ?", (name,))
+        return True
+
+    def removed_owners_with_sessions(self) -> list[SessionRecord]:
+        """Return the active sessions whose owner was removed, oldest first."""
+        rows = self._db.execute(
+            "SELECT s.* FROM sessions s JOIN users u ON u.name = s.owner"
+            " WHERE u.removed_at IS NOT NULL AND s.state NOT IN ('stopped', 'failed')"
+            " ORDER BY s.created_at"
+        )
+        return [_session(r) for r in rows]
+
+    @property
+    def data_version(self) -> int:
+        """A number that changes when another connection commits (SQLite's data_version)."""
+        version: int = self._db.execute("PRAGMA data_version").fetchone()[0]
+        return version
 
     # --- sessions ------------------------------------------------------------------------------
 
     def create_session(
-        self, session_id: str, owner: str, provider: str, now: float
+        self, session_id: str, owner: str, provider: str, now: float, label: str | None = None
     ) -> SessionRecord:
         """Insert a new ``pending`` session and log its creation; raise Conflict on a taken id."""
         try:
             with self._transaction() as db:
                 db.execute(
-                    "INSERT INTO sessions (id, owner, provider, state, created_at, updated_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?)",
-                    (session_id, owner, provider, State.PENDING.value, now, now),
+                    "INSERT INTO sessions (id, owner, provider, state, created_at, updated_at,"
+                    " label) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (session_id, owner, provider, State.PENDING.value, now, now, label),
                 )
                 db.execute(
                     "INSERT INTO transitions (session_id, from_state, to_state, event, at)"
@@ -341,6 +497,7 @@ class Store:
         *,
         reason: str | None = None,
         endpoint: VncEndpoint | None = None,
+        cause: str | None = None,
     ) -> tuple[State, SessionRecord]:
         """Apply ``event`` to a session and log it, in one transaction.
 
@@ -356,7 +513,7 @@ class Store:
             after = next_state(before, event)
             db.execute(
                 "UPDATE sessions SET state = ?, updated_at = ?,"
-                " reason = COALESCE(?, reason),"
+                " reason = COALESCE(?, reason), end_cause = COALESCE(?, end_cause),"
                 " endpoint = CASE WHEN ? = 'ready' THEN ? ELSE endpoint END,"
                 " ready_at = CASE WHEN ? = 'ready' THEN ? ELSE ready_at END"
                 " WHERE id = ?",
@@ -364,6 +521,7 @@ class Store:
                     after.value,
                     now,
                     reason,
+                    cause,
                     after.value,
                     _endpoint_to_json(endpoint),
                     after.value,
@@ -377,6 +535,37 @@ class Store:
                 (session_id, before.value, after.value, event.value, reason, now),
             )
         return before, self.session(session_id)
+
+    def set_label(self, session_id: str, label: str | None) -> SessionRecord:
+        """Give a session a new label (None removes it) and return it."""
+        with self._transaction() as db:
+            db.execute("UPDATE sessions SET label = ? WHERE id = ?", (label, session_id))
+        return self.session(session_id)
+
+    def ended_sessions(self, before: float) -> list[SessionRecord]:
+        """Return the sessions that ended (stopped or failed) before ``before``, oldest first."""
+        rows = self._db.execute(
+            "SELECT * FROM sessions WHERE state IN (?, ?) AND updated_at < ? ORDER BY updated_at",
+            (State.STOPPED.value, State.FAILED.value, before),
+        )
+        return [_session(r) for r in rows]
+
+    def delete_sessions(self, session_ids: list[str]) -> int:
+        """Delete ended sessions and their transitions; active ones are left. Returns how many."""
+        if not session_ids:
+            return 0
+        deleted = 0
+        with self._transaction() as db:
+            for session_id in session_ids:
+                row = db.execute(
+                    "SELECT state FROM sessions WHERE id = ?", (session_id,)
+                ).fetchone()
+                if row is None or State(row["state"]) in ACTIVE_STATES:
+                    continue
+                db.execute("DELETE FROM transitions WHERE session_id = ?", (session_id,))
+                db.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
+                deleted += 1
+        return deleted
 
     def add_bytes(self, session_id: str, bytes_in: int, bytes_out: int) -> None:
         """Add a viewer's relayed byte counts to the session's totals."""

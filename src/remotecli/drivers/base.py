@@ -109,6 +109,22 @@ class Driver(Protocol):
         """Stop every session this driver started (controller shutdown)."""
         ...
 
+    async def prepare(self) -> None:
+        """Get ready on the controller's start, before any session; must return quickly.
+
+        Slow checks (the qemu driver's accelerator probe) start here in the background, so
+        that ``/readyz`` can report them and the first session does not wait for them.
+        """
+        ...
+
+    def detach(self, session_id: str) -> bool:
+        """Let go of a running session without stopping it, for the next controller's recover.
+
+        Returns False, and changes nothing, when this driver cannot keep a session across a
+        controller restart (the caller then stops it); ``docs/operations.md`` says which can.
+        """
+        ...
+
     async def collect(self, session_id: str, paths: Sequence[str]) -> dict[str, bytes]:
         """Read the files at ``paths`` (relative to HOME) from a running session's HOME.
 

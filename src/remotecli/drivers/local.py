@@ -358,6 +358,13 @@ class LocalDriver:
         """Stop every session this driver started."""
         await asyncio.gather(*(self.stop(session_id) for session_id in list(self._sessions)))
 
+    async def prepare(self) -> None:
+        """Nothing slow to check ahead of sessions."""
+
+    def detach(self, session_id: str) -> bool:
+        """Refuse: a local sandbox dies with its controller (see docs/operations.md)."""
+        return False
+
     async def connect_loopback(
         self,
         session_id: str,

@@ -37,6 +37,7 @@ import structlog
 
 from remotecli.drivers.banner import await_rfb_banner
 from remotecli.drivers.base import ProgressCallback, SessionSpec, VncEndpoint
+from remotecli.drivers.qemu_accel import AcceleratorChoice
 from remotecli.drivers.qemu_machine import (
     DEFAULT_MEMORY_MIB,
     Machine,
@@ -46,13 +47,12 @@ from remotecli.drivers.qemu_machine import (
     guest_hostname,
     host_tsc_khz,
     machine_argv,
-    probe_accelerator,
     require_qemu,
     session_line,
 )
 from remotecli.drivers.qmp import QmpClient
 from remotecli.exceptions import DriverError, RemoteProtocolError
-from remotecli.images import GuestImage, default_cache_dir, find_image
+from remotecli.images import default_cache_dir, find_image
 from remotecli.providers import BUILTIN_PROVIDERS, NPM_PROVIDERS
 
 log = structlog.get_logger(component="qemu")
@@ -102,16 +102,18 @@ class QemuDriver:
 
         ``template_cache`` keeps templates elsewhere (several data dirs may share one: a
         template is keyed on everything its saved state depends on). ``accelerator`` forces
-        ``kvm`` or ``tcg``; by default KVM is probed once by booting the kernel under it, and
-        the answer is remembered in the data dir. ``pool_size`` keeps that many clones per template
-        restored, running and warmed up ahead of time (each costs an idle clone's memory): a
-        session taking one only gets its clock, entropy, hostname and password.
+        ``kvm`` or ``tcg``; by default KVM is probed by booting the kernel under it, and the
+        verdict is remembered for this host in ``image_cache`` (see ``qemu_accel``).
+        ``pool_size`` keeps that many clones per template restored, running and warmed up ahead
+        of time (each costs an idle clone's memory): a session taking one only gets its clock,
+        entropy, hostname and password.
         """
         self._root = data_dir / "qemu"
         self._templates = template_cache if template_cache is not None else self._root / "templates"
         self._image_cache = image_cache if image_cache is not None else default_cache_dir()
         self._memory_mib = memory_mib
         self._accelerator = accelerator
+        self._accel = AcceleratorChoice(accelerator, self._image_cache, self._root)
         self._vms: dict[str, _Vm] = {}
         self._template_locks: dict[str, asyncio.Lock] = {}
         self._pool_size = pool_size
@@ -144,8 +146,14 @@ class QemuDriver:
         )
 
     def isolation(self) -> Mapping[str, object] | None:
-        """Nothing to say about isolation here (see the Driver seam)."""
-        return None
+        """Say which accelerator the VMs use and where that came from, for ``/readyz``; no I/O."""
+        return {
+            "driver": self.name,
+            **self._accel.describe(),
+            "memory": f"{self._memory_mib} MiB per VM",
+            "network": "restrict=on: no connections out of the VM; VNC on 127.0.0.1 only",
+            "warm_pool": self._pool_size,
+        }
 
     def can_run(self, command: Sequence[str]) -> tuple[str, ...] | str:
         """Return ``command`` if its program is in the guest image a session would boot.
@@ -222,21 +230,28 @@ class QemuDriver:
         self._watch(vm, _watch_pid(vm))
         return VncEndpoint(host="127.0.0.1", port=vm.port, password=vm.password)
 
-    def detach(self, session_id: str) -> None:
+    def detach(self, session_id: str) -> bool:
         """Forget a session without stopping its VM, as a controller that exits keeping it.
 
-        The VM keeps running; a later driver takes it back with :meth:`recover`.
+        The VM keeps running; a later driver takes it back with :meth:`recover`. False for a
+        session this driver does not run.
         """
         vm = self._vms.pop(session_id, None)
         if vm is None:
-            return
+            return False
         if vm.watcher is not None:
             vm.watcher.cancel()  # the VM outlives this driver; nothing here waits for its end
         if vm.qmp is not None:
             vm.qmp.close()  # QEMU serves one monitor client at a time
+        return True
+
+    async def prepare(self) -> None:
+        """Start the KVM probe in the background, unless forced or remembered for this host."""
+        await self._accel.prepare(host_tsc_khz(_read_cpuinfo()))
 
     async def close(self) -> None:
-        """Stop every VM this driver started, the warm pool's included."""
+        """Stop every VM this driver started, the warm pool's and a KVM probe's included."""
+        await self._accel.close()
         for task in list(self._pool_tasks):
             task.cancel()
         await asyncio.gather(*self._pool_tasks, return_exceptions=True)
@@ -260,7 +275,7 @@ class QemuDriver:
                 raise
             image = find_image(self._image_cache, [])  # the command may exist in the base image
         tsc_khz = host_tsc_khz(_read_cpuinfo())
-        accelerator = self._accelerator or await self._probed_accelerator(image, tsc_khz, progress)
+        accelerator = await self._accel.choose(image, tsc_khz, progress)
         return Machine(
             image=image,
             accelerator=accelerator,
@@ -390,21 +405,6 @@ class QemuDriver:
             vm.port = await _port(vm)
         await _read_banner(vm.port, within=RESTORE_SECONDS)
         return await _control_exchange(vm.paths.control, line, "ok ", within=RESTORE_SECONDS)
-
-    async def _probed_accelerator(
-        self, image: GuestImage, tsc_khz: int, progress: ProgressCallback
-    ) -> str:
-        record = self._root / "accelerator.json"
-        with contextlib.suppress(OSError, ValueError, KeyError):
-            saved = json.loads(record.read_text())
-            if saved["kernel"] == image.key:
-                return str(saved["accelerator"])
-        progress("probing KVM by booting the kernel under it")
-        accelerator = await probe_accelerator(image, tsc_khz, self._root)
-        progress(f"accelerator: {accelerator}")
-        self._root.mkdir(parents=True, exist_ok=True)
-        record.write_text(json.dumps({"kernel": image.key, "accelerator": accelerator}))
-        return accelerator
 
     async def _make_template(
         self, machine: Machine, directory: Path, progress: ProgressCallback

@@ -1,15 +1,13 @@
-"""How one QEMU microVM is configured: the command line, the accelerator probe, the guest line.
+"""How one QEMU microVM is configured: the command line and the guest's control line.
 
-Pure functions except :func:`probe_accelerator`, which runs QEMU once. The template and its
-clones must be started with the same devices in the same order, or the clone refuses the
+Pure functions; the accelerator probe, which runs QEMU, is in ``qemu_accel``. The template and
+its clones must be started with the same devices in the same order, or the clone refuses the
 template's device state; :func:`machine_argv` is the one place that builds that list.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import contextlib
 import hashlib
 import os
 import re
@@ -210,65 +208,6 @@ def host_tsc_khz(cpuinfo: str) -> int:
     if match is None:
         return 2_000_000
     return round(float(match.group(1)) * 1000)
-
-
-async def probe_accelerator(image: GuestImage, tsc_khz: int, scratch: Path) -> str:
-    """Return ``kvm`` if KVM really runs the guest kernel here, else ``tcg``.
-
-    /dev/kvm existing is not enough: a nested host can open it and still fail to run a stock
-    kernel (QEMU aborts, or the vCPU spins for ever). So boot the kernel under KVM without a
-    root disk: a working KVM reaches "Kernel panic" (no root) within a second or two.
-    """
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        return "tcg"
-    log = _fresh_file(scratch / "kvm-probe.log")
-    argv = [
-        QEMU,
-        "-M",
-        "microvm,acpi=on",
-        "-accel",
-        "kvm",
-        "-cpu",
-        "host",
-        "-m",
-        "128M",
-        *BARE_MACHINE,
-        "-kernel",
-        str(image.kernel),
-        "-append",
-        f"console=ttyS0 reboot=t panic=-1 tsc_early_khz={tsc_khz}",
-        "-serial",
-        f"file:{log}",
-    ]
-    process = await asyncio.create_subprocess_exec(
-        *argv,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
-    try:
-        await asyncio.wait_for(process.wait(), 8.0)
-    except TimeoutError:
-        return "tcg"
-    finally:
-        if process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()
-            await process.wait()
-    return "kvm" if "Kernel panic" in _read(log) else "tcg"
-
-
-def _fresh_file(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.unlink(missing_ok=True)
-    return path
-
-
-def _read(path: Path) -> str:
-    try:
-        return path.read_text(errors="replace")
-    except OSError:
-        return ""
 
 
 def require_qemu() -> None:
