@@ -409,3 +409,36 @@ def test_backup_while_running_and_restore_while_stopped(tmp_path: Path) -> None:
         bearer = {"Authorization": f"Bearer {token}"}
         assert httpx.get(f"{up.base}/api/me", headers=bearer).json()["name"] == "frank"
         assert up.terminate() == 0
+
+
+# --- disk ----------------------------------------------------------------------------------------
+
+
+def test_gc_command_reports_then_removes_what_retention_lets_go(tmp_path: Path) -> None:
+    """`remotecli gc --dry-run` lists an ended session past keep_ended_sessions and removes
+    nothing; `remotecli gc` then removes its record, and keeps a recent one."""
+    from remotecli.states import Event
+
+    data = tmp_path / "data"
+    store = open_store(data)
+    try:
+        store.add_user("admin", 0.0)
+        old_end = time.time() - 40 * 86400
+        for session_id, ended in (("old", old_end), ("new", time.time())):
+            store.create_session(session_id, "admin", "shell", ended - 10)
+            store.apply(session_id, Event.STOP, ended)
+            store.apply(session_id, Event.STOPPED, ended)
+    finally:
+        store.close()
+    planned = run_cli(data, "gc", "--dry-run")
+    assert planned.returncode == 0, planned.stderr
+    assert "would remove" in planned.stdout
+    assert "old" in planned.stdout
+    report = json.loads(run_cli(data, "gc", "--json").stdout)
+    assert [item["target"] for item in report["items"] if item["kind"] == "session"] == ["old"]
+    store = open_store(data)
+    try:
+        assert store.find_session("old") is None
+        assert store.find_session("new") is not None
+    finally:
+        store.close()

@@ -734,10 +734,12 @@ def gc_command(
     dry_run: bool, as_json: bool, data_dir: Path | None, config_file: Path | None
 ) -> None:
     """Remove what is no longer needed: ended sessions past keep_ended_sessions (30 days by
-    default), session directories no active session owns, stale guest images and templates.
+    default), session directories no active session owns, stale guest images, unfinished
+    builds and templates whose image is gone.
 
     The controller does the same every gc_interval (a day by default). Safe while it runs:
-    nothing of an active session is touched.
+    nothing of an active session is touched, nor anything changed in the last hour. Exits 1
+    when something could not be removed (the report says what and why).
     """
     import json
     import time
@@ -756,6 +758,8 @@ def gc_command(
     else:
         for line in report.lines():
             click.echo(line)
+    if report.failures:
+        sys.exit(1)
 
 
 # --- remotecli backup / restore ---------------------------------------------------------------

@@ -31,6 +31,7 @@ from remotecli.config import ControllerConfig, GatewayConfig, Route
 from remotecli.controller.app import create_app, create_operations_app
 from remotecli.controller.bridge import VncBridge
 from remotecli.controller.datadir import DataDirLock
+from remotecli.controller.gc import GcReport, run_gc
 from remotecli.controller.identity import ADMIN_USER, Identity
 from remotecli.controller.sessions import SessionManager
 from remotecli.controller.signins import SignIns
@@ -307,16 +308,24 @@ class Controller:
     async def _collect_garbage_forever(self) -> None:
         while True:
             await asyncio.sleep(self.config.gc_interval)
-            from remotecli.controller.gc import run_gc
-
-            assert self.store is not None
             try:
-                report = await asyncio.to_thread(run_gc, self.config, self.store, now=time.time())
+                report = await asyncio.to_thread(self._collect_garbage)
             except Exception:  # the next round tries again
                 log.exception("clean-up failed")
                 continue
             if report.items:
                 log.info("cleaned up", items=len(report.items), freed_bytes=report.freed_bytes)
+            for failure in report.failures:
+                log.warning("clean-up left something", target=failure.target, error=failure.error)
+
+    def _collect_garbage(self) -> GcReport:
+        """One clean-up round, in a worker thread: on a store connection of its own."""
+        assert self.store is not None
+        store = Store.open(self.store.path)
+        try:
+            return run_gc(self.config, store, now=time.time())
+        finally:
+            store.close()
 
     @property
     def address(self) -> tuple[str, int]:
