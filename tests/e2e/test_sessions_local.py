@@ -28,6 +28,7 @@ from remotecli.controller.server import Controller
 from remotecli.drivers.local_channels import sandbox_pids
 from tests.conftest import MS
 from tests.e2e.sessions_api import create_ready_session
+from tests.logins import login_cookie
 from tests.rfb_viewer import RfbViewer, wait_for_file
 
 pytestmark = [
@@ -157,7 +158,8 @@ async def test_cookie_needs_an_allowed_origin(system: System) -> None:
     async with system.api() as api:
         session_id = await create_ready_session(api, TIMEOUT)
     url = f"{system.ws_base}/api/auth/session/{session_id}/novnc/websock"
-    cookie = {"Cookie": f"remotecli_token={system.token}"}
+    assert system.controller is not None
+    cookie = {"Cookie": login_cookie(system.controller)}
     with pytest.raises(InvalidStatus) as refused:
         async with connect(url, additional_headers={**cookie, "Origin": "http://evil.example"}):
             pass
