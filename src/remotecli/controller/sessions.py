@@ -209,6 +209,7 @@ class SessionManager:
             return False
         runtime = self._runtime.get(record.id)
         watcher = runtime.task if runtime is not None else None
+        await self.keeper.finish(record.id)  # HOME is still reachable: keep the sign-in now
         if not self.driver.detach(record.id):
             return False
         self._runtime.pop(record.id, None)
@@ -216,7 +217,6 @@ class SessionManager:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
-        await self.keeper.finish(record.id)  # saved now; the next start restores from it
         await self._close_viewers(record.id, 1012, "remote-cli is restarting; reconnect soon")
         log.info("session kept for the next start", session_id=record.id)
         return True
