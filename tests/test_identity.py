@@ -32,7 +32,7 @@ class DictLogins:
     def user(self, secret: str) -> str | None:
         return self.logins.get(secret)
 
-    def open(self, user: str) -> str:
+    def open(self, user: str, token: str | None = None) -> str:
         secret = f"{user}-login-{len(self.logins)}"
         self.logins[secret] = user
         return secret

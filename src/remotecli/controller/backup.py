@@ -96,6 +96,8 @@ def restore(source: Path, data_dir: Path) -> BackupReport:
     if not store.is_file():
         raise ConfigError(f"{source} holds no {STORE_FILE}; give a `remotecli backup` directory")
     version = _schema_version(store)
+    if version < 0:
+        raise ConfigError(f"{store} has schema version {version}: not a remote-cli store")
     if version > SCHEMA_VERSION:
         raise ConfigError(
             f"the backup's store has schema version {version}, newer than this remote-cli "

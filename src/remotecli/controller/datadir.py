@@ -48,7 +48,7 @@ class DataDirLock:
         """
         path = data_dir / LOCK_FILE
         try:
-            descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         except OSError as exc:
             raise ConfigError(
                 f"cannot open the lock {path}: {exc.strerror}; check the data dir is writable"
@@ -86,7 +86,7 @@ def serving_pid(data_dir: Path) -> int | None:
     """Return the pid of the process holding ``data_dir``'s lock, or None when none does."""
     path = data_dir / LOCK_FILE
     try:
-        descriptor = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        descriptor = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     except FileNotFoundError:
         return None
     except OSError as exc:

@@ -58,8 +58,11 @@ class Logins(Protocol):
     def user(self, secret: str) -> str | None:
         """Return the user of a login secret, or None (unknown, signed out, expired)."""
 
-    def open(self, user: str) -> str:
-        """Start a login for ``user``; return its secret (the cookie's value)."""
+    def open(self, user: str, token: str | None = None) -> str:
+        """Start a login for ``user``; return its secret (the cookie's value).
+
+        ``token``, the one signed in with: the login ends no later than it expires.
+        """
 
     def close(self, secret: str) -> bool:
         """End a login (sign out); True when there was one."""
@@ -76,11 +79,15 @@ class StoreLogins:
         """Return the user of ``secret`` while its login lasts."""
         return self._store.user_for_login(hash_token(secret), self._clock())
 
-    def open(self, user: str) -> str:
+    def open(self, user: str, token: str | None = None) -> str:
         """Record a new login of ``user`` and return its secret (shown once, stored hashed)."""
         secret = new_token()
         now = self._clock()
-        self._store.add_login(user, hash_token(secret), now, now + LOGIN_TTL)
+        expires_at = now + LOGIN_TTL
+        token_expiry = None if token is None else self._store.token_expiry(hash_token(token))
+        if token_expiry is not None:
+            expires_at = min(expires_at, token_expiry)
+        self._store.add_login(user, hash_token(secret), now, expires_at)
         return secret
 
     def close(self, secret: str) -> bool:

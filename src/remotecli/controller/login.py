@@ -147,11 +147,11 @@ def _host(request: Request) -> str | None:
     return request.headers.get("x-forwarded-host") or request.headers.get("host")
 
 
-def _signed_in(identity: Identity, user: str, scheme: str) -> Response:
+def _signed_in(identity: Identity, user: str, token: str, scheme: str) -> Response:
     response = RedirectResponse(DASHBOARD_PATH, status_code=303)
     response.set_cookie(
         COOKIE_NAME,
-        identity.logins.open(user),
+        identity.logins.open(user, token),
         max_age=COOKIE_MAX_AGE,
         path="/",
         httponly=True,
@@ -207,7 +207,7 @@ def router(identity: Identity, client_of: Callable[[Request], str]) -> APIRouter
         if why is None and current is not None and current != user:
             why = f"signing in as {user} would sign {current} out of this browser"
         if why is None:
-            return _signed_in(identity, user, scheme)
+            return _signed_in(identity, user, token, scheme)
         return HTMLResponse(
             confirmation_page(user, current, token, why), headers=CONFIRM_PAGE_HEADERS
         )
@@ -248,7 +248,7 @@ def router(identity: Identity, client_of: Callable[[Request], str]) -> APIRouter
             )
         token = await _form_token(request)
         user = identity.token_user(token, client=client_of(request), missing=NO_TOKEN)
-        return _signed_in(identity, user, scheme)
+        return _signed_in(identity, user, token, scheme)
 
     @api.post(
         "/api/logout",

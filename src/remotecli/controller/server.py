@@ -54,14 +54,25 @@ UNIX_PATH_MAX = 100  # sun_path holds 108 bytes; keep a margin
 
 
 def prepare_data_dir(data_dir: Path) -> Path:
-    """Create the data dir (mode 0700) if needed and return it; ConfigError if impossible."""
+    """Create the data dir (mode 0700) if needed and return it; ConfigError if impossible.
+
+    An existing one must belong to this user and be writable by no one else: the store, the
+    keys and the lock live there, and another user who could write it could plant links.
+    """
     try:
         data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        status = data_dir.stat()
     except OSError as exc:
         raise ConfigError(
             f"cannot create the data dir {data_dir}: {exc.strerror}; choose another with "
             "--data-dir or REMOTECLI_DATA_DIR"
         ) from exc
+    if status.st_uid != os.geteuid() or status.st_mode & 0o022:
+        raise ConfigError(
+            f"the data dir {data_dir} belongs to uid {status.st_uid} with mode "
+            f"{status.st_mode & 0o777:o}; it must be this user's and writable by no one else "
+            f"(chown it, chmod go-w it), or choose another with --data-dir"
+        )
     return data_dir
 
 
@@ -85,7 +96,11 @@ def ensure_admin_token(store: Store, data_dir: Path, env_token: str | None) -> s
     else:
         token = new_token()
         save_admin_token(data_dir, token)
-    store.replace_tokens(ADMIN_USER, hash_token(token), time.time())
+    hashed = hash_token(token)
+    now = time.time()
+    changed = store.user_for_token(hashed, now) != ADMIN_USER
+    # A new admin token (the variable or the file changed) signs out the old one's browsers.
+    store.replace_tokens(ADMIN_USER, hashed, now, sign_out=changed)
     return token
 
 
@@ -165,7 +180,8 @@ def _bind_tcp(address: tuple[str, int]) -> socket.socket:
 def _write_private(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` (mode 0600), replacing it whole."""
     temporary = path.with_name(path.name + ".tmp")
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    temporary.unlink(missing_ok=True)  # a stale one (or a planted link) is never written through
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
         handle.write(text)
     os.replace(temporary, path)

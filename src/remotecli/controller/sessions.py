@@ -356,8 +356,8 @@ class SessionManager:
 
     def get(self, owner: str, session_id: str) -> SessionRecord:
         """Return ``owner``'s session; NotFound (404) for an unknown one or someone else's."""
-        record = self.store.find_session(session_id)
-        if record is None or record.owner != owner:
+        record = self.store.session_of(owner, session_id)
+        if record is None:
             raise NotFound(
                 f"no session {session_id} among yours; list them with GET /api/sessions",
                 session_id=session_id,

@@ -230,6 +230,11 @@ class Store:
 
     def _migrate(self) -> None:
         current = self.schema_version
+        if current < 0:
+            raise ConfigError(
+                f"the store {self.path} has schema version {current}: it is not a remote-cli "
+                "store; restore a backup or choose another --data-dir"
+            )
         if current > SCHEMA_VERSION:
             raise ConfigError(
                 f"the store {self.path} has schema version {current}, newer than this "
@@ -361,6 +366,13 @@ class Store:
             return None
         return str(row["user"])
 
+    def token_expiry(self, token_hash: str) -> float | None:
+        """Return when a token expires; None when it never does (or is unknown)."""
+        row = self._db.execute(
+            "SELECT expires_at FROM tokens WHERE hash = ?", (token_hash,)
+        ).fetchone()
+        return None if row is None else row["expires_at"]
+
     def add_login(self, user: str, login_hash: str, now: float, expires_at: float) -> None:
         """Record a browser login (the cookie's hash) of ``user`` until ``expires_at``."""
         with self._transaction() as db:
@@ -403,16 +415,26 @@ class Store:
             )
             if cursor.rowcount == 0:
                 return False
+            # Marked in the same transaction: they end even if the name is added back at once.
+            db.execute(
+                "UPDATE sessions SET end_cause = 'user-removed'"
+                " WHERE owner = ? AND state NOT IN ('stopped', 'failed')",
+                (name,),
+            )
             db.execute("DELETE FROM tokens WHERE user = ?", (name,))
             db.execute("DELETE FROM logins WHERE user = ?", (name,))
             db.execute("DELETE FROM signins WHERE user = ?", (name,))
         return True
 
     def removed_owners_with_sessions(self) -> list[SessionRecord]:
-        """Return the active sessions whose owner was removed, oldest first."""
+        """Return the active sessions whose owner was removed, oldest first.
+
+        Those :meth:`remove_user` marked count even when the name was added back since.
+        """
         rows = self._db.execute(
             "SELECT s.* FROM sessions s JOIN users u ON u.name = s.owner"
-            " WHERE u.removed_at IS NOT NULL AND s.state NOT IN ('stopped', 'failed')"
+            " WHERE (u.removed_at IS NOT NULL OR s.end_cause = 'user-removed')"
+            " AND s.state NOT IN ('stopped', 'failed')"
             " ORDER BY s.created_at"
         )
         return [_session(r) for r in rows]
@@ -460,14 +482,30 @@ class Store:
         return record
 
     def sessions(self, owner: str | None = None) -> list[SessionRecord]:
-        """Return the sessions of ``owner`` (all when None), newest first."""
+        """Return the sessions of ``owner`` (all when None), newest first.
+
+        A user's sessions are those created since the user was (last) created: a name removed
+        and added again does not inherit the sessions of whoever had it before.
+        """
         if owner is None:
             rows = self._db.execute("SELECT * FROM sessions ORDER BY created_at DESC, id")
         else:
             rows = self._db.execute(
-                "SELECT * FROM sessions WHERE owner = ? ORDER BY created_at DESC, id", (owner,)
+                "SELECT s.* FROM sessions s JOIN users u ON u.name = s.owner"
+                " WHERE s.owner = ? AND s.created_at >= u.created_at"
+                " ORDER BY s.created_at DESC, s.id",
+                (owner,),
             )
         return [_session(r) for r in rows]
+
+    def session_of(self, owner: str, session_id: str) -> SessionRecord | None:
+        """Return ``owner``'s session ``session_id`` (see :meth:`sessions`), or None."""
+        row = self._db.execute(
+            "SELECT s.* FROM sessions s JOIN users u ON u.name = s.owner"
+            " WHERE s.id = ? AND s.owner = ? AND s.created_at >= u.created_at",
+            (session_id, owner),
+        ).fetchone()
+        return None if row is None else _session(row)
 
     def active_sessions(self) -> list[SessionRecord]:
         """Return every session not in a final state, oldest first."""
