@@ -239,6 +239,16 @@ def background_share(desktop: Desktop) -> float:
     return sum(1 for rgb in samples if rgb == want) / len(samples)
 
 
+def lit_rows(desktop: Desktop) -> list[int]:
+    """The rows of the top-left 200x200 pixels where some pixel is light."""
+    rows = []
+    for y in range(200):
+        lit = sum(1 for x in range(0, 200) if sum(desktop.rgb(x, y)) > 3 * 128)
+        if lit:
+            rows.append(y)
+    return rows
+
+
 async def until_terminal_shows(desktop: Desktop) -> None:
     """Wait until the dark terminal fills most of the screen (keys then reach tmux)."""
     async with asyncio.timeout(TIMEOUT):
@@ -336,19 +346,10 @@ async def test_capitals_are_at_least_10_pixels_tall_on_a_dark_background(
     await tty.type("clear; printf '\\033[?25l\\n\\nHHHHHHHHHHHHHHHH'; read -r _\r")
     await tty.read_until(b"HHHHHHHHHHHHHHHH")
 
-    def lit_rows() -> list[int]:
-        """The rows of the top-left 200x200 pixels where some pixel is light."""
-        rows = []
-        for y in range(200):
-            lit = sum(1 for x in range(0, 200) if sum(desktop.rgb(x, y)) > 3 * 128)
-            if lit:
-                rows.append(y)
-        return rows
-
     async with asyncio.timeout(TIMEOUT):
         while True:
             await desktop.update()
-            rows = lit_rows()
+            rows = lit_rows(desktop)
             if rows and rows[0] > 20 and rows[-1] - rows[0] < 30:  # only the capitals are lit
                 break
             await asyncio.sleep(50 * MS)

@@ -32,7 +32,7 @@ from remotecli.rfb import PROTOCOL_VERSION_3_8, SECURITY_VNC_AUTH
 from tests.conftest import MS
 from tests.e2e.sessions_api import create_ready_session
 from tests.rfb_viewer import RfbViewer, wait_for_file
-from tests.test_driver_terminal import Desktop
+from tests.test_driver_terminal import Desktop, background_share, lit_rows, until_terminal_shows
 
 pytestmark = [
     pytest.mark.e2e,
@@ -362,3 +362,46 @@ async def test_on_shutdown_keep_carries_a_microvm_across_a_controller_restart(
             await delete_and_wait(api, session_id, pid)
     finally:
         await second.close()
+
+
+async def test_microvm_capitals_are_at_least_10_pixels_tall_on_a_dark_background(
+    system: System,
+) -> None:
+    """Through gateway and bridge, a row of capital H the microVM's terminal draws is >= 10
+    framebuffer pixels tall, light on the dark background: readable as the local driver's."""
+    async with system.api() as api:
+        session_id = await create_ready_session(api, TEMPLATE_TIMEOUT)
+        pid = qemu_pid(system, session_id)
+        ticket = (await api.post(f"/api/sessions/{session_id}/ticket")).json()["ticket"]
+        url = f"{system.ws_base}/api/sessions/{session_id}/vnc?ticket={ticket}"
+        async with connect(url, subprotocols=[BINARY], max_size=None) as ws:
+            reader = asyncio.StreamReader()
+
+            async def pump() -> None:
+                async for message in ws:
+                    assert isinstance(message, bytes)
+                    reader.feed_data(message)
+                reader.feed_eof()
+
+            pumping = asyncio.create_task(pump())
+            try:
+                desktop = await asyncio.wait_for(Desktop.over(reader, _SocketWriter(ws)), TIMEOUT)
+                await until_terminal_shows(desktop)
+                # clear the screen, hide the cursor, draw capitals on the third line, then wait
+                await desktop.type("clear; printf '\\033[?25l\\n\\nHHHHHHHHHHHHHHHH'; read -r _\n")
+                async with asyncio.timeout(TIMEOUT):
+                    while True:
+                        await desktop.update()
+                        rows = lit_rows(desktop)
+                        if rows and rows[0] > 20 and rows[-1] - rows[0] < 30:
+                            break  # only the capitals are lit
+                        await asyncio.sleep(50 * MS)
+                cap_height = rows[-1] - rows[0] + 1
+                assert rows == list(range(rows[0], rows[-1] + 1))  # one band: the capitals
+                assert cap_height >= 10, f"capitals are {cap_height} px tall"
+                foreground = max((desktop.rgb(x, y) for x in range(200) for y in rows), key=sum)
+                assert min(foreground) >= 0xC0  # light on ...
+                assert background_share(desktop) > 0.9  # ... the dark background
+            finally:
+                pumping.cancel()
+        await delete_and_wait(api, session_id, pid)
