@@ -30,7 +30,15 @@ from tests.banner_driver import banner_controller
 from tests.conftest import MS
 
 STATIC = Path(__file__).resolve().parents[1] / "src/remotecli/dashboard/static"
-PAGES = ("api.js", "app.js", "viewer.js", "terminal.js", "reconnect.js")
+PAGES = (
+    "api.js",
+    "app.js",
+    "elements.js",
+    "sessions.js",
+    "viewer.js",
+    "terminal.js",
+    "reconnect.js",
+)
 API_DOC = Path(__file__).resolve().parents[1] / "docs/api.md"
 
 # The variable names the pages hold each kind of API answer in (see API_FIELDS in api.js).
@@ -42,6 +50,7 @@ READERS = {
     "ticket": "TicketOut",
     "callback": "CallbackOut",
     "sse": "events",
+    "me": "MeOut",
 }
 
 # What each call the dashboard makes answers, as (array of?, schema) in the OpenAPI document;
@@ -55,6 +64,9 @@ CALLS: dict[tuple[str, str], tuple[bool, str | None]] = {
     ("delete", "/api/sessions/{session_id}"): (False, "SessionOut"),
     ("post", "/api/sessions/{session_id}/ticket"): (False, "TicketOut"),
     ("post", "/api/sessions/{session_id}/callback"): (False, "CallbackOut"),
+    ("patch", "/api/sessions/{session_id}"): (False, "SessionOut"),
+    ("get", "/api/me"): (False, "MeOut"),
+    ("post", "/api/logout"): (False, None),
 }
 
 

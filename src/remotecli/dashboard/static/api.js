@@ -8,12 +8,23 @@
  * The fields of the API's answers the dashboard reads, by OpenAPI schema name ("events" is the
  * SSE `data:` object of GET /api/sessions/{id}/events). The pages hold each answer in a variable
  * named for it (`problem`: ErrorOut, `provider`, `session` or `current`, `ticket`, `callback`,
- * `sse`), so the test can find every field they read.
+ * `sse`, `me`: MeOut), so the test can find every field they read.
  */
 export const API_FIELDS = {
   ErrorOut: ["message"],
   ProviderOut: ["name", "title", "available", "hint", "connected", "connected_at", "updated_at"],
-  SessionOut: ["id", "provider", "state", "reason", "created_at", "open_url", "viewers"],
+  SessionOut: [
+    "id",
+    "provider",
+    "label",
+    "state",
+    "reason",
+    "end_cause",
+    "created_at",
+    "open_url",
+    "viewers",
+  ],
+  MeOut: ["name"],
   TicketOut: ["ticket", "vnc_path"],
   CallbackOut: ["status", "body"],
   events: ["state", "reason", "message", "url"],

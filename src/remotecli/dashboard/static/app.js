@@ -1,16 +1,19 @@
-// The dashboard page: sign-in state, the provider cards (connected or not), "My sessions", the
-// progress of a new session from its event stream, the provider sign-in a session asks for, and
-// the live view, as text (terminal.js) or as the desktop (viewer.js). Plain ES modules, no build
-// step.
+// The dashboard page: who is signed in (and Sign out), the provider cards (connected or not),
+// "My sessions" (named by their labels, ended ones kept with their reason, a notice once for
+// those a restart ended), the progress of a new session from its event stream, the provider
+// sign-in a session asks for, and the live view, as text (terminal.js) or as the desktop
+// (viewer.js). Plain ES modules, no build step. Labels are the user's text: they reach the page
+// only through textContent, value and document.title, never as markup.
 
 import { api, ApiError, endedMessage, FINAL_STATES, followEvents, webLink } from "./api.js";
+import { button, element } from "./elements.js";
+import { SessionList, sessionLabel, stored } from "./sessions.js";
 import { FONT_SIZES, TextView } from "./terminal.js";
 import { Viewer } from "./viewer.js";
 
 const NOVNC_URL = "/dashboard/remote-cli/novnc/rfb.js";
 const REFRESH_MS = 5000;
 const COPIED_MS = 2000;
-const HIDDEN_KEY = "remotecli.hiddenSessions";
 // The view chosen for each session ("text" or "desktop"), the text view's font size, and the view
 // new sessions open in (unset: text, as for every terminal provider).
 const VIEWS_KEY = "remotecli.views";
@@ -21,7 +24,6 @@ const VIEWS = ["text", "desktop"];
 const $ = (id) => document.getElementById(id);
 
 const page = {
-  sessions: [],
   providers: [],
   providersShape: "",
   starting: false,
@@ -32,23 +34,16 @@ const page = {
   hiddenLinks: new Map(),
   stopEvents: null,
   refreshTimer: null,
-  hidden: new Set(JSON.parse(localStorage.getItem(HIDDEN_KEY) ?? "[]")),
   // The session being viewed: its status-line name, and the view it is shown in.
   label: "",
   view: null,
   // The session named by the address (#session=ID), opened once the list has loaded.
   wanted: sessionInAddress(),
-  confirming: null,
+  // The ended message the status line shows for the viewed session (said again on a rename).
+  endedText: null,
+  // Counts sign-outs: an answer to a request sent before the last one is dropped.
+  signOuts: 0,
 };
-
-/** Read JSON kept in localStorage, or `fallback` when it is missing or unreadable. */
-function stored(key, fallback) {
-  try {
-    return JSON.parse(localStorage.getItem(key) ?? "null") ?? fallback;
-  } catch {
-    return fallback;
-  }
-}
 
 /** The session id the address names (`#session=ID`), or null. */
 function sessionInAddress() {
@@ -64,9 +59,15 @@ function setAddress(sessionId) {
   }
 }
 
-/** The session as the status line names it: its provider and the start of its id. */
-function sessionLabel(session) {
-  return `${session.provider} ${session.id.slice(0, 8)}`;
+/** The viewed session above the view: its label (if any), provider and whole id. */
+function viewerCaption(session) {
+  const caption = `${session.provider} · ${session.id}`;
+  return session.label ? `${session.label} · ${caption}` : caption;
+}
+
+/** Name the viewed session in the window's title (a tab among others). */
+function setTitle(name) {
+  document.title = name ? `${name} · remote-cli` : "remote-cli";
 }
 
 /** The view `sessionId` was last shown in, else the default (text). */
@@ -78,7 +79,7 @@ function chosenView(sessionId) {
 }
 
 function rememberView(sessionId, view) {
-  const known = new Set(page.sessions.map((item) => item.id));
+  const known = new Set(list.sessions.map((item) => item.id));
   const views = Object.fromEntries(
     Object.entries(stored(VIEWS_KEY, {})).filter(([id]) => known.has(id)),
   );
@@ -136,38 +137,14 @@ function elapsed(since) {
   return `${((performance.now() - since) / 1000).toFixed(2)} s`;
 }
 
-function age(createdAt) {
-  const created = Date.parse(createdAt ?? "");
-  if (Number.isNaN(created)) return "";
-  const seconds = Math.max(0, Math.round((Date.now() - created) / 1000));
-  if (seconds < 60) return `${seconds} s`;
-  if (seconds < 3600) return `${Math.floor(seconds / 60)} min`;
-  return `${Math.floor(seconds / 3600)} h ${Math.floor((seconds % 3600) / 60)} min`;
-}
-
-function button(label, onClick, { disabled = false, className = "" } = {}) {
-  const element = document.createElement("button");
-  element.type = "button";
-  element.textContent = label;
-  element.disabled = disabled;
-  if (className) element.className = className;
-  element.addEventListener("click", onClick);
-  return element;
-}
-
-function element(tag, text, className) {
-  const node = document.createElement(tag);
-  if (text !== undefined) node.textContent = text;
-  if (className) node.className = className;
-  return node;
-}
-
 // --- sign-in and periodic refresh ------------------------------------------------------------
 
 async function refresh() {
+  const signOuts = page.signOuts;
   let sessions;
   try {
     sessions = await api("GET", "/api/sessions");
+    if (signOuts !== page.signOuts) return; // sent with the login that just ended
   } catch (error) {
     if (error instanceof ApiError && error.status === 401) {
       showLogin();
@@ -179,8 +156,7 @@ async function refresh() {
   if ($("main").hidden) await showMain();
   else await loadProviders();
   showBanner("");
-  page.sessions = sessions;
-  renderSessions();
+  list.show(sessions);
   if (page.wanted) openFromAddress();
   // The event stream tells the link at once; the list catches one missed while it reconnected.
   const current = sessions.find((item) => item.id === page.viewing);
@@ -189,25 +165,68 @@ async function refresh() {
   }
 }
 
-function showLogin() {
+/** Show the token form instead of the dashboard (no login, or it ended). */
+function showLogin(text = "Sign in to start a session.") {
+  const already = !$("login").hidden;
+  if (page.stopEvents) page.stopEvents();
+  page.stopEvents = null;
   disconnectViews();
   $("main").hidden = true;
   $("login").hidden = false;
-  $("account").textContent = "Not signed in";
-  setStatus("idle", "Sign in to start a session.");
-  $("login-token").focus();
+  $("account-name").textContent = "Not signed in";
+  $("signout").hidden = true;
+  setStatus("idle", text);
+  // Only on the way in: the periodic refresh must not pull the focus back every few seconds.
+  if (!already) $("login-token").focus();
 }
 
 async function showMain() {
   $("login").hidden = true;
   $("main").hidden = false;
-  $("account").textContent = "Signed in";
+  $("account-name").textContent = "Signed in";
+  $("signout").hidden = false;
+  loadAccount();
   if ($("status").dataset.tone === "idle") setStatus("idle", "Not connected to a session.");
   loadRfb().catch(() => {
     // the banner already says how to install noVNC; connecting will say it again
   });
   await loadProviders();
   renderProviders();
+}
+
+/** Say who is signed in (GET /api/me) beside Sign out. */
+async function loadAccount() {
+  let me;
+  try {
+    me = await api("GET", "/api/me");
+  } catch (error) {
+    if (error instanceof ApiError && error.status === 401) showLogin();
+    return; // the banner says why the server is not answering; "Signed in" stays
+  }
+  if (!$("main").hidden) $("account-name").textContent = `Signed in as ${me.name}`;
+}
+
+/**
+ * Sign out: the server ends this browser's login and clears the cookie, so a reload (or a copy
+ * of the cookie) is signed out too. Then the page forgets what it showed and asks for the token.
+ */
+async function signOut() {
+  const signout = $("signout");
+  signout.disabled = true;
+  try {
+    await api("POST", "/api/logout");
+  } catch (error) {
+    setStatus("error", `Could not sign out: ${error.message}`);
+    return;
+  } finally {
+    signout.disabled = false;
+  }
+  page.signOuts += 1;
+  leaveSession();
+  page.hiddenLinks.clear();
+  list.clear();
+  $("progress").hidden = true;
+  showLogin("Signed out. Sign in again with your token to start a session.");
 }
 
 // --- providers ---------------------------------------------------------------------------------
@@ -312,29 +331,35 @@ async function disconnectProvider(provider) {
 
 // --- a new session: create, follow its progress, then view it ----------------------------------
 
+/** Create a session of `provider`, named by the Name box when it holds something. */
 async function startSession(provider) {
   const started = performance.now();
+  const labelBox = $("new-label");
+  const label = labelBox.value.trim();
+  const name = label ? `${provider.title} “${label}”` : provider.title;
   page.starting = true;
   renderProviders();
   resetProgress();
-  addStep(`Starting ${provider.title}…`, started);
-  setStatus("connecting", `Starting ${provider.title}…`);
+  addStep(`Starting ${name}…`, started);
+  setStatus("connecting", `Starting ${name}…`);
   let session;
   try {
-    session = await api("POST", "/api/sessions", { provider: provider.name });
+    const body = label ? { provider: provider.name, label } : { provider: provider.name };
+    session = await api("POST", "/api/sessions", body);
   } catch (error) {
     addStep(error.message, started, "error");
     setStatus("error", error.message);
     page.starting = false;
     renderProviders();
     if (error instanceof ApiError && error.status === 401) showLogin();
+    else if (error instanceof ApiError && error.status === 422 && label) labelBox.focus();
     return;
   }
+  labelBox.value = "";
   page.starting = false;
   renderProviders();
   addStep(`Session ${session.id} created (${session.state})`, started);
-  page.sessions = [session, ...page.sessions.filter((item) => item.id !== session.id)];
-  renderSessions();
+  list.put(session);
   watchSession(session, started);
 }
 
@@ -343,7 +368,7 @@ function openFromAddress() {
   const wanted = page.wanted;
   page.wanted = null;
   if (page.viewing === wanted) return;
-  const session = page.sessions.find((item) => item.id === wanted);
+  const session = list.find(wanted);
   if (!session || FINAL_STATES.has(session.state)) {
     setAddress(page.viewing);
     const why = session
@@ -362,17 +387,20 @@ function watchSession(session, started) {
   if (page.viewing !== session.id) disconnectViews();
   page.viewing = session.id;
   page.label = sessionLabel(session);
+  page.endedText = null;
   page.view = chosenView(session.id);
   setAddress(session.id);
   showView(page.view);
-  $("viewer-session").textContent = `${session.provider} · ${session.id}`;
+  $("viewer-session").textContent = viewerCaption(session);
+  setTitle(page.label);
+  list.render();
   if (page.signin.sessionId !== session.id) hideSignIn();
   if (session.open_url && !FINAL_STATES.has(session.state)) {
     showSignIn(session.id, session.open_url, started);
   }
   let viewing = false;
   const onState = (state, reason) => {
-    updateSession(session.id, { state, reason });
+    list.update(session.id, { state, reason });
     if (state === "ready" && !viewing) {
       viewing = true;
       if (started !== null) addStep("Ready: opening the live view", started);
@@ -382,6 +410,7 @@ function watchSession(session, started) {
       if (started !== null) addStep(text, started, "error");
       disconnectViews();
       enableViewerButtons(false);
+      page.endedText = text;
       setStatus("ended", `${text} (${page.label})`);
       showScreenHint(text);
       hideSignIn();
@@ -599,141 +628,77 @@ function showScreenHint(text) {
   hint.hidden = !text;
 }
 
-// --- my sessions -------------------------------------------------------------------------------
+// --- my sessions (sessions.js draws them) ------------------------------------------------------
 
-function updateSession(id, changes) {
-  const session = page.sessions.find((item) => item.id === id);
-  if (session && changes.state) {
-    session.state = changes.state;
-    if (changes.reason) session.reason = changes.reason;
-    renderSessions();
-  }
-}
-
-function visibleSessions() {
-  return page.sessions.filter(
-    (session) =>
-      !page.hidden.has(session.id) && (session.state !== "stopped" || session.id === page.viewing),
-  );
-}
-
-function renderSessions() {
-  const list = $("sessions");
-  const sessions = visibleSessions();
-  // Rebuild only when something other than the ages changed, so keyboard focus on a button
-  // survives the periodic refresh.
-  const shape = JSON.stringify(
-    sessions.map((session) => [
-      session.id,
-      session.state,
-      session.reason,
-      page.viewing,
-      page.confirming,
-    ]),
-  );
-  if (shape === list.dataset.shape) {
-    for (const session of sessions) {
-      const facts = list.querySelector(`li[data-session-id="${session.id}"] .facts`);
-      if (facts) facts.textContent = sessionFactsText(session);
-    }
-    return;
-  }
-  list.dataset.shape = shape;
-  list.replaceChildren();
-  $("sessions-empty").hidden = sessions.length > 0;
-  for (const session of sessions) {
-    const item = element("li", undefined, "session");
-    item.dataset.sessionId = session.id;
-    item.dataset.state = session.state;
-    const title = element("div", undefined, "session-title");
-    title.append(
-      element("strong", session.provider),
-      element("span", session.state, `badge state-${session.state}`),
-    );
-    const facts = element("div", sessionFactsText(session), "muted facts");
-    item.append(title, facts);
-    if (session.reason && FINAL_STATES.has(session.state)) {
-      item.append(element("div", session.reason, "hint"));
-    }
-    const actions = element("div", undefined, "actions");
-    const ready = session.state === "ready";
-    if (page.confirming === session.id && !FINAL_STATES.has(session.state)) {
-      const question = element("p", "End this session? It is open in a viewer.", "confirm");
-      question.id = `confirm-${session.id}`;
-      const end = button("End session", () => terminate(session, true), { className: "danger" });
-      end.setAttribute("aria-describedby", question.id);
-      actions.classList.add("confirming");
-      actions.append(question, end, button("Keep it", () => askToTerminate(null)));
-    } else {
-      actions.append(
-        button("Reconnect", () => reconnect(session), { disabled: !ready }),
-        button(FINAL_STATES.has(session.state) ? "Remove" : "Terminate", () => terminate(session), {
-          className: "danger",
-        }),
-      );
-    }
-    item.append(actions);
-    if (session.id === page.viewing) item.classList.add("current");
-    list.append(item);
-  }
-}
-
-function sessionFactsText(session) {
-  return `${session.id} · ${age(session.created_at)} old`;
-}
+const list = new SessionList({
+  viewing: () => page.viewing,
+  reconnect,
+  terminate,
+  rename: (sessionId, label) =>
+    api("PATCH", `/api/sessions/${encodeURIComponent(sessionId)}`, { label }),
+  renamed: (session) => {
+    if (page.viewing === session.id) renameViewed(session);
+  },
+  unauthorised: () => showLogin(),
+});
 
 function reconnect(session) {
   $("progress").hidden = true;
   watchSession(session, null);
 }
 
-/** Show (or, with null, hide) the question before ending a session someone is viewing. */
-function askToTerminate(sessionId) {
-  page.confirming = sessionId;
-  renderSessions();
-  if (sessionId) {
-    document.querySelector(`li[data-session-id="${sessionId}"] .confirm + button`)?.focus();
+/** The viewed session has a new name: say it above the view, in the title and status line. */
+function renameViewed(session) {
+  page.label = sessionLabel(session);
+  $("viewer-session").textContent = viewerCaption(session);
+  setTitle(page.label);
+  for (const view of [viewer, textView]) {
+    if (view.sessionId === session.id) view.rename(page.label);
   }
+  if (page.endedText && $("status").dataset.tone === "ended") {
+    setStatus("ended", `${page.endedText} (${page.label})`);
+  }
+}
+
+/** Stop viewing the viewed session (it keeps running unless ended elsewhere). */
+function leaveSession() {
+  if (page.stopEvents) page.stopEvents();
+  page.stopEvents = null;
+  disconnectViews();
+  enableViewerButtons(false);
+  page.viewing = null;
+  page.view = null;
+  page.endedText = null;
+  $("terminal").hidden = true;
+  $("screen").hidden = false;
+  setAddress(null);
+  setTitle(null);
+  hideSignIn();
+  $("viewer-session").textContent = "";
+  showScreenHint("Pick a provider to start a session.");
 }
 
 /** End a session (asking first when it has a viewer, unless `confirmed`); hide an ended one. */
 async function terminate(session, confirmed = false) {
-  const current = page.sessions.find((item) => item.id === session.id) ?? session;
+  const current = list.find(session.id) ?? session;
+  const final = FINAL_STATES.has(current.state);
   const watched = current.viewers > 0 || page.viewing === current.id;
-  if (!confirmed && watched && !FINAL_STATES.has(current.state)) {
-    askToTerminate(current.id);
+  if (!confirmed && watched && !final) {
+    list.ask(current.id);
     return;
   }
-  page.confirming = null;
-  if (page.viewing === session.id) {
-    if (page.stopEvents) page.stopEvents();
-    page.stopEvents = null;
-    disconnectViews();
-    enableViewerButtons(false);
-    page.viewing = null;
-    page.view = null;
-    $("terminal").hidden = true;
-    $("screen").hidden = false;
-    setAddress(null);
-    hideSignIn();
-    $("viewer-session").textContent = "";
-    showScreenHint("Pick a provider to start a session.");
-  }
+  if (page.viewing === current.id) leaveSession();
   try {
-    if (!FINAL_STATES.has(session.state)) {
-      await api("DELETE", `/api/sessions/${encodeURIComponent(session.id)}`);
-    }
+    if (!final) await api("DELETE", `/api/sessions/${encodeURIComponent(current.id)}`);
   } catch (error) {
     if (!(error instanceof ApiError) || (error.status !== 404 && error.status !== 409)) {
-      setStatus("error", `Could not terminate ${session.id}: ${error.message}`);
+      setStatus("error", `Could not terminate ${sessionLabel(current)}: ${error.message}`);
+      list.ask(null);
       return;
     }
   }
-  page.hidden.add(session.id);
-  const known = new Set(page.sessions.map((item) => item.id));
-  localStorage.setItem(HIDDEN_KEY, JSON.stringify([...page.hidden].filter((id) => known.has(id))));
-  setStatus("idle", `Session ${sessionLabel(session)} terminated.`);
-  renderSessions();
+  list.remove(current.id);
+  setStatus("idle", `Session ${sessionLabel(current)} ${final ? "removed" : "terminated"}.`);
 }
 
 // --- viewer controls ---------------------------------------------------------------------------
@@ -751,6 +716,7 @@ for (const view of [viewer, textView]) {
   });
   view.addEventListener("ended", (event) => {
     if (view !== activeView()) return;
+    page.endedText = event.detail.text;
     enableViewerButtons(false);
     showScreenHint(event.detail.text);
     refresh();
@@ -840,6 +806,7 @@ document.addEventListener("fullscreenchange", () => {
   $("fullscreen-button").textContent = full ? "Exit full screen" : "Full screen";
   activeView().focus();
 });
+$("signout").addEventListener("click", signOut);
 $("login-form").addEventListener("submit", (event) => {
   // The server's /login sets the cookie and redirects back here; never keep the token around.
   event.preventDefault();

@@ -169,6 +169,16 @@ export class TextView extends EventTarget {
     this.dispatchEvent(new CustomEvent("status", { detail: { tone, text } }));
   }
 
+  /** Call the session `label` from now on; a connected view says so at once. */
+  rename(label) {
+    this.label = label;
+    if (this.connected) this.status("connected", this.connectedText());
+  }
+
+  connectedText() {
+    return `Connected to ${this.label} (text): type here.`;
+  }
+
   /** Create the terminal once, in the container, with the page's font and theme. */
   async ensureTerminal() {
     if (this.terminal) return;
@@ -264,7 +274,7 @@ export class TextView extends EventTarget {
       this.terminal.reset();
       this.refit();
       this.sendSize(true);
-      this.status("connected", `Connected to ${this.label} (text): type here.`);
+      this.status("connected", this.connectedText());
       this.terminal.focus();
     });
     socket.addEventListener("message", (event) => {

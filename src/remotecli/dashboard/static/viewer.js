@@ -89,6 +89,16 @@ export class Viewer extends EventTarget {
     this.dispatchEvent(new CustomEvent("status", { detail: { tone, text } }));
   }
 
+  /** Call the session `label` from now on; a connected view says so at once. */
+  rename(label) {
+    this.label = label;
+    if (this.connected) this.status("connected", this.connectedText());
+  }
+
+  connectedText() {
+    return `Connected to ${this.label} (desktop): click it or press Focus keyboard to type.`;
+  }
+
   async open() {
     const generation = this.generation;
     const sessionId = this.sessionId;
@@ -127,10 +137,7 @@ export class Viewer extends EventTarget {
       if (generation !== this.generation) return;
       rfb.__connected = true;
       this.attempt = 0;
-      this.status(
-        "connected",
-        `Connected to ${this.label} (desktop): click it or press Focus keyboard to type.`,
-      );
+      this.status("connected", this.connectedText());
       rfb.focus();
     });
     rfb.addEventListener("disconnect", () => {
