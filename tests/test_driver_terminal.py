@@ -24,7 +24,7 @@ import pytest
 
 from remotecli.drivers.base import SessionSpec
 from remotecli.drivers.local import PROGRAMS, LocalDriver
-from remotecli.drivers.local_sandbox import BACKGROUND, xterm_options
+from remotecli.drivers.local_sandbox import BACKGROUND, TMUX_CONF, xterm_options
 from remotecli.exceptions import DriverError
 from remotecli.images import rootfs
 from remotecli.rfb import ENCODING_RAW, PixelFormat, RfbClient, set_encodings, type_text
@@ -410,3 +410,5 @@ def test_guest_terminal_is_the_local_sessions_terminal() -> None:
     assert "matchbox-window-manager" in rootfs.DISPLAY_PACKAGES
     assert "-AcceptSetDesktopSize=1" in script
     assert "COLORTERM=truecolor" in script
+    assert rootfs.GUEST_TMUX_CONF == TMUX_CONF  # the CLI in the same tmux, as a text view needs
+    assert "tmux" in rootfs.DISPLAY_PACKAGES

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from remotecli.drivers.qemu_machine import (
+    GUEST_TTY_PORT,
     Machine,
     VmPaths,
     forwarded_port,
@@ -26,6 +27,7 @@ PATHS = VmPaths(Path("/s/qmp.sock"), Path("/s/control.sock"), Path("/d/serial.lo
 USERNET = (
     "Hub -1 (net):\r\n"
     "  Protocol[State]    FD  Source Address  Port   Dest. Address  Port RecvQ SendQ\r\n"
+    "  TCP[HOST_FORWARD]  13       127.0.0.1 42199       10.0.2.15  5902     0     0\r\n"
     "  TCP[HOST_FORWARD]  12       127.0.0.1 42197       10.0.2.15  5900     0     0\r\n"
 )
 
@@ -78,19 +80,26 @@ def test_template_key_changes_with_the_command() -> None:
 
 
 def test_forwarded_port_is_read_from_info_usernet() -> None:
-    """The kernel-chosen host port of the VNC forward is parsed from QEMU's text."""
+    """The kernel-chosen host ports of the VNC and text-terminal forwards are parsed from
+    QEMU's text, each by the guest port it goes to."""
     assert forwarded_port(USERNET) == 42197
+    assert forwarded_port(USERNET, GUEST_TTY_PORT) == 42199
     with pytest.raises(DriverError, match="no loopback forward"):
         forwarded_port("Hub -1 (net):\r\n")
 
 
 def test_session_line_refuses_values_that_could_break_the_line() -> None:
     """Only letters, digits and dashes reach the agent; the password as its file's octal bytes."""
-    assert session_line(1700000000, "rcli-a", "Pw12", "ab01") == (
-        b"session 1700000000 rcli-a \\265\\017\\345\\033\\065\\305\\161\\073 ab01\n"
+    secret = "0f" * 32
+    assert session_line(1700000000, "rcli-a", "Pw12", "ab01", secret) == (
+        b"session 1700000000 rcli-a \\265\\017\\345\\033\\065\\305\\161\\073 ab01 "
+        + secret.encode()
+        + b"\n"
     )
     with pytest.raises(DriverError, match="password"):
-        session_line(1700000000, "rcli-a", "pw with space", "ab01")
+        session_line(1700000000, "rcli-a", "pw with space", "ab01", secret)
+    with pytest.raises(DriverError, match="64 hex digits"):
+        session_line(1700000000, "rcli-a", "Pw12", "ab01", "x y")
 
 
 def test_password_file_matches_the_vncpasswd_format() -> None:

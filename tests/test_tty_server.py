@@ -271,3 +271,48 @@ def test_closing_a_connection_ends_its_tmux_client(session: Tmux) -> None:
     wait_for(lambda: session.display("#{session_attached}") == "1")
     client.close()
     wait_for(lambda: session.display("#{session_attached}") == "0")
+
+
+@needs_tmux
+def test_over_tcp_only_the_secret_opens_the_terminal(session: Tmux, tmp_path: Path) -> None:
+    """The microVM form (--tcp, --secret-file): a connection that starts with the wrong secret,
+    or with none in time, is closed without a byte of the terminal; the right one (read from
+    the file at each connection, as the guest's agent rewrites it) reaches the CLI."""
+    secret_file = tmp_path / "secret"
+    secret_file.write_text("a" * 64)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    assert PYTHON is not None
+    server = subprocess.Popen(
+        [PYTHON, "-I", "-S", tty_server.__file__, "--tcp", str(port), "--secret-file",
+         str(secret_file), str(session.sock)],
+    )  # fmt: skip
+    try:
+
+        def tcp() -> socket.socket:
+            deadline = time.monotonic() + TIMEOUT
+            while True:
+                try:
+                    return socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+                except ConnectionRefusedError:
+                    assert time.monotonic() < deadline, "the tty server did not listen"
+                    time.sleep(10 * MS)
+
+        wrong = tcp()
+        wrong.sendall(b"b" * 64 + b"\n" + resize(80, 24) + typed("echo leaked-$((6 * 7))\r"))
+        assert b"leaked" not in read_to_eof(wrong)
+        wrong.close()
+        silent = tcp()
+        started = time.monotonic()
+        assert read_to_eof(silent, timeout=tty_server.SECRET_TIMEOUT + TIMEOUT) == b""
+        assert time.monotonic() - started >= tty_server.SECRET_TIMEOUT - 0.5
+        silent.close()
+        secret_file.write_text("c" * 64)  # rewritten, as after a snapshot restore
+        right = tcp()
+        right.sendall(b"c" * 64 + b"\n" + resize(100, 30) + typed("echo vm-$((6 * 7))\r"))
+        read_until(right, b"vm-42")
+        right.close()
+    finally:
+        server.kill()
+        server.wait()

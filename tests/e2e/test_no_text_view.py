@@ -1,4 +1,4 @@
-"""A session without a text terminal (a microVM's, today) is shown as its desktop, in Chromium.
+"""A session without a text terminal (a microVM from an older image) is shown as its desktop.
 
 The controller runs in-process with the honest in-test banner driver (tests/banner_driver.py),
 whose sessions have no text terminal unless a test gives one: the text view's WebSocket then

@@ -405,3 +405,35 @@ async def test_microvm_capitals_are_at_least_10_pixels_tall_on_a_dark_background
             finally:
                 pumping.cancel()
         await delete_and_wait(api, session_id, pid)
+
+
+async def test_the_microvm_terminal_is_reachable_as_text_and_only_with_its_secret(
+    system: System,
+) -> None:
+    """Through gateway and bridge, a microVM session's text view (/tty) runs a command typed
+    into it and shows its output; the guest's terminal behind the VM's loopback forward gives
+    nothing to a local process that connects without the VM's secret."""
+    async with system.api() as api:
+        session_id = await create_ready_session(api, TEMPLATE_TIMEOUT)
+        pid = qemu_pid(system, session_id)
+        ticket = (await api.post(f"/api/sessions/{session_id}/ticket")).json()["ticket"]
+        url = f"{system.ws_base}/api/sessions/{session_id}/tty?ticket={ticket}"
+        async with connect(url, subprotocols=[Subprotocol("tty")], max_size=None) as ws:
+            await ws.send(json.dumps({"type": "resize", "cols": 100, "rows": 30}))
+            await ws.send(b"echo vm-$((6 * 7))-text\r")
+            seen = b""
+            async with asyncio.timeout(TIMEOUT):
+                while b"vm-42-text" not in seen:
+                    message = await ws.recv()
+                    seen += message if isinstance(message, bytes) else message.encode()
+        workdir = serial_log(system, session_id).parent
+        record = json.loads((workdir / "vm.json").read_text())
+        reader, writer = await asyncio.open_connection("127.0.0.1", record["tty_port"])
+        try:
+            writer.write(b"0" * 64 + b"\n" + b"\x00\x00\x00\x00\x05echo\r")
+            await writer.drain()
+            leaked = await asyncio.wait_for(reader.read(), TIMEOUT)
+        finally:
+            writer.close()
+        assert leaked == b""  # closed unread: the wrong secret opens nothing
+        await delete_and_wait(api, session_id, pid)

@@ -35,11 +35,13 @@ from typing import Any, TextIO
 
 import structlog
 
-from remotecli.drivers.banner import await_rfb_banner
 from remotecli.drivers.base import ProgressCallback, SessionSpec, VncEndpoint
 from remotecli.drivers.qemu_accel import AcceleratorChoice
+from remotecli.drivers.qemu_guest import TtyProxy, control_exchange, read_banner
 from remotecli.drivers.qemu_machine import (
     DEFAULT_MEMORY_MIB,
+    GUEST_TTY_PORT,
+    GUEST_VNC_PORT,
     Machine,
     VmPaths,
     argv_for_log,
@@ -51,7 +53,7 @@ from remotecli.drivers.qemu_machine import (
     session_line,
 )
 from remotecli.drivers.qmp import QmpClient
-from remotecli.exceptions import DriverError, RemoteProtocolError
+from remotecli.exceptions import DriverError
 from remotecli.images import default_cache_dir, find_image
 from remotecli.providers import BUILTIN_PROVIDERS, NPM_PROVIDERS
 
@@ -78,6 +80,9 @@ class _Vm:
     qmp: QmpClient | None = None
     port: int = 0
     password: str = ""
+    tty_port: int = 0
+    tty_secret: str = ""
+    tty: TtyProxy | None = None
     ended: asyncio.Event = field(default_factory=asyncio.Event)
     watcher: asyncio.Task[None] | None = None
     """Sets ``ended`` when the process exits; the driver awaits it on close."""
@@ -129,11 +134,17 @@ class QemuDriver:
         return {}
 
     async def tty_socket(self, session_id: str) -> str:
-        """Refuse: a microVM session has no text terminal on the host yet."""
-        raise DriverError(
-            "the text view does not reach microVM sessions yet; use the Desktop view",
-            session_id=session_id,
-        )
+        """Return the Unix socket of the VM's text terminal (a :class:`TtyProxy`)."""
+        vm = self._vms.get(session_id)
+        if vm is None or not vm.tty_port:
+            raise DriverError(
+                f"session {session_id} has no text terminal in this driver (a VM started "
+                "before this remote-cli); use the Desktop view",
+                session_id=session_id,
+            )
+        if vm.tty is None:
+            vm.tty = await TtyProxy.start(vm.socket_dir / "tty.sock", vm.tty_port, vm.tty_secret)
+        return str(vm.tty.path)
 
     async def connect_loopback(
         self, session_id: str, port: int, *, address: str = "127.0.0.1"
@@ -221,7 +232,11 @@ class QemuDriver:
         try:
             vm.qmp = await QmpClient.connect(str(paths.qmp), within=5.0)
             vm.port, vm.password = int(info["port"]), str(info["password"])
-            await _read_banner(vm.port, within=5.0)
+            vm.tty_port, vm.tty_secret = (
+                int(info.get("tty_port", 0)),
+                str(info.get("tty_secret", "")),
+            )
+            await read_banner(vm.port, within=5.0)
         except DriverError:
             await _terminate(vm)
             record.unlink(missing_ok=True)
@@ -243,6 +258,8 @@ class QemuDriver:
             vm.watcher.cancel()  # the VM outlives this driver; nothing here waits for its end
         if vm.qmp is not None:
             vm.qmp.close()  # QEMU serves one monitor client at a time
+        if vm.tty is not None:
+            vm.tty.close()  # the next driver opens its own
         return True
 
     async def prepare(self) -> None:
@@ -380,8 +397,8 @@ class QemuDriver:
                     # translation cache is warm when a session takes it.
                     await _restore(vm, template)
                     vm.port = await _port(vm)
-                    await _read_banner(vm.port, within=RESTORE_SECONDS)
-                    await _control_exchange(vm.paths.control, b"ping\n", "pong", within=5.0)
+                    await read_banner(vm.port, within=RESTORE_SECONDS)
+                    await control_exchange(vm.paths.control, b"ping\n", "pong", within=5.0)
                 except BaseException:
                     await _terminate(vm)
                     raise
@@ -398,13 +415,19 @@ class QemuDriver:
         each connection, and the agent rewrites that file in place when the line arrives.
         """
         vm.password = "".join(secrets.choice(PASSWORD_ALPHABET) for _ in range(PASSWORD_LENGTH))
+        vm.tty_secret = secrets.token_hex(32)
         line = session_line(
-            int(time.time()), guest_hostname(session_id), vm.password, secrets.token_hex(32)
+            int(time.time()),
+            guest_hostname(session_id),
+            vm.password,
+            secrets.token_hex(32),
+            vm.tty_secret,
         )
         if not vm.port:
             vm.port = await _port(vm)
-        await _read_banner(vm.port, within=RESTORE_SECONDS)
-        return await _control_exchange(vm.paths.control, line, "ok ", within=RESTORE_SECONDS)
+        vm.tty_port = await _port(vm, GUEST_TTY_PORT)
+        await read_banner(vm.port, within=RESTORE_SECONDS)
+        return await control_exchange(vm.paths.control, line, "ok ", within=RESTORE_SECONDS)
 
     async def _make_template(
         self, machine: Machine, directory: Path, progress: ProgressCallback
@@ -416,9 +439,9 @@ class QemuDriver:
         memory.unlink(missing_ok=True)
         vm = await self._spawn("template", machine, directory, memory, template=True)
         try:
-            await _control_exchange(vm.paths.control, b"", "ready", within=COLD_BOOT_SECONDS)
+            await control_exchange(vm.paths.control, b"", "ready", within=COLD_BOOT_SECONDS)
             vm.port = await _port(vm)
-            await _read_banner(vm.port, within=COLD_BOOT_SECONDS)
+            await read_banner(vm.port, within=COLD_BOOT_SECONDS)
             boot_seconds = time.monotonic() - started
             progress(f"template booted in {boot_seconds:.1f} s; saving its state")
             assert vm.qmp is not None
@@ -534,6 +557,8 @@ async def _terminate(vm: _Vm) -> None:
             os.kill(vm.pid, signal.SIGKILL)
     if vm.qmp is not None:
         vm.qmp.close()
+    if vm.tty is not None:
+        vm.tty.close()
     vm.ended.set()
     shutil.rmtree(vm.socket_dir, ignore_errors=True)
 
@@ -581,60 +606,10 @@ async def _wait_incoming(qmp: QmpClient) -> None:
             )
 
 
-async def _port(vm: _Vm) -> int:
+async def _port(vm: _Vm, guest_port: int = GUEST_VNC_PORT) -> int:
     assert vm.qmp is not None
     text = await vm.qmp.execute("human-monitor-command", **{"command-line": "info usernet"})
-    return forwarded_port(str(text))
-
-
-async def _control_exchange(path: Path, line: bytes, expect: str, *, within: float) -> str:
-    """Send ``line`` to the guest's control agent and return its answer starting ``expect``."""
-    try:
-        async with asyncio.timeout(within):
-            reader, writer = await asyncio.open_unix_connection(str(path))
-            try:
-                if line:
-                    writer.write(line)
-                    await writer.drain()
-                while True:
-                    raw = await reader.readline()
-                    if not raw:
-                        raise DriverError("the VM closed its control channel (did QEMU exit?)")
-                    answer = raw.decode(errors="replace").strip()
-                    if answer.startswith(expect):
-                        return answer
-            finally:
-                writer.close()
-    except TimeoutError as exc:
-        raise DriverError(
-            f"the guest did not answer {expect.strip()!r} on its control channel within "
-            f"{within:.0f} s; see the session's serial.log"
-        ) from exc
-
-
-async def _read_banner(port: int, *, within: float) -> tuple[int, int]:
-    """Read the RFB banner through the forward, retrying while the guest is not listening yet.
-
-    QEMU's forward accepts at once and closes when nothing listens in the guest yet, so a short
-    read or an odd greeting means "not yet" here, not a failure.
-    """
-    last_error = ["no answer"]
-
-    def remember(exc: BaseException) -> None:
-        last_error[0] = getattr(exc, "message", None) or str(exc) or type(exc).__name__
-
-    try:
-        async with asyncio.timeout(within):
-            return await await_rfb_banner(
-                lambda: asyncio.open_connection("127.0.0.1", port),
-                not_yet=(OSError, asyncio.IncompleteReadError, RemoteProtocolError),
-                retried=remember,
-            )
-    except TimeoutError as exc:
-        raise DriverError(
-            f"no RFB banner from the guest's VNC server on 127.0.0.1:{port} within "
-            f"{within:.0f} s ({last_error[0]}); see the session's serial.log"
-        ) from exc
+    return forwarded_port(str(text), guest_port)
 
 
 def _write_record(path: Path, vm: _Vm) -> None:
@@ -642,6 +617,8 @@ def _write_record(path: Path, vm: _Vm) -> None:
         "pid": vm.pid,
         "port": vm.port,
         "password": vm.password,
+        "tty_port": vm.tty_port,
+        "tty_secret": vm.tty_secret,
         "qmp": str(vm.paths.qmp),
         "control": str(vm.paths.control),
         "serial": str(vm.paths.serial),

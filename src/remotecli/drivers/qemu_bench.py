@@ -13,11 +13,11 @@ from remotecli.drivers.base import ProgressCallback, SessionSpec, VncEndpoint
 from remotecli.drivers.qemu import (
     COLD_BOOT_SECONDS,
     QemuDriver,
-    _control_exchange,
     _terminate,
     _wait_incoming,
     _wait_migration,
 )
+from remotecli.drivers.qemu_guest import control_exchange
 from remotecli.drivers.qemu_machine import Machine
 
 
@@ -31,7 +31,7 @@ class QemuBenchDriver(QemuDriver):
         memory = spec.workdir / "memory"
         vm = await self._spawn(spec.session_id, machine, spec.workdir, memory, template=True)
         try:
-            await _control_exchange(vm.paths.control, b"", "ready", within=COLD_BOOT_SECONDS)
+            await control_exchange(vm.paths.control, b"", "ready", within=COLD_BOOT_SECONDS)
             await self._personalise(vm, spec.session_id)
         except BaseException:
             await _terminate(vm)

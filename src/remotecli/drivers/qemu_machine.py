@@ -24,6 +24,7 @@ from remotecli.images import GuestImage
 
 QEMU = "qemu-system-x86_64"
 GUEST_VNC_PORT = 5900
+GUEST_TTY_PORT = 5902  # the guest's tty server (TCP form), behind the VM's secret
 DEFAULT_MEMORY_MIB = 256
 TCG_TB_SIZE_MIB = 32
 # No default devices, no config files, no display, and exit (never reboot) when the guest does.
@@ -31,7 +32,7 @@ BARE_MACHINE = ("-nodefaults", "-no-user-config", "-nographic", "-display", "non
 """Translation-block cache per VM under TCG; QEMU's default (1 GiB) would dwarf the guest."""
 
 _VNC_PASSWD_KEY = bytes([23, 82, 107, 6, 35, 78, 88, 7])
-_USERNET_FORWARD = re.compile(r"HOST_FORWARD\]\s+\d+\s+127\.0\.0\.1\s+(\d+)")
+_USERNET_FORWARD = re.compile(r"HOST_FORWARD\]\s+\d+\s+127\.0\.0\.1\s+(\d+)\s+\S+\s+(\d+)")
 
 
 @dataclass(frozen=True)
@@ -144,7 +145,8 @@ def machine_argv(
         "-device",
         "virtio-blk-device,drive=root",
         "-netdev",
-        f"user,id=net,restrict=on,hostfwd=tcp:127.0.0.1:0-:{GUEST_VNC_PORT}",
+        f"user,id=net,restrict=on,hostfwd=tcp:127.0.0.1:0-:{GUEST_VNC_PORT},"
+        f"hostfwd=tcp:127.0.0.1:0-:{GUEST_TTY_PORT}",
         "-device",
         "virtio-net-device,netdev=net",
         "-qmp",
@@ -155,28 +157,31 @@ def machine_argv(
     return argv
 
 
-def forwarded_port(usernet_info: str) -> int:
-    """Read the host port of the VNC forward from QEMU's ``info usernet`` text."""
-    match = _USERNET_FORWARD.search(usernet_info)
-    if match is None:
-        raise DriverError(
-            "QEMU reports no loopback forward for the VNC port; the user-mode network "
-            "did not start (see the session's qemu.log)"
-        )
-    return int(match.group(1))
+def forwarded_port(usernet_info: str, guest_port: int = GUEST_VNC_PORT) -> int:
+    """Read the host port forwarded to ``guest_port`` from QEMU's ``info usernet`` text."""
+    for match in _USERNET_FORWARD.finditer(usernet_info):
+        if int(match.group(2)) == guest_port:
+            return int(match.group(1))
+    raise DriverError(
+        f"QEMU reports no loopback forward for the guest's port {guest_port}; the user-mode "
+        "network did not start (see the session's qemu.log)"
+    )
 
 
-def session_line(epoch: int, hostname: str, password: str, seed: str) -> bytes:
+def session_line(epoch: int, hostname: str, password: str, seed: str, tty_secret: str) -> bytes:
     """The control-agent line that gives a restored clone its own clock, name and secrets.
 
     ``password`` is the plain VNC password; the line carries its obfuscated password-file
-    bytes as octal escapes, which the guest writes with ``printf``.
+    bytes as octal escapes, which the guest writes with ``printf``. ``tty_secret`` (64 hex
+    digits) is what a connection to the guest's text terminal must start with.
     """
     for name, value in (("hostname", hostname), ("password", password), ("seed", seed)):
         if not value or not re.fullmatch(r"[A-Za-z0-9-]+", value):
             raise DriverError(f"the {name} for the guest must be letters, digits and dashes")
+    if not re.fullmatch(r"[0-9a-f]{64}", tty_secret):
+        raise DriverError("the text terminal's secret for the guest must be 64 hex digits")
     escaped = "".join(f"\\{byte:03o}" for byte in vnc_password_file(password))
-    return f"session {epoch} {hostname} {escaped} {seed}\n".encode()
+    return f"session {epoch} {hostname} {escaped} {seed} {tty_secret}\n".encode()
 
 
 def vnc_password_file(password: str) -> bytes:

@@ -141,7 +141,13 @@ def image_recipe(providers: Sequence[str]) -> str:
         "packages": rootfs.packages_for(providers),
         "providers": sorted(providers),
         "modules": initrd.ROOT_MODULES,
-        "scripts": [initrd.INIT_SCRIPT, rootfs.GUEST_INIT_SCRIPT, rootfs.GUEST_AGENT_SCRIPT],
+        "scripts": [
+            initrd.INIT_SCRIPT,
+            rootfs.GUEST_INIT_SCRIPT,
+            rootfs.GUEST_AGENT_SCRIPT,
+            rootfs.GUEST_TMUX_CONF,
+            rootfs.tty_server_source(),
+        ],
         "busybox": hashlib.sha256(_busybox()).hexdigest(),
     }
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]

@@ -43,6 +43,8 @@ DISPLAY_PACKAGES = (
     "fonts-dejavu-core",
     "procps",
     "ncurses-term",
+    "tmux",  # the CLI runs in tmux: the xterm and each text view attach to it
+    "python3",  # the text view's tty server (standard library only)
 )
 
 # Provider CLIs are installed from npm inside the image: NPM_PROVIDERS, from the catalogue.
@@ -51,6 +53,35 @@ DISPLAY_PACKAGES = (
 NODE_PACKAGES = ("nodejs", "ca-certificates")
 
 BUSYBOX_IN_GUEST = "/usr/local/lib/remotecli/busybox"
+TTY_SERVER_IN_GUEST = "/usr/local/lib/remotecli/tty_server.py"
+TMUX_CONF_IN_GUEST = "/usr/local/lib/remotecli/tmux.conf"
+
+GUEST_TMUX_CONF = """\
+# remote-cli: the session's tmux, bound read-only into the sandbox.
+# The CLI runs in tmux's one session "main"; the desktop's xterm and each text view attach to it.
+set -g default-terminal "tmux-256color"
+set -as terminal-features ",*:RGB"
+set -as terminal-overrides ",*:Tc"
+# The window takes the size of the client that was used last, so the desktop and a text view of
+# another size do not fight: the one being typed into (or resized) wins.
+set -g window-size latest
+set -g aggressive-resize on
+set -g status off
+set -g prefix None
+set -g prefix2 None
+set -s escape-time 10
+set -g history-limit 10000
+set -g focus-events on
+set -g set-titles off
+"""
+"""The guest's tmux configuration: the local session's (``drivers/local_sandbox.py``'s
+``TMUX_CONF``, which this package may not import; a test keeps them equal)."""
+
+
+def tty_server_source() -> str:
+    """The tty server's source, installed into the guest (it runs there in its TCP form)."""
+    return (Path(__file__).resolve().parents[1] / "sandbox" / "tty_server.py").read_text()
+
 
 GUEST_XTERM_OPTIONS = (
     "-fa 'DejaVu Sans Mono:pixelsize=15' -u8 -tn xterm-256color -bg '#1e1e1e' -fg '#d4d4d4' "
@@ -103,9 +134,11 @@ for word in $(cat /proc/cmdline); do
 done
 [ -n "$command" ] || command="bash -l"
 
-# A boot-time password nobody knows (random bytes are a valid obfuscated password file);
-# the host replaces it before it hands the VM out.
+# A boot-time password and terminal secret nobody knows (random bytes are a valid obfuscated
+# password file); the host replaces both before it hands the VM out.
 $bb head -c 8 /dev/urandom > /run/remotecli/vncpass
+secret=$($bb head -c 32 /dev/urandom | $bb od -An -tx1 | $bb tr -d ' \\n')
+(umask 077; printf '%s' "$secret" > /run/remotecli/ttysecret)
 stty -F /dev/ttyS1 raw -echo 115200 2>/dev/null
 /usr/local/sbin/remotecli-agent &
 
@@ -117,10 +150,17 @@ Xvnc :0 -geometry "$geometry" -depth 24 -rfbport 5900 -SecurityTypes VncAuth \\
   -AcceptSetDesktopSize=1 -FrameRate=250 -dpi 96 -extension GLX >/var/log/Xvnc.log 2>&1 &
 while [ ! -S /tmp/.X11-unix/X0 ]; do $bb usleep 10000; done
 cd /root
+# The CLI runs in tmux; the xterm on the display and each text view (the tty server, reached
+# through the host's forward with the VM's secret) attach to it.
+tmux="tmux -u -S /run/remotecli/tmux.sock"
+$tmux -f {TMUX_CONF_IN_GUEST} new-session -d -s main -x 158 -y 40 "$command"
+python3 -I -S {TTY_SERVER_IN_GUEST} --tcp 5902 --secret-file /run/remotecli/ttysecret \\
+  /run/remotecli/tmux.sock >/var/log/tty.log 2>&1 &
 DISPLAY=:0 matchbox-window-manager -use_titlebar no >/var/log/wm.log 2>&1 &
 DISPLAY=:0 xterm {GUEST_XTERM_OPTIONS} \\
-  -e sh -c ': > /run/remotecli/terminal-up; exec sh -c "$1"' terminal "$command" &
+  -e sh -c ': > /run/remotecli/terminal-up; exec $1 attach-session -t main' terminal "$tmux" &
 while ! grep -q ':170C 00000000:0000 0A' /proc/net/tcp 2>/dev/null; do $bb usleep 10000; done
+while ! grep -q ':170E 00000000:0000 0A' /proc/net/tcp 2>/dev/null; do $bb usleep 10000; done
 while [ ! -e /run/remotecli/terminal-up ]; do $bb usleep 10000; done
 echo "remotecli: display, terminal and VNC server up" > /dev/ttyS0
 echo ready > /dev/ttyS1
@@ -129,20 +169,22 @@ while :; do wait; $bb usleep 1000000; done
 """
 
 # The control agent: one command per line on ttyS1, one answer per line.
-#   session EPOCH HOSTNAME PASSWORD SEED   -> "ok HOSTNAME"
-# PASSWORD is the VNC password file's 8 obfuscated bytes as octal escapes (\\ooo x 8).
+#   session EPOCH HOSTNAME PASSWORD SEED TTYSECRET   -> "ok HOSTNAME"
+# PASSWORD is the VNC password file's 8 obfuscated bytes as octal escapes (\\ooo x 8);
+# TTYSECRET (64 hex digits) is what a connection to the text terminal must start with.
 #   ping                                   -> "pong"
 GUEST_AGENT_SCRIPT = f"""#!/bin/sh
 # remote-cli control agent: applies what the host sends after a snapshot restore.
 bb={BUSYBOX_IN_GUEST}
 exec 3<>/dev/ttyS1
-while read -r verb epoch name password seed <&3; do
+while read -r verb epoch name password seed ttysecret <&3; do
   case "$verb" in
     session)
       # Built-ins only before the answer: a fresh clone translates every new code path.
       # The host reads the RFB banner before it sends this line and hands the VM out only
       # after the answer, so no VNC connection can see the file half-written.
       printf "$password" > /run/remotecli/vncpass
+      printf '%s' "$ttysecret" > /run/remotecli/ttysecret
       printf 'ok %s\\n' "$name" >&3
       printf '%s' "$seed" > /dev/urandom
       printf '%s\\n' "$name" > /proc/sys/kernel/hostname
@@ -211,6 +253,8 @@ def install_guest_files(root: Path, busybox: bytes) -> None:
     """Add the guest init, the control agent and a static busybox to the tree at ``root``."""
     _write(root / GUEST_INIT.lstrip("/"), GUEST_INIT_SCRIPT, 0o755)
     _write(root / "usr/local/sbin/remotecli-agent", GUEST_AGENT_SCRIPT, 0o755)
+    _write(root / TTY_SERVER_IN_GUEST.lstrip("/"), tty_server_source(), 0o644)
+    _write(root / TMUX_CONF_IN_GUEST.lstrip("/"), GUEST_TMUX_CONF, 0o644)
     busybox_path = root / BUSYBOX_IN_GUEST.lstrip("/")
     busybox_path.parent.mkdir(parents=True, exist_ok=True)
     busybox_path.write_bytes(busybox)

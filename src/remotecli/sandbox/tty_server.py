@@ -19,6 +19,12 @@ The wire protocol, one connection:
   over-long record or a bad size closes that connection.
 - server → controller: the raw output of the terminal, as tmux writes it (UTF-8), unframed.
 
+In a microVM the server listens on TCP instead (``--tcp PORT --secret-file FILE``; the host
+reaches it through QEMU's loopback-only port forward, which any local process could open): a
+connection must then start with the secret in ``FILE`` (64 hex digits and a newline, compared
+in constant time; the file is read at each connection, since the guest's agent rewrites it
+after a snapshot restore) within :data:`SECRET_TIMEOUT` seconds, or it is closed unread.
+
 At most :data:`MAX_CONNECTIONS` connections at once; one more is accepted and closed at once
 (the controller sees EOF before any byte). One event loop (``selectors``) with non-blocking
 descriptors: a client that stops reading only fills its own buffer (:data:`OUTPUT_BUFFER`),
@@ -32,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hmac
 import os
 import pty
 import selectors
@@ -56,6 +63,9 @@ OUTPUT_BUFFER = 1 << 20
 """Bytes of output held for one slow client before its PTY is no longer read."""
 INPUT_BUFFER = 1 << 18
 """Bytes of input held for one terminal before its client's socket is no longer read."""
+SECRET_LINE = 65
+"""A TCP connection's first bytes: the secret, 64 hex digits, then a newline."""
+SECRET_TIMEOUT = 5.0
 _READ_SIZE = 65536
 _HUP_GRACE = 1.0
 
@@ -124,14 +134,21 @@ class Connection:
         self.to_terminal = bytearray()
         self.ended = False  # the tmux client's terminal hung up: send what is left, then close
         self.closing = False
+        self.secret: bytearray | None = None  # bytes of the secret line read so far (TCP mode)
 
 
 class TtyServer:
     """Accepts controller connections and relays each to its own ``tmux attach``."""
 
-    def __init__(self, listener: socket.socket, attach_argv: Sequence[str]) -> None:
+    def __init__(
+        self,
+        listener: socket.socket,
+        attach_argv: Sequence[str],
+        secret_file: str | None = None,
+    ) -> None:
         self.listener = listener
         self.attach_argv = list(attach_argv)
+        self.secret_file = secret_file
         self.selector = selectors.DefaultSelector()
         self.connections: list[Connection] = []
         self.hanging_up: dict[int, float] = {}  # pid → when to SIGKILL it
@@ -168,6 +185,9 @@ class TtyServer:
         now = time.monotonic()
         for connection in list(self.connections):
             if connection.pid is None and now >= connection.attach_at:
+                if connection.secret is not None:
+                    self._close(connection)  # no secret in time
+                    continue
                 try:
                     self._attach(connection)
                 except OSError:
@@ -183,7 +203,11 @@ class TtyServer:
             sock.close()  # refused: the client reads EOF before any byte
             return
         sock.setblocking(False)
-        connection = Connection(sock, time.monotonic() + ATTACH_DELAY)
+        if self.secret_file is None:
+            connection = Connection(sock, time.monotonic() + ATTACH_DELAY)
+        else:
+            connection = Connection(sock, time.monotonic() + SECRET_TIMEOUT)
+            connection.secret = bytearray()
         self.connections.append(connection)
         self.selector.register(sock, selectors.EVENT_READ, (connection, "sock"))
 
@@ -216,6 +240,10 @@ class TtyServer:
         if not data:
             self._close(connection)
             return
+        if connection.secret is not None:
+            data = self._check_secret(connection, data)
+            if not data:
+                return
         for kind, value in connection.parser.receive_data(data):
             if kind == INPUT:
                 assert isinstance(value, bytes)
@@ -229,6 +257,29 @@ class TtyServer:
             self._attach(connection)  # the first record: attach now, at the size it gave
         else:
             self._flush_terminal(connection)
+
+    def _check_secret(self, connection: Connection, data: bytes) -> bytes:
+        """Take the secret line off the front of ``data``; return what follows it.
+
+        Raises ProtocolViolation (the connection closes) for a wrong secret.
+        """
+        assert connection.secret is not None
+        assert self.secret_file is not None
+        need = SECRET_LINE - len(connection.secret)
+        connection.secret += data[:need]
+        if len(connection.secret) < SECRET_LINE:
+            return b""
+        try:
+            with open(self.secret_file, "rb") as handle:
+                expected = handle.read(SECRET_LINE).strip()
+        except OSError:
+            expected = b""
+        given = bytes(connection.secret).rstrip(b"\n")
+        if len(expected) != SECRET_LINE - 1 or not hmac.compare_digest(given, expected):
+            raise ProtocolViolation("wrong secret")
+        connection.secret = None
+        connection.attach_at = time.monotonic() + ATTACH_DELAY
+        return data[need:]
 
     def _on_master(self, connection: Connection, mask: int) -> None:
         assert connection.master is not None
@@ -359,15 +410,33 @@ def listen(path: str) -> socket.socket:
     return listener
 
 
+def listen_tcp(port: int) -> socket.socket:
+    """Listen on TCP ``port`` on every address (a microVM's; QEMU forwards the host's to it)."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("0.0.0.0", port))  # inside the VM, behind the host's loopback forward
+    listener.listen(16)
+    return listener
+
+
+USAGE = (
+    "usage: tty_server.py TTY_SOCKET TMUX_SOCKET\n"
+    "       tty_server.py --tcp PORT --secret-file FILE TMUX_SOCKET\n"
+)
+
+
 def main(argv: Sequence[str]) -> int:
-    """Entry point: ``tty_server.py TTY_SOCKET TMUX_SOCKET``."""
-    if len(argv) != 3:
-        sys.stderr.write("usage: tty_server.py TTY_SOCKET TMUX_SOCKET\n")
-        return 2
+    """Entry point: ``tty_server.py TTY_SOCKET TMUX_SOCKET``, or the TCP form (a microVM's)."""
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
-    tmux = ["tmux", "-u", "-S", argv[2], "attach-session", "-t", "main"]
-    server = TtyServer(listen(argv[1]), tmux)
-    server.serve_forever()
+    if len(argv) == 3:
+        listener, secret_file, tmux_socket = listen(argv[1]), None, argv[2]
+    elif len(argv) == 6 and argv[1] == "--tcp" and argv[3] == "--secret-file":
+        listener, secret_file, tmux_socket = listen_tcp(int(argv[2])), argv[4], argv[5]
+    else:
+        sys.stderr.write(USAGE)
+        return 2
+    tmux = ["tmux", "-u", "-S", tmux_socket, "attach-session", "-t", "main"]
+    TtyServer(listener, tmux, secret_file).serve_forever()
     return 0
 
 
