@@ -412,3 +412,5 @@ def test_guest_terminal_is_the_local_sessions_terminal() -> None:
     assert "COLORTERM=truecolor" in script
     assert rootfs.GUEST_TMUX_CONF == TMUX_CONF  # the CLI in the same tmux, as a text view needs
     assert "tmux" in rootfs.DISPLAY_PACKAGES
+    fonts = ("fonts-dejavu-core", "fonts-symbola", "fonts-noto-color-emoji")  # the local ones
+    assert set(fonts) <= set(rootfs.DISPLAY_PACKAGES)

@@ -41,6 +41,8 @@ DISPLAY_PACKAGES = (
     "matchbox-window-manager",  # keeps xterm full-screen when a viewer resizes the desktop
     "xfonts-base",
     "fonts-dejavu-core",
+    "fonts-symbola",  # fontconfig's fallback for the symbols CLIs draw, as on a local session
+    "fonts-noto-color-emoji",  # and for emoji
     "procps",
     "ncurses-term",
     "tmux",  # the CLI runs in tmux: the xterm and each text view attach to it
