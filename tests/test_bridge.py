@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
-import signal
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -456,8 +456,15 @@ async def x11vnc_with_password(tmp_path: Path) -> AsyncIterator[tuple[str, str]]
                 await asyncio.sleep(10 * MS)
     yield sock, "s3cret"
     for process in (x11vnc, xvfb):
-        os.kill(process.pid, signal.SIGKILL)
-        await process.wait()
+        # SIGTERM first: x11vnc then removes its SysV shared memory, which SIGKILL would leak
+        # (enough leaked segments and no x11vnc can start on the host: "shmget: No space").
+        with contextlib.suppress(ProcessLookupError):
+            process.terminate()
+        try:
+            await asyncio.wait_for(process.wait(), TIMEOUT)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
 
 
 @pytest.mark.parametrize("correct", [True, False])
