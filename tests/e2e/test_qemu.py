@@ -24,6 +24,7 @@ from websockets.typing import Subprotocol
 
 from remotecli.config import ControllerConfig
 from remotecli.controller.server import Controller
+from remotecli.drivers.base import SessionSpec
 from remotecli.drivers.qemu_bench import QemuBenchDriver
 from remotecli.exceptions import ImageBuildError
 from remotecli.images import GuestImage, build_image, find_image
@@ -437,3 +438,31 @@ async def test_the_microvm_terminal_is_reachable_as_text_and_only_with_its_secre
             writer.close()
         assert leaked == b""  # closed unread: the wrong secret opens nothing
         await delete_and_wait(api, session_id, pid)
+
+
+async def test_a_fresh_data_dir_clones_the_template_this_host_already_booted(
+    image: GuestImage, tmp_path: Path
+) -> None:
+    """A qemu driver on a new data dir prepares in the background: the shell's template,
+    kept beside the images (booted once on this host), is found there, its state says ready,
+    and the data dir's first session is a clone at once, never a cold boot."""
+    driver = QemuBenchDriver(tmp_path / "fresh", image_cache=image.directory.parent)
+    try:
+        await driver.prepare()
+        async with asyncio.timeout(TEMPLATE_TIMEOUT):
+            while not str((driver.isolation() or {})["template"]).startswith("ready"):
+                await asyncio.sleep(50 * MS)
+        steps: list[str] = []
+        spec = SessionSpec(
+            session_id="fresh1",
+            provider="shell",
+            command=["bash", "-l"],
+            workdir=tmp_path / "fresh" / "sessions" / "fresh1",
+        )
+        endpoint = await asyncio.wait_for(driver.start(spec, steps.append), TIMEOUT)
+        assert endpoint.port
+        assert not [step for step in steps if "cold-booting" in step], steps
+        assert any("clone restored" in step for step in steps), steps
+        await driver.stop("fresh1")
+    finally:
+        await driver.close()

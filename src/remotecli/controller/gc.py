@@ -139,7 +139,10 @@ def run_gc(
     cache = image_cache if image_cache is not None else default_cache_dir()
     gone_images = _sweep_images(cache, now, report)
     qemu = config.data_dir / "qemu"
-    _sweep_templates(qemu / "templates", gone_images, now, report)
+    # The driver's templates are beside the images (shared by every data dir); older
+    # remote-clis kept them in the data dir.
+    for templates in (cache.parent / "templates", qemu / "templates"):
+        _sweep_templates(templates, gone_images, now, report)
     _sweep_qemu_leftovers(config, qemu, now, report)
     return report
 

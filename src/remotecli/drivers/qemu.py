@@ -37,7 +37,13 @@ import structlog
 
 from remotecli.drivers.base import ProgressCallback, SessionSpec, VncEndpoint
 from remotecli.drivers.qemu_accel import AcceleratorChoice
-from remotecli.drivers.qemu_guest import TtyProxy, control_exchange, read_banner
+from remotecli.drivers.qemu_guest import (
+    TtyProxy,
+    console_tail,
+    control_exchange,
+    is_our_qemu,
+    read_banner,
+)
 from remotecli.drivers.qemu_machine import (
     DEFAULT_MEMORY_MIB,
     GUEST_TTY_PORT,
@@ -105,8 +111,9 @@ class QemuDriver:
     ) -> None:
         """Keep templates under ``data_dir/qemu/templates``; find images in ``image_cache``.
 
-        ``template_cache`` keeps templates elsewhere (several data dirs may share one: a
-        template is keyed on everything its saved state depends on). ``accelerator`` forces
+        ``template_cache`` keeps templates elsewhere than beside the image cache (its default,
+        shared by every data dir: a template is keyed on everything its state depends on).
+        ``accelerator`` forces
         ``kvm`` or ``tcg``; by default KVM is probed by booting the kernel under it, and the
         verdict is remembered for this host in ``image_cache`` (see ``qemu_accel``).
         ``pool_size`` keeps that many clones per template restored, running and warmed up ahead
@@ -114,8 +121,14 @@ class QemuDriver:
         entropy, hostname and password.
         """
         self._root = data_dir / "qemu"
-        self._templates = template_cache if template_cache is not None else self._root / "templates"
         self._image_cache = image_cache if image_cache is not None else default_cache_dir()
+        # Beside the images, not in the data dir: a template is keyed on everything its state
+        # depends on, so any data dir on this host clones from one booted once.
+        self._templates = (
+            template_cache if template_cache is not None else self._image_cache.parent / "templates"
+        )
+        self._template_state = "not prepared yet"
+        self._warming: asyncio.Task[None] | None = None
         self._memory_mib = memory_mib
         self._accelerator = accelerator
         self._accel = AcceleratorChoice(accelerator, self._image_cache, self._root)
@@ -161,6 +174,7 @@ class QemuDriver:
         return {
             "driver": self.name,
             **self._accel.describe(),
+            "template": self._template_state,
             "memory": f"{self._memory_mib} MiB per VM",
             "network": "restrict=on: no connections out of the VM; VNC on 127.0.0.1 only",
             "warm_pool": self._pool_size,
@@ -206,7 +220,7 @@ class QemuDriver:
             return "no such VM"
         await vm.ended.wait()
         code = vm.process.returncode if vm.process is not None else None
-        tail = _tail(vm.paths.serial)
+        tail = console_tail(vm.paths.serial)
         return f"qemu exited with status {code}" + (f"; console: {tail}" if tail else "")
 
     async def stop(self, session_id: str) -> None:
@@ -225,7 +239,7 @@ class QemuDriver:
         memory = Path(info["memory"]) if info.get("memory") else None
         paths = VmPaths(Path(info["qmp"]), Path(info["control"]), Path(info["serial"]), memory)
         vm = _Vm(session_id, None, int(info["pid"]), paths, Path(info["socket_dir"]))
-        if not _is_our_qemu(vm.pid, str(paths.qmp)):
+        if not is_our_qemu(vm.pid, str(paths.qmp)):
             shutil.rmtree(vm.socket_dir, ignore_errors=True)
             record.unlink(missing_ok=True)
             return None
@@ -263,11 +277,39 @@ class QemuDriver:
         return True
 
     async def prepare(self) -> None:
-        """Start the KVM probe in the background, unless forced or remembered for this host."""
+        """Start, in the background, the KVM probe and the shell's template, unless known.
+
+        The first session then clones at once instead of waiting for a cold boot; ``/readyz``
+        shows how far the template is (``template``).
+        """
         await self._accel.prepare(host_tsc_khz(_read_cpuinfo()))
+        self._warming = asyncio.create_task(self._warm_template(), name="qemu-template")
+
+    async def _warm_template(self) -> None:
+        began = time.monotonic()
+
+        def progress(step: str) -> None:
+            self._template_state = f"preparing ({time.monotonic() - began:.0f} s): {step}"
+
+        shell = BUILTIN_PROVIDERS[0]
+        try:
+            machine = await self._machine(shell.name, shell.command, 1280, 720, progress)
+            key = machine.template_key()
+            if not (self._templates / key / "template.json").exists():
+                progress("cold-booting the shell's template")
+            await self.ensure_template(machine, progress)
+        except DriverError as exc:
+            self._template_state = f"not prepared: {exc.message}"
+            log.warning("template not prepared", error=exc.message)
+            return
+        self._template_state = f"ready ({key}; {time.monotonic() - began:.1f} s to prepare)"
 
     async def close(self) -> None:
         """Stop every VM this driver started, the warm pool's and a KVM probe's included."""
+        if self._warming is not None:
+            self._warming.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._warming
         await self._accel.close()
         for task in list(self._pool_tasks):
             task.cancel()
@@ -284,7 +326,17 @@ class QemuDriver:
 
     async def machine_for(self, spec: SessionSpec, progress: ProgressCallback) -> Machine:
         """Return the machine a session runs on: image for its provider, accelerator, command."""
-        providers = [spec.provider] if spec.provider in NPM_PROVIDERS else []
+        return await self._machine(spec.provider, spec.command, spec.width, spec.height, progress)
+
+    async def _machine(
+        self,
+        provider: str,
+        command: Sequence[str],
+        width: int,
+        height: int,
+        progress: ProgressCallback,
+    ) -> Machine:
+        providers = [provider] if provider in NPM_PROVIDERS else []
         try:
             image = find_image(self._image_cache, providers)
         except DriverError:
@@ -298,9 +350,9 @@ class QemuDriver:
             accelerator=accelerator,
             memory_mib=self._memory_mib,
             tsc_khz=tsc_khz,
-            command=tuple(spec.command),
-            width=spec.width,
-            height=spec.height,
+            command=tuple(command),
+            width=width,
+            height=height,
         )
 
     async def ensure_template(self, machine: Machine, progress: ProgressCallback) -> Path:
@@ -513,7 +565,9 @@ async def _race_exit(vm: _Vm, operation: object) -> QmpClient:
         return task.result()
     task.cancel()
     log = vm.paths.serial.with_name("qemu.log")
-    raise DriverError(f"QEMU exited at start: {_tail(log)}; check the image and the QEMU version")
+    raise DriverError(
+        f"QEMU exited at start: {console_tail(log)}; check the image and the QEMU version"
+    )
 
 
 async def _watch_process(vm: _Vm) -> None:
@@ -552,7 +606,7 @@ async def _terminate(vm: _Vm) -> None:
             with contextlib.suppress(ProcessLookupError):
                 vm.process.kill()
             await vm.process.wait()
-    elif _is_our_qemu(vm.pid, str(vm.paths.qmp)):
+    elif is_our_qemu(vm.pid, str(vm.paths.qmp)):
         with contextlib.suppress(ProcessLookupError):
             os.kill(vm.pid, signal.SIGKILL)
     if vm.qmp is not None:
@@ -638,22 +692,6 @@ def _flock(path: Path) -> TextIO:
 
 def _read_cpuinfo() -> str:
     return Path("/proc/cpuinfo").read_text()
-
-
-def _is_our_qemu(pid: int, qmp_path: str) -> bool:
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
-    return qmp_path.encode() in cmdline
-
-
-def _tail(path: Path, lines: int = 3) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return ""
-    return " | ".join(line.strip() for line in text.strip().splitlines()[-lines:])
 
 
 __all__ = ["QemuDriver"]

@@ -128,3 +128,21 @@ async def read_banner(port: int, *, within: float) -> tuple[int, int]:
             f"no RFB banner from the guest's VNC server on 127.0.0.1:{port} within "
             f"{within:.0f} s ({last_error[0]}); see the session's serial.log"
         ) from exc
+
+
+def is_our_qemu(pid: int, qmp_path: str) -> bool:
+    """Whether ``pid`` is still the QEMU with this monitor socket (a pid may be reused)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return qmp_path.encode() in cmdline
+
+
+def console_tail(path: Path, lines: int = 3) -> str:
+    """The last ``lines`` of a VM's console log, on one line (for error messages)."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return " | ".join(line.strip() for line in text.strip().splitlines()[-lines:])
