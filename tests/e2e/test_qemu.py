@@ -295,10 +295,12 @@ async def test_the_microvm_desktop_follows_set_desktop_size(system: System) -> N
             reader = asyncio.StreamReader()
 
             async def pump() -> None:
-                async for message in ws:
-                    assert isinstance(message, bytes)
-                    reader.feed_data(message)
-                reader.feed_eof()
+                try:
+                    async for message in ws:
+                        assert isinstance(message, bytes)
+                        reader.feed_data(message)
+                finally:
+                    reader.feed_eof()  # a close (1011 with its reason) ends the read at once
 
             pumping = asyncio.create_task(pump())
             try:
@@ -379,10 +381,12 @@ async def test_microvm_capitals_are_at_least_10_pixels_tall_on_a_dark_background
             reader = asyncio.StreamReader()
 
             async def pump() -> None:
-                async for message in ws:
-                    assert isinstance(message, bytes)
-                    reader.feed_data(message)
-                reader.feed_eof()
+                try:
+                    async for message in ws:
+                        assert isinstance(message, bytes)
+                        reader.feed_data(message)
+                finally:
+                    reader.feed_eof()  # a close (1011 with its reason) ends the read at once
 
             pumping = asyncio.create_task(pump())
             try:

@@ -66,7 +66,9 @@ from remotecli.exceptions import (
 from remotecli.frames import FrameReader, close_frame, frame_header
 from remotecli.handover import ClientInfo
 
-CONNECT_TIMEOUT = 5.0
+CONNECT_TIMEOUT = 10.0
+"""Seconds to reach a session's server and, for a VNC password, finish its authentication:
+a microVM under emulation (TCG) can be slow to answer the first viewer after a restore."""
 CLOSE_TIMEOUT = 5.0
 MAX_VIEWER_MESSAGE = 4 * 1024 * 1024
 
