@@ -24,10 +24,11 @@ import pytest
 
 from remotecli.drivers.base import SessionSpec
 from remotecli.drivers.local import PROGRAMS, LocalDriver
-from remotecli.drivers.local_sandbox import BACKGROUND, TMUX_CONF, xterm_options
+from remotecli.drivers.local_sandbox import BACKGROUND, xterm_options
 from remotecli.exceptions import DriverError
 from remotecli.images import rootfs
 from remotecli.rfb import ENCODING_RAW, PixelFormat, RfbClient, set_encodings, type_text
+from remotecli.sandbox.terminal import TMUX_CONF
 from tests.conftest import MS
 from tests.rfb_viewer import wait_for_file
 
@@ -249,6 +250,18 @@ def lit_rows(desktop: Desktop) -> list[int]:
     return rows
 
 
+async def capital_rows(desktop: Desktop) -> list[int]:
+    """Update ``desktop`` until only one band below the top lines is lit (the capitals a test
+    drew on the third line, the screen cleared); return that band's rows."""
+    async with asyncio.timeout(TIMEOUT):
+        while True:
+            await desktop.update()
+            rows = lit_rows(desktop)
+            if rows and rows[0] > 20 and rows[-1] - rows[0] < 30:  # only the capitals are lit
+                return rows
+            await asyncio.sleep(50 * MS)
+
+
 async def until_terminal_shows(desktop: Desktop) -> None:
     """Wait until the dark terminal fills most of the screen (keys then reach tmux)."""
     async with asyncio.timeout(TIMEOUT):
@@ -346,13 +359,7 @@ async def test_capitals_are_at_least_10_pixels_tall_on_a_dark_background(
     await tty.type("clear; printf '\\033[?25l\\n\\nHHHHHHHHHHHHHHHH'; read -r _\r")
     await tty.read_until(b"HHHHHHHHHHHHHHHH")
 
-    async with asyncio.timeout(TIMEOUT):
-        while True:
-            await desktop.update()
-            rows = lit_rows(desktop)
-            if rows and rows[0] > 20 and rows[-1] - rows[0] < 30:  # only the capitals are lit
-                break
-            await asyncio.sleep(50 * MS)
+    rows = await capital_rows(desktop)
     cap_height = rows[-1] - rows[0] + 1
     assert rows == list(range(rows[0], rows[-1] + 1))  # one band: the capitals
     assert cap_height >= 10, f"capitals are {cap_height} px tall"

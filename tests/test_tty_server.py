@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from remotecli.drivers.local_sandbox import TMUX_CONF
 from remotecli.sandbox import tty_server
+from remotecli.sandbox.terminal import TMUX_CONF
 from remotecli.sandbox.tty_server import (
     INPUT,
     MAX_CONNECTIONS,

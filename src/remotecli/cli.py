@@ -425,7 +425,14 @@ def _login_url(data_dir: Path, listen: tuple[str, int], token: str) -> str | Non
     return f"{base}/login?token={token}"
 
 
-def _show_token(data_dir: Path, listen: tuple[str, int], name: str, token: str) -> None:
+def _show_token(
+    data_dir: Path, listen: tuple[str, int], name: str, token: str, *, done: str, token_only: bool
+) -> None:
+    """Print ``token`` alone (``token_only``), or say ``done`` and print its login URL too."""
+    if token_only:
+        click.echo(token)
+        return
+    click.echo(done, err=True)
     url = _login_url(data_dir, listen, token)
     if url is not None:
         click.echo(f"Login URL for {name} (it holds the token: send it privately):\n\n    {url}\n")
@@ -462,11 +469,8 @@ def user_add(
         token = add_user_token(store, name, expires_at=expires_at)
     finally:
         store.close()
-    if token_only:
-        click.echo(token)
-        return
-    click.echo(f"{'Added a token for' if existed else 'Created user'} {name}.", err=True)
-    _show_token(config.data_dir, config.listen, name, token)
+    done = f"{'Added a token for' if existed else 'Created user'} {name}."
+    _show_token(config.data_dir, config.listen, name, token, done=done, token_only=token_only)
 
 
 @user.command("token")
@@ -510,11 +514,8 @@ def user_token(
             save_admin_token(config.data_dir, token)
     finally:
         store.close()
-    if token_only:
-        click.echo(token)
-        return
-    click.echo(f"Revoked the old tokens of {name} and signed out its browsers.", err=True)
-    _show_token(config.data_dir, config.listen, name, token)
+    done = f"Revoked the old tokens of {name} and signed out its browsers."
+    _show_token(config.data_dir, config.listen, name, token, done=done, token_only=token_only)
 
 
 @user.command("list")

@@ -8,6 +8,7 @@ the whole module, so the template VM is cold-booted once and every session is a 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -33,7 +34,7 @@ from remotecli.rfb import PROTOCOL_VERSION_3_8, SECURITY_VNC_AUTH
 from tests.conftest import MS
 from tests.e2e.sessions_api import create_ready_session
 from tests.rfb_viewer import RfbViewer, wait_for_file
-from tests.test_driver_terminal import Desktop, background_share, lit_rows, until_terminal_shows
+from tests.test_driver_terminal import Desktop, background_share, capital_rows, until_terminal_shows
 
 pytestmark = [
     pytest.mark.e2e,
@@ -284,36 +285,44 @@ class _SocketWriter:
         pass
 
 
+@contextlib.asynccontextmanager
+async def desktop_through_bridge(
+    system: System, api: httpx.AsyncClient, session_id: str
+) -> AsyncIterator[Desktop]:
+    """An RFB viewer on the session's desktop WebSocket (a ticket, through gateway and bridge)."""
+    ticket = (await api.post(f"/api/sessions/{session_id}/ticket")).json()["ticket"]
+    url = f"{system.ws_base}/api/sessions/{session_id}/vnc?ticket={ticket}"
+    async with connect(url, subprotocols=[BINARY], max_size=None) as ws:
+        reader = asyncio.StreamReader()
+
+        async def pump() -> None:
+            try:
+                async for message in ws:
+                    assert isinstance(message, bytes)
+                    reader.feed_data(message)
+            finally:
+                reader.feed_eof()  # a close (1011 with its reason) ends the read at once
+
+        pumping = asyncio.create_task(pump())
+        try:
+            yield await asyncio.wait_for(Desktop.over(reader, _SocketWriter(ws)), TIMEOUT)
+        finally:
+            pumping.cancel()
+
+
 async def test_the_microvm_desktop_follows_set_desktop_size(system: System) -> None:
     """Through gateway and bridge, a microVM's Xvnc grants SetDesktopSize and then draws at it."""
     async with system.api() as api:
         session_id = await create_ready_session(api, TEMPLATE_TIMEOUT)
         pid = qemu_pid(system, session_id)
-        ticket = (await api.post(f"/api/sessions/{session_id}/ticket")).json()["ticket"]
-        url = f"{system.ws_base}/api/sessions/{session_id}/vnc?ticket={ticket}"
-        async with connect(url, subprotocols=[BINARY], max_size=None) as ws:
-            reader = asyncio.StreamReader()
-
-            async def pump() -> None:
-                try:
-                    async for message in ws:
-                        assert isinstance(message, bytes)
-                        reader.feed_data(message)
-                finally:
-                    reader.feed_eof()  # a close (1011 with its reason) ends the read at once
-
-            pumping = asyncio.create_task(pump())
-            try:
-                desktop = await asyncio.wait_for(Desktop.over(reader, _SocketWriter(ws)), TIMEOUT)
-                await desktop.set_desktop_size(1024, 640)
-                async with asyncio.timeout(TIMEOUT):
-                    while not any(reason == 1 for reason, *_ in desktop.sizes):
-                        await desktop.update(incremental=True)
-                assert desktop.sizes[-1] == (1, 0, 1024, 640)  # asked by this viewer; granted
-                await asyncio.wait_for(desktop.update(), TIMEOUT)
-                assert (desktop.width, desktop.height) == (1024, 640)
-            finally:
-                pumping.cancel()
+        async with desktop_through_bridge(system, api, session_id) as desktop:
+            await desktop.set_desktop_size(1024, 640)
+            async with asyncio.timeout(TIMEOUT):
+                while not any(reason == 1 for reason, *_ in desktop.sizes):
+                    await desktop.update(incremental=True)
+            assert desktop.sizes[-1] == (1, 0, 1024, 640)  # asked by this viewer; granted
+            await asyncio.wait_for(desktop.update(), TIMEOUT)
+            assert (desktop.width, desktop.height) == (1024, 640)
         await delete_and_wait(api, session_id, pid)
 
 
@@ -375,40 +384,17 @@ async def test_microvm_capitals_are_at_least_10_pixels_tall_on_a_dark_background
     async with system.api() as api:
         session_id = await create_ready_session(api, TEMPLATE_TIMEOUT)
         pid = qemu_pid(system, session_id)
-        ticket = (await api.post(f"/api/sessions/{session_id}/ticket")).json()["ticket"]
-        url = f"{system.ws_base}/api/sessions/{session_id}/vnc?ticket={ticket}"
-        async with connect(url, subprotocols=[BINARY], max_size=None) as ws:
-            reader = asyncio.StreamReader()
-
-            async def pump() -> None:
-                try:
-                    async for message in ws:
-                        assert isinstance(message, bytes)
-                        reader.feed_data(message)
-                finally:
-                    reader.feed_eof()  # a close (1011 with its reason) ends the read at once
-
-            pumping = asyncio.create_task(pump())
-            try:
-                desktop = await asyncio.wait_for(Desktop.over(reader, _SocketWriter(ws)), TIMEOUT)
-                await until_terminal_shows(desktop)
-                # clear the screen, hide the cursor, draw capitals on the third line, then wait
-                await desktop.type("clear; printf '\\033[?25l\\n\\nHHHHHHHHHHHHHHHH'; read -r _\n")
-                async with asyncio.timeout(TIMEOUT):
-                    while True:
-                        await desktop.update()
-                        rows = lit_rows(desktop)
-                        if rows and rows[0] > 20 and rows[-1] - rows[0] < 30:
-                            break  # only the capitals are lit
-                        await asyncio.sleep(50 * MS)
-                cap_height = rows[-1] - rows[0] + 1
-                assert rows == list(range(rows[0], rows[-1] + 1))  # one band: the capitals
-                assert cap_height >= 10, f"capitals are {cap_height} px tall"
-                foreground = max((desktop.rgb(x, y) for x in range(200) for y in rows), key=sum)
-                assert min(foreground) >= 0xC0  # light on ...
-                assert background_share(desktop) > 0.9  # ... the dark background
-            finally:
-                pumping.cancel()
+        async with desktop_through_bridge(system, api, session_id) as desktop:
+            await until_terminal_shows(desktop)
+            # clear the screen, hide the cursor, draw capitals on the third line, then wait
+            await desktop.type("clear; printf '\\033[?25l\\n\\nHHHHHHHHHHHHHHHH'; read -r _\n")
+            rows = await capital_rows(desktop)
+            cap_height = rows[-1] - rows[0] + 1
+            assert rows == list(range(rows[0], rows[-1] + 1))  # one band: the capitals
+            assert cap_height >= 10, f"capitals are {cap_height} px tall"
+            foreground = max((desktop.rgb(x, y) for x in range(200) for y in rows), key=sum)
+            assert min(foreground) >= 0xC0  # light on ...
+            assert background_share(desktop) > 0.9  # ... the dark background
         await delete_and_wait(api, session_id, pid)
 
 

@@ -68,7 +68,6 @@ from remotecli.drivers.local_sandbox import (
     LINKS_FIFO,
     PASSWD,
     REPORT_LINE_MAX,
-    TMUX_CONF,
     TMUX_CONF_NAME,
     TTY_SERVER_NAME,
     TTY_SOCKET,
@@ -95,6 +94,7 @@ from remotecli.sandbox.processes import (
     reap,
     session_processes,
 )
+from remotecli.sandbox.terminal import TMUX_CONF
 from remotecli.sandbox.uids import UidPool
 
 log = get_logger("driver.local")

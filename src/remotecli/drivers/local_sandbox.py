@@ -93,25 +93,6 @@ def xterm_options() -> list[str]:
     return options
 
 
-TMUX_CONF = """\
-# remote-cli: the session's tmux, bound read-only into the sandbox.
-# The CLI runs in tmux's one session "main"; the desktop's xterm and each text view attach to it.
-set -g default-terminal "tmux-256color"
-set -as terminal-features ",*:RGB"
-set -as terminal-overrides ",*:Tc"
-# The window takes the size of the client that was used last, so the desktop and a text view of
-# another size do not fight: the one being typed into (or resized) wins.
-set -g window-size latest
-set -g aggressive-resize on
-set -g status off
-set -g prefix None
-set -g prefix2 None
-set -s escape-time 10
-set -g history-limit 10000
-set -g focus-events on
-set -g set-titles off
-"""
-
 # Runs inside the sandbox. Arguments: run dir, width, height, the directory holding the tmux
 # configuration and the tty server, then the session's command.
 SESSION_SCRIPT = r"""
@@ -273,7 +254,8 @@ def parse_report(line: bytes) -> Report:
 def script_argv(spec: SessionSpec, run_dir: str, lib_dir: str = LIB_DIR) -> list[str]:
     """Return the argv that runs :data:`SESSION_SCRIPT` for ``spec`` with its run directory.
 
-    ``lib_dir`` holds :data:`TMUX_CONF` and the tty server (:data:`LIB_DIR` in the sandbox).
+    ``lib_dir`` holds tmux's configuration (:mod:`remotecli.sandbox.terminal`) and the tty
+    server (:data:`LIB_DIR` in the sandbox).
     """
     width, height = str(spec.width), str(spec.height)
     return ["bash", "-c", SESSION_SCRIPT, "session", run_dir, width, height, lib_dir, *spec.command]

@@ -27,6 +27,7 @@ from pathlib import Path
 from remotecli.exceptions import RootfsError
 from remotecli.images.initrd import GUEST_INIT
 from remotecli.providers import NPM_PROVIDERS
+from remotecli.sandbox.terminal import TMUX_CONF
 
 ProgressCallback = Callable[[str], None]
 """Receives short human-readable build steps (the same shape as a driver's progress)."""
@@ -58,26 +59,8 @@ BUSYBOX_IN_GUEST = "/usr/local/lib/remotecli/busybox"
 TTY_SERVER_IN_GUEST = "/usr/local/lib/remotecli/tty_server.py"
 TMUX_CONF_IN_GUEST = "/usr/local/lib/remotecli/tmux.conf"
 
-GUEST_TMUX_CONF = """\
-# remote-cli: the session's tmux, bound read-only into the sandbox.
-# The CLI runs in tmux's one session "main"; the desktop's xterm and each text view attach to it.
-set -g default-terminal "tmux-256color"
-set -as terminal-features ",*:RGB"
-set -as terminal-overrides ",*:Tc"
-# The window takes the size of the client that was used last, so the desktop and a text view of
-# another size do not fight: the one being typed into (or resized) wins.
-set -g window-size latest
-set -g aggressive-resize on
-set -g status off
-set -g prefix None
-set -g prefix2 None
-set -s escape-time 10
-set -g history-limit 10000
-set -g focus-events on
-set -g set-titles off
-"""
-"""The guest's tmux configuration: the local session's (``drivers/local_sandbox.py``'s
-``TMUX_CONF``, which this package may not import; a test keeps them equal)."""
+GUEST_TMUX_CONF = TMUX_CONF
+"""The guest's tmux configuration: the local session's (:mod:`remotecli.sandbox.terminal`)."""
 
 
 def tty_server_source() -> str:
