@@ -513,7 +513,8 @@ def _direct_peer(name: str, workdir: Path, index: int) -> Peer:
 
     A name ``Xvnc direct ARGS...`` gives Xvnc those extra arguments (:data:`EXTRA_ENV`).
     """
-    from remotecli.drivers.local_sandbox import TMUX_CONF, xterm_options
+    from remotecli.drivers.local_sandbox import xterm_options
+    from remotecli.sandbox.terminal import TMUX_CONF
 
     folder = workdir / f"direct-{index}"
     folder.mkdir(exist_ok=True)
