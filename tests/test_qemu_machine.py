@@ -55,6 +55,26 @@ def test_network_is_restricted_and_forwarded_on_loopback_only() -> None:
     assert "hostfwd=tcp:127.0.0.1:0-:5900" in netdev
 
 
+def test_open_egress_lifts_restrict_only_for_qemu_running_as_a_sandbox_uid() -> None:
+    """``open`` turns restrict off and needs ``runas``, which drops QEMU to that uid and gid
+    under QEMU's seccomp sandbox (no exec); the forwards stay on loopback either way."""
+    argv = machine_argv(
+        MACHINE, PATHS, share_memory=False, incoming=True, egress="open", runas=3_000_123
+    )
+    (netdev,) = option(argv, "-netdev")
+    assert "restrict=off" in netdev
+    assert "hostfwd=tcp:127.0.0.1:0-:5900" in netdev
+    assert option(argv, "-runas") == ["3000123:3000123"]
+    (sandbox,) = option(argv, "-sandbox")
+    assert "spawn=deny" in sandbox.split(",")
+    with pytest.raises(DriverError, match="sandbox uid"):
+        machine_argv(MACHINE, PATHS, share_memory=False, incoming=True, egress="open")
+    with pytest.raises(DriverError, match="unknown"):
+        machine_argv(MACHINE, PATHS, share_memory=False, incoming=True, egress="lan")
+    unprivileged = machine_argv(MACHINE, PATHS, share_memory=False, incoming=True)
+    assert "-runas" not in unprivileged
+
+
 def test_tcg_has_a_bounded_translation_cache_and_kvm_uses_the_host_cpu() -> None:
     """TCG gets an explicit tb-size; KVM runs -accel kvm with -cpu host."""
     tcg = machine_argv(MACHINE, PATHS, share_memory=True, incoming=False)

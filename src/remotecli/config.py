@@ -176,7 +176,7 @@ class ControllerConfig:
     session_processes: int = 1024  # processes and threads per local session
     session_cpus: float = 1.0  # CPUs a local session may use at most; 0 = no cap
     session_home_size: int = 1024**3  # bytes of HOME (a tmpfs, counted in the memory too)
-    egress: str = "open"  # a local session's internet: open (never the host, private ranges) | none
+    egress: str = "open"  # a session's internet: open (never the host, private ranges) | none
     qemu_memory: int = 256 * 1024**2  # bytes of guest RAM per microVM
     qemu_accelerator: str = "auto"  # kvm | tcg | auto (probe KVM once per host, remembered)
     qemu_pool_size: int = 0  # microVMs per template kept restored and warm ahead of sessions

@@ -31,6 +31,7 @@ from remotecli.exceptions import ImageBuildError
 from remotecli.images import GuestImage, build_image, find_image
 from remotecli.images.build import default_cache_dir
 from remotecli.rfb import PROTOCOL_VERSION_3_8, SECURITY_VNC_AUTH
+from remotecli.sandbox.uids import UidPool
 from tests.conftest import MS
 from tests.e2e.sessions_api import create_ready_session
 from tests.rfb_viewer import RfbViewer, wait_for_file
@@ -220,14 +221,21 @@ async def test_delete_leaves_no_qemu_process(system: System) -> None:
 
 
 async def test_guest_vnc_demands_a_password_on_loopback_only(system: System) -> None:
-    """The clone's VNC forward listens on 127.0.0.1 and offers only VNC Authentication."""
+    """The clone's VNC forward listens on 127.0.0.1 and offers only VNC Authentication; a root
+    controller's QEMU runs as a sandbox uid of its own, never as root."""
     async with system.api() as api:
         session_id = await create_ready_session(api, TEMPLATE_TIMEOUT)
         pid = qemu_pid(system, session_id)
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         forwards = [arg for arg in cmdline if b"hostfwd=" in arg]
         assert forwards
-        assert all(b"hostfwd=tcp:127.0.0.1:" in arg and b"restrict=on" in arg for arg in forwards)
+        assert all(b"hostfwd=tcp:127.0.0.1:" in arg for arg in forwards)
+        assert not [arg for arg in cmdline if b"hostfwd=tcp:" in arg and b":127.0.0.1:" not in arg]
+        if os.geteuid() == 0:
+            status = Path(f"/proc/{pid}/status").read_text()
+            uids = next(line for line in status.splitlines() if line.startswith("Uid:")).split()
+            assert len(set(uids[1:])) == 1, status  # real, effective, saved, filesystem
+            assert UidPool().first <= int(uids[1]) <= UidPool().last, status
         record = json.loads((Path(serial_log(system, session_id)).parent / "vm.json").read_text())
         reader, writer = await asyncio.open_connection("127.0.0.1", record["port"])
         try:

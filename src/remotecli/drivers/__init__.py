@@ -26,8 +26,9 @@ __all__ = [
 def create_driver(name: str, data_dir: Path, config: ControllerConfig | None = None) -> Driver:
     """Return the driver called ``name``, keeping its state under ``data_dir``.
 
-    ``config`` carries the driver's own settings (the local sandbox's limits and egress; the
-    microVMs' memory, accelerator and warm pool); without it each driver takes its defaults.
+    ``config`` carries the driver's own settings (the local sandbox's limits, the sessions'
+    egress, the microVMs' memory, accelerator and warm pool); without it each driver takes its
+    defaults.
     """
     if name == "local":
         from remotecli.drivers.local import LocalDriver
@@ -52,6 +53,7 @@ def create_driver(name: str, data_dir: Path, config: ControllerConfig | None = N
             memory_mib=config.qemu_memory // 1024**2,
             accelerator=None if config.qemu_accelerator == "auto" else config.qemu_accelerator,
             pool_size=config.qemu_pool_size,
+            egress=config.egress,
         )
     raise ConfigError(
         f"unknown driver {name!r}; choose one of: {', '.join(DRIVER_NAMES)}", driver=name

@@ -59,9 +59,11 @@ from remotecli.drivers.qemu_machine import (
     session_line,
 )
 from remotecli.drivers.qmp import QmpClient
-from remotecli.exceptions import DriverError
+from remotecli.exceptions import DriverError, RemoteCliError
 from remotecli.images import default_cache_dir, find_image
 from remotecli.providers import BUILTIN_PROVIDERS, NPM_PROVIDERS
+from remotecli.sandbox.egress import EGRESS_CHOICES, EgressFilter
+from remotecli.sandbox.uids import Lease, UidPool
 
 log = structlog.get_logger(component="qemu")
 
@@ -89,6 +91,9 @@ class _Vm:
     tty_port: int = 0
     tty_secret: str = ""
     tty: TtyProxy | None = None
+    lease: Lease | None = None
+    """The sandbox uid QEMU runs as, held until the process is gone; None when QEMU runs as
+    the controller's user (an unprivileged controller) or was started by an earlier one."""
     ended: asyncio.Event = field(default_factory=asyncio.Event)
     watcher: asyncio.Task[None] | None = None
     """Sets ``ended`` when the process exits; the driver awaits it on close."""
@@ -108,6 +113,8 @@ class QemuDriver:
         memory_mib: int = DEFAULT_MEMORY_MIB,
         accelerator: str | None = None,
         pool_size: int = 0,
+        egress: str = "open",
+        uid_pool: UidPool | None = None,
     ) -> None:
         """Keep templates under ``data_dir/qemu/templates``; find images in ``image_cache``.
 
@@ -119,7 +126,18 @@ class QemuDriver:
         ``pool_size`` keeps that many clones per template restored, running and warmed up ahead
         of time (each costs an idle clone's memory): a session taking one only gets its clock,
         entropy, hostname and password.
+
+        A root controller runs each QEMU as a sandbox uid of its own from ``uid_pool`` (QEMU
+        drops to it before the guest runs). ``egress`` is the guest's network: ``open`` (the
+        internet through QEMU's user-mode network, judged by the host's egress filter on that
+        uid: never the host, its loopback or private ranges) or ``none`` (``restrict=on``);
+        ``open`` falls back to ``none``, with the reason on ``/readyz``, where the host cannot
+        enforce it.
         """
+        if egress not in EGRESS_CHOICES:
+            raise DriverError(f"egress {egress!r} is unknown; choose open or none")
+        self._uids = (uid_pool or UidPool()) if os.geteuid() == 0 else None
+        self.egress, self._egress_reason = self._choose_egress(egress)
         self._root = data_dir / "qemu"
         self._image_cache = image_cache if image_cache is not None else default_cache_dir()
         # Beside the images, not in the data dir: a template is keyed on everything its state
@@ -139,6 +157,22 @@ class QemuDriver:
         self._refilling: set[str] = set()
         self._pool_tasks: set[asyncio.Task[None]] = set()
         self._watchers: set[asyncio.Task[None]] = set()
+
+    def _choose_egress(self, wanted: str) -> tuple[str, str]:
+        if wanted == "none":
+            return "none", "egress none: restrict=on, nothing leaves the VM"
+        if self._uids is None:
+            return (
+                "none",
+                "egress open needs a root controller (QEMU runs as a sandbox uid the host "
+                "filter judges); restrict=on, nothing leaves the VM",
+            )
+        try:
+            egress_filter = EgressFilter.install(self._uids.first, self._uids.last)
+        except RemoteCliError as exc:
+            log.warning("egress_filter_failed", error=exc.message)
+            return "none", f"egress open refused: {exc.message}; restrict=on"
+        return "open", f"internet through QEMU's user-mode network; {egress_filter.describe()}"
 
     # --- the Driver seam ---------------------------------------------------------------------
 
@@ -176,7 +210,13 @@ class QemuDriver:
             **self._accel.describe(),
             "template": self._template_state,
             "memory": f"{self._memory_mib} MiB per VM",
-            "network": "restrict=on: no connections out of the VM; VNC on 127.0.0.1 only",
+            "network": self._egress_reason,
+            "qemu_user": (
+                f"each VM as its own uid in {self._uids.first}-{self._uids.last}, under QEMU's "
+                "seccomp sandbox"
+                if self._uids is not None
+                else "the controller's user (not root)"
+            ),
             "warm_pool": self._pool_size,
         }
 
@@ -503,8 +543,7 @@ class QemuDriver:
                 capabilities=[{"capability": "x-ignore-shared", "state": True}],
             )
             partial = directory / "state.partial"
-            await vm.qmp.execute("migrate", uri=f"exec:cat > {partial}")
-            await _wait_migration(vm.qmp)
+            await _save_state(vm.qmp, partial)
             partial.rename(state)
         except BaseException:
             await _terminate(vm)
@@ -532,19 +571,34 @@ class QemuDriver:
             serial=workdir / "serial.log",
             memory=memory,
         )
-        argv = machine_argv(machine, paths, share_memory=template, incoming=not template)
+        # A template runs only our own image and command, and needs no network.
+        lease = self._uids.lease() if self._uids is not None else None
+        argv = machine_argv(
+            machine,
+            paths,
+            share_memory=template,
+            incoming=not template,
+            egress="none" if template else self.egress,
+            runas=lease.uid if lease is not None else None,
+        )
         log_path = workdir / "qemu.log"
-        with log_path.open("w") as log:
-            log.write(argv_for_log(argv) + "\n")
-            log.flush()
-            process = await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=log,
-                stderr=asyncio.subprocess.STDOUT,
-                start_new_session=True,
-            )
-        vm = _Vm(session_id, process, process.pid, paths, socket_dir)
+        try:
+            with log_path.open("w") as log:
+                log.write(argv_for_log(argv) + "\n")
+                log.flush()
+                process = await asyncio.create_subprocess_exec(
+                    *argv,
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=asyncio.subprocess.STDOUT,
+                    start_new_session=True,
+                )
+        except BaseException:
+            if lease is not None:
+                lease.release()
+            shutil.rmtree(socket_dir, ignore_errors=True)
+            raise
+        vm = _Vm(session_id, process, process.pid, paths, socket_dir, lease=lease)
         self._watch(vm, _watch_process(vm))
         try:
             vm.qmp = await _race_exit(vm, QmpClient.connect(str(paths.qmp), within=10.0))
@@ -573,6 +627,8 @@ async def _race_exit(vm: _Vm, operation: object) -> QmpClient:
 async def _watch_process(vm: _Vm) -> None:
     assert vm.process is not None
     await vm.process.wait()
+    if vm.lease is not None:
+        vm.lease.release()  # the uid owns no process any more
     vm.ended.set()
 
 
@@ -613,8 +669,26 @@ async def _terminate(vm: _Vm) -> None:
         vm.qmp.close()
     if vm.tty is not None:
         vm.tty.close()
+    if vm.lease is not None:
+        vm.lease.release()
     vm.ended.set()
     shutil.rmtree(vm.socket_dir, ignore_errors=True)
+
+
+async def _save_state(qmp: QmpClient, path: Path) -> None:
+    """Migrate the paused VM's state into ``path`` (created by us, handed to QEMU); flush it.
+
+    QEMU writes through a descriptor it is given: it runs as a sandbox uid that may not open
+    the file, and its seccomp sandbox forbids the shell an ``exec:`` migration would start.
+    """
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        await qmp.send_fd("state-out", descriptor)
+        await qmp.execute("migrate", uri="fd:state-out")
+        await _wait_migration(qmp)
+        await asyncio.to_thread(os.fsync, descriptor)
+    finally:
+        os.close(descriptor)
 
 
 async def _wait_migration(qmp: QmpClient) -> None:
@@ -639,9 +713,23 @@ async def _restore(vm: _Vm, template: Path) -> None:
             {"capability": "events", "state": True},
         ],
     )
-    await vm.qmp.execute("migrate-incoming", uri=f"exec:cat {template / 'state'}")
-    await _wait_incoming(vm.qmp)
+    await _load_state(vm.qmp, template / "state")
     await vm.qmp.execute("cont")  # the template was saved paused, so clones load paused
+
+
+async def _load_state(qmp: QmpClient, path: Path) -> None:
+    """Load a saved state from ``path`` into a QEMU started with ``-incoming defer``.
+
+    As :func:`_save_state`, the file reaches QEMU as a descriptor. Set the migration
+    capabilities first; the VM is left paused.
+    """
+    descriptor = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        await qmp.send_fd("state-in", descriptor)
+    finally:
+        os.close(descriptor)  # QEMU holds its own copy
+    await qmp.execute("migrate-incoming", uri="fd:state-in")
+    await _wait_incoming(qmp)
 
 
 async def _wait_incoming(qmp: QmpClient) -> None:
@@ -678,6 +766,7 @@ def _write_record(path: Path, vm: _Vm) -> None:
         "serial": str(vm.paths.serial),
         "memory": str(vm.paths.memory) if vm.paths.memory is not None else "",
         "socket_dir": str(vm.socket_dir),
+        "uid": vm.lease.uid if vm.lease is not None else None,
     }
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(descriptor, "w") as file:

@@ -13,9 +13,9 @@ from remotecli.drivers.base import ProgressCallback, SessionSpec, VncEndpoint
 from remotecli.drivers.qemu import (
     COLD_BOOT_SECONDS,
     QemuDriver,
+    _load_state,
+    _save_state,
     _terminate,
-    _wait_incoming,
-    _wait_migration,
 )
 from remotecli.drivers.qemu_guest import control_exchange
 from remotecli.drivers.qemu_machine import Machine
@@ -53,8 +53,7 @@ class QemuBenchDriver(QemuDriver):
             "migrate-set-capabilities",
             capabilities=[{"capability": "x-ignore-shared", "state": False}],
         )
-        await vm.qmp.execute("migrate", uri=f"exec:cat > {snapshot}")
-        await _wait_migration(vm.qmp)
+        await _save_state(vm.qmp, snapshot)
         await vm.qmp.execute("cont")
 
     async def start_full_restore(
@@ -68,8 +67,7 @@ class QemuBenchDriver(QemuDriver):
             await vm.qmp.execute(
                 "migrate-set-capabilities", capabilities=[{"capability": "events", "state": True}]
             )
-            await vm.qmp.execute("migrate-incoming", uri=f"exec:cat {snapshot}")
-            await _wait_incoming(vm.qmp)
+            await _load_state(vm.qmp, snapshot)
             await vm.qmp.execute("cont")
             await self._personalise(vm, spec.session_id)
             progress("full restore done; VNC banner read")

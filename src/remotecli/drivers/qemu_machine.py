@@ -27,9 +27,15 @@ GUEST_VNC_PORT = 5900
 GUEST_TTY_PORT = 5902  # the guest's tty server (TCP form), behind the VM's secret
 DEFAULT_MEMORY_MIB = 256
 TCG_TB_SIZE_MIB = 32
+"""Translation-block cache per VM under TCG; QEMU's default (1 GiB) would dwarf the guest."""
 # No default devices, no config files, no display, and exit (never reboot) when the guest does.
 BARE_MACHINE = ("-nodefaults", "-no-user-config", "-nographic", "-display", "none", "-no-reboot")
-"""Translation-block cache per VM under TCG; QEMU's default (1 GiB) would dwarf the guest."""
+
+SECCOMP = "on,obsolete=deny,spawn=deny,resourcecontrol=deny"
+"""QEMU's own seccomp filter for a VM that runs as a sandbox uid. ``elevateprivileges`` stays
+allowed: it would forbid the very ``setuid`` that ``-runas`` makes (after which a return to root
+is impossible anyway); ``spawn=deny`` is why files reach QEMU as descriptors (QMP ``getfd``)
+rather than through ``exec:`` migration."""
 
 _VNC_PASSWD_KEY = bytes([23, 82, 107, 6, 35, 78, 88, 7])
 _USERNET_FORWARD = re.compile(r"HOST_FORWARD\]\s+\d+\s+127\.0\.0\.1\s+(\d+)\s+\S+\s+(\d+)")
@@ -92,7 +98,13 @@ class VmPaths:
 
 
 def machine_argv(
-    machine: Machine, paths: VmPaths, *, share_memory: bool, incoming: bool
+    machine: Machine,
+    paths: VmPaths,
+    *,
+    share_memory: bool,
+    incoming: bool,
+    egress: str = "none",
+    runas: int | None = None,
 ) -> list[str]:
     """Return the QEMU command line for a template (``share_memory``) or a clone (``incoming``).
 
@@ -100,7 +112,20 @@ def machine_argv(
     maps the same file private, so its writes are copy-on-write and the file stays untouched.
     The VNC forward binds loopback only, on a port the kernel picks; ask QEMU for it with
     :func:`forwarded_port`.
+
+    ``egress`` ``none`` keeps the user-mode network ``restrict=on`` (nothing leaves the VM);
+    ``open`` lets QEMU open the guest's connections as ordinary sockets of its own, which is
+    safe only with ``runas``: QEMU drops to that uid (and gid) once it has opened its files and
+    sockets and before the guest runs, so the host's egress filter, which judges that uid's
+    sockets, decides where they may go (:mod:`remotecli.sandbox.egress`). With ``runas`` QEMU
+    also runs under its seccomp sandbox: no new programs, no obsolete or resource-control calls.
     """
+    if egress not in ("open", "none"):
+        raise DriverError(f"egress {egress!r} is unknown; choose open or none")
+    if egress == "open" and runas is None:
+        raise DriverError(
+            "egress open for a microVM needs QEMU to run as a sandbox uid the host filter judges"
+        )
     accel = "kvm" if machine.accelerator == "kvm" else f"tcg,tb-size={TCG_TB_SIZE_MIB}"
     cpu = "host" if machine.accelerator == "kvm" else "max"
     share = "on" if share_memory else "off"
@@ -145,7 +170,8 @@ def machine_argv(
         "-device",
         "virtio-blk-device,drive=root",
         "-netdev",
-        f"user,id=net,restrict=on,hostfwd=tcp:127.0.0.1:0-:{GUEST_VNC_PORT},"
+        f"user,id=net,restrict={'off' if egress == 'open' else 'on'},"
+        f"hostfwd=tcp:127.0.0.1:0-:{GUEST_VNC_PORT},"
         f"hostfwd=tcp:127.0.0.1:0-:{GUEST_TTY_PORT}",
         "-device",
         "virtio-net-device,netdev=net",
@@ -154,6 +180,8 @@ def machine_argv(
     ]
     if incoming:
         argv += ["-incoming", "defer"]
+    if runas is not None:
+        argv += ["-runas", f"{runas}:{runas}", "-sandbox", SECCOMP]
     return argv
 
 

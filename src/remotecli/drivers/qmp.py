@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import socket
 from typing import Any
 
 from remotecli.exceptions import QmpError
@@ -58,15 +60,43 @@ class QmpClient:
         async with self._lock:
             self._writer.write(json.dumps(message).encode() + b"\n")
             await self._writer.drain()
-            while True:
-                reply = await self._read_message()
-                if "event" in reply:
-                    self.events.put_nowait(reply)
-                    continue
-                if "error" in reply:
-                    error = reply["error"]
-                    raise QmpError(f"QEMU refused {command}: {error.get('desc', error)}")
-                return reply.get("return")
+            return await self._reply(command)
+
+    async def _reply(self, command: str) -> Any:
+        """Read up to ``command``'s answer, queueing the events before it; hold the lock."""
+        while True:
+            reply = await self._read_message()
+            if "event" in reply:
+                self.events.put_nowait(reply)
+                continue
+            if "error" in reply:
+                error = reply["error"]
+                raise QmpError(f"QEMU refused {command}: {error.get('desc', error)}")
+            return reply.get("return")
+
+    async def send_fd(self, name: str, descriptor: int) -> None:
+        """Give QEMU a copy of ``descriptor`` under ``name`` (QMP ``getfd``, SCM_RIGHTS).
+
+        A later command names it as ``fd:NAME`` (``migrate``, ``migrate-incoming``). QEMU,
+        which runs as an unprivileged uid after its start, so reads and writes files it could
+        not open itself, and needs no shell to do it.
+        """
+        message = json.dumps({"execute": "getfd", "arguments": {"fdname": name}}).encode()
+        async with self._lock:
+            await self._writer.drain()  # nothing of ours is queued ahead of the descriptor
+            transport_socket = self._writer.get_extra_info("socket")
+            if transport_socket is None:
+                raise QmpError("the QMP connection is closed; cannot pass QEMU a file")
+            raw = socket.socket(fileno=os.dup(transport_socket.fileno()))
+            try:
+                sent = socket.send_fds(raw, [message + b"\n"], [descriptor])
+            except OSError as exc:
+                raise QmpError(f"cannot pass QEMU a file over QMP: {exc.strerror}") from exc
+            finally:
+                raw.close()
+            if sent != len(message) + 1:
+                raise QmpError("QEMU's monitor took only part of the getfd command")
+            await self._reply("getfd")
 
     async def wait_event(self, name: str, within: float) -> dict[str, Any]:
         """Return the next event called ``name``, reading the monitor while none is queued."""
