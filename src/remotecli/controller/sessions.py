@@ -344,6 +344,7 @@ class SessionManager:
             command=argv,
             workdir=self._workdir(record.id),
             home_files=home_files,
+            keeps_signin=bool(status.provider.keep),
             open_url=functools.partial(self._open_url, record.id),
         )
         runtime = self._runtime.setdefault(record.id, _Runtime())

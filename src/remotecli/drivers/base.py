@@ -57,6 +57,11 @@ class SessionSpec:
     home_files: Mapping[str, bytes] = field(default_factory=dict)
     """Files to put in the session's HOME before its command starts (a kept sign-in):
     relative path → content, written mode 0600 and owned by the session's user."""
+    keeps_signin: bool = False
+    """The provider keeps a sign-in (it declares ``keep`` paths). Its CLI may read its sign-in
+    and make its secrets (a sign-in's state, PKCE) when it starts, so it must start inside the
+    session itself, after the session has its own entropy and ``home_files``; a driver that
+    restores sessions from a saved machine (qemu) starts it again there."""
     open_url: Callable[[str], None] | None = None
     """Called, on the event loop, with each link the session asks a browser to open
     (``$BROWSER``, ``xdg-open``) once the driver has checked it is an ``http``/``https`` URL."""

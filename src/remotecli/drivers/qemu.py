@@ -39,13 +39,19 @@ from remotecli.drivers.base import ProgressCallback, SessionSpec, VncEndpoint
 from remotecli.drivers.qemu_accel import AcceleratorChoice
 from remotecli.drivers.qemu_guest import (
     TtyProxy,
+    collect_line,
     console_tail,
     control_exchange,
+    follow_links,
+    home_line,
     is_our_qemu,
     read_banner,
+    read_collected,
+    relay_open,
 )
 from remotecli.drivers.qemu_machine import (
     DEFAULT_MEMORY_MIB,
+    GUEST_RELAY_PORT,
     GUEST_TTY_PORT,
     GUEST_VNC_PORT,
     Machine,
@@ -63,6 +69,7 @@ from remotecli.exceptions import DriverError, RemoteCliError
 from remotecli.images import default_cache_dir, find_image
 from remotecli.providers import BUILTIN_PROVIDERS, NPM_PROVIDERS
 from remotecli.sandbox.egress import EGRESS_CHOICES, EgressFilter
+from remotecli.sandbox.keep import normalize_keep
 from remotecli.sandbox.uids import Lease, UidPool
 
 log = structlog.get_logger(component="qemu")
@@ -74,6 +81,8 @@ PASSWORD_LENGTH = 8
 COLD_BOOT_SECONDS = 180.0
 RESTORE_SECONDS = 30.0
 QUIT_SECONDS = 3.0
+COLLECT_SECONDS = 30.0
+"""How long the guest may take to pack a kept sign-in (a serial line, under emulation)."""
 
 
 @dataclass
@@ -91,6 +100,11 @@ class _Vm:
     tty_port: int = 0
     tty_secret: str = ""
     tty: TtyProxy | None = None
+    relay_port: int = 0
+    """The host port forwarded to the guest relay (its loopback, its links); 0 if none."""
+    control: asyncio.Lock = field(default_factory=asyncio.Lock)
+    """Held for each exchange with the control agent, which serves one connection at a time."""
+    links: asyncio.Task[None] | None = None
     lease: Lease | None = None
     """The sandbox uid QEMU runs as, held until the process is gone; None when QEMU runs as
     the controller's user (an unprivileged controller) or was started by an earlier one."""
@@ -177,8 +191,20 @@ class QemuDriver:
     # --- the Driver seam ---------------------------------------------------------------------
 
     async def collect(self, session_id: str, paths: Sequence[str]) -> dict[str, bytes]:
-        """Kept sign-ins do not reach microVMs yet (the microVM issue): nothing to collect."""
-        return {}
+        """Read the kept files at ``paths`` from the guest's HOME over the control channel.
+
+        The guest packs them (``collect``); :func:`read_collected` takes only what a local
+        session's HOME would give, within the same caps. {} for an unknown session.
+        """
+        vm = self._vms.get(session_id)
+        if vm is None or not paths:
+            return {}
+        declared = sorted({normalize_keep(path) for path in paths})  # "~/.codex" -> ".codex"
+        async with vm.control:
+            answer = await control_exchange(
+                vm.paths.control, collect_line(declared), "files", within=COLLECT_SECONDS
+            )
+        return read_collected(answer, declared)
 
     async def tty_socket(self, session_id: str) -> str:
         """Return the Unix socket of the VM's text terminal (a :class:`TtyProxy`)."""
@@ -196,12 +222,17 @@ class QemuDriver:
     async def connect_loopback(
         self, session_id: str, port: int, *, address: str = "127.0.0.1"
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        """Refuse: a microVM's loopback is not reachable from the host yet."""
-        raise DriverError(
-            "sign-in callbacks cannot reach a microVM session yet; use the CLI's device-code "
-            "or paste-code sign-in, or a local session",
-            session_id=session_id,
-        )
+        """Connect to ``address``:``port`` on the guest's own loopback, through its relay."""
+        if address not in ("127.0.0.1", "::1") or not 0 < port < 65536:
+            raise DriverError(f"{address}:{port} is not on a session's loopback")
+        vm = self._vms.get(session_id)
+        if vm is None or not vm.relay_port:
+            raise DriverError(
+                f"session {session_id} cannot take sign-in callbacks (a VM started before this "
+                "remote-cli); start a new session",
+                session_id=session_id,
+            )
+        return await relay_open(vm.relay_port, vm.tty_secret, f"connect {address} {port}")
 
     def isolation(self) -> Mapping[str, object] | None:
         """Say which accelerator the VMs use and where that came from, for ``/readyz``; no I/O."""
@@ -290,6 +321,7 @@ class QemuDriver:
                 int(info.get("tty_port", 0)),
                 str(info.get("tty_secret", "")),
             )
+            vm.relay_port = int(info.get("relay_port", 0))
             await read_banner(vm.port, within=5.0)
         except DriverError:
             await _terminate(vm)
@@ -314,6 +346,8 @@ class QemuDriver:
             vm.qmp.close()  # QEMU serves one monitor client at a time
         if vm.tty is not None:
             vm.tty.close()  # the next driver opens its own
+        if vm.links is not None:
+            vm.links.cancel()  # links are shown by the controller that started the session
         return True
 
     async def prepare(self) -> None:
@@ -433,6 +467,25 @@ class QemuDriver:
                 progress("clone restored from the template")
             answer = await self._personalise(vm, spec.session_id)
             progress(f"VNC banner read; guest took its clock, entropy, name, password ({answer})")
+            if spec.open_url is not None:
+                # Listening before the CLI (re)starts: the relay drops links nobody reads.
+                links = await relay_open(vm.relay_port, vm.tty_secret, "links")
+                vm.links = asyncio.create_task(
+                    follow_links(vm.relay_port, vm.tty_secret, spec.open_url, first=links),
+                    name=f"links-{spec.session_id}",
+                )
+            if spec.home_files or spec.keeps_signin:
+                async with vm.control:
+                    await control_exchange(
+                        vm.paths.control,
+                        home_line(spec.home_files),
+                        "ok home",
+                        within=RESTORE_SECONDS,
+                    )
+                progress(
+                    "the CLI started in the clone"
+                    + (", with the kept sign-in in HOME" if spec.home_files else "")
+                )
         except BaseException:
             await _terminate(vm)
             raise
@@ -518,8 +571,10 @@ class QemuDriver:
         if not vm.port:
             vm.port = await _port(vm)
         vm.tty_port = await _port(vm, GUEST_TTY_PORT)
+        vm.relay_port = await _port(vm, GUEST_RELAY_PORT)
         await read_banner(vm.port, within=RESTORE_SECONDS)
-        return await control_exchange(vm.paths.control, line, "ok ", within=RESTORE_SECONDS)
+        async with vm.control:
+            return await control_exchange(vm.paths.control, line, "ok ", within=RESTORE_SECONDS)
 
     async def _make_template(
         self, machine: Machine, directory: Path, progress: ProgressCallback
@@ -669,6 +724,8 @@ async def _terminate(vm: _Vm) -> None:
         vm.qmp.close()
     if vm.tty is not None:
         vm.tty.close()
+    if vm.links is not None:
+        vm.links.cancel()
     if vm.lease is not None:
         vm.lease.release()
     vm.ended.set()
@@ -761,6 +818,7 @@ def _write_record(path: Path, vm: _Vm) -> None:
         "password": vm.password,
         "tty_port": vm.tty_port,
         "tty_secret": vm.tty_secret,
+        "relay_port": vm.relay_port,
         "qmp": str(vm.paths.qmp),
         "control": str(vm.paths.control),
         "serial": str(vm.paths.serial),

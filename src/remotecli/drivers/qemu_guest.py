@@ -16,15 +16,38 @@ both ways, unchanged, with backpressure (each side is read only as fast as the o
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import io
 import os
+import tarfile
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from remotecli.drivers.banner import await_rfb_banner
-from remotecli.exceptions import DriverError, RemoteProtocolError
+from remotecli.exceptions import (
+    DriverError,
+    RemoteProtocolError,
+    UpstreamRefused,
+    UpstreamUnreachable,
+)
+from remotecli.links import LinkReader
+from remotecli.logs import get_logger
+from remotecli.sandbox.keep import (
+    MAX_DEPTH,
+    MAX_ENTRIES,
+    MAX_FILE_BYTES,
+    MAX_FILES,
+    MAX_TOTAL_BYTES,
+)
+
+log = get_logger("driver.qemu")
 
 CONNECT_SECONDS = 5.0
 _CHUNK = 65536
+CONTROL_LINE_MAX = 8 * 1024 * 1024
+"""The longest answer read from the control agent: a kept sign-in's files, base64 (4 MiB
+at most are kept, so a longer answer is not one)."""
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -81,16 +104,26 @@ class TtyProxy:
 
 
 async def control_exchange(path: Path, line: bytes, expect: str, *, within: float) -> str:
-    """Send ``line`` to the guest's control agent and return its answer starting ``expect``."""
+    """Send ``line`` to the guest's control agent and return its answer starting ``expect``.
+
+    The agent is the guest's, so its answers are hostile input: a line longer than
+    :data:`CONTROL_LINE_MAX` is refused.
+    """
     try:
         async with asyncio.timeout(within):
-            reader, writer = await asyncio.open_unix_connection(str(path))
+            reader, writer = await asyncio.open_unix_connection(str(path), limit=CONTROL_LINE_MAX)
             try:
                 if line:
                     writer.write(line)
                     await writer.drain()
                 while True:
-                    raw = await reader.readline()
+                    try:
+                        raw = await reader.readline()
+                    except ValueError as exc:  # asyncio's "separator not found, limit exceeded"
+                        raise DriverError(
+                            "the guest's control agent sent a line longer than "
+                            f"{CONTROL_LINE_MAX} bytes; it was not read"
+                        ) from exc
                     if not raw:
                         raise DriverError("the VM closed its control channel (did QEMU exit?)")
                     answer = raw.decode(errors="replace").strip()
@@ -146,3 +179,161 @@ def console_tail(path: Path, lines: int = 3) -> str:
     except OSError:
         return ""
     return " | ".join(line.strip() for line in text.strip().splitlines()[-lines:])
+
+
+# --- kept sign-ins over the control channel ----------------------------------------------------
+
+
+def home_line(files: Mapping[str, bytes]) -> bytes:
+    """The control line that puts a kept sign-in's files into the guest's HOME (``home TAR``).
+
+    ``files`` maps normalized paths relative to HOME to their contents; each is written mode
+    0600. The guest unpacks them and starts its CLI again, so that the CLI reads them.
+    """
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        for name in sorted(files):
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(files[name]), 0o600
+            archive.addfile(info, io.BytesIO(files[name]))
+    return b"home " + base64.b64encode(buffer.getvalue()) + b"\n"
+
+
+def collect_line(paths: Sequence[str]) -> bytes:
+    """The control line that asks the guest for the files at ``paths`` (``collect LIST``)."""
+    return b"collect " + base64.b64encode("\n".join(paths).encode() + b"\n") + b"\n"
+
+
+def read_collected(answer: str, paths: Sequence[str]) -> dict[str, bytes]:
+    """Return the kept files in the guest's ``files TAR`` answer, as :func:`read_kept` would.
+
+    The archive is the guest's, so hostile: only regular files are taken, each at or below one
+    of ``paths``, at most :data:`MAX_DEPTH` levels below it, within the same caps per file, in
+    all and in number as a local session's HOME (``sandbox/keep.py``); anything else is skipped
+    with a warning, never unpacked onto a disk. An answer that is not a readable archive raises
+    :class:`DriverError`, and nothing is kept from it.
+    """
+    try:
+        data = base64.b64decode(answer.removeprefix("files").strip(), validate=True)
+    except ValueError as exc:
+        raise DriverError("the guest's kept files were not base64; nothing was kept") from exc
+    if not data:
+        return {}
+    found: dict[str, bytes] = {}
+    total = 0
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as archive:
+            for count, member in enumerate(archive):
+                if count >= MAX_ENTRIES:
+                    _skipped(member.name, f"more than {MAX_ENTRIES} entries")
+                    break
+                name = _kept_name(member.name, paths)
+                if name is None or not member.isfile():
+                    if member.isfile() or member.issym() or member.islnk():
+                        _skipped(member.name, "not a regular file below a kept path")
+                    continue
+                if member.size > MAX_FILE_BYTES:
+                    _skipped(name, f"larger than {MAX_FILE_BYTES} bytes")
+                    continue
+                if len(found) >= MAX_FILES or total + member.size > MAX_TOTAL_BYTES:
+                    _skipped(name, f"past {MAX_FILES} files or {MAX_TOTAL_BYTES} bytes in all")
+                    continue
+                extracted = archive.extractfile(member)
+                if extracted is None:
+                    continue
+                found[name] = extracted.read(MAX_FILE_BYTES + 1)[:MAX_FILE_BYTES]
+                total += member.size
+    except tarfile.TarError as exc:
+        raise DriverError(f"the guest's kept files were not a tar archive ({exc})") from exc
+    return dict(sorted(found.items()))
+
+
+def _kept_name(raw: str, paths: Sequence[str]) -> str | None:
+    """``raw`` normalized, if it names a file at or below one of ``paths``; else None."""
+    parts = [part for part in raw.split("/") if part not in ("", ".")]
+    if not parts or ".." in parts or raw.startswith("/") or "\0" in raw:
+        return None
+    name = "/".join(parts)
+    for kept in paths:
+        if name == kept:
+            return name
+        if name.startswith(kept + "/") and name.count("/") - kept.count("/") <= MAX_DEPTH:
+            return name
+    return None
+
+
+def _skipped(name: str, reason: str) -> None:
+    log.warning("kept file skipped", path=f"~/{name}"[:300], reason=reason)
+
+
+# --- the guest relay: the guest's loopback and its links ----------------------------------------
+
+RELAY_ANSWER_MAX = 32
+
+
+async def relay_open(
+    port: int, secret: str, request: str, *, within: float = CONNECT_SECONDS
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Open a relay connection through the VM's forward for ``request`` (``connect A P`` or
+    ``links``); return it once the relay answered ``ok``.
+
+    Raises :class:`UpstreamRefused` when nothing listens at the guest address asked for,
+    :class:`UpstreamUnreachable` when the guest cannot reach it, and :class:`DriverError`
+    when the relay does not answer (a VM from before the relay, or one that broke it).
+    """
+    try:
+        async with asyncio.timeout(within):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(f"{secret} {request}\n".encode("ascii"))
+            answer = await reader.readline()
+    except (OSError, TimeoutError) as exc:
+        raise DriverError(
+            "the microVM's relay did not answer; the session's guest may be too old for "
+            "sign-in callbacks (start a new session)"
+        ) from exc
+    word = answer[:RELAY_ANSWER_MAX].strip()
+    if word == b"ok":
+        return reader, writer
+    writer.close()
+    if word == b"refused":
+        raise UpstreamRefused("nothing listens on that port in the session")
+    if word == b"unreachable":
+        raise UpstreamUnreachable("the session cannot reach that address on its own loopback")
+    raise DriverError("the microVM's relay refused the request; start a new session")
+
+
+async def follow_links(
+    port: int,
+    secret: str,
+    open_url: Callable[[str], None],
+    *,
+    first: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None,
+    retry: float = 1.0,
+) -> None:
+    """Pass every link the guest's CLI asks a browser to open to ``open_url``; run until
+    cancelled. The lines are hostile: :class:`LinkReader` keeps only http(s) links, within
+    its rate. ``first`` is a ``links`` connection already open. A broken connection is opened
+    again after ``retry`` seconds, and one that cannot be opened after twice as long each time,
+    up to 30 s.
+    """
+    links = LinkReader()
+    pause = retry
+    while True:
+        try:
+            reader, writer = first or await relay_open(port, secret, "links")
+            first = None
+        except DriverError as exc:
+            log.info("links relay not open", error=exc.message, retry_s=pause)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 30.0)  # a guest without the relay is not asked every second
+            continue
+        pause = retry
+        try:
+            while data := await reader.read(_CHUNK):
+                for link in links.receive_data(data):
+                    open_url(link)
+        except OSError:
+            pass
+        finally:
+            writer.close()
+        await asyncio.sleep(pause)

@@ -25,6 +25,9 @@ from remotecli.images import GuestImage
 QEMU = "qemu-system-x86_64"
 GUEST_VNC_PORT = 5900
 GUEST_TTY_PORT = 5902  # the guest's tty server (TCP form), behind the VM's secret
+GUEST_RELAY_PORT = 5903  # the guest relay (loopback callbacks, links), behind the same secret
+KERNEL_COMMAND_LINE_MAX = 2047
+"""x86 Linux keeps this many bytes of its command line (COMMAND_LINE_SIZE 2048, with NUL)."""
 DEFAULT_MEMORY_MIB = 256
 TCG_TB_SIZE_MIB = 32
 """Translation-block cache per VM under TCG; QEMU's default (1 GiB) would dwarf the guest."""
@@ -70,7 +73,7 @@ class Machine:
     def kernel_command_line(self) -> str:
         """The guest kernel's command line; the provider command travels base64-encoded."""
         command = base64.b64encode(shlex.join(self.command).encode()).decode()
-        return " ".join(
+        line = " ".join(
             [
                 "console=ttyS0",
                 "reboot=t",
@@ -84,6 +87,13 @@ class Machine:
                 f"remotecli.command={command}",
             ]
         )
+        if len(line) > KERNEL_COMMAND_LINE_MAX:
+            raise DriverError(
+                f"the session's command is too long for a microVM: it travels on the guest "
+                f"kernel's command line, {len(line)} bytes of at most {KERNEL_COMMAND_LINE_MAX} "
+                "(base64-encoded); put it in a script inside the image and run that"
+            )
+        return line
 
 
 @dataclass(frozen=True)
@@ -172,7 +182,8 @@ def machine_argv(
         "-netdev",
         f"user,id=net,restrict={'off' if egress == 'open' else 'on'},"
         f"hostfwd=tcp:127.0.0.1:0-:{GUEST_VNC_PORT},"
-        f"hostfwd=tcp:127.0.0.1:0-:{GUEST_TTY_PORT}",
+        f"hostfwd=tcp:127.0.0.1:0-:{GUEST_TTY_PORT},"
+        f"hostfwd=tcp:127.0.0.1:0-:{GUEST_RELAY_PORT}",
         "-device",
         "virtio-net-device,netdev=net",
         "-qmp",

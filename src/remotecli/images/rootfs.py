@@ -58,6 +58,18 @@ NODE_PACKAGES = ("nodejs", "ca-certificates")
 BUSYBOX_IN_GUEST = "/usr/local/lib/remotecli/busybox"
 TTY_SERVER_IN_GUEST = "/usr/local/lib/remotecli/tty_server.py"
 TMUX_CONF_IN_GUEST = "/usr/local/lib/remotecli/tmux.conf"
+RELAY_IN_GUEST = "/usr/local/lib/remotecli/guest_relay.py"
+LINKS_FIFO_IN_GUEST = "/run/remotecli/links"
+BROWSER_IN_GUEST = "/usr/local/bin/remotecli-open"
+BROWSER_NAMES = ("xdg-open", "sensible-browser", "www-browser", "x-www-browser")
+"""Programs a CLI may call to open a link; in the guest each hands it to the host instead."""
+GUEST_BROWSER_SCRIPT = f"""#!/bin/sh
+# remote-cli: this VM has no browser; the link goes to the dashboard of its user.
+for url in "$@"; do
+  printf '%s\\n' "$url" >{LINKS_FIFO_IN_GUEST} &&
+    printf 'remote-cli: the link is shown in your dashboard: %s\\n' "$url" >&2
+done
+"""
 
 GUEST_TMUX_CONF = TMUX_CONF
 """The guest's tmux configuration: the local session's (:mod:`remotecli.sandbox.terminal`)."""
@@ -66,6 +78,11 @@ GUEST_TMUX_CONF = TMUX_CONF
 def tty_server_source() -> str:
     """The tty server's source, installed into the guest (it runs there in its TCP form)."""
     return (Path(__file__).resolve().parents[1] / "sandbox" / "tty_server.py").read_text()
+
+
+def relay_source() -> str:
+    """The guest relay's source (:mod:`remotecli.sandbox.guest_relay`), run in the guest."""
+    return (Path(__file__).resolve().parents[1] / "sandbox" / "guest_relay.py").read_text()
 
 
 GUEST_XTERM_OPTIONS = (
@@ -91,6 +108,7 @@ GUEST_INIT_SCRIPT = f"""#!/bin/sh
 # PID 1 of a remote-cli guest: writable tmpfs places, network, display, terminal, VNC, agent.
 export PATH={":".join("/" + d for d in GUEST_PATH)}
 export HOME=/root TERM=xterm-256color COLORTERM=truecolor LANG=C.UTF-8
+export BROWSER={BROWSER_IN_GUEST}
 bb={BUSYBOX_IN_GUEST}
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
@@ -100,6 +118,7 @@ done
 chmod 1777 /tmp /var/tmp
 mkdir -p /dev/pts /dev/shm /run/remotecli /tmp/.X11-unix
 chmod 0700 /run/remotecli
+$bb mkfifo -m 0600 {LINKS_FIFO_IN_GUEST}
 chmod 1777 /tmp/.X11-unix
 mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /dev/pts
 mount -t tmpfs -o mode=1777 tmpfs /dev/shm
@@ -141,11 +160,14 @@ tmux="tmux -u -S /run/remotecli/tmux.sock"
 $tmux -f {TMUX_CONF_IN_GUEST} new-session -d -s main -x 158 -y 40 "$command"
 python3 -I -S {TTY_SERVER_IN_GUEST} --tcp 5902 --secret-file /run/remotecli/ttysecret \\
   /run/remotecli/tmux.sock >/var/log/tty.log 2>&1 &
+python3 -I -S {RELAY_IN_GUEST} --port 5903 --secret-file /run/remotecli/ttysecret \\
+  --links {LINKS_FIFO_IN_GUEST} >/var/log/relay.log 2>&1 &
 DISPLAY=:0 matchbox-window-manager -use_titlebar no >/var/log/wm.log 2>&1 &
 DISPLAY=:0 xterm {GUEST_XTERM_OPTIONS} \\
   -e sh -c ': > /run/remotecli/terminal-up; exec $1 attach-session -t main' terminal "$tmux" &
 while ! grep -q ':170C 00000000:0000 0A' /proc/net/tcp 2>/dev/null; do $bb usleep 10000; done
 while ! grep -q ':170E 00000000:0000 0A' /proc/net/tcp 2>/dev/null; do $bb usleep 10000; done
+while ! grep -q ':170F 00000000:0000 0A' /proc/net/tcp 2>/dev/null; do $bb usleep 10000; done
 while [ ! -e /run/remotecli/terminal-up ]; do $bb usleep 10000; done
 echo "remotecli: display, terminal and VNC server up" > /dev/ttyS0
 echo ready > /dev/ttyS1
@@ -158,12 +180,31 @@ while :; do wait; $bb usleep 1000000; done
 # PASSWORD is the VNC password file's 8 obfuscated bytes as octal escapes (\\ooo x 8);
 # TTYSECRET (64 hex digits) is what a connection to the text terminal must start with.
 #   ping                                   -> "pong"
+#   home TAR                               -> "ok home"
+# TAR (base64) holds a kept sign-in's files: they are unpacked into HOME and the CLI is started
+# again, so that it reads them (it was started in the template, signed out).
+#   collect LIST                           -> "files TAR"
+# LIST (base64) names paths under HOME, one per line; TAR (base64, one line) holds what of them
+# exists. The host reads it as hostile input (only regular files, within its caps).
 GUEST_AGENT_SCRIPT = f"""#!/bin/sh
 # remote-cli control agent: applies what the host sends after a snapshot restore.
 bb={BUSYBOX_IN_GUEST}
+tmux="tmux -u -S /run/remotecli/tmux.sock"
 exec 3<>/dev/ttyS1
 while read -r verb epoch name password seed ttysecret <&3; do
   case "$verb" in
+    home)
+      printf '%s' "$epoch" | base64 -d | tar -x -f - -C /root --no-same-owner 2>/dev/null
+      $tmux respawn-pane -k -t main >/dev/null 2>&1
+      printf 'ok home\\n' >&3
+      ;;
+    collect)
+      printf '%s' "$epoch" | base64 -d > /run/remotecli/collect.list
+      printf 'files ' >&3
+      tar -c -b 1 -f - -C /root -T /run/remotecli/collect.list 2>/dev/null |
+        base64 -w 0 >&3
+      printf '\\n' >&3
+      ;;
     session)
       # Built-ins only before the answer: a fresh clone translates every new code path.
       # The host reads the RFB banner before it sends this line and hands the VM out only
@@ -240,6 +281,12 @@ def install_guest_files(root: Path, busybox: bytes) -> None:
     _write(root / "usr/local/sbin/remotecli-agent", GUEST_AGENT_SCRIPT, 0o755)
     _write(root / TTY_SERVER_IN_GUEST.lstrip("/"), tty_server_source(), 0o644)
     _write(root / TMUX_CONF_IN_GUEST.lstrip("/"), GUEST_TMUX_CONF, 0o644)
+    _write(root / RELAY_IN_GUEST.lstrip("/"), relay_source(), 0o644)
+    _write(root / BROWSER_IN_GUEST.lstrip("/"), GUEST_BROWSER_SCRIPT, 0o755)
+    for name in BROWSER_NAMES:
+        link = root / "usr/local/bin" / name
+        link.unlink(missing_ok=True)
+        link.symlink_to("remotecli-open")
     busybox_path = root / BUSYBOX_IN_GUEST.lstrip("/")
     busybox_path.parent.mkdir(parents=True, exist_ok=True)
     busybox_path.write_bytes(busybox)

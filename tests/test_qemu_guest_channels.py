@@ -1,0 +1,223 @@
+"""The microVM's sign-in channels without a VM: the kept files' archive, and the guest relay.
+
+The relay (``sandbox/guest_relay.py``) is run here as the guest runs it, ``python3 -I -S`` on a
+loopback port, with its secret file and links FIFO in a temporary directory. The archives fed to
+:func:`read_collected` are what a hostile guest could send instead of its HOME's files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import os
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from remotecli.drivers.qemu_guest import (
+    collect_line,
+    follow_links,
+    home_line,
+    read_collected,
+    relay_open,
+)
+from remotecli.exceptions import DriverError, UpstreamRefused
+from remotecli.sandbox import guest_relay
+from remotecli.sandbox.keep import MAX_FILE_BYTES, MAX_FILES
+from tests.conftest import MS
+
+TIMEOUT = 10_000 * MS
+SECRET = "ab" * 32
+
+
+def archive(*members: tuple[tarfile.TarInfo, bytes]) -> str:
+    """A ``files TAR`` answer holding ``members``."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for info, data in members:
+            info.size = len(data) if info.isfile() else 0
+            tar.addfile(info, io.BytesIO(data) if info.isfile() else None)
+    return "files " + base64.b64encode(buffer.getvalue()).decode()
+
+
+def regular(name: str) -> tarfile.TarInfo:
+    return tarfile.TarInfo(name)
+
+
+def special(name: str, kind: bytes, target: str = "") -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, target
+    return info
+
+
+def test_home_line_round_trips_through_the_reader() -> None:
+    """What the host sends into HOME is what it reads back: names, contents, mode 0600."""
+    files = {".standin/credentials.json": b'{"token": "t"}', ".codex/auth.json": b"{}"}
+    line = home_line(files)
+    assert line.startswith(b"home ")
+    assert line.endswith(b"\n")
+    data = base64.b64decode(line.removeprefix(b"home ").strip())
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        assert {m.name: m.mode for m in tar} == dict.fromkeys(sorted(files), 0o600)
+    answer = "files " + line.removeprefix(b"home ").decode().strip()
+    assert read_collected(answer, [".standin", ".codex/auth.json"]) == dict(sorted(files.items()))
+
+
+def test_collect_line_names_the_paths_one_per_line() -> None:
+    """The guest gets the declared paths, one per line, base64 on one control line."""
+    line = collect_line([".codex/auth.json", ".claude"])
+    assert base64.b64decode(line.split()[1]) == b".codex/auth.json\n.claude\n"
+
+
+def test_a_hostile_archive_yields_only_regular_files_below_kept_paths() -> None:
+    """Links, hard links, devices, files outside the kept paths, absolute names, ``..`` and
+    files over the size cap are left out; the regular file below the kept path is taken."""
+    answer = archive(
+        (regular(".standin/credentials.json"), b"ok"),
+        (special(".standin/shadow", tarfile.SYMTYPE, "/etc/shadow"), b""),
+        (special(".standin/hard", tarfile.LNKTYPE, ".standin/credentials.json"), b""),
+        (special(".standin/dev", tarfile.CHRTYPE), b""),
+        (regular(".bashrc"), b"not kept"),
+        (regular("/root/.standin/abs"), b"absolute"),
+        (regular(".standin/../.bashrc"), b"dotdot"),
+        (regular(".standin/big"), b"x" * (MAX_FILE_BYTES + 1)),
+    )
+    assert read_collected(answer, [".standin"]) == {".standin/credentials.json": b"ok"}
+
+
+def test_an_archive_with_too_many_files_is_cut_at_the_cap() -> None:
+    """At most MAX_FILES files are kept from one answer."""
+    answer = archive(*((regular(f".many/f{n:04}"), b"1") for n in range(MAX_FILES + 5)))
+    assert len(read_collected(answer, [".many"])) == MAX_FILES
+
+
+@pytest.mark.parametrize(
+    "answer", ["files !!!not-base64", "files " + base64.b64encode(b"junk" * 200).decode()]
+)
+def test_an_answer_that_is_no_archive_keeps_nothing(answer: str) -> None:
+    """Garbage from the guest raises DriverError (nothing is kept), never anything else."""
+    with pytest.raises(DriverError):
+        read_collected(answer, [".standin"])
+
+
+def test_an_empty_answer_means_no_files() -> None:
+    """A guest without any of the files answers an empty ``files`` line."""
+    assert read_collected("files ", [".standin"]) == {}
+
+
+# --- the guest relay, run as the guest runs it -------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@pytest.fixture
+def relay(tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    """The relay on a loopback port; yields (port, links FIFO)."""
+    secret = tmp_path / "secret"
+    secret.write_text(SECRET)
+    fifo = tmp_path / "links"
+    os.mkfifo(fifo, 0o600)
+    port = free_port()
+    argv = [sys.executable, "-I", "-S", guest_relay.__file__, "--port", str(port)]
+    process = subprocess.Popen([*argv, "--secret-file", str(secret), "--links", str(fifo)])
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while True:  # poll until it listens: it says nothing when it is ready
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the relay did not listen"
+                assert process.poll() is None, "the relay exited"
+                time.sleep(0.01)
+        yield port, fifo
+    finally:
+        process.kill()
+        process.wait()
+
+
+@pytest_asyncio.fixture
+async def echo_server() -> AsyncIterator[int]:
+    """A server on 127.0.0.1 that answers each line with the line upper-cased."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while line := await reader.readline():
+            writer.write(line.upper())
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    async with server:
+        yield server.sockets[0].getsockname()[1]
+
+
+async def test_connect_reaches_a_loopback_listener_through_the_relay(
+    relay: tuple[int, Path], echo_server: int
+) -> None:
+    """With the secret, ``connect 127.0.0.1 PORT`` is answered ok and carries bytes both ways."""
+    port, _ = relay
+    reader, writer = await relay_open(port, SECRET, f"connect 127.0.0.1 {echo_server}")
+    writer.write(b"callback\n")
+    assert await asyncio.wait_for(reader.readline(), TIMEOUT) == b"CALLBACK\n"
+    writer.close()
+
+
+async def test_connect_to_a_closed_port_is_refused(relay: tuple[int, Path]) -> None:
+    """Nothing listening there is UpstreamRefused, as on the local driver."""
+    port, _ = relay
+    with pytest.raises(UpstreamRefused):
+        await relay_open(port, SECRET, f"connect 127.0.0.1 {free_port()}")
+
+
+@pytest.mark.parametrize(
+    ("secret", "request_line"),
+    [
+        ("cd" * 32, "connect 127.0.0.1 80"),  # the wrong secret
+        (SECRET, "connect 10.0.2.2 80"),  # not the guest's loopback
+        (SECRET, "connect 127.0.0.1 0"),
+        (SECRET, "shell"),
+    ],
+)
+async def test_the_relay_opens_nothing_without_the_secret_or_for_other_requests(
+    relay: tuple[int, Path], secret: str, request_line: str
+) -> None:
+    """A wrong secret, another address or an unknown request gets no ``ok``."""
+    port, _ = relay
+    with pytest.raises(DriverError):
+        await relay_open(port, secret, request_line)
+
+
+async def test_links_written_to_the_fifo_reach_the_host_as_links(relay: tuple[int, Path]) -> None:
+    """Lines the guest's browser stand-in writes come out of :func:`follow_links`, and only
+    the http(s) ones."""
+    port, fifo = relay
+    links: list[str] = []
+    got = asyncio.Event()
+
+    def open_url(url: str) -> None:
+        links.append(url)
+        got.set()
+
+    first = await relay_open(port, SECRET, "links")
+    task = asyncio.create_task(follow_links(port, SECRET, open_url, first=first))
+    try:
+        descriptor = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        os.write(descriptor, b"javascript:alert(1)\nhttps://auth.example/authorize?x=1\n")
+        os.close(descriptor)
+        await asyncio.wait_for(got.wait(), TIMEOUT)
+    finally:
+        task.cancel()
+    assert links == ["https://auth.example/authorize?x=1"]
