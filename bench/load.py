@@ -58,6 +58,9 @@ class EchoDriver:
     def isolation(self) -> None:
         return None
 
+    def preparing(self, command: Any) -> None:
+        return None
+
     async def collect(self, session_id: str, paths: Any) -> dict[str, bytes]:
         return {}
 

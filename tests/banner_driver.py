@@ -71,6 +71,10 @@ class BannerDriver:
         except ConnectionRefusedError as exc:  # as the local driver says it
             raise UpstreamRefused(f"{address}:{port} refused the connection") from exc
 
+    def preparing(self, command: Sequence[str]) -> str | None:
+        """Nothing is prepared ahead here."""
+        return None
+
     def isolation(self) -> Mapping[str, object] | None:
         """Nothing to say about isolation here (see the Driver seam)."""
         return None

@@ -464,3 +464,37 @@ async def test_a_fresh_data_dir_clones_the_template_this_host_already_booted(
         await driver.stop("fresh1")
     finally:
         await driver.close()
+
+
+async def test_a_template_being_prepared_is_shown_in_the_provider_listing(
+    image: GuestImage, tmp_path: Path
+) -> None:
+    """While the shell's template is cold-booted in the background (a host that never booted
+    it: an empty template cache), ``/api/providers`` says so for the shell, in words; once it is
+    ready the note is gone and ``/readyz`` (for the operator) says ready."""
+    data_dir = tmp_path / "data"
+    driver = QemuBenchDriver(
+        data_dir, image_cache=image.directory.parent, template_cache=tmp_path / "templates"
+    )
+    controller = Controller(
+        ControllerConfig(listen=("127.0.0.1", 0), data_dir=data_dir), driver=driver
+    )
+    await controller.start()
+    try:
+        system = System(controller.url(), controller.admin_token, driver)
+        notes: list[str] = []
+        async with system.api() as api, asyncio.timeout(TEMPLATE_TIMEOUT):
+            while True:
+                shell = next(
+                    p for p in (await api.get("/api/providers")).json() if p["name"] == "shell"
+                )
+                if shell["preparing"] is None:
+                    break
+                notes.append(shell["preparing"])
+                await asyncio.sleep(200 * MS)
+            ready = (await api.get("/readyz")).json()
+        assert any("cold-booting" in note for note in notes), notes
+        assert str(ready["sandbox"]["template"]).startswith("ready"), ready
+    finally:
+        await controller.close()
+        await driver.close()

@@ -86,6 +86,11 @@ class ProviderOut(BaseModel):
     connected: bool = Field(description="You have a kept sign-in for it: sessions start signed in")
     connected_at: datetime | None = Field(description="When its sign-in was first kept")
     updated_at: datetime | None = Field(description="When its kept sign-in last changed")
+    preparing: str | None = Field(
+        default=None,
+        description="What a first session would wait for now (a microVM template being "
+        "prepared in the background), in words; null when it starts at once",
+    )
 
 
 class CallbackIn(BaseModel):
@@ -377,6 +382,7 @@ def create_app(
                     connected=s.name in connections,
                     connected_at=_timestamp(connected_at),
                     updated_at=_timestamp(updated_at),
+                    preparing=manager.preparing(s),
                 )
             )
         return out

@@ -392,6 +392,10 @@ class SessionManager:
         """Return every provider in the catalogue and whether this driver can run it."""
         return self.catalogue.statuses()
 
+    def preparing(self, status: ProviderStatus) -> str | None:
+        """Say what a first session of this provider would wait for now, or None."""
+        return self.driver.preparing(status.command) if status.available else None
+
     def connections(self, owner: str) -> dict[str, tuple[float, float]]:
         """Return ``owner``'s kept sign-ins: provider → (connected_at, updated_at)."""
         signins = self.keeper.signins

@@ -81,6 +81,12 @@ class Driver(Protocol):
         """
         ...
 
+    def preparing(self, command: Sequence[str]) -> str | None:
+        """Say, in words, what a first session running ``command`` would wait for now (the
+        qemu driver's template for it, being prepared in the background), or None when it
+        would start at once. Called on every provider listing: quick, no I/O."""
+        ...
+
     def isolation(self) -> Mapping[str, object] | None:
         """Return what isolation and limits this driver enforces on this host, for ``/readyz``.
 

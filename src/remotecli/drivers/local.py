@@ -191,6 +191,10 @@ class LocalDriver:
             return "none", f"egress open refused: {exc.message}"
         return "open", f"internet through pasta; {egress_filter.describe()}"
 
+    def preparing(self, command: Sequence[str]) -> str | None:
+        """Nothing is prepared ahead: a local session starts its programs when it starts."""
+        return None
+
     def isolation(self) -> Mapping[str, object]:
         """Return :meth:`posture` as JSON, for ``/readyz``."""
         return self.posture().to_json()

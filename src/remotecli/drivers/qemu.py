@@ -160,6 +160,8 @@ class QemuDriver:
             template_cache if template_cache is not None else self._image_cache.parent / "templates"
         )
         self._template_state = "not prepared yet"
+        self._preparing: dict[tuple[str, ...], str] = {}
+        """Commands whose template is being made now → how far, in words (for the catalogue)."""
         self._warming: asyncio.Task[None] | None = None
         self._memory_mib = memory_mib
         self._accelerator = accelerator
@@ -351,32 +353,52 @@ class QemuDriver:
         return True
 
     async def prepare(self) -> None:
-        """Start, in the background, the KVM probe and the shell's template, unless known.
+        """Start, in the background, the KVM probe and the templates, unless known.
 
-        The first session then clones at once instead of waiting for a cold boot; ``/readyz``
-        shows how far the template is (``template``).
+        The shell's template first, then one for each built-in provider the guest image holds:
+        a first session then clones at once instead of waiting for a cold boot. ``/readyz``
+        shows how far the shell's template is (``template``); the provider listing says which
+        provider's is still being made (:meth:`preparing`).
         """
         await self._accel.prepare(host_tsc_khz(_read_cpuinfo()))
-        self._warming = asyncio.create_task(self._warm_template(), name="qemu-template")
+        self._warming = asyncio.create_task(self._warm_templates(), name="qemu-templates")
 
-    async def _warm_template(self) -> None:
+    def preparing(self, command: Sequence[str]) -> str | None:
+        """Say how far the template for ``command`` is, while it is being made; else None."""
+        return self._preparing.get(tuple(command))
+
+    async def _warm_templates(self) -> None:
+        shell, *others = BUILTIN_PROVIDERS
+        held = [p for p in others if self.can_run(p.command) == tuple(p.command)]
+        for provider in held:
+            self._preparing[tuple(provider.command)] = "waiting for its microVM template"
+        self._template_state = await self._warm_template(shell.name, shell.command)
+        for provider in held:
+            await self._warm_template(provider.name, provider.command)
+
+    async def _warm_template(self, name: str, command: Sequence[str]) -> str:
+        """Make sure ``command``'s template exists; return how that went, in words."""
         began = time.monotonic()
+        key = tuple(command)
 
         def progress(step: str) -> None:
-            self._template_state = f"preparing ({time.monotonic() - began:.0f} s): {step}"
+            state = f"preparing ({time.monotonic() - began:.0f} s): {step}"
+            self._preparing[key] = state
+            if name == BUILTIN_PROVIDERS[0].name:
+                self._template_state = state
 
-        shell = BUILTIN_PROVIDERS[0]
         try:
-            machine = await self._machine(shell.name, shell.command, 1280, 720, progress)
-            key = machine.template_key()
-            if not (self._templates / key / "template.json").exists():
-                progress("cold-booting the shell's template")
+            machine = await self._machine(name, command, 1280, 720, progress)
+            template = machine.template_key()
+            if not (self._templates / template / "template.json").exists():
+                progress(f"cold-booting the {name} template; the first session waits for it")
             await self.ensure_template(machine, progress)
         except DriverError as exc:
-            self._template_state = f"not prepared: {exc.message}"
-            log.warning("template not prepared", error=exc.message)
-            return
-        self._template_state = f"ready ({key}; {time.monotonic() - began:.1f} s to prepare)"
+            log.warning("template not prepared", provider=name, error=exc.message)
+            return f"not prepared: {exc.message}"
+        finally:
+            self._preparing.pop(key, None)
+        return f"ready ({template}; {time.monotonic() - began:.1f} s to prepare)"
 
     async def close(self) -> None:
         """Stop every VM this driver started, the warm pool's and a KVM probe's included."""

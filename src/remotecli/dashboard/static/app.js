@@ -299,6 +299,12 @@ function renderProviders() {
       described.push(note.id);
       item.append(note, forget);
     }
+    if (provider.available && provider.preparing) {
+      const note = element("p", `Getting ready: ${provider.preparing}`, "hint");
+      note.id = `preparing-${provider.name}`;
+      described.push(note.id);
+      item.append(note);
+    }
     if (!provider.available && provider.hint) {
       const hint = element("p", provider.hint, "hint");
       hint.id = `hint-${provider.name}`;
