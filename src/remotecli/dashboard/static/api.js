@@ -12,7 +12,7 @@
  */
 export const API_FIELDS = {
   ErrorOut: ["message"],
-  ProviderOut: ["name", "title", "available", "hint", "connected", "connected_at", "updated_at"],
+  ProviderOut: ["name", "title", "available", "hint", "connected", "connected_at", "updated_at", "preparing"],
   SessionOut: [
     "id",
     "provider",
