@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from remotecli.drivers.qemu_machine import (
     GUEST_TTY_PORT,
+    TCG_TB_SIZE_MIB,
     Machine,
     VmPaths,
     forwarded_port,
     guest_hostname,
     host_tsc_khz,
+    ksm_state,
     machine_argv,
     session_line,
     vnc_password_file,
@@ -78,7 +81,12 @@ def test_open_egress_lifts_restrict_only_for_qemu_running_as_a_sandbox_uid() -> 
 def test_tcg_has_a_bounded_translation_cache_and_kvm_uses_the_host_cpu() -> None:
     """TCG gets an explicit tb-size; KVM runs -accel kvm with -cpu host."""
     tcg = machine_argv(MACHINE, PATHS, share_memory=True, incoming=False)
-    assert option(tcg, "-accel") == ["tcg,tb-size=32"]
+    assert option(tcg, "-accel") == [f"tcg,tb-size={TCG_TB_SIZE_MIB}"]
+    smaller = machine_argv(
+        replace(MACHINE, tcg_cache_mib=8), PATHS, share_memory=True, incoming=False
+    )
+    assert option(smaller, "-accel") == ["tcg,tb-size=8"]
+    assert replace(MACHINE, tcg_cache_mib=8).template_key() == MACHINE.template_key()
     kvm_machine = Machine(IMAGE, "kvm", 256, 2_445_406, ("bash",), 1280, 720)
     kvm = machine_argv(kvm_machine, PATHS, share_memory=True, incoming=False)
     assert option(kvm, "-accel") == ["kvm"]
@@ -136,3 +144,14 @@ def test_guest_hostname_is_a_valid_hostname() -> None:
 def test_tsc_rate_comes_from_cpuinfo() -> None:
     """The host's rate in kHz is read from the first ``cpu MHz`` line."""
     assert host_tsc_khz("processor\t: 0\ncpu MHz\t\t: 2445.406\n") == 2_445_406
+
+
+def test_ksm_state_names_the_switch_when_off(tmp_path: Path) -> None:
+    """KSM off is reported with the command that turns it on; on and absent are said too."""
+    run = tmp_path / "run"
+    run.write_text("0\n")
+    assert str(run) in ksm_state(run)
+    assert ksm_state(run).startswith("off")
+    run.write_text("1\n")
+    assert ksm_state(run).startswith("on")
+    assert ksm_state(tmp_path / "absent").startswith("unavailable")

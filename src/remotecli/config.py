@@ -96,6 +96,7 @@ CONTROLLER_ENV = {
     "REMOTECLI_QEMU_MEMORY": "qemu_memory",
     "REMOTECLI_QEMU_ACCELERATOR": "qemu_accelerator",
     "REMOTECLI_QEMU_POOL_SIZE": "qemu_pool_size",
+    "REMOTECLI_QEMU_TCG_CACHE": "qemu_tcg_cache",
     "REMOTECLI_ON_SHUTDOWN": "on_shutdown",
     "REMOTECLI_METRICS_LISTEN": "metrics_listen",
     "REMOTECLI_KEEP_ENDED_SESSIONS": "keep_ended_sessions",
@@ -180,6 +181,7 @@ class ControllerConfig:
     qemu_memory: int = 256 * 1024**2  # bytes of guest RAM per microVM
     qemu_accelerator: str = "auto"  # kvm | tcg | auto (probe KVM once per host, remembered)
     qemu_pool_size: int = 0  # microVMs per template kept restored and warm ahead of sessions
+    qemu_tcg_cache: int = 16 * 1024**2  # bytes of translated code per microVM under TCG
     reap_interval: float = 15.0
     log_format: str = "console"
     log_level: str = "info"
@@ -365,6 +367,7 @@ _CONTROLLER_PARSERS: dict[str, Callable[[object], object]] = {
     "qemu_memory": lambda v: _parse_size(v, "qemu_memory"),
     "qemu_accelerator": lambda v: _parse_choice(v, "qemu_accelerator", QEMU_ACCELERATORS),
     "qemu_pool_size": lambda v: _parse_count(v, "qemu_pool_size", minimum=0),
+    "qemu_tcg_cache": lambda v: _parse_size(v, "qemu_tcg_cache"),
     "log_format": lambda v: _parse_choice(v, "log_format", ("console", "json")),
     "log_level": lambda v: _parse_choice(v, "log_level", ("debug", "info", "warning", "error")),
     "tls_cert": str,

@@ -54,6 +54,7 @@ def create_driver(name: str, data_dir: Path, config: ControllerConfig | None = N
             accelerator=None if config.qemu_accelerator == "auto" else config.qemu_accelerator,
             pool_size=config.qemu_pool_size,
             egress=config.egress,
+            tcg_cache_mib=max(1, config.qemu_tcg_cache // 1024**2),
         )
     raise ConfigError(
         f"unknown driver {name!r}; choose one of: {', '.join(DRIVER_NAMES)}", driver=name

@@ -54,12 +54,14 @@ from remotecli.drivers.qemu_machine import (
     GUEST_RELAY_PORT,
     GUEST_TTY_PORT,
     GUEST_VNC_PORT,
+    TCG_TB_SIZE_MIB,
     Machine,
     VmPaths,
     argv_for_log,
     forwarded_port,
     guest_hostname,
     host_tsc_khz,
+    ksm_state,
     machine_argv,
     require_qemu,
     session_line,
@@ -129,6 +131,7 @@ class QemuDriver:
         pool_size: int = 0,
         egress: str = "open",
         uid_pool: UidPool | None = None,
+        tcg_cache_mib: int = TCG_TB_SIZE_MIB,
     ) -> None:
         """Keep templates under ``data_dir/qemu/templates``; find images in ``image_cache``.
 
@@ -150,6 +153,7 @@ class QemuDriver:
         """
         if egress not in EGRESS_CHOICES:
             raise DriverError(f"egress {egress!r} is unknown; choose open or none")
+        self._tcg_cache_mib = tcg_cache_mib
         self._uids = (uid_pool or UidPool()) if os.geteuid() == 0 else None
         self.egress, self._egress_reason = self._choose_egress(egress)
         self._root = data_dir / "qemu"
@@ -243,6 +247,8 @@ class QemuDriver:
             **self._accel.describe(),
             "template": self._template_state,
             "memory": f"{self._memory_mib} MiB per VM",
+            "tcg_cache": f"{self._tcg_cache_mib} MiB per VM under TCG",
+            "ksm": ksm_state(),
             "network": self._egress_reason,
             "qemu_user": (
                 f"each VM as its own uid in {self._uids.first}-{self._uids.last}, under QEMU's "
@@ -449,6 +455,7 @@ class QemuDriver:
             command=tuple(command),
             width=width,
             height=height,
+            tcg_cache_mib=self._tcg_cache_mib,
         )
 
     async def ensure_template(self, machine: Machine, progress: ProgressCallback) -> Path:
