@@ -42,13 +42,17 @@ from tests.test_controller_cli import (
 )
 
 
-def run_cli(data: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """Run `remotecli ARGS --data-dir DATA` with no standard input, as CI does."""
+def run_cli(data: Path, *args: str, home: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run `remotecli ARGS --data-dir DATA` with no standard input, as CI does.
+
+    ``home`` replaces HOME: `gc` sweeps the image cache under it, which must not be the real
+    user's (it holds the images other checkouts and test runs use).
+    """
     return subprocess.run(
         [*REMOTECLI, *args, "--data-dir", str(data)],
         capture_output=True,
         text=True,
-        env=clean_env(),
+        env=clean_env(**({"HOME": str(home)} if home is not None else {})),
         stdin=subprocess.DEVNULL,
         timeout=60_000 * MS,
     )
@@ -430,11 +434,11 @@ def test_gc_command_reports_then_removes_what_retention_lets_go(tmp_path: Path) 
             store.apply(session_id, Event.STOPPED, ended)
     finally:
         store.close()
-    planned = run_cli(data, "gc", "--dry-run")
+    planned = run_cli(data, "gc", "--dry-run", home=tmp_path / "home")
     assert planned.returncode == 0, planned.stderr
     assert "would remove" in planned.stdout
     assert "old" in planned.stdout
-    report = json.loads(run_cli(data, "gc", "--json").stdout)
+    report = json.loads(run_cli(data, "gc", "--json", home=tmp_path / "home").stdout)
     assert [item["target"] for item in report["items"] if item["kind"] == "session"] == ["old"]
     store = open_store(data)
     try:
