@@ -221,3 +221,54 @@ async def test_links_written_to_the_fifo_reach_the_host_as_links(relay: tuple[in
     finally:
         task.cancel()
     assert links == ["https://auth.example/authorize?x=1"]
+
+
+def raw_header(name: bytes, size_field: bytes, flag: bytes) -> bytes:
+    """One ustar header block with a correct checksum, its size field as given."""
+    header = bytearray(512)
+    header[0 : len(name)] = name
+    header[100:108] = b"0000600\0"
+    header[124 : 124 + len(size_field)] = size_field
+    header[156:157] = flag
+    header[257:263] = b"ustar\0"
+    header[263:265] = b"00"
+    header[148:156] = b" " * 8
+    header[148:156] = f"{sum(header):06o}\0 ".encode()
+    return bytes(header)
+
+
+def test_sizes_that_are_not_octal_digits_are_refused() -> None:
+    """A base-256 size (negative here: it would move a reader backwards) or junk in the size
+    field ends the read with DriverError; nothing of the archive is kept."""
+    negative = b"\xff" * 12
+    for size in (negative, b"12x4", b""):
+        data = raw_header(b".standin/a", size, b"0") + bytes(1024)
+        with pytest.raises(DriverError):
+            read_collected("files " + base64.b64encode(data).decode(), [".standin"])
+
+
+def test_sparse_pax_and_truncated_members_are_not_taken() -> None:
+    """A GNU sparse member and a pax header are skipped; a member whose content runs past
+    the end of the archive is refused."""
+    body = b"x" * 10
+    pad = bytes(512 - len(body))
+    sparse = raw_header(b".standin/sparse", b"00000000012\0", b"S") + body + pad
+    pax = raw_header(b"././@PaxHeader", b"00000000012\0", b"x") + body + pad
+    good = raw_header(b".standin/ok", b"00000000012\0", b"0") + body + pad
+    answer = "files " + base64.b64encode(sparse + pax + good + bytes(1024)).decode()
+    assert read_collected(answer, [".standin"]) == {".standin/ok": body}
+    truncated = raw_header(b".standin/ok", b"00000001000\0", b"0") + body
+    with pytest.raises(DriverError):
+        read_collected("files " + base64.b64encode(truncated).decode(), [".standin"])
+
+
+def test_gnu_long_names_are_read() -> None:
+    """A path over 100 bytes (GNU tar writes an ``L`` member first) is read whole."""
+    name = ".standin/" + "d" * 120 + "/token"
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        info = tarfile.TarInfo(name)
+        info.size = 2
+        tar.addfile(info, io.BytesIO(b"ok"))
+    answer = "files " + base64.b64encode(buffer.getvalue()).decode()
+    assert read_collected(answer, [".standin"]) == {name: b"ok"}

@@ -27,7 +27,8 @@ from remotecli.config import ControllerConfig
 from remotecli.controller.server import Controller
 from remotecli.drivers.base import SessionSpec
 from remotecli.drivers.qemu_bench import QemuBenchDriver
-from remotecli.exceptions import ImageBuildError
+from remotecli.drivers.qemu_guest import read_banner, relay_open
+from remotecli.exceptions import DriverError, ImageBuildError
 from remotecli.images import GuestImage, build_image, find_image
 from remotecli.images.build import default_cache_dir
 from remotecli.rfb import PROTOCOL_VERSION_3_8, SECURITY_VNC_AUTH
@@ -498,3 +499,40 @@ async def test_a_template_being_prepared_is_shown_in_the_provider_listing(
     finally:
         await controller.close()
         await driver.close()
+
+
+async def test_a_restored_clone_opens_nothing_before_it_has_its_own_secrets(
+    system: System, tmp_path: Path
+) -> None:
+    """Between restore and personalisation (the window a warm pool keeps open) a clone lets
+    nobody in: VNC authentication fails, and the text terminal and the relay close unanswered
+    for the secrets offered. (The guest writes no boot-time password or secret at all: one would
+    be the template's, known to every clone restored from it.)"""
+    spec = SessionSpec("bare", "shell", ("bash", "-l"), tmp_path / "bare")
+    ports = await system.driver.restore_only(spec, lambda _step: None)
+    try:
+        await read_banner(ports[5900], within=TIMEOUT)
+        reader, writer = await asyncio.open_connection("127.0.0.1", ports[5900])
+        try:
+            assert await asyncio.wait_for(reader.readexactly(12), TIMEOUT) == PROTOCOL_VERSION_3_8
+            writer.write(PROTOCOL_VERSION_3_8)
+            count = (await asyncio.wait_for(reader.readexactly(1), TIMEOUT))[0]
+            await asyncio.wait_for(reader.readexactly(count), TIMEOUT)
+            writer.write(bytes([SECURITY_VNC_AUTH]))
+            await asyncio.wait_for(reader.readexactly(16), TIMEOUT)  # the challenge
+            writer.write(bytes(16))  # an answer for whatever password a clone could share
+            result = await asyncio.wait_for(reader.readexactly(4), TIMEOUT)
+        finally:
+            writer.close()
+        assert result != b"\0\0\0\0"  # not OK
+        for secret in ("0" * 64, "ab" * 32):
+            with pytest.raises(DriverError):
+                await relay_open(ports[5903], secret, "connect 127.0.0.1 5900")
+            reader, writer = await asyncio.open_connection("127.0.0.1", ports[5902])
+            try:
+                writer.write(secret.encode() + b"\n\x00\x00\x00\x00\x05echo\r")
+                assert await asyncio.wait_for(reader.read(), TIMEOUT) == b""
+            finally:
+                writer.close()
+    finally:
+        await system.driver.stop("bare")

@@ -70,6 +70,7 @@ from remotecli.drivers.qmp import QmpClient
 from remotecli.exceptions import DriverError, RemoteCliError
 from remotecli.images import default_cache_dir, find_image
 from remotecli.providers import BUILTIN_PROVIDERS, NPM_PROVIDERS
+from remotecli.sandbox import SYSTEM_PATH
 from remotecli.sandbox.egress import EGRESS_CHOICES, EgressFilter
 from remotecli.sandbox.keep import normalize_keep
 from remotecli.sandbox.uids import Lease, UidPool
@@ -83,6 +84,8 @@ PASSWORD_LENGTH = 8
 COLD_BOOT_SECONDS = 180.0
 RESTORE_SECONDS = 30.0
 QUIT_SECONDS = 3.0
+QEMU_ENVIRONMENT = {"PATH": SYSTEM_PATH, "LC_ALL": "C"}
+"""All QEMU gets of the controller's environment (which may hold REMOTECLI_SECRET_KEY)."""
 COLLECT_SECONDS = 30.0
 """How long the guest may take to pack a kept sign-in (a serial line, under emulation)."""
 
@@ -210,7 +213,8 @@ class QemuDriver:
             answer = await control_exchange(
                 vm.paths.control, collect_line(declared), "files", within=COLLECT_SECONDS
             )
-        return read_collected(answer, declared)
+        # A hostile archive is bounded work, but not on the event loop every user shares.
+        return await asyncio.to_thread(read_collected, answer, declared)
 
     async def tty_socket(self, session_id: str) -> str:
         """Return the Unix socket of the VM's text terminal (a :class:`TtyProxy`)."""
@@ -676,6 +680,7 @@ class QemuDriver:
                     stdout=log,
                     stderr=asyncio.subprocess.STDOUT,
                     start_new_session=True,
+                    env=QEMU_ENVIRONMENT,  # never the controller's keys or tokens
                 )
         except BaseException:
             if lease is not None:

@@ -14,11 +14,18 @@ from remotecli.drivers.qemu import (
     COLD_BOOT_SECONDS,
     QemuDriver,
     _load_state,
+    _port,
+    _restore,
     _save_state,
     _terminate,
 )
 from remotecli.drivers.qemu_guest import control_exchange
-from remotecli.drivers.qemu_machine import Machine
+from remotecli.drivers.qemu_machine import (
+    GUEST_RELAY_PORT,
+    GUEST_TTY_PORT,
+    GUEST_VNC_PORT,
+    Machine,
+)
 
 
 class QemuBenchDriver(QemuDriver):
@@ -76,6 +83,23 @@ class QemuBenchDriver(QemuDriver):
             raise
         self._vms[spec.session_id] = vm
         return VncEndpoint(host="127.0.0.1", port=vm.port, password=vm.password)
+
+    async def restore_only(self, spec: SessionSpec, progress: ProgressCallback) -> dict[int, int]:
+        """Restore a clone and stop there, before it gets its own password and secret (for
+        tests of that window); return its forwarded ports by guest port. Stop it as a session.
+        """
+        machine = await self.machine_for(spec, progress)
+        template = await self.ensure_template(machine, progress)
+        spec.workdir.mkdir(parents=True, exist_ok=True)
+        vm = await self._spawn(
+            spec.session_id, machine, spec.workdir, template / "memory", template=False
+        )
+        self._vms[spec.session_id] = vm
+        await _restore(vm, template)
+        return {
+            guest: await _port(vm, guest)
+            for guest in (GUEST_VNC_PORT, GUEST_TTY_PORT, GUEST_RELAY_PORT)
+        }
 
     def pid_of(self, session_id: str) -> int | None:
         """The QEMU process id of a running session (for tests and benchmarks)."""

@@ -21,7 +21,7 @@ import contextlib
 import io
 import os
 import tarfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from remotecli.drivers.banner import await_rfb_banner
@@ -207,45 +207,92 @@ def collect_line(paths: Sequence[str]) -> bytes:
 def read_collected(answer: str, paths: Sequence[str]) -> dict[str, bytes]:
     """Return the kept files in the guest's ``files TAR`` answer, as :func:`read_kept` would.
 
-    The archive is the guest's, so hostile: only regular files are taken, each at or below one
-    of ``paths``, at most :data:`MAX_DEPTH` levels below it, within the same caps per file, in
-    all and in number as a local session's HOME (``sandbox/keep.py``); anything else is skipped
-    with a warning, never unpacked onto a disk. An answer that is not a readable archive raises
+    The archive is the guest's, so hostile, and it is read by :func:`_tar_members`, not by
+    :mod:`tarfile` (whose sparse maps, pax headers and base-256 sizes let a crafted archive
+    read backwards, stall or balloon). Only regular files are taken, each at or below one of
+    ``paths``, at most :data:`MAX_DEPTH` levels below it, within the same caps per file, in all
+    and in number as a local session's HOME (``sandbox/keep.py``); anything else is skipped
+    with a warning, never unpacked onto a disk. An answer that is not such an archive raises
     :class:`DriverError`, and nothing is kept from it.
     """
     try:
         data = base64.b64decode(answer.removeprefix("files").strip(), validate=True)
     except ValueError as exc:
         raise DriverError("the guest's kept files were not base64; nothing was kept") from exc
-    if not data:
-        return {}
     found: dict[str, bytes] = {}
     total = 0
-    try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as archive:
-            for count, member in enumerate(archive):
-                if count >= MAX_ENTRIES:
-                    _skipped(member.name, f"more than {MAX_ENTRIES} entries")
-                    break
-                name = _kept_name(member.name, paths)
-                if name is None or not member.isfile():
-                    if member.isfile() or member.issym() or member.islnk():
-                        _skipped(member.name, "not a regular file below a kept path")
-                    continue
-                if member.size > MAX_FILE_BYTES:
-                    _skipped(name, f"larger than {MAX_FILE_BYTES} bytes")
-                    continue
-                if len(found) >= MAX_FILES or total + member.size > MAX_TOTAL_BYTES:
-                    _skipped(name, f"past {MAX_FILES} files or {MAX_TOTAL_BYTES} bytes in all")
-                    continue
-                extracted = archive.extractfile(member)
-                if extracted is None:
-                    continue
-                found[name] = extracted.read(MAX_FILE_BYTES + 1)[:MAX_FILE_BYTES]
-                total += member.size
-    except tarfile.TarError as exc:
-        raise DriverError(f"the guest's kept files were not a tar archive ({exc})") from exc
+    for count, (raw_name, kind, content) in enumerate(_tar_members(data)):
+        if count >= MAX_ENTRIES:
+            _skipped(raw_name, f"more than {MAX_ENTRIES} entries")
+            break
+        name = _kept_name(raw_name, paths)
+        if kind == "directory":
+            continue
+        if name is None or kind != "file":
+            _skipped(raw_name, "not a regular file below a kept path")
+            continue
+        if len(content) > MAX_FILE_BYTES:
+            _skipped(name, f"larger than {MAX_FILE_BYTES} bytes")
+            continue
+        if len(found) >= MAX_FILES or total + len(content) > MAX_TOTAL_BYTES:
+            _skipped(name, f"past {MAX_FILES} files or {MAX_TOTAL_BYTES} bytes in all")
+            continue
+        found[name] = content
+        total += len(content)
     return dict(sorted(found.items()))
+
+
+_BLOCK = 512
+_REGULAR = (b"0", b"\0", b"7")  # regular file (old and new flags), contiguous file
+_DIRECTORY = b"5"
+_GNU_LONG_NAME = b"L"
+_LONG_NAME_MAX = 4096
+
+
+def _tar_members(data: bytes) -> Iterator[tuple[str, str, bytes]]:
+    """Yield (name, kind, content) of each member of the ustar/GNU archive ``data``.
+
+    ``kind`` is ``file``, ``directory`` or ``other``; only files carry content. Sizes must be
+    octal digits (no base-256), so every step moves forward and the work is bounded by the
+    input. A GNU long name (``L``, as GNU tar writes names over 100 bytes) is understood; pax
+    headers, sparse files and anything else are members of kind ``other``, skipped over.
+    Raises DriverError for a truncated or malformed archive.
+    """
+    offset, long_name = 0, None
+    while offset + _BLOCK <= len(data):
+        header = data[offset : offset + _BLOCK]
+        if header == bytes(_BLOCK):
+            return  # the end-of-archive marker
+        if header[257:262] != b"ustar":
+            raise DriverError("the guest's kept files were not a tar archive; nothing was kept")
+        size_field = header[124:136].rstrip(b"\0 ").lstrip(b" ")
+        if not size_field or any(digit not in b"01234567" for digit in size_field):
+            raise DriverError("the guest's archive has a member of no readable size")
+        size = int(size_field, 8)
+        start = offset + _BLOCK
+        end = start + size
+        if end > len(data):
+            raise DriverError("the guest's archive ends inside a member; nothing was kept")
+        offset = start + -(-size // _BLOCK) * _BLOCK
+        flag = header[156:157]
+        if flag == _GNU_LONG_NAME:
+            if size > _LONG_NAME_MAX:
+                raise DriverError("the guest's archive has a name too long to be a kept path")
+            long_name = data[start:end].split(b"\0", 1)[0].decode("utf-8", "replace")
+            continue
+        name = long_name
+        long_name = None
+        if name is None:
+            prefix = header[345:500].split(b"\0", 1)[0]
+            base = header[0:100].split(b"\0", 1)[0]
+            joined = prefix + b"/" + base if prefix and header[257:263] == b"ustar\0" else base
+            name = joined.decode("utf-8", "replace")
+        if flag in _REGULAR:
+            yield name, "file", data[start:end]
+        else:
+            yield name, "directory" if flag == _DIRECTORY else "other", b""
+    if offset < len(data):
+        raise DriverError("the guest's archive ends inside a header; nothing was kept")
 
 
 def _kept_name(raw: str, paths: Sequence[str]) -> str | None:
@@ -286,7 +333,7 @@ async def relay_open(
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.write(f"{secret} {request}\n".encode("ascii"))
             answer = await reader.readline()
-    except (OSError, TimeoutError) as exc:
+    except (OSError, TimeoutError, ValueError) as exc:  # ValueError: a line past the limit
         raise DriverError(
             "the microVM's relay did not answer; the session's guest may be too old for "
             "sign-in callbacks (start a new session)"

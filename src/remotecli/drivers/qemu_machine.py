@@ -272,10 +272,14 @@ def ksm_state(run_file: Path = KSM_RUN) -> str:
     except OSError:
         return "unavailable (this kernel has no KSM)"
     if running:
-        return "on: identical guest pages are merged across VMs"
+        return (
+            "on: identical guest pages are merged across VMs (a timing side channel between "
+            "the VMs of different users)"
+        )
     return (
-        f"off: `echo 1 > {run_file}` lets the kernel merge identical guest pages across VMs "
-        "(measured here: about 6 MiB less per idle clone)"
+        f"off: `echo 1 > {run_file}` would merge identical guest pages across VMs (about 6 MiB "
+        "less per idle clone here) at the price of a timing side channel between the VMs of "
+        "different users; only where they trust each other"
     )
 
 

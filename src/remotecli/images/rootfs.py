@@ -138,11 +138,9 @@ for word in $(cat /proc/cmdline); do
 done
 [ -n "$command" ] || command="bash -l"
 
-# A boot-time password and terminal secret nobody knows (random bytes are a valid obfuscated
-# password file); the host replaces both before it hands the VM out.
-$bb head -c 8 /dev/urandom > /run/remotecli/vncpass
-secret=$($bb head -c 32 /dev/urandom | $bb od -An -tx1 | $bb tr -d ' \\n')
-(umask 077; printf '%s' "$secret" > /run/remotecli/ttysecret)
+# No VNC password and no terminal secret until the host sends the clone its own: VNC
+# authentication, the tty server and the relay all refuse while the files are absent. (A
+# boot-time secret would be in the template, so known to every clone restored from it.)
 stty -F /dev/ttyS1 raw -echo 115200 2>/dev/null
 /usr/local/sbin/remotecli-agent &
 

@@ -206,10 +206,11 @@ def egress_ruleset(
             f"\t\tmeta skuid {uid_first}-{uid_last} jump sandbox",
             "\t}",
             "\tchain sandbox {",
-            # Only a connection's first packet is judged. Replies on a connection someone else
-            # opened to a sandbox listener (the qemu driver's loopback forwards, which QEMU
-            # holds as the VM's uid) pass; the sandbox's own connections were judged when new.
-            "\t\tct state established,related accept",
+            # Replies on a connection someone else opened to a sandbox listener (the qemu
+            # driver's loopback forwards, which QEMU holds as the VM's uid) pass; everything the
+            # sandbox sends on its own connections is judged below, packet by packet. Not
+            # "related": a conntrack helper's expected flows would skip the rejects.
+            "\t\tct direction reply accept",
             "\t\tmeta l4proto { tcp, udp } th dport 53 ip daddr @dns_v4 accept",
             "\t\tmeta l4proto { tcp, udp } th dport 53 ip6 daddr @dns_v6 accept",
             f"\t\tfib daddr type {{ local, broadcast, anycast, multicast }} counter {reject}",
