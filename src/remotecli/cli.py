@@ -822,8 +822,13 @@ def image_group() -> None:
     "providers",
     multiple=True,
     metavar="NAME",
-    help=f"Also install this provider's CLI from npm inside the image ({', '.join(NPM_PROVIDERS)})."
-    " Repeat for several.",
+    help="Install this provider's CLI from npm inside the image "
+    f"({', '.join(NPM_PROVIDERS)}). Repeat for several. Default: every one this host has.",
+)
+@click.option(
+    "--no-providers",
+    is_flag=True,
+    help="Build the base image only: a shell, no provider CLI and no Node.js.",
 )
 @click.option("--force", is_flag=True, help="Rebuild even when the cache holds this image.")
 @click.option(
@@ -833,17 +838,35 @@ def image_group() -> None:
     help="Debian mirror for debootstrap (default: debootstrap's own).",
 )
 def image_build(
-    cache_dir: Path | None, providers: tuple[str, ...], force: bool, mirror: str | None
+    cache_dir: Path | None,
+    providers: tuple[str, ...],
+    no_providers: bool,
+    force: bool,
+    mirror: str | None,
 ) -> None:
     """Build a Debian 12 microVM image: kernel, initrd and read-only ext4 root.
 
     The root filesystem comes from debootstrap (minbase) with TigerVNC Xvnc and xterm; the kernel
     is Debian's linux-image-amd64, unpacked to an ELF vmlinux that QEMU boots directly. The
-    image is cached under a key computed from its inputs: building again is a no-op unless
-    --force. Needs root and the packages debootstrap, e2fsprogs and busybox-static.
+    provider CLIs this host has (Claude Code, Codex, Gemini CLI) are installed too, at the
+    host's versions, with the Node.js they need: a provider is offered on the qemu driver only
+    when the image holds it. The image is cached under a key computed from its inputs: building
+    again is a no-op unless --force. Needs root and the packages debootstrap, e2fsprogs and
+    busybox-static.
     """
     from remotecli.images import build_image, default_cache_dir
+    from remotecli.providers import providers_on_this_host
 
+    if no_providers and providers:
+        raise click.UsageError("--no-providers and --provider exclude each other")
+    if not no_providers and not providers:
+        providers = tuple(providers_on_this_host())
+        found = ", ".join(providers) if providers else "none"
+        click.echo(
+            f"[image] providers: {found} (the ones this host has; --provider NAME to choose, "
+            "--no-providers for none)",
+            err=True,
+        )
     target = cache_dir if cache_dir is not None else default_cache_dir()
     image = build_image(
         target,

