@@ -16,7 +16,8 @@ import pytest
 from remotecli.exceptions import DriverError, InitrdError, KernelImageError
 from remotecli.images import initrd, kernel
 from remotecli.images.build import find_image, image_key, image_recipe
-from remotecli.images.rootfs import check_providers, packages_for
+from remotecli.images.clis import check_providers
+from remotecli.images.rootfs import packages_for
 
 SETUP_SECTS = 2
 
@@ -173,17 +174,34 @@ def test_newc_archive_is_read_back_by_cpio(tmp_path: Path) -> None:
 
 
 def test_image_key_depends_on_every_input() -> None:
-    """The same inputs give the same key; another provider or kernel version gives another."""
-    base = image_key([], "linux-image-6.1.0-1-amd64", "6.1.1-1")
-    assert base == image_key([], "linux-image-6.1.0-1-amd64", "6.1.1-1")
-    assert base != image_key(["codex"], "linux-image-6.1.0-1-amd64", "6.1.1-1")
-    assert base != image_key([], "linux-image-6.1.0-1-amd64", "6.1.1-2")
+    """The same inputs give the same key; another provider, provider version or kernel version
+    gives another."""
+    kernel_package = "linux-image-6.1.0-1-amd64"
+    base = image_key([], kernel_package, "6.1.1-1")
+    assert base == image_key([], kernel_package, "6.1.1-1")
+    assert base != image_key(["codex"], kernel_package, "6.1.1-1")
+    assert base != image_key([], kernel_package, "6.1.1-2")
+    codex = image_key(["codex"], kernel_package, "6.1.1-1", {"codex": "0.171.0"})
+    assert codex == image_key(["codex"], kernel_package, "6.1.1-1", {"codex": "0.171.0"})
+    assert codex != image_key(["codex"], kernel_package, "6.1.1-1", {"codex": "0.172.0"})
 
 
-def test_npm_providers_bring_node_and_unknown_ones_are_refused() -> None:
-    """A provider CLI from npm adds Node.js packages; an unknown provider name is an error."""
-    assert "nodejs" in packages_for(["claude-code"])
-    assert "nodejs" not in packages_for([])
+def test_the_recipe_names_the_guests_node_only_with_providers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Another pinned Node.js changes the recipe of an image with CLIs, not the base image's."""
+    base, claude = image_recipe([]), image_recipe(["claude-code"], {"claude-code": "2.1.197"})
+    monkeypatch.setattr("remotecli.images.clis.NODE_VERSION", "99.0.0")
+    assert image_recipe([]) == base
+    assert image_recipe(["claude-code"], {"claude-code": "2.1.197"}) != claude
+
+
+def test_npm_providers_bring_cas_not_debians_node_and_unknown_ones_are_refused() -> None:
+    """An image with CLIs adds the CA certificates but not Debian's Node.js (18, too old for
+    Gemini CLI; the builder installs its own); an unknown provider name is an error."""
+    assert "ca-certificates" in packages_for(["claude-code"])
+    assert "nodejs" not in packages_for(["gemini-cli"])
+    assert packages_for([]) == [p for p in packages_for(["codex"]) if p != "ca-certificates"]
     with pytest.raises(DriverError, match="unknown provider"):
         check_providers(["no-such-cli"])
 

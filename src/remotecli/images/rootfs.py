@@ -26,7 +26,6 @@ from pathlib import Path
 
 from remotecli.exceptions import RootfsError
 from remotecli.images.initrd import GUEST_INIT
-from remotecli.providers import NPM_PROVIDERS
 from remotecli.sandbox.terminal import TMUX_CONF
 
 ProgressCallback = Callable[[str], None]
@@ -50,10 +49,9 @@ DISPLAY_PACKAGES = (
     "python3",  # the text view's tty server (standard library only)
 )
 
-# Provider CLIs are installed from npm inside the image: NPM_PROVIDERS, from the catalogue.
-# Installed with apt-get inside the tree, not by debootstrap (only apt resolves virtual
-# packages); the CLIs themselves are installed by the host's npm into the tree.
-NODE_PACKAGES = ("nodejs", "ca-certificates")
+# What an image with provider CLIs adds (the CLIs themselves, and the Node.js some run on, are
+# installed by the host's npm: images/clis.py): the CAs their HTTPS clients trust.
+CLI_PACKAGES = ("ca-certificates",)
 
 BUSYBOX_IN_GUEST = "/usr/local/lib/remotecli/busybox"
 TTY_SERVER_IN_GUEST = "/usr/local/lib/remotecli/tty_server.py"
@@ -195,21 +193,8 @@ _STRIP = (
 
 
 def packages_for(providers: Sequence[str]) -> list[str]:
-    """Return every Debian package the image needs for ``providers`` (npm CLIs need Node.js)."""
-    return list(DISPLAY_PACKAGES) + apt_packages_for(providers)
-
-
-def apt_packages_for(providers: Sequence[str]) -> list[str]:
-    """Return the packages installed with apt-get after debootstrap (Node.js for npm CLIs)."""
-    return list(NODE_PACKAGES) if any(name in NPM_PROVIDERS for name in providers) else []
-
-
-def check_providers(providers: Sequence[str]) -> None:
-    """Raise RootfsError for a provider that cannot be installed in an image."""
-    for provider in providers:
-        if provider not in NPM_PROVIDERS:
-            known = ", ".join(sorted(NPM_PROVIDERS))
-            raise RootfsError(f"unknown provider {provider!r} for the image; choose from {known}")
+    """Return every Debian package debootstrap installs for an image holding ``providers``."""
+    return list(DISPLAY_PACKAGES) + (list(CLI_PACKAGES) if providers else [])
 
 
 def debootstrap(
@@ -250,47 +235,6 @@ def install_guest_files(root: Path, busybox: bytes) -> None:
     resolv.symlink_to("/run/resolv.conf")
     _write(root / "etc/hostname", "remotecli\n", 0o644)
     (root / "var/lib/remotecli").mkdir(parents=True, exist_ok=True)
-
-
-def install_providers(root: Path, providers: Sequence[str], progress: ProgressCallback) -> None:
-    """Install Node.js (apt-get in a chroot) and the npm CLIs of ``providers`` into the tree."""
-    if not providers:
-        return
-    host_resolv = Path("/etc/resolv.conf").read_text() if Path("/etc/resolv.conf").exists() else ""
-    resolv = root / "etc/resolv.conf"
-    resolv.unlink(missing_ok=True)
-    resolv.write_text(host_resolv)
-    environment = ["env", "DEBIAN_FRONTEND=noninteractive"]
-    try:
-        progress("apt-get install Node.js and npm (inside the image)")
-        _run_logged(
-            ["chroot", str(root), *environment, "apt-get", "update", "-q"],
-            progress,
-            step="apt-get update",
-            fix="check that the Debian mirror is reachable",
-        )
-        _run_logged(
-            ["chroot", str(root), *environment, "apt-get", "install", "-y", "-q",
-             "--no-install-recommends", *apt_packages_for(providers)],
-            progress,
-            step="apt-get install",
-            fix="check that the Debian mirror is reachable",
-        )  # fmt: skip
-        # The host's npm installs into the tree's /usr/local: it already trusts what the host
-        # trusts (proxies, their CAs), and npm inside a bare chroot without /proc fails.
-        for provider in providers:
-            package = NPM_PROVIDERS[provider]
-            progress(f"npm install -g {package} into the image")
-            _run_logged(
-                ["npm", "install", "-g", "--no-audit", "--no-fund", "--prefix",
-                 str(root / "usr/local"), package],
-                progress,
-                step=f"npm install {package}",
-                fix="install npm on this host and check that the npm registry is reachable",
-            )  # fmt: skip
-    finally:
-        resolv.unlink(missing_ok=True)
-        resolv.symlink_to("/run/resolv.conf")
 
 
 def strip_tree(root: Path) -> None:
