@@ -136,6 +136,7 @@ async def test_the_listing_offers_what_the_image_holds(system: System) -> None:
     assert claude["command"] == ["claude"]
     codex = listing["codex"]
     assert not codex["available"]
+    assert "holds codex" in codex["hint"]
     assert "remotecli image build" in codex["hint"]
     assert "--provider codex" in codex["hint"]
 

@@ -88,10 +88,11 @@ def find_image(cache_dir: Path, providers: Sequence[str] = ()) -> GuestImage:
                 best = (*rank, image)
     if best is None:
         extra = "".join(f" --provider {name}" for name in sorted(wanted))
+        holding = f" holds {', '.join(sorted(wanted))}" if wanted else ""
         why = (
             f"the {stale} guest image(s) in {cache_dir} were built by another version of remote-cli"
             if stale
-            else f"no guest image in {cache_dir}"
+            else f"no guest image in {cache_dir}{holding}"
         )
         raise ImageBuildError(
             f"{why}; build one with `remotecli image build --cache-dir {cache_dir}{extra}`"
