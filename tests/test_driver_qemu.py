@@ -103,7 +103,7 @@ def test_the_guest_runs_the_providers_command_never_a_host_path(tmp_path: Path) 
     host_path = SessionSpec(
         session_id="s2",
         provider="claude-code",
-        command=["/work/node_modules/.bin/claude"],
+        command=["/opt/project/node_modules/.bin/claude"],
         workdir=tmp_path / "s2",
     )
     machine = asyncio.run(driver.machine_for(host_path, lambda step: None))
