@@ -9,16 +9,15 @@ import lzma
 import shutil
 import struct
 import subprocess
-from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
 from remotecli.exceptions import DriverError, InitrdError, KernelImageError
-from remotecli.images import initrd, kernel, rootfs
+from remotecli.images import initrd, kernel
 from remotecli.images.build import find_image, image_key, image_recipe
-from remotecli.images.rootfs import check_providers, packages_for
-from remotecli.providers import NODE_FOR_CLIS_VERSION, installed_version, providers_on_this_host
+from remotecli.images.clis import check_providers
+from remotecli.images.rootfs import packages_for
 
 SETUP_SECTS = 2
 
@@ -175,58 +174,36 @@ def test_newc_archive_is_read_back_by_cpio(tmp_path: Path) -> None:
 
 
 def test_image_key_depends_on_every_input() -> None:
-    """The same inputs give the same key; another provider or kernel version gives another."""
-    base = image_key([], "linux-image-6.1.0-1-amd64", "6.1.1-1")
-    assert base == image_key([], "linux-image-6.1.0-1-amd64", "6.1.1-1")
-    assert base != image_key(["codex"], "linux-image-6.1.0-1-amd64", "6.1.1-1")
-    assert base != image_key([], "linux-image-6.1.0-1-amd64", "6.1.1-2")
+    """The same inputs give the same key; another provider, provider version or kernel version
+    gives another."""
+    kernel_package = "linux-image-6.1.0-1-amd64"
+    base = image_key([], kernel_package, "6.1.1-1")
+    assert base == image_key([], kernel_package, "6.1.1-1")
+    assert base != image_key(["codex"], kernel_package, "6.1.1-1")
+    assert base != image_key([], kernel_package, "6.1.1-2")
+    codex = image_key(["codex"], kernel_package, "6.1.1-1", {"codex": "0.171.0"})
+    assert codex == image_key(["codex"], kernel_package, "6.1.1-1", {"codex": "0.171.0"})
+    assert codex != image_key(["codex"], kernel_package, "6.1.1-1", {"codex": "0.172.0"})
 
 
-def test_provider_clis_come_from_npm_at_the_hosts_versions_and_unknown_ones_are_refused(
-    tmp_path: Path,
+def test_the_recipe_names_the_guests_node_only_with_providers(
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """No Debian package is added for a provider (npm installs the CLI and the Node.js it
-    needs); the version installed is the one in the project's node_modules, and the recipe
-    changes with it; an unknown provider name is an error."""
-    assert packages_for(["claude-code"]) == packages_for([])
-    bin_dir = tmp_path / "node_modules" / ".bin"
-    package = tmp_path / "node_modules" / "@openai" / "codex"
-    package.mkdir(parents=True)
-    bin_dir.mkdir()
-    (package / "package.json").write_text('{"version": "0.171.0"}')
-    assert installed_version("@openai/codex", [bin_dir]) == "0.171.0"
-    assert installed_version("@google/gemini-cli", [bin_dir]) is None
-    (package / "package.json").write_text('{"version": "1.0; rm -rf /"}')
-    assert installed_version("@openai/codex", [bin_dir]) is None  # not a version
+    """Another pinned Node.js changes the recipe of an image with CLIs, not the base image's."""
+    base, claude = image_recipe([]), image_recipe(["claude-code"], {"claude-code": "2.1.197"})
+    monkeypatch.setattr("remotecli.images.clis.NODE_VERSION", "99.0.0")
+    assert image_recipe([]) == base
+    assert image_recipe(["claude-code"], {"claude-code": "2.1.197"}) != claude
+
+
+def test_npm_providers_bring_cas_not_debians_node_and_unknown_ones_are_refused() -> None:
+    """An image with CLIs adds the CA certificates but not Debian's Node.js (18, too old for
+    Gemini CLI; the builder installs its own); an unknown provider name is an error."""
+    assert "ca-certificates" in packages_for(["claude-code"])
+    assert "nodejs" not in packages_for(["gemini-cli"])
+    assert packages_for([]) == [p for p in packages_for(["codex"]) if p != "ca-certificates"]
     with pytest.raises(DriverError, match="unknown provider"):
         check_providers(["no-such-cli"])
-
-
-def test_the_recipe_changes_with_a_providers_version(monkeypatch: pytest.MonkeyPatch) -> None:
-    """An upgraded CLI on the host makes a new image: its version is in the recipe."""
-    monkeypatch.setattr(rootfs, "installed_version", lambda package: "1.0.0")
-    first = image_recipe(["codex"])
-    monkeypatch.setattr(rootfs, "installed_version", lambda package: "1.0.1")
-    assert image_recipe(["codex"]) != first
-
-
-def test_the_guest_node_is_the_one_the_host_script_installs() -> None:
-    """The Node.js version pinned for the guest is the one scripts/install-node-for-clis.sh
-    installs on the host, so the CLIs run on the same Node.js in both places."""
-    script = (
-        Path(__file__).resolve().parents[1] / "scripts" / "install-node-for-clis.sh"
-    ).read_text()
-    assert f"NODE_FOR_CLIS_VERSION={NODE_FOR_CLIS_VERSION}\n" in script
-
-
-def test_the_default_image_holds_the_providers_this_host_has(tmp_path: Path) -> None:
-    """`image build` without --provider takes each npm provider whose program the host has."""
-
-    class Finder:
-        def can_run(self, command: Sequence[str]) -> tuple[str, ...] | str:
-            return tuple(command) if command[0] == "codex" else "not found"
-
-    assert providers_on_this_host(Finder()) == ["codex"]
 
 
 def test_find_image_names_the_build_command_when_the_cache_is_empty(tmp_path: Path) -> None:

@@ -822,13 +822,14 @@ def image_group() -> None:
     "providers",
     multiple=True,
     metavar="NAME",
-    help="Install this provider's CLI from npm inside the image "
-    f"({', '.join(NPM_PROVIDERS)}). Repeat for several. Default: every one this host has.",
+    help="Install exactly this provider's CLI from npm inside the image "
+    f"({', '.join(NPM_PROVIDERS)}), at the version this host has (else the registry's latest). "
+    "Repeat for several. Default: every one of them this host has.",
 )
 @click.option(
     "--no-providers",
     is_flag=True,
-    help="Build the base image only: a shell, no provider CLI and no Node.js.",
+    help="Build the base image only: the shell, no provider CLI and no Node.js.",
 )
 @click.option("--force", is_flag=True, help="Rebuild even when the cache holds this image.")
 @click.option(
@@ -847,30 +848,26 @@ def image_build(
     """Build a Debian 12 microVM image: kernel, initrd and read-only ext4 root.
 
     The root filesystem comes from debootstrap (minbase) with TigerVNC Xvnc and xterm; the kernel
-    is Debian's linux-image-amd64, unpacked to an ELF vmlinux that QEMU boots directly. The
-    provider CLIs this host has (Claude Code, Codex, Gemini CLI) are installed too, at the
-    host's versions, with the Node.js they need: a provider is offered on the qemu driver only
-    when the image holds it. The image is cached under a key computed from its inputs: building
-    again is a no-op unless --force. Needs root and the packages debootstrap, e2fsprogs and
-    busybox-static.
+    is Debian's linux-image-amd64, unpacked to an ELF vmlinux that QEMU boots directly.
+
+    By default the image holds every provider CLI this host has (Claude Code, Codex CLI, Gemini
+    CLI, found on PATH or in the project's node_modules/.bin), each at the host's version,
+    installed by this host's npm (from its cache when there); the CLIs that run on Node.js get
+    the Node.js build the project pins, in /usr/local/bin. The build says which it installs and
+    why. --provider picks exactly those; --no-providers builds the base image.
+
+    The image is cached under a key computed from its inputs (the CLIs' versions among them):
+    building again is a no-op unless --force. Needs root and the packages debootstrap,
+    e2fsprogs and busybox-static, and npm for the CLIs.
     """
     from remotecli.images import build_image, default_cache_dir
-    from remotecli.providers import providers_on_this_host
 
     if no_providers and providers:
-        raise click.UsageError("--no-providers and --provider exclude each other")
-    if not no_providers and not providers:
-        providers = tuple(providers_on_this_host())
-        found = ", ".join(providers) if providers else "none"
-        click.echo(
-            f"[image] providers: {found} (the ones this host has; --provider NAME to choose, "
-            "--no-providers for none)",
-            err=True,
-        )
+        raise click.UsageError("--no-providers and --provider contradict each other; pick one")
     target = cache_dir if cache_dir is not None else default_cache_dir()
     image = build_image(
         target,
-        providers,
+        () if no_providers else (providers or None),
         force=force,
         progress=lambda step: click.echo(f"[image] {step}", err=True),
         mirror=mirror,

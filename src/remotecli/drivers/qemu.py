@@ -267,14 +267,20 @@ class QemuDriver:
         }
 
     def can_run(self, command: Sequence[str]) -> tuple[str, ...] | str:
-        """Return ``command`` if its program is in the guest image a session would boot.
+        """Return the command the guest runs if its program is in the image a session would boot.
 
-        The guest resolves the program on its own PATH, so the command is returned as it is.
-        A built-in provider's program needs an image built with that provider; any other
-        program must be on the image's PATH (an image too old to list its programs is trusted).
+        The program is given by its bare name, which the guest resolves on its own PATH: a
+        path on this host (``/usr/bin/tool``, a project's ``node_modules/.bin/claude``) means
+        nothing inside the VM. A built-in provider's program needs an image built with that
+        provider whose manifest lists its programs; any other program must be on the image's
+        PATH (an image too old to list its programs is trusted with it).
         """
         name = os.path.basename(command[0])
+        guest = (name, *command[1:])
         providers = [p.name for p in BUILTIN_PROVIDERS if p.npm_package and p.command[0] == name]
+        build = f"`remotecli image build --cache-dir {self._image_cache}" + "".join(
+            f" --provider {provider}" for provider in providers
+        )
         try:
             image = find_image(self._image_cache, providers)
         except DriverError as exc:
@@ -285,12 +291,21 @@ class QemuDriver:
                 return exc.message
             if providers and (image.programs is None or name not in image.programs):
                 return exc.message  # names the build command with the provider
-        if image.programs is not None and name not in image.programs:
+        if providers and image.programs is None:
+            # Such an image cannot say whether the CLI is in it; starting it blind is how a
+            # session became a black screen.
             return (
-                f"`{name}` is not in the guest image {image.directory}; add it to the image "
-                "or run this provider with the local driver"
+                f"the guest image {image.directory} does not list its programs (it was built by "
+                f"an older remote-cli), so `{name}` may be missing from it; rebuild it with "
+                f"{build}`"
             )
-        return tuple(command)
+        if image.programs is not None and name not in image.programs:
+            hint = f"rebuild it with {build}`" if providers else "add it to the image"
+            return (
+                f"`{name}` is not in the guest image {image.directory}; {hint}, or run this "
+                "provider with the local driver"
+            )
+        return guest
 
     async def start(self, spec: SessionSpec, progress: ProgressCallback) -> VncEndpoint:
         """Start the session as a clone of its machine's template, building that first if new."""
@@ -439,10 +454,17 @@ class QemuDriver:
     # --- templates and clones ----------------------------------------------------------------
 
     async def machine_for(self, spec: SessionSpec, progress: ProgressCallback) -> Machine:
-        """Return the machine a session runs on: image for its provider, accelerator, command."""
+        """Return the machine a session runs on: image for its provider, accelerator, command.
+
+        Raises DriverError, with the fix, when the guest cannot run the command: the session
+        fails at once instead of showing an empty screen.
+        """
+        answer = self.can_run(spec.command)
+        if isinstance(answer, str):
+            raise DriverError(answer, session_id=spec.session_id)
         return await self._machine(
             spec.provider,
-            spec.command,
+            answer,
             spec.width,
             spec.height,
             progress,

