@@ -42,7 +42,6 @@ from tests.e2e.test_qemu import (
     TEMPLATE_TIMEOUT,
     TIMEOUT,
     System,
-    delete_and_wait,
     desktop_through_bridge,
     is_clone,
     qemu_pid,
