@@ -696,6 +696,7 @@ class SessionManager:
             busy = runtime.viewers or runtime.stopping is not None or runtime.resuming is not None
             if record.state is not State.READY or busy or self._closing:
                 return False
+            await self.keeper.checkpoint(session_id)  # HOME is reachable until the save
             try:
                 saved = await self.driver.hibernate(session_id)
             except RemoteCliError as exc:

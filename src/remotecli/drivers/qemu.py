@@ -30,7 +30,7 @@ import signal
 import string
 import tempfile
 import time
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
@@ -110,6 +110,8 @@ class _Vm:
     control: asyncio.Lock = field(default_factory=asyncio.Lock)
     """Held for each exchange with the control agent, which serves one connection at a time."""
     links: asyncio.Task[None] | None = None
+    open_url: Callable[[str], None] | None = None
+    """Where the session's links go (``SessionSpec.open_url``); followed again on a resume."""
     lease: Lease | None = None
     """The sandbox uid QEMU runs as, held until the process is gone; None when QEMU runs as
     the controller's user (an unprivileged controller) or was started by an earlier one."""
@@ -182,8 +184,9 @@ class QemuDriver:
         self._refilling: set[str] = set()
         self._pool_tasks: set[asyncio.Task[None]] = set()
         self._watchers: set[asyncio.Task[None]] = set()
-        self._asleep: dict[str, Path] = {}
-        """Hibernated sessions: id → the session dir holding their saved state."""
+        self._asleep: dict[str, tuple[Path, Callable[[str], None] | None]] = {}
+        """Hibernated sessions: id → the session dir holding their saved state, and where
+        their links went (known only to the driver that hibernated them)."""
 
     def _choose_egress(self, wanted: str) -> tuple[str, str]:
         if wanted == "none":
@@ -317,9 +320,9 @@ class QemuDriver:
         vm = self._vms.pop(session_id, None)
         if vm is not None:
             await _terminate(vm)
-        workdir = self._asleep.pop(session_id, None)
-        if workdir is not None:
-            qemu_hibernate.discard(workdir)
+        asleep = self._asleep.pop(session_id, None)
+        if asleep is not None:
+            qemu_hibernate.discard(asleep[0])
 
     async def hibernate(self, session_id: str) -> bool:
         """Save the session's VM whole into its directory (``hibernate.state``), then quit it.
@@ -346,7 +349,7 @@ class QemuDriver:
             vm.watcher.cancel()
         await _terminate(vm)
         _write_record(workdir / "vm.json", vm, hibernated=True)
-        self._asleep[session_id] = workdir
+        self._asleep[session_id] = (workdir, vm.open_url)
         log.info(
             "hibernated",
             session_id=session_id,
@@ -382,6 +385,13 @@ class QemuDriver:
             progress("memory and devices loaded from the hibernated state")
             answer = await self._personalise(vm, session_id)
             progress(f"VNC banner read; guest took its clock, new password and secret ({answer})")
+            vm.open_url = self._asleep.get(session_id, (workdir, None))[1]
+            if vm.open_url is not None:
+                links = await relay_open(vm.relay_port, vm.tty_secret, "links")
+                vm.links = asyncio.create_task(
+                    follow_links(vm.relay_port, vm.tty_secret, vm.open_url, first=links),
+                    name=f"links-{session_id}",
+                )
             qemu_hibernate.write_json(workdir / "vm.json", _record(vm))
         except BaseException:
             await _terminate(vm)
@@ -407,7 +417,7 @@ class QemuDriver:
             qemu_hibernate.discard(workdir)
             return False
         _kill_recorded(workdir / "vm.json")
-        self._asleep[session_id] = workdir
+        self._asleep[session_id] = (workdir, None)  # links of a restarted controller: not followed
         return True
 
     async def recover(self, session_id: str, workdir: Path) -> VncEndpoint | None:
@@ -628,7 +638,7 @@ class QemuDriver:
         except BaseException:
             await _terminate(vm)
             raise
-        vm.machine = machine
+        vm.machine, vm.open_url = machine, spec.open_url
         self._vms[spec.session_id] = vm
         _write_record(spec.workdir / "vm.json", vm)
         return VncEndpoint(host="127.0.0.1", port=vm.port, password=vm.password)
