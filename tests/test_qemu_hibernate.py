@@ -1,0 +1,128 @@
+"""The qemu driver's hibernation files, without QEMU: the machine record, the durable vm.json,
+and what a restarted driver takes for a whole saved state (never a partial one).
+
+Saving and loading through a real QEMU is in ``tests/e2e/test_qemu_hibernate.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+
+import pytest
+
+from remotecli.drivers.qemu import QemuDriver
+from remotecli.drivers.qemu_hibernate import (
+    PARTIAL_NAME,
+    STATE_NAME,
+    machine_from_record,
+    machine_record,
+    read_machine,
+    write_json,
+)
+from remotecli.drivers.qemu_machine import Machine
+from remotecli.exceptions import DriverError
+from remotecli.images import GuestImage
+
+
+def machine(tmp_path: Path) -> Machine:
+    image = tmp_path / "images" / "abc"
+    image.mkdir(parents=True)
+    for name in ("vmlinux", "initrd.img", "rootfs.ext4"):
+        (image / name).write_bytes(b"x")
+    return Machine(
+        image=GuestImage(image, "abc", ("claude-code",)),
+        accelerator="tcg",
+        memory_mib=256,
+        tsc_khz=2_000_000,
+        command=("bash", "-l"),
+        width=1280,
+        height=720,
+        tcg_cache_mib=8,
+    )
+
+
+def asleep_dir(tmp_path: Path, record: dict[str, object]) -> Path:
+    """A session dir as a hibernation leaves it: vm.json, and the caller adds the state."""
+    workdir = tmp_path / "data" / "sessions" / "s1"
+    workdir.mkdir(parents=True)
+    write_json(workdir / "vm.json", record)
+    return workdir
+
+
+def test_the_machine_record_round_trips(tmp_path: Path) -> None:
+    """The machine written into vm.json is the machine read back, JSON and all."""
+    original = machine(tmp_path)
+    record = json.loads(json.dumps(machine_record(original)))
+    assert machine_from_record(record) == original
+
+
+@pytest.mark.parametrize(
+    "record", [None, {}, {"image": "/x", "image_key": "k"}, {"memory_mib": "lots"}]
+)
+def test_an_unusable_machine_record_is_refused(record: object) -> None:
+    """A vm.json without a whole machine (an older remote-cli's) cannot be resumed: DriverError."""
+    with pytest.raises(DriverError, match="cannot be resumed"):
+        machine_from_record(record)
+
+
+def test_a_machine_whose_image_is_gone_is_refused(tmp_path: Path) -> None:
+    """A resume needs the very image the session ran on; without it the error names it."""
+    record = machine_record(machine(tmp_path))
+    (tmp_path / "images" / "abc" / "rootfs.ext4").unlink()
+    with pytest.raises(DriverError, match="is gone"):
+        machine_from_record(record)
+
+
+def test_write_json_replaces_whole_and_private(tmp_path: Path) -> None:
+    """vm.json is replaced whole (nothing left beside it) and readable by its owner only."""
+    path = tmp_path / "vm.json"
+    path.write_text("old")
+    write_json(path, {"pid": 0, "hibernated": True})
+    assert json.loads(path.read_text()) == {"pid": 0, "hibernated": True}
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vm.json"]
+
+
+async def test_a_partial_state_is_never_taken_for_a_whole_one(tmp_path: Path) -> None:
+    """A save cut short (only hibernate.state.partial) is not a hibernated session: a restarted
+    driver says False and removes the partial file."""
+    workdir = asleep_dir(tmp_path, {"pid": 0, "machine": machine_record(machine(tmp_path))})
+    (workdir / PARTIAL_NAME).write_bytes(b"QEVM half")
+    driver = QemuDriver(tmp_path / "data", image_cache=tmp_path / "images")
+    assert not await driver.recover_hibernated("s1", workdir)
+    assert not (workdir / PARTIAL_NAME).exists()
+
+
+async def test_a_whole_state_is_taken_back_and_stop_removes_it(tmp_path: Path) -> None:
+    """hibernate.state with its machine in vm.json is taken back; the driver's recover of the
+    same session reports nothing running (and keeps the state); stop removes it."""
+    workdir = asleep_dir(tmp_path, {"pid": 0, "machine": machine_record(machine(tmp_path))})
+    (workdir / STATE_NAME).write_bytes(b"QEVM whole")
+    driver = QemuDriver(tmp_path / "data", image_cache=tmp_path / "images")
+    assert await driver.recover("s1", workdir) is None
+    assert (workdir / STATE_NAME).exists()
+    assert await driver.recover_hibernated("s1", workdir)
+    assert read_machine(workdir).image.key == "abc"
+    await driver.stop("s1")
+    assert not (workdir / STATE_NAME).exists()
+
+
+async def test_a_state_without_its_machine_is_discarded(tmp_path: Path) -> None:
+    """A state whose vm.json does not say the machine cannot be resumed: not taken back, and
+    removed rather than left to fill the disk."""
+    workdir = asleep_dir(tmp_path, {"pid": 0})
+    (workdir / STATE_NAME).write_bytes(b"QEVM whole")
+    driver = QemuDriver(tmp_path / "data", image_cache=tmp_path / "images")
+    assert not await driver.recover_hibernated("s1", workdir)
+    assert not (workdir / STATE_NAME).exists()
+
+
+async def test_resume_without_a_state_is_refused(tmp_path: Path) -> None:
+    """Resuming a session with no hibernate.state raises DriverError and starts no QEMU."""
+    workdir = asleep_dir(tmp_path, {"pid": 0, "machine": machine_record(machine(tmp_path))})
+    driver = QemuDriver(tmp_path / "data", image_cache=tmp_path / "images")
+    with pytest.raises(DriverError, match="no saved state"):
+        await driver.resume("s1", workdir, lambda _step: None)
+    assert not (workdir / "qemu.log").exists()
