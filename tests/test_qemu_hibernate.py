@@ -7,6 +7,7 @@ Saving and loading through a real QEMU is in ``tests/e2e/test_qemu_hibernate.py`
 from __future__ import annotations
 
 import json
+import os
 import stat
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from remotecli.drivers.qemu import QemuDriver
 from remotecli.drivers.qemu_hibernate import (
     PARTIAL_NAME,
     STATE_NAME,
+    filter_stream,
     machine_from_record,
     machine_record,
     read_machine,
@@ -126,3 +128,98 @@ async def test_resume_without_a_state_is_refused(tmp_path: Path) -> None:
     with pytest.raises(DriverError, match="no saved state"):
         await driver.resume("s1", workdir, lambda _step: None)
     assert not (workdir / "qemu.log").exists()
+
+
+# --- the stream filter, fed bytes ----------------------------------------------------------------
+
+PAGE = 4096
+MAGIC = b"QEVM\x00\x00\x00\x03"
+CONFIG = b"\x07" + (7).to_bytes(4, "big") + b"microvm"
+FOOTER = b"\x7e" + (2).to_bytes(4, "big")
+DEVICES = b"\x04\x00\x00\x00\x03\x06serial" + b"device state" + b"\x00"
+
+
+def record(offset: int, flags: int, block: bytes | None = None) -> bytes:
+    name = b"" if block is None else bytes([len(block)]) + block
+    return (offset | flags).to_bytes(8, "big") + name
+
+
+def ram_start(blocks: list[tuple[bytes, int]]) -> bytes:
+    total = sum(size for _, size in blocks)
+    setup = (total | 0x04).to_bytes(8, "big")
+    for name, size in blocks:
+        setup += bytes([len(name)]) + name + size.to_bytes(8, "big")
+    header = b"\x01" + (2).to_bytes(4, "big") + b"\x03ram" + bytes(8)
+    return header + setup + (0x10).to_bytes(8, "big") + FOOTER
+
+
+def run_filter(tmp_path: Path, stream: bytes, base: bytes) -> tuple[bytes, int]:
+    source, sink = tmp_path / "in", tmp_path / "out"
+    source.write_bytes(stream)
+    fd_in = os.open(source, os.O_RDONLY)
+    fd_out = os.open(sink, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        written, dropped = filter_stream(fd_in, fd_out, base)
+    finally:
+        os.close(fd_in)
+        os.close(fd_out)
+    out = sink.read_bytes()
+    assert written == len(out)
+    return out, dropped
+
+
+def test_the_filter_leaves_out_pages_the_template_holds(tmp_path: Path) -> None:
+    """Pages equal to the template's, and zero pages where the template's is zero, are left
+    out; a changed page, a zero page over a non-zero one and another block's page stay; a kept
+    page after a left-out one that named the block names it again; the device sections after
+    the RAM are copied as they are."""
+    same, changed, lit = b"A" * PAGE, b"B" * PAGE, b"C" * PAGE
+    base = same + b"A" * PAGE + bytes(PAGE) + lit  # pages 0..3
+    pages = (
+        record(0, 0x08, b"mem") + same  # equal: left out, and it named the block
+        + record(PAGE, 0x28) + changed  # kept: must name "mem" itself now
+        + record(2 * PAGE, 0x22) + b"\x00"  # zero over zero: left out
+        + record(3 * PAGE, 0x22) + b"\x00"  # zero over a lit page: kept
+        + record(0, 0x08, b"pc.bios") + same  # another block: kept, whatever it holds
+        + record(4 * PAGE, 0x08, b"mem") + same  # past the template's end: kept
+    )  # fmt: skip
+    body = b"\x02" + (2).to_bytes(4, "big") + pages + (0x10).to_bytes(8, "big") + FOOTER
+    end = b"\x03" + (2).to_bytes(4, "big") + (0x10).to_bytes(8, "big") + FOOTER
+    start = ram_start([(b"mem", 5 * PAGE), (b"pc.bios", PAGE)])
+    stream = MAGIC + CONFIG + start + body + end + DEVICES
+    out, dropped = run_filter(tmp_path, stream, base)
+    assert dropped == 2
+    kept = (
+        record(PAGE, 0x08, b"mem") + changed
+        + record(3 * PAGE, 0x22) + b"\x00"
+        + record(0, 0x08, b"pc.bios") + same
+        + record(4 * PAGE, 0x08, b"mem") + same
+    )  # fmt: skip
+    expected_body = b"\x02" + (2).to_bytes(4, "big") + kept + (0x10).to_bytes(8, "big") + FOOTER
+    assert out == MAGIC + CONFIG + start + expected_body + end + DEVICES
+
+
+@pytest.mark.parametrize(
+    ("stream", "message"),
+    [
+        (b"QEVM\x00\x00\x00\x02", "does not start"),
+        (MAGIC + CONFIG + ram_start([(b"mem", PAGE)])[:-20], "ended in the middle"),
+        (
+            MAGIC + CONFIG + ram_start([(b"mem", PAGE)])
+            + b"\x02" + (2).to_bytes(4, "big") + record(0, 0x28) + b"x" * PAGE,
+            "never named",
+        ),
+        (
+            MAGIC + CONFIG + ram_start([(b"mem", PAGE)])
+            + b"\x02" + (2).to_bytes(4, "big") + record(0, 0x40, b"mem") + b"x" * 16,
+            "kind 0x40",
+        ),
+    ],
+)  # fmt: skip
+def test_the_filter_refuses_a_stream_it_cannot_read(
+    tmp_path: Path, stream: bytes, message: str
+) -> None:
+    """A stream cut short, of another QEMU, continuing an unnamed block or holding a page kind
+    never asked for (XBZRLE) is refused with DriverError: the save fails, the VM runs on."""
+    with pytest.raises(DriverError, match=message):
+        run_filter(tmp_path, stream, bytes(PAGE))

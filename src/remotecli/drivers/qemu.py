@@ -111,6 +111,9 @@ class _Vm:
     """Held for each exchange with the control agent, which serves one connection at a time."""
     links: asyncio.Task[None] | None = None
     open_url: Callable[[str], None] | None = None
+    base_id: str = ""
+    """The identity of the template RAM file the VM maps (``file_identity``), when it maps one:
+    a hibernation then saves only the pages that differ from it."""
     """Where the session's links go (``SessionSpec.open_url``); followed again on a resume."""
     lease: Lease | None = None
     """The sandbox uid QEMU runs as, held until the process is gone; None when QEMU runs as
@@ -338,8 +341,11 @@ class QemuDriver:
             log.warning("not hibernated: too little free disk", session_id=session_id)
             return False
         began = time.monotonic()
+        base = vm.paths.memory
+        if base is None or not vm.base_id or _identity(base) != vm.base_id:
+            base = None  # no template RAM under it, or not the one it mapped: save it all
         try:
-            size = await qemu_hibernate.save_state(vm.qmp, workdir)
+            size = await qemu_hibernate.save_state(vm.qmp, workdir, base)
         except BaseException:
             with contextlib.suppress(DriverError, OSError):
                 await vm.qmp.execute("cont")  # the session runs on as before
@@ -348,6 +354,8 @@ class QemuDriver:
         if vm.watcher is not None:
             vm.watcher.cancel()
         await _terminate(vm)
+        if base is None:
+            vm.paths, vm.base_id = replace(vm.paths, memory=None), ""
         _write_record(workdir / "vm.json", vm, hibernated=True)
         self._asleep[session_id] = (workdir, vm.open_url)
         log.info(
@@ -374,8 +382,9 @@ class QemuDriver:
                 session_id=session_id,
             )
         machine = qemu_hibernate.read_machine(workdir)
-        vm = await self._spawn(session_id, machine, workdir, None, template=False)
-        vm.machine = machine
+        base = _resume_base(workdir)
+        vm = await self._spawn(session_id, machine, workdir, base, template=False)
+        vm.machine, vm.base_id = machine, _identity(base) if base is not None else ""
         try:
             # The new PID first: a controller that dies during the load kills this QEMU on
             # its next start and keeps the saved state.
@@ -639,6 +648,7 @@ class QemuDriver:
             await _terminate(vm)
             raise
         vm.machine, vm.open_url = machine, spec.open_url
+        vm.base_id = _identity(template / "memory")
         self._vms[spec.session_id] = vm
         _write_record(spec.workdir / "vm.json", vm)
         return VncEndpoint(host="127.0.0.1", port=vm.port, password=vm.password)
@@ -961,6 +971,32 @@ async def _port(vm: _Vm, guest_port: int = GUEST_VNC_PORT) -> int:
     return forwarded_port(str(text), guest_port)
 
 
+def _identity(path: Path) -> str:
+    try:
+        return qemu_hibernate.file_identity(path)
+    except OSError:
+        return ""
+
+
+def _resume_base(workdir: Path) -> Path | None:
+    """The template RAM file a hibernated state was saved against (None: the state is whole);
+    DriverError when it is no longer the same file, which would resume a different guest."""
+    try:
+        info = json.loads((workdir / "vm.json").read_text())
+        memory, base_id = str(info.get("memory") or ""), str(info.get("base_id") or "")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise DriverError(f"the session's vm.json cannot be read ({exc})") from exc
+    if not memory or not base_id:
+        return None
+    if _identity(Path(memory)) != base_id:
+        raise DriverError(
+            f"the template RAM file {memory} this session was saved against was removed or "
+            "rebuilt; its saved state holds only the pages that differed, so it cannot be "
+            "resumed: start a new session"
+        )
+    return Path(memory)
+
+
 def _kill_recorded(record: Path) -> None:
     """Kill the QEMU named in a ``vm.json`` if it still runs (and is still that QEMU)."""
     try:
@@ -999,6 +1035,7 @@ def _record(vm: _Vm) -> dict[str, Any]:
         "socket_dir": str(vm.socket_dir),
         "uid": vm.lease.uid if vm.lease is not None else None,
         "machine": qemu_hibernate.machine_record(vm.machine) if vm.machine is not None else None,
+        "base_id": vm.base_id,
     }
 
 
