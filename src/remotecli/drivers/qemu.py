@@ -328,10 +328,12 @@ class QemuDriver:
             qemu_hibernate.discard(asleep[0])
 
     async def hibernate(self, session_id: str) -> bool:
-        """Save the session's VM whole into its directory (``hibernate.state``), then quit it.
+        """Save the session's VM into its directory (``hibernate.state``), then quit it.
 
-        False when the VM is unknown, its machine unrecorded, or the disk lacks room for a
-        whole guest's RAM. On a failed save the VM runs on and DriverError is raised.
+        The file holds the devices and the pages that differ from the template's RAM (all of
+        them when the VM maps no template, or the template file changed under it). False when
+        the VM is unknown, its machine unrecorded, or the disk lacks room for a whole guest's
+        RAM. On a failed save the VM runs on and DriverError is raised.
         """
         vm = self._vms.get(session_id)
         if vm is None or vm.qmp is None or vm.machine is None:

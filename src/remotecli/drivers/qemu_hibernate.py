@@ -1,22 +1,27 @@
-"""Hibernate for microVM sessions: a clone's whole state saved to one file, and loaded back.
+"""Hibernate for microVM sessions: a clone's state saved to one file, and loaded back.
 
-Theory of operation. To hibernate, the VM is paused and migrated, RAM included, into the
-session's directory. A clone maps its template's RAM file *private* (``share=off``), so
-``x-ignore-shared`` does not skip it: every page the guest sees is in the stream (zero pages
-as a flag only). The driver creates ``hibernate.state.partial`` (mode 0600: it holds the
-guest's secrets) and hands QEMU the descriptor (QMP ``getfd``), as for templates: QEMU may
-run as a sandbox uid that cannot open the file, and may start no program. Once QEMU reports
-the migration ``completed`` (after its last write), the file is fsynced, renamed to
-``hibernate.state`` and its directory fsynced. So a file with that name is always whole, even
-after a power cut, and a ``.partial`` never is.
+Theory of operation. To hibernate, the VM is paused and migrated, RAM included. A clone maps
+its template's RAM file *private* (``share=off``), so ``x-ignore-shared`` does not skip it and
+QEMU 7.2 sends every page the guest sees (zero pages as a flag only): 152 MiB for an idle
+shell. QEMU writes into a pipe handed to it as a descriptor (QMP ``getfd``, as for templates:
+it may run as a sandbox uid that can open nothing, and may start no program), and a thread
+copies the stream into ``hibernate.state.partial`` (mode 0600: the guest's secrets) through
+:func:`filter_stream`, which leaves out every page still equal to the template's at the same
+offset: about 4 MiB remain. Once QEMU reports the migration ``completed`` and the stream has
+ended, the file is fsynced, renamed to ``hibernate.state`` and its directory fsynced. So a
+file with that name is always whole, even after a power cut, and a ``.partial`` never is.
 
-To resume, a new QEMU with the same machine (image, accelerator, memory, command) but plain
-anonymous RAM is started with ``-incoming defer`` and loads the file (a full restore: the
-session no longer depends on its template's RAM file). The guest then gets a new VNC password,
-text-terminal secret and the wall clock over its control channel, as a fresh clone does.
+To resume, a new QEMU with the same machine (image, accelerator, memory, command) maps the same
+template RAM file private, as a clone does, is started with ``-incoming defer`` and loads the
+file: the pages in it become the session's own, the others are the template's, shared again.
+That template file must be the very one the state was saved against (its identity is kept in
+``vm.json``). A VM whose template file changed under it is saved whole (no filter) and resumed
+on plain RAM. The guest then gets a new VNC password, text-terminal secret and the wall clock
+over its control channel, as a fresh clone does.
 
-The guest decides nothing here: the paths are the driver's, and what the file holds is the
-guest's own memory, loaded back into the same guest.
+The guest decides nothing here: the paths are the driver's, the stream it may shape is parsed
+with every length bounded and offset checked, and what the file holds is the guest's own
+memory, loaded back into the same guest.
 """
 
 from __future__ import annotations
