@@ -37,6 +37,7 @@ TARGET_BATCH_S = 3.0
 TARGET_PSS_MIB = 48.0
 TARGET_FIRST_S = 3.0
 TARGET_RESUME_P50_MS = 1000.0
+RESUMED_AT_ONCE = 10
 FORMER_TCG_CACHE_MIB = 32
 
 
@@ -79,13 +80,14 @@ async def _measure(workdir: Path, quick: bool) -> dict[str, Any]:
     )
     cold_n, full_n, clone_n, batch_n = (1, 3, 10, 10) if quick else (3, 10, 30, 10)
     first_n = 3 if quick else 5
-    resume_n = 5 if quick else 20
+    resume_n = 10 if quick else 20
     quiet: Callable[[str], None] = lambda _step: None  # noqa: E731
     result: dict[str, Any] = {"image": image.key}
     try:
         probe = SessionSpec("probe", "shell", COMMAND, workdir / "probe")
         machine = await driver.machine_for(probe, quiet)
         result["accelerator"] = machine.accelerator
+        result["memory_mib"] = machine.memory_mib
         started = time.perf_counter()
         template = await driver.ensure_template(machine, quiet)
         result["template_s"] = time.perf_counter() - started
@@ -140,13 +142,14 @@ async def _hibernations(
     workdir: Path,
     count: int,
 ) -> dict[str, Any]:
-    """Clone, hibernate, resume, ``count`` times: the times, the state files' sizes, and the
-    idle PSS of the last resumed clone (alone)."""
+    """Clone, hibernate, resume, ``count`` times, nothing else running (as for the clones):
+    the times and the state files' sizes. Each is then hibernated again; the last
+    ``RESUMED_AT_ONCE`` are resumed together for the idle PSS of each, a like-for-like figure
+    with the "10 at once" clones'."""
     quiet: Callable[[str], None] = lambda _step: None  # noqa: E731
     saves, resumes, sizes = [], [], []
-    name = ""
-    for index in range(count):
-        name = f"sleeper{index}"
+    names = [f"sleeper{index}" for index in range(count)]
+    for name in names:
         spec = SessionSpec(name, "shell", COMMAND, workdir / name)
         await clone(spec)
         started = time.perf_counter()
@@ -157,12 +160,15 @@ async def _hibernations(
         started = time.perf_counter()
         await driver.resume(name, spec.workdir, quiet)
         resumes.append(time.perf_counter() - started)
-        if index < count - 1:
-            await driver.stop(name)
+        await driver.hibernate(name)  # asleep again, so the next sample runs alone
+    running = names[-RESUMED_AT_ONCE:]
+    for name in running:
+        await driver.resume(name, workdir / name, quiet)
     await asyncio.sleep(3.0)  # idle, as the clones' PSS below
-    pid = driver.pid_of(name)
-    resumed_pss = pss_kib(pid) if pid is not None else None
-    await driver.stop(name)
+    pids = [driver.pid_of(name) for name in running]
+    resumed_pss = [kib for pid in pids if pid is not None if (kib := pss_kib(pid))]
+    for name in names:
+        await driver.stop(name)
     return {
         "hibernate": saves,
         "resume": resumes,
@@ -279,8 +285,8 @@ def run(quick: bool, workdir: Path) -> list[Section]:
     resume_p50 = _pct([1000 * value for value in result["resume"]], 0.5)
     state_mib = [size / (1 << 20) for size in result["state_bytes"]]
     state_mean = sum(state_mib) / len(state_mib) if state_mib else None
-    resumed_pss = result["resumed_pss_kib"]
-    resumed_pss_mib = None if resumed_pss is None else resumed_pss / 1024
+    resumed = [kib / 1024 for kib in result["resumed_pss_kib"]]
+    resumed_mean = sum(resumed) / len(resumed) if resumed else None
     section = Section(TITLE, ["path", "samples", "p50 ms", "p95 ms"], rows)
     section.targets = [
         (
@@ -319,12 +325,15 @@ def run(quick: bool, workdir: Path) -> list[Section]:
         f"idle PSS over {len(pss)} clones at once: the template's shared pages count "
         "1/N in each, so more clones cost less each",
         f"hibernate.state per session: {fmt(state_mean, 1)} MiB on average (max "
-        f"{fmt(max(state_mib) if state_mib else None, 1)}; at most the guest's RAM); this "
-        f"disk's free {result['free_disk'] / (1 << 30):.1f} GiB holds about "
+        f"{fmt(max(state_mib) if state_mib else None, 1)}; at most the guest's "
+        f"{result['memory_mib']} MiB of RAM): this disk's free "
+        f"{result['free_disk'] / (1 << 30):.1f} GiB holds about "
         f"{result['free_disk'] // max(1, max(result['state_bytes'], default=1))} hibernated "
-        "sessions",
-        f"idle PSS of a resumed clone, alone: {fmt(resumed_pss_mib, 1)} MiB (its RAM is its own "
-        "after a resume: nothing is shared with the template)",
+        f"sessions of this size, {result['free_disk'] // (result['memory_mib'] << 20)} if "
+        "each had written all its RAM",
+        f"idle PSS of {len(resumed)} resumed clones running together: {fmt(resumed_mean, 1)} MiB "
+        f"each (max {fmt(max(resumed) if resumed else None, 1)}; fresh clones, 10 at once: "
+        f"{fmt(pss_mean, 1)} MiB)",
         "the figures depend on the machine's load: see the load average in the header",
     ]
     return [section]
