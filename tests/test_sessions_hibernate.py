@@ -276,7 +276,9 @@ async def test_restart_fails_a_hibernated_session_whose_state_is_gone(host: Host
     try:
         record = restarted.store.session(sid)
         assert record.state is State.FAILED
-        assert "while the session was hibernated" in (record.reason or "")
+        assert "while the session was hibernated and its saved state was gone" in (
+            record.reason or ""
+        )
     finally:
         host.manager, host.store = restarted.manager, restarted.store
 

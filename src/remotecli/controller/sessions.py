@@ -273,6 +273,8 @@ class SessionManager:
                 self._apply(record.id, Event.STOPPED, reason="stopped while remote-cli was down")
             else:
                 ended = "its processes were gone" if endpoint is None else "it could not be kept"
+                if record.state is State.HIBERNATED:
+                    ended = "its saved state was gone or unusable"
                 self._apply(
                     record.id,
                     Event.FAIL,
@@ -524,8 +526,8 @@ class SessionManager:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         if runtime.hibernating is not None:
-            # Let a save finish (about a second): the driver then holds either the running VM
-            # or the saved state, and its stop removes whichever it is.
+            # Let a save finish (a fraction of a second): the driver then holds either the
+            # running VM or the saved state, and its stop removes whichever it is.
             with contextlib.suppress(Exception):
                 await asyncio.shield(runtime.hibernating)
         await self._close_viewers(session_id, 1000, "session stopped")
