@@ -223,3 +223,19 @@ def test_the_filter_refuses_a_stream_it_cannot_read(
     never asked for (XBZRLE) is refused with DriverError: the save fails, the VM runs on."""
     with pytest.raises(DriverError, match=message):
         run_filter(tmp_path, stream, bytes(PAGE))
+
+
+def test_a_block_named_by_a_left_out_page_carries_into_the_next_section(tmp_path: Path) -> None:
+    """A section that ends with a left-out page naming its block, then a section whose first
+    page continues that block: the kept page names the block itself (as QEMU's loader needs)."""
+    same, changed = b"A" * PAGE, b"B" * PAGE
+    first = record(0, 0x08, b"mem") + same + (0x10).to_bytes(8, "big") + FOOTER
+    second = record(PAGE, 0x28) + changed + (0x10).to_bytes(8, "big") + FOOTER
+    part = b"\x02" + (2).to_bytes(4, "big")
+    start = ram_start([(b"mem", 2 * PAGE)])
+    stream = MAGIC + CONFIG + start + part + first + part + second + DEVICES
+    out, dropped = run_filter(tmp_path, stream, same + same)
+    assert dropped == 1
+    kept = record(PAGE, 0x08, b"mem") + changed + (0x10).to_bytes(8, "big") + FOOTER
+    empty = (0x10).to_bytes(8, "big") + FOOTER
+    assert out == MAGIC + CONFIG + start + part + empty + part + kept + DEVICES

@@ -316,8 +316,9 @@ class _Stream:
 
     def _next(self, count: int) -> bytes:
         """Read what is there, waiting at most SAVE_SECONDS for it (QEMU may hang)."""
-        ready, _, _ = select.select([self.source], [], [], SAVE_SECONDS)
-        if not ready:
+        poller = select.poll()  # not select(): a controller's descriptors may pass 1024
+        poller.register(self.source, select.POLLIN)
+        if not poller.poll(SAVE_SECONDS * 1000):
             raise DriverError(f"QEMU sent nothing of its state for {SAVE_SECONDS:.0f} s")
         return os.read(self.source, count)
 
@@ -348,7 +349,10 @@ def filter_stream(source: int, sink: int, base: bytes | mmap.mmap) -> tuple[int,
     stream.write(bytes([_CONFIGURATION]) + length.to_bytes(4, "big") + stream.read(length))
     ram_section: int | None = None
     dropped = 0
-    known: bytes | None = None  # the block the loader will take a CONTINUE page for
+    # The block the stream's next CONTINUE page is in, and the one the loader will take it
+    # for: they differ after a page that named its block was left out. Both outlive sections.
+    named: bytes | None = None
+    known: bytes | None = None
     while True:
         kind = stream.u8()
         if kind == _START and ram_section is None:
@@ -368,7 +372,7 @@ def filter_stream(source: int, sink: int, base: bytes | mmap.mmap) -> tuple[int,
             if section != ram_section:
                 stream.rest()
                 return stream.written, dropped
-            left_out, known = _filter_pages(stream, base, known)
+            left_out, named, known = _filter_pages(stream, base, named, known)
             dropped += left_out
             footer = stream.read(5)
             stream.write(footer)
@@ -401,17 +405,17 @@ def _copy_ram_setup(stream: _Stream) -> None:
 
 
 def _filter_pages(
-    stream: _Stream, base: bytes | mmap.mmap, known: bytes | None
-) -> tuple[int, bytes | None]:
-    """Copy page records up to the section's EOS, leaving out pages equal to ``base``."""
-    block: bytes | None = known
+    stream: _Stream, base: bytes | mmap.mmap, block: bytes | None, known: bytes | None
+) -> tuple[int, bytes | None, bytes | None]:
+    """Copy page records up to the section's EOS, leaving out pages equal to ``base``; return
+    how many were left out, the stream's current block and the loader's."""
     dropped = 0
     while True:
         word = stream.be64()
         flags, offset = word & _FLAGS, word & ~_FLAGS
         if flags == _EOS:
             stream.write(word.to_bytes(8, "big"))
-            return dropped, known
+            return dropped, block, known
         if not flags & _CONTINUE:
             block = stream.read(stream.u8())
         if block is None:
