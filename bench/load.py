@@ -117,6 +117,20 @@ class EchoDriver:
         """Refuse: these sessions end with the controller."""
         return False
 
+    async def hibernate(self, session_id: str) -> bool:
+        """Refuse: these sessions cannot be saved to disk."""
+        return False
+
+    async def resume(self, session_id: str, workdir: Path, progress: Any) -> Any:
+        """Refuse: nothing is ever hibernated here."""
+        from remotecli.exceptions import DriverError
+
+        raise DriverError("this benchmark's driver cannot hibernate", session_id=session_id)
+
+    async def recover_hibernated(self, session_id: str, workdir: Path) -> bool:
+        """Nothing is ever hibernated here."""
+        return False
+
     @staticmethod
     async def _serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(b"RFB 003.008\n")

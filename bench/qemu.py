@@ -3,7 +3,9 @@
 Also the first session of a fresh data dir (a new driver on a host that booted the template
 before), 10 clones created at once and the proportional memory (PSS, from
 ``/proc/PID/smaps_rollup``) of each idle clone, with the TCG translation cache configured and
-with the former 32 MiB, side by side. Needs a built guest image
+with the former 32 MiB, side by side; and hibernation: clones hibernated and resumed, the
+resume's time beside the clone's of the same run, the state file's size and the PSS of a
+resumed clone. Needs a built guest image
 (``remotecli image build``); templates are kept next to the image cache so that only the
 first run pays for the template's cold boot. Run alone with ``python -m bench.qemu [--quick]``.
 """
@@ -23,6 +25,7 @@ from typing import Any
 from bench.report import Section, fmt, render, verdict
 from remotecli.drivers.base import SessionSpec, VncEndpoint
 from remotecli.drivers.qemu_bench import QemuBenchDriver
+from remotecli.drivers.qemu_hibernate import STATE_NAME
 from remotecli.drivers.qemu_machine import TCG_TB_SIZE_MIB, ksm_state
 from remotecli.exceptions import DriverError
 from remotecli.images import default_cache_dir, find_image
@@ -33,6 +36,8 @@ TARGET_CLONE_P50_MS = 300.0
 TARGET_BATCH_S = 3.0
 TARGET_PSS_MIB = 48.0
 TARGET_FIRST_S = 3.0
+TARGET_RESUME_P50_MS = 1000.0
+RESUMED_AT_ONCE = 10
 FORMER_TCG_CACHE_MIB = 32
 
 
@@ -75,12 +80,14 @@ async def _measure(workdir: Path, quick: bool) -> dict[str, Any]:
     )
     cold_n, full_n, clone_n, batch_n = (1, 3, 10, 10) if quick else (3, 10, 30, 10)
     first_n = 3 if quick else 5
+    resume_n = 10 if quick else 20
     quiet: Callable[[str], None] = lambda _step: None  # noqa: E731
     result: dict[str, Any] = {"image": image.key}
     try:
         probe = SessionSpec("probe", "shell", COMMAND, workdir / "probe")
         machine = await driver.machine_for(probe, quiet)
         result["accelerator"] = machine.accelerator
+        result["memory_mib"] = machine.memory_mib
         started = time.perf_counter()
         template = await driver.ensure_template(machine, quiet)
         result["template_s"] = time.perf_counter() - started
@@ -110,6 +117,7 @@ async def _measure(workdir: Path, quick: bool) -> dict[str, Any]:
             clones.append(await _timed(driver, clone, workdir, f"clone{index}"))
             await driver.stop(f"clone{index}")
         result["clone"] = clones
+        result.update(await _hibernations(driver, clone, workdir, resume_n))
         result["pool"] = await _pooled_clones(workdir, clone_n)
         started = time.perf_counter()
         names = [f"batch{index}" for index in range(batch_n)]
@@ -126,6 +134,48 @@ async def _measure(workdir: Path, quick: bool) -> dict[str, Any]:
     result["pss_former_kib"] = await _idle_pss(workdir / "former", batch_n, FORMER_TCG_CACHE_MIB)
     result["first"] = [await _first_session(workdir / f"fresh{n}") for n in range(first_n)]
     return result
+
+
+async def _hibernations(
+    driver: QemuBenchDriver,
+    clone: Callable[[SessionSpec], Awaitable[VncEndpoint]],
+    workdir: Path,
+    count: int,
+) -> dict[str, Any]:
+    """Clone, hibernate, resume, ``count`` times, nothing else running (as for the clones):
+    the times and the state files' sizes. Each is then hibernated again; the last
+    ``RESUMED_AT_ONCE`` are resumed together for the idle PSS of each, a like-for-like figure
+    with the "10 at once" clones'."""
+    quiet: Callable[[str], None] = lambda _step: None  # noqa: E731
+    saves, resumes, sizes = [], [], []
+    names = [f"sleeper{index}" for index in range(count)]
+    for name in names:
+        spec = SessionSpec(name, "shell", COMMAND, workdir / name)
+        await clone(spec)
+        started = time.perf_counter()
+        if not await driver.hibernate(name):
+            raise DriverError("the driver did not hibernate a clone (too little free disk?)")
+        saves.append(time.perf_counter() - started)
+        sizes.append((spec.workdir / STATE_NAME).stat().st_size)
+        started = time.perf_counter()
+        await driver.resume(name, spec.workdir, quiet)
+        resumes.append(time.perf_counter() - started)
+        await driver.hibernate(name)  # asleep again, so the next sample runs alone
+    running = names[-RESUMED_AT_ONCE:]
+    for name in running:
+        await driver.resume(name, workdir / name, quiet)
+    await asyncio.sleep(3.0)  # idle, as the clones' PSS below
+    pids = [driver.pid_of(name) for name in running]
+    resumed_pss = [kib for pid in pids if pid is not None if (kib := pss_kib(pid))]
+    for name in names:
+        await driver.stop(name)
+    return {
+        "hibernate": saves,
+        "resume": resumes,
+        "state_bytes": sizes,
+        "resumed_pss_kib": resumed_pss,
+        "free_disk": shutil.disk_usage(workdir).free,
+    }
 
 
 async def _idle_pss(workdir: Path, count: int, tcg_cache_mib: int) -> list[int]:
@@ -211,6 +261,8 @@ def run(quick: bool, workdir: Path) -> list[Section]:
         ("full", "full restore"),
         ("clone", "CoW clone"),
         ("pool", "CoW clone from a warm pool of 1"),
+        ("hibernate", "hibernate a clone (save to disk, QEMU gone)"),
+        ("resume", "resume a hibernated clone"),
     ):
         samples = [1000 * value for value in result[kind]]
         rows.append([label, str(len(samples)), fmt(_pct(samples, 0.5)), fmt(_pct(samples, 0.95))])
@@ -230,6 +282,11 @@ def run(quick: bool, workdir: Path) -> list[Section]:
     former = [kib / 1024 for kib in result["pss_former_kib"]]
     former_mean = sum(former) / len(former) if former else None
     first_p50 = _pct(first_ms, 0.5)
+    resume_p50 = _pct([1000 * value for value in result["resume"]], 0.5)
+    state_mib = [size / (1 << 20) for size in result["state_bytes"]]
+    state_mean = sum(state_mib) / len(state_mib) if state_mib else None
+    resumed = [kib / 1024 for kib in result["resumed_pss_kib"]]
+    resumed_mean = sum(resumed) / len(resumed) if resumed else None
     section = Section(TITLE, ["path", "samples", "p50 ms", "p95 ms"], rows)
     section.targets = [
         (
@@ -254,6 +311,11 @@ def run(quick: bool, workdir: Path) -> list[Section]:
             f"same run)",
             verdict(None if pss_mean is None else pss_mean <= TARGET_PSS_MIB),
         ),
+        (
+            f"resume p50 <= {TARGET_RESUME_P50_MS:.0f} ms",
+            f"{fmt(resume_p50)} ms (clone p50 {fmt(clone_p50)} ms, same run)",
+            verdict(None if resume_p50 is None else resume_p50 <= TARGET_RESUME_P50_MS),
+        ),
     ]
     section.notes = [
         f"accelerator {result['accelerator']}, image {result['image']}; ready = RFB banner "
@@ -262,6 +324,16 @@ def run(quick: bool, workdir: Path) -> list[Section]:
         f"TCG translation cache {TCG_TB_SIZE_MIB} MiB per VM (qemu_tcg_cache); KSM {ksm_state()}",
         f"idle PSS over {len(pss)} clones at once: the template's shared pages count "
         "1/N in each, so more clones cost less each",
+        f"hibernate.state per session: {fmt(state_mean, 1)} MiB on average (max "
+        f"{fmt(max(state_mib) if state_mib else None, 1)}; at most the guest's "
+        f"{result['memory_mib']} MiB of RAM): this disk's free "
+        f"{result['free_disk'] / (1 << 30):.1f} GiB holds about "
+        f"{result['free_disk'] // max(1, max(result['state_bytes'], default=1))} hibernated "
+        f"sessions of this size, {result['free_disk'] // (result['memory_mib'] << 20)} if "
+        "each had written all its RAM",
+        f"idle PSS of {len(resumed)} resumed clones running together: {fmt(resumed_mean, 1)} MiB "
+        f"each (max {fmt(max(resumed) if resumed else None, 1)}; fresh clones, 10 at once: "
+        f"{fmt(pss_mean, 1)} MiB)",
         "the figures depend on the machine's load: see the load average in the header",
     ]
     return [section]

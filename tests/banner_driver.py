@@ -6,7 +6,10 @@ provider command, no sandbox, no child processes, no VNC beyond the 12-byte ``RF
 banner, HOME is the ``kept`` dict a test fills (:meth:`BannerDriver.collect` returns it), and a
 session's loopback is the host's (:meth:`BannerDriver.connect_loopback`: the test's own server
 stands in for the CLI's). Nothing survives the test process (so ``recover`` only knows
-sessions this very instance started). The local driver's own tests and ``tests/e2e/`` cover those.
+sessions this very instance started), except what hibernation saves: with ``hibernatable`` set,
+:meth:`BannerDriver.hibernate` closes the server and writes a marker file in the session's
+directory, which any instance resumes from (a new server, a new port); no memory or screen is
+saved, of course. The local driver's own tests and ``tests/e2e/`` cover those.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from remotecli.exceptions import DriverError, UpstreamRefused
 from remotecli.providers import HostPrograms
 
 BANNER = b"RFB 003.008\n"
+SAVED = "banner.hibernated"
+"""The marker a hibernated banner session leaves in its directory."""
 
 
 @dataclass
@@ -50,6 +55,11 @@ class BannerDriver:
         self._sandboxes: dict[str, _Sandbox] = {}
         self.kept: dict[str, dict[str, bytes]] = {}  # session id → files "in its HOME"
         self.tty_paths: dict[str, str] = {}  # session id → a tty socket a test stands up
+        self.hibernatable = False  # set it to let hibernate() save sessions
+        self.hibernated: list[str] = []
+        self.resumed: list[str] = []
+        self.fail_resume: str | None = None  # set it to make resume() fail with this message
+        self._asleep: dict[str, Path] = {}
 
     async def tty_socket(self, session_id: str) -> str:
         """Return the socket a test put in ``tty_paths`` for the session; else refuse."""
@@ -124,7 +134,11 @@ class BannerDriver:
         sandbox.ended.set_result(reason)
 
     async def stop(self, session_id: str) -> None:
-        """Close the session's server; idempotent."""
+        """Close the session's server, or remove its marker if hibernated; idempotent."""
+        workdir = self._asleep.pop(session_id, None)
+        if workdir is not None:
+            (workdir / SAVED).unlink(missing_ok=True)
+            self.stopped.append(session_id)
         sandbox = self._sandboxes.pop(session_id, None)
         if sandbox is None:
             return
@@ -133,6 +147,49 @@ class BannerDriver:
         await sandbox.server.wait_closed()
         if not sandbox.ended.done():
             sandbox.ended.set_result("stopped")
+
+    async def hibernate(self, session_id: str) -> bool:
+        """With ``hibernatable``: close the session's server and leave the marker file."""
+        sandbox = self._sandboxes.get(session_id)
+        spec = self.specs.get(session_id)
+        if not self.hibernatable or sandbox is None or spec is None:
+            return False
+        spec.workdir.mkdir(parents=True, exist_ok=True)
+        (spec.workdir / SAVED).write_text(session_id)
+        del self._sandboxes[session_id]
+        sandbox.server.close()
+        await sandbox.server.wait_closed()
+        if not sandbox.ended.done():
+            sandbox.ended.set_result("hibernated")
+        self._asleep[session_id] = spec.workdir
+        self.hibernated.append(session_id)
+        return True
+
+    async def resume(
+        self, session_id: str, workdir: Path, progress: ProgressCallback
+    ) -> VncEndpoint:
+        """Serve the banner again on a new port; the marker is removed once it is read."""
+        if self.fail_resume is not None:
+            raise DriverError(self.fail_resume, session_id=session_id)
+        if not (workdir / SAVED).is_file():
+            raise DriverError(f"session {session_id} has no saved state", session_id=session_id)
+        spec = SessionSpec(session_id, "shell", ("bash",), workdir)
+        endpoint = await self.start(spec, progress)
+        (workdir / SAVED).unlink()
+        self._asleep.pop(session_id, None)
+        self.resumed.append(session_id)
+        return endpoint
+
+    async def recover_hibernated(self, session_id: str, workdir: Path) -> bool:
+        """True when the session's directory holds the marker (any instance left it)."""
+        if not (workdir / SAVED).is_file():
+            return False
+        self._asleep[session_id] = workdir
+        return True
+
+    def asleep(self) -> list[str]:
+        """Return the ids of sessions whose marker this instance holds."""
+        return list(self._asleep)
 
     async def recover(self, session_id: str, workdir: Path) -> VncEndpoint | None:
         """Return the endpoint if this instance still runs the session, else None."""

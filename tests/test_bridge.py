@@ -66,7 +66,7 @@ class Authorizer:
     detached: list[tuple[str, int, int]] = field(default_factory=list)
     detached_event: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def authorize_vnc(
+    async def authorize_vnc(
         self,
         session_id: str,
         *,

@@ -450,13 +450,13 @@ async def test_ticket_opens_once(api: Harness) -> None:
     ticket = response.json()["ticket"]
     assert response.json()["expires_in"] == 60
     assert response.json()["vnc_path"].endswith(f"?ticket={ticket}")
-    target = api.viewers.authorize_vnc(
+    target = await api.viewers.authorize_vnc(
         session["id"], cookie_header=None, origin=None, host=HOST, ticket=ticket
     )
     assert target.owner == "admin"
     assert target.endpoint.port is not None
     with pytest.raises(Forbidden, match="already used"):
-        api.viewers.authorize_vnc(
+        await api.viewers.authorize_vnc(
             session["id"], cookie_header=None, origin=None, host=HOST, ticket=ticket
         )
 
@@ -470,7 +470,7 @@ async def test_expired_ticket_refused(api: Harness) -> None:
     ).json()["ticket"]
     api.ticket_clock.now += 60
     with pytest.raises(Forbidden, match="expired"):
-        api.viewers.authorize_vnc(
+        await api.viewers.authorize_vnc(
             session["id"], cookie_header=None, origin=None, host=HOST, ticket=ticket
         )
 
@@ -481,18 +481,20 @@ async def test_cookie_needs_allowed_origin(api: Harness) -> None:
     await api.wait_state(session["id"], State.READY)
     cookie = await api.login_cookie()
     sid = session["id"]
-    target = api.viewers.authorize_vnc(
+    target = await api.viewers.authorize_vnc(
         sid, cookie_header=cookie, origin=f"http://{HOST}", host=HOST, ticket=None
     )
     assert target.session_id == sid
     with pytest.raises(Forbidden):
-        api.viewers.authorize_vnc(
+        await api.viewers.authorize_vnc(
             sid, cookie_header=cookie, origin="http://evil.example", host=HOST, ticket=None
         )
     with pytest.raises(NotAuthenticated):
-        api.viewers.authorize_vnc(sid, cookie_header=None, origin=None, host=HOST, ticket=None)
+        await api.viewers.authorize_vnc(
+            sid, cookie_header=None, origin=None, host=HOST, ticket=None
+        )
     with pytest.raises(NotAuthenticated):
-        api.viewers.authorize_vnc(
+        await api.viewers.authorize_vnc(
             sid,
             cookie_header=f"{COOKIE_NAME}=wrong",
             origin=f"http://{HOST}",
@@ -501,7 +503,7 @@ async def test_cookie_needs_allowed_origin(api: Harness) -> None:
         )
     bob_cookie = await api.login_cookie(BOB_TOKEN)
     with pytest.raises(NotFound):
-        api.viewers.authorize_vnc(
+        await api.viewers.authorize_vnc(
             sid, cookie_header=bob_cookie, origin=f"http://{HOST}", host=HOST, ticket=None
         )
 
@@ -515,7 +517,7 @@ async def test_vnc_refused_while_starting(api: Harness) -> None:
         await api.client.post(f"/api/sessions/{session['id']}/ticket", headers=api.auth())
     ).json()["ticket"]
     with pytest.raises(Conflict, match="not ready"):
-        api.viewers.authorize_vnc(
+        await api.viewers.authorize_vnc(
             session["id"], cookie_header=None, origin=None, host=HOST, ticket=ticket
         )
     api.driver.gate.set()
@@ -656,3 +658,51 @@ async def test_shutdown_stops_every_session(api: Harness) -> None:
         "/api/sessions", json={"provider": "shell"}, headers=api.auth()
     )
     assert response.status_code == 503
+
+
+# --- hibernation through the API and the viewer access -----------------------------------------
+
+
+async def test_hibernate_and_resume_endpoints(api: Harness) -> None:
+    """POST .../hibernate answers the session hibernated; POST .../resume answers it ready again;
+    hibernating a session on a driver that cannot is 409."""
+    api.driver.hibernatable = True
+    session = await api.create()
+    sid = session["id"]
+    await api.wait_state(sid, State.READY)
+    response = await api.client.post(f"/api/sessions/{sid}/hibernate", headers=api.auth())
+    assert response.status_code == 200, response.text
+    assert response.json()["state"] == "hibernated"
+    listed = (await api.client.get("/api/sessions", headers=api.auth())).json()
+    assert [s["state"] for s in listed if s["id"] == sid] == ["hibernated"]
+    response = await api.client.post(f"/api/sessions/{sid}/resume", headers=api.auth())
+    assert response.status_code == 200, response.text
+    assert response.json()["state"] == "ready"
+    api.driver.hibernatable = False
+    response = await api.client.post(f"/api/sessions/{sid}/hibernate", headers=api.auth())
+    assert response.status_code == 409
+    assert "cannot hibernate" in response.json()["message"]
+
+
+async def test_a_viewer_resumes_a_hibernated_session(api: Harness) -> None:
+    """Authorizing a VNC viewer for a hibernated session resumes it and returns the new
+    endpoint; another user's viewer gets 404 and resumes nothing."""
+    api.driver.hibernatable = True
+    session = await api.create()
+    sid = session["id"]
+    await api.wait_state(sid, State.READY)
+    old = api.store.session(sid).endpoint
+    assert await api.manager.hibernate(sid)
+    bob_cookie = await api.login_cookie(BOB_TOKEN)
+    with pytest.raises(NotFound):
+        await api.viewers.authorize_vnc(
+            sid, cookie_header=bob_cookie, origin=f"http://{HOST}", host=HOST, ticket=None
+        )
+    assert api.store.session(sid).state is State.HIBERNATED
+    ticket = (await api.client.post(f"/api/sessions/{sid}/ticket", headers=api.auth())).json()
+    target = await api.viewers.authorize_vnc(
+        sid, cookie_header=None, origin=None, host=HOST, ticket=ticket["ticket"]
+    )
+    assert api.store.session(sid).state is State.READY
+    assert target.endpoint != old
+    assert target.endpoint == api.store.session(sid).endpoint

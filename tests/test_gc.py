@@ -265,6 +265,28 @@ def test_stale_and_superseded_images_go_current_ones_stay(
     assert find_image(cache, ["claude-code"]).directory == claude
 
 
+def test_an_image_a_hibernated_session_resumes_on_stays(
+    data_dir: Path, store: Store, cache: Path
+) -> None:
+    """A superseded image stays while a hibernated session of this data dir ran on it (its
+    vm.json names it); it goes once that session has ended."""
+    older = plant_image(cache, "older", built_at=10.0)
+    plant_image(cache, "current", built_at=20.0)
+    record = store.create_session("asleep", "alice", "shell", 1.0)
+    for event in (Event.START, Event.READY, Event.HIBERNATE):
+        store.apply(record.id, event, 2.0)
+    workdir = data_dir / "sessions" / record.id
+    workdir.mkdir(parents=True)
+    (workdir / "vm.json").write_text(json.dumps({"machine": {"image": str(older)}}))
+    report = gc(data_dir, store, cache, time.time())
+    assert [i.target for i in report.items if i.kind == "image"] == []
+    assert older.exists()
+    for event in (Event.STOP, Event.STOPPED):
+        store.apply(record.id, event, 3.0)
+    report = gc(data_dir, store, cache, time.time())
+    assert [i.target for i in report.items if i.kind == "image"] == [str(older)]
+
+
 def test_abandoned_builds_go_running_and_fresh_ones_stay(
     data_dir: Path, store: Store, cache: Path
 ) -> None:

@@ -24,15 +24,17 @@ def test_happy_path() -> None:
     assert state is State.STOPPED
 
 
-@pytest.mark.parametrize("state", [State.PENDING, State.STARTING, State.READY, State.STOPPING])
+@pytest.mark.parametrize(
+    "state", [State.PENDING, State.STARTING, State.READY, State.HIBERNATED, State.STOPPING]
+)
 def test_fail_from_every_state_before_stopped(state: State) -> None:
     """Every non-final state can fail."""
     assert next_state(state, Event.FAIL) is State.FAILED
 
 
-@pytest.mark.parametrize("state", [State.PENDING, State.STARTING, State.READY])
+@pytest.mark.parametrize("state", [State.PENDING, State.STARTING, State.READY, State.HIBERNATED])
 def test_stop_before_ready_or_after(state: State) -> None:
-    """A session can be stopped while pending, starting or ready."""
+    """A session can be stopped while pending, starting, ready or hibernated."""
     assert next_state(state, Event.STOP) is State.STOPPING
 
 
@@ -68,3 +70,34 @@ def test_table_is_complete_and_consistent() -> None:
     assert {s for (s, _e) in TRANSITIONS} == set(ACTIVE_STATES)
     assert all(is_final(s) for s in FINAL_STATES)
     assert not any(is_final(s) for s in ACTIVE_STATES)
+
+
+def test_hibernate_and_resume() -> None:
+    """A ready session hibernates and resumes to ready, as often as it likes."""
+    state = State.READY
+    for _ in range(2):
+        state = next_state(state, Event.HIBERNATE)
+        assert state is State.HIBERNATED
+        state = next_state(state, Event.RESUME)
+        assert state is State.READY
+
+
+@pytest.mark.parametrize("state", [State.PENDING, State.STARTING, State.STOPPING])
+def test_only_a_ready_session_hibernates(state: State) -> None:
+    """Hibernating is refused before ready and while stopping."""
+    with pytest.raises(Conflict, match="'hibernate' is not allowed"):
+        next_state(state, Event.HIBERNATE)
+
+
+@pytest.mark.parametrize("event", [Event.START, Event.READY, Event.HIBERNATE, Event.STOPPED])
+def test_hibernated_leaves_only_by_resume_stop_or_fail(event: Event) -> None:
+    """A hibernated session is not started, made ready or stopped-done without its resume or
+    stop; the refusal names what is allowed."""
+    with pytest.raises(Conflict, match="allowed: fail, resume, stop"):
+        next_state(State.HIBERNATED, event)
+
+
+def test_hibernated_counts_as_active() -> None:
+    """A hibernated session holds its place in the limits and is recovered after a restart."""
+    assert State.HIBERNATED in ACTIVE_STATES
+    assert not is_final(State.HIBERNATED)

@@ -132,7 +132,7 @@ class Authorizer:
     attached: list[str] = field(default_factory=list)
     detached: list[tuple[str, int, int]] = field(default_factory=list)
 
-    def authorize_vnc(
+    async def authorize_vnc(
         self,
         session_id: str,
         *,

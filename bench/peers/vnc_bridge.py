@@ -29,7 +29,7 @@ class OpenAuthorizer:
     def __init__(self, endpoint: VncEndpoint) -> None:
         self._endpoint = endpoint
 
-    def authorize_vnc(
+    async def authorize_vnc(
         self,
         session_id: str,
         *,

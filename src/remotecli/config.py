@@ -80,6 +80,7 @@ CONTROLLER_ENV = {
     "REMOTECLI_DRIVER": "driver",
     "REMOTECLI_SESSION_TTL": "session_ttl",
     "REMOTECLI_IDLE_STOP": "idle_stop",
+    "REMOTECLI_HIBERNATE_AFTER": "hibernate_after",
     "REMOTECLI_MAX_SESSIONS": "max_sessions",
     "REMOTECLI_MAX_SESSIONS_PER_USER": "max_sessions_per_user",
     "REMOTECLI_ALLOWED_ORIGINS": "allowed_origins",
@@ -165,6 +166,9 @@ class ControllerConfig:
     driver: str = "local"
     session_ttl: float = 3600.0  # seconds a session may live; 0 = forever
     idle_stop: float = 1800.0  # seconds without a viewer before a ready session stops; 0 = never
+    # seconds without a viewer before a ready session is hibernated (saved to disk, no process),
+    # when its driver can (qemu); 0 = never
+    hibernate_after: float = 600.0
     max_sessions: int = 20  # active sessions on this host (503 past it)
     max_sessions_per_user: int = 10  # active sessions per user (429 past it)
     allowed_origins: tuple[str, ...] = ()  # extra origins allowed to open WebSockets by cookie
@@ -351,6 +355,7 @@ _CONTROLLER_PARSERS: dict[str, Callable[[object], object]] = {
     "driver": str,
     "session_ttl": lambda v: parse_duration(v, "session_ttl"),
     "idle_stop": lambda v: parse_duration(v, "idle_stop"),
+    "hibernate_after": lambda v: parse_duration(v, "hibernate_after"),
     "reap_interval": lambda v: parse_duration(v, "reap_interval"),
     "max_sessions": lambda v: _parse_count(v, "max_sessions"),
     "max_sessions_per_user": lambda v: _parse_count(v, "max_sessions_per_user"),

@@ -5,11 +5,20 @@ The store applies :func:`next_state` inside the transaction that persists a chan
 transition changes nothing. ::
 
     pending ──start──▶ starting ──ready──▶ ready ──stop──▶ stopping ──stopped──▶ stopped
-       │                  │                  │                 │
+       │                  │               │   ▲             ▲  │
+       │                  │       hibernate   resume        │  │
+       │                  │               ▼   │             │  │
+       │                  │             hibernated ───stop──┘  │
        └──────stop────────┴───────▶ stopping ◀                 │
        └──────────────── fail (with a reason) ─────────────────┴──▶ failed
 
-``stopped`` and ``failed`` are final: nothing leaves them.
+``stopped`` and ``failed`` are final: nothing leaves them. ``hibernated`` is a session with no
+process: its memory and devices are saved to a file in its directory (``docs/microvm.md``).
+It is entered and left only once the driver is done, so a controller that dies while saving
+or loading finds the session in the state it was in before, with what that state needs on disk:
+hibernating keeps the session ``ready`` (and running) until the file is complete; resuming
+keeps it ``hibernated`` (and its file) until the new process reads its VNC banner. That is why
+there is no ``hibernating`` or ``resuming`` state in between.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ class State(StrEnum):
     STARTING = "starting"
     READY = "ready"
     STOPPING = "stopping"
+    HIBERNATED = "hibernated"
     STOPPED = "stopped"
     FAILED = "failed"
 
@@ -38,13 +48,20 @@ class Event(StrEnum):
     STOP = "stop"  # someone (a user, the reaper, a shutdown) asked it to stop
     STOPPED = "stopped"  # the driver removed every process it had
     FAIL = "fail"  # it broke; a reason comes with the event
+    HIBERNATE = "hibernate"  # the driver saved it to disk and ended its processes (no viewer)
+    RESUME = "resume"  # the driver started it again from its saved state (a viewer came back)
 
 
 FINAL_STATES = frozenset({State.STOPPED, State.FAILED})
 """States a session never leaves."""
 
-ACTIVE_STATES = frozenset({State.PENDING, State.STARTING, State.READY, State.STOPPING})
-"""States that count against the session limits and that a restart must recover."""
+ACTIVE_STATES = frozenset(
+    {State.PENDING, State.STARTING, State.READY, State.HIBERNATED, State.STOPPING}
+)
+"""States that count against the session limits and that a restart must recover.
+
+A hibernated session counts: it costs disk instead of memory, but it resumes whenever its user
+comes back, without asking for a place, so the limits must have kept one for it."""
 
 TRANSITIONS: dict[tuple[State, Event], State] = {
     (State.PENDING, Event.START): State.STARTING,
@@ -53,6 +70,10 @@ TRANSITIONS: dict[tuple[State, Event], State] = {
     (State.STARTING, Event.STOP): State.STOPPING,
     (State.READY, Event.STOP): State.STOPPING,
     (State.STOPPING, Event.STOPPED): State.STOPPED,
+    (State.READY, Event.HIBERNATE): State.HIBERNATED,
+    (State.HIBERNATED, Event.RESUME): State.READY,
+    (State.HIBERNATED, Event.STOP): State.STOPPING,
+    (State.HIBERNATED, Event.FAIL): State.FAILED,
     (State.PENDING, Event.FAIL): State.FAILED,
     (State.STARTING, Event.FAIL): State.FAILED,
     (State.READY, Event.FAIL): State.FAILED,

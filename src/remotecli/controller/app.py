@@ -459,6 +459,35 @@ def create_app(
         manager.get(user, session_id)
         return session_out(await manager.stop(session_id, reason="deleted by its owner"))
 
+    @app.post(
+        "/api/sessions/{session_id}/hibernate",
+        response_model=SessionOut,
+        tags=["sessions"],
+        responses={404: {"model": ErrorOut}, 409: {"model": ErrorOut}},
+    )
+    async def hibernate_session(session_id: SessionId, user: User) -> SessionOut:
+        """Hibernate one of your sessions now: saved to disk, its process gone (``hibernated``).
+
+        Only a ready session without a viewer, on a driver that can (``qemu``); 409 otherwise.
+        A viewer that connects, or ``POST .../resume``, brings it back.
+        """
+        return session_out(await manager.hibernate_now(user, session_id))
+
+    @app.post(
+        "/api/sessions/{session_id}/resume",
+        response_model=SessionOut,
+        tags=["sessions"],
+        responses={404: {"model": ErrorOut}, 409: {"model": ErrorOut}, 502: {"model": ErrorOut}},
+    )
+    async def resume_session(session_id: SessionId, user: User) -> SessionOut:
+        """Resume a hibernated session and return it once ready; a ready one is returned as is.
+
+        Opening a view resumes it too. If the saved state cannot be loaded the session fails
+        with the cause, and the driver's error is returned.
+        """
+        await manager.wake(user, session_id)
+        return session_out(manager.get(user, session_id))
+
     @app.get(
         "/api/sessions/{session_id}/events",
         tags=["sessions"],

@@ -121,9 +121,15 @@ class _VncViewer(ViewerSocket):
         self._vnc_auth: asyncio.Future[None] | None = None
 
     def _open(self, request: Request, credentials: Credentials) -> None:
+        # Authorizing may resume a hibernated session (about a second): not on this callback.
+        self._connect_task = asyncio.get_running_loop().create_task(
+            self._authorize(request, credentials)
+        )
+
+    async def _authorize(self, request: Request, credentials: Credentials) -> None:
         assert self.session_id is not None
         try:
-            target = self.authorizer.authorize_vnc(
+            target = await self.authorizer.authorize_vnc(
                 self.session_id,
                 cookie_header=credentials.cookie_header,
                 origin=credentials.origin,
@@ -135,9 +141,7 @@ class _VncViewer(ViewerSocket):
             self._refuse(exc)
             return
         if self._admit(target.owner):
-            self._connect_task = asyncio.get_running_loop().create_task(
-                self._connect(request, target.endpoint)
-            )
+            await self._connect(request, target.endpoint)
 
     async def _connect(self, request: Request, endpoint: VncEndpoint) -> None:
         upstream = Upstream(self, "the VNC server")

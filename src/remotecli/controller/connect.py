@@ -107,6 +107,12 @@ class SignInKeeper:
                 await entry.task
         await self._save(session_id, entry)
 
+    async def checkpoint(self, session_id: str) -> None:
+        """Save the session's sign-in now and go on keeping it (before it hibernates)."""
+        entry = self._sessions.get(session_id)
+        if entry is not None:
+            await self._save(session_id, entry)
+
     async def close(self) -> None:
         """Stop every periodic read (shutdown; the sessions' own stops call :meth:`finish`)."""
         for entry in self._sessions.values():

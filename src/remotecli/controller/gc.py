@@ -45,7 +45,7 @@ from remotecli.drivers.local_channels import remove_workdir
 from remotecli.exceptions import RemoteCliError
 from remotecli.images.build import MANIFEST, default_cache_dir, image_recipe, manifest_versions
 from remotecli.sandbox import files
-from remotecli.states import ACTIVE_STATES
+from remotecli.states import ACTIVE_STATES, State
 
 SETTLE_SECONDS = 3600.0
 """Anything changed (or a session ended) more recently than this is left for a later round."""
@@ -137,7 +137,8 @@ def run_gc(
     _expire_records(config, store, now, report)
     _sweep_session_dirs(config.data_dir / "sessions", store, now, report)
     cache = image_cache if image_cache is not None else default_cache_dir()
-    gone_images = _sweep_images(cache, now, report)
+    asleep = _images_of_hibernated(config.data_dir / "sessions", store)
+    gone_images = _sweep_images(cache, now, report, asleep)
     qemu = config.data_dir / "qemu"
     # The driver's templates are beside the images (shared by every data dir); older
     # remote-clis kept them in the data dir.
@@ -212,9 +213,27 @@ class _Image:
     current: bool | None  # None: the recipe could not be computed here
 
 
-def _sweep_images(cache: Path, now: float, report: GcReport) -> set[Path]:
+def _images_of_hibernated(root: Path, store: Store) -> set[Path]:
+    """The images (real paths) this data dir's hibernated sessions resume on: from each one's
+    ``vm.json``, written by the qemu driver."""
+    images: set[Path] = set()
+    for record in store.active_sessions():
+        if record.state is not State.HIBERNATED:
+            continue
+        try:
+            info = json.loads((root / record.id / "vm.json").read_text())
+            images.add(Path(os.path.realpath(info["machine"]["image"])))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return images
+
+
+def _sweep_images(
+    cache: Path, now: float, report: GcReport, asleep: frozenset[Path] | set[Path] = frozenset()
+) -> set[Path]:
     """Remove stale and superseded images and abandoned builds; return the images gone
-    (under dry_run: to go), as real paths."""
+    (under dry_run: to go), as real paths. Images in ``asleep`` stay: a hibernated session
+    resumes only on the image it ran on."""
     images: list[_Image] = []
     recipes: dict[tuple[str, ...], str | None] = {}
     for path in _entries(cache, report):
@@ -228,7 +247,7 @@ def _sweep_images(cache: Path, now: float, report: GcReport) -> set[Path]:
     gone: set[Path] = set()
     for image in images:
         reason = _image_obsolete(image, images)
-        if reason is not None:
+        if reason is not None and Path(os.path.realpath(image.directory)) not in asleep:
             size, _ = _measure(image.directory)
             if _remove(report, "image", image.directory, size, reason, _remove_tree):
                 gone.add(image.directory)

@@ -10,6 +10,14 @@ reaper, or the shutdown) cancels that task, closes the viewers with 1000, asks t
 stop and records ``stopped``. Every change goes through the store's transition table and is
 published as an event. On start, :meth:`SessionManager.recover` settles sessions a previous
 controller left active, so nothing stays ``ready`` that is not.
+
+Hibernation. The reaper hibernates a ready session that had no viewer for ``hibernate_after``
+(:meth:`SessionManager.hibernate`: the driver saves it to disk and ends its processes; a driver
+that cannot says so and the session runs on). A viewer of either view, or ``POST .../resume``,
+resumes it (:meth:`SessionManager.wake`): one resume per session at a time, every viewer
+waiting for it. The store changes only once the driver is done, so a restart in the middle
+finds the session as it was before, and :meth:`SessionManager.recover` keeps a hibernated
+session hibernated whatever ``on_shutdown`` says: it has no process to lose.
 """
 
 from __future__ import annotations
@@ -96,6 +104,10 @@ class _Runtime:
     viewers: int = 0
     idle_since: float = 0.0
     open_url: str | None = None
+    hibernating: asyncio.Task[bool] | None = None
+    resuming: asyncio.Task[SessionRecord] | None = None
+    cannot_hibernate: bool = False
+    """The driver refused this idle spell; asked again after the next viewer leaves."""
 
 
 class _Metrics:
@@ -193,7 +205,8 @@ class SessionManager:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        active = self.store.active_sessions()
+        # A hibernated session has no process: it stays hibernated for the next start.
+        active = [r for r in self.store.active_sessions() if r.state is not State.HIBERNATED]
         if self.config.on_shutdown == "keep":
             active = [r for r in active if not await self._keep(r)]
         await asyncio.gather(
@@ -225,11 +238,17 @@ class SessionManager:
         """Settle every session a previous controller left active.
 
         A ``ready`` session whose sandbox still runs (``driver.recover`` returns its endpoint)
-        stays ready and is watched again; anything else is stopped through the driver and
-        marked ``failed`` (it was running or starting) or ``stopped`` (it was stopping).
+        stays ready and is watched again; a hibernated one whose saved state is whole stays
+        hibernated (as does a ready one the driver had saved just before the restart); anything
+        else is stopped through the driver and marked ``failed`` (it was running, starting or
+        hibernated) or ``stopped`` (it was stopping).
         """
         for record in self.store.active_sessions():
             workdir = self._workdir(record.id)
+            if record.state in (State.READY, State.HIBERNATED) and await self._recover_asleep(
+                record, workdir
+            ):
+                continue
             try:
                 endpoint = await self.driver.recover(record.id, workdir)
             except RemoteCliError as exc:
@@ -238,6 +257,9 @@ class SessionManager:
             except Exception:  # one session's leftovers must not keep the controller down
                 endpoint = None
                 log.exception("recover crashed", session_id=record.id)
+            if endpoint is not None and record.state is State.HIBERNATED:
+                # Resumed by the last controller, which stopped before recording it.
+                record = self._apply(record.id, Event.RESUME, endpoint=endpoint)
             if endpoint is not None and record.state is State.READY:
                 runtime = self._runtime.setdefault(record.id, _Runtime())
                 runtime.idle_since = self._clock()
@@ -251,6 +273,8 @@ class SessionManager:
                 self._apply(record.id, Event.STOPPED, reason="stopped while remote-cli was down")
             else:
                 ended = "its processes were gone" if endpoint is None else "it could not be kept"
+                if record.state is State.HIBERNATED:
+                    ended = "its saved state was gone or unusable"
                 self._apply(
                     record.id,
                     Event.FAIL,
@@ -259,6 +283,30 @@ class SessionManager:
                     cause="restart",
                 )
         self._metrics.active.set(self.store.count_active())
+
+    async def _recover_asleep(self, record: SessionRecord, workdir: Path) -> bool:
+        """Keep ``record`` hibernated if the driver holds its whole saved state; True if so.
+
+        A ready one is recorded hibernated: the last controller stopped between the driver's
+        save and the store's change.
+        """
+        try:
+            whole = await self.driver.recover_hibernated(record.id, workdir)
+        except RemoteCliError as exc:
+            log.warning("hibernated state not recovered", session_id=record.id, error=exc.message)
+            return False
+        except Exception:  # one session's leftovers must not keep the controller down
+            log.exception("recovering a hibernated state crashed", session_id=record.id)
+            return False
+        if not whole:
+            return False
+        if record.state is State.READY:
+            record = self._apply(record.id, Event.HIBERNATE)
+        # The last viewer's time is lost with the old controller; falling asleep came later,
+        # so idle_stop counted from it can only come late, never early.
+        self._runtime.setdefault(record.id, _Runtime()).idle_since = record.updated_at
+        log.info("session kept hibernated", session_id=record.id)
+        return True
 
     async def end_removed_users(self) -> list[str]:
         """Stop every active session whose owner was removed (``remotecli user remove``).
@@ -419,7 +467,7 @@ class SessionManager:
         return await relay_callback(self.driver, session_id, url)
 
     def active_count(self) -> int:
-        """Return how many sessions are pending, starting or ready."""
+        """Return how many sessions are pending, starting, ready, hibernated or stopping."""
         return self.store.count_active()
 
     def isolation(self) -> Mapping[str, object] | None:
@@ -472,10 +520,16 @@ class SessionManager:
         if record.state is not State.STOPPING:
             record = self._apply(session_id, Event.STOP, reason=reason, cause=cause)
         runtime = self._runtime.setdefault(session_id, _Runtime())
-        if runtime.task is not None and not runtime.task.done():
-            runtime.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await runtime.task
+        for task in (runtime.task, runtime.resuming):
+            if task is not None and not task.done():
+                task.cancel()  # a resume cut short leaves the saved state, removed below
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if runtime.hibernating is not None:
+            # Let a save finish (a fraction of a second): the driver then holds either the
+            # running VM or the saved state, and its stop removes whichever it is.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(runtime.hibernating)
         await self._close_viewers(session_id, 1000, "session stopped")
         await self.keeper.finish(session_id)  # HOME is still there: keep the sign-in
         try:
@@ -536,9 +590,13 @@ class SessionManager:
         except Exception as exc:  # a driver bug: the session is not known to run any more
             log.exception("driver wait crashed", session_id=session_id)
             reason = f"the driver lost the session: {exc!r}"
+        runtime = self._runtime.get(session_id)
+        if runtime is not None and runtime.hibernating is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(runtime.hibernating)  # the driver ended it to save it
         record = self.store.find_session(session_id)
         if record is None or record.state is not State.READY:
-            return  # a stop we asked for
+            return  # a stop or a hibernation we asked for
         await self._fail(session_id, f"the session ended by itself: {reason}")
 
     async def _fail(self, session_id: str, reason: str) -> None:
@@ -560,27 +618,47 @@ class SessionManager:
     # --- reaper --------------------------------------------------------------------------------
 
     async def reap(self) -> list[str]:
-        """Stop sessions past their TTL, and ready ones without a viewer for too long.
+        """Stop sessions past their TTL and those without a viewer for ``idle_stop``; hibernate
+        ready ones without a viewer for ``hibernate_after``.
 
         Returns the ids it stopped. The reaper task calls it every ``reap_interval`` seconds.
+        ``idle_stop`` counts from the last viewer whether the session is ready or hibernated:
+        hibernating does not change when a session is stopped.
         """
         now = self._clock()
         ttl, idle = self.config.session_ttl, self.config.idle_stop
+        asleep = self.config.hibernate_after
         doomed: dict[str, str] = {}
+        drowsy: list[str] = []
         for record in self.store.active_sessions():
             if record.state is State.STOPPING:
                 continue
             runtime = self._runtime.get(record.id)
+            unwatched = runtime is not None and runtime.viewers == 0
+            idle_for = now - runtime.idle_since if runtime is not None else 0.0
             if ttl and now - record.created_at >= ttl:
                 doomed[record.id] = f"its time to live ({describe_duration(ttl)}) ran out"
             elif (
                 idle
-                and record.state is State.READY
-                and runtime is not None
-                and runtime.viewers == 0
-                and now - runtime.idle_since >= idle
+                and record.state in (State.READY, State.HIBERNATED)
+                and unwatched
+                and idle_for >= idle
             ):
                 doomed[record.id] = f"no viewer was attached for {describe_duration(idle)}"
+            elif (
+                asleep
+                and record.state is State.READY
+                and runtime is not None
+                and unwatched
+                and not runtime.cannot_hibernate
+                and idle_for >= asleep
+            ):
+                drowsy.append(record.id)
+        for session_id in drowsy:  # one at a time: each writes the guest's RAM to disk
+            try:
+                await self.hibernate(session_id)
+            except RemoteCliError as exc:
+                log.warning("could not hibernate", session_id=session_id, error=exc.message)
         results = await asyncio.gather(
             *(self.stop(sid, reason=why) for sid, why in doomed.items()), return_exceptions=True
         )
@@ -599,6 +677,149 @@ class SessionManager:
             except Exception:  # the reaper must outlive one bad round
                 log.exception("reaper round failed")
 
+    # --- hibernation ---------------------------------------------------------------------------
+
+    async def hibernate(self, session_id: str) -> bool:
+        """Hibernate a ready session that has no viewer; True once it is ``hibernated``.
+
+        False, and the session runs on, when it is not ready, has a viewer, or the driver
+        cannot (the local driver; a disk too full). Concurrent calls share one attempt.
+        """
+        runtime = self._runtime.setdefault(session_id, _Runtime())
+        if runtime.hibernating is None:
+            runtime.hibernating = asyncio.create_task(
+                self._hibernate(session_id, runtime), name=f"hibernate-{session_id}"
+            )
+        return await asyncio.shield(runtime.hibernating)
+
+    async def _hibernate(self, session_id: str, runtime: _Runtime) -> bool:
+        try:
+            record = self.store.session(session_id)
+            busy = runtime.viewers or runtime.stopping is not None or runtime.resuming is not None
+            if record.state is not State.READY or busy or self._closing:
+                return False
+            await self.keeper.checkpoint(session_id)  # HOME is reachable until the save
+            try:
+                saved = await self.driver.hibernate(session_id)
+            except RemoteCliError as exc:
+                log.warning("hibernating failed", session_id=session_id, error=exc.message)
+                return False
+            except Exception:  # a driver bug: the session runs on, or its watcher sees it end
+                log.exception("driver hibernate crashed", session_id=session_id)
+                return False
+            if not saved:
+                runtime.cannot_hibernate = True
+                return False
+            try:
+                self._apply(session_id, Event.HIBERNATE)
+            except Conflict:
+                return False  # a stop came meanwhile; its driver stop removes the saved state
+            return True
+        finally:
+            runtime.hibernating = None
+
+    async def hibernate_now(self, owner: str, session_id: str) -> SessionRecord:
+        """Hibernate ``owner``'s session at once (``POST .../hibernate``); return it.
+
+        404 as :meth:`get`; 409 unless it is ready without a viewer, or when the driver cannot
+        hibernate; a hibernated session is returned as it is.
+        """
+        record = self.get(owner, session_id)
+        if record.state is State.HIBERNATED:
+            return record
+        if record.state is State.READY and self.viewers(session_id):
+            raise Conflict(
+                f"session {session_id} has {self.viewers(session_id)} viewer(s); close them "
+                "first (a session is hibernated only when nobody watches it)",
+                session_id=session_id,
+                state=record.state.value,
+            )
+        if record.state is not State.READY:
+            raise Conflict(
+                f"session {session_id} is {record.state.value}; only a ready session can be "
+                "hibernated",
+                session_id=session_id,
+                state=record.state.value,
+            )
+        if not await self.hibernate(session_id):
+            record = self.store.session(session_id)
+            if record.state is not State.HIBERNATED:
+                raise Conflict(
+                    f"session {session_id} was not hibernated: the {self.driver.name} driver "
+                    "cannot hibernate it now (see the controller's log)",
+                    session_id=session_id,
+                    state=record.state.value,
+                )
+        return self.store.session(session_id)
+
+    async def wake(self, owner: str, session_id: str) -> VncEndpoint:
+        """Return ``owner``'s session's endpoint, resuming it first if it is hibernated.
+
+        What a viewer calls: the user came back. A hibernation under way is waited for, then
+        undone. 404 as :meth:`get`; 409 unless ready (or hibernated); the driver's error, with
+        the session then failed, when the resume fails.
+        """
+        self.get(owner, session_id)
+        runtime = self._runtime.get(session_id)
+        if runtime is not None and runtime.hibernating is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(runtime.hibernating)
+        if self.store.session(session_id).state is State.HIBERNATED:
+            await self.resume(session_id)
+        return self.viewable(owner, session_id)
+
+    async def resume(self, session_id: str) -> SessionRecord:
+        """Resume a hibernated session and return it ``ready``; other states are returned as
+        they are. Concurrent calls share one resume.
+
+        A failed resume fails the session with the driver's reason (its saved state could not
+        be loaded, and would not be the next time either) and raises the driver's error.
+        """
+        runtime = self._runtime.setdefault(session_id, _Runtime())
+        if runtime.resuming is None:
+            runtime.resuming = asyncio.create_task(
+                self._resume(session_id, runtime), name=f"resume-{session_id}"
+            )
+        return await asyncio.shield(runtime.resuming)
+
+    async def _resume(self, session_id: str, runtime: _Runtime) -> SessionRecord:
+        try:
+            record = self.store.session(session_id)
+            if record.state is not State.HIBERNATED:
+                return record
+            if self._closing:
+                raise ServiceUnavailable("the controller is shutting down; try again in a moment")
+            began = self._clock()
+
+            def progress(message: str) -> None:
+                self.events.publish(
+                    SessionEvent(
+                        type="progress",
+                        session_id=session_id,
+                        state=State.HIBERNATED.value,
+                        elapsed=self._clock() - record.created_at,
+                        message=message,
+                    )
+                )
+
+            try:
+                endpoint = await self.driver.resume(session_id, self._workdir(session_id), progress)
+            except RemoteCliError as exc:
+                await self._fail(session_id, f"resuming it failed: {exc.message}")
+                raise
+            except Exception as exc:  # a driver bug must still end the session, not leave it
+                log.exception("driver resume crashed", session_id=session_id)
+                await self._fail(session_id, f"the driver crashed while resuming it: {exc!r}")
+                raise
+            record = self._apply(session_id, Event.RESUME, endpoint=endpoint)
+            runtime.idle_since = self._clock()
+            runtime.cannot_hibernate = False
+            runtime.task = asyncio.create_task(self._watch(session_id))
+            log.info("session resumed", session_id=session_id, seconds=self._clock() - began)
+            return record
+        finally:
+            runtime.resuming = None
+
     # --- viewers (the bridge's accounting, through ViewerAccess) ---------------------------------
 
     def viewable(self, owner: str, session_id: str) -> VncEndpoint:
@@ -616,9 +837,10 @@ class SessionManager:
     async def tty_socket(self, owner: str, session_id: str) -> str:
         """Return the Unix socket of ``owner``'s session's text terminal; 404, 409 as viewable.
 
-        Raises the driver's DriverError when the session has no terminal socket.
+        A hibernated session is resumed first (:meth:`wake`). Raises the driver's DriverError
+        when the session has no terminal socket.
         """
-        self.viewable(owner, session_id)
+        await self.wake(owner, session_id)
         return await self.driver.tty_socket(session_id)
 
     def viewer_attached(self, session_id: str) -> None:
@@ -632,6 +854,7 @@ class SessionManager:
         if runtime is not None:
             runtime.viewers = max(0, runtime.viewers - 1)
             runtime.idle_since = self._clock()
+            runtime.cannot_hibernate = False  # a new idle spell: the driver is asked again
         self._metrics.viewers.dec()
         self.store.add_bytes(session_id, bytes_in, bytes_out)
 

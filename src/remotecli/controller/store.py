@@ -539,9 +539,10 @@ class Store:
     ) -> tuple[State, SessionRecord]:
         """Apply ``event`` to a session and log it, in one transaction.
 
-        Returns the previous state and the updated session. Raises :class:`Conflict` (and
-        changes nothing) when the transition table refuses the event, :class:`NotFound` when
-        there is no such session.
+        Entering ``ready`` stores ``endpoint`` (a resumed session has a new one); ``ready_at``
+        keeps the first time. Returns the previous state and the updated session. Raises
+        :class:`Conflict` (and changes nothing) when the transition table refuses the event,
+        :class:`NotFound` when there is no such session.
         """
         with self._transaction() as db:
             row = db.execute("SELECT state FROM sessions WHERE id = ?", (session_id,)).fetchone()
@@ -553,7 +554,7 @@ class Store:
                 "UPDATE sessions SET state = ?, updated_at = ?,"
                 " reason = COALESCE(?, reason), end_cause = COALESCE(?, end_cause),"
                 " endpoint = CASE WHEN ? = 'ready' THEN ? ELSE endpoint END,"
-                " ready_at = CASE WHEN ? = 'ready' THEN ? ELSE ready_at END"
+                " ready_at = CASE WHEN ? = 'ready' THEN COALESCE(ready_at, ?) ELSE ready_at END"
                 " WHERE id = ?",
                 (
                     after.value,

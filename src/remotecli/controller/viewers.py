@@ -54,7 +54,7 @@ class ViewerAccounting(Protocol):
 class VncAuthorizer(ViewerAccounting, Protocol):
     """Credentials for a VNC WebSocket and viewer accounting: what the bridge asks."""
 
-    def authorize_vnc(
+    async def authorize_vnc(
         self,
         session_id: str,
         *,
@@ -67,7 +67,7 @@ class VncAuthorizer(ViewerAccounting, Protocol):
         """Check credentials for a VNC WebSocket; raise a ClientError before the upgrade.
 
         ``client`` is the viewer's address as the gateway resolved it (failed credentials are
-        counted against it).
+        counted against it). A hibernated session is resumed before this returns.
         """
         ...
 
@@ -102,8 +102,9 @@ class ViewerCloser(Protocol):
 class ViewableSessions(Protocol):
     """What :class:`ViewerAccess` needs of the session manager (its verbs for viewers)."""
 
-    def viewable(self, owner: str, session_id: str) -> VncEndpoint:
-        """Return the endpoint of ``owner``'s session; 404 if not theirs, 409 unless ready."""
+    async def wake(self, owner: str, session_id: str) -> VncEndpoint:
+        """Return the endpoint of ``owner``'s session, resumed first if it is hibernated;
+        404 if not theirs, 409 unless ready (or hibernated)."""
         ...
 
     async def tty_socket(self, owner: str, session_id: str) -> str:
@@ -129,7 +130,7 @@ class ViewerAccess:
         self.identity = identity
         self.sessions = sessions
 
-    def authorize_vnc(
+    async def authorize_vnc(
         self,
         session_id: str,
         *,
@@ -142,7 +143,8 @@ class ViewerAccess:
         """Return where the viewer may connect; refuse before the upgrade.
 
         Wrong tickets and cookies count against ``client`` (the viewer's address); then the
-        session must be the viewer's (404) and ready (409).
+        session must be the viewer's (404) and ready (409), or hibernated: the user came back,
+        so it is resumed first.
         """
         user = self.identity.viewer_user(
             session_id,
@@ -152,7 +154,7 @@ class ViewerAccess:
             host=host,
             client=client,
         )
-        endpoint = self.sessions.viewable(user, session_id)
+        endpoint = await self.sessions.wake(user, session_id)
         return VncTarget(session_id=session_id, owner=user, endpoint=endpoint)
 
     async def authorize_tty(

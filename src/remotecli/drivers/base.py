@@ -136,6 +136,37 @@ class Driver(Protocol):
         """
         ...
 
+    async def hibernate(self, session_id: str) -> bool:
+        """Save a running session whole (memory, devices) to its directory and end its processes.
+
+        Returns False, and changes nothing, when this driver cannot hibernate (the local driver)
+        or not now (too little disk). Once it returns True the session has no process and
+        :meth:`resume` brings it back; :meth:`stop` removes what was saved. Raises
+        :class:`remotecli.exceptions.DriverError` when saving failed; the session then still
+        runs as before.
+        """
+        ...
+
+    async def resume(
+        self, session_id: str, workdir: Path, progress: ProgressCallback
+    ) -> VncEndpoint:
+        """Start a hibernated session again from what :meth:`hibernate` saved in ``workdir``.
+
+        Returns once an RFB banner was read from the new VNC server (a new endpoint and
+        password). The saved state is removed only after that, so a resume that fails or is
+        cancelled leaves the session hibernated, to be resumed or stopped later. Raises
+        :class:`remotecli.exceptions.DriverError` naming what failed.
+        """
+        ...
+
+    async def recover_hibernated(self, session_id: str, workdir: Path) -> bool:
+        """After a controller restart: whether ``workdir`` holds a complete hibernated session.
+
+        True makes the driver responsible for it again (:meth:`resume`, :meth:`stop`); False
+        when nothing complete was saved (a save cut short is removed, never taken for whole).
+        """
+        ...
+
     async def collect(self, session_id: str, paths: Sequence[str]) -> dict[str, bytes]:
         """Read the files at ``paths`` (relative to HOME) from a running session's HOME.
 

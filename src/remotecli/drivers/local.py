@@ -369,6 +369,24 @@ class LocalDriver:
         """Refuse: a local sandbox dies with its controller (see docs/operations.md)."""
         return False
 
+    async def hibernate(self, session_id: str) -> bool:
+        """Refuse: a sandbox's processes cannot be saved to disk; the session keeps running."""
+        return False
+
+    async def resume(
+        self, session_id: str, workdir: Path, progress: ProgressCallback
+    ) -> VncEndpoint:
+        """Refuse: this driver never hibernates a session, so there is nothing to resume."""
+        raise DriverError(
+            f"session {session_id} was not hibernated by the local driver, which cannot "
+            "hibernate; start a new session",
+            session_id=session_id,
+        )
+
+    async def recover_hibernated(self, session_id: str, workdir: Path) -> bool:
+        """Nothing is ever saved by this driver: no hibernated session to take back."""
+        return False
+
     async def connect_loopback(
         self,
         session_id: str,

@@ -13,6 +13,8 @@ through its own loopback-only ``hostfwd`` port.
 
 Each VM is one QEMU process that this driver started; stopping asks QEMU to quit over QMP,
 then kills that PID. The serial console is captured to ``serial.log`` in the session dir.
+A session can also be hibernated (saved whole to its directory, QEMU gone) and resumed; that
+part is in :mod:`remotecli.drivers.qemu_hibernate`.
 """
 
 from __future__ import annotations
@@ -29,13 +31,14 @@ import signal
 import string
 import tempfile
 import time
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 
 import structlog
 
+from remotecli.drivers import qemu_hibernate
 from remotecli.drivers.base import ProgressCallback, SessionSpec, VncEndpoint
 from remotecli.drivers.qemu_accel import AcceleratorChoice
 from remotecli.drivers.qemu_guest import (
@@ -113,12 +116,19 @@ class _Vm:
     control: asyncio.Lock = field(default_factory=asyncio.Lock)
     """Held for each exchange with the control agent, which serves one connection at a time."""
     links: asyncio.Task[None] | None = None
+    open_url: Callable[[str], None] | None = None
+    base_id: str = ""
+    """The identity of the template RAM file the VM maps (``file_identity``), when it maps one:
+    a hibernation then saves only the pages that differ from it."""
+    """Where the session's links go (``SessionSpec.open_url``); followed again on a resume."""
     lease: Lease | None = None
     """The sandbox uid QEMU runs as, held until the process is gone; None when QEMU runs as
     the controller's user (an unprivileged controller) or was started by an earlier one."""
     ended: asyncio.Event = field(default_factory=asyncio.Event)
     watcher: asyncio.Task[None] | None = None
     """Sets ``ended`` when the process exits; the driver awaits it on close."""
+    machine: Machine | None = None
+    """What the VM runs on, kept in ``vm.json`` so that a hibernated session can resume."""
 
 
 class QemuDriver:
@@ -183,6 +193,9 @@ class QemuDriver:
         self._refilling: set[str] = set()
         self._pool_tasks: set[asyncio.Task[None]] = set()
         self._watchers: set[asyncio.Task[None]] = set()
+        self._asleep: dict[str, tuple[Path, Callable[[str], None] | None]] = {}
+        """Hibernated sessions: id → the session dir holding their saved state, and where
+        their links went (known only to the driver that hibernated them)."""
 
     def _choose_egress(self, wanted: str) -> tuple[str, str]:
         if wanted == "none":
@@ -328,14 +341,128 @@ class QemuDriver:
         return f"qemu exited with status {code}" + (f"; console: {tail}" if tail else "")
 
     async def stop(self, session_id: str) -> None:
-        """Ask QEMU to quit over QMP, kill it if it lingers, remove its sockets. Idempotent."""
+        """Ask QEMU to quit over QMP, kill it if it lingers, remove its sockets. Idempotent.
+
+        A hibernated session's saved state is removed.
+        """
         vm = self._vms.pop(session_id, None)
         if vm is not None:
             await _terminate(vm)
+        asleep = self._asleep.pop(session_id, None)
+        if asleep is not None:
+            qemu_hibernate.discard(asleep[0])
+
+    async def hibernate(self, session_id: str) -> bool:
+        """Save the session's VM into its directory (``hibernate.state``), then quit it.
+
+        The file holds the devices and the pages that differ from the template's RAM (all of
+        them when the VM maps no template, or the template file changed under it). False when
+        the VM is unknown, its machine unrecorded, or the disk lacks room for a whole guest's
+        RAM. On a failed save the VM runs on and DriverError is raised.
+        """
+        vm = self._vms.get(session_id)
+        if vm is None or vm.qmp is None or vm.machine is None:
+            return False
+        workdir = vm.paths.serial.parent
+        if not qemu_hibernate.room_to_save(workdir, vm.machine.memory_mib):
+            log.warning("not hibernated: too little free disk", session_id=session_id)
+            return False
+        began = time.monotonic()
+        base = vm.paths.memory
+        if base is None or not vm.base_id or _identity(base) != vm.base_id:
+            base = None  # no template RAM under it, or not the one it mapped: save it all
+        try:
+            size = await qemu_hibernate.save_state(vm.qmp, workdir, base)
+        except BaseException:
+            with contextlib.suppress(DriverError, OSError):
+                await vm.qmp.execute("cont")  # the session runs on as before
+            raise
+        self._vms.pop(session_id, None)
+        if vm.watcher is not None:
+            vm.watcher.cancel()
+        await _terminate(vm)
+        if base is None:
+            vm.paths, vm.base_id = replace(vm.paths, memory=None), ""
+        _write_record(workdir / "vm.json", vm, hibernated=True)
+        self._asleep[session_id] = (workdir, vm.open_url)
+        log.info(
+            "hibernated",
+            session_id=session_id,
+            state_mib=round(size / (1 << 20), 1),
+            seconds=round(time.monotonic() - began, 2),
+        )
+        return True
+
+    async def resume(
+        self, session_id: str, workdir: Path, progress: ProgressCallback
+    ) -> VncEndpoint:
+        """Start the session again from its ``hibernate.state``: a new QEMU, new secrets.
+
+        The state is removed once the guest answered with its banner; until then a failed or
+        cancelled resume leaves it hibernated.
+        """
+        require_qemu()
+        state = workdir / qemu_hibernate.STATE_NAME
+        if not state.is_file():
+            raise DriverError(
+                f"session {session_id} has no saved state in {workdir}; it cannot be resumed",
+                session_id=session_id,
+            )
+        machine = qemu_hibernate.read_machine(workdir)
+        base = _resume_base(workdir)
+        vm = await self._spawn(session_id, machine, workdir, base, template=False)
+        vm.machine, vm.base_id = machine, _identity(base) if base is not None else ""
+        try:
+            # The new PID first: a controller that dies during the load kills this QEMU on
+            # its next start and keeps the saved state.
+            _write_record(workdir / "vm.json", vm)
+            assert vm.qmp is not None
+            await qemu_hibernate.load_state(vm.qmp, state)
+            progress("memory and devices loaded from the hibernated state")
+            answer = await self._personalise(vm, session_id)
+            progress(f"VNC banner read; guest took its clock, new password and secret ({answer})")
+            vm.open_url = self._asleep.get(session_id, (workdir, None))[1]
+            if vm.open_url is not None:
+                links = await relay_open(vm.relay_port, vm.tty_secret, "links")
+                vm.links = asyncio.create_task(
+                    follow_links(vm.relay_port, vm.tty_secret, vm.open_url, first=links),
+                    name=f"links-{session_id}",
+                )
+            qemu_hibernate.write_json(workdir / "vm.json", _record(vm))
+        except BaseException:
+            await _terminate(vm)
+            raise
+        self._vms[session_id] = vm
+        self._asleep.pop(session_id, None)
+        qemu_hibernate.discard(workdir)
+        return VncEndpoint(host="127.0.0.1", port=vm.port, password=vm.password)
+
+    async def recover_hibernated(self, session_id: str, workdir: Path) -> bool:
+        """Take back a session hibernated by a previous controller: True if its state is whole.
+
+        A QEMU still running for it (a hibernation or a resume the controller did not see
+        through) is killed: the saved state is the session. A save cut short is removed.
+        """
+        (workdir / qemu_hibernate.PARTIAL_NAME).unlink(missing_ok=True)
+        if not (workdir / qemu_hibernate.STATE_NAME).is_file():
+            return False
+        try:
+            qemu_hibernate.read_machine(workdir)
+        except DriverError as exc:
+            log.warning("hibernated state unusable", session_id=session_id, error=exc.message)
+            qemu_hibernate.discard(workdir)
+            return False
+        _kill_recorded(workdir / "vm.json")
+        self._asleep[session_id] = (workdir, None)  # links of a restarted controller: not followed
+        return True
 
     async def recover(self, session_id: str, workdir: Path) -> VncEndpoint | None:
         """Reattach to a VM left running by a previous controller, or kill what is left of it."""
         record = workdir / "vm.json"
+        if (workdir / qemu_hibernate.STATE_NAME).is_file():
+            _kill_recorded(record)  # it was saved: the state is the session now
+            return None
+        (workdir / qemu_hibernate.PARTIAL_NAME).unlink(missing_ok=True)
         try:
             info = json.loads(record.read_text())
         except (OSError, ValueError):
@@ -355,6 +482,10 @@ class QemuDriver:
                 str(info.get("tty_secret", "")),
             )
             vm.relay_port = int(info.get("relay_port", 0))
+            with contextlib.suppress(DriverError):
+                vm.machine = qemu_hibernate.machine_from_record(info.get("machine"))
+            if not (await vm.qmp.execute("query-status")).get("running"):
+                await vm.qmp.execute("cont")  # paused by a hibernation that did not finish
             await read_banner(vm.port, within=5.0)
         except DriverError:
             await _terminate(vm)
@@ -562,6 +693,8 @@ class QemuDriver:
         except BaseException:
             await _terminate(vm)
             raise
+        vm.machine, vm.open_url = machine, spec.open_url
+        vm.base_id = _identity(template / "memory")
         self._vms[spec.session_id] = vm
         _write_record(spec.workdir / "vm.json", vm)
         return VncEndpoint(host="127.0.0.1", port=vm.port, password=vm.password)
@@ -885,8 +1018,57 @@ async def _port(vm: _Vm, guest_port: int = GUEST_VNC_PORT) -> int:
     return forwarded_port(str(text), guest_port)
 
 
-def _write_record(path: Path, vm: _Vm) -> None:
-    record = {
+def _identity(path: Path) -> str:
+    try:
+        return qemu_hibernate.file_identity(path)
+    except OSError:
+        return ""
+
+
+def _resume_base(workdir: Path) -> Path | None:
+    """The template RAM file a hibernated state was saved against (None: the state is whole);
+    DriverError when it is no longer the same file, which would resume a different guest."""
+    try:
+        info = json.loads((workdir / "vm.json").read_text())
+        memory, base_id = str(info.get("memory") or ""), str(info.get("base_id") or "")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise DriverError(f"the session's vm.json cannot be read ({exc})") from exc
+    if not memory or not base_id:
+        return None
+    if _identity(Path(memory)) != base_id:
+        raise DriverError(
+            f"the template RAM file {memory} this session was saved against was removed or "
+            "rebuilt; its saved state holds only the pages that differed, so it cannot be "
+            "resumed: start a new session"
+        )
+    return Path(memory)
+
+
+def _kill_recorded(record: Path) -> None:
+    """Kill the QEMU named in a ``vm.json`` if it still runs (and is still that QEMU)."""
+    try:
+        info = json.loads(record.read_text())
+        pid, qmp, socket_dir = int(info["pid"]), str(info["qmp"]), Path(info["socket_dir"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if pid and is_our_qemu(pid, qmp):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    shutil.rmtree(socket_dir, ignore_errors=True)
+
+
+def _write_record(path: Path, vm: _Vm, *, hibernated: bool = False) -> None:
+    if hibernated:
+        # No process any more; fsynced, so the record survives a power cut with the state.
+        qemu_hibernate.write_json(path, {**_record(vm), "pid": 0, "hibernated": True})
+        return
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        json.dump(_record(vm), file)
+
+
+def _record(vm: _Vm) -> dict[str, Any]:
+    return {
         "pid": vm.pid,
         "port": vm.port,
         "password": vm.password,
@@ -899,10 +1081,9 @@ def _write_record(path: Path, vm: _Vm) -> None:
         "memory": str(vm.paths.memory) if vm.paths.memory is not None else "",
         "socket_dir": str(vm.socket_dir),
         "uid": vm.lease.uid if vm.lease is not None else None,
+        "machine": qemu_hibernate.machine_record(vm.machine) if vm.machine is not None else None,
+        "base_id": vm.base_id,
     }
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(descriptor, "w") as file:
-        json.dump(record, file)
 
 
 def _flock(path: Path) -> TextIO:

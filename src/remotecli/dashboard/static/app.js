@@ -7,7 +7,7 @@
 
 import { api, ApiError, endedMessage, FINAL_STATES, followEvents, webLink } from "./api.js";
 import { button, element } from "./elements.js";
-import { SessionList, sessionLabel, stored } from "./sessions.js";
+import { ASLEEP_TEXT, SessionList, sessionLabel, stored } from "./sessions.js";
 import { FONT_SIZES, TextView } from "./terminal.js";
 import { Viewer } from "./viewer.js";
 
@@ -407,8 +407,10 @@ function watchSession(session, started) {
   let viewing = false;
   const onState = (state, reason) => {
     list.update(session.id, { state, reason });
-    if (state === "ready" && !viewing) {
+    // A hibernated session is asleep: opening its view is what wakes it (about a second).
+    if ((state === "ready" || state === "hibernated") && !viewing) {
       viewing = true;
+      if (state === "hibernated") setStatus("connecting", ASLEEP_TEXT);
       if (started !== null) addStep("Ready: opening the live view", started);
       connectViewer(session.id, started);
     } else if (FINAL_STATES.has(state) && page.viewing === session.id) {
@@ -441,7 +443,7 @@ function watchSession(session, started) {
       }
     },
   );
-  if (session.state === "ready") onState("ready", null);
+  if (session.state === "ready" || session.state === "hibernated") onState(session.state, null);
 }
 
 function connectViewer(sessionId, started) {

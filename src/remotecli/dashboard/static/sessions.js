@@ -9,6 +9,9 @@ import { button, element } from "./elements.js";
 
 /** The longest label the API takes (LABEL_MAX in controller/sessions.py). */
 export const LABEL_MAX = 64;
+
+/** What a hibernated session says: saved to disk with no viewer, opening it wakes it. */
+export const ASLEEP_TEXT = "Asleep — opens in about a second";
 // Sessions the user removed from the list, and those a restart ended that this browser was
 // already told about; each list keeps the newest REMEMBERED_IDS ids.
 const HIDDEN_KEY = "remotecli.hiddenSessions";
@@ -207,10 +210,15 @@ export class SessionList {
       rename.title = "Give this session a name of your own";
       title.append(rename);
     }
-    title.append(element("span", session.state, `badge state-${session.state}`));
+    const asleep = session.state === "hibernated";
+    const badgeText = asleep ? "asleep" : session.state;
+    const badge = element("span", badgeText, `badge state-${session.state}`);
+    if (asleep) badge.title = ASLEEP_TEXT;
+    title.append(badge);
     item.append(title);
     if (this.renaming?.id === session.id) item.append(this.editor(session));
     item.append(element("div", factsText(session), "muted facts"));
+    if (asleep) item.append(element("div", ASLEEP_TEXT, "hint asleep"));
     if (session.reason && final) item.append(element("div", session.reason, "hint reason"));
     const actions = element("div", undefined, "actions");
     if (this.confirming === session.id && !final) {
@@ -224,9 +232,10 @@ export class SessionList {
       actions.append(question, end, button("Keep it", () => this.ask(null)));
     } else {
       if (!final) {
-        const ready = session.state === "ready";
+        const openable = session.state === "ready" || asleep; // opening wakes a sleeper
+        const verb = asleep ? "Open" : "Reconnect";
         actions.append(
-          button("Reconnect", () => this.actions.reconnect(session), { disabled: !ready }),
+          button(verb, () => this.actions.reconnect(session), { disabled: !openable }),
         );
       }
       const verb = final ? "Remove" : "Terminate";
