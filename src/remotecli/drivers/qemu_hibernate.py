@@ -7,7 +7,7 @@ shell. QEMU writes into a pipe handed to it as a descriptor (QMP ``getfd``, as f
 it may run as a sandbox uid that can open nothing, and may start no program), and a thread
 copies the stream into ``hibernate.state.partial`` (mode 0600: the guest's secrets) through
 :func:`filter_stream`, which leaves out every page still equal to the template's at the same
-offset: about 4 MiB remain. Once QEMU reports the migration ``completed`` and the stream has
+offset: 2 to 4 MiB remain. Once QEMU reports the migration ``completed`` and the stream has
 ended, the file is fsynced, renamed to ``hibernate.state`` and its directory fsynced. So a
 file with that name is always whole, even after a power cut, and a ``.partial`` never is.
 
