@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,8 @@ def test_the_machine_record_round_trips(tmp_path: Path) -> None:
     original = machine(tmp_path)
     record = json.loads(json.dumps(machine_record(original)))
     assert machine_from_record(record) == original
+    waiting = replace(original, start_in_clone=True)  # a CLI that started in the clone
+    assert machine_from_record(json.loads(json.dumps(machine_record(waiting)))) == waiting
 
 
 @pytest.mark.parametrize(

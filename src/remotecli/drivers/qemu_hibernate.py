@@ -66,6 +66,7 @@ def machine_record(machine: Machine) -> dict[str, Any]:
         "width": machine.width,
         "height": machine.height,
         "tcg_cache_mib": machine.tcg_cache_mib,
+        "start_in_clone": machine.start_in_clone,
     }
 
 
@@ -83,6 +84,7 @@ def machine_from_record(data: object) -> Machine:
             width=int(data["width"]),
             height=int(data["height"]),
             tcg_cache_mib=int(data.get("tcg_cache_mib", TCG_TB_SIZE_MIB)),
+            start_in_clone=bool(data.get("start_in_clone", False)),
         )
     except (AssertionError, KeyError, TypeError, ValueError) as exc:
         raise DriverError(
