@@ -35,22 +35,17 @@ from remotecli.images import GuestImage
 from tests.e2e.sessions_api import create_ready_session
 from tests.e2e.test_qemu import TEMPLATE_TIMEOUT, TIMEOUT, System, delete_and_wait, qemu_pid
 from tests.e2e.test_qemu import image as image  # the module-scoped fixture, shared
+from tests.e2e.test_qemu import pytestmark as QEMU_MARKS
 from tests.test_network import BannerServer, Netns, internet, private, serialized
 
 __all__ = ["image", "internet", "private", "serialized"]  # fixtures used by name
 
 pytestmark = [
-    pytest.mark.e2e,
-    pytest.mark.qemu,
-    pytest.mark.skipif(
-        shutil.which("qemu-system-x86_64") is None,
-        reason="qemu-system-x86_64 is needed: run scripts/install-system-deps.sh test",
-    ),
+    *QEMU_MARKS,  # e2e, qemu, skipped without QEMU, one event loop per module
     pytest.mark.skipif(
         os.geteuid() != 0 or shutil.which("nft") is None or shutil.which("ip") is None,
         reason="needs root, nft and ip: network namespaces and the host's egress filter",
     ),
-    pytest.mark.asyncio(loop_scope="module"),
 ]
 
 SLIRP_HOST = "10.0.2.2"

@@ -47,16 +47,11 @@ from tests.e2e.test_qemu import (
     qemu_pid,
     report,
 )
+from tests.e2e.test_qemu import pytestmark as QEMU_MARKS
 from tests.test_driver_terminal import background_share
 
 pytestmark = [
-    pytest.mark.e2e,
-    pytest.mark.qemu,
-    pytest.mark.skipif(
-        shutil.which("qemu-system-x86_64") is None,
-        reason="qemu-system-x86_64 is needed: run scripts/install-system-deps.sh test",
-    ),
-    pytest.mark.asyncio(loop_scope="module"),
+    *QEMU_MARKS,  # e2e, qemu, skipped without QEMU, one event loop per module
     pytest.mark.timeout(900),  # a first run builds the image and cold-boots the template
 ]
 PROVIDER = "claude-code"

@@ -21,7 +21,6 @@ import gzip
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -42,18 +41,11 @@ from remotecli.images import GuestImage
 from tests.conftest import MS
 from tests.e2e.test_qemu import TEMPLATE_TIMEOUT, TIMEOUT, System, delete_and_wait, qemu_pid
 from tests.e2e.test_qemu import image as image  # the module-scoped fixture, shared
+from tests.e2e.test_qemu import pytestmark as QEMU_MARKS
 
 __all__ = ["image"]
 
-pytestmark = [
-    pytest.mark.e2e,
-    pytest.mark.qemu,
-    pytest.mark.skipif(
-        shutil.which("qemu-system-x86_64") is None,
-        reason="qemu-system-x86_64 is needed: run scripts/install-system-deps.sh test",
-    ),
-    pytest.mark.asyncio(loop_scope="module"),
-]
+pytestmark = QEMU_MARKS  # e2e, qemu, skipped without QEMU, one event loop per module
 
 PROVIDER = "standin-vm"
 PORT = 47823

@@ -547,6 +547,22 @@ class SessionManager:
 
     # --- one session's task --------------------------------------------------------------------
 
+    def _progress(self, record: SessionRecord, state: State) -> Callable[[str], None]:
+        """A driver's progress callback: each step an SSE ``progress`` event of the session."""
+
+        def progress(message: str) -> None:
+            self.events.publish(
+                SessionEvent(
+                    type="progress",
+                    session_id=record.id,
+                    state=state.value,
+                    elapsed=self._clock() - record.created_at,
+                    message=message,
+                )
+            )
+
+        return progress
+
     async def _run(
         self,
         record: SessionRecord,
@@ -554,17 +570,7 @@ class SessionManager:
         keep: tuple[str, str, Sequence[str], int | None],
     ) -> None:
         session_id = record.id
-
-        def progress(message: str) -> None:
-            self.events.publish(
-                SessionEvent(
-                    type="progress",
-                    session_id=session_id,
-                    state=State.STARTING.value,
-                    elapsed=self._clock() - record.created_at,
-                    message=message,
-                )
-            )
+        progress = self._progress(record, State.STARTING)
 
         try:
             self._apply(session_id, Event.START)
@@ -790,17 +796,7 @@ class SessionManager:
             if self._closing:
                 raise ServiceUnavailable("the controller is shutting down; try again in a moment")
             began = self._clock()
-
-            def progress(message: str) -> None:
-                self.events.publish(
-                    SessionEvent(
-                        type="progress",
-                        session_id=session_id,
-                        state=State.HIBERNATED.value,
-                        elapsed=self._clock() - record.created_at,
-                        message=message,
-                    )
-                )
+            progress = self._progress(record, State.HIBERNATED)
 
             try:
                 endpoint = await self.driver.resume(session_id, self._workdir(session_id), progress)
