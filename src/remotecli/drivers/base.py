@@ -67,6 +67,34 @@ class SessionSpec:
     (``$BROWSER``, ``xdg-open``) once the driver has checked it is an ``http``/``https`` URL."""
 
 
+RUN_ERRORS_MAX = 2048
+"""Bytes of a headless run's standard error a driver keeps (its end), for the run's reason."""
+
+
+class RunOutput(Protocol):
+    """A headless run's command as a driver started it (:meth:`Driver.start_run`).
+
+    Everything read here is written by the session's hostile user: bytes, never trusted.
+    """
+
+    async def read(self) -> bytes:
+        """Return the next bytes the command wrote to its standard output; b"" once it is closed.
+
+        Returns what is there as soon as there is some (never waits to fill a buffer), so the
+        caller sees the output while the command still runs.
+        """
+        ...
+
+    async def wait(self) -> int:
+        """Return the command's exit status once it ended (128 + N when signal N killed it)."""
+        ...
+
+    def errors(self) -> str:
+        """Return the end of what the command wrote to its standard error (at most
+        :data:`RUN_ERRORS_MAX` bytes, decoded with replacement): the cause of a failed run."""
+        ...
+
+
 class Driver(Protocol):
     """Starts and stops session sandboxes. One instance per controller."""
 
@@ -98,6 +126,20 @@ class Driver(Protocol):
         """Start the session and return once an RFB banner was read from its VNC server.
 
         Raises :class:`remotecli.exceptions.DriverError` naming what failed and what to do.
+        """
+        ...
+
+    async def start_run(self, spec: SessionSpec, progress: ProgressCallback) -> RunOutput:
+        """Start ``spec.command`` headless in a fresh sandbox of its own (a headless run).
+
+        The same isolation as a session's, without display or terminal: ``spec.home_files``
+        are in HOME before the command starts, its standard input is empty, its standard
+        output is :meth:`RunOutput.read`. ``spec.session_id`` names the run to the other
+        verbs: :meth:`collect` reads its HOME (the sign-in to save back) and :meth:`stop`
+        ends it (its processes killed, its files removed), as for a session.
+
+        Raises :class:`remotecli.exceptions.DriverError` naming what failed; nothing is left
+        running then.
         """
         ...
 
