@@ -25,7 +25,7 @@ import pytest
 import uvicorn
 
 from remotecli.auth import hash_token
-from remotecli.client import AsyncClient, StreamEvent
+from remotecli.client import AsyncClient, Client, StreamEvent
 from remotecli.config import PROMPT_FIELD, ControllerConfig, ProviderConfig
 from remotecli.controller.app import create_app
 from remotecli.controller.identity import Identity
@@ -472,3 +472,20 @@ async def test_an_uninstalled_headless_program_is_422_with_its_hint(tmp_path: Pa
         with pytest.raises(Unprocessable) as refused:
             await world.alice.create_run("ghost", "x")
         assert "install ghost-cli from its site" in refused.value.message
+
+
+async def test_the_blocking_client_runs_and_follows_too(world: World, tmp_path: Path) -> None:
+    """The blocking Client (the one the docs show) starts a run and iterates its events."""
+    socket_path = tmp_path / "api.sock"
+
+    def use() -> tuple[list[StreamEvent], dict[str, object]]:
+        transport = httpx.HTTPTransport(uds=str(socket_path))
+        with Client("http://controller", ALICE, transport=transport) as api:
+            assert [p["name"] for p in api.providers()][:1] == ["shell"]
+            run = api.create_run("shell", "echo from the blocking client")
+            events = list(api.events(run["id"]))
+            return events, api.run(run["id"])
+
+    events, run = await asyncio.to_thread(use)
+    assert events[-1].type == "done"
+    assert run["output"] == "from the blocking client\n"
