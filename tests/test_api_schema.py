@@ -112,8 +112,10 @@ def test_real_sessions_answer_as_documented(cut: ControllerUnderTest) -> None:
     assert created.status_code == 201
     session_id = created.json()["id"]
     run = {"provider": "shell", "prompt": "echo schema"}
-    started = by_label["POST /api/runs"].Case(body=run).call_and_validate(
-        base_url=cut.base_url, headers=cut.headers, checks=CHECKS, timeout=10
+    started = (
+        by_label["POST /api/runs"]
+        .Case(body=run)
+        .call_and_validate(base_url=cut.base_url, headers=cut.headers, checks=CHECKS, timeout=10)
     )
     assert started.status_code == 201
     run_id = started.json()["id"]

@@ -103,7 +103,13 @@ def providers() -> tuple[ProviderConfig, ...]:
         )
         for name, fmt in FORMATS.items()
     ]
-    return (*standins, ProviderConfig(name="no-headless", command=("bash",)))
+    slow = ProviderConfig(
+        name="standin-slow",
+        command=(str(STANDIN),),
+        keep=("~/.standin",),
+        run=(str(STANDIN), "--print", "text", "--delay", "5", "--", PROMPT_FIELD),
+    )
+    return (*standins, slow, ProviderConfig(name="no-headless", command=("bash",)))
 
 
 @pytest.fixture
@@ -353,6 +359,23 @@ async def test_shutdown_and_restart_settle_running_runs(tmp_path: Path) -> None:
     async for world in start_world(tmp_path, config):
         assert world.store.run("run-leftover").state is RunState.FAILED
         assert world.store.run("run-leftover").reason == RESTART_REASON
+
+
+async def test_removing_a_user_cancels_their_runs_and_keeps_nothing(world: World) -> None:
+    """A removed user's running run is cancelled, and the sign-in it refreshed is not kept
+    again (removing the user dropped it)."""
+    world.sign_in("standin-slow")
+    run = await world.alice.create_run("standin-slow", "hello")
+    async with asyncio.timeout(10_000 * MS):
+        async for event in world.alice.events(run["id"]):
+            assert event.type == "text"
+            break
+    assert world.store.remove_user("alice", time.time())
+    await world.manager.end_removed_users()
+    ended = world.store.run(run["id"])
+    assert ended.state is RunState.CANCELLED
+    assert ended.reason == "its user was removed"
+    assert world.signins.load("alice", "standin-slow") is None
 
 
 # --- who may do what -----------------------------------------------------------------------------
