@@ -18,6 +18,7 @@ from pathlib import Path
 
 from remotecli.exceptions import ConfigError
 from remotecli.hosts import allowed_host_name
+from remotecli.run_formats import RUN_FORMATS
 
 # --- gateway -----------------------------------------------------------------------------------
 
@@ -141,8 +142,6 @@ class ProviderConfig:
     """What the headless command prints: one of :data:`RUN_FORMATS`."""
 
 
-RUN_FORMATS = ("claude-stream-json", "codex-json", "gemini-stream-json", "text")
-"""The output formats a headless run's command may print (``remotecli.run_formats``)."""
 PROMPT_FIELD = "{prompt}"
 """In a provider's ``run`` argv: where the prompt goes (within one argument, never split)."""
 QUOTA_PERIODS = ("month", "day", "week")

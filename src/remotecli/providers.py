@@ -116,7 +116,10 @@ BUILTIN_PROVIDERS = (
             "~/.gemini/gemini-credentials.json",
             "~/.gemini/settings.json",
         ),
-        (("--output-format", "stream-json", f"--prompt={PROMPT_FIELD}"), "gemini-stream-json"),
+        (
+            ("--output-format", "stream-json", "--skip-trust", f"--prompt={PROMPT_FIELD}"),
+            "gemini-stream-json",
+        ),
         " (it needs Node.js 20 or newer)",
     ),
 )
