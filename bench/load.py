@@ -88,6 +88,11 @@ class EchoDriver:
         progress("echo endpoint listening")
         return VncEndpoint(host="127.0.0.1", port=server.sockets[0].getsockname()[1])
 
+    async def start_run(self, spec: Any, progress: Any) -> Any:
+        from remotecli.exceptions import DriverError
+
+        raise DriverError("the echo driver runs no command, so no headless run")
+
     async def wait(self, session_id: str) -> str:
         """Return once the session was stopped."""
         ended = self._ended.get(session_id)

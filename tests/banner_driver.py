@@ -23,7 +23,7 @@ from typing import Any
 
 from remotecli.config import ControllerConfig
 from remotecli.controller.server import Controller
-from remotecli.drivers.base import ProgressCallback, SessionSpec, VncEndpoint
+from remotecli.drivers.base import ProgressCallback, RunOutput, SessionSpec, VncEndpoint
 from remotecli.exceptions import DriverError, UpstreamRefused
 from remotecli.providers import HostPrograms
 
@@ -119,6 +119,11 @@ class BannerDriver:
         self._sandboxes[spec.session_id] = _Sandbox(server, endpoint)
         self.started.append(spec.session_id)
         return endpoint
+
+    async def start_run(self, spec: SessionSpec, progress: ProgressCallback) -> RunOutput:
+        """Refuse: a banner server runs no command (headless runs are tested on the local
+        driver, tests/test_runs_api.py)."""
+        raise DriverError("the banner driver runs no command, so no headless run")
 
     async def wait(self, session_id: str) -> str:
         """Return the reason once the session was crashed or stopped."""

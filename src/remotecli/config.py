@@ -87,6 +87,12 @@ CONTROLLER_ENV = {
     "REMOTECLI_TRUSTED_PROXIES": "trusted_proxies",
     "REMOTECLI_ALLOWED_HOSTS": "allowed_hosts",
     "REMOTECLI_CREATE_RATE": "create_rate",
+    "REMOTECLI_MAX_RUNS_PER_USER": "max_runs_per_user",
+    "REMOTECLI_MAX_RUNS": "max_runs",
+    "REMOTECLI_RUN_TIMEOUT": "run_timeout",
+    "REMOTECLI_QUOTA_PERIOD": "quota_period",
+    "REMOTECLI_RUNS_PER_PERIOD": "runs_per_period",
+    "REMOTECLI_TOKENS_PER_PERIOD": "tokens_per_period",
     "REMOTECLI_LOG_FORMAT": "log_format",
     "REMOTECLI_LOG_LEVEL": "log_level",
     "REMOTECLI_SESSION_MEMORY": "session_memory",
@@ -129,6 +135,17 @@ class ProviderConfig:
     keep: tuple[str, ...] = ()
     """Paths under HOME, written ``~/...``, that hold the provider's sign-in (see
     :func:`keep_entry_problem`); kept between sessions."""
+    run: tuple[str, ...] = ()
+    """The argv of a headless run; an argument holding :data:`PROMPT_FIELD` gets the prompt."""
+    run_format: str = "text"
+    """What the headless command prints: one of :data:`RUN_FORMATS`."""
+
+
+RUN_FORMATS = ("claude-stream-json", "codex-json", "gemini-stream-json", "text")
+"""The output formats a headless run's command may print (``remotecli.run_formats``)."""
+PROMPT_FIELD = "{prompt}"
+"""In a provider's ``run`` argv: where the prompt goes (within one argument, never split)."""
+QUOTA_PERIODS = ("month", "day", "week")
 
 
 def keep_entry_problem(entry: object) -> str | None:
@@ -200,6 +217,14 @@ class ControllerConfig:
     metrics_listen: tuple[str, int] | None = None
     keep_ended_sessions: float = 30 * 86400.0  # seconds ended sessions are kept; 0 = forever
     gc_interval: float = 86400.0  # seconds between automatic clean-ups (remotecli gc); 0 = never
+    # Headless runs (POST /api/runs): how many at once, per user and on this host, how long one
+    # may take at most (and by default), and each user's quota per period (0 = no quota).
+    max_runs_per_user: int = 2  # runs at once per user (429 past it)
+    max_runs: int = 10  # runs at once on this host (503 past it)
+    run_timeout: float = 600.0  # seconds: the default and the largest timeout_s a run may ask
+    quota_period: str = "month"  # month | week | day (calendar, UTC)
+    runs_per_period: int = 500  # runs a user may start per period; 0 = no quota
+    tokens_per_period: int = 0  # input + output tokens a user may use per period; 0 = no quota
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -324,6 +349,7 @@ def _parse_providers(value: object) -> tuple[ProviderConfig, ...]:
             raise ConfigError(
                 f'provider {name!r} needs command = ["program", "arg", ...]', provider=name
             )
+        run, run_format = _parse_run(str(name), entry.get("run", []), entry.get("run_format"))
         providers.append(
             ProviderConfig(
                 name=str(name),
@@ -331,9 +357,35 @@ def _parse_providers(value: object) -> tuple[ProviderConfig, ...]:
                 title=str(entry.get("title", "")),
                 install_hint=str(entry.get("install_hint", "")),
                 keep=_parse_keep(str(name), entry.get("keep", [])),
+                run=run,
+                run_format=run_format,
             )
         )
     return tuple(providers)
+
+
+def _parse_run(name: str, run: object, run_format: object) -> tuple[tuple[str, ...], str]:
+    """Check a provider's ``run`` argv and ``run_format``; ConfigError says what to write."""
+    example = f'run = ["tool", "--print", "{PROMPT_FIELD}"]'
+    if not isinstance(run, list) or not all(isinstance(a, str) and "\0" not in a for a in run):
+        raise ConfigError(f"provider {name!r}: run must be a list of strings, e.g. {example}")
+    if run and (PROMPT_FIELD in run[0] or not any(PROMPT_FIELD in a for a in run[1:])):
+        raise ConfigError(
+            f"provider {name!r}: run needs an argument holding {PROMPT_FIELD} (after the "
+            f"program), where the prompt goes, e.g. {example}",
+            provider=name,
+        )
+    if run_format is None:
+        return tuple(run), "text"
+    if run_format not in RUN_FORMATS:
+        raise ConfigError(
+            f"provider {name!r}: run_format = {run_format!r} is unknown; choose one of: "
+            f"{', '.join(RUN_FORMATS)}",
+            provider=name,
+        )
+    if not run:
+        raise ConfigError(f"provider {name!r}: run_format needs run, e.g. {example}")
+    return tuple(run), str(run_format)
 
 
 def _parse_keep(name: str, value: object) -> tuple[str, ...]:
@@ -381,7 +433,19 @@ _CONTROLLER_PARSERS: dict[str, Callable[[object], object]] = {
     "metrics_listen": lambda v: v if isinstance(v, tuple) else parse_listen(str(v)),
     "keep_ended_sessions": lambda v: parse_duration(v, "keep_ended_sessions"),
     "gc_interval": lambda v: parse_duration(v, "gc_interval"),
+    "max_runs_per_user": lambda v: _parse_count(v, "max_runs_per_user"),
+    "max_runs": lambda v: _parse_count(v, "max_runs"),
+    "run_timeout": lambda v: _positive(parse_duration(v, "run_timeout"), "run_timeout"),
+    "quota_period": lambda v: _parse_choice(v, "quota_period", QUOTA_PERIODS),
+    "runs_per_period": lambda v: _parse_count(v, "runs_per_period", minimum=0),
+    "tokens_per_period": lambda v: _parse_count(v, "tokens_per_period", minimum=0),
 }
+
+
+def _positive(seconds: float, name: str) -> float:
+    if seconds <= 0:
+        raise ConfigError(f"{name} must be more than 0 seconds", name=name)
+    return seconds
 
 
 def _read_toml(path: Path) -> dict[str, object]:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from remotecli.config import ProviderConfig
+from remotecli.config import PROMPT_FIELD, ProviderConfig
 from remotecli.exceptions import ConfigError, Unprocessable
 
 PROVIDER_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
@@ -46,27 +46,65 @@ class Provider:
     """The npm package that installs the program (the guest image builder installs it too)."""
     keep: tuple[str, ...] = ()
     """Paths under HOME, written ``~/...``, that hold the sign-in: files, or a directory."""
+    run: tuple[str, ...] = ()
+    """The argv of a headless run (``POST /api/runs``); the prompt replaces
+    :data:`~remotecli.config.PROMPT_FIELD` within its arguments. Empty: no headless runs."""
+    run_format: str = "text"
+    """What the headless command prints (:data:`~remotecli.config.RUN_FORMATS`)."""
 
 
 def _npm(
-    name: str, title: str, program: str, package: str, keep: tuple[str, ...], needs: str = ""
+    name: str,
+    title: str,
+    program: str,
+    package: str,
+    keep: tuple[str, ...],
+    run: tuple[tuple[str, ...], str],
+    needs: str = "",
 ) -> Provider:
     hint = f"install it with `npm install -g {package}`{needs}"
-    return Provider(name, title, (program,), hint, package, keep)
+    return Provider(name, title, (program,), hint, package, keep, (program, *run[0]), run[1])
 
 
 # The sign-in files of the versions in package.json (docs/providers.md says where each was read):
-# credentials, and the little state without which the CLI asks again how to sign in.
+# credentials, and the little state without which the CLI asks again how to sign in. The headless
+# commands (docs/runs.md says where each was read): the prompt always after ``--`` or inside its
+# own ``--prompt=``, so a prompt that starts with ``-`` is never taken for an option.
 BUILTIN_PROVIDERS = (
-    Provider("shell", "Shell (bash)", ("bash", "-l"), "install bash with your system's packages"),
+    Provider(
+        "shell",
+        "Shell (bash)",
+        ("bash", "-l"),
+        "install bash with your system's packages",
+        run=("bash", "-c", "--", PROMPT_FIELD),
+    ),
     _npm(
         "claude-code",
         "Claude Code",
         "claude",
         "@anthropic-ai/claude-code",
         ("~/.claude/.credentials.json", "~/.claude.json"),
+        (
+            (
+                "--print",
+                "--output-format",
+                "stream-json",
+                "--verbose",
+                "--include-partial-messages",
+                "--",
+                PROMPT_FIELD,
+            ),
+            "claude-stream-json",
+        ),
     ),
-    _npm("codex", "Codex CLI", "codex", "@openai/codex", ("~/.codex/auth.json",)),
+    _npm(
+        "codex",
+        "Codex CLI",
+        "codex",
+        "@openai/codex",
+        ("~/.codex/auth.json",),
+        (("exec", "--json", "--skip-git-repo-check", "--", PROMPT_FIELD), "codex-json"),
+    ),
     _npm(
         "gemini-cli",
         "Gemini CLI",
@@ -78,6 +116,7 @@ BUILTIN_PROVIDERS = (
             "~/.gemini/gemini-credentials.json",
             "~/.gemini/settings.json",
         ),
+        (("--output-format", "stream-json", f"--prompt={PROMPT_FIELD}"), "gemini-stream-json"),
         " (it needs Node.js 20 or newer)",
     ),
 )
@@ -334,6 +373,8 @@ class Catalogue:
                 entry.command,
                 entry.install_hint or f"install `{entry.command[0]}` and put it on PATH",
                 keep=entry.keep,
+                run=entry.run,
+                run_format=entry.run_format,
             )
         self._finder = driver if driver is not None else HostPrograms(search_path, extra_bin_dirs)
 
@@ -354,6 +395,28 @@ class Catalogue:
                 provider=name,
             )
         return self._status(provider)
+
+    def run_command(self, name: str, prompt: str) -> tuple[ProviderStatus, list[str]]:
+        """Return the provider called ``name`` and its headless argv with ``prompt`` in place.
+
+        Raises Unprocessable (422) when there is no such provider, it is not installed, or it
+        has no headless command. The prompt goes inside the arguments that hold
+        :data:`~remotecli.config.PROMPT_FIELD`, whole: never split, never read by a shell.
+        """
+        status = self.get(name)
+        run = status.provider.run
+        if not run:
+            raise Unprocessable(
+                f"provider {name!r} has no headless command; an operator can give it one with "
+                f'run = ["program", "--print", "{PROMPT_FIELD}"] under [providers.{name}]',
+                provider=name,
+            )
+        answer = self._finder.can_run(run)
+        if isinstance(answer, str):
+            hint = status.provider.install_hint if answer == NOT_FOUND else answer
+            raise Unprocessable(f"provider {name!r} is not installed: {hint}", provider=name)
+        program, *arguments = answer
+        return status, [program, *(a.replace(PROMPT_FIELD, prompt) for a in arguments)]
 
     def _status(self, provider: Provider) -> ProviderStatus:
         answer = self._finder.can_run(provider.command)

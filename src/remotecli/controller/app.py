@@ -580,6 +580,10 @@ def create_app(
 
     app.include_router(login.router(identity, client_of))
 
+    from remotecli.controller.runs_api import runs_router  # it uses this module's models
+
+    app.include_router(runs_router(manager.runs, current_user))
+
     @app.get("/", include_in_schema=False)
     async def root() -> RedirectResponse:
         return RedirectResponse(DASHBOARD_PATH, status_code=307)

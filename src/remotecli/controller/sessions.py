@@ -38,6 +38,7 @@ from remotecli.auth import TicketBook
 from remotecli.config import ControllerConfig
 from remotecli.controller.connect import SignInKeeper, relay_callback
 from remotecli.controller.events import SessionEvent, SessionEvents, Subscription
+from remotecli.controller.runs import RunManager
 from remotecli.controller.signins import SignIns
 from remotecli.controller.store import SessionRecord, Store
 from remotecli.controller.viewers import ViewerCloser
@@ -171,6 +172,8 @@ class SessionManager:
         self._started = False
         self._metrics = _Metrics(registry)
         self.keeper = SignInKeeper(signins, driver)
+        self.runs = RunManager(config, store, driver, catalogue, self.keeper, clock=clock)
+        """The headless runs (``/api/runs``): same driver, catalogue and kept sign-ins."""
 
     # --- lifecycle of the manager --------------------------------------------------------------
 
@@ -182,6 +185,7 @@ class SessionManager:
         """Recover sessions left by a previous run, then start the reaper and the store watch."""
         await self.driver.prepare()
         await self.recover()
+        await self.runs.recover()
         await self.end_removed_users()
         self._started = True
         self._reaper = asyncio.create_task(self._reap_forever(), name="session-reaper")
@@ -213,6 +217,7 @@ class SessionManager:
             *(self.stop(r.id, reason=RESTART_REASON, cause="restart") for r in active),
             return_exceptions=True,
         )
+        await self.runs.close()
         await self.keeper.close()
         await self.driver.close()
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from remotecli.drivers.base import VncEndpoint
 from remotecli.exceptions import ConfigError, Conflict, NotFound, ServiceUnavailable
+from remotecli.runs import ACTIVE_RUN_STATES, RunState, RunStep, next_run_state
 from remotecli.states import ACTIVE_STATES, Event, State, next_state
 
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -61,6 +62,18 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX logins_by_user ON logins(user)",
         "ALTER TABLE sessions ADD COLUMN label TEXT",
         "ALTER TABLE sessions ADD COLUMN end_cause TEXT",
+    ),
+    (
+        # Headless runs (remotecli/runs.py): the prompt, the state, the whole output and its
+        # events once ended (JSON), the tokens the CLI reported; usage is counted from here.
+        "CREATE TABLE runs (id TEXT PRIMARY KEY,"
+        " owner TEXT NOT NULL REFERENCES users(name),"
+        " provider TEXT NOT NULL, prompt TEXT NOT NULL, state TEXT NOT NULL, reason TEXT,"
+        " exit_code INTEGER, timeout_s REAL NOT NULL, created_at REAL NOT NULL,"
+        " started_at REAL, ended_at REAL, output TEXT NOT NULL DEFAULT '', events TEXT,"
+        " input_tokens INTEGER, output_tokens INTEGER)",
+        "CREATE INDEX runs_by_owner ON runs(owner, created_at)",
+        "CREATE INDEX runs_by_state ON runs(state)",
     ),
 )
 """Schema migrations in order; migration ``n`` brings ``user_version`` from ``n`` to ``n + 1``."""
@@ -111,6 +124,40 @@ class SignInRecord:
     ciphertext: bytes = field(repr=False)
     connected_at: float
     updated_at: float
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One headless run as stored; ``events`` (JSON) is there once it ended."""
+
+    id: str
+    owner: str
+    provider: str
+    prompt: str
+    state: RunState
+    reason: str | None
+    exit_code: int | None
+    timeout_s: float
+    created_at: float
+    started_at: float | None
+    ended_at: float | None
+    output: str = field(repr=False)
+    events: str | None = field(repr=False)
+    input_tokens: int | None
+    output_tokens: int | None
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What one user's runs used in one period."""
+
+    runs: int
+    input_tokens: int
+    output_tokens: int
+
+    @property
+    def tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
 
 
 SealSignIn = Callable[[SignInRecord], tuple[str, bytes, bytes] | None]
@@ -165,6 +212,10 @@ def _signin(row: sqlite3.Row) -> SignInRecord:
         connected_at=row["connected_at"],
         updated_at=row["updated_at"],
     )
+
+
+def _run(row: sqlite3.Row) -> RunRecord:
+    return RunRecord(**{**dict(row), "state": RunState(row["state"])})
 
 
 def _session(row: sqlite3.Row) -> SessionRecord:
@@ -728,3 +779,106 @@ class Store:
         """Return how many sign-ins are stored under each key id."""
         rows = self._db.execute("SELECT key_id, COUNT(*) FROM signins GROUP BY key_id")
         return {str(r[0]): int(r[1]) for r in rows}
+
+    # --- headless runs -------------------------------------------------------------------------
+
+    def create_run(
+        self, run_id: str, owner: str, provider: str, prompt: str, timeout_s: float, now: float
+    ) -> RunRecord:
+        """Insert a new ``queued`` run; raise Conflict on a taken id."""
+        try:
+            with self._transaction() as db:
+                db.execute(
+                    "INSERT INTO runs (id, owner, provider, prompt, state, timeout_s, created_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (run_id, owner, provider, prompt, RunState.QUEUED.value, timeout_s, now),
+                )
+        except sqlite3.IntegrityError as exc:
+            raise Conflict(f"cannot create run {run_id}: {exc}", run_id=run_id) from exc
+        return self.run(run_id)
+
+    def run(self, run_id: str) -> RunRecord:
+        """Return the run ``run_id``; raise NotFound (404) when there is none."""
+        row = self._db.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"no run {run_id}", run_id=run_id)
+        return _run(row)
+
+    def run_of(self, owner: str, run_id: str) -> RunRecord | None:
+        """Return ``owner``'s run ``run_id``, or None (someone else's is None too)."""
+        row = self._db.execute(
+            "SELECT * FROM runs WHERE id = ? AND owner = ?", (run_id, owner)
+        ).fetchone()
+        return None if row is None else _run(row)
+
+    def runs(self, owner: str, limit: int = 100) -> list[RunRecord]:
+        """Return ``owner``'s latest ``limit`` runs, newest first."""
+        rows = self._db.execute(
+            "SELECT * FROM runs WHERE owner = ? ORDER BY created_at DESC, id LIMIT ?",
+            (owner, limit),
+        )
+        return [_run(r) for r in rows]
+
+    def active_runs(self) -> list[RunRecord]:
+        """Return every run still ``queued`` or ``running``, oldest first."""
+        states = tuple(s.value for s in ACTIVE_RUN_STATES)
+        rows = self._db.execute(
+            f"SELECT * FROM runs WHERE state IN ({', '.join('?' * len(states))})"  # noqa: S608
+            " ORDER BY created_at",
+            states,
+        )
+        return [_run(r) for r in rows]
+
+    def apply_run(
+        self,
+        run_id: str,
+        step: RunStep,
+        now: float,
+        *,
+        reason: str | None = None,
+        exit_code: int | None = None,
+        output: str | None = None,
+        events: str | None = None,
+        tokens: tuple[int, int] | None = None,
+    ) -> RunRecord:
+        """Apply ``step`` through :func:`~remotecli.runs.next_run_state`, with what it ended with.
+
+        Raises Conflict (409) when the run's state does not take the step: nothing changes.
+        """
+        with self._transaction() as db:
+            row = db.execute("SELECT state FROM runs WHERE id = ?", (run_id,)).fetchone()
+            if row is None:
+                raise NotFound(f"no run {run_id}", run_id=run_id)
+            state = next_run_state(RunState(row["state"]), step)
+            fields: dict[str, object] = {"state": state.value}
+            if step is RunStep.START:
+                fields["started_at"] = now
+            else:
+                fields.update(ended_at=now, reason=reason, exit_code=exit_code)
+                if output is not None:
+                    fields.update(output=output, events=events)
+                if tokens is not None:
+                    fields.update(input_tokens=tokens[0], output_tokens=tokens[1])
+            assignments = ", ".join(f"{name} = ?" for name in fields)
+            db.execute(
+                f"UPDATE runs SET {assignments} WHERE id = ?",  # noqa: S608 -- our column names
+                (*fields.values(), run_id),
+            )
+        return self.run(run_id)
+
+    def usage(self, owner: str, start: float, end: float) -> Usage:
+        """Return what ``owner``'s runs created in [``start``, ``end``) used."""
+        row = self._db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(input_tokens), 0), COALESCE(SUM(output_tokens), 0)"
+            " FROM runs WHERE owner = ? AND created_at >= ? AND created_at < ?",
+            (owner, start, end),
+        ).fetchone()
+        return Usage(int(row[0]), int(row[1]), int(row[2]))
+
+    def delete_ended_runs(self, before: float) -> int:
+        """Delete the runs that ended before ``before``; returns how many."""
+        with self._transaction() as db:
+            cursor = db.execute(
+                "DELETE FROM runs WHERE ended_at IS NOT NULL AND ended_at < ?", (before,)
+            )
+        return cursor.rowcount

@@ -47,7 +47,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from remotecli.drivers.banner import await_rfb_banner
-from remotecli.drivers.base import ProgressCallback, SessionSpec, VncEndpoint
+from remotecli.drivers.base import (
+    RUN_ERRORS_MAX,
+    ProgressCallback,
+    RunOutput,
+    SessionSpec,
+    VncEndpoint,
+)
 from remotecli.drivers.local_channels import (
     PID_FILE,
     LocalSession,
@@ -68,6 +74,7 @@ from remotecli.drivers.local_sandbox import (
     LINKS_FIFO,
     PASSWD,
     REPORT_LINE_MAX,
+    RUN_ERRORS,
     TMUX_CONF_NAME,
     TTY_SERVER_NAME,
     TTY_SOCKET,
@@ -107,10 +114,50 @@ PROGRAMS = ("Xvnc", "xterm", "tmux", "matchbox-window-manager", "python3")
 """What the session script runs, found on the sandbox's PATH (the system directories)."""
 
 _UNIX_PATH_MAX = 107  # sun_path is 108 bytes with the terminating NUL
+RUN_CHUNK = 65536
+"""Bytes a headless run's output is read in, at most, per :meth:`_LocalRun.read`."""
 _POLL_INTERVAL = 0.01
 _WORKDIR_BYTES = 16 * 1024**2
 _WORKDIR_INODES = 4096
 _MEMORY_POLL_INTERVAL = 0.25
+
+
+class _LocalRun:
+    """A headless run's command in its local sandbox (:class:`RunOutput`)."""
+
+    def __init__(self, session: LocalSession) -> None:
+        self._session = session
+        self._errors = ""
+
+    async def read(self) -> bytes:
+        """Return the next output the command wrote (b"" once the pipe is closed)."""
+        process = self._session.process
+        if process is None or process.stdout is None:
+            return b""
+        return await process.stdout.read(RUN_CHUNK)
+
+    async def wait(self) -> int:
+        """Return the command's exit status once the sandbox ended (128 + N for signal N)."""
+        session = self._session
+        assert session.exited is not None
+        assert session.process is not None
+        await asyncio.shield(session.exited)
+        self._errors = files.read_tail(
+            session.run_dir / RUN_ERRORS, RUN_ERRORS_MAX, owner=session.uid
+        )
+        code = session.process.returncode
+        assert code is not None
+        return 128 - code if code < 0 else code
+
+    def errors(self) -> str:
+        """Return the end of the command's standard error (read once it ended)."""
+        return self._errors
+
+
+async def _drain(stream: asyncio.StreamReader) -> None:
+    """Read ``stream`` to its end, keeping nothing."""
+    while await stream.read(RUN_CHUNK):
+        pass
 
 
 @dataclass(frozen=True)
@@ -275,6 +322,40 @@ class LocalDriver:
         log.info("session_ready", session_id=spec.session_id, seconds=round(elapsed, 3))
         return VncEndpoint(unix_path=str(socket_path))
 
+    async def start_run(self, spec: SessionSpec, progress: ProgressCallback) -> RunOutput:
+        """Start ``spec.command`` headless in a sandbox of its own; its output is the pipe.
+
+        The sandbox is a session's (uid, namespaces, seccomp, cgroup, HOME tmpfs with
+        ``spec.home_files``, egress) running :data:`RUN_SCRIPT` instead of a display: the
+        command's standard output is the sandbox's, read by :meth:`_LocalRun.read`.
+        """
+        if spec.session_id in self._sessions:
+            raise DriverError(f"run {spec.session_id} is already running in this driver")
+        if len(os.fsencode(spec.workdir / "run" / RUN_ERRORS)) > _UNIX_PATH_MAX:
+            raise DriverError(
+                f"the run's directory {spec.workdir} is too long; choose a shorter data directory",
+                session_id=spec.session_id,
+            )
+        lease = self.uids.lease() if self.uids is not None else None
+        marker = f"{spec.session_id}.{secrets.token_hex(8)}"
+        session = LocalSession(spec, marker, lease, spec.workdir / "run", headless=True)
+        self._sessions[spec.session_id] = session
+        try:
+            async with asyncio.timeout(READY_TIMEOUT):
+                await self._launch(session, progress)
+        except BaseException as exc:
+            details = log_tails(session)
+            await self.stop(spec.session_id)
+            if isinstance(exc, TimeoutError):
+                raise DriverError(
+                    f"run {spec.session_id} did not start within {READY_TIMEOUT:.0f} s" + details,
+                    session_id=spec.session_id,
+                ) from exc
+            if isinstance(exc, DriverError):
+                raise DriverError(exc.message + details, session_id=spec.session_id) from exc
+            raise
+        return _LocalRun(session)
+
     def can_run(self, command: Sequence[str]) -> tuple[str, ...] | str:
         """Return ``command`` with its program resolved on this host, or say it is not found.
 
@@ -300,12 +381,19 @@ class LocalDriver:
         if session is None:
             return
         pgid = session.process.pid if session.process is not None else None
+        drain = None
+        if session.headless and session.process is not None and session.process.stdout:
+            # Output nobody reads any more may have paused the pipe, and asyncio waits for
+            # its end before it reports the exit: read it away.
+            drain = asyncio.create_task(_drain(session.process.stdout))
         killed = kill(members(session))
         if session.process is not None:
             with contextlib.suppress(ProcessLookupError):
                 await session.process.wait()
+        if drain is not None:
+            drain.cancel()
         await reap(session.marker, pgid, killed, session.uid)
-        for task in (*session.tasks, session.exited):
+        for task in (*session.tasks, session.reports, session.exited):
             if task is not None and not task.done():
                 task.cancel()
         if session.pasta is not None:
@@ -426,7 +514,9 @@ class LocalDriver:
         info_fd = block_fd = -1
         try:
             if self.bwrap is None:
-                argv = script_argv(spec, str(run_dir), str(run_dir / "bin"))
+                argv = script_argv(
+                    spec, str(run_dir), str(run_dir / "bin"), headless=session.headless
+                )
             else:
                 info_fd, info_w = os.pipe()
                 block_r, block_fd = os.pipe()
@@ -454,6 +544,7 @@ class LocalDriver:
                         processes=self.limits.pids,
                         home_bytes=self.limits.home_bytes,
                         cgroup_procs=session.cgroup.procs_files if session.cgroup else (),
+                        headless=session.headless,
                     )
                 )
             workdir = spec.workdir
@@ -467,7 +558,7 @@ class LocalDriver:
                     start_new_session=True,
                     env=env,
                     pass_fds=child_fds,
-                    limit=REPORT_LINE_MAX,
+                    limit=RUN_CHUNK if session.headless else REPORT_LINE_MAX,
                 )
         finally:
             for fd in child_fds:
@@ -476,7 +567,8 @@ class LocalDriver:
         (spec.workdir / PID_FILE).write_text(
             f"{process.pid} {session.marker} {session.uid or '-'}\n"
         )
-        session.tasks.append(asyncio.create_task(read_reports(session)))
+        if not session.headless:
+            session.reports = asyncio.create_task(read_reports(session))
         read_links(session)
         session.exited = asyncio.create_task(self._watch(session))
         if self.bwrap is None:
@@ -552,9 +644,9 @@ class LocalDriver:
     async def _watch(self, session: LocalSession) -> str:
         assert session.process is not None
         returncode = await session.process.wait()
-        for task in session.tasks[:1]:  # the report reader: its last line may name the cause
+        if session.reports is not None:  # its last line may name the cause
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+                await session.reports
         pgid = session.process.pid
         killed = kill(members(session))
         await reap(session.marker, pgid, killed, session.uid)

@@ -68,6 +68,9 @@ class LocalSession:
     display: int | None = None
     lines: asyncio.Queue[str] = field(default_factory=asyncio.Queue)
     tasks: list[asyncio.Task[object]] = field(default_factory=list)
+    reports: asyncio.Task[None] | None = None
+    """The report reader (a session's, not a headless run's: its output is the command's)."""
+    headless: bool = False
     sockets: set[str] = field(default_factory=set)
     """The sockets of run/ already moved into the workdir (and checked)."""
     exited: asyncio.Task[str] | None = None

@@ -190,6 +190,21 @@ SESSION_SCRIPT = (
 )
 
 
+# A headless run's script: the command alone, its output the driver's pipe. Arguments: the run
+# directory, then the command. Its standard error goes to a file of the run directory (on the
+# workdir's small tmpfs), whose end names the cause of a failed run.
+RUN_SCRIPT = r"""
+set -u
+run=$1
+shift
+cd "$HOME" 2>/dev/null || cd /
+exec "$@" </dev/null 2>"$run/@RUN_ERRORS@"
+"""
+RUN_ERRORS = "stderr"
+"""In the run directory: a headless run's standard error, as the command wrote it."""
+RUN_SCRIPT = RUN_SCRIPT.replace("@RUN_ERRORS@", RUN_ERRORS)
+
+
 def tty_server_source() -> bytes:
     """Return the source of :mod:`remotecli.sandbox.tty_server`, to bind into the sandbox."""
     return Path(tty_server.__file__).read_bytes()
@@ -251,12 +266,17 @@ def parse_report(line: bytes) -> Report:
     raise ValueError("not a report")
 
 
-def script_argv(spec: SessionSpec, run_dir: str, lib_dir: str = LIB_DIR) -> list[str]:
+def script_argv(
+    spec: SessionSpec, run_dir: str, lib_dir: str = LIB_DIR, *, headless: bool = False
+) -> list[str]:
     """Return the argv that runs :data:`SESSION_SCRIPT` for ``spec`` with its run directory.
 
     ``lib_dir`` holds tmux's configuration (:mod:`remotecli.sandbox.terminal`) and the tty
-    server (:data:`LIB_DIR` in the sandbox).
+    server (:data:`LIB_DIR` in the sandbox). ``headless`` runs :data:`RUN_SCRIPT` instead: the
+    command alone, no display or terminal (a headless run).
     """
+    if headless:
+        return ["bash", "-c", RUN_SCRIPT, "run", run_dir, *spec.command]
     width, height = str(spec.width), str(spec.height)
     return ["bash", "-c", SESSION_SCRIPT, "session", run_dir, width, height, lib_dir, *spec.command]
 
@@ -275,6 +295,8 @@ class LaunchPlan:
     processes: int
     home_bytes: int
     cgroup_procs: Sequence[Path] = ()
+    headless: bool = False
+    """A headless run: :data:`RUN_SCRIPT`, not the session's display and terminal."""
 
 
 def bwrap_argv(plan: LaunchPlan, staged: Mapping[str, str], roots: Sequence[Path]) -> list[str]:
@@ -311,7 +333,7 @@ def bwrap_argv(plan: LaunchPlan, staged: Mapping[str, str], roots: Sequence[Path
         sandbox += ["--ro-bind", staged[f"program{i}"], str(root)]
     sandbox += ["--bind", staged["home"], SANDBOX_HOME, "--bind", staged["run"], SANDBOX_RUN]
     sandbox += ["--chdir", SANDBOX_HOME, "--"]
-    return sandbox + script_argv(plan.spec, SANDBOX_RUN)
+    return sandbox + script_argv(plan.spec, SANDBOX_RUN, headless=plan.headless)
 
 
 def launcher_argv(plan: LaunchPlan) -> list[str]:
