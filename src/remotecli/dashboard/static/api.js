@@ -43,9 +43,9 @@ export const API_FIELDS = {
     "usage",
     "events_path",
   ],
-  RunUsage: ["input_tokens", "output_tokens"],
-  UsageOut: ["period_end", "runs", "input_tokens", "output_tokens", "limits"],
-  UsageLimits: ["concurrent_runs", "runs_per_period", "tokens_per_period"],
+  UsageCountOut: ["input_tokens", "output_tokens"],
+  UsageOut: ["period", "period_end", "runs", "input_tokens", "output_tokens", "limits"],
+  LimitsOut: ["concurrent_runs", "runs_per_period", "tokens_per_period"],
 };
 
 /** The SSE event names the events stream sends. */

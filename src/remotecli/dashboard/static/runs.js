@@ -20,6 +20,8 @@ const TOOL_INPUT_MAX = 160;
 const TOOL_TITLE_MAX = 2000;
 // How far from the bottom the answer may be scrolled and still follow new text.
 const FOLLOW_SLACK_PX = 24;
+// The stream says nothing when a queued run starts: while it is queued and silent, the page asks.
+const QUEUED_POLL_MS = 1000;
 
 const $ = (id) => document.getElementById(id);
 const numbers = new Intl.NumberFormat();
@@ -53,7 +55,7 @@ export function toolText(name, input) {
 /** Seconds as the page says them: "0.4 s", "12 s", "3 min 5 s". */
 export function durationText(seconds) {
   if (typeof seconds !== "number" || !Number.isFinite(seconds) || seconds < 0) return "";
-  if (seconds < 10) return `${seconds.toFixed(1)} s`;
+  if (seconds < 10) return `${Number.isInteger(seconds) ? seconds : seconds.toFixed(1)} s`;
   if (seconds < 60) return `${Math.round(seconds)} s`;
   const whole = Math.round(seconds);
   return `${Math.floor(whole / 60)} min ${whole % 60} s`;
@@ -99,15 +101,17 @@ export function usageText(period) {
   if (!period || typeof period !== "object") return "";
   const limits = period.limits ?? {};
   const tokens = (period.input_tokens ?? 0) + (period.output_tokens ?? 0);
+  const one = period.runs === 1 && typeof limits.runs_per_period !== "number";
   const parts = [
-    counted(period.runs, limits.runs_per_period, period.runs === 1 ? "run" : "runs"),
+    counted(period.runs, limits.runs_per_period, one ? "run" : "runs"),
     counted(tokens, limits.tokens_per_period, "tokens"),
   ];
   if (typeof limits.concurrent_runs === "number") {
     parts.push(`at most ${numbers.format(limits.concurrent_runs)} at once`);
   }
   const ends = timeText(period.period_end);
-  return `This period: ${parts.join(" · ")}${ends ? ` (until ${ends})` : ""}`;
+  const which = ["month", "week", "day"].includes(period.period) ? period.period : "period";
+  return `This ${which}: ${parts.join(" · ")}${ends ? ` (renews ${ends})` : ""}`;
 }
 
 /** A time from the API in the reader's words: the time alone when it is today. */
@@ -126,7 +130,7 @@ export function askError(error) {
   const wait = error instanceof ApiError ? error.retryAfter : null;
   // The API's 429 message names the limit and when to retry; say the wait only if it does not.
   if (typeof wait === "number" && !/retry|try again|again in|\bin \d/i.test(message)) {
-    return `${message} Try again in ${durationText(wait)}.`;
+    return `${message}${/[.!?]$/.test(message) ? "" : "."} Try again in ${durationText(wait)}.`;
   }
   return message;
 }
@@ -294,9 +298,8 @@ export class AskPanel {
     if (RUN_FINAL_STATES.has(run.state)) {
       const opening = ++this.openings;
       this.startAnswer(run);
-      let whole;
       try {
-        whole = await api("GET", `/api/runs/${encodeURIComponent(run.id)}`);
+        run = await api("GET", `/api/runs/${encodeURIComponent(run.id)}`);
       } catch (error) {
         if (opening !== this.openings) return;
         if (error instanceof ApiError && error.status === 401) this.actions.unauthorised();
@@ -304,9 +307,9 @@ export class AskPanel {
         return;
       }
       if (opening !== this.openings) return;
-      this.putRun(whole);
-      this.appendText(whole.output ?? "");
-      this.ended(whole);
+      this.putRun(run);
+      this.appendText(run.output ?? "");
+      this.ended(run);
       return;
     }
     this.show(run);
@@ -323,9 +326,26 @@ export class AskPanel {
         if (opening === this.openings) this.onEvent(run, name, data);
       },
       () => {
-        if (opening === this.openings) this.streamLost(run);
+        if (opening === this.openings) this.streamLost(run.id);
       },
     );
+    if (run.state === "queued") this.watchQueued(run.id, opening);
+  }
+
+  /** Ask how a queued run stands until it runs (or another run is shown). */
+  watchQueued(runId, opening) {
+    setTimeout(async () => {
+      if (opening !== this.openings || this.shown?.state !== "queued") return;
+      let run;
+      try {
+        run = await api("GET", `/api/runs/${encodeURIComponent(runId)}`);
+      } catch {
+        run = null; // the stream tells what happens next; asking again costs little
+      }
+      if (opening !== this.openings || this.shown?.state !== "queued") return;
+      if (run && run.state === "running") this.setState("running");
+      else this.watchQueued(runId, opening);
+    }, QUEUED_POLL_MS);
   }
 
   /** Clear the answer and name `run` above it. */
@@ -447,28 +467,28 @@ export class AskPanel {
   }
 
   /** The stream was refused for good: ask the run itself how it stands. */
-  async streamLost(run) {
+  async streamLost(runId) {
     this.stopStream = null;
-    let current;
+    let run;
     try {
-      current = await api("GET", `/api/runs/${encodeURIComponent(run.id)}`);
+      run = await api("GET", `/api/runs/${encodeURIComponent(runId)}`);
     } catch (error) {
       if (error instanceof ApiError && error.status === 401) {
         this.actions.unauthorised();
         return;
       }
-      if (this.shown?.id === run.id) {
+      if (this.shown?.id === runId) {
         this.setRunning(false);
         this.setEnd("error", `The answer's stream was lost: ${askError(error)}`);
       }
       return;
     }
-    this.putRun(current);
-    if (this.shown?.id !== run.id) return;
-    if (RUN_FINAL_STATES.has(current.state)) {
-      this.startAnswer(current);
-      this.appendText(current.output ?? "");
-      this.ended(current);
+    this.putRun(run);
+    if (this.shown?.id !== runId) return;
+    if (RUN_FINAL_STATES.has(run.state)) {
+      this.startAnswer(run);
+      this.appendText(run.output ?? "");
+      this.ended(run);
     } else {
       this.setEnd("error", "The answer's stream was lost; open the run again from My runs.");
     }
