@@ -111,6 +111,14 @@ def test_real_sessions_answer_as_documented(cut: ControllerUnderTest) -> None:
     )
     assert created.status_code == 201
     session_id = created.json()["id"]
+    run = {"provider": "shell", "prompt": "echo schema"}
+    started = (
+        by_label["POST /api/runs"]
+        .Case(body=run)
+        .call_and_validate(base_url=cut.base_url, headers=cut.headers, checks=CHECKS, timeout=10)
+    )
+    assert started.status_code == 201
+    run_id = started.json()["id"]
     order = sorted(by_label, key=lambda label: label.startswith("DELETE"))
     expected = {  # what a real session answers where success needs more than the session
         # nothing listens on port 1 inside the session: the relay says so, as documented
@@ -120,6 +128,10 @@ def test_real_sessions_answer_as_documented(cut: ControllerUnderTest) -> None:
         operation = by_label[label]
         if label == create.label:
             case = operation.Case(body={"provider": "shell"})
+        elif label == "POST /api/runs":
+            case = operation.Case(body=run)
+        elif "{run_id}" in operation.path:
+            case = operation.Case(path_parameters={"run_id": run_id})
         elif "{provider}" in operation.path:
             case = operation.Case(path_parameters={"provider": "shell"})
         elif "{session_id}" not in operation.path:

@@ -151,3 +151,60 @@ def test_sandbox_settings_parse_sizes_cpus_and_egress() -> None:
     for variable, value in (("REMOTECLI_SESSION_MEMORY", "1M"), ("REMOTECLI_EGRESS", "host")):
         with pytest.raises(ConfigError):
             load_controller_config({}, environ={variable: value})
+
+
+def test_a_provider_s_headless_command_and_format(tmp_path: Path) -> None:
+    """run and run_format come from [providers.NAME]; without run_format the output is text."""
+    text = (
+        "[providers.aider]\n"
+        'command = ["aider"]\n'
+        'run = ["aider", "--message={prompt}", "--yes"]\n'
+        "[providers.tool]\n"
+        'command = ["tool"]\n'
+        'run = ["tool", "-p", "{prompt}"]\n'
+        'run_format = "claude-stream-json"\n'
+    )
+    config = load_controller_config({}, environ={}, config_file=write_config(tmp_path, text))
+    aider, tool = config.providers
+    assert aider.run == ("aider", "--message={prompt}", "--yes")
+    assert aider.run_format == "text"
+    assert tool.run == ("tool", "-p", "{prompt}")
+    assert tool.run_format == "claude-stream-json"
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ('run = ["tool", "-p"]', "needs an argument holding {prompt}"),
+        ('run = ["{prompt}"]', "needs an argument holding {prompt}"),
+        ('run = "tool -p {prompt}"', "must be a list of strings"),
+        ('run = ["tool", "{prompt}"]\nrun_format = "xml"', "run_format = 'xml' is unknown"),
+        ('run_format = "text"', "run_format needs run"),
+    ],
+)
+def test_a_bad_headless_command_names_the_fix(tmp_path: Path, entry: str, message: str) -> None:
+    """A run without the prompt's place, of the wrong type, or an unknown format is refused."""
+    text = f'[providers.tool]\ncommand = ["tool"]\n{entry}\n'
+    with pytest.raises(ConfigError, match=message):
+        load_controller_config({}, environ={}, config_file=write_config(tmp_path, text))
+
+
+def test_run_limits_and_quota_settings() -> None:
+    """Runs at once, the timeout and the quota come from the environment; 0 turns a quota off."""
+    env = {
+        "REMOTECLI_MAX_RUNS_PER_USER": "3",
+        "REMOTECLI_MAX_RUNS": "6",
+        "REMOTECLI_RUN_TIMEOUT": "15m",
+        "REMOTECLI_QUOTA_PERIOD": "week",
+        "REMOTECLI_RUNS_PER_PERIOD": "0",
+        "REMOTECLI_TOKENS_PER_PERIOD": "2000000",
+    }
+    config = load_controller_config({}, environ=env)
+    assert (config.max_runs_per_user, config.max_runs) == (3, 6)
+    assert config.run_timeout == 900
+    assert config.quota_period == "week"
+    assert (config.runs_per_period, config.tokens_per_period) == (0, 2_000_000)
+    with pytest.raises(ConfigError, match="choose one of: month, day, week"):
+        load_controller_config({}, environ={"REMOTECLI_QUOTA_PERIOD": "year"})
+    with pytest.raises(ConfigError, match="run_timeout must be more than 0"):
+        load_controller_config({}, environ={"REMOTECLI_RUN_TIMEOUT": "0"})

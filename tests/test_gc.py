@@ -7,6 +7,7 @@ import json
 import os
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from remotecli.controller.store import Store
 from remotecli.drivers.qemu_machine import Machine, VmPaths, argv_for_log, machine_argv
 from remotecli.exceptions import DriverError
 from remotecli.images.build import GuestImage, find_image, image_recipe
+from remotecli.runs import RunStep
 from remotecli.sandbox import files
 from remotecli.states import Event
 
@@ -179,6 +181,44 @@ def test_zero_retention_keeps_every_record(data_dir: Path, store: Store, cache: 
     report = gc(data_dir, store, cache, 1000 * DAY, keep=0)
     assert store.find_session("ancient") is not None
     assert [i for i in report.items if i.kind == "session"] == []
+
+
+def test_ended_runs_go_with_the_retention_but_never_within_the_quota_period(
+    data_dir: Path, store: Store, cache: Path
+) -> None:
+    """An ended run older than keep_ended_sessions goes unless the current quota period
+    (a month) holds it; a running one always stays."""
+    now = datetime(2026, 11, 26, tzinfo=UTC).timestamp()
+    for run_id, at in (
+        ("run-old", now - KEEP - DAY),  # 30 days + 1 before the 26th: October
+        ("run-thismonth", datetime(2026, 11, 1, 1, tzinfo=UTC).timestamp()),
+    ):
+        store.create_run(run_id, "alice", "shell", "true", 60, at - 1)
+        store.apply_run(run_id, RunStep.FAIL, at, reason="x")
+    store.create_run("run-going", "alice", "shell", "sleep", 60, 1.0)
+    report = gc(data_dir, store, cache, now, keep=DAY)
+    assert [(i.kind, i.target) for i in report.items if i.kind == "run"] == [("run", "1 record(s)")]
+    assert store.run_of("alice", "run-old") is None
+    assert store.run_of("alice", "run-thismonth") is not None
+    assert store.run_of("alice", "run-going") is not None
+
+
+def test_run_dirs_of_ended_or_unknown_runs_go_a_running_one_stays(
+    data_dir: Path, store: Store, cache: Path
+) -> None:
+    """A run's directory left by a dead controller goes once its run ended or has no record;
+    a running run's directory stays."""
+    now = time.time() + 2 * SETTLE_SECONDS
+    store.create_run("run-going", "alice", "shell", "sleep", 60, 1.0)
+    store.create_run("run-ended", "alice", "shell", "true", 60, 1.0)
+    store.apply_run("run-ended", RunStep.CANCEL, 2.0)
+    runs = data_dir / "runs"
+    for name in ("run-going", "run-ended", "run-nobody"):
+        (runs / name / "home").mkdir(parents=True)
+    report = gc(data_dir, store, cache, now)
+    assert sorted(p.name for p in runs.iterdir()) == ["run-going"]
+    removed = {i.target for i in report.items if i.kind == "run-dir"}
+    assert removed == {str(runs / "run-ended"), str(runs / "run-nobody")}
 
 
 # --- session directories -----------------------------------------------------------------------

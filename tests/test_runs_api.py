@@ -25,7 +25,7 @@ import pytest
 import uvicorn
 
 from remotecli.auth import hash_token
-from remotecli.client import AsyncClient, StreamEvent
+from remotecli.client import AsyncClient, Client, StreamEvent
 from remotecli.config import PROMPT_FIELD, ControllerConfig, ProviderConfig
 from remotecli.controller.app import create_app
 from remotecli.controller.identity import Identity
@@ -103,7 +103,13 @@ def providers() -> tuple[ProviderConfig, ...]:
         )
         for name, fmt in FORMATS.items()
     ]
-    return (*standins, ProviderConfig(name="no-headless", command=("bash",)))
+    slow = ProviderConfig(
+        name="standin-slow",
+        command=(str(STANDIN),),
+        keep=("~/.standin",),
+        run=(str(STANDIN), "--print", "text", "--delay", "5", "--", PROMPT_FIELD),
+    )
+    return (*standins, slow, ProviderConfig(name="no-headless", command=("bash",)))
 
 
 @pytest.fixture
@@ -355,6 +361,23 @@ async def test_shutdown_and_restart_settle_running_runs(tmp_path: Path) -> None:
         assert world.store.run("run-leftover").reason == RESTART_REASON
 
 
+async def test_removing_a_user_cancels_their_runs_and_keeps_nothing(world: World) -> None:
+    """A removed user's running run is cancelled, and the sign-in it refreshed is not kept
+    again (removing the user dropped it)."""
+    world.sign_in("standin-slow")
+    run = await world.alice.create_run("standin-slow", "hello")
+    async with asyncio.timeout(10_000 * MS):
+        async for event in world.alice.events(run["id"]):
+            assert event.type == "text"
+            break
+    assert world.store.remove_user("alice", time.time())
+    await world.manager.end_removed_users()
+    ended = world.store.run(run["id"])
+    assert ended.state is RunState.CANCELLED
+    assert ended.reason == "its user was removed"
+    assert world.signins.load("alice", "standin-slow") is None
+
+
 # --- who may do what -----------------------------------------------------------------------------
 
 
@@ -472,3 +495,20 @@ async def test_an_uninstalled_headless_program_is_422_with_its_hint(tmp_path: Pa
         with pytest.raises(Unprocessable) as refused:
             await world.alice.create_run("ghost", "x")
         assert "install ghost-cli from its site" in refused.value.message
+
+
+async def test_the_blocking_client_runs_and_follows_too(world: World, tmp_path: Path) -> None:
+    """The blocking Client (the one the docs show) starts a run and iterates its events."""
+    socket_path = tmp_path / "api.sock"
+
+    def use() -> tuple[list[StreamEvent], dict[str, object]]:
+        transport = httpx.HTTPTransport(uds=str(socket_path))
+        with Client("http://controller", ALICE, transport=transport) as api:
+            assert [p["name"] for p in api.providers()][:1] == ["shell"]
+            run = api.create_run("shell", "echo from the blocking client")
+            events = list(api.events(run["id"]))
+            return events, api.run(run["id"])
+
+    events, run = await asyncio.to_thread(use)
+    assert events[-1].type == "done"
+    assert run["output"] == "from the blocking client\n"

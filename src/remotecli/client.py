@@ -5,7 +5,7 @@
     from remotecli.client import Client
 
     with Client("https://cli.example.org", token="...") as api:
-        run = api.create_run("claude-code", "Summarise README.md in one line")
+        run = api.create_run("shell", "uname -a")  # or a connected CLI, on a prompt
         for event in api.events(run["id"]):
             if event.type == "text":
                 print(event.data["text"], end="", flush=True)

@@ -41,6 +41,7 @@ from remotecli.auth import LoginRateLimiter, bearer_token, tokens_match
 from remotecli.controller import login
 from remotecli.controller.events import SessionEvent
 from remotecli.controller.identity import ADMIN_USER, Identity
+from remotecli.controller.runs_api import runs_router
 from remotecli.controller.sessions import LABEL_MAX, SessionManager
 from remotecli.controller.store import SessionRecord
 from remotecli.exceptions import (
@@ -580,9 +581,7 @@ def create_app(
 
     app.include_router(login.router(identity, client_of))
 
-    from remotecli.controller.runs_api import runs_router  # it uses this module's models
-
-    app.include_router(runs_router(manager.runs, current_user))
+    app.include_router(runs_router(manager.runs, current_user, ErrorOut))
 
     @app.get("/", include_in_schema=False)
     async def root() -> RedirectResponse:

@@ -107,6 +107,12 @@ class SignInKeeper:
                 await entry.task
         await self._save(session_id, entry)
 
+    def forget(self, session_id: str) -> None:
+        """Stop keeping the session's sign-in without saving it (its user was removed)."""
+        entry = self._sessions.pop(session_id, None)
+        if entry is not None and entry.task is not None:
+            entry.task.cancel()
+
     async def checkpoint(self, session_id: str) -> None:
         """Save the session's sign-in now and go on keeping it (before it hibernates)."""
         entry = self._sessions.get(session_id)

@@ -4,8 +4,10 @@ Theory of operation. :func:`run_gc` makes four passes, each one reporting every 
 (or, under ``dry_run``, would remove) in a :class:`GcReport`; a failure is reported and the
 pass goes on with the next item.
 
-1. Session records that ended more than ``keep_ended_sessions`` ago leave the store.
-2. Session directories (``DATA_DIR/sessions/ID``) that belong to no active session go: an
+1. Session records that ended more than ``keep_ended_sessions`` ago leave the store, and so
+   do headless runs, but never one of the quota's current period (it counts against it).
+2. Session directories (``DATA_DIR/sessions/ID``) and headless runs' (``DATA_DIR/runs/ID``,
+   left by a controller that died) that belong to no active session or run go: an
    ended session's leftovers and orphans without a record. A local session's HOME may still be
    a tmpfs: :func:`remotecli.drivers.local_channels.remove_workdir` unmounts it first. What is
    inside was written by a hostile user, so nothing there is ever followed: sizes come from
@@ -44,6 +46,7 @@ from remotecli.controller.store import Store
 from remotecli.drivers.local_channels import remove_workdir
 from remotecli.exceptions import RemoteCliError
 from remotecli.images.build import MANIFEST, default_cache_dir, image_recipe, manifest_versions
+from remotecli.runs import ACTIVE_RUN_STATES, period_bounds
 from remotecli.sandbox import files
 from remotecli.states import ACTIVE_STATES, State
 
@@ -135,7 +138,9 @@ def run_gc(
     """
     report = GcReport(dry_run=dry_run)
     _expire_records(config, store, now, report)
+    _expire_runs(config, store, now, report)
     _sweep_session_dirs(config.data_dir / "sessions", store, now, report)
+    _sweep_run_dirs(config.data_dir / "runs", store, now, report)
     cache = image_cache if image_cache is not None else default_cache_dir()
     asleep = _images_of_hibernated(config.data_dir / "sessions", store)
     gone_images = _sweep_images(cache, now, report, asleep)
@@ -172,6 +177,25 @@ def _expire_records(config: ControllerConfig, store: Store, now: float, report: 
             report.items.append(GcItem("session", record.id, 0, reason))
 
 
+def _expire_runs(config: ControllerConfig, store: Store, now: float, report: GcReport) -> None:
+    """Ended runs go after ``keep_ended_sessions``, but never within the quota's current period
+    (they count against it)."""
+    if config.keep_ended_sessions <= 0:
+        return
+    period_start, _ = period_bounds(config.quota_period, now)
+    before = min(now - config.keep_ended_sessions, period_start)
+    if report.dry_run:
+        return
+    try:
+        count = store.delete_ended_runs(before)
+    except (sqlite3.Error, RemoteCliError) as exc:
+        message = exc.message if isinstance(exc, RemoteCliError) else str(exc)
+        report.failures.append(GcItem("run", "ended runs", 0, "ended runs", message))
+        return
+    if count:
+        report.items.append(GcItem("run", f"{count} record(s)", 0, "ended runs"))
+
+
 # --- 2. session directories --------------------------------------------------------------------
 
 
@@ -192,6 +216,23 @@ def _sweep_session_dirs(root: Path, store: Store, now: float, report: GcReport) 
                 continue
             reason = "no session has this id"
         _remove(report, "session-dir", path, size, reason, _remove_session_dir)
+
+
+def _sweep_run_dirs(root: Path, store: Store, now: float, report: GcReport) -> None:
+    """A run's directory outlives it only when its controller died: the next start settles
+    the run, this removes what is left once nothing runs there."""
+    for path in _entries(root, report):
+        try:
+            record = store.run(path.name)
+        except RemoteCliError:
+            record = None
+        if record is not None and record.state in ACTIVE_RUN_STATES:
+            continue
+        size, newest = _measure(path)
+        if now - newest < SETTLE_SECONDS:
+            continue
+        reason = "no run has this id" if record is None else f"run {record.state.value}"
+        _remove(report, "run-dir", path, size, reason, _remove_session_dir)
 
 
 def _remove_session_dir(path: Path) -> None:

@@ -66,6 +66,7 @@ CONCURRENT_RETRY = 5
 RESTART_REASON = "remote-cli was restarted while the run ran; run it again"
 SHUTDOWN_REASON = "remote-cli shut down while the run ran; run it again"
 CANCEL_REASON = "cancelled by its owner"
+REMOVED_REASON = "its user was removed"
 RUN_ENV = {"TERM": "dumb", "NO_COLOR": "1"}
 """What a headless command's environment adds: no terminal, so no colours or cursor moves."""
 
@@ -256,6 +257,18 @@ class RunManager:
 
     # --- start and shutdown --------------------------------------------------------------------
 
+    async def end_removed_users(self) -> list[str]:
+        """Cancel every run whose owner was removed (``remotecli user remove``); their ids."""
+        doomed = []
+        for record in self.store.removed_owners_with_runs():
+            live = self._live.get(record.id)
+            if live is not None and live.task is not None and live.cancel_reason is None:
+                live.cancel_reason = REMOVED_REASON
+                live.task.cancel()
+                doomed.append(live.task)
+        await asyncio.gather(*doomed, return_exceptions=True)
+        return [r.id for r in self.store.removed_owners_with_runs()]
+
     async def recover(self) -> None:
         """Settle the runs a previous controller left running: their sandboxes go, they fail."""
         for record in self.store.active_runs():
@@ -353,10 +366,13 @@ class RunManager:
             if current is not None:
                 current.uncancel()
             reason = live.cancel_reason or SHUTDOWN_REASON
-            step = RunStep.CANCEL if reason == CANCEL_REASON else RunStep.FAIL
+            step = RunStep.FAIL if reason == SHUTDOWN_REASON else RunStep.CANCEL
         finally:
             with contextlib.suppress(RemoteCliError, OSError):
-                await self.keeper.finish(record.id)  # before the driver removes HOME
+                if step is RunStep.CANCEL and reason == REMOVED_REASON:
+                    self.keeper.forget(record.id)  # a removed user's sign-in is not kept again
+                else:
+                    await self.keeper.finish(record.id)  # before the driver removes HOME
             with contextlib.suppress(RemoteCliError, OSError):
                 await self.driver.stop(record.id)
         duration = round(time.monotonic() - began, 3)

@@ -16,7 +16,6 @@ from fastapi import Path as PathParam
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from remotecli.controller.app import ErrorOut
 from remotecli.controller.runs import RunManager, StreamEvent
 from remotecli.controller.store import RunRecord
 from remotecli.runs import PROMPT_MAX, RunState
@@ -30,11 +29,11 @@ RunId = Annotated[str, PathParam(pattern=RUN_ID_PATTERN, description="A run id (
 
 class CreateRunIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    provider: str = Field(pattern=PROVIDER_PATTERN, max_length=32, examples=["claude-code"])
+    provider: str = Field(pattern=PROVIDER_PATTERN, max_length=32, examples=["shell"])
     prompt: str = Field(
         max_length=PROMPT_MAX,
         description="What the CLI should do; the shell provider runs it as a bash command line",
-        examples=["Explain what a TCP half-close is, in two sentences."],
+        examples=["uname -a"],
     )
     timeout_s: float | None = Field(
         default=None,
@@ -99,9 +98,15 @@ def _last_event_id(value: str | None) -> int:
     return int(value.strip())
 
 
-def runs_router(runs: RunManager, current_user: Callable[[Request], Awaitable[str]]) -> APIRouter:
-    """Return the routes of headless runs; ``current_user`` says who a request is (401)."""
+def runs_router(
+    runs: RunManager,
+    current_user: Callable[[Request], Awaitable[str]],
+    error_model: type[BaseModel],
+) -> APIRouter:
+    """Return the routes of headless runs; ``current_user`` says who a request is (401),
+    ``error_model`` is the API's error answer (its OpenAPI schema)."""
     router = APIRouter(tags=["runs"])
+    ErrorOut = error_model
     User = Annotated[str, Depends(current_user)]
 
     def run_out(record: RunRecord) -> RunOut:

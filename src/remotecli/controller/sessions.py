@@ -328,6 +328,7 @@ class SessionManager:
                 return_exceptions=True,
             )
             log.info("sessions of removed users ended", session_ids=doomed)
+        await self.runs.end_removed_users()
         return doomed
 
     async def _watch_store(self) -> None:

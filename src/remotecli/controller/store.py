@@ -866,6 +866,17 @@ class Store:
             )
         return self.run(run_id)
 
+    def removed_owners_with_runs(self) -> list[RunRecord]:
+        """Return the runs still going whose owner was removed, oldest first."""
+        states = tuple(s.value for s in ACTIVE_RUN_STATES)
+        marks = ", ".join("?" * len(states))
+        rows = self._db.execute(
+            "SELECT r.* FROM runs r JOIN users u ON u.name = r.owner"  # noqa: S608 -- marks only
+            f" WHERE u.removed_at IS NOT NULL AND r.state IN ({marks}) ORDER BY r.created_at",
+            states,
+        )
+        return [_run(r) for r in rows]
+
     def usage(self, owner: str, start: float, end: float) -> Usage:
         """Return what ``owner``'s runs created in [``start``, ``end``) used."""
         row = self._db.execute(
