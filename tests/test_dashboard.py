@@ -93,6 +93,7 @@ def test_every_response_carries_a_self_only_content_security_policy() -> None:
         ("api.js", "text/javascript; charset=utf-8"),
         ("terminal.js", "text/javascript; charset=utf-8"),
         ("reconnect.js", "text/javascript; charset=utf-8"),
+        ("runs.js", "text/javascript; charset=utf-8"),
         ("style.css", "text/css; charset=utf-8"),
         ("icon.svg", "image/svg+xml"),
     ],
@@ -444,3 +445,109 @@ def test_the_tty_path_carries_the_ticket_escaped() -> None:
         "console.log(JSON.stringify(ttyPath('Jf-NV5Ar9ffvUNb-', { ticket: 'a+b/c=' })));"
     )
     assert run_module(script) == "/api/sessions/Jf-NV5Ar9ffvUNb-/tty?ticket=a%2Bb%2Fc%3D"
+
+
+# --- Ask: headless runs --------------------------------------------------------------------------
+
+
+def test_the_ask_controls_are_labelled_and_keyboard_reachable() -> None:
+    """Ask is a tab beside the live view; its provider, prompt, Ask and Stop are labelled."""
+    page = client().get("/dashboard/remote-cli").text
+    elements = _Elements()
+    elements.feed(page)
+    labels = set(re.findall(r'<label[^>]*\bfor="([\w-]+)"', page))
+    assert elements.by_id["tablist"]["role"] == "tablist"
+    for tab, panel in (("tab-live", "viewer"), ("tab-ask", "ask")):
+        assert elements.by_id[tab]["role"] == "tab"
+        assert elements.by_id[tab]["aria-controls"] == panel
+        assert elements.by_id[panel]["role"] == "tabpanel"
+    assert "hidden" in elements.by_id["ask"]  # the live view is shown first
+    assert elements.by_id["ask-provider"]["tag"] == "select"
+    assert elements.by_id["ask-prompt"]["tag"] == "textarea"
+    assert {"ask-provider", "ask-prompt"} <= labels
+    assert elements.by_id["ask-form"]["tag"] == "form"
+    assert elements.by_id["ask-submit"]["type"] == "submit"
+    assert elements.by_id["ask-stop"]["type"] == "button"
+    assert "hidden" in elements.by_id["ask-stop"]  # only while a run runs
+    assert elements.by_id["ask-error"]["role"] == "alert"
+    assert elements.by_id["ask-output"]["role"] == "log"
+    assert "Ctrl+Enter" in page
+
+
+def test_the_answer_reaches_the_page_as_text_only() -> None:
+    """runs.js appends a run's text as Text nodes and everything else through textContent."""
+    source = (STATIC / "runs.js").read_text()
+    assert "document.createTextNode(kept)" in source
+    assert ".appendData(kept)" in source
+    # a tool use is one element made from its words: element() sets textContent
+    assert re.search(r'element\("span", toolText\(name, input\), "tool-use"\)', source)
+    assert not re.search(r"\.(innerHTML|outerHTML|srcdoc)\b|insertAdjacent|DOMParser", source)
+
+
+@needs_node
+def test_runs_are_said_in_words() -> None:
+    """The Ask panel's helpers say tool uses, ends, usage, limits and refusals in words."""
+    runs = json.dumps((STATIC / "runs.js").as_uri())
+    api = json.dumps((STATIC / "api.js").as_uri())
+    script = f"""
+import {{ askable, askError, durationText, endText, tokensText, toolText, usageText }}
+  from {runs};
+import {{ ApiError, retryAfter }} from {api};
+const long = "x".repeat(400);
+console.log(JSON.stringify({{
+  tools: [
+    toolText("Bash", {{ command: "ls  -la\\n~" }}),
+    toolText("Read", "<img src=x onerror=alert(1)>"),
+    toolText("", null),
+    toolText("Write", {{ text: long }}).length,
+  ],
+  durations: [0.42, 12.4, 185, -1, null].map(durationText),
+  ends: [
+    endText("done", {{ exitCode: 0, duration: 3.04 }}),
+    endText("failed", {{ exitCode: 2, duration: 1, reason: "bash exited with status 2" }}),
+    endText("cancelled", {{ reason: "cancelled by its owner" }}),
+    endText("failed", {{ reason: "the run took longer than its timeout (600 s)" }}),
+  ],
+  tokens: [tokensText({{ input_tokens: 12, output_tokens: 3 }}), tokensText(null)],
+  usage: usageText({{
+    period: "month", period_end: null, runs: 1, input_tokens: 10, output_tokens: 5,
+    limits: {{ concurrent_runs: 2, runs_per_period: 500, tokens_per_period: null }},
+  }}),
+  askable: [
+    {{ name: "shell", available: true, connected: false }},
+    {{ name: "claude-code", available: true, connected: true }},
+    {{ name: "codex", available: true, connected: false }},
+    {{ name: "gemini-cli", available: false, connected: true }},
+  ].map(askable),
+  refusals: [
+    askError(new ApiError(429, "you already have 2 run(s) going; cancel one", 5)),
+    askError(new ApiError(429, "you have used your 500 runs; the quota renews in 3 d 2 h", 266400)),
+    askError(new ApiError(422, "the prompt is empty; write what the CLI should do")),
+  ],
+  retryAfter: ["5", " 30 ", "", null, "soon"].map(retryAfter),
+}}));
+"""
+    assert run_module(script) == {
+        "tools": [
+            'Bash {"command":"ls -la\\n~"}',
+            "Read <img src=x onerror=alert(1)>",
+            "tool",
+            166,
+        ],
+        "durations": ["0.4 s", "12 s", "3 min 5 s", "", ""],
+        "ends": [
+            "Done: exit code 0, 3.0 s.",
+            "Failed: bash exited with status 2 (exit code 2, 1 s).",
+            "Stopped: cancelled by its owner.",
+            "Failed: the run took longer than its timeout (600 s).",
+        ],
+        "tokens": ["12 tokens in, 3 out", ""],
+        "usage": "This month: 1 of 500 runs · 15 tokens · at most 2 at once",
+        "askable": [True, True, False, False],
+        "refusals": [
+            "you already have 2 run(s) going; cancel one. Try again in 5 s.",
+            "you have used your 500 runs; the quota renews in 3 d 2 h",
+            "the prompt is empty; write what the CLI should do",
+        ],
+        "retryAfter": [5, 30, None, None, None],
+    }

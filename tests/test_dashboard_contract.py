@@ -5,9 +5,11 @@ it listens to (``EVENT_NAMES``); these tests check the declaration against the O
 of a real controller, and check the pages' JavaScript against the declaration: every field read
 from a variable holding an API answer, and every API call, must be in it. That covers connecting
 a provider too: the providers' ``connected`` fields, forgetting a connection, a session's
-``open_url`` and its ``open-url`` event, and relaying the sign-in callback. The text view's
-WebSocket is not in the OpenAPI document (no WebSocket is): its path (``TTY_PATH``) is checked
-against docs/api.md and the path the controller's bridge serves.
+``open_url`` and its ``open-url`` event, and relaying the sign-in callback; and Ask, the headless
+runs: ``/api/runs`` and ``/api/usage``, and the events of a run's stream (``RUN_EVENTS``) as the
+stream's own OpenAPI description lists them. The text view's WebSocket is not in the OpenAPI
+document (no WebSocket is): its path (``TTY_PATH``) is checked against docs/api.md and the path
+the controller's bridge serves.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ PAGES = (
     "viewer.js",
     "terminal.js",
     "reconnect.js",
+    "runs.js",
 )
 API_DOC = Path(__file__).resolve().parents[1] / "docs/api.md"
 
@@ -51,7 +54,20 @@ READERS = {
     "callback": "CallbackOut",
     "sse": "events",
     "me": "MeOut",
+    "run": "RunOut",
+    "tokens": "UsageCountOut",
+    "period": "UsageOut",
+    "limits": "LimitsOut",
 }
+# The variables the pages hold the data of each event of a run's stream in (RUN_EVENTS in api.js).
+RUN_EVENT_READERS = {
+    "said": "text",
+    "toolUse": "tool",
+    "tokens": "usage",
+    "finish": "done",
+    "fault": "error",
+}
+RUN_EVENTS_PATH = "/api/runs/{run_id}/events"
 
 # What each call the dashboard makes answers, as (array of?, schema) in the OpenAPI document;
 # schema None: an empty 204.
@@ -67,15 +83,25 @@ CALLS: dict[tuple[str, str], tuple[bool, str | None]] = {
     ("patch", "/api/sessions/{session_id}"): (False, "SessionOut"),
     ("get", "/api/me"): (False, "MeOut"),
     ("post", "/api/logout"): (False, None),
+    ("get", "/api/runs"): (True, "RunOut"),
+    ("post", "/api/runs"): (False, "RunOut"),
+    ("get", "/api/runs/{run_id}"): (False, "RunOut"),
+    ("delete", "/api/runs/{run_id}"): (False, "RunOut"),
+    ("get", "/api/usage"): (False, "UsageOut"),
 }
 
 
 def _path_template(path: str) -> str:
-    """``/api/providers/${...provider.name...}`` → ``/api/providers/{provider}``; a session id
-    (``session.id``, ``sessionId``, ``this.sessionId``) → ``{session_id}``."""
+    """``/api/providers/${...provider.name...}`` → ``/api/providers/{provider}``; a run's id
+    (``run.id``, ``runId``, ``shown.id``) → ``{run_id}``; a session id (``session.id``,
+    ``sessionId``, ``this.sessionId``) → ``{session_id}``."""
 
     def parameter(match: re.Match[str]) -> str:
-        return "{provider}" if re.search(r"\bprovider\b", match.group(1)) else "{session_id}"
+        if re.search(r"\bprovider\b", match.group(1)):
+            return "{provider}"
+        if path.startswith("/api/runs/"):
+            return "{run_id}"
+        return "{session_id}"
 
     return re.sub(r"\$\{([^}]*)\}", parameter, path)
 
@@ -143,15 +169,23 @@ async def test_calls_answer_the_declared_shapes(openapi: dict[str, Any]) -> None
 
 
 def test_pages_read_only_declared_fields() -> None:
-    """Every field the pages read from an API answer is one API_FIELDS declares."""
+    """Every field the pages read from an API answer (or a run's event) is one declared."""
     declared: dict[str, list[str]] = _constant("API_FIELDS")
-    pattern = re.compile(rf"\b({'|'.join(READERS)})\??\.(\w+)")
+    run_events: dict[str, list[str]] = _constant("RUN_EVENTS")
+    pattern = re.compile(rf"\b({'|'.join(READERS | RUN_EVENT_READERS)})\??\.(\w+)")
     read: set[tuple[str, str]] = set()
     for name in PAGES:
         for variable, field in pattern.findall(_source(name)):
-            read.add((READERS[variable], field))
+            if variable in READERS:
+                read.add((READERS[variable], field))
+            if variable in RUN_EVENT_READERS:
+                read.add((f"event {RUN_EVENT_READERS[variable]}", field))
     assert read, "no API field reads found: did the variable names change?"
-    undeclared = {(schema, field) for schema, field in read if field not in declared[schema]}
+    assert {schema for schema, _ in read} >= {"RunOut", "UsageOut", "event text", "event done"}
+    known = declared | {f"event {name}": fields for name, fields in run_events.items()}
+    # `tokens` holds both a run's usage (UsageCountOut) and its usage event: the same fields.
+    assert run_events["usage"] == declared["UsageCountOut"]
+    undeclared = {(schema, field) for schema, field in read if field not in known[schema]}
     assert undeclared == set()
 
 
@@ -194,3 +228,35 @@ def test_the_text_view_opens_the_documented_tty_path() -> None:
     # the page opens it with the desktop's ticket, and offers the documented subprotocol
     assert re.search(r"ttyPath\(sessionId, ticket\)", _source("terminal.js"))
     assert re.search(r'\[\s*"tty",?\s*\]', _source("terminal.js"))
+
+
+async def test_run_events_are_the_ones_the_stream_documents(openapi: dict[str, Any]) -> None:
+    """RUN_EVENTS names the events a run's stream sends, each with the data fields it lists."""
+    operation = openapi["paths"][RUN_EVENTS_PATH]["get"]
+    assert "text/event-stream" in operation["responses"]["200"]["content"]
+    # The stream's description lists each event as ``name`` ``{"field", ...}``.
+    documented = {
+        name: re.findall(r'"(\w+)"', fields)
+        for name, fields in re.findall(r"``([a-z]+)`` ``\{([^}]*)\}``", operation["description"])
+    }
+    assert _constant("RUN_EVENTS") == documented
+    # the page follows the stream the run names (events_path), listening to each of them
+    assert "events_path" in _constant("API_FIELDS")["RunOut"]
+    assert re.search(r"for \(const name of Object\.keys\(RUN_EVENTS\)\)", _source("api.js"))
+    assert re.search(r"followRun\(\s*run\.events_path", _source("runs.js"))
+
+
+async def test_asking_posts_what_the_api_takes(openapi: dict[str, Any]) -> None:
+    """Ask posts {provider, prompt} to POST /api/runs, fields its request schema has."""
+    schemas = openapi["components"]["schemas"]
+    body = openapi["paths"]["/api/runs"]["post"]["requestBody"]
+    request = schemas[_schema_ref(body["content"]["application/json"]["schema"])]
+    assert {"provider", "prompt"} <= set(request["properties"])
+    assert set(request["required"]) <= {"provider", "prompt"}
+    assert re.search(r'api\("POST", "/api/runs", \{ provider, prompt \}\)', _source("runs.js"))
+    states = set(schemas["RunOut"]["properties"]["state"].get("enum", []))
+    if not states:  # an enum of its own
+        states = set(schemas[_schema_ref(schemas["RunOut"]["properties"]["state"])]["enum"])
+    final = re.search(r"RUN_FINAL_STATES = new Set\((\[[^\]]*\])\)", _source("api.js"))
+    assert final is not None
+    assert set(json.loads(final.group(1))) == states - {"queued", "running"}

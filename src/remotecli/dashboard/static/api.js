@@ -8,7 +8,8 @@
  * The fields of the API's answers the dashboard reads, by OpenAPI schema name ("events" is the
  * SSE `data:` object of GET /api/sessions/{id}/events). The pages hold each answer in a variable
  * named for it (`problem`: ErrorOut, `provider`, `session` or `current`, `ticket`, `callback`,
- * `sse`, `me`: MeOut), so the test can find every field they read.
+ * `sse`, `me`: MeOut, `run`: RunOut, `tokens`: a run's usage, `period`: UsageOut, `limits`: its
+ * limits), so the test can find every field they read.
  */
 export const API_FIELDS = {
   ErrorOut: ["message"],
@@ -28,10 +29,43 @@ export const API_FIELDS = {
   TicketOut: ["ticket", "vnc_path"],
   CallbackOut: ["status", "body"],
   events: ["state", "reason", "message", "url"],
+  RunOut: [
+    "id",
+    "provider",
+    "prompt",
+    "state",
+    "created_at",
+    "started_at",
+    "ended_at",
+    "exit_code",
+    "reason",
+    "output",
+    "usage",
+    "events_path",
+  ],
+  UsageCountOut: ["input_tokens", "output_tokens"],
+  UsageOut: ["period", "period_end", "runs", "input_tokens", "output_tokens", "limits"],
+  LimitsOut: ["concurrent_runs", "runs_per_period", "tokens_per_period"],
 };
 
 /** The SSE event names the events stream sends. */
 export const EVENT_NAMES = ["state", "progress", "open-url"];
+
+/**
+ * The events of a headless run's stream (GET /api/runs/{id}/events) and the fields of their
+ * `data:` the pages read, each held in a variable of its own name (`said`: text, `toolUse`: tool,
+ * `tokens`: usage, `finish`: done, `fault`: error). `done` or `error` is the last one.
+ */
+export const RUN_EVENTS = {
+  text: ["text"],
+  tool: ["name", "input"],
+  usage: ["input_tokens", "output_tokens"],
+  done: ["exit_code", "duration_s"],
+  error: ["reason"],
+};
+
+/** The states after which a headless run never runs again. */
+export const RUN_FINAL_STATES = new Set(["done", "failed", "cancelled"]);
 
 /**
  * The text view's WebSocket (docs/api.md): the same single-use ticket as the desktop's
@@ -46,12 +80,16 @@ export function ttyPath(sessionId, ticket) {
   return `${path}?ticket=${encodeURIComponent(ticket.ticket)}`;
 }
 
-/** An API call that failed; `status` is 0 when the server could not be reached at all. */
+/**
+ * An API call that failed; `status` is 0 when the server could not be reached at all.
+ * `retryAfter` is the seconds a 429 or 503 asked to wait (its Retry-After), else null.
+ */
 export class ApiError extends Error {
-  constructor(status, message) {
+  constructor(status, message, retryAfter = null) {
     super(message);
     this.name = "ApiError";
     this.status = status;
+    this.retryAfter = retryAfter;
   }
 }
 
@@ -83,9 +121,18 @@ export async function api(method, path, body) {
     }
   }
   if (!response.ok) {
-    throw new ApiError(response.status, describeFailure(response.status, data));
+    const wait = retryAfter(response.headers.get("Retry-After"));
+    throw new ApiError(response.status, describeFailure(response.status, data), wait);
   }
   return data;
+}
+
+/** A Retry-After header's delay in whole seconds (it may be a date), or null. */
+export function retryAfter(header) {
+  if (!header) return null;
+  if (/^\s*\d+\s*$/.test(header)) return Number(header);
+  const date = Date.parse(header);
+  return Number.isNaN(date) ? null : Math.max(0, Math.ceil((date - Date.now()) / 1000));
 }
 
 /** Turn an error response into a sentence: the server's `message`, or one naming the status. */
@@ -145,4 +192,40 @@ export function followEvents(sessionId, onEvent, onBroken) {
     if (source.readyState === EventSource.CLOSED) onBroken();
   });
   return () => source.close();
+}
+
+/**
+ * Follow a headless run's stream at `eventsPath` (the run's `events_path`): `onEvent(name, data)`
+ * for each event of RUN_EVENTS, the final `done` or `error` included, after which the stream is
+ * closed. The browser reconnects a dropped stream by itself with Last-Event-ID, and the server
+ * replays only what came after it, so nothing is shown twice. `onBroken()` when the stream is
+ * refused for good (401, 404, the server gone) before its final event. Returns a function that
+ * closes it.
+ */
+export function followRun(eventsPath, onEvent, onBroken) {
+  const source = new EventSource(eventsPath);
+  let finished = false;
+  const handle = (name) => (event) => {
+    // The browser's own "error" (the connection) is a plain Event; the run's is a MessageEvent.
+    if (!(event instanceof MessageEvent)) {
+      if (source.readyState === EventSource.CLOSED && !finished) onBroken();
+      return;
+    }
+    let data;
+    try {
+      data = JSON.parse(event.data);
+    } catch {
+      return; // not an event of this API: nothing to show
+    }
+    if (name === "done" || name === "error") {
+      finished = true;
+      source.close();
+    }
+    onEvent(name, data);
+  };
+  for (const name of Object.keys(RUN_EVENTS)) source.addEventListener(name, handle(name));
+  return () => {
+    finished = true;
+    source.close();
+  };
 }

@@ -2,11 +2,13 @@
 // "My sessions" (named by their labels, ended ones kept with their reason, a notice once for
 // those a restart ended), the progress of a new session from its event stream, the provider
 // sign-in a session asks for, and the live view, as text (terminal.js) or as the desktop
-// (viewer.js). Plain ES modules, no build step. Labels are the user's text: they reach the page
+// (viewer.js); beside it, in a tab of its own, Ask: headless runs (runs.js). Plain ES modules,
+// no build step. Labels are the user's text: they reach the page
 // only through textContent, value and document.title, never as markup.
 
 import { api, ApiError, endedMessage, FINAL_STATES, followEvents, webLink } from "./api.js";
 import { button, element } from "./elements.js";
+import { askable, AskPanel } from "./runs.js";
 import { ASLEEP_TEXT, SessionList, sessionLabel, stored } from "./sessions.js";
 import { FONT_SIZES, TextView } from "./terminal.js";
 import { Viewer } from "./viewer.js";
@@ -20,6 +22,9 @@ const VIEWS_KEY = "remotecli.views";
 const FONT_KEY = "remotecli.fontSize";
 const DEFAULT_VIEW_KEY = "remotecli.defaultView";
 const VIEWS = ["text", "desktop"];
+// The pane shown beside the sidebar in this tab of the browser: "live" (the view) or "ask".
+const PANE_KEY = "remotecli.pane";
+const PANES = ["live", "ask"];
 
 const $ = (id) => document.getElementById(id);
 
@@ -43,6 +48,8 @@ const page = {
   endedText: null,
   // Counts sign-outs: an answer to a request sent before the last one is dropped.
   signOuts: 0,
+  // The pane shown: the live view, or Ask.
+  pane: "live",
 };
 
 /** The session id the address names (`#session=ID`), or null. */
@@ -157,6 +164,7 @@ async function refresh() {
   else await loadProviders();
   showBanner("");
   list.show(sessions);
+  if (page.pane === "ask") ask.refresh();
   if (page.wanted) openFromAddress();
   // The event stream tells the link at once; the list catches one missed while it reconnected.
   const current = sessions.find((item) => item.id === page.viewing);
@@ -225,6 +233,7 @@ async function signOut() {
   leaveSession();
   page.hiddenLinks.clear();
   list.clear();
+  ask.clear();
   $("progress").hidden = true;
   showLogin("Signed out. Sign in again with your token to start a session.");
 }
@@ -313,10 +322,18 @@ function renderProviders() {
     } else if (!provider.available) {
       item.append(element("p", "Not available.", "muted"));
     }
+    if (askable(provider)) {
+      const askIt = button("Ask", () => showAsk(provider.name), { className: "link-button" });
+      askIt.setAttribute("aria-label", `Ask ${provider.title} (a headless run)`);
+      askIt.title = "Run one prompt headless, without a session to watch";
+      askIt.dataset.ask = provider.name;
+      item.append(askIt);
+    }
     if (described.length) connect.setAttribute("aria-describedby", described.join(" "));
     list.append(item);
   }
   if (!page.providers.length) list.append(element("li", "No providers are configured.", "muted"));
+  ask.setProviders(page.providers);
 }
 
 /** Forget the kept sign-in of a provider: its next sessions start signed out. */
@@ -389,6 +406,7 @@ function openFromAddress() {
 
 /** Follow the session's events; connect the view when it is ready; report when it ends. */
 function watchSession(session, started) {
+  showPane("live");
   if (page.stopEvents) page.stopEvents();
   if (page.viewing !== session.id) disconnectViews();
   page.viewing = session.id;
@@ -709,6 +727,53 @@ async function terminate(session, confirmed = false) {
   setStatus("idle", `Session ${sessionLabel(current)} ${final ? "removed" : "terminated"}.`);
 }
 
+// --- the panes: the live view, or Ask (runs.js draws it) -------------------------------------
+
+const ask = new AskPanel({ unauthorised: () => showLogin() });
+
+/**
+ * Show the live view or Ask beside the sidebar. Ask lies over the view, which keeps its size and
+ * its connection while hidden (a hidden box would shrink the session's desktop to nothing), and
+ * is inert meanwhile: no focus, no clicks.
+ */
+function showPane(pane, { focus = false } = {}) {
+  if (!PANES.includes(pane)) return;
+  const changed = pane !== page.pane;
+  page.pane = pane;
+  sessionStorage.setItem(PANE_KEY, pane);
+  const asking = pane === "ask";
+  for (const [tab, selected] of [
+    [$("tab-live"), !asking],
+    [$("tab-ask"), asking],
+  ]) {
+    tab.setAttribute("aria-selected", String(selected));
+    tab.tabIndex = selected ? 0 : -1;
+  }
+  $("ask").hidden = !asking;
+  $("viewer").inert = asking;
+  $("panes").dataset.pane = pane;
+  if (asking && changed) ask.refresh();
+  if (focus) (asking ? $("tab-ask") : $("tab-live")).focus();
+  else if (!asking && changed) activeView().focus();
+}
+
+/** Open Ask with `providerName` chosen, the cursor in the prompt. */
+function showAsk(providerName) {
+  showPane("ask");
+  ask.choose(providerName);
+}
+
+$("tab-live").addEventListener("click", () => showPane("live"));
+$("tab-ask").addEventListener("click", () => showPane("ask"));
+// The tabs as one control: the arrow keys (and Home, End) move between them.
+$("tablist").addEventListener("keydown", (event) => {
+  const moves = { ArrowLeft: -1, ArrowRight: 1, Home: -PANES.length, End: PANES.length };
+  if (!(event.key in moves)) return;
+  event.preventDefault();
+  const index = PANES.indexOf(page.pane) + moves[event.key];
+  showPane(PANES[Math.max(0, Math.min(PANES.length - 1, index))], { focus: true });
+});
+
 // --- viewer controls ---------------------------------------------------------------------------
 
 function enableViewerButtons(enabled) {
@@ -831,5 +896,6 @@ window.addEventListener("hashchange", () => {
 });
 
 stepFontSize(0);
+if (!page.wanted && sessionStorage.getItem(PANE_KEY) === "ask") showPane("ask");
 refresh();
 page.refreshTimer = setInterval(refresh, REFRESH_MS);
