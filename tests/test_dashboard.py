@@ -514,10 +514,11 @@ console.log(JSON.stringify({{
     limits: {{ concurrent_runs: 2, runs_per_period: 500, tokens_per_period: null }},
   }}),
   askable: [
-    {{ name: "shell", available: true, connected: false }},
-    {{ name: "claude-code", available: true, connected: true }},
-    {{ name: "codex", available: true, connected: false }},
-    {{ name: "gemini-cli", available: false, connected: true }},
+    {{ name: "shell", available: true, connected: false, headless: true, signs_in: false }},
+    {{ name: "claude-code", available: true, connected: true, headless: true, signs_in: true }},
+    {{ name: "codex", available: true, connected: false, headless: true, signs_in: true }},
+    {{ name: "gemini-cli", available: false, connected: true, headless: true, signs_in: true }},
+    {{ name: "aider", available: true, connected: true, headless: false, signs_in: true }},
   ].map(askable),
   refusals: [
     askError(new ApiError(429, "you already have 2 run(s) going; cancel one", 5)),
@@ -543,7 +544,7 @@ console.log(JSON.stringify({{
         ],
         "tokens": ["12 tokens in, 3 out", ""],
         "usage": "This month: 1 of 500 runs · 15 tokens · at most 2 at once",
-        "askable": [True, True, False, False],
+        "askable": [True, True, False, False, False],
         "refusals": [
             "you already have 2 run(s) going; cancel one. Try again in 5 s.",
             "you have used your 500 runs; the quota renews in 3 d 2 h",

@@ -92,6 +92,13 @@ class ProviderOut(BaseModel):
         description="What a first session would wait for now (a microVM template being "
         "prepared in the background), in words; null when it starts at once",
     )
+    headless: bool = Field(
+        default=False, description="It has a headless command: POST /api/runs can ask it"
+    )
+    signs_in: bool = Field(
+        default=False,
+        description="It keeps a sign-in (connect it in a session first); false: it needs none",
+    )
 
 
 class CallbackIn(BaseModel):
@@ -384,6 +391,8 @@ def create_app(
                     connected_at=_timestamp(connected_at),
                     updated_at=_timestamp(updated_at),
                     preparing=manager.preparing(s),
+                    headless=bool(s.provider.run),
+                    signs_in=bool(s.provider.keep),
                 )
             )
         return out

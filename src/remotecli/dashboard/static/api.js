@@ -13,7 +13,10 @@
  */
 export const API_FIELDS = {
   ErrorOut: ["message"],
-  ProviderOut: ["name", "title", "available", "hint", "connected", "connected_at", "updated_at", "preparing"],
+  ProviderOut: [
+    "name", "title", "available", "hint", "connected", "connected_at", "updated_at", "preparing",
+    "headless", "signs_in",
+  ],
   SessionOut: [
     "id",
     "provider",

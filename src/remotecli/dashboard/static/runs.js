@@ -27,11 +27,15 @@ const $ = (id) => document.getElementById(id);
 const numbers = new Intl.NumberFormat();
 
 /**
- * Whether `provider` can be asked now: installed, and signed in (a kept sign-in), or the shell,
- * which needs none (its "prompt" is a command line, run by `bash -c`).
+ * Whether `provider` can be asked now: installed, with a headless command, and signed in (a
+ * kept sign-in) unless it keeps none (the shell: its "prompt" is a command line, `bash -c`).
  */
 export function askable(provider) {
-  return provider.available === true && (provider.connected === true || provider.name === "shell");
+  return (
+    provider.available === true &&
+    provider.headless === true &&
+    (provider.connected === true || provider.signs_in === false)
+  );
 }
 
 /** A tool use on one line: its name, then its input compacted (JSON, cut to fit). */
