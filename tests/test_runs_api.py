@@ -37,7 +37,6 @@ from remotecli.drivers.local import LocalDriver
 from remotecli.drivers.local_channels import sandbox_pids
 from remotecli.exceptions import NotFound, TooManyRequests, Unprocessable
 from remotecli.providers import Catalogue
-from remotecli.run_formats import parser_for
 from remotecli.runs import RunState, RunStep, period_bounds
 from tests.conftest import MS
 
@@ -50,12 +49,14 @@ ROOT = Path(__file__).resolve().parents[1]
 STANDIN = ROOT / "tests" / "standin" / "standin-cli"
 SAMPLES = ROOT / "tests" / "standin" / "runs"
 ALICE, BOB = "alice-token-0123456789abcdef", "bob-token-0123456789abcdef"
-FORMATS = {
+SAMPLE_OF = {  # provider -> the sample it replays (tests/standin/runs/SAMPLE.jsonl)
     "standin-claude": "claude-stream-json",
+    "standin-claude-partial": "claude-stream-json-partial",
     "standin-codex": "codex-json",
     "standin-gemini": "gemini-stream-json",
     "standin-text": "text",
 }
+EXPECTED = json.loads((ROOT / "tests" / "standin" / "runs" / "expected.json").read_text())
 DELAY = 0.2
 FIRST_TOKEN = "standin-first"
 NOW = 1_790_000_000.0  # 2026-09-21, a Monday: inside a month, a week and a day
@@ -98,10 +99,10 @@ def providers() -> tuple[ProviderConfig, ...]:
             name=name,
             command=(str(STANDIN),),
             keep=("~/.standin",),
-            run=(str(STANDIN), "--print", fmt, "--delay", str(DELAY), "--", PROMPT_FIELD),
-            run_format=fmt,
+            run=(str(STANDIN), "--print", sample, "--delay", str(DELAY), "--", PROMPT_FIELD),
+            run_format=EXPECTED.get(f"{sample}.jsonl", {}).get("format", "text"),
         )
-        for name, fmt in FORMATS.items()
+        for name, sample in SAMPLE_OF.items()
     ]
     slow = ProviderConfig(
         name="standin-slow",
@@ -174,14 +175,12 @@ async def collect(api: AsyncClient, run_id: str) -> list[StreamEvent]:
         return [event async for event in api.events(run_id)]
 
 
-def sample_answer(fmt: str) -> tuple[str, list[dict[str, object]], dict[str, object] | None]:
-    """Parse a sample file whole: its text, its tools and its last usage."""
-    parser = parser_for(fmt)
-    events = parser.feed((SAMPLES / f"{fmt}.jsonl").read_bytes()) + parser.end()
-    text = "".join(str(e.data["text"]) for e in events if e.type == "text")
-    tools = [e.data for e in events if e.type == "tool"]
-    usages = [e.data for e in events if e.type == "usage"]
-    return text, tools, (usages[-1] if usages else None)
+def sample_answer(sample: str) -> tuple[str, list[dict[str, object]], dict[str, object] | None]:
+    """What a sample's run must give, as its README states it (expected.json): its text, its
+    tools and its last usage."""
+    expected = EXPECTED[f"{sample}.jsonl"]
+    usage = expected["usage"][-1] if expected["usage"] else None
+    return expected["text"], expected["tools"], usage
 
 
 # --- streaming -----------------------------------------------------------------------------------
@@ -215,11 +214,12 @@ async def test_a_shell_run_streams_its_lines_while_it_runs(world: World) -> None
     assert [r["id"] for r in await world.alice.runs()] == [run["id"]]
 
 
-@pytest.mark.parametrize("provider", ["standin-claude", "standin-codex", "standin-gemini"])
+@pytest.mark.parametrize(
+    "provider", ["standin-claude", "standin-claude-partial", "standin-codex", "standin-gemini"]
+)
 async def test_each_format_streams_as_the_shared_events(world: World, provider: str) -> None:
     """A CLI printing a real JSON format a line at a time: text arrives before the CLI ended,
     and the run's text, tools and usage are the sample's, stored as streamed."""
-    fmt = FORMATS[provider]
     world.sign_in(provider)
     run = await world.alice.create_run(provider, "what is in this directory?")
     events: list[StreamEvent] = []
@@ -228,7 +228,7 @@ async def test_each_format_streams_as_the_shared_events(world: World, provider: 
             if event.type == "text" and not any(e.type == "text" for e in events):
                 assert (await world.alice.run(run["id"]))["state"] == "running"
             events.append(event)
-    text, tools, usage = sample_answer(fmt)
+    text, tools, usage = sample_answer(SAMPLE_OF[provider])
     assert events[-1].type == "done", events[-1]
     assert "".join(e.data["text"] for e in events if e.type == "text") == text
     assert [e.data for e in events if e.type == "tool"] == tools
@@ -262,17 +262,21 @@ async def test_a_run_without_a_sign_in_fails_with_the_cli_s_words(world: World) 
     assert (await world.alice.run(run["id"]))["state"] == "failed"
 
 
-async def test_an_error_the_cli_reports_in_its_format_fails_the_run(world: World) -> None:
-    """A CLI that reports an error in its JSON output ends the run failed, with that error."""
-    world.sign_in("standin-claude")
-    run = await world.alice.create_run("standin-claude", "fail")
+@pytest.mark.parametrize("provider", ["standin-claude", "standin-codex", "standin-gemini"])
+async def test_an_error_the_cli_reports_in_its_format_fails_the_run(
+    world: World, provider: str
+) -> None:
+    """A CLI that reports an error in its JSON output (and exits 1) ends the run failed, with
+    that error and its exit status in the reason."""
+    world.sign_in(provider)
+    run = await world.alice.create_run(provider, "fail")
     events = await collect(world.alice, run["id"])
     assert events[-1].type == "error"
-    parser = parser_for("claude-stream-json")
-    parser.feed((SAMPLES / "claude-stream-json-error.jsonl").read_bytes())
-    parser.end()
-    assert parser.error is not None
-    assert parser.error in events[-1].data["reason"]
+    expected = EXPECTED[f"{SAMPLE_OF[provider]}-error.jsonl"]["error"]
+    assert expected
+    assert expected in events[-1].data["reason"]
+    assert "exited with status 1" in events[-1].data["reason"]
+    assert (await world.alice.run(run["id"]))["state"] == "failed"
 
 
 async def test_a_prompt_that_looks_like_an_option_is_the_prompt(world: World) -> None:
