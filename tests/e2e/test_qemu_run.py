@@ -119,7 +119,10 @@ async def test_a_runs_output_arrives_while_it_runs_and_its_rotated_home_file_is_
     await driver.stop(spec.session_id)
     await gone(pid)
     assert not spec.workdir.exists()  # a run leaves nothing behind
-    report(request, f"qemu run: start_run to first output {first_s:.2f} s (template cached)")
+    report(
+        request,
+        f"qemu run: start_run to first output {first_s:.2f} s; a template made now is included",
+    )
 
 
 async def test_stop_ends_a_running_command_and_its_vm_promptly(
