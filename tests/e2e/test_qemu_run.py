@@ -211,3 +211,18 @@ async def test_recover_after_a_restart_kills_a_run_left_running(
     finally:
         await successor.close()
         await driver.stop(spec.session_id)
+
+
+async def test_the_templates_own_cli_never_starts_in_a_run(
+    driver: QemuBenchDriver, data_dir: Path
+) -> None:
+    """In the run's VM the template's command (the shell's ``bash -l``) still waits for the
+    go a run never gives; only the run's command runs."""
+    spec = run_spec(data_dir, "run-alone", "ps -eo args")
+    run = await driver.start_run(spec, lambda _step: None)
+    processes = (await read_all(run)).decode().splitlines()
+    assert await asyncio.wait_for(run.wait(), TIMEOUT) == 0
+    await driver.stop(spec.session_id)
+    assert any("remotecli-run --wait bash -l" in line for line in processes), processes
+    assert "bash -l" not in processes
+    assert "ps -eo args" in processes
