@@ -5,7 +5,9 @@ before), 10 clones created at once and the proportional memory (PSS, from
 ``/proc/PID/smaps_rollup``) of each idle clone, with the TCG translation cache configured and
 with the former 32 MiB, side by side; and hibernation: clones hibernated and resumed, the
 resume's time beside the clone's of the same run, the state file's size and the PSS of a
-resumed clone. Needs a built guest image
+resumed clone; and headless runs (``start_run`` of ``bash -c 'echo hi'``): start to the first
+byte of output from a fresh clone and from a warm pool, and whole runs (start, output, status,
+stop) one after another per second. Needs a built guest image
 (``remotecli image build``); templates are kept next to the image cache so that only the
 first run pays for the template's cold boot. Run alone with ``python -m bench.qemu [--quick]``.
 """
@@ -32,6 +34,7 @@ from remotecli.images import default_cache_dir, find_image
 
 TITLE = "QEMU microVM sessions: create to ready"
 COMMAND = ("bash", "-l")
+RUN_COMMAND = ("bash", "-c", "echo hi")
 TARGET_CLONE_P50_MS = 300.0
 TARGET_BATCH_S = 3.0
 TARGET_PSS_MIB = 48.0
@@ -132,6 +135,7 @@ async def _measure(workdir: Path, quick: bool) -> dict[str, Any]:
     finally:
         await driver.close()
     result["pss_former_kib"] = await _idle_pss(workdir / "former", batch_n, FORMER_TCG_CACHE_MIB)
+    result.update(await measure_runs(workdir / "runs", 3 if quick else 10))
     result["first"] = [await _first_session(workdir / f"fresh{n}") for n in range(first_n)]
     return result
 
@@ -243,6 +247,55 @@ async def _pooled_clones(workdir: Path, count: int) -> list[float]:
     return times
 
 
+async def _first_output(driver: QemuBenchDriver, spec: SessionSpec) -> float:
+    """Seconds from ``start_run`` to the first byte of the run's output; the run is stopped."""
+    started = time.perf_counter()
+    run = await driver.start_run(spec, lambda _step: None)
+    try:
+        if not await run.read():
+            raise DriverError(f"the run wrote nothing: {run.errors()[-300:]}")
+        return time.perf_counter() - started
+    finally:
+        await driver.stop(spec.session_id)
+
+
+async def measure_runs(workdir: Path, count: int) -> dict[str, Any]:
+    """Headless runs of :data:`RUN_COMMAND`: start to first output from a fresh clone
+    (``run_clone``) and from a warm pool of 1 (``run_pool``), and whole runs per second, one
+    after another without a pool (``runs_per_s``). The run template is made first if new."""
+    cache = default_cache_dir()
+
+    def spec(name: str) -> SessionSpec:
+        return SessionSpec(name, "shell", RUN_COMMAND, workdir / name, keeps_signin=True)
+
+    result: dict[str, Any] = {}
+    for key, pool_size in (("run_clone", 0), ("run_pool", 1)):
+        driver = QemuBenchDriver(
+            workdir / key, image_cache=cache, template_cache=cache.parent / "templates",
+            pool_size=pool_size, egress="none",
+        )  # fmt: skip
+        try:
+            await _first_output(driver, spec(f"{key}-first"))  # the template; the pool starts
+            times = []
+            for index in range(count):
+                if pool_size:
+                    await asyncio.sleep(2.0)  # the pool refills between runs, as between users
+                times.append(await _first_output(driver, spec(f"{key}{index}")))
+            result[key] = times
+            if not pool_size:
+                started = time.perf_counter()
+                for index in range(count):
+                    run = await driver.start_run(spec(f"whole{index}"), lambda _step: None)
+                    while await run.read():
+                        pass
+                    await run.wait()
+                    await driver.stop(f"whole{index}")
+                result["runs_per_s"] = count / (time.perf_counter() - started)
+        finally:
+            await driver.close()
+    return result
+
+
 def run(quick: bool, workdir: Path) -> list[Section]:
     """Run the QEMU benchmark in ``workdir``; return its section (skipped without an image)."""
     if shutil.which("qemu-system-x86_64") is None:
@@ -263,6 +316,8 @@ def run(quick: bool, workdir: Path) -> list[Section]:
         ("pool", "CoW clone from a warm pool of 1"),
         ("hibernate", "hibernate a clone (save to disk, QEMU gone)"),
         ("resume", "resume a hibernated clone"),
+        ("run_clone", "run: start to first output, CoW clone"),
+        ("run_pool", "run: start to first output, warm pool of 1"),
     ):
         samples = [1000 * value for value in result[kind]]
         rows.append([label, str(len(samples)), fmt(_pct(samples, 0.5)), fmt(_pct(samples, 0.95))])
@@ -334,6 +389,8 @@ def run(quick: bool, workdir: Path) -> list[Section]:
         f"idle PSS of {len(resumed)} resumed clones running together: {fmt(resumed_mean, 1)} MiB "
         f"each (max {fmt(max(resumed) if resumed else None, 1)}; fresh clones, 10 at once: "
         f"{fmt(pss_mean, 1)} MiB)",
+        f"headless runs of `{' '.join(RUN_COMMAND)}` one after another (start, output, status, "
+        f"stop; no pool): {result['runs_per_s']:.2f} runs/s",
         "the figures depend on the machine's load: see the load average in the header",
     ]
     return [section]

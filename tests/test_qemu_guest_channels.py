@@ -1,8 +1,9 @@
-"""The microVM's sign-in channels without a VM: the kept files' archive, and the guest relay.
+"""The microVM's channels without a VM: the kept files' archive, and the guest relay.
 
 The relay (``sandbox/guest_relay.py``) is run here as the guest runs it, ``python3 -I -S`` on a
-loopback port, with its secret file and links FIFO in a temporary directory. The archives fed to
-:func:`read_collected` are what a hostile guest could send instead of its HOME's files.
+loopback port, with its secret file, links FIFO and HOME in a temporary directory; its ``run``
+request is driven by the qemu driver's own :func:`open_run` and :class:`QemuRun`. The archives
+fed to :func:`read_collected` are what a hostile guest could send instead of its HOME's files.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from remotecli.drivers.qemu_guest import (
     read_collected,
     relay_open,
 )
+from remotecli.drivers.qemu_run import QemuRun, open_run
 from remotecli.exceptions import DriverError, UpstreamRefused
 from remotecli.sandbox import guest_relay
 from remotecli.sandbox.keep import MAX_FILE_BYTES, MAX_FILES
@@ -125,14 +127,16 @@ def free_port() -> int:
 
 @pytest.fixture
 def relay(tmp_path: Path) -> Iterator[tuple[int, Path]]:
-    """The relay on a loopback port; yields (port, links FIFO)."""
+    """The relay on a loopback port, HOME ``tmp_path/home``; yields (port, links FIFO)."""
     secret = tmp_path / "secret"
     secret.write_text(SECRET)
     fifo = tmp_path / "links"
     os.mkfifo(fifo, 0o600)
+    (tmp_path / "home").mkdir()
     port = free_port()
     argv = [sys.executable, "-I", "-S", guest_relay.__file__, "--port", str(port)]
-    process = subprocess.Popen([*argv, "--secret-file", str(secret), "--links", str(fifo)])
+    argv += ["--secret-file", str(secret), "--links", str(fifo), "--home", str(tmp_path / "home")]
+    process = subprocess.Popen(argv)
     try:
         deadline = time.monotonic() + TIMEOUT
         while True:  # poll until it listens: it says nothing when it is ready
@@ -272,3 +276,193 @@ def test_gnu_long_names_are_read() -> None:
         tar.addfile(info, io.BytesIO(b"ok"))
     answer = "files " + base64.b64encode(buffer.getvalue()).decode()
     assert read_collected(answer, [".standin"]) == {name: b"ok"}
+
+
+# --- the relay's run request (a headless run) ---------------------------------------------------
+
+
+async def start(
+    port: int, tmp_path: Path, argv: list[str], files: dict[str, bytes] | None = None
+) -> QemuRun:
+    reader, writer = await open_run(port, SECRET, argv, files or {}, within=TIMEOUT)
+    return QemuRun("run", reader, writer, tmp_path / "serial.log")
+
+
+async def read_all(run: QemuRun) -> bytes:
+    out = b""
+    async with asyncio.timeout(TIMEOUT):
+        while data := await run.read():
+            out += data
+    return out
+
+
+async def gone(pid: int) -> None:
+    async with asyncio.timeout(TIMEOUT):
+        while Path(f"/proc/{pid}").exists() and "Z" not in proc_state(pid):
+            await asyncio.sleep(10 * MS)
+
+
+def proc_state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "gone"
+
+
+async def test_a_run_writes_its_home_files_and_relays_its_output_and_status(
+    relay: tuple[int, Path], tmp_path: Path
+) -> None:
+    """The files are in HOME (0600, new directories 0700) before the command starts in HOME;
+    stdout, the stderr tail and the status come back."""
+    port, _ = relay
+    home = tmp_path / "home"
+    script = "pwd; echo $HOME; cat .a/b/cred; echo rotated > .a/b/cred; echo oops >&2; exit 7"
+    run = await start(port, tmp_path, ["sh", "-c", script], {".a/b/cred": b"first\n"})
+    assert await read_all(run) == f"{home}\n{home}\nfirst\n".encode()
+    assert await asyncio.wait_for(run.wait(), TIMEOUT) == 7
+    assert run.errors() == "oops\n"
+    assert (home / ".a/b/cred").read_bytes() == b"rotated\n"
+    assert (home / ".a/b/cred").stat().st_mode & 0o777 == 0o600
+    assert (home / ".a").stat().st_mode & 0o777 == 0o700
+
+
+@pytest.mark.parametrize("path", ["../escaped", "/tmp/escaped", "a/../../escaped", "a//b", "."])
+async def test_a_run_with_a_file_outside_home_is_refused_and_runs_nothing(
+    relay: tuple[int, Path], tmp_path: Path, path: str
+) -> None:
+    """An absolute path or one with ``..`` (or an empty or ``.`` name) fails the start with
+    the relay's reason; nothing is written and the command never starts."""
+    port, _ = relay
+    marker = tmp_path / "ran"
+    with pytest.raises(DriverError, match="not a plain path below HOME"):
+        await start(port, tmp_path, ["touch", str(marker)], {".ok": b"1", path: b"x"})
+    assert not marker.exists()
+    assert list((tmp_path / "home").iterdir()) == []
+    assert not (tmp_path / "escaped").exists()
+
+
+async def test_a_run_does_not_follow_a_link_in_home(
+    relay: tuple[int, Path], tmp_path: Path
+) -> None:
+    """A file whose place in HOME is a link is refused, not written through it."""
+    port, _ = relay
+    (tmp_path / "home" / ".link").symlink_to(tmp_path)
+    with pytest.raises(DriverError, match="cannot write"):
+        await start(port, tmp_path, ["true"], {".link/secret": b"x"})
+    assert not (tmp_path / "secret.written").exists()
+    assert (tmp_path / "secret").read_text() == SECRET
+
+
+async def test_a_program_that_is_not_there_fails_the_start(
+    relay: tuple[int, Path], tmp_path: Path
+) -> None:
+    """The relay's reason names the program."""
+    port, _ = relay
+    with pytest.raises(DriverError, match="cannot start 'no-such-program-here'"):
+        await start(port, tmp_path, ["no-such-program-here"])
+
+
+async def test_one_run_per_relay(relay: tuple[int, Path], tmp_path: Path) -> None:
+    """A VM that ran a command is given no second one."""
+    port, _ = relay
+    run = await start(port, tmp_path, ["true"])
+    assert await asyncio.wait_for(run.wait(), TIMEOUT) == 0
+    with pytest.raises(DriverError, match="already ran"):
+        await start(port, tmp_path, ["true"])
+
+
+async def test_a_run_without_the_secret_gets_nothing(
+    relay: tuple[int, Path], tmp_path: Path
+) -> None:
+    """The request with another secret is closed unanswered; the command does not run."""
+    port, _ = relay
+    marker = tmp_path / "ran"
+    with pytest.raises(DriverError, match="without an answer"):
+        await open_run(port, "cd" * 32, ["touch", str(marker)], {}, within=TIMEOUT)
+    assert not marker.exists()
+
+
+async def test_output_reaches_the_host_while_the_command_runs(
+    relay: tuple[int, Path], tmp_path: Path
+) -> None:
+    """The first line is read while the command still waits for its second."""
+    port, _ = relay
+    gate = tmp_path / "gate"
+    run = await start(
+        port,
+        tmp_path,
+        ["sh", "-c", f"echo one; while [ ! -e {gate} ]; do sleep 0.05; done; echo two"],
+    )
+    assert await asyncio.wait_for(run.read(), TIMEOUT) == b"one\n"
+    waiting = asyncio.ensure_future(run.wait())
+    await asyncio.sleep(100 * MS)
+    assert not waiting.done()
+    gate.touch()
+    assert await read_all(run) == b"two\n"
+    assert await asyncio.wait_for(waiting, TIMEOUT) == 0
+
+
+async def test_stopping_a_run_kills_its_process_group(
+    relay: tuple[int, Path], tmp_path: Path
+) -> None:
+    """When the host closes the connection, the command and what it started are killed, and
+    ``wait`` says the run was stopped."""
+    port, _ = relay
+    run = await start(port, tmp_path, ["sh", "-c", "sleep 600 & echo $! $$; wait"])
+    pids = [int(word) for word in (await asyncio.wait_for(run.read(), TIMEOUT)).split()]
+    run.stop()
+    for pid in pids:
+        await gone(pid)
+    with pytest.raises(DriverError, match="stopped"):
+        await run.wait()
+    assert await run.read() == b""
+
+
+async def test_what_an_ended_command_left_running_is_killed(
+    relay: tuple[int, Path], tmp_path: Path
+) -> None:
+    """A background process holding the output pipe does not keep the run open: the status
+    comes when the command ends, and the leftover is killed."""
+    port, _ = relay
+    run = await start(port, tmp_path, ["sh", "-c", "sleep 600 & echo $!"])
+    pid = int(await read_all(run))
+    assert await asyncio.wait_for(run.wait(), TIMEOUT) == 0
+    await gone(pid)
+
+
+async def test_a_guest_that_closes_without_a_status_fails_the_wait(tmp_path: Path) -> None:
+    """A connection that answers ``ok``, sends output and closes without ``x`` makes
+    ``wait`` raise DriverError naming the cause and the console's end."""
+    (tmp_path / "serial.log").write_text("boot\nKernel panic - not syncing\n")
+
+    async def guest(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readline()
+        writer.write(b"ok\n" + guest_relay.frame(b"o", b"partial"))
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(guest, "127.0.0.1", 0)
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        run = await start(port, tmp_path, ["true"])
+        assert await read_all(run) == b"partial"
+        with pytest.raises(DriverError, match=r"before the command's exit status.*Kernel panic"):
+            await run.wait()
+
+
+async def test_a_hostile_frame_ends_the_run_with_an_error(tmp_path: Path) -> None:
+    """A frame of an unknown kind from the guest ends the run; ``wait`` names it."""
+
+    async def guest(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readline()
+        writer.write(b"ok\n" + guest_relay.frame(b"o", b"fine") + guest_relay.frame(b"z", b""))
+        await writer.drain()
+        await reader.read()  # until the host hangs up
+
+    server = await asyncio.start_server(guest, "127.0.0.1", 0)
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        run = await start(port, tmp_path, ["true"])
+        assert await read_all(run) == b"fine"
+        with pytest.raises(DriverError, match="unknown kind"):
+            await run.wait()

@@ -14,7 +14,9 @@ through its own loopback-only ``hostfwd`` port.
 Each VM is one QEMU process that this driver started; stopping asks QEMU to quit over QMP,
 then kills that PID. The serial console is captured to ``serial.log`` in the session dir.
 A session can also be hibernated (saved whole to its directory, QEMU gone) and resumed; that
-part is in :mod:`remotecli.drivers.qemu_hibernate`.
+part is in :mod:`remotecli.drivers.qemu_hibernate`. A headless run is a clone too, of the
+template whose CLI waits for the host's go, which it never gets: the guest relay runs the
+run's command instead (:mod:`remotecli.drivers.qemu_run`).
 """
 
 from __future__ import annotations
@@ -70,10 +72,11 @@ from remotecli.drivers.qemu_machine import (
     require_qemu,
     session_line,
 )
+from remotecli.drivers.qemu_run import QemuRun, open_run
 from remotecli.drivers.qmp import QmpClient
 from remotecli.exceptions import DriverError, RemoteCliError
 from remotecli.images import default_cache_dir, find_image
-from remotecli.providers import BUILTIN_PROVIDERS, NPM_PROVIDERS
+from remotecli.providers import BUILTIN_PROVIDERS, NPM_PROVIDERS, builtin_provider
 from remotecli.sandbox import SYSTEM_PATH
 from remotecli.sandbox.egress import EGRESS_CHOICES, EgressFilter
 from remotecli.sandbox.keep import normalize_keep
@@ -94,6 +97,9 @@ COMMAND_ENDED = re.compile(r"remotecli: the session command exited with status (
 """The guest's last console line when the session's command ended (``remotecli-run``)."""
 COLLECT_SECONDS = 30.0
 """How long the guest may take to pack a kept sign-in (a serial line, under emulation)."""
+TEMPLATE_GEOMETRY = (1280, 720)
+"""The desktop size of the templates made ahead of time; a run (no display) uses it too, so
+that it clones a template (and takes a pool's clone) that sessions already made."""
 
 
 @dataclass
@@ -129,6 +135,8 @@ class _Vm:
     """Sets ``ended`` when the process exits; the driver awaits it on close."""
     machine: Machine | None = None
     """What the VM runs on, kept in ``vm.json`` so that a hibernated session can resume."""
+    run: QemuRun | None = None
+    """The command of a headless run (the VM then serves nothing else); None for a session."""
 
 
 class QemuDriver:
@@ -328,10 +336,46 @@ class QemuDriver:
         return await self.start_clone(spec, machine, template, progress)
 
     async def start_run(self, spec: SessionSpec, progress: ProgressCallback) -> RunOutput:
-        """Not yet: headless runs in a microVM come with the guest relay's run request."""
-        raise DriverError(
-            "headless runs in a microVM are not built yet", session_id=spec.session_id
+        """Run ``spec.command`` headless in a clone of its provider's waiting template.
+
+        The clone is the one a session of the provider that keeps a sign-in starts from (its
+        CLI waits for the agent's ``home``, which a run never sends, so the CLI never starts);
+        it gets its own clock, entropy and secrets, then the guest relay writes
+        ``spec.home_files`` into ``/root`` and starts the command there (``run``). The VM
+        stays up after the command ended, for :meth:`collect`, until :meth:`stop`.
+        """
+        require_qemu()
+        argv = self.can_run(spec.command)
+        if isinstance(argv, str):
+            raise DriverError(argv, session_id=spec.session_id)
+        provider = builtin_provider(spec.provider)
+        # The template's command is never run: it only names the template, and a provider's
+        # own (its session's) names the template and pool its sessions already warmed.
+        waiting = (
+            provider.command
+            if provider is not None and provider.command[0] == argv[0]
+            else argv[:1]
         )
+        machine = await self._machine(
+            spec.provider, waiting, *TEMPLATE_GEOMETRY, progress, start_in_clone=True
+        )
+        template = await self.ensure_template(machine, progress)
+        vm = await self._clone(spec, machine, template, progress, banner=False)
+        try:
+            progress("clone personalised; sending the run's command to the guest relay")
+            reader, writer = await open_run(
+                vm.relay_port, vm.tty_secret, argv, spec.home_files, within=RESTORE_SECONDS
+            )
+            vm.run = QemuRun(spec.session_id, reader, writer, vm.paths.serial)
+            progress("the run's command started in the clone")
+        except BaseException:
+            await _terminate(vm)
+            raise
+        vm.machine = machine
+        vm.base_id = _identity(template / "memory")
+        self._vms[spec.session_id] = vm
+        _write_record(spec.workdir / "vm.json", vm)
+        return vm.run
 
     async def wait(self, session_id: str) -> str:
         """Return when the session's QEMU process ends, with its exit status in words."""
@@ -349,11 +393,16 @@ class QemuDriver:
     async def stop(self, session_id: str) -> None:
         """Ask QEMU to quit over QMP, kill it if it lingers, remove its sockets. Idempotent.
 
-        A hibernated session's saved state is removed.
+        A hibernated session's saved state is removed; a run's command is killed (its
+        :meth:`~QemuRun.wait` raises) and its directory removed.
         """
         vm = self._vms.pop(session_id, None)
         if vm is not None:
+            if vm.run is not None:
+                vm.run.stop()  # the relay kills the command; its reader hears why
             await _terminate(vm)
+            if vm.run is not None:  # a run leaves nothing: its console and record go too
+                shutil.rmtree(vm.paths.serial.parent, ignore_errors=True)
         asleep = self._asleep.pop(session_id, None)
         if asleep is not None:
             qemu_hibernate.discard(asleep[0])
@@ -367,8 +416,8 @@ class QemuDriver:
         RAM. On a failed save the VM runs on and DriverError is raised.
         """
         vm = self._vms.get(session_id)
-        if vm is None or vm.qmp is None or vm.machine is None:
-            return False
+        if vm is None or vm.qmp is None or vm.machine is None or vm.run is not None:
+            return False  # a run's relay connection would not survive it
         workdir = vm.paths.serial.parent
         if not qemu_hibernate.room_to_save(workdir, vm.machine.memory_mib):
             log.warning("not hibernated: too little free disk", session_id=session_id)
@@ -473,6 +522,11 @@ class QemuDriver:
             info = json.loads(record.read_text())
         except (OSError, ValueError):
             return None
+        if info.get("run"):
+            # Its command's output went to the connection of the controller that is gone.
+            _kill_recorded(record)
+            shutil.rmtree(workdir, ignore_errors=True)
+            return None
         memory = Path(info["memory"]) if info.get("memory") else None
         paths = VmPaths(Path(info["qmp"]), Path(info["control"]), Path(info["serial"]), memory)
         vm = _Vm(session_id, None, int(info["pid"]), paths, Path(info["socket_dir"]))
@@ -507,9 +561,10 @@ class QemuDriver:
         The VM keeps running; a later driver takes it back with :meth:`recover`. False for a
         session this driver does not run.
         """
-        vm = self._vms.pop(session_id, None)
-        if vm is None:
-            return False
+        vm = self._vms.get(session_id)
+        if vm is None or vm.run is not None:
+            return False  # a run's output goes to this controller's connection only
+        del self._vms[session_id]
         if vm.watcher is not None:
             vm.watcher.cancel()  # the VM outlives this driver; nothing here waits for its end
         if vm.qmp is not None:
@@ -557,7 +612,7 @@ class QemuDriver:
 
         try:
             machine = await self._machine(
-                name, command, 1280, 720, progress, start_in_clone=start_in_clone
+                name, command, *TEMPLATE_GEOMETRY, progress, start_in_clone=start_in_clone
             )
             template = machine.template_key()
             if not (self._templates / template / "template.json").exists():
@@ -660,23 +715,8 @@ class QemuDriver:
         self, spec: SessionSpec, machine: Machine, template: Path, progress: ProgressCallback
     ) -> VncEndpoint:
         """Start one session as a copy-on-write clone of ``template``; return its endpoint."""
-        spec.workdir.mkdir(parents=True, exist_ok=True)
-        vm = self._take_from_pool(machine, spec)
-        self._refill_pool(machine, template)
-        if vm is None:
-            vm = await self._spawn(
-                spec.session_id, machine, spec.workdir, template / "memory", template=False
-            )
-            restored = False
-        else:
-            progress("took a restored, warmed-up clone from the warm pool")
-            restored = True
+        vm = await self._clone(spec, machine, template, progress)
         try:
-            if not restored:
-                await _restore(vm, template)
-                progress("clone restored from the template")
-            answer = await self._personalise(vm, spec.session_id)
-            progress(f"VNC banner read; guest took its clock, entropy, name, password ({answer})")
             if spec.open_url is not None:
                 # Listening before the CLI (re)starts: the relay drops links nobody reads.
                 links = await relay_open(vm.relay_port, vm.tty_secret, "links")
@@ -704,6 +744,42 @@ class QemuDriver:
         self._vms[spec.session_id] = vm
         _write_record(spec.workdir / "vm.json", vm)
         return VncEndpoint(host="127.0.0.1", port=vm.port, password=vm.password)
+
+    async def _clone(
+        self,
+        spec: SessionSpec,
+        machine: Machine,
+        template: Path,
+        progress: ProgressCallback,
+        *,
+        banner: bool = True,
+    ) -> _Vm:
+        """Return a running clone of ``template`` (the pool's, else restored now) that has its
+        own clock, entropy, name and secrets; nothing is left running if this fails."""
+        spec.workdir.mkdir(parents=True, exist_ok=True)
+        vm = self._take_from_pool(machine, spec)
+        self._refill_pool(machine, template)
+        if vm is None:
+            vm = await self._spawn(
+                spec.session_id, machine, spec.workdir, template / "memory", template=False
+            )
+            restored = False
+        else:
+            progress("took a restored, warmed-up clone from the warm pool")
+            restored = True
+        try:
+            if not restored:
+                await _restore(vm, template)
+                progress("clone restored from the template")
+            answer = await self._personalise(vm, spec.session_id, banner=banner)
+        except BaseException:
+            await _terminate(vm)
+            raise
+        progress(
+            ("VNC banner read; " if banner else "")
+            + f"guest took its clock, entropy, name, password ({answer})"
+        )
+        return vm
 
     # --- internals ---------------------------------------------------------------------------
 
@@ -765,11 +841,12 @@ class QemuDriver:
         finally:
             self._refilling.discard(key)
 
-    async def _personalise(self, vm: _Vm, session_id: str) -> str:
+    async def _personalise(self, vm: _Vm, session_id: str, *, banner: bool = True) -> str:
         """Give a restored VM its own clock, entropy, hostname and VNC password; read a banner.
 
         Returns the agent's answer. The banner comes first: Xvnc rereads the password file on
-        each connection, and the agent rewrites that file in place when the line arrives.
+        each connection, and the agent rewrites that file in place when the line arrives. A
+        run (``banner`` False) reads none: no VNC connection of the host's is ever made to it.
         """
         vm.password = "".join(secrets.choice(PASSWORD_ALPHABET) for _ in range(PASSWORD_LENGTH))
         vm.tty_secret = secrets.token_hex(32)
@@ -784,7 +861,8 @@ class QemuDriver:
             vm.port = await _port(vm)
         vm.tty_port = await _port(vm, GUEST_TTY_PORT)
         vm.relay_port = await _port(vm, GUEST_RELAY_PORT)
-        await read_banner(vm.port, within=RESTORE_SECONDS)
+        if banner:
+            await read_banner(vm.port, within=RESTORE_SECONDS)
         async with vm.control:
             return await control_exchange(vm.paths.control, line, "ok ", within=RESTORE_SECONDS)
 
@@ -1089,6 +1167,7 @@ def _record(vm: _Vm) -> dict[str, Any]:
         "uid": vm.lease.uid if vm.lease is not None else None,
         "machine": qemu_hibernate.machine_record(vm.machine) if vm.machine is not None else None,
         "base_id": vm.base_id,
+        "run": vm.run is not None,
     }
 
 
