@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 STANDIN = ROOT / "tests" / "standin" / "standin-cli"
 PROVIDER = "standin"
 PROMPT = "how fast is a run?"
+SHELL_PROMPT = "echo hi"
 _TIMEOUT = 60.0
 
 
@@ -64,10 +65,12 @@ def _seal_sign_in(data_dir: Path) -> None:
         store.close()
 
 
-async def _one_run(client: httpx.AsyncClient) -> tuple[float, float]:
+async def _one_run(
+    client: httpx.AsyncClient, provider: str = PROVIDER, prompt: str = PROMPT
+) -> tuple[float, float]:
     """Start one run; return seconds to its first text event and to its final event."""
     began = time.perf_counter()
-    created = await client.post("/api/runs", json={"provider": PROVIDER, "prompt": PROMPT})
+    created = await client.post("/api/runs", json={"provider": provider, "prompt": prompt})
     if created.status_code != 201:
         raise RuntimeError(f"POST /api/runs answered {created.status_code}: {created.text[:200]}")
     first: float | None = None
@@ -87,19 +90,29 @@ async def _one_run(client: httpx.AsyncClient) -> tuple[float, float]:
     return first, time.perf_counter() - began
 
 
-async def _measure(port: int, token: str, sequential: int, seconds: float, clients: int) -> Any:
+async def _measure(
+    port: int,
+    token: str,
+    sequential: int,
+    seconds: float,
+    clients: int,
+    provider: str = PROVIDER,
+    prompt: str = PROMPT,
+    warm_timeout: float = _TIMEOUT,
+) -> Any:
     headers = {"Authorization": f"Bearer {token}"}
     base = f"http://127.0.0.1:{port}"
     async with httpx.AsyncClient(base_url=base, headers=headers, timeout=_TIMEOUT) as client:
-        await _one_run(client)  # warm: the first run loads what the next ones find cached
-        times = [await _one_run(client) for _ in range(sequential)]
+        # warm: the first run loads what the next ones find cached (a microVM template)
+        await asyncio.wait_for(_one_run(client, provider, prompt), warm_timeout)
+        times = [await _one_run(client, provider, prompt) for _ in range(sequential)]
         done = 0
         deadline = time.perf_counter() + seconds
 
         async def loop() -> None:
             nonlocal done
             while time.perf_counter() < deadline:
-                await _one_run(client)
+                await _one_run(client, provider, prompt)
                 done += 1
 
         began = time.perf_counter()
@@ -178,6 +191,9 @@ def run(quick: bool, workdir: Path) -> list[Section]:
     try:
         peer.start(timeout=60)
         times, rate = asyncio.run(_measure(port, token, sequential, seconds, clients))
+        shell = asyncio.run(
+            _measure(port, token, sequential, seconds, clients, "shell", SHELL_PROMPT)
+        )
     except (RuntimeError, httpx.HTTPError) as exc:
         return [Section(title, skipped=f"the runs did not complete: {str(exc)[:200]}")]
     finally:
@@ -223,4 +239,73 @@ def run(quick: bool, workdir: Path) -> list[Section]:
     ]
     if quick:
         section.notes.append("--quick: fewer runs and a shorter rate window.")
-    return [section]
+    return [section, _microvm(quick, workdir, shell)]
+
+
+def _microvm(quick: bool, workdir: Path, local: tuple[list[tuple[float, float]], float]) -> Section:
+    """The same shell run with the qemu driver (a microVM clone each), against the local one."""
+    from remotecli.images import default_cache_dir, find_image
+
+    title = "Headless runs in microVM clones: POST /api/runs to the first text event"
+    if find_image(default_cache_dir()) is None:
+        return Section(title, skipped="no guest image: run `remotecli image build` first")
+    sequential, seconds, clients = (3, 10.0, 2) if quick else (10, 30.0, 2)
+    port = free_port()
+    token = secrets.token_urlsafe(24)
+    env = {
+        **os.environ,
+        "REMOTECLI_TOKEN": token,
+        "REMOTECLI_EGRESS": "none",
+        "REMOTECLI_RUNS_PER_PERIOD": "0",
+        "REMOTECLI_MAX_RUNS_PER_USER": str(clients),
+    }
+    remotecli = str(Path(sys.executable).parent / "remotecli")
+    argv = [remotecli, "up", "--listen", f"127.0.0.1:{port}"]
+    argv += ["--data-dir", str(workdir / "qemu-data"), "--driver", "qemu"]
+    peer = Peer("remotecli-up-qemu", argv, workdir, port, env=env)
+    try:
+        peer.start(timeout=120)
+        times, rate = asyncio.run(
+            _measure(port, token, sequential, seconds, clients, "shell", SHELL_PROMPT, 600)
+        )
+    except (RuntimeError, httpx.HTTPError, TimeoutError) as exc:
+        return Section(title, skipped=f"the runs did not complete: {str(exc)[:200]}")
+    finally:
+        peer.stop(grace=30)
+    local_times, local_rate = local
+    first = [t[0] for t in times]
+    local_first = [t[0] for t in local_times]
+    p50, local_p50 = statistics.median(first), statistics.median(local_first)
+    rows = [
+        [
+            "to the first text, p50 ms",
+            fmt(p50 * 1000),
+            fmt(local_p50 * 1000),
+            ratio(p50, local_p50),
+        ],
+        [
+            "to done, p50 ms",
+            fmt(statistics.median(t[1] for t in times) * 1000),
+            fmt(statistics.median(t[1] for t in local_times) * 1000),
+            ratio(
+                statistics.median(t[1] for t in times), statistics.median(t[1] for t in local_times)
+            ),
+        ],
+        [
+            f"runs per second, {clients} at once",
+            fmt(rate, 2),
+            fmt(local_rate, 1),
+            ratio(rate, local_rate),
+        ],
+    ]
+    section = Section(title, ["measure", "microVM clone", "local sandbox", "ratio"], rows)
+    section.notes = [
+        f"The shell provider on `{SHELL_PROMPT}`, through `remotecli up --driver qemu` "
+        "(egress none, no warm pool: qemu_pool_size 0), each run a fresh clone of the shell's "
+        "waiting template restored from its snapshot; the local column is the same run with "
+        "the local driver, measured above in the same benchmark.",
+        "QEMU runs under TCG on this machine (no usable KVM): the guest's own time is emulated.",
+        f"{sequential} runs one after another (after one that cold-boots the template when it "
+        f"is not cached yet), then {clients} clients starting runs for {seconds:.0f} s.",
+    ]
+    return section

@@ -33,6 +33,7 @@ from remotecli.controller.runs import CANCEL_REASON, OUTPUT_MAX, RESTART_REASON
 from remotecli.controller.sessions import SessionManager
 from remotecli.controller.signins import SecretKey, SignIns, new_key_material
 from remotecli.controller.store import Store
+from remotecli.drivers.base import Driver
 from remotecli.drivers.local import LocalDriver
 from remotecli.drivers.local_channels import sandbox_pids
 from remotecli.exceptions import NotFound, TooManyRequests, Unprocessable
@@ -129,12 +130,16 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
         yield built
 
 
-async def start_world(tmp_path: Path, config: ControllerConfig) -> AsyncIterator[World]:
+async def start_world(
+    tmp_path: Path, config: ControllerConfig, driver: Driver | None = None
+) -> AsyncIterator[World]:
+    """A controller's API on ``driver`` (the local driver, egress none, by default)."""
     store = Store.open(tmp_path / "store.sqlite3")
     store.add_token("alice", hash_token(ALICE), 1.0)
     store.add_token("bob", hash_token(BOB), 1.0)
     signins = SignIns(store, SecretKey(new_key_material(), "test"))
-    driver = LocalDriver(tmp_path, egress="none")
+    if driver is None:
+        driver = LocalDriver(tmp_path, egress="none")
     catalogue = Catalogue(config.providers, driver=driver)
     clock = Clock()
     manager = SessionManager(
