@@ -18,11 +18,13 @@ from hypothesis import strategies as st
 
 from remotecli.run_formats import (
     ERROR_MAX,
+    ID_MAX,
     LINE_MAX,
     RUN_FORMATS,
     TOOL_INPUT_DEPTH,
     TOOL_INPUT_MAX,
     TOOL_PREVIEW_CHARS,
+    CodexJsonParser,
     OutputParser,
     RunEvent,
     parser_for,
@@ -522,3 +524,38 @@ def test_parsers_are_independent() -> None:
     first, second = parser_for("text"), parser_for("text")
     assert first.feed("—".encode()[:1]) == []
     assert second.feed(b"x") == [RunEvent("text", {"text": "x"})]
+
+
+# -- what a hostile CLI can make the controller hold --------------------------------------------
+
+
+def test_token_counts_past_two_to_the_53_are_not_taken() -> None:
+    """A forged count past 2**53 (one SQLite or JavaScript could not hold) is no usage."""
+    big = {"type": "turn.completed", "usage": {"input_tokens": 2**63, "output_tokens": 1}}
+    fine = {"type": "turn.completed", "usage": {"input_tokens": 2**53, "output_tokens": 1}}
+    events, _ = parse("codex-json", lines(big, fine))
+    assert of_type(events, "usage") == [{"input_tokens": 2**53, "output_tokens": 1}]
+
+
+def test_ids_too_long_to_be_ids_are_not_remembered() -> None:
+    """Items and messages whose id is over ID_MAX characters give nothing and are not kept."""
+    long_id = "i" * (ID_MAX + 1)
+    parser = parser_for("codex-json")
+    message = {"type": "agent_message", "text": "hello"}
+    events = parser.feed(lines(codex_item("item.completed", message, long_id)))
+    assert events == []
+    assert isinstance(parser, CodexJsonParser)
+    assert parser._reported == set()
+
+
+def test_many_items_keep_a_bounded_memory() -> None:
+    """Thousands of distinct items of empty or real text: the remembered ids stay bounded, and
+    an empty message is not remembered at all."""
+    parser = parser_for("codex-json")
+    assert isinstance(parser, CodexJsonParser)
+    empty = {"type": "agent_message", "text": ""}
+    parser.feed(lines(*(codex_item("item.completed", empty, f"e{n}") for n in range(3000))))
+    assert parser._reported == set()
+    said = {"type": "agent_message", "text": "x"}
+    parser.feed(lines(*(codex_item("item.completed", said, f"s{n}") for n in range(3000))))
+    assert len(parser._reported) <= 1024

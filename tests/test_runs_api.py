@@ -29,7 +29,7 @@ from remotecli.client import AsyncClient, Client, StreamEvent
 from remotecli.config import PROMPT_FIELD, ControllerConfig, ProviderConfig
 from remotecli.controller.app import create_app
 from remotecli.controller.identity import Identity
-from remotecli.controller.runs import CANCEL_REASON, OUTPUT_MAX, RESTART_REASON
+from remotecli.controller.runs import CANCEL_REASON, EVENT_BYTES_MAX, OUTPUT_MAX, RESTART_REASON
 from remotecli.controller.sessions import SessionManager
 from remotecli.controller.signins import SecretKey, SignIns, new_key_material
 from remotecli.controller.store import Store
@@ -111,7 +111,14 @@ def providers() -> tuple[ProviderConfig, ...]:
         keep=("~/.standin",),
         run=(str(STANDIN), "--print", "text", "--delay", "5", "--", PROMPT_FIELD),
     )
-    return (*standins, slow, ProviderConfig(name="no-headless", command=("bash",)))
+    # A CLI whose JSON output is whatever its prompt prints: the attacker's own stdout.
+    forger = ProviderConfig(
+        name="forger",
+        command=("bash",),
+        run=("bash", "-c", "--", PROMPT_FIELD),
+        run_format="codex-json",
+    )
+    return (*standins, slow, forger, ProviderConfig(name="no-headless", command=("bash",)))
 
 
 @pytest.fixture
@@ -385,6 +392,81 @@ async def test_removing_a_user_cancels_their_runs_and_keeps_nothing(world: World
     assert ended.state is RunState.CANCELLED
     assert ended.reason == "its user was removed"
     assert world.signins.load("alice", "standin-slow") is None
+
+
+async def test_a_forged_huge_token_count_is_not_taken(world: World) -> None:
+    """Token counts past 2**53 are not usage: the run ends done and is stored, and its owner
+    can start the next one (no run is left holding a place)."""
+    line = json.dumps(
+        {"type": "turn.completed", "usage": {"input_tokens": 2**63, "output_tokens": 1}}
+    )
+    for _ in range(3):  # more than max_runs_per_user: each must end and free its place
+        run = await world.alice.create_run("forger", f"echo '{line}'")
+        events = await collect(world.alice, run["id"])
+        assert events[-1].type == "done"
+        assert [e for e in events if e.type == "usage"] == []
+        ended = await world.alice.run(run["id"])
+        assert ended["state"] == "done"
+        assert ended["usage"] is None
+
+
+async def test_events_past_their_byte_budget_end_the_run(world: World) -> None:
+    """Tool events of 16 KiB each, past the events' byte budget: the run fails naming it, and
+    what is stored stays within the budget."""
+    line = '{"type":"item.completed","item":{"id":"i%s","type":"command_execution","command":"%s"}}'
+    script = (
+        "c=$(head -c 16000 /dev/zero | tr '\\0' x); i=0; "
+        f'while :; do i=$((i+1)); printf \'{line}\\n\' "$i" "$c"; done'
+    )
+    run = await world.alice.create_run("forger", script)
+    events = await collect(world.alice, run["id"])
+    assert events[-1].type == "error", events[-1]
+    assert f"{EVENT_BYTES_MAX // 1024**2} MiB" in events[-1].data["reason"]
+    stored = world.store.run(run["id"])
+    assert stored.events is not None
+    assert len(stored.events) <= EVENT_BYTES_MAX + 64 * 1024
+    listed = world.store.runs("alice")
+    assert [r.events for r in listed] == [None]
+
+
+async def test_a_cancel_while_a_run_settles_does_not_strand_it(tmp_path: Path) -> None:
+    """A cancel that comes after the command ended, while the sandbox is being removed, leaves
+    the run ended as it ended (done), its sandbox gone and nothing left live."""
+    gate = asyncio.Event()
+    stopping = asyncio.Event()
+
+    class SlowToStop(LocalDriver):
+        async def stop(self, session_id: str) -> None:
+            stopping.set()
+            await gate.wait()
+            await super().stop(session_id)
+
+    config = ControllerConfig(data_dir=tmp_path, egress="none", runs_per_period=0)
+    async for world in start_world(tmp_path, config, SlowToStop(tmp_path, egress="none")):
+        run = await world.alice.create_run("shell", "echo quick")
+        async with asyncio.timeout(10_000 * MS):
+            await stopping.wait()
+            cancelling = asyncio.create_task(world.alice.cancel_run(run["id"]))
+            await asyncio.sleep(0.2)
+            assert not cancelling.done()  # it waits for the run's end, which waits for stop
+            gate.set()
+            ended = await cancelling
+        assert ended["state"] == "done"
+        assert ended["output"] == "quick\n"
+        assert not (tmp_path / "runs" / run["id"]).exists()
+        assert world.manager.runs._live == {}
+
+
+async def test_a_last_event_id_that_is_not_a_number_replays_everything(world: World) -> None:
+    """A Last-Event-ID of non-ASCII digits (``²``) or garbage is taken as none, never a 500."""
+    run = await world.alice.create_run("shell", "echo one")
+    events = await collect(world.alice, run["id"])
+    for value in ("\u00b2", "abc", "-1", "9" * 30):
+        response = await world.alice._http.get(
+            f"/api/runs/{run['id']}/events", headers={"Last-Event-ID": value.encode("latin-1")}
+        )
+        assert response.status_code == 200, value
+        assert response.text.count("event: ") == len(events)
 
 
 # --- who may do what -----------------------------------------------------------------------------

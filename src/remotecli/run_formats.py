@@ -82,7 +82,11 @@ ERROR_MAX = 500
 _TOOL_NAME_MAX = 200
 """The longest tool name passed on, in characters (real ones are under 100)."""
 _MESSAGE_IDS_MAX = 1024
-"""Claude message ids remembered as streamed (a run has far fewer; the set is then reset)."""
+"""Message and item ids remembered (a run has far fewer; the set is then reset)."""
+ID_MAX = 256
+"""Characters of a message or item id; a longer one is no id (memory stays bounded)."""
+TOKENS_MAX = 2**53
+"""The largest token count taken (JavaScript's largest exact integer; SQLite stores it)."""
 
 _SURROGATES = re.compile("[\ud800-\udfff]")
 
@@ -146,6 +150,12 @@ def _field_str(obj: dict[str, object], key: str) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _field_id(obj: dict[str, object], key: str) -> str | None:
+    """Return ``obj[key]`` when it is a string of at most :data:`ID_MAX` characters."""
+    value = _field_str(obj, key)
+    return value if value is not None and len(value) <= ID_MAX else None
+
+
 def _field_dict(obj: dict[str, object], key: str) -> dict[str, object] | None:
     value = obj.get(key)
     return value if isinstance(value, dict) else None
@@ -157,9 +167,10 @@ def _field_list(obj: dict[str, object], key: str) -> list[object]:
 
 
 def _field_count(obj: dict[str, object], key: str) -> int | None:
-    """Return ``obj[key]`` when it is a non-negative int (not a bool, not a float), else None."""
+    """Return ``obj[key]`` when it is an int from 0 to :data:`TOKENS_MAX` (not a bool, not a
+    float), else None."""
     value = obj.get(key)
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= TOKENS_MAX:
         return value
     return None
 
@@ -337,7 +348,7 @@ class ClaudeStreamJsonParser(_JsonLinesParser):
             return []
         if event.get("type") == "message_start":
             message = _field_dict(event, "message")
-            self._message_id = _field_str(message, "id") if message is not None else None
+            self._message_id = _field_id(message, "id") if message is not None else None
             return []
         delta = _field_dict(event, "delta")
         if event.get("type") != "content_block_delta" or delta is None:
@@ -354,7 +365,7 @@ class ClaudeStreamJsonParser(_JsonLinesParser):
         message = _field_dict(obj, "message")
         if message is None:
             return []
-        message_id = _field_str(message, "id")
+        message_id = _field_id(message, "id")
         answer = obj.get("parent_tool_use_id") is None and message_id not in self._streamed
         events: list[RunEvent] = []
         for block in _field_list(message, "content"):
@@ -419,21 +430,27 @@ class CodexJsonParser(_JsonLinesParser):
         return []
 
     def _item(self, item: dict[str, object], *, completed: bool) -> list[RunEvent]:
-        item_id = _field_str(item, "id")
+        item_id = _field_id(item, "id")
         kind = item.get("type")
         if item_id is None or item_id in self._reported:
             return []
         if kind == "agent_message":
             text = _field_str(item, "text")
-            if not completed or text is None:
+            if not completed or not text:
                 return []
-            self._reported.add(item_id)
+            self._report(item_id)
             return self._text(text, ("item", item_id))
         tool = self._tool(item, kind, completed=completed)
         if tool is None:
             return []
-        self._reported.add(item_id)
+        self._report(item_id)
         return [tool]
+
+    def _report(self, item_id: str) -> None:
+        """Remember ``item_id`` as reported, in a bounded set."""
+        if len(self._reported) >= _MESSAGE_IDS_MAX:
+            self._reported.clear()
+        self._reported.add(item_id)
 
     @staticmethod
     def _tool(item: dict[str, object], kind: object, *, completed: bool) -> RunEvent | None:

@@ -46,7 +46,7 @@ from remotecli.exceptions import (
 from remotecli.logs import get_logger
 from remotecli.providers import Catalogue, Provider
 from remotecli.quotas import describe_duration
-from remotecli.run_formats import RunEvent, parser_for
+from remotecli.run_formats import TOKENS_MAX, RunEvent, parser_for
 from remotecli.runs import (
     ACTIVE_RUN_STATES,
     RunStep,
@@ -61,6 +61,8 @@ OUTPUT_MAX = 1024 * 1024
 """Characters of answer a run may produce; past it the run ends ``failed``."""
 EVENTS_MAX = 50_000
 """Events a run may produce (text pieces of one read are one event); past it, ``failed``."""
+EVENT_BYTES_MAX = 4 * 1024**2
+"""Bytes of JSON a run's events may take together (text and tool inputs); past it, ``failed``."""
 CONCURRENT_RETRY = 5
 """The ``Retry-After`` (seconds) of a run refused because the user's runs are all busy."""
 RESTART_REASON = "remote-cli was restarted while the run ran; run it again"
@@ -102,7 +104,17 @@ class _Live:
     tokens: tuple[int, int] | None = None
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
     task: asyncio.Task[None] | None = None
+    """The whole run, from its start to its stored end (never cancelled)."""
+    phase: asyncio.Task[tuple[RunStep, str, int | None]] | None = None
+    """Its start and stream: what a cancel, a timeout or a shutdown ends."""
     cancel_reason: str | None = None
+    event_bytes: int = 0
+
+    def stop(self, reason: str) -> None:
+        """End the start-and-stream phase with ``reason``, if it still goes (first reason wins)."""
+        if self.phase is not None and not self.phase.done() and self.cancel_reason is None:
+            self.cancel_reason = reason
+            self.phase.cancel()
 
     def has_more(self, seen: int) -> bool:
         """Say whether events came after the first ``seen``."""
@@ -180,9 +192,10 @@ class RunManager:
         )
         live = _Live(owner)
         self._live[record.id] = live
-        live.task = asyncio.create_task(
-            self._drive(record, spec, status.provider, base), name=f"run-{record.id}"
+        live.phase = asyncio.create_task(
+            self._phase(record, spec, status.provider, base, live), name=f"run-{record.id}"
         )
+        live.task = asyncio.create_task(self._drive(record, live))
         log.info("run created", run_id=record.id, owner=owner, provider=provider)
         return record
 
@@ -218,11 +231,8 @@ class RunManager:
         live = self._live.get(run_id)
         if record.state not in ACTIVE_RUN_STATES or live is None or live.task is None:
             return record
-        if live.cancel_reason is None:
-            live.cancel_reason = CANCEL_REASON
-            live.task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.shield(live.task)
+        live.stop(CANCEL_REASON)
+        await asyncio.wait({live.task})
         return self.store.run(run_id)
 
     async def follow(
@@ -262,11 +272,11 @@ class RunManager:
         doomed = []
         for record in self.store.removed_owners_with_runs():
             live = self._live.get(record.id)
-            if live is not None and live.task is not None and live.cancel_reason is None:
-                live.cancel_reason = REMOVED_REASON
-                live.task.cancel()
+            if live is not None and live.task is not None:
+                live.stop(REMOVED_REASON)
                 doomed.append(live.task)
-        await asyncio.gather(*doomed, return_exceptions=True)
+        if doomed:
+            await asyncio.wait(doomed)
         return [r.id for r in self.store.removed_owners_with_runs()]
 
     async def recover(self) -> None:
@@ -283,11 +293,10 @@ class RunManager:
         tasks = []
         for live in self._live.values():
             if live.task is not None and not live.task.done():
-                if live.cancel_reason is None:  # a cancel already under way is not interrupted
-                    live.cancel_reason = SHUTDOWN_REASON
-                    live.task.cancel()
+                live.stop(SHUTDOWN_REASON)
                 tasks.append(live.task)
-        await asyncio.gather(*tasks, return_exceptions=True)
+        if tasks:
+            await asyncio.wait(tasks)
 
     # --- limits ----------------------------------------------------------------------------------
 
@@ -331,73 +340,109 @@ class RunManager:
 
     # --- one run -------------------------------------------------------------------------------
 
-    async def _drive(
-        self,
-        record: RunRecord,
-        spec: SessionSpec,
-        provider: Provider,
-        base: int | None,
-    ) -> None:
-        """Run one command from start to its stored end (see the module's theory)."""
-        live = self._live[record.id]
+    async def _drive(self, record: RunRecord, live: _Live) -> None:
+        """Run one command from start to its stored end (see the module's theory).
+
+        Only the first phase, start and stream, can be cancelled (:meth:`cancel` cancels
+        ``live.phase``); what follows always runs to its end: the sign-in saved, the sandbox
+        removed, the run stored whatever its output, and the run's live state dropped.
+        """
         began = time.monotonic()
-        step, reason, code = RunStep.FAIL, "", None
+        assert live.phase is not None
         try:
-            try:
-                async with asyncio.timeout(record.timeout_s):
-                    output = await self.driver.start_run(spec, lambda _: None)
-                    self.store.apply_run(record.id, RunStep.START, self._clock())
-                    keep = provider.keep
-                    self.keeper.watch(record.id, record.owner, record.provider, keep, base)
-                    code, error = await self._stream(live, output, provider.run_format)
-            except TimeoutError:
-                reason = f"timed out after {describe_duration(record.timeout_s)} (timeout_s)"
-            except _TooMuchOutput as exc:
-                reason = str(exc)
-            except RemoteCliError as exc:
-                reason = exc.message
-            else:
-                if code == 0 and error is None:
-                    step = RunStep.FINISH
-                else:
-                    reason = _failure(provider.run[0], code, error, output.errors())
-        except asyncio.CancelledError:
-            current = asyncio.current_task()
-            if current is not None:
-                current.uncancel()
-            reason = live.cancel_reason or SHUTDOWN_REASON
-            step = RunStep.FAIL if reason == SHUTDOWN_REASON else RunStep.CANCEL
-        finally:
+            await asyncio.wait({live.phase})  # never cancels the phase with this task
+            step, reason, code = self._outcome(live, live.phase)
             with contextlib.suppress(RemoteCliError, OSError):
-                if step is RunStep.CANCEL and reason == REMOVED_REASON:
+                if reason == REMOVED_REASON:
                     self.keeper.forget(record.id)  # a removed user's sign-in is not kept again
                 else:
                     await self.keeper.finish(record.id)  # before the driver removes HOME
             with contextlib.suppress(RemoteCliError, OSError):
                 await self.driver.stop(record.id)
-        duration = round(time.monotonic() - began, 3)
-        if step is RunStep.FINISH:
-            await live.publish("done", {"exit_code": code, "duration_s": duration})
-        else:
-            final: dict[str, object] = {"reason": reason}
-            if code is not None:
-                final["exit_code"] = code
-            await live.publish("error", final)
+            duration = round(time.monotonic() - began, 3)
+            if step is RunStep.FINISH:
+                await live.publish("done", {"exit_code": code, "duration_s": duration})
+            else:
+                final: dict[str, object] = {"reason": reason}
+                if code is not None:
+                    final["exit_code"] = code
+                await live.publish("error", final)
+            self._store_end(record.id, live, step, reason, code)
+            log.info("run ended", run_id=record.id, step=step.value, seconds=duration)
+        finally:
+            self._live.pop(record.id, None)
+            async with live.changed:
+                live.changed.notify_all()
+
+    async def _phase(
+        self,
+        record: RunRecord,
+        spec: SessionSpec,
+        provider: Provider,
+        base: int | None,
+        live: _Live,
+    ) -> tuple[RunStep, str, int | None]:
+        """Start the command and stream its output; return how it ended (step, reason, code)."""
+        code = None
+        try:
+            async with asyncio.timeout(record.timeout_s):
+                output = await self.driver.start_run(spec, lambda _: None)
+                self.store.apply_run(record.id, RunStep.START, self._clock())
+                self.keeper.watch(record.id, record.owner, record.provider, provider.keep, base)
+                code, error = await self._stream(live, output, provider.run_format)
+        except TimeoutError:
+            return (
+                RunStep.FAIL,
+                f"timed out after {describe_duration(record.timeout_s)} (timeout_s)",
+                code,
+            )
+        except _TooMuchOutput as exc:
+            return RunStep.FAIL, str(exc), code
+        except RemoteCliError as exc:
+            return RunStep.FAIL, exc.message, code
+        if code == 0 and error is None:
+            return RunStep.FINISH, "", code
+        return RunStep.FAIL, _failure(provider.run[0], code, error, output.errors()), code
+
+    def _outcome(
+        self, live: _Live, phase: asyncio.Task[tuple[RunStep, str, int | None]]
+    ) -> tuple[RunStep, str, int | None]:
+        """How the first phase ended: its own answer, a cancel, or (a bug) its exception."""
+        if phase.cancelled():
+            reason = live.cancel_reason or SHUTDOWN_REASON
+            return (RunStep.FAIL if reason == SHUTDOWN_REASON else RunStep.CANCEL), reason, None
+        problem = phase.exception()
+        if problem is not None:
+            log.error("run phase crashed", error=repr(problem))
+            return RunStep.FAIL, "remote-cli failed to run it (see its log); run it again", None
+        return phase.result()
+
+    def _store_end(
+        self, run_id: str, live: _Live, step: RunStep, reason: str, code: int | None
+    ) -> None:
+        """Store how the run ended with its output and events; if that cannot be stored, at
+        least the end (a run must never stay ``running``)."""
         events = json.dumps([[e.type, e.data] for e in live.events], separators=(",", ":"))
-        self.store.apply_run(
-            record.id,
-            step,
-            self._clock(),
-            reason=None if step is RunStep.FINISH else reason,
-            exit_code=code,
-            output="".join(live.text),
-            events=events,
-            tokens=live.tokens,
-        )
-        self._live.pop(record.id, None)
-        async with live.changed:
-            live.changed.notify_all()
-        log.info("run ended", run_id=record.id, step=step.value, seconds=duration)
+        try:
+            self.store.apply_run(
+                run_id,
+                step,
+                self._clock(),
+                reason=None if step is RunStep.FINISH else reason,
+                exit_code=code,
+                output="".join(live.text),
+                events=events,
+                tokens=live.tokens,
+            )
+        except (RemoteCliError, OverflowError, ValueError) as exc:
+            log.error("run output not stored", run_id=run_id, error=str(exc))
+            self.store.apply_run(
+                run_id,
+                RunStep.FAIL if step is RunStep.FINISH else step,
+                self._clock(),
+                reason=reason or f"its output could not be stored: {exc}",
+                exit_code=code,
+            )
 
     async def _stream(
         self, live: _Live, output: RunOutput, run_format: str
@@ -435,9 +480,11 @@ class RunManager:
                     _count(event.data.get("input_tokens")),
                     _count(event.data.get("output_tokens")),
                 )
-            if len(live.events) >= EVENTS_MAX:
+            live.event_bytes += len(json.dumps(event.data, separators=(",", ":")))
+            if len(live.events) >= EVENTS_MAX or live.event_bytes > EVENT_BYTES_MAX:
                 raise _TooMuchOutput(
-                    f"the run sent more than {EVENTS_MAX} events, the most a run keeps"
+                    f"the run sent more than {EVENTS_MAX} events or "
+                    f"{EVENT_BYTES_MAX // 1024**2} MiB of them, the most a run keeps"
                 )
             await live.publish(event.type, dict(event.data))
 
@@ -462,7 +509,9 @@ class RunManager:
 
 
 def _count(value: object) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= TOKENS_MAX:
+        return value
+    return 0
 
 
 def _failure(program: str, code: int | None, error: str | None, stderr: str) -> str:

@@ -61,7 +61,10 @@ class RunOut(BaseModel):
     created_at: datetime
     started_at: datetime | None = Field(description="When its command started")
     ended_at: datetime | None
-    output: str = Field(description="The answer's text: so far while it runs, whole once ended")
+    output: str = Field(
+        description="The answer's text: so far while it runs, whole once ended (in a list of "
+        "runs only its first 4,096 characters: get the run for the rest)"
+    )
     usage: UsageCountOut | None = Field(description="Tokens, when the CLI reported them")
     events_path: str = Field(description="Its Server-Sent Events stream")
 
@@ -93,9 +96,10 @@ def _sse(event: StreamEvent) -> str:
 
 def _last_event_id(value: str | None) -> int:
     """Read ``Last-Event-ID``: a run's event number; anything else means from the start."""
-    if value is None or not value.strip().isdigit() or len(value.strip()) > 9:
+    text = (value or "").strip()
+    if not text.isascii() or not text.isdigit() or len(text) > 9:
         return 0
-    return int(value.strip())
+    return int(text)
 
 
 def runs_router(

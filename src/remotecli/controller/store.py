@@ -214,6 +214,14 @@ def _signin(row: sqlite3.Row) -> SignInRecord:
     )
 
 
+LIST_OUTPUT_MAX = 4096
+"""Characters of each run's output in a list of runs (one run has it whole)."""
+_RUN_LISTED = (
+    "id, owner, provider, prompt, state, reason, exit_code, timeout_s, created_at, started_at,"
+    " ended_at, substr(output, 1, ?) AS output, NULL AS events, input_tokens, output_tokens"
+)
+
+
 def _run(row: sqlite3.Row) -> RunRecord:
     return RunRecord(**{**dict(row), "state": RunState(row["state"])})
 
@@ -812,10 +820,12 @@ class Store:
         return None if row is None else _run(row)
 
     def runs(self, owner: str, limit: int = 100) -> list[RunRecord]:
-        """Return ``owner``'s latest ``limit`` runs, newest first."""
+        """Return ``owner``'s latest ``limit`` runs, newest first: without their events, and
+        only the first :data:`LIST_OUTPUT_MAX` characters of each output."""
         rows = self._db.execute(
-            "SELECT * FROM runs WHERE owner = ? ORDER BY created_at DESC, id LIMIT ?",
-            (owner, limit),
+            f"SELECT {_RUN_LISTED} FROM runs WHERE owner = ?"  # noqa: S608 -- our column names
+            " ORDER BY created_at DESC, id LIMIT ?",
+            (LIST_OUTPUT_MAX, owner, limit),
         )
         return [_run(r) for r in rows]
 
@@ -880,7 +890,8 @@ class Store:
     def usage(self, owner: str, start: float, end: float) -> Usage:
         """Return what ``owner``'s runs created in [``start``, ``end``) used."""
         row = self._db.execute(
-            "SELECT COUNT(*), COALESCE(SUM(input_tokens), 0), COALESCE(SUM(output_tokens), 0)"
+            # TOTAL, not SUM: a float that never overflows, however many tokens were reported
+            "SELECT COUNT(*), TOTAL(input_tokens), TOTAL(output_tokens)"
             " FROM runs WHERE owner = ? AND created_at >= ? AND created_at < ?",
             (owner, start, end),
         ).fetchone()

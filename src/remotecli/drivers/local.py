@@ -333,7 +333,8 @@ class LocalDriver:
             raise DriverError(f"run {spec.session_id} is already running in this driver")
         if len(os.fsencode(spec.workdir / "run" / RUN_ERRORS)) > _UNIX_PATH_MAX:
             raise DriverError(
-                f"the run's directory {spec.workdir} is too long; choose a shorter data directory",
+                "the data directory's path is too long for a run's files; an operator can "
+                "choose a shorter one (data_dir)",
                 session_id=spec.session_id,
             )
         lease = self.uids.lease() if self.uids is not None else None

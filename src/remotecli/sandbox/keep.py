@@ -241,7 +241,7 @@ def write_kept(home: Path, files: Mapping[str, bytes], uid: int | None) -> None:
                 _write_one(root, parts, data, uid)
             except OSError as exc:
                 raise DriverError(
-                    f"cannot restore the kept file ~/{name} into {home}: {exc.strerror}",
+                    f"cannot restore the kept file ~/{name} into HOME: {exc.strerror}",
                     path=name,
                 ) from exc
     finally:
