@@ -463,7 +463,7 @@ async def test_a_last_event_id_that_is_not_a_number_replays_everything(world: Wo
     events = await collect(world.alice, run["id"])
     for value in ("\u00b2", "abc", "-1", "9" * 30):
         response = await world.alice._http.get(
-            f"/api/runs/{run['id']}/events", headers={"Last-Event-ID": value.encode("latin-1")}
+            f"/api/runs/{run['id']}/events", headers={b"Last-Event-ID": value.encode("latin-1")}
         )
         assert response.status_code == 200, value
         assert response.text.count("event: ") == len(events)
