@@ -2,8 +2,10 @@
 
 Theory of operation. :meth:`RunManager.create` checks the prompt and the limits (runs at once
 per user and on this host, the user's quota of runs and tokens in the period: 429 with
-``Retry-After``, 503 on the host's cap), stores a ``queued`` run and starts one task for it.
-That task asks the driver for a fresh sandbox running the provider's headless command
+``Retry-After``, 503 on the host's cap), stores a ``queued`` run and starts two tasks for it: its
+*phase* (start and stream: what a cancel, a timeout or a shutdown ends) and the task that waits
+for the phase and then settles the run, which nothing cancels. The phase asks the driver for a
+fresh sandbox running the provider's headless command
 (:meth:`remotecli.drivers.base.Driver.start_run`) with the user's kept sign-in in HOME
 (:class:`~remotecli.controller.connect.SignInKeeper`, as a session's), marks the run
 ``running``, and reads the command's output as it comes: the provider's format parser
@@ -16,8 +18,10 @@ sandbox, and the whole output, its events and the tokens reported are stored wit
 finished run's stream is replayed from the store with the same numbers.
 
 What the CLI prints is the sandboxed user's: hostile. The parser bounds every line and event;
-here the answer is bounded too (:data:`OUTPUT_MAX` characters, :data:`EVENTS_MAX` events), and a
-run past either bound ends ``failed`` with that limit named.
+here the answer is bounded too (:data:`OUTPUT_MAX` characters, :data:`EVENTS_MAX` events,
+:data:`EVENT_BYTES_MAX` bytes of events), and a run past a bound ends ``failed`` with that bound
+named. A run whose end cannot be stored with its output is stored ended without it: none stays
+``running`` holding a place.
 """
 
 from __future__ import annotations

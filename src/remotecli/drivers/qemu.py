@@ -29,12 +29,11 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import string
 import tempfile
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -59,12 +58,10 @@ from remotecli.drivers.qemu_machine import (
     DEFAULT_MEMORY_MIB,
     GUEST_RELAY_PORT,
     GUEST_TTY_PORT,
-    GUEST_VNC_PORT,
     TCG_TB_SIZE_MIB,
     Machine,
     VmPaths,
     argv_for_log,
-    forwarded_port,
     guest_hostname,
     host_tsc_khz,
     ksm_state,
@@ -73,6 +70,22 @@ from remotecli.drivers.qemu_machine import (
     session_line,
 )
 from remotecli.drivers.qemu_run import QemuRun, open_run
+from remotecli.drivers.qemu_vm import (
+    RESTORE_SECONDS,
+    Vm,
+    host_port,
+    kill_recorded,
+    race_exit,
+    ram_identity,
+    restore,
+    resume_base,
+    save_state,
+    terminate,
+    vm_record,
+    watch_pid,
+    watch_process,
+    write_record,
+)
 from remotecli.drivers.qmp import QmpClient
 from remotecli.exceptions import DriverError, RemoteCliError
 from remotecli.images import default_cache_dir, find_image
@@ -80,7 +93,7 @@ from remotecli.providers import BUILTIN_PROVIDERS, NPM_PROVIDERS, builtin_provid
 from remotecli.sandbox import SYSTEM_PATH
 from remotecli.sandbox.egress import EGRESS_CHOICES, EgressFilter
 from remotecli.sandbox.keep import normalize_keep
-from remotecli.sandbox.uids import Lease, UidPool
+from remotecli.sandbox.uids import UidPool
 
 log = structlog.get_logger(component="qemu")
 
@@ -89,8 +102,6 @@ PASSWORD_LENGTH = 8
 """VNC authentication (RFB type 2) uses at most 8 characters of the password."""
 
 COLD_BOOT_SECONDS = 180.0
-RESTORE_SECONDS = 30.0
-QUIT_SECONDS = 3.0
 QEMU_ENVIRONMENT = {"PATH": SYSTEM_PATH, "LC_ALL": "C"}
 """All QEMU gets of the controller's environment (which may hold REMOTECLI_SECRET_KEY)."""
 COMMAND_ENDED = re.compile(r"remotecli: the session command exited with status (\d{1,3})")
@@ -100,43 +111,6 @@ COLLECT_SECONDS = 30.0
 TEMPLATE_GEOMETRY = (1280, 720)
 """The desktop size of the templates made ahead of time; a run (no display) uses it too, so
 that it clones a template (and takes a pool's clone) that sessions already made."""
-
-
-@dataclass
-class _Vm:
-    """One running QEMU process and what is needed to reach and stop it."""
-
-    session_id: str
-    process: asyncio.subprocess.Process | None
-    pid: int
-    paths: VmPaths
-    socket_dir: Path
-    qmp: QmpClient | None = None
-    port: int = 0
-    password: str = ""
-    tty_port: int = 0
-    tty_secret: str = ""
-    tty: TtyProxy | None = None
-    relay_port: int = 0
-    """The host port forwarded to the guest relay (its loopback, its links); 0 if none."""
-    control: asyncio.Lock = field(default_factory=asyncio.Lock)
-    """Held for each exchange with the control agent, which serves one connection at a time."""
-    links: asyncio.Task[None] | None = None
-    open_url: Callable[[str], None] | None = None
-    base_id: str = ""
-    """The identity of the template RAM file the VM maps (``file_identity``), when it maps one:
-    a hibernation then saves only the pages that differ from it."""
-    """Where the session's links go (``SessionSpec.open_url``); followed again on a resume."""
-    lease: Lease | None = None
-    """The sandbox uid QEMU runs as, held until the process is gone; None when QEMU runs as
-    the controller's user (an unprivileged controller) or was started by an earlier one."""
-    ended: asyncio.Event = field(default_factory=asyncio.Event)
-    watcher: asyncio.Task[None] | None = None
-    """Sets ``ended`` when the process exits; the driver awaits it on close."""
-    machine: Machine | None = None
-    """What the VM runs on, kept in ``vm.json`` so that a hibernated session can resume."""
-    run: QemuRun | None = None
-    """The command of a headless run (the VM then serves nothing else); None for a session."""
 
 
 class QemuDriver:
@@ -194,10 +168,10 @@ class QemuDriver:
         self._memory_mib = memory_mib
         self._accelerator = accelerator
         self._accel = AcceleratorChoice(accelerator, self._image_cache, self._root)
-        self._vms: dict[str, _Vm] = {}
+        self._vms: dict[str, Vm] = {}
         self._template_locks: dict[str, asyncio.Lock] = {}
         self._pool_size = pool_size
-        self._pool: dict[str, list[_Vm]] = {}
+        self._pool: dict[str, list[Vm]] = {}
         self._refilling: set[str] = set()
         self._pool_tasks: set[asyncio.Task[None]] = set()
         self._watchers: set[asyncio.Task[None]] = set()
@@ -369,12 +343,12 @@ class QemuDriver:
             vm.run = QemuRun(spec.session_id, reader, writer, vm.paths.serial)
             progress("the run's command started in the clone")
         except BaseException:
-            await _terminate(vm)
+            await terminate(vm)
             raise
         vm.machine = machine
-        vm.base_id = _identity(template / "memory")
+        vm.base_id = ram_identity(template / "memory")
         self._vms[spec.session_id] = vm
-        _write_record(spec.workdir / "vm.json", vm)
+        write_record(spec.workdir / "vm.json", vm)
         return vm.run
 
     async def wait(self, session_id: str) -> str:
@@ -400,7 +374,7 @@ class QemuDriver:
         if vm is not None:
             if vm.run is not None:
                 vm.run.stop()  # the relay kills the command; its reader hears why
-            await _terminate(vm)
+            await terminate(vm)
             if vm.run is not None:  # a run leaves nothing: its console and record go too
                 shutil.rmtree(vm.paths.serial.parent, ignore_errors=True)
         asleep = self._asleep.pop(session_id, None)
@@ -424,7 +398,7 @@ class QemuDriver:
             return False
         began = time.monotonic()
         base = vm.paths.memory
-        if base is None or not vm.base_id or _identity(base) != vm.base_id:
+        if base is None or not vm.base_id or ram_identity(base) != vm.base_id:
             base = None  # no template RAM under it, or not the one it mapped: save it all
         try:
             size = await qemu_hibernate.save_state(vm.qmp, workdir, base)
@@ -435,10 +409,10 @@ class QemuDriver:
         self._vms.pop(session_id, None)
         if vm.watcher is not None:
             vm.watcher.cancel()
-        await _terminate(vm)
+        await terminate(vm)
         if base is None:
             vm.paths, vm.base_id = replace(vm.paths, memory=None), ""
-        _write_record(workdir / "vm.json", vm, hibernated=True)
+        write_record(workdir / "vm.json", vm, hibernated=True)
         self._asleep[session_id] = (workdir, vm.open_url)
         log.info(
             "hibernated",
@@ -464,13 +438,13 @@ class QemuDriver:
                 session_id=session_id,
             )
         machine = qemu_hibernate.read_machine(workdir)
-        base = _resume_base(workdir)
+        base = resume_base(workdir)
         vm = await self._spawn(session_id, machine, workdir, base, template=False)
-        vm.machine, vm.base_id = machine, _identity(base) if base is not None else ""
+        vm.machine, vm.base_id = machine, ram_identity(base) if base is not None else ""
         try:
             # The new PID first: a controller that dies during the load kills this QEMU on
             # its next start and keeps the saved state.
-            _write_record(workdir / "vm.json", vm)
+            write_record(workdir / "vm.json", vm)
             assert vm.qmp is not None
             await qemu_hibernate.load_state(vm.qmp, state)
             progress("memory and devices loaded from the hibernated state")
@@ -483,9 +457,9 @@ class QemuDriver:
                     follow_links(vm.relay_port, vm.tty_secret, vm.open_url, first=links),
                     name=f"links-{session_id}",
                 )
-            qemu_hibernate.write_json(workdir / "vm.json", _record(vm))
+            qemu_hibernate.write_json(workdir / "vm.json", vm_record(vm))
         except BaseException:
-            await _terminate(vm)
+            await terminate(vm)
             raise
         self._vms[session_id] = vm
         self._asleep.pop(session_id, None)
@@ -507,7 +481,7 @@ class QemuDriver:
             log.warning("hibernated state unusable", session_id=session_id, error=exc.message)
             qemu_hibernate.discard(workdir)
             return False
-        _kill_recorded(workdir / "vm.json")
+        kill_recorded(workdir / "vm.json")
         self._asleep[session_id] = (workdir, None)  # links of a restarted controller: not followed
         return True
 
@@ -515,7 +489,7 @@ class QemuDriver:
         """Reattach to a VM left running by a previous controller, or kill what is left of it."""
         record = workdir / "vm.json"
         if (workdir / qemu_hibernate.STATE_NAME).is_file():
-            _kill_recorded(record)  # it was saved: the state is the session now
+            kill_recorded(record)  # it was saved: the state is the session now
             return None
         (workdir / qemu_hibernate.PARTIAL_NAME).unlink(missing_ok=True)
         try:
@@ -524,12 +498,12 @@ class QemuDriver:
             return None
         if info.get("run"):
             # Its command's output went to the connection of the controller that is gone.
-            _kill_recorded(record)
+            kill_recorded(record)
             shutil.rmtree(workdir, ignore_errors=True)
             return None
         memory = Path(info["memory"]) if info.get("memory") else None
         paths = VmPaths(Path(info["qmp"]), Path(info["control"]), Path(info["serial"]), memory)
-        vm = _Vm(session_id, None, int(info["pid"]), paths, Path(info["socket_dir"]))
+        vm = Vm(session_id, None, int(info["pid"]), paths, Path(info["socket_dir"]))
         if not is_our_qemu(vm.pid, str(paths.qmp)):
             shutil.rmtree(vm.socket_dir, ignore_errors=True)
             record.unlink(missing_ok=True)
@@ -548,11 +522,11 @@ class QemuDriver:
                 await vm.qmp.execute("cont")  # paused by a hibernation that did not finish
             await read_banner(vm.port, within=5.0)
         except DriverError:
-            await _terminate(vm)
+            await terminate(vm)
             record.unlink(missing_ok=True)
             return None
         self._vms[session_id] = vm
-        self._watch(vm, _watch_pid(vm))
+        self._watch(vm, watch_pid(vm))
         return VncEndpoint(host="127.0.0.1", port=vm.port, password=vm.password)
 
     def detach(self, session_id: str) -> bool:
@@ -638,7 +612,7 @@ class QemuDriver:
         waiting = [vm for vms in self._pool.values() for vm in vms]
         self._pool.clear()
         await asyncio.gather(*(self.stop(session_id) for session_id in list(self._vms)))
-        await asyncio.gather(*(_terminate(vm) for vm in waiting))
+        await asyncio.gather(*(terminate(vm) for vm in waiting))
         shutil.rmtree(self._root / "pool", ignore_errors=True)
         # Every VM is gone, so each watcher is finishing; a detached one was cancelled.
         await asyncio.gather(*self._watchers, return_exceptions=True)
@@ -737,12 +711,12 @@ class QemuDriver:
                     + (", with the kept sign-in in HOME" if spec.home_files else "")
                 )
         except BaseException:
-            await _terminate(vm)
+            await terminate(vm)
             raise
         vm.machine, vm.open_url = machine, spec.open_url
-        vm.base_id = _identity(template / "memory")
+        vm.base_id = ram_identity(template / "memory")
         self._vms[spec.session_id] = vm
-        _write_record(spec.workdir / "vm.json", vm)
+        write_record(spec.workdir / "vm.json", vm)
         return VncEndpoint(host="127.0.0.1", port=vm.port, password=vm.password)
 
     async def _clone(
@@ -753,7 +727,7 @@ class QemuDriver:
         progress: ProgressCallback,
         *,
         banner: bool = True,
-    ) -> _Vm:
+    ) -> Vm:
         """Return a running clone of ``template`` (the pool's, else restored now) that has its
         own clock, entropy, name and secrets; nothing is left running if this fails."""
         spec.workdir.mkdir(parents=True, exist_ok=True)
@@ -769,11 +743,11 @@ class QemuDriver:
             restored = True
         try:
             if not restored:
-                await _restore(vm, template)
+                await restore(vm, template)
                 progress("clone restored from the template")
             answer = await self._personalise(vm, spec.session_id, banner=banner)
         except BaseException:
-            await _terminate(vm)
+            await terminate(vm)
             raise
         progress(
             ("VNC banner read; " if banner else "")
@@ -783,14 +757,14 @@ class QemuDriver:
 
     # --- internals ---------------------------------------------------------------------------
 
-    def _watch(self, vm: _Vm, watcher: Coroutine[Any, Any, None]) -> None:
+    def _watch(self, vm: Vm, watcher: Coroutine[Any, Any, None]) -> None:
         """Run ``watcher`` as ``vm``'s task, kept until it ends so :meth:`close` can await it."""
         task = asyncio.get_running_loop().create_task(watcher)
         vm.watcher = task
         self._watchers.add(task)
         task.add_done_callback(self._watchers.discard)
 
-    def _take_from_pool(self, machine: Machine, spec: SessionSpec) -> _Vm | None:
+    def _take_from_pool(self, machine: Machine, spec: SessionSpec) -> Vm | None:
         """Return a waiting QEMU for ``machine``, its logs moved into the session dir."""
         waiting = self._pool.get(machine.template_key(), [])
         while waiting:
@@ -828,12 +802,12 @@ class QemuDriver:
                 try:
                     # Restore and run each code path a session needs once, so the clone's
                     # translation cache is warm when a session takes it.
-                    await _restore(vm, template)
-                    vm.port = await _port(vm)
+                    await restore(vm, template)
+                    vm.port = await host_port(vm)
                     await read_banner(vm.port, within=RESTORE_SECONDS)
                     await control_exchange(vm.paths.control, b"ping\n", "pong", within=5.0)
                 except BaseException:
-                    await _terminate(vm)
+                    await terminate(vm)
                     raise
                 waiting.append(vm)
         except DriverError as exc:
@@ -841,7 +815,7 @@ class QemuDriver:
         finally:
             self._refilling.discard(key)
 
-    async def _personalise(self, vm: _Vm, session_id: str, *, banner: bool = True) -> str:
+    async def _personalise(self, vm: Vm, session_id: str, *, banner: bool = True) -> str:
         """Give a restored VM its own clock, entropy, hostname and VNC password; read a banner.
 
         Returns the agent's answer. The banner comes first: Xvnc rereads the password file on
@@ -858,9 +832,9 @@ class QemuDriver:
             vm.tty_secret,
         )
         if not vm.port:
-            vm.port = await _port(vm)
-        vm.tty_port = await _port(vm, GUEST_TTY_PORT)
-        vm.relay_port = await _port(vm, GUEST_RELAY_PORT)
+            vm.port = await host_port(vm)
+        vm.tty_port = await host_port(vm, GUEST_TTY_PORT)
+        vm.relay_port = await host_port(vm, GUEST_RELAY_PORT)
         if banner:
             await read_banner(vm.port, within=RESTORE_SECONDS)
         async with vm.control:
@@ -877,7 +851,7 @@ class QemuDriver:
         vm = await self._spawn("template", machine, directory, memory, template=True)
         try:
             await control_exchange(vm.paths.control, b"", "ready", within=COLD_BOOT_SECONDS)
-            vm.port = await _port(vm)
+            vm.port = await host_port(vm)
             await read_banner(vm.port, within=COLD_BOOT_SECONDS)
             boot_seconds = time.monotonic() - started
             progress(f"template booted in {boot_seconds:.1f} s; saving its state")
@@ -888,13 +862,13 @@ class QemuDriver:
                 capabilities=[{"capability": "x-ignore-shared", "state": True}],
             )
             partial = directory / "state.partial"
-            await _save_state(vm.qmp, partial)
+            await save_state(vm.qmp, partial)
             partial.rename(state)
         except BaseException:
-            await _terminate(vm)
+            await terminate(vm)
             memory.unlink(missing_ok=True)
             raise
-        await _terminate(vm)
+        await terminate(vm)
         (directory / "template.json").write_text(
             json.dumps({"boot_seconds": round(boot_seconds, 2), "saved_at": time.time()}) + "\n"
         )
@@ -907,7 +881,7 @@ class QemuDriver:
         memory: Path | None,
         *,
         template: bool,
-    ) -> _Vm:
+    ) -> Vm:
         # Unix socket paths are limited to 107 bytes; a private short directory keeps them short.
         socket_dir = Path(tempfile.mkdtemp(prefix="rcli-qemu-"))
         paths = VmPaths(
@@ -944,231 +918,14 @@ class QemuDriver:
                 lease.release()
             shutil.rmtree(socket_dir, ignore_errors=True)
             raise
-        vm = _Vm(session_id, process, process.pid, paths, socket_dir, lease=lease)
-        self._watch(vm, _watch_process(vm))
+        vm = Vm(session_id, process, process.pid, paths, socket_dir, lease=lease)
+        self._watch(vm, watch_process(vm))
         try:
-            vm.qmp = await _race_exit(vm, QmpClient.connect(str(paths.qmp), within=10.0))
+            vm.qmp = await race_exit(vm, QmpClient.connect(str(paths.qmp), within=10.0))
         except BaseException:
-            await _terminate(vm)
+            await terminate(vm)
             raise
         return vm
-
-
-async def _race_exit(vm: _Vm, operation: object) -> QmpClient:
-    """Await ``operation`` but fail at once, with QEMU's own words, if QEMU exits first."""
-    assert asyncio.iscoroutine(operation)
-    task: asyncio.Task[QmpClient] = asyncio.ensure_future(operation)
-    ended = asyncio.ensure_future(vm.ended.wait())
-    done, _ = await asyncio.wait({task, ended}, return_when=asyncio.FIRST_COMPLETED)
-    if task in done:
-        ended.cancel()
-        return task.result()
-    task.cancel()
-    log = vm.paths.serial.with_name("qemu.log")
-    raise DriverError(
-        f"QEMU exited at start: {console_tail(log)}; check the image and the QEMU version"
-    )
-
-
-async def _watch_process(vm: _Vm) -> None:
-    assert vm.process is not None
-    await vm.process.wait()
-    if vm.lease is not None:
-        vm.lease.release()  # the uid owns no process any more
-    vm.ended.set()
-
-
-async def _watch_pid(vm: _Vm) -> None:
-    """Set ``vm.ended`` when a process we did not start (a recovered VM) exits."""
-    try:
-        descriptor = os.pidfd_open(vm.pid)
-    except ProcessLookupError:
-        vm.ended.set()
-        return
-    loop = asyncio.get_running_loop()
-    exited = asyncio.Event()
-    loop.add_reader(descriptor, exited.set)  # a pidfd turns readable when the process exits
-    try:
-        await exited.wait()
-    finally:
-        loop.remove_reader(descriptor)
-        os.close(descriptor)
-        vm.ended.set()
-
-
-async def _terminate(vm: _Vm) -> None:
-    """QMP quit, then SIGKILL to this VM's own PID; remove its sockets."""
-    if vm.qmp is not None and not vm.ended.is_set():
-        with contextlib.suppress(DriverError, OSError, TimeoutError):
-            await asyncio.wait_for(vm.qmp.execute("quit"), QUIT_SECONDS)
-    if vm.process is not None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(vm.process.wait(), QUIT_SECONDS)
-        if vm.process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                vm.process.kill()
-            await vm.process.wait()
-    elif is_our_qemu(vm.pid, str(vm.paths.qmp)):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(vm.pid, signal.SIGKILL)
-    if vm.qmp is not None:
-        vm.qmp.close()
-    if vm.tty is not None:
-        vm.tty.close()
-    if vm.links is not None:
-        vm.links.cancel()
-    if vm.lease is not None:
-        vm.lease.release()
-    vm.ended.set()
-    shutil.rmtree(vm.socket_dir, ignore_errors=True)
-
-
-async def _save_state(qmp: QmpClient, path: Path) -> None:
-    """Migrate the paused VM's state into ``path`` (created by us, handed to QEMU); flush it.
-
-    QEMU writes through a descriptor it is given: it runs as a sandbox uid that may not open
-    the file, and its seccomp sandbox forbids the shell an ``exec:`` migration would start.
-    """
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-    try:
-        await qmp.send_fd("state-out", descriptor)
-        await qmp.execute("migrate", uri="fd:state-out")
-        await _wait_migration(qmp)
-        await asyncio.to_thread(os.fsync, descriptor)
-    finally:
-        os.close(descriptor)
-
-
-async def _wait_migration(qmp: QmpClient) -> None:
-    deadline = time.monotonic() + RESTORE_SECONDS
-    while time.monotonic() < deadline:
-        status = (await qmp.execute("query-migrate")).get("status")
-        if status == "completed":
-            return
-        if status in ("failed", "cancelled"):
-            raise DriverError(f"saving the template failed (migration {status}); see qemu.log")
-        await asyncio.sleep(0.02)
-    raise DriverError("saving the template did not finish in time; check free disk space")
-
-
-async def _restore(vm: _Vm, template: Path) -> None:
-    """Load the template's device state into a clone started with -incoming defer; run it."""
-    assert vm.qmp is not None
-    await vm.qmp.execute(
-        "migrate-set-capabilities",
-        capabilities=[
-            {"capability": "x-ignore-shared", "state": True},
-            {"capability": "events", "state": True},
-        ],
-    )
-    await _load_state(vm.qmp, template / "state")
-    await vm.qmp.execute("cont")  # the template was saved paused, so clones load paused
-
-
-async def _load_state(qmp: QmpClient, path: Path) -> None:
-    """Load a saved state from ``path`` into a QEMU started with ``-incoming defer``.
-
-    As :func:`_save_state`, the file reaches QEMU as a descriptor. Set the migration
-    capabilities first; the VM is left paused.
-    """
-    descriptor = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        await qmp.send_fd("state-in", descriptor)
-    finally:
-        os.close(descriptor)  # QEMU holds its own copy
-    await qmp.execute("migrate-incoming", uri="fd:state-in")
-    await _wait_incoming(qmp)
-
-
-async def _wait_incoming(qmp: QmpClient) -> None:
-    """Wait for the MIGRATION event that says the template's state is loaded."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + RESTORE_SECONDS
-    while True:
-        event = await qmp.wait_event("MIGRATION", within=max(0.0, deadline - loop.time()))
-        status = event.get("data", {}).get("status")
-        if status == "completed":
-            return
-        if status in ("failed", "cancelled"):
-            raise DriverError(
-                f"restoring the template failed (migration {status}); the template does not "
-                "match this QEMU: delete the data dir's qemu/templates and retry"
-            )
-
-
-async def _port(vm: _Vm, guest_port: int = GUEST_VNC_PORT) -> int:
-    assert vm.qmp is not None
-    text = await vm.qmp.execute("human-monitor-command", **{"command-line": "info usernet"})
-    return forwarded_port(str(text), guest_port)
-
-
-def _identity(path: Path) -> str:
-    try:
-        return qemu_hibernate.file_identity(path)
-    except OSError:
-        return ""
-
-
-def _resume_base(workdir: Path) -> Path | None:
-    """The template RAM file a hibernated state was saved against (None: the state is whole);
-    DriverError when it is no longer the same file, which would resume a different guest."""
-    try:
-        info = json.loads((workdir / "vm.json").read_text())
-        memory, base_id = str(info.get("memory") or ""), str(info.get("base_id") or "")
-    except (OSError, ValueError, AttributeError) as exc:
-        raise DriverError(f"the session's vm.json cannot be read ({exc})") from exc
-    if not memory or not base_id:
-        return None
-    if _identity(Path(memory)) != base_id:
-        raise DriverError(
-            f"the template RAM file {memory} this session was saved against was removed or "
-            "rebuilt; its saved state holds only the pages that differed, so it cannot be "
-            "resumed: start a new session"
-        )
-    return Path(memory)
-
-
-def _kill_recorded(record: Path) -> None:
-    """Kill the QEMU named in a ``vm.json`` if it still runs (and is still that QEMU)."""
-    try:
-        info = json.loads(record.read_text())
-        pid, qmp, socket_dir = int(info["pid"]), str(info["qmp"]), Path(info["socket_dir"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return
-    if pid and is_our_qemu(pid, qmp):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    shutil.rmtree(socket_dir, ignore_errors=True)
-
-
-def _write_record(path: Path, vm: _Vm, *, hibernated: bool = False) -> None:
-    if hibernated:
-        # No process any more; fsynced, so the record survives a power cut with the state.
-        qemu_hibernate.write_json(path, {**_record(vm), "pid": 0, "hibernated": True})
-        return
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(descriptor, "w") as file:
-        json.dump(_record(vm), file)
-
-
-def _record(vm: _Vm) -> dict[str, Any]:
-    return {
-        "pid": vm.pid,
-        "port": vm.port,
-        "password": vm.password,
-        "tty_port": vm.tty_port,
-        "tty_secret": vm.tty_secret,
-        "relay_port": vm.relay_port,
-        "qmp": str(vm.paths.qmp),
-        "control": str(vm.paths.control),
-        "serial": str(vm.paths.serial),
-        "memory": str(vm.paths.memory) if vm.paths.memory is not None else "",
-        "socket_dir": str(vm.socket_dir),
-        "uid": vm.lease.uid if vm.lease is not None else None,
-        "machine": qemu_hibernate.machine_record(vm.machine) if vm.machine is not None else None,
-        "base_id": vm.base_id,
-        "run": vm.run is not None,
-    }
 
 
 def _flock(path: Path) -> TextIO:

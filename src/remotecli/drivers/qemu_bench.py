@@ -10,15 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from remotecli.drivers.base import ProgressCallback, SessionSpec, VncEndpoint
-from remotecli.drivers.qemu import (
-    COLD_BOOT_SECONDS,
-    QemuDriver,
-    _load_state,
-    _port,
-    _restore,
-    _save_state,
-    _terminate,
-)
+from remotecli.drivers.qemu import COLD_BOOT_SECONDS, QemuDriver
 from remotecli.drivers.qemu_guest import control_exchange
 from remotecli.drivers.qemu_machine import (
     GUEST_RELAY_PORT,
@@ -26,6 +18,7 @@ from remotecli.drivers.qemu_machine import (
     GUEST_VNC_PORT,
     Machine,
 )
+from remotecli.drivers.qemu_vm import host_port, load_state, restore, save_state, terminate
 
 
 class QemuBenchDriver(QemuDriver):
@@ -41,7 +34,7 @@ class QemuBenchDriver(QemuDriver):
             await control_exchange(vm.paths.control, b"", "ready", within=COLD_BOOT_SECONDS)
             await self._personalise(vm, spec.session_id)
         except BaseException:
-            await _terminate(vm)
+            await terminate(vm)
             raise
         finally:
             memory.unlink(missing_ok=True)  # the mapping stays alive; the name is not needed
@@ -60,7 +53,7 @@ class QemuBenchDriver(QemuDriver):
             "migrate-set-capabilities",
             capabilities=[{"capability": "x-ignore-shared", "state": False}],
         )
-        await _save_state(vm.qmp, snapshot)
+        await save_state(vm.qmp, snapshot)
         await vm.qmp.execute("cont")
 
     async def start_full_restore(
@@ -74,12 +67,12 @@ class QemuBenchDriver(QemuDriver):
             await vm.qmp.execute(
                 "migrate-set-capabilities", capabilities=[{"capability": "events", "state": True}]
             )
-            await _load_state(vm.qmp, snapshot)
+            await load_state(vm.qmp, snapshot)
             await vm.qmp.execute("cont")
             await self._personalise(vm, spec.session_id)
             progress("full restore done; VNC banner read")
         except BaseException:
-            await _terminate(vm)
+            await terminate(vm)
             raise
         self._vms[spec.session_id] = vm
         return VncEndpoint(host="127.0.0.1", port=vm.port, password=vm.password)
@@ -95,9 +88,9 @@ class QemuBenchDriver(QemuDriver):
             spec.session_id, machine, spec.workdir, template / "memory", template=False
         )
         self._vms[spec.session_id] = vm
-        await _restore(vm, template)
+        await restore(vm, template)
         return {
-            guest: await _port(vm, guest)
+            guest: await host_port(vm, guest)
             for guest in (GUEST_VNC_PORT, GUEST_TTY_PORT, GUEST_RELAY_PORT)
         }
 
