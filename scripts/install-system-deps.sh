@@ -13,8 +13,10 @@ run_packages=(tigervnc-standalone-server matchbox-window-manager xterm tmux pyth
   passt nftables libseccomp2 procps fonts-dejavu-core fonts-symbola fonts-noto-color-emoji
   nodejs npm)
 # xvfb and x11vnc: the benchmarks' peer display pair (`make bench`), no longer what sessions run.
+# postgresql: the store's tests also run on PostgreSQL, in a throwaway cluster of their own
+# (tests/postgres.py uses its binaries in /usr/lib/postgresql/*/bin, not the system's cluster).
 test_packages=(nginx-light chromium qemu-system-x86 qemu-utils debootstrap e2fsprogs
-  busybox-static cpio zstd iproute2 xvfb x11vnc)
+  busybox-static cpio zstd iproute2 xvfb x11vnc postgresql)
 
 case "${1:-run}" in
   run) wanted=("${run_packages[@]}") ;;

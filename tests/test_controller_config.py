@@ -87,6 +87,16 @@ def test_precedence_flags_env_file(tmp_path: Path) -> None:
     assert "t" * 20 not in repr(config)
 
 
+def test_store_url_from_environment_is_kept_out_of_repr() -> None:
+    """REMOTECLI_STORE_URL selects a PostgreSQL store; its password never shows in the config's
+    repr, and without it the store is the SQLite file (None)."""
+    url = "postgresql://remotecli:hunter2@db.internal:5432/remotecli"
+    config = load_controller_config({}, environ={"REMOTECLI_STORE_URL": url})
+    assert config.store_url == url
+    assert "hunter2" not in repr(config)
+    assert load_controller_config({}, environ={}).store_url is None
+
+
 def test_config_file_from_environment(tmp_path: Path) -> None:
     """REMOTECLI_CONFIG names the file when --config is not given."""
     env = {"REMOTECLI_CONFIG": str(write_config(tmp_path))}
@@ -102,6 +112,7 @@ def test_config_file_from_environment(tmp_path: Path) -> None:
         ({}, {"REMOTECLI_DRIVER": "firecracker"}, "choose local or qemu"),
         ({}, {"REMOTECLI_TOKEN": "short"}, "too short"),
         ({}, {"REMOTECLI_LOG_LEVEL": "loud"}, "choose one of: debug, info"),
+        ({}, {"REMOTECLI_STORE_URL": "mysql://db/remotecli"}, "write postgresql://USER"),
     ],
 )
 def test_bad_values_name_the_fix(

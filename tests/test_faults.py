@@ -30,6 +30,7 @@ from websockets.exceptions import ConnectionClosed
 from remotecli.config import ControllerConfig
 from remotecli.controller.server import STORE_FILE, Controller
 from remotecli.controller.store import Store
+from remotecli.controller.store_db import SqliteDatabase
 from remotecli.drivers.base import VncEndpoint
 from remotecli.states import Event
 from tests.banner_driver import BannerDriver
@@ -257,7 +258,9 @@ def _run_steps_and_die_at(path: Path, statement: int, report: int) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
 
     store = Store.open(path)
-    store._db.set_trace_callback(trace)  # the injection point: before each statement runs
+    database = store._db
+    assert isinstance(database, SqliteDatabase)
+    database.connection.set_trace_callback(trace)  # the injection point: before each statement
     for index, (session_id, step) in enumerate(STEPS):
         if step == "create":
             store.create_session(session_id, "alice", "shell", 1.0)

@@ -415,6 +415,27 @@ def test_backup_while_running_and_restore_while_stopped(tmp_path: Path) -> None:
         assert up.terminate() == 0
 
 
+def test_backup_and_restore_refuse_a_postgresql_store(tmp_path: Path) -> None:
+    """With a PostgreSQL store, `backup` and `restore` refuse, naming pg_dump, and write
+    nothing (the database is never contacted)."""
+    data, saved = tmp_path / "data", tmp_path / "saved"
+    env = clean_env(REMOTECLI_STORE_URL="postgresql://remotecli:hunter2@/remotecli?host=/none")
+    for args in (("backup", str(saved)), ("restore", str(tmp_path))):
+        refused = subprocess.run(
+            [*REMOTECLI, *args, "--data-dir", str(data)],
+            capture_output=True,
+            text=True,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            timeout=60_000 * MS,
+        )
+        assert refused.returncode == 2, refused.stderr
+        assert "pg_dump" in refused.stderr
+        assert "hunter2" not in refused.stderr
+    assert not saved.exists()
+    assert not data.exists()
+
+
 # --- disk ----------------------------------------------------------------------------------------
 
 

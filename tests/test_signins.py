@@ -1,13 +1,12 @@
-"""Kept provider sign-ins: encryption, versions, keys and rotation, on a real SQLite store."""
+"""Kept provider sign-ins: encryption, versions, keys and rotation, on a real store (SQLite and
+PostgreSQL)."""
 
 from __future__ import annotations
 
 import base64
 import itertools
-import sqlite3
 import stat
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,6 +27,7 @@ from remotecli.controller.signins import (
 )
 from remotecli.controller.store import Store
 from remotecli.exceptions import ConfigError, UnreadableSignIn
+from tests.conftest import StoreOpener
 
 TOKEN = b"sk-planted-refresh-token-0123456789"
 FILES = {".codex/auth.json": b'{"refresh_token": "' + TOKEN + b'"}', ".codex/config": b"x=1"}
@@ -41,10 +41,8 @@ def data_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def store(data_dir: Path) -> Iterator[Store]:
-    opened = Store.open(data_dir / "remotecli.sqlite3")
-    yield opened
-    opened.close()
+def store(data_dir: Path, open_store: StoreOpener) -> Store:
+    return open_store()
 
 
 @pytest.fixture
@@ -70,24 +68,23 @@ def test_round_trip(signins: SignIns) -> None:
     assert signins.load("bob", "codex") is None
 
 
-@pytest.mark.parametrize(
-    "move",
-    [
-        "UPDATE signins SET user = 'mallory'",
-        "UPDATE signins SET provider = 'gemini'",
-        "UPDATE signins SET version = 7",
-        "UPDATE signins SET ciphertext = CAST(ciphertext || x'00' AS BLOB)",
-    ],
-)
+@pytest.mark.parametrize("move", ["user", "provider", "version", "ciphertext"])
 def test_moved_or_altered_record_fails(signins: SignIns, store: Store, move: str) -> None:
     """A record moved to another user, provider or version, or altered, does not decrypt."""
     signins.save("alice", "codex", FILES, None)
-    with sqlite3.connect(store.path) as raw:  # an attacker with write access to the file
-        raw.execute(move)
-        (user, provider) = raw.execute("SELECT user, provider FROM signins").fetchone()
-    raw.close()
+    stored = store.signin("alice", "codex")
+    assert stored is not None
+    value = {
+        "user": "mallory",
+        "provider": "gemini",
+        "version": 7,
+        "ciphertext": stored.ciphertext + b"\0",
+    }[move]
+    # an attacker with write access to the database
+    store._db.execute(f'UPDATE signins SET "{move}" = ?', (value,))  # noqa: S608
+    (record,) = store.signins()
     with pytest.raises(UnreadableSignIn, match="altered, or copied"):
-        signins.load(user, provider)
+        signins.load(record.user, record.provider)
 
 
 def test_stale_base_version_refused(signins: SignIns) -> None:
@@ -126,20 +123,16 @@ def race(sides: list[SignIns], provider: str, base: int | None) -> list[str]:
     return sorted(outcomes)
 
 
-def test_concurrent_saves_one_wins(data_dir: Path, store: Store, key: SecretKey) -> None:
+def test_concurrent_saves_one_wins(store: Store, open_store: StoreOpener, key: SecretKey) -> None:
     """Two controllers' connections saving from the same version at once: exactly one wins."""
-    other = Store.open(data_dir / "remotecli.sqlite3")
-    sides = [SignIns(store, key), SignIns(other, key)]
-    try:
-        for round_ in range(20):
-            provider = f"p{round_}"
-            assert race(sides, provider, None) == ["saved", "stale"]
-            assert race(sides, provider, 1) == ["saved", "stale"]
-            kept = sides[1].load("alice", provider)
-            assert kept is not None
-            assert kept.version == 2
-    finally:
-        other.close()
+    sides = [SignIns(store, key), SignIns(open_store(), key)]
+    for round_ in range(20):
+        provider = f"p{round_}"
+        assert race(sides, provider, None) == ["saved", "stale"]
+        assert race(sides, provider, 1) == ["saved", "stale"]
+        kept = sides[1].load("alice", provider)
+        assert kept is not None
+        assert kept.version == 2
 
 
 def test_identical_content_keeps_the_version(signins: SignIns) -> None:
@@ -350,9 +343,10 @@ def test_rotate_refused_while_a_controller_holds_the_key(data_dir: Path, store: 
     rotate_secret(store, data_dir, None)
 
 
-def test_no_plaintext_token_in_any_data_dir_file(data_dir: Path, store: Store) -> None:
+def test_no_plaintext_token_in_any_data_dir_file(data_dir: Path) -> None:
     """After saves, rotation and a close, no file in the data dir (the SQLite file, its -wal and
     -shm) holds the planted token, raw or base64-encoded."""
+    store = Store.open(data_dir / "remotecli.sqlite3")
     signins = SignIns.open(store, data_dir, None)
     for version in range(5):
         files = {**FILES, "n": str(version).encode()}

@@ -463,7 +463,7 @@ def user_add(
     _check_user_name(name)
     expires_at = _expiry(expires)
     config = load_controller_config({"data_dir": data_dir}, config_file=config_file)
-    store = open_store(config.data_dir)
+    store = open_store(config.data_dir, config.store_url)
     try:
         existed = store.user_exists(name)
         token = add_user_token(store, name, expires_at=expires_at)
@@ -505,7 +505,7 @@ def user_token(
         )
     if name == ADMIN_USER and expires_at is not None:
         raise ConfigError("the admin's token does not expire; leave out --expires")
-    store = open_store(config.data_dir)
+    store = open_store(config.data_dir, config.store_url)
     try:
         if not store.user_exists(name):
             raise ConfigError(f"there is no user {name!r}; create it with `remotecli user add`")
@@ -529,7 +529,7 @@ def user_list(as_json: bool, data_dir: Path | None, config_file: Path | None) ->
     from remotecli.controller.server import open_store
 
     config = load_controller_config({"data_dir": data_dir}, config_file=config_file)
-    store = open_store(config.data_dir)
+    store = open_store(config.data_dir, config.store_url)
     try:
         records = store.user_records()
     finally:
@@ -579,7 +579,7 @@ def user_remove(
 
     _check_user_name(name)
     config = load_controller_config({"data_dir": data_dir}, config_file=config_file)
-    store = open_store(config.data_dir)
+    store = open_store(config.data_dir, config.store_url)
     try:
         if not store.user_exists(name):
             raise ConfigError(f"there is no user {name!r}; `remotecli user list` shows them")
@@ -666,7 +666,7 @@ def secret_rotate(
     # Held while re-encrypting: no controller runs now, and none can start half-way through.
     lock = DataDirLock.serve(prepare_data_dir(config.data_dir), purpose="secret rotate")
     try:
-        store = open_store(config.data_dir)
+        store = open_store(config.data_dir, config.store_url)
         try:
             count, key = rotate_secret(store, config.data_dir, config.secret_key, new_material)
         finally:
@@ -708,7 +708,7 @@ def secret_forget(
     if unreadable == (user is not None):
         raise click.UsageError("give USER [PROVIDER], or --unreadable")
     config = load_controller_config({"data_dir": data_dir}, config_file=config_file)
-    store = open_store(config.data_dir)
+    store = open_store(config.data_dir, config.store_url)
     try:
         if unreadable:
             key = load_secret_key(config.data_dir, config.secret_key)
@@ -749,7 +749,7 @@ def gc_command(
     from remotecli.controller.server import open_store
 
     config = load_controller_config({"data_dir": data_dir}, config_file=config_file)
-    store = open_store(config.data_dir)
+    store = open_store(config.data_dir, config.store_url)
     try:
         report = run_gc(config, store, now=time.time(), dry_run=dry_run)
     finally:
@@ -775,12 +775,13 @@ def backup_command(target: Path, data_dir: Path | None, config_file: Path | None
     """Copy the store, the sign-in key and the admin token into the new directory TARGET.
 
     Safe while remote-cli runs: the store is copied with SQLite's online backup. TARGET holds
-    secrets (mode 0700, files 0600): keep it as you keep the data dir.
+    secrets (mode 0700, files 0600): keep it as you keep the data dir. A PostgreSQL store
+    (store_url) is backed up with pg_dump instead: this command refuses it.
     """
     from remotecli.controller.backup import back_up
 
     config = load_controller_config({"data_dir": data_dir}, config_file=config_file)
-    report = back_up(config.data_dir, target)
+    report = back_up(config.data_dir, target, store_url=config.store_url)
     click.echo(f"backed up {', '.join(report.files)} (schema {report.schema_version}) to {target}")
 
 
@@ -796,7 +797,7 @@ def restore_command(source: Path, data_dir: Path | None, config_file: Path | Non
     from remotecli.controller.backup import restore
 
     config = load_controller_config({"data_dir": data_dir}, config_file=config_file)
-    report = restore(source, config.data_dir)
+    report = restore(source, config.data_dir, store_url=config.store_url)
     click.echo(f"restored {', '.join(report.files)} into {config.data_dir}; start remote-cli")
 
 

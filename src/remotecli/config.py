@@ -78,6 +78,7 @@ def gateway_environment(environ: Mapping[str, str] | None = None) -> dict[str, s
 CONTROLLER_ENV = {
     "REMOTECLI_LISTEN": "listen",
     "REMOTECLI_DATA_DIR": "data_dir",
+    "REMOTECLI_STORE_URL": "store_url",
     "REMOTECLI_DRIVER": "driver",
     "REMOTECLI_SESSION_TTL": "session_ttl",
     "REMOTECLI_IDLE_STOP": "idle_stop",
@@ -179,6 +180,9 @@ class ControllerConfig:
 
     listen: tuple[str, int] = ("127.0.0.1", 8080)
     data_dir: Path = field(default_factory=default_data_dir)
+    # A PostgreSQL database several controllers share (docs/cluster.md); None = the SQLite file
+    # DATA_DIR/remotecli.sqlite3. Its password may be in it: never shown.
+    store_url: str | None = field(default=None, repr=False)
     driver: str = "local"
     session_ttl: float = 3600.0  # seconds a session may live; 0 = forever
     idle_stop: float = 1800.0  # seconds without a viewer before a ready session stops; 0 = never
@@ -236,6 +240,26 @@ def parse_listen(value: str) -> tuple[str, int]:
             value=value,
         )
     return host, int(port)
+
+
+STORE_URL_SCHEMES = ("postgresql", "postgres")
+"""What a ``store_url`` may start with (``SCHEME://``): PostgreSQL's URLs, as libpq reads them."""
+
+
+def parse_store_url(value: object) -> str | None:
+    """Check a ``store_url`` is a PostgreSQL URL (empty: None, the SQLite default)."""
+    text = str(value).strip()
+    if not text:
+        return None
+    scheme, sep, _ = text.partition("://")
+    if not sep or scheme not in STORE_URL_SCHEMES:
+        raise ConfigError(
+            f"store_url starts with {scheme + sep if sep else text[:12]!r}; write "
+            "postgresql://USER:PASSWORD@HOST:PORT/DATABASE, or leave it out for the SQLite file "
+            "in the data dir",
+            name="store_url",
+        )
+    return text
 
 
 def parse_duration(value: object, name: str) -> float:
@@ -403,6 +427,7 @@ def _parse_keep(name: str, value: object) -> tuple[str, ...]:
 _CONTROLLER_PARSERS: dict[str, Callable[[object], object]] = {
     "listen": lambda v: v if isinstance(v, tuple) else parse_listen(str(v)),
     "data_dir": lambda v: Path(str(v)).expanduser(),
+    "store_url": parse_store_url,
     "driver": str,
     "session_ttl": lambda v: parse_duration(v, "session_ttl"),
     "idle_stop": lambda v: parse_duration(v, "idle_stop"),

@@ -9,6 +9,10 @@ version. Sessions themselves are not backed up: they are processes, and end with
 :func:`restore` puts such a directory back, only with no remote-cli serving the data dir (it
 holds the lock while it works). The current files are moved aside with a ``.before-restore``
 suffix first, so a restore can be undone by hand.
+
+Both know the SQLite store only. A PostgreSQL store (``store_url``, shared by several hosts) is
+backed up and restored with PostgreSQL's own ``pg_dump`` and ``pg_restore``
+(docs/cluster.md); both functions refuse it, saying so, rather than copy the key files alone.
 """
 
 from __future__ import annotations
@@ -56,11 +60,22 @@ def _copy_private(source: Path, target: Path) -> None:
         shutil.copyfileobj(reading, writing)
 
 
-def back_up(data_dir: Path, target: Path) -> BackupReport:
+def _refuse_shared_store(store_url: str | None, verb: str) -> None:
+    if store_url:
+        raise ConfigError(
+            f"the store is a PostgreSQL database (store_url), which `remotecli {verb}` cannot "
+            f"{verb}: use pg_dump -Fc (and pg_restore) on that database, and keep secret.key "
+            "and admin.token of the data dir beside the dump (docs/cluster.md#backups)"
+        )
+
+
+def back_up(data_dir: Path, target: Path, *, store_url: str | None = None) -> BackupReport:
     """Copy the store (consistently, even while it is in use) and the key files to ``target``.
 
-    ``target`` must not exist yet. Raises ConfigError naming the problem.
+    ``target`` must not exist yet. Raises ConfigError naming the problem, and for a PostgreSQL
+    store (``store_url``), naming pg_dump.
     """
+    _refuse_shared_store(store_url, "backup")
     store = data_dir / STORE_FILE
     if not store.is_file():
         raise ConfigError(f"there is no store in {data_dir}; is it the right --data-dir?")
@@ -87,11 +102,13 @@ def back_up(data_dir: Path, target: Path) -> BackupReport:
     return BackupReport(target, tuple(files), _schema_version(copy))
 
 
-def restore(source: Path, data_dir: Path) -> BackupReport:
-    """Put the backup in ``source`` into ``data_dir``; refuses while remote-cli serves it.
+def restore(source: Path, data_dir: Path, *, store_url: str | None = None) -> BackupReport:
+    """Put the backup in ``source`` into ``data_dir``; refuses while remote-cli serves it, and
+    for a PostgreSQL store (``store_url``).
 
     The files it replaces are kept beside with the suffix ``.before-restore``.
     """
+    _refuse_shared_store(store_url, "restore")
     store = source / STORE_FILE
     if not store.is_file():
         raise ConfigError(f"{source} holds no {STORE_FILE}; give a `remotecli backup` directory")

@@ -76,9 +76,13 @@ def prepare_data_dir(data_dir: Path) -> Path:
     return data_dir
 
 
-def open_store(data_dir: Path) -> Store:
-    """Open the SQLite store of ``data_dir``."""
-    return Store.open(prepare_data_dir(data_dir) / STORE_FILE)
+def open_store(data_dir: Path, store_url: str | None = None) -> Store:
+    """Open the store: the PostgreSQL database at ``store_url``, else the SQLite file of
+    ``data_dir``."""
+    data_dir = prepare_data_dir(data_dir)
+    if store_url:
+        return Store.connect(store_url)
+    return Store.open(data_dir / STORE_FILE)
 
 
 def ensure_admin_token(store: Store, data_dir: Path, env_token: str | None) -> str:
@@ -268,7 +272,7 @@ class Controller:
         config = self.config
         data_dir = prepare_data_dir(config.data_dir)
         self._lock = DataDirLock.serve(data_dir)
-        self.store = store = open_store(data_dir)
+        self.store = store = open_store(data_dir, config.store_url)
         self.admin_token = ensure_admin_token(store, data_dir, config.admin_token)
         driver = self._driver or create_driver(config.driver, data_dir, config)
         catalogue = Catalogue(config.providers, driver=driver)
@@ -337,7 +341,7 @@ class Controller:
     def _collect_garbage(self) -> GcReport:
         """One clean-up round, in a worker thread: on a store connection of its own."""
         assert self.store is not None
-        store = Store.open(self.store.path)
+        store = self.store.reopen()
         try:
             return run_gc(self.config, store, now=time.time())
         finally:

@@ -1,259 +1,85 @@
-"""The controller's store: users, their token hashes, sessions and every transition, in SQLite.
+"""The controller's store: users, their token hashes, sessions and every transition.
 
-One SQLite file in the data dir, in WAL mode so readers never wait for the writer. The schema is
-versioned with ``PRAGMA user_version`` and upgraded by the ordered :data:`MIGRATIONS` on open.
-Every state change runs :func:`remotecli.states.next_state` inside one ``BEGIN IMMEDIATE``
-transaction that also logs the transition, so a refused or interrupted change leaves nothing
-half written. Calls are synchronous and short; the controller makes them from its event loop.
+One SQLite file in the data dir by default (WAL mode, so readers never wait for the writer), or
+one PostgreSQL database that several controllers share (:meth:`Store.connect`). The SQL and the
+transactions are written once, here; :mod:`remotecli.controller.store_db` holds the few things
+the two databases do differently. The schema is versioned and upgraded by the ordered
+:data:`MIGRATIONS` on open. Every state change runs :func:`remotecli.states.next_state` inside
+one write transaction that also logs the transition (``BEGIN IMMEDIATE`` on SQLite, the same
+one-writer lock on PostgreSQL), so a refused or interrupted change leaves nothing half written
+and two controllers racing the same change cannot both make it. Calls are synchronous and
+short; the controller makes them from its event loop.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import sqlite3
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
+from remotecli.config import STORE_URL_SCHEMES
+from remotecli.controller.store_db import (
+    Database,
+    PostgresDatabase,
+    SqliteDatabase,
+    redact_url,
+)
+from remotecli.controller.store_runs import LIST_OUTPUT_MAX, RunTable
+from remotecli.controller.store_schema import (
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    RunRecord,
+    SealSignIn,
+    SessionRecord,
+    SignInRecord,
+    TransitionRecord,
+    Usage,
+    UserRecord,
+    endpoint_to_json,
+    session_record,
+    signin_record,
+)
 from remotecli.drivers.base import VncEndpoint
-from remotecli.exceptions import ConfigError, Conflict, NotFound, ServiceUnavailable
-from remotecli.runs import ACTIVE_RUN_STATES, RunState, RunStep, next_run_state
+from remotecli.exceptions import ConfigError, Conflict, NotFound
 from remotecli.states import ACTIVE_STATES, Event, State, next_state
 
-MIGRATIONS: tuple[tuple[str, ...], ...] = (
-    (
-        "CREATE TABLE users (name TEXT PRIMARY KEY, created_at REAL NOT NULL)",
-        "CREATE TABLE tokens (hash TEXT PRIMARY KEY,"
-        " user TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE,"
-        " created_at REAL NOT NULL)",
-        "CREATE TABLE sessions (id TEXT PRIMARY KEY,"
-        " owner TEXT NOT NULL REFERENCES users(name),"
-        " provider TEXT NOT NULL, state TEXT NOT NULL, reason TEXT,"
-        " created_at REAL NOT NULL, updated_at REAL NOT NULL, ready_at REAL,"
-        " endpoint TEXT, bytes_in INTEGER NOT NULL DEFAULT 0,"
-        " bytes_out INTEGER NOT NULL DEFAULT 0)",
-        "CREATE INDEX sessions_by_owner ON sessions(owner, created_at)",
-        "CREATE INDEX sessions_by_state ON sessions(state)",
-        "CREATE TABLE transitions (id INTEGER PRIMARY KEY,"
-        " session_id TEXT NOT NULL REFERENCES sessions(id),"
-        " from_state TEXT, to_state TEXT NOT NULL, event TEXT NOT NULL, reason TEXT,"
-        " at REAL NOT NULL)",
-        "CREATE INDEX transitions_by_session ON transitions(session_id, id)",
-    ),
-    (
-        # One provider sign-in per user, AES-GCM encrypted by controller/signins.py; the store
-        # sees only ciphertext. ``version`` is the compare-and-set counter of save_signin().
-        "CREATE TABLE signins (user TEXT NOT NULL, provider TEXT NOT NULL,"
-        " version INTEGER NOT NULL, key_id TEXT NOT NULL, nonce BLOB NOT NULL,"
-        " ciphertext BLOB NOT NULL, connected_at REAL NOT NULL, updated_at REAL NOT NULL,"
-        " PRIMARY KEY (user, provider))",
-    ),
-    (
-        # Everyday operation: users seen and removed, tokens that expire, browser logins that
-        # can be signed out one by one, session labels, and why a session ended.
-        "ALTER TABLE users ADD COLUMN last_seen REAL",
-        "ALTER TABLE users ADD COLUMN removed_at REAL",
-        "ALTER TABLE tokens ADD COLUMN expires_at REAL",
-        "CREATE TABLE logins (hash TEXT PRIMARY KEY,"
-        " user TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE,"
-        " created_at REAL NOT NULL, expires_at REAL NOT NULL)",
-        "CREATE INDEX logins_by_user ON logins(user)",
-        "ALTER TABLE sessions ADD COLUMN label TEXT",
-        "ALTER TABLE sessions ADD COLUMN end_cause TEXT",
-    ),
-    (
-        # Headless runs (remotecli/runs.py): the prompt, the state, the whole output and its
-        # events once ended (JSON), the tokens the CLI reported; usage is counted from here.
-        "CREATE TABLE runs (id TEXT PRIMARY KEY,"
-        " owner TEXT NOT NULL REFERENCES users(name),"
-        " provider TEXT NOT NULL, prompt TEXT NOT NULL, state TEXT NOT NULL, reason TEXT,"
-        " exit_code INTEGER, timeout_s REAL NOT NULL, created_at REAL NOT NULL,"
-        " started_at REAL, ended_at REAL, output TEXT NOT NULL DEFAULT '', events TEXT,"
-        " input_tokens INTEGER, output_tokens INTEGER)",
-        "CREATE INDEX runs_by_owner ON runs(owner, created_at)",
-        "CREATE INDEX runs_by_state ON runs(state)",
-    ),
-)
-"""Schema migrations in order; migration ``n`` brings ``user_version`` from ``n`` to ``n + 1``."""
+__all__ = [
+    "LIST_OUTPUT_MAX",
+    "MIGRATIONS",
+    "SCHEMA_VERSION",
+    "RunRecord",
+    "SealSignIn",
+    "SessionRecord",
+    "SignInRecord",
+    "Store",
+    "TransitionRecord",
+    "Usage",
+    "UserRecord",
+    "is_store_url",
+]
 
-SCHEMA_VERSION = len(MIGRATIONS)
-
-
-@dataclass(frozen=True)
-class SessionRecord:
-    """One session as stored."""
-
-    id: str
-    owner: str
-    provider: str
-    state: State
-    reason: str | None
-    created_at: float
-    updated_at: float
-    ready_at: float | None
-    endpoint: VncEndpoint | None
-    bytes_in: int
-    bytes_out: int
-    label: str | None = None
-    end_cause: str | None = None
-
-
-@dataclass(frozen=True)
-class UserRecord:
-    """One user as ``remotecli user list`` shows it."""
-
-    name: str
-    created_at: float
-    last_seen: float | None
-    active_sessions: int
-    tokens: int
-    token_expires_at: float | None  # the latest expiry among its tokens; None = one never does
-
-
-@dataclass(frozen=True)
-class SignInRecord:
-    """One user's stored sign-in to one provider, still encrypted."""
-
-    user: str
-    provider: str
-    version: int
-    key_id: str
-    nonce: bytes
-    ciphertext: bytes = field(repr=False)
-    connected_at: float
-    updated_at: float
-
-
-@dataclass(frozen=True)
-class RunRecord:
-    """One headless run as stored; ``events`` (JSON) is there once it ended."""
-
-    id: str
-    owner: str
-    provider: str
-    prompt: str
-    state: RunState
-    reason: str | None
-    exit_code: int | None
-    timeout_s: float
-    created_at: float
-    started_at: float | None
-    ended_at: float | None
-    output: str = field(repr=False)
-    events: str | None = field(repr=False)
-    input_tokens: int | None
-    output_tokens: int | None
-
-
-@dataclass(frozen=True)
-class Usage:
-    """What one user's runs used in one period."""
-
-    runs: int
-    input_tokens: int
-    output_tokens: int
-
-    @property
-    def tokens(self) -> int:
-        return self.input_tokens + self.output_tokens
-
-
-SealSignIn = Callable[[SignInRecord], tuple[str, bytes, bytes] | None]
-"""Re-encrypts a record for :meth:`Store.reseal_signins`: (key id, nonce, ciphertext) or None."""
-
-
-@dataclass(frozen=True)
-class TransitionRecord:
-    """One logged state change."""
-
-    session_id: str
-    from_state: State | None
-    to_state: State
-    event: str
-    reason: str | None
-    at: float
-
-
-def _endpoint_to_json(endpoint: VncEndpoint | None) -> str | None:
-    if endpoint is None:
-        return None
-    return json.dumps(
-        {
-            "unix_path": endpoint.unix_path,
-            "host": endpoint.host,
-            "port": endpoint.port,
-            "password": endpoint.password,
-        }
-    )
-
-
-def _endpoint_from_json(text: str | None) -> VncEndpoint | None:
-    if text is None:
-        return None
-    data = json.loads(text)
-    return VncEndpoint(
-        unix_path=data.get("unix_path"),
-        host=data.get("host"),
-        port=data.get("port"),
-        password=data.get("password"),
-    )
-
-
-def _signin(row: sqlite3.Row) -> SignInRecord:
-    return SignInRecord(
-        user=row["user"],
-        provider=row["provider"],
-        version=row["version"],
-        key_id=row["key_id"],
-        nonce=bytes(row["nonce"]),
-        ciphertext=bytes(row["ciphertext"]),
-        connected_at=row["connected_at"],
-        updated_at=row["updated_at"],
-    )
-
-
-LIST_OUTPUT_MAX = 4096
-"""Characters of each run's output in a list of runs (one run has it whole)."""
-_RUN_LISTED = (
-    "id, owner, provider, prompt, state, reason, exit_code, timeout_s, created_at, started_at,"
-    " ended_at, substr(output, 1, ?) AS output, NULL AS events, input_tokens, output_tokens"
+_UPSERT_HASH = (  # a token hash: add it, or give it to another user
+    'INSERT INTO tokens (hash, "user", created_at, expires_at) VALUES (?, ?, ?, ?)'
+    ' ON CONFLICT (hash) DO UPDATE SET "user" = excluded."user",'
+    " created_at = excluded.created_at, expires_at = excluded.expires_at"
 )
 
 
-def _run(row: sqlite3.Row) -> RunRecord:
-    return RunRecord(**{**dict(row), "state": RunState(row["state"])})
+def is_store_url(url: str) -> bool:
+    """True for a URL :meth:`Store.connect` takes (``postgresql://`` or ``postgres://``)."""
+    return url.partition("://")[0] in STORE_URL_SCHEMES and "://" in url
 
 
-def _session(row: sqlite3.Row) -> SessionRecord:
-    return SessionRecord(
-        id=row["id"],
-        owner=row["owner"],
-        provider=row["provider"],
-        state=State(row["state"]),
-        reason=row["reason"],
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
-        ready_at=row["ready_at"],
-        endpoint=_endpoint_from_json(row["endpoint"]),
-        bytes_in=row["bytes_in"],
-        bytes_out=row["bytes_out"],
-        label=row["label"],
-        end_cause=row["end_cause"],
-    )
+class Store(RunTable):
+    """The store; open it with :meth:`open` (SQLite) or :meth:`connect` (PostgreSQL), and
+    :meth:`close` it on shutdown."""
 
-
-class Store:
-    """The SQLite store; open it with :meth:`open` and :meth:`close` it on shutdown."""
-
-    def __init__(self, connection: sqlite3.Connection, path: Path) -> None:
-        self._db = connection
-        self.path = path
+    def __init__(self, database: Database, path: Path | None = None) -> None:
+        self._db = database
+        self._path = path
 
     @classmethod
     def open(cls, path: Path) -> Store:
-        """Open (or create) the database at ``path``, in WAL mode, migrated to the latest schema.
+        """Open (or create) the SQLite file at ``path``, in WAL mode, migrated to the latest schema.
 
         Raises :class:`ConfigError` when the file cannot be opened or comes from a newer
         remote-cli (its schema version is above :data:`SCHEMA_VERSION`).
@@ -263,19 +89,62 @@ class Store:
             # Token hashes and VNC passwords live here: only this user may read the file (SQLite
             # gives its -wal and -shm files the same mode).
             os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
-            connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-            connection.row_factory = sqlite3.Row
-            connection.execute("PRAGMA journal_mode=WAL")
-            connection.execute("PRAGMA synchronous=NORMAL")
-            connection.execute("PRAGMA foreign_keys=ON")
-            connection.execute("PRAGMA busy_timeout=5000")
-        except (OSError, sqlite3.Error) as exc:
+        except OSError as exc:
             raise ConfigError(
                 f"cannot open the store {path}: {exc}; check the data dir is writable"
             ) from exc
-        store = cls(connection, path)
+        store = cls(SqliteDatabase.open(str(path)), path)
         store._migrate()
         return store
+
+    @classmethod
+    def connect(cls, url: str) -> Store:
+        """Connect to the PostgreSQL database at ``url``, migrated to the latest schema.
+
+        Several controllers may share it. Raises :class:`ConfigError` when ``url`` is not a
+        ``postgresql://`` URL, the database cannot be reached, or its schema is newer than this
+        remote-cli's.
+        """
+        if not is_store_url(url):
+            raise ConfigError(
+                f"the store URL {redact_url(url)!r} is not a PostgreSQL URL; write "
+                "postgresql://USER:PASSWORD@HOST:PORT/DATABASE (docs/configuration.md)"
+            )
+        store = cls(PostgresDatabase(url))
+        try:
+            store._migrate()
+        except BaseException:
+            store.close()
+            raise
+        return store
+
+    def reopen(self) -> Store:
+        """Another store on the same database, with a connection of its own (for a thread)."""
+        if self._path is not None:
+            return Store.open(self._path)
+        store = Store(self._db.reopen())
+        store._migrate()
+        return store
+
+    @property
+    def path(self) -> Path:
+        """The SQLite file; ConfigError for a PostgreSQL store, which has none."""
+        if self._path is None:
+            raise ConfigError(
+                f"the store {self._db.location} is a PostgreSQL database, not a file in the "
+                "data dir; back it up with pg_dump (docs/operations.md)"
+            )
+        return self._path
+
+    @property
+    def location(self) -> str:
+        """Where the store is, for messages: the file, or the URL without its password."""
+        return self._db.location
+
+    @property
+    def is_shared(self) -> bool:
+        """True for a PostgreSQL store, which several controllers may share."""
+        return self._path is None
 
     def close(self) -> None:
         """Close the database; the store cannot be used afterwards."""
@@ -284,45 +153,27 @@ class Store:
     @property
     def schema_version(self) -> int:
         """The schema version of the open database."""
-        version: int = self._db.execute("PRAGMA user_version").fetchone()[0]
-        return version
+        return self._db.schema_version()
 
     def _migrate(self) -> None:
         current = self.schema_version
         if current < 0:
             raise ConfigError(
-                f"the store {self.path} has schema version {current}: it is not a remote-cli "
-                "store; restore a backup or choose another --data-dir"
+                f"the store {self.location} has schema version {current}: it is not a "
+                "remote-cli store; restore a backup or choose another --data-dir"
             )
         if current > SCHEMA_VERSION:
             raise ConfigError(
-                f"the store {self.path} has schema version {current}, newer than this "
+                f"the store {self.location} has schema version {current}, newer than this "
                 f"remote-cli understands ({SCHEMA_VERSION}); upgrade remote-cli"
             )
         for version in range(current, SCHEMA_VERSION):
-            with self._transaction():
+            with self._transaction() as db:
+                if db.schema_version() != version:
+                    continue  # another controller migrated it meanwhile
                 for statement in MIGRATIONS[version]:
-                    self._db.execute(statement)
-                self._db.execute(f"PRAGMA user_version = {version + 1}")
-
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        try:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-                self._db.execute("COMMIT")
-            except BaseException:
-                if self._db.in_transaction:  # SQLite may have rolled back already (disk full)
-                    self._db.execute("ROLLBACK")
-                raise
-        except sqlite3.OperationalError as exc:
-            # Disk full, read-only or locked: nothing was written; say so instead of a bare 500.
-            raise ServiceUnavailable(
-                f"the store {self.path} cannot be written ({exc}); free space in the data dir "
-                "or check its permissions, then retry",
-                path=str(self.path),
-            ) from exc
+                    db.execute(db.migration_sql(statement))
+                db.set_schema_version(version + 1)
 
     # --- users, tokens and browser logins ----------------------------------------------------
 
@@ -332,8 +183,11 @@ class Store:
             self._ensure_user(db, name, now)
 
     @staticmethod
-    def _ensure_user(db: sqlite3.Connection, name: str, now: float) -> None:
-        db.execute("INSERT OR IGNORE INTO users (name, created_at) VALUES (?, ?)", (name, now))
+    def _ensure_user(db: Database, name: str, now: float) -> None:
+        db.execute(
+            "INSERT INTO users (name, created_at) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
+            (name, now),
+        )
         db.execute(
             "UPDATE users SET removed_at = NULL, created_at = ?, last_seen = NULL"
             " WHERE name = ? AND removed_at IS NOT NULL",
@@ -355,9 +209,9 @@ class Store:
             "SELECT u.name, u.created_at, u.last_seen,"
             " (SELECT COUNT(*) FROM sessions s WHERE s.owner = u.name"
             "  AND s.state NOT IN ('stopped', 'failed')) AS active,"
-            " (SELECT COUNT(*) FROM tokens t WHERE t.user = u.name) AS tokens,"
+            ' (SELECT COUNT(*) FROM tokens t WHERE t."user" = u.name) AS tokens,'
             " (SELECT CASE WHEN COUNT(*) = COUNT(t.expires_at) THEN MAX(t.expires_at) END"
-            "  FROM tokens t WHERE t.user = u.name) AS expires"
+            '  FROM tokens t WHERE t."user" = u.name) AS expires'
             " FROM users u WHERE u.removed_at IS NULL ORDER BY u.name"
         )
         return [
@@ -386,8 +240,7 @@ class Store:
         with self._transaction() as db:
             self._ensure_user(db, user, now)
             db.execute(
-                "INSERT OR REPLACE INTO tokens (hash, user, created_at, expires_at)"
-                " VALUES (?, ?, ?, ?)",
+                _UPSERT_HASH,
                 (token_hash, user, now, expires_at),
             )
 
@@ -403,19 +256,18 @@ class Store:
         """Make ``token_hash`` the only token of ``user``; ``sign_out`` also ends its logins."""
         with self._transaction() as db:
             self._ensure_user(db, user, now)
-            db.execute("DELETE FROM tokens WHERE user = ?", (user,))
+            db.execute('DELETE FROM tokens WHERE "user" = ?', (user,))
             if sign_out:
-                db.execute("DELETE FROM logins WHERE user = ?", (user,))
+                db.execute('DELETE FROM logins WHERE "user" = ?', (user,))
             db.execute(
-                "INSERT OR REPLACE INTO tokens (hash, user, created_at, expires_at)"
-                " VALUES (?, ?, ?, ?)",
+                _UPSERT_HASH,
                 (token_hash, user, now, expires_at),
             )
 
     def user_for_token(self, token_hash: str, now: float) -> str | None:
         """Return the user a token hash belongs to, or None (unknown, expired, user removed)."""
         row = self._db.execute(
-            "SELECT t.user, t.expires_at FROM tokens t JOIN users u ON u.name = t.user"
+            'SELECT t."user", t.expires_at FROM tokens t JOIN users u ON u.name = t."user"'
             " WHERE t.hash = ? AND u.removed_at IS NULL",
             (token_hash,),
         ).fetchone()
@@ -436,7 +288,7 @@ class Store:
         """Record a browser login (the cookie's hash) of ``user`` until ``expires_at``."""
         with self._transaction() as db:
             db.execute(
-                "INSERT INTO logins (hash, user, created_at, expires_at) VALUES (?, ?, ?, ?)",
+                'INSERT INTO logins (hash, "user", created_at, expires_at) VALUES (?, ?, ?, ?)',
                 (login_hash, user, now, expires_at),
             )
             db.execute("DELETE FROM logins WHERE expires_at <= ?", (now,))
@@ -444,7 +296,7 @@ class Store:
     def user_for_login(self, login_hash: str, now: float) -> str | None:
         """Return the user of a browser login, or None (unknown, signed out, expired)."""
         row = self._db.execute(
-            "SELECT l.user FROM logins l JOIN users u ON u.name = l.user"
+            'SELECT l."user" FROM logins l JOIN users u ON u.name = l."user"'
             " WHERE l.hash = ? AND l.expires_at > ? AND u.removed_at IS NULL",
             (login_hash, now),
         ).fetchone()
@@ -480,9 +332,9 @@ class Store:
                 " WHERE owner = ? AND state NOT IN ('stopped', 'failed')",
                 (name,),
             )
-            db.execute("DELETE FROM tokens WHERE user = ?", (name,))
-            db.execute("DELETE FROM logins WHERE user = ?", (name,))
-            db.execute("DELETE FROM signins WHERE user = ?", (name,))
+            db.execute('DELETE FROM tokens WHERE "user" = ?', (name,))
+            db.execute('DELETE FROM logins WHERE "user" = ?', (name,))
+            db.execute('DELETE FROM signins WHERE "user" = ?', (name,))
         return True
 
     def removed_owners_with_sessions(self) -> list[SessionRecord]:
@@ -496,13 +348,12 @@ class Store:
             " AND s.state NOT IN ('stopped', 'failed')"
             " ORDER BY s.created_at"
         )
-        return [_session(r) for r in rows]
+        return [session_record(r) for r in rows]
 
     @property
     def data_version(self) -> int:
-        """A number that changes when another connection commits (SQLite's data_version)."""
-        version: int = self._db.execute("PRAGMA data_version").fetchone()[0]
-        return version
+        """A number that changes when another connection commits a write transaction."""
+        return self._db.data_version()
 
     # --- sessions ------------------------------------------------------------------------------
 
@@ -522,7 +373,7 @@ class Store:
                     " VALUES (?, NULL, ?, 'create', ?)",
                     (session_id, State.PENDING.value, now),
                 )
-        except sqlite3.IntegrityError as exc:
+        except Conflict as exc:
             raise Conflict(
                 f"cannot create session {session_id}: {exc}", session_id=session_id
             ) from exc
@@ -531,7 +382,7 @@ class Store:
     def find_session(self, session_id: str) -> SessionRecord | None:
         """Return the session with this id, or None."""
         row = self._db.execute("SELECT * FROM sessions WHERE id = ?", (session_id,)).fetchone()
-        return None if row is None else _session(row)
+        return None if row is None else session_record(row)
 
     def session(self, session_id: str) -> SessionRecord:
         """Return the session with this id; raise NotFound (404) if there is none."""
@@ -555,7 +406,7 @@ class Store:
                 " ORDER BY s.created_at DESC, s.id",
                 (owner,),
             )
-        return [_session(r) for r in rows]
+        return [session_record(r) for r in rows]
 
     def session_of(self, owner: str, session_id: str) -> SessionRecord | None:
         """Return ``owner``'s session ``session_id`` (see :meth:`sessions`), or None."""
@@ -564,7 +415,7 @@ class Store:
             " WHERE s.id = ? AND s.owner = ? AND s.created_at >= u.created_at",
             (session_id, owner),
         ).fetchone()
-        return None if row is None else _session(row)
+        return None if row is None else session_record(row)
 
     def active_sessions(self) -> list[SessionRecord]:
         """Return every session not in a final state, oldest first."""
@@ -573,7 +424,7 @@ class Store:
             f"SELECT * FROM sessions WHERE state IN ({marks}) ORDER BY created_at",  # noqa: S608
             [s.value for s in ACTIVE_STATES],
         )
-        return [_session(r) for r in rows]
+        return [session_record(r) for r in rows]
 
     def count_active(self, owner: str | None = None) -> int:
         """Return how many sessions (of ``owner``, or of everyone) are not final."""
@@ -583,7 +434,7 @@ class Store:
         if owner is not None:
             query += " AND owner = ?"
             params.append(owner)
-        count: int = self._db.execute(query, params).fetchone()[0]
+        count: int = self._db.execute(query, params).one()[0]
         return count
 
     def apply(
@@ -621,7 +472,7 @@ class Store:
                     reason,
                     cause,
                     after.value,
-                    _endpoint_to_json(endpoint),
+                    endpoint_to_json(endpoint),
                     after.value,
                     now,
                     session_id,
@@ -646,7 +497,7 @@ class Store:
             "SELECT * FROM sessions WHERE state IN (?, ?) AND updated_at < ? ORDER BY updated_at",
             (State.STOPPED.value, State.FAILED.value, before),
         )
-        return [_session(r) for r in rows]
+        return [session_record(r) for r in rows]
 
     def delete_sessions(self, session_ids: list[str]) -> int:
         """Delete ended sessions and their transitions; active ones are left. Returns how many."""
@@ -694,19 +545,19 @@ class Store:
     def signin(self, user: str, provider: str) -> SignInRecord | None:
         """Return the stored (encrypted) sign-in of ``user`` to ``provider``, or None."""
         row = self._db.execute(
-            "SELECT * FROM signins WHERE user = ? AND provider = ?", (user, provider)
+            'SELECT * FROM signins WHERE "user" = ? AND provider = ?', (user, provider)
         ).fetchone()
-        return None if row is None else _signin(row)
+        return None if row is None else signin_record(row)
 
     def signins(self, user: str | None = None) -> list[SignInRecord]:
         """Return the stored sign-ins of ``user`` (everyone's when None), by user and provider."""
         if user is None:
-            rows = self._db.execute("SELECT * FROM signins ORDER BY user, provider")
+            rows = self._db.execute('SELECT * FROM signins ORDER BY "user", provider')
         else:
             rows = self._db.execute(
-                "SELECT * FROM signins WHERE user = ? ORDER BY provider", (user,)
+                'SELECT * FROM signins WHERE "user" = ? ORDER BY provider', (user,)
             )
-        return [_signin(r) for r in rows]
+        return [signin_record(r) for r in rows]
 
     def save_signin(
         self,
@@ -726,20 +577,20 @@ class Store:
         version = (expected_version or 0) + 1
         with self._transaction() as db:
             row = db.execute(
-                "SELECT version FROM signins WHERE user = ? AND provider = ?", (user, provider)
+                'SELECT version FROM signins WHERE "user" = ? AND provider = ?', (user, provider)
             ).fetchone()
             if (None if row is None else row["version"]) != expected_version:
                 return None
             if row is None:
                 db.execute(
-                    "INSERT INTO signins (user, provider, version, key_id, nonce, ciphertext,"
+                    'INSERT INTO signins ("user", provider, version, key_id, nonce, ciphertext,'
                     " connected_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (user, provider, version, key_id, nonce, ciphertext, now, now),
                 )
             else:
                 db.execute(
                     "UPDATE signins SET version = ?, key_id = ?, nonce = ?, ciphertext = ?,"
-                    " updated_at = ? WHERE user = ? AND provider = ?",
+                    ' updated_at = ? WHERE "user" = ? AND provider = ?',
                     (version, key_id, nonce, ciphertext, now, user, provider),
                 )
         return self.signin(user, provider)
@@ -755,7 +606,7 @@ class Store:
         given = {column: value for column, value in filters.items() if value is not None}
         if not given:
             return 0
-        where = " AND ".join(f"{column} = ?" for column in given)
+        where = " AND ".join(f'"{column}" = ?' for column in given)
         with self._transaction() as db:
             cursor = db.execute(
                 f"DELETE FROM signins WHERE {where}",  # noqa: S608 (fixed column names)
@@ -771,13 +622,13 @@ class Store:
         """
         changed = 0
         with self._transaction() as db:
-            for row in db.execute("SELECT * FROM signins ORDER BY user, provider").fetchall():
-                sealed = seal(_signin(row))
+            for row in db.execute('SELECT * FROM signins ORDER BY "user", provider').fetchall():
+                sealed = seal(signin_record(row))
                 if sealed is None:
                     continue
                 db.execute(
                     "UPDATE signins SET key_id = ?, nonce = ?, ciphertext = ?"
-                    " WHERE user = ? AND provider = ?",
+                    ' WHERE "user" = ? AND provider = ?',
                     (*sealed, row["user"], row["provider"]),
                 )
                 changed += 1
@@ -787,120 +638,3 @@ class Store:
         """Return how many sign-ins are stored under each key id."""
         rows = self._db.execute("SELECT key_id, COUNT(*) FROM signins GROUP BY key_id")
         return {str(r[0]): int(r[1]) for r in rows}
-
-    # --- headless runs -------------------------------------------------------------------------
-
-    def create_run(
-        self, run_id: str, owner: str, provider: str, prompt: str, timeout_s: float, now: float
-    ) -> RunRecord:
-        """Insert a new ``queued`` run; raise Conflict on a taken id."""
-        try:
-            with self._transaction() as db:
-                db.execute(
-                    "INSERT INTO runs (id, owner, provider, prompt, state, timeout_s, created_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (run_id, owner, provider, prompt, RunState.QUEUED.value, timeout_s, now),
-                )
-        except sqlite3.IntegrityError as exc:
-            raise Conflict(f"cannot create run {run_id}: {exc}", run_id=run_id) from exc
-        return self.run(run_id)
-
-    def run(self, run_id: str) -> RunRecord:
-        """Return the run ``run_id``; raise NotFound (404) when there is none."""
-        row = self._db.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
-        if row is None:
-            raise NotFound(f"no run {run_id}", run_id=run_id)
-        return _run(row)
-
-    def run_of(self, owner: str, run_id: str) -> RunRecord | None:
-        """Return ``owner``'s run ``run_id``, or None (someone else's is None too)."""
-        row = self._db.execute(
-            "SELECT * FROM runs WHERE id = ? AND owner = ?", (run_id, owner)
-        ).fetchone()
-        return None if row is None else _run(row)
-
-    def runs(self, owner: str, limit: int = 100) -> list[RunRecord]:
-        """Return ``owner``'s latest ``limit`` runs, newest first: without their events, and
-        only the first :data:`LIST_OUTPUT_MAX` characters of each output."""
-        rows = self._db.execute(
-            f"SELECT {_RUN_LISTED} FROM runs WHERE owner = ?"  # noqa: S608 -- our column names
-            " ORDER BY created_at DESC, id LIMIT ?",
-            (LIST_OUTPUT_MAX, owner, limit),
-        )
-        return [_run(r) for r in rows]
-
-    def active_runs(self) -> list[RunRecord]:
-        """Return every run still ``queued`` or ``running``, oldest first."""
-        states = tuple(s.value for s in ACTIVE_RUN_STATES)
-        rows = self._db.execute(
-            f"SELECT * FROM runs WHERE state IN ({', '.join('?' * len(states))})"  # noqa: S608
-            " ORDER BY created_at",
-            states,
-        )
-        return [_run(r) for r in rows]
-
-    def apply_run(
-        self,
-        run_id: str,
-        step: RunStep,
-        now: float,
-        *,
-        reason: str | None = None,
-        exit_code: int | None = None,
-        output: str | None = None,
-        events: str | None = None,
-        tokens: tuple[int, int] | None = None,
-    ) -> RunRecord:
-        """Apply ``step`` through :func:`~remotecli.runs.next_run_state`, with what it ended with.
-
-        Raises Conflict (409) when the run's state does not take the step: nothing changes.
-        """
-        with self._transaction() as db:
-            row = db.execute("SELECT state FROM runs WHERE id = ?", (run_id,)).fetchone()
-            if row is None:
-                raise NotFound(f"no run {run_id}", run_id=run_id)
-            state = next_run_state(RunState(row["state"]), step)
-            fields: dict[str, object] = {"state": state.value}
-            if step is RunStep.START:
-                fields["started_at"] = now
-            else:
-                fields.update(ended_at=now, reason=reason, exit_code=exit_code)
-                if output is not None:
-                    fields.update(output=output, events=events)
-                if tokens is not None:
-                    fields.update(input_tokens=tokens[0], output_tokens=tokens[1])
-            assignments = ", ".join(f"{name} = ?" for name in fields)
-            db.execute(
-                f"UPDATE runs SET {assignments} WHERE id = ?",  # noqa: S608 -- our column names
-                (*fields.values(), run_id),
-            )
-        return self.run(run_id)
-
-    def removed_owners_with_runs(self) -> list[RunRecord]:
-        """Return the runs still going whose owner was removed, oldest first."""
-        states = tuple(s.value for s in ACTIVE_RUN_STATES)
-        marks = ", ".join("?" * len(states))
-        rows = self._db.execute(
-            "SELECT r.* FROM runs r JOIN users u ON u.name = r.owner"  # noqa: S608 -- marks only
-            f" WHERE u.removed_at IS NOT NULL AND r.state IN ({marks}) ORDER BY r.created_at",
-            states,
-        )
-        return [_run(r) for r in rows]
-
-    def usage(self, owner: str, start: float, end: float) -> Usage:
-        """Return what ``owner``'s runs created in [``start``, ``end``) used."""
-        row = self._db.execute(
-            # TOTAL, not SUM: a float that never overflows, however many tokens were reported
-            "SELECT COUNT(*), TOTAL(input_tokens), TOTAL(output_tokens)"
-            " FROM runs WHERE owner = ? AND created_at >= ? AND created_at < ?",
-            (owner, start, end),
-        ).fetchone()
-        return Usage(int(row[0]), int(row[1]), int(row[2]))
-
-    def delete_ended_runs(self, before: float) -> int:
-        """Delete the runs that ended before ``before``; returns how many."""
-        with self._transaction() as db:
-            cursor = db.execute(
-                "DELETE FROM runs WHERE ended_at IS NOT NULL AND ended_at < ?", (before,)
-            )
-        return cursor.rowcount
