@@ -170,6 +170,29 @@ def test_admin_token_from_environment_and_user_add(tmp_path: Path) -> None:
         assert up.terminate() == 0
 
 
+def test_up_on_a_postgresql_store(tmp_path: Path, postgres_url: str) -> None:
+    """`up` with REMOTECLI_STORE_URL serves from the PostgreSQL database: a user added from
+    another host's data dir signs in, and no SQLite file is made."""
+    env = clean_env(REMOTECLI_STORE_URL=postgres_url)
+    added = subprocess.run(
+        [*REMOTECLI, "user", "add", "bob", "--token-only", "--data-dir", str(tmp_path / "other")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=20_000 * MS,
+        check=True,
+    )
+    with remotecli_up(tmp_path / "data", env=env) as up:
+        bearer = {"Authorization": f"Bearer {added.stdout.strip()}"}
+        me = httpx.get(f"{up.base}/api/me", headers=bearer, timeout=5000 * MS)
+        assert me.json()["name"] == "bob"
+        operator = {"Authorization": f"Bearer {up.token}"}
+        ready = httpx.get(f"{up.base}/readyz", headers=operator, timeout=5000 * MS)
+        assert ready.json()["status"] == "ready"
+        assert up.terminate() == 0
+    assert not (tmp_path / "data" / "remotecli.sqlite3").exists()
+
+
 def test_bad_listen_address_exits_2(tmp_path: Path) -> None:
     """A malformed --listen is refused with exit status 2 and a message naming the fix."""
     result = subprocess.run(

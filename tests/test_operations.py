@@ -415,6 +415,30 @@ def test_backup_while_running_and_restore_while_stopped(tmp_path: Path) -> None:
         assert up.terminate() == 0
 
 
+def test_user_commands_on_a_postgresql_store(tmp_path: Path, postgres_url: str) -> None:
+    """With REMOTECLI_STORE_URL, the operator's commands use the PostgreSQL database: a user
+    added from one data dir is listed from another, and no SQLite file is made."""
+    first, second = tmp_path / "host-a", tmp_path / "host-b"
+
+    def cli(data: Path, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*REMOTECLI, *args, "--data-dir", str(data)],
+            capture_output=True,
+            text=True,
+            env=clean_env(REMOTECLI_STORE_URL=postgres_url),
+            stdin=subprocess.DEVNULL,
+            timeout=60_000 * MS,
+        )
+
+    added = cli(first, "user", "add", "frank", "--token-only")
+    assert added.returncode == 0, added.stderr
+    listed = cli(second, "user", "list")
+    assert listed.returncode == 0, listed.stderr
+    assert "frank" in listed.stdout
+    assert not (first / "remotecli.sqlite3").exists()
+    assert not (second / "remotecli.sqlite3").exists()
+
+
 def test_backup_and_restore_refuse_a_postgresql_store(tmp_path: Path) -> None:
     """With a PostgreSQL store, `backup` and `restore` refuse, naming pg_dump, and write
     nothing (the database is never contacted)."""

@@ -20,7 +20,7 @@ from remotecli.controller.store import (
     Usage,
 )
 from remotecli.drivers.base import VncEndpoint
-from remotecli.exceptions import ConfigError, Conflict, NotFound
+from remotecli.exceptions import ConfigError, Conflict, NotFound, ServiceUnavailable
 from remotecli.runs import RunState, RunStep
 from remotecli.states import Event, State
 from tests.conftest import StoreOpener
@@ -361,3 +361,36 @@ def test_users_tokens_and_logins(store: Store) -> None:
     store.add_user("bob", 9.0)
     assert store.user_exists("bob")
     assert store.sessions("bob") == []
+
+
+def test_postgres_lost_connection_fails_one_call_then_reconnects(postgres_url: str) -> None:
+    """A connection the server dropped fails one call with 503 (ServiceUnavailable); the next
+    call opens a new one and works."""
+    import psycopg
+
+    store = Store.connect(postgres_url)
+    store.add_user("alice", 1.0)
+    pid = store._db.execute("SELECT pg_backend_pid()").one()[0]
+    with psycopg.connect(postgres_url, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    with pytest.raises(ServiceUnavailable, match="cannot be reached"):
+        store.users()
+    assert store.users() == ["alice"]
+    store.add_user("bob", 2.0)
+    assert store.users() == ["alice", "bob"]
+    store.close()
+
+
+def test_reopen_connects_to_the_same_database(store: Store) -> None:
+    """A reopened store (the clean-up's own connection) sees and makes the same changes; only a
+    SQLite store has a path, a PostgreSQL one's says to use pg_dump."""
+    other = store.reopen()
+    other.add_user("bob", 2.0)
+    assert store.users() == ["alice", "bob"]
+    assert other.location == store.location
+    if store.is_shared:
+        with pytest.raises(ConfigError, match="pg_dump"):
+            _ = store.path
+    else:
+        assert store.path.name == "remotecli.sqlite3"
+    other.close()
