@@ -247,6 +247,9 @@ class PostgresDatabase:
             conn: psycopg.Connection[Any] = psycopg.connect(
                 self.url, autocommit=True, row_factory=_rows, connect_timeout=10
             )
+            # The writer lock below relies on READ COMMITTED (each statement sees the last
+            # writer's commit), whatever default_transaction_isolation the server has.
+            conn.isolation_level = psycopg.IsolationLevel.READ_COMMITTED
             with conn.transaction():
                 # Two controllers starting at once: one creates the table, the other waits.
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (_META_LOCK,))
