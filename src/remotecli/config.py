@@ -180,7 +180,7 @@ class ControllerConfig:
 
     listen: tuple[str, int] = ("127.0.0.1", 8080)
     data_dir: Path = field(default_factory=default_data_dir)
-    # A PostgreSQL database several controllers share (docs/cluster.md); None = the SQLite file
+    # A PostgreSQL database several controllers share (docs/postgresql.md); None = the SQLite file
     # DATA_DIR/remotecli.sqlite3. Its password may be in it: never shown.
     store_url: str | None = field(default=None, repr=False)
     driver: str = "local"

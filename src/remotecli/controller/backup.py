@@ -12,7 +12,7 @@ suffix first, so a restore can be undone by hand.
 
 Both know the SQLite store only. A PostgreSQL store (``store_url``, shared by several hosts) is
 backed up and restored with PostgreSQL's own ``pg_dump`` and ``pg_restore``
-(docs/cluster.md); both functions refuse it, saying so, rather than copy the key files alone.
+(docs/postgresql.md); both functions refuse it, saying so, rather than copy the key files alone.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def _refuse_shared_store(store_url: str | None, verb: str) -> None:
         raise ConfigError(
             f"the store is a PostgreSQL database (store_url), which `remotecli {verb}` cannot "
             f"{verb}: use pg_dump -Fc (and pg_restore) on that database, and keep secret.key "
-            "and admin.token of the data dir beside the dump (docs/cluster.md#backups)"
+            "and admin.token of the data dir beside the dump (docs/postgresql.md#backups)"
         )
 
 
