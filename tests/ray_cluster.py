@@ -176,6 +176,16 @@ class Cluster:
             argv, capture_output=True, text=True, env=env, timeout=timeout, check=False
         )
 
+    def run_python(
+        self, args: Sequence[str], timeout: float = 120
+    ) -> subprocess.CompletedProcess[str]:
+        """Run ``python ARGS`` in the controller's namespace with no Ray variables but the mode."""
+        env = self.env(token=False)
+        argv = ["ip", "netns", "exec", self.controller_netns, sys.executable, *args]
+        return subprocess.run(
+            argv, capture_output=True, text=True, env=env, timeout=timeout, check=False
+        )
+
     def popen_python(self, code: str) -> subprocess.Popen[str]:
         """Start a Python program as a Ray driver in the controller's namespace; do not wait."""
         argv = ["ip", "netns", "exec", self.controller_netns, sys.executable, "-c", code]

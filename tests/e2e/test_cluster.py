@@ -142,29 +142,37 @@ for session_id in found:
     assert second["alive"] == {"r0": "RFB 003.008\n", "r1": "RFB 003.008\n"}
 
 
-def test_killed_host_sessions_are_lost_within_the_bound(cluster: Cluster) -> None:
-    """Killing a worker's processes: its sessions end "host w1 lost" in bound, new ones go to w2."""
-    signal_dir = cluster.root / "kill"
+def lose_host(cluster: Cluster, name: str, sessions: int, how: str) -> dict[str, Any]:
+    """Place ``sessions`` sessions, make host ``name`` fail (``kill`` or ``cut``), and return
+    what a watching driver saw: each lost session's reason and seconds, then a new placement."""
+    signal_dir = cluster.root / f"lose-{name}"
     signal_dir.mkdir()
     code = f"""
 import pathlib, threading
 signals = pathlib.Path({str(signal_dir)!r})
-placed = [placement.place_session(f"k{{i}}") for i in range(3)]
+placed = [placement.place_session(f"{name}-{{i}}") for i in range({sessions})]
 (signals / "placed").write_text(json.dumps(sorted({{p.host for p in placed}})))
-while not (signals / "killed").exists():
+while not (signals / "failed").exists():
     time.sleep(0.05)
-killed_at = float((signals / "killed").read_text())
+failed_at = float((signals / "failed").read_text())
 reasons = {{}}
 def watch_one(p):
-    reasons[p.session_id] = [watch.wait_session(p), time.time() - killed_at, p.host]
-threads = [threading.Thread(target=watch_one, args=(p,)) for p in placed if p.host == "w1"]
+    reasons[p.session_id] = [watch.wait_session(p), time.time() - failed_at, p.host]
+threads = [threading.Thread(target=watch_one, args=(p,)) for p in placed if p.host == {name!r}]
 for t in threads: t.start()
 for t in threads: t.join()
 table = watch.check_hosts({{p.session_id: p for p in placed}})
-after = placement.place_session("k-new")
-out({{"reasons": reasons, "table": table, "new_host": after.host, "new_banner": banner(after)}})
-for p in [*placed, after]:
-    placement.end_session(p.session_id)
+try:
+    after = placement.place_session("{name}-new", timeout=10)
+    new = [after.host, banner(after)]
+    placed.append(after)
+except ClusterError as exc:
+    new = [None, exc.message]
+out({{"placed": sorted({{p.host for p in placed}}), "reasons": reasons, "table": table,
+     "new": new}})
+for p in placed:
+    if p.host != {name!r}:
+        placement.end_session(p.session_id)
 """
     process = cluster.popen_python(f"ADDRESS = {cluster.address!r}\n{PRELUDE}\n{code}")
     deadline = time.monotonic() + 60_000 * MS
@@ -172,22 +180,57 @@ for p in [*placed, after]:
         assert process.poll() is None, process.communicate()[1][-3000:]
         assert time.monotonic() < deadline, "the sessions were not placed"
         time.sleep(0.05)
-    assert json.loads((signal_dir / "placed").read_text()) == ["w1", "w2"]
-    victim = next(node for node in cluster.workers if node.name == "w1")
-    victim.kill()
-    (signal_dir / "killed").write_text(str(time.time()))
+    victim = next(node for node in cluster.workers if node.name == name)
+    if how == "kill":
+        victim.kill()
+    else:
+        cluster.network.cut(name)
+    (signal_dir / "failed").write_text(str(time.time()))
     stdout, stderr = process.communicate(timeout=120_000 * MS)
     assert "RESULT " in stdout, stderr[-3000:]
-    result = json.loads(stdout.split("RESULT ", 1)[1].splitlines()[0])
-    lost = result["reasons"]
-    assert lost, "no session was on w1"
-    for reason, seconds, host in lost.values():
-        assert (reason, host) == ("host w1 lost", "w1")
-        print(f"session on w1 reported lost {seconds:.2f} s after the kill")
+    result: dict[str, Any] = json.loads(stdout.split("RESULT ", 1)[1].splitlines()[0])
+    assert result["reasons"], f"no session was on {name}"
+    for reason, seconds, host in result["reasons"].values():
+        assert (reason, host) == (f"host {name} lost", name)
+        print(f"session on {name} ({how}) reported lost {seconds:.2f} s after the failure")
         assert seconds < LOST_BOUND * MS * 1000
-    assert set(result["table"]) == set(lost)
-    assert result["new_host"] == "w2"
-    assert result["new_banner"] == "RFB 003.008\n"
+    assert set(result["table"]) == set(result["reasons"])
+    return result
+
+
+def test_killed_host_sessions_are_lost_within_the_bound(cluster: Cluster) -> None:
+    """Killing a worker's processes: its sessions end "host w1 lost" in bound, new ones go to w2."""
+    result = lose_host(cluster, "w1", 3, "kill")
+    assert result["placed"] == ["w1", "w2"]
+    assert result["new"] == ["w2", "RFB 003.008\n"]
+
+
+def test_silent_host_sessions_are_lost_within_the_bound(cluster: Cluster) -> None:
+    """A worker whose link is cut (processes alive, no answer) is lost in bound; none is left."""
+    result = lose_host(cluster, "w2", 1, "cut")
+    assert result["placed"] == ["w2"]
+    assert result["new"][0] is None
+    assert "no host took session w2-new" in result["new"][1]
+
+
+def test_status_command_shows_hosts_and_refuses_a_wrong_token(cluster: Cluster) -> None:
+    """`remotecli cluster status` lists the nodes (two now dead) and fails with a wrong token."""
+    status = ["-m", "remotecli", "cluster", "status", cluster.address, "--token-file"]
+    done = cluster.run_python([*status, str(cluster.token_path)])
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = sorted(done.stdout.splitlines())
+    assert lines == [
+        "10.200.0.1\talive\t0 slots",
+        "10.200.0.2\tdead\t0 slots",
+        "10.200.0.3\tdead\t0 slots",
+    ]
+    wrong = cluster.root / "wrong_token"
+    wrong.write_text("0" * 64)
+    done = cluster.run_python([*status, str(wrong)])
+    assert done.returncode == 1
+    assert "Unauthenticated" in done.stderr  # the GCS's own word, logged by Ray's client
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: cannot join the Ray cluster at {cluster.address}"), last
 
 
 def test_teardown_leaves_nothing(cluster: Cluster) -> None:
