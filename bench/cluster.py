@@ -18,9 +18,9 @@ from pathlib import Path
 from bench.report import Section
 
 DRIVER = """
-import json, pathlib, sys, time
+import json, pathlib, time
 from remotecli.cluster import placement, watch
-placement.connect(sys.argv[1] if len(sys.argv) > 1 else ADDRESS)
+placement.connect(ADDRESS)
 signals = pathlib.Path(SIGNALS)
 started = time.monotonic()
 placed = [placement.place_session(f"b{i}") for i in range(3)]

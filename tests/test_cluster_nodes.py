@@ -22,7 +22,7 @@ def test_slots_follow_the_smaller_of_cores_and_memory() -> None:
     assert session_slots(8, 1 * GIB) == 0
 
 
-def test_head_argv_has_token_free_flags_dashboard_off_and_tuned_health_checks() -> None:
+def test_head_argv_turns_the_dashboard_off_and_tunes_the_health_checks() -> None:
     """The head's argv offers the slots, turns the dashboard off and tunes the health checks."""
     argv = ray_start_argv(NodeSettings(slots=3), head_address=None, node_ip="10.0.0.1")
     assert argv[:2] == ["ray", "start"]

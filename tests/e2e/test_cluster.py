@@ -44,10 +44,10 @@ from remotecli.cluster.watch import LOST_BOUND  # noqa: E402
 from tests.ray_cluster import Cluster, leftovers, ray_cluster  # noqa: E402
 
 PRELUDE = """
-import json, socket, sys, time
+import json, socket, time
 from remotecli.cluster import placement, watch
 from remotecli.exceptions import ClusterError
-placement.connect(sys.argv[1] if len(sys.argv) > 1 else ADDRESS)
+placement.connect(ADDRESS)
 def banner(p):
     with socket.create_connection((p.node_ip, p.port), timeout=5) as s:
         return s.recv(12).decode()
@@ -57,7 +57,8 @@ def out(value):
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+def cluster() -> Iterator[Cluster]:
+    """One real cluster for the module, removed after its last test."""
     root = Path("/tmp") / f"rc-test-{os.getpid()}"
     with ray_cluster(root, workers=2, slots=2, prefix=f"rt{os.getpid() % 100000}") as running:
         yield running
@@ -100,18 +101,17 @@ out({"hosts": hosts, "banners": banners, "refused": refused,
 
 def test_driver_without_the_token_is_refused(cluster: Cluster) -> None:
     """A driver with no token, or a wrong one, cannot join the cluster."""
-    code = """
+    program = f"""
+import json
+from remotecli.cluster import placement
+from remotecli.exceptions import ClusterError
 try:
-    placement.connect(ADDRESS)
-    out("joined")
+    placement.connect({cluster.address!r})
+    answer = "joined"
 except ClusterError as exc:
-    out(exc.message)
+    answer = exc.message
+print("RESULT " + json.dumps(answer), flush=True)
 """
-    code = code.replace("placement.connect(sys.argv", "(sys.argv")
-    prelude_free = "import sys\nfrom remotecli.cluster import placement\n"
-    prelude_free += "from remotecli.exceptions import ClusterError\nimport json\n"
-    prelude_free += "def out(v):\n    print('RESULT ' + json.dumps(v), flush=True)\n"
-    program = f"ADDRESS = {cluster.address!r}\n{prelude_free}{code}"
     for extra in ({}, {"RAY_AUTH_TOKEN": "0" * 64}):
         done = cluster.python(program, token=False, extra=extra, timeout=120)
         assert "RESULT" in done.stdout, done.stderr[-3000:]
