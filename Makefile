@@ -43,7 +43,7 @@ test-system-deps:
 $(BIN)/.installed: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[dev,cluster]'
 	touch $@
 
 node_modules/.installed: package.json package-lock.json scripts/install-node-for-clis.sh

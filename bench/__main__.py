@@ -23,7 +23,17 @@ from typing import Any
 
 from bench.report import RESULTS, Section, render, write
 
-BENCHMARKS = ("gateway", "bridge", "sessions", "runs", "keystrokes", "dashboard", "load", "qemu")
+BENCHMARKS = (
+    "gateway",
+    "bridge",
+    "sessions",
+    "runs",
+    "keystrokes",
+    "dashboard",
+    "load",
+    "qemu",
+    "cluster",
+)
 
 
 def _run(run: Callable[..., Any], quick: bool, workdir: Path) -> list[Section]:

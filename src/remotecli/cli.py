@@ -876,6 +876,89 @@ def image_build(
     click.echo(str(image.directory))
 
 
+# --- many hosts: the Ray cluster (docs/cluster.md) ---------------------------------------------
+
+_TOKEN_FILE_OPTION = click.option(
+    "--token-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    required=True,
+    help="The cluster's Ray token (RAY_AUTH_TOKEN_PATH); `cluster head` creates it when missing.",
+)
+_NODE_IP_OPTION = click.option(
+    "--node-ip", required=True, help="This host's address, as the other hosts reach it."
+)
+_SLOTS_OPTION = click.option(
+    "--slots",
+    type=click.IntRange(0),
+    default=None,
+    help="Session slots this host offers (default: from its cores and memory).",
+)
+_NAME_OPTION = click.option(
+    "--name", default=None, help="The name a lost host is reported by (default: its hostname)."
+)
+
+
+@cli.group()
+def cluster() -> None:
+    """Place sessions across many hosts with Ray: start the head, join hosts, show them."""
+
+
+@cluster.command("head")
+@_TOKEN_FILE_OPTION
+@_NODE_IP_OPTION
+@_SLOTS_OPTION
+@_NAME_OPTION
+@click.option("--dashboard", is_flag=True, help="Also run Ray's dashboard (off by default).")
+def cluster_head(
+    token_file: Path, node_ip: str, slots: int | None, name: str | None, dashboard: bool
+) -> None:
+    """Start this host as the cluster's head (`ray start --head`, token auth on)."""
+    from remotecli.cluster.host import create_token, host_slots, run_ray_start
+    from remotecli.cluster.nodes import NodeSettings, ray_start_argv
+
+    if create_token(token_file):
+        click.echo(f"wrote a new cluster token to {token_file}; copy it to every host")
+    settings = NodeSettings(host_slots(slots), include_dashboard=dashboard)
+    argv = ray_start_argv(settings, head_address=None, node_ip=node_ip)
+    sys.exit(run_ray_start(argv, token_file, name))
+
+
+@cluster.command("join")
+@click.argument("address")
+@_TOKEN_FILE_OPTION
+@_NODE_IP_OPTION
+@_SLOTS_OPTION
+@_NAME_OPTION
+def cluster_join(
+    address: str, token_file: Path, node_ip: str, slots: int | None, name: str | None
+) -> None:
+    """Join this host to the cluster whose head is at ADDRESS (HOST:6379)."""
+    from remotecli.cluster.host import host_slots, run_ray_start
+    from remotecli.cluster.nodes import NodeSettings, ray_start_argv
+
+    argv = ray_start_argv(NodeSettings(host_slots(slots)), head_address=address, node_ip=node_ip)
+    sys.exit(run_ray_start(argv, token_file, name))
+
+
+@cluster.command("status")
+@click.argument("address")
+@_TOKEN_FILE_OPTION
+def cluster_status(address: str, token_file: Path) -> None:
+    """Show the cluster's hosts, their session slots and the sessions placed on them."""
+    from remotecli.cluster import placement
+    from remotecli.cluster.host import use_token
+    from remotecli.cluster.nodes import SLOT_RESOURCE
+
+    use_token(token_file)
+    placement.connect(address)
+    for node in placement.node_table():
+        state = "alive" if node["Alive"] else "dead"
+        slots = int(node["Resources"].get(SLOT_RESOURCE, 0)) if node["Alive"] else 0
+        click.echo(f"{node['NodeManagerAddress']}\t{state}\t{slots} slots")
+    for session_id, where in sorted(placement.find_sessions().items()):
+        click.echo(f"session {session_id}\t{where.host}\t{where.node_ip}:{where.port}")
+
+
 def main() -> None:
     """Run the command line; print RemoteCliError as one line instead of a traceback."""
     try:

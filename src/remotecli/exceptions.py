@@ -36,6 +36,7 @@
         │   ├── KernelImageError     the kernel file is not a bzImage we can take apart
         │   ├── InitrdError          a module or file the initrd needs is missing
         │   └── RootfsError          a step of the root filesystem build failed
+        ├── ClusterError             Ray could not place a session, or a host was lost
         └── VncUnavailable           the session's VNC endpoint is gone (close 1011)
 
 Each exception carries data, not only a message: the HTTP ``status`` it maps to, the WebSocket
@@ -256,6 +257,12 @@ class RootfsError(DriverError):
     """A step of the root filesystem build failed; the message names the step and the fix."""
 
     kind = "rootfs"
+
+
+class ClusterError(SessionError):
+    """Ray could not place a session (no free slot, no cluster) or lost the host running it."""
+
+    kind = "cluster"
 
 
 class VncUnavailable(SessionError):

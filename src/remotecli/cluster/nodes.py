@@ -1,0 +1,95 @@
+"""How a host joins the Ray cluster: its session slots and its ``ray start`` command line.
+
+Pure: these functions compute values and argv, they start nothing. ``remotecli cluster head``
+and ``remotecli cluster join`` run the argv they return with the environment of
+:func:`ray_environment` (token authentication on, usage statistics off).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+SLOT_RESOURCE = "remotecli_session_slot"
+"""The custom Ray resource each host offers, one unit per session it may run."""
+
+SESSIONS_PER_CORE = 2
+"""A CLI session mostly waits on its user; two per core keep a host responsive."""
+
+SESSION_MEMORY = 1 << 30
+"""Memory set aside for one session (the local driver's cgroup limit is of this order)."""
+
+HOST_RESERVE = 2 << 30
+"""Memory kept for the host itself and its Ray processes (measured ~0.3-0.5 GiB per node)."""
+
+OBJECT_STORE_BYTES = 80 * (1 << 20)
+"""Sessions put nothing in Ray's object store; Ray's minimum is 75 MiB."""
+
+HEALTH_CHECK = {
+    "health_check_initial_delay_ms": 1000,
+    "health_check_period_ms": 1000,
+    "health_check_timeout_ms": 1000,
+    "health_check_failure_threshold": 3,
+}
+"""The GCS's node health checks, tuned: a silent host is declared dead within ~5 s
+(docs/cluster.md has the measured bound; Ray's defaults are 5000/3000/10000/5)."""
+
+GCS_PORT = 6379
+
+
+def session_slots(cores: int, memory_bytes: int) -> int:
+    """Return how many sessions a host with ``cores`` CPUs and ``memory_bytes`` of RAM offers."""
+    by_cores = cores * SESSIONS_PER_CORE
+    by_memory = max(0, memory_bytes - HOST_RESERVE) // SESSION_MEMORY
+    return max(0, min(by_cores, by_memory))
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """What one host's ``ray start`` is given besides its addresses."""
+
+    slots: int
+    system_config: Mapping[str, int] | None = None  # the head's only; Ray hands it to the rest
+    include_dashboard: bool = False
+
+
+def ray_start_argv(
+    settings: NodeSettings,
+    *,
+    head_address: str | None,
+    node_ip: str,
+    temp_dir: Path | None = None,
+    block: bool = False,
+) -> list[str]:
+    """Return ``ray start`` for a head (``head_address`` None) or a node joining that head.
+
+    Every node gets zero CPUs for Ray's own scheduling (a session actor asks for none) and
+    ``slots`` units of :data:`SLOT_RESOURCE`; the dashboard is off unless asked for.
+    """
+    argv = ["ray", "start", f"--node-ip-address={node_ip}", "--num-cpus=0", "--num-gpus=0"]
+    argv += [f"--resources={json.dumps({SLOT_RESOURCE: settings.slots})}"]
+    argv += [f"--object-store-memory={OBJECT_STORE_BYTES}", "--disable-usage-stats"]
+    if head_address is None:
+        argv += ["--head", f"--port={GCS_PORT}"]
+        argv += [f"--include-dashboard={str(settings.include_dashboard).lower()}"]
+        config = dict(HEALTH_CHECK if settings.system_config is None else settings.system_config)
+        if config:
+            argv += [f"--system-config={json.dumps(config)}"]
+    else:
+        argv += [f"--address={head_address}"]
+    if temp_dir is not None:
+        argv += [f"--temp-dir={temp_dir}"]
+    if block:
+        argv += ["--block"]
+    return argv
+
+
+def ray_environment(token_path: Path) -> dict[str, str]:
+    """Return the variables every Ray process of the cluster needs (merge into os.environ)."""
+    return {
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(token_path),
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }

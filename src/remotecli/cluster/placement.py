@@ -1,0 +1,164 @@
+"""The controller's side of the cluster: place a session with Ray, find it again, end it.
+
+The controller is a Ray driver (:func:`connect`). Each session is a detached actor named
+``remotecli-session-<id>`` in the ``remotecli`` namespace that asks for one session slot; Ray,
+never our code, picks the host. A detached actor outlives the driver that made it, so a
+restarted controller finds its sessions again by name (:func:`find_sessions`). Calls here block
+(Ray's client API is synchronous); the controller runs them in a worker thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError
+
+from remotecli.cluster.actor import SessionActor
+from remotecli.cluster.nodes import SLOT_RESOURCE
+from remotecli.drivers.base import VncEndpoint
+from remotecli.exceptions import ClusterError
+
+NAMESPACE = "remotecli"
+ACTOR_PREFIX = "remotecli-session-"
+PLACE_TIMEOUT = 30.0
+"""How long a session may wait for a slot and its payload's start before placement fails."""
+
+_SessionActor: Any = ray.remote(SessionActor)  # Ray types actor classes loosely
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where Ray put a session: the host's name, Ray's node id and IP, the stream's port."""
+
+    session_id: str
+    host: str
+    node_id: str
+    node_ip: str
+    port: int
+
+    @classmethod
+    def from_report(cls, report: Mapping[str, Any]) -> Placement:
+        """Read what :meth:`SessionActor.start` returned."""
+        return cls(
+            str(report["session_id"]),
+            str(report["host"]),
+            str(report["node_id"]),
+            str(report["node_ip"]),
+            int(report["port"]),
+        )
+
+    def endpoint(self) -> VncEndpoint:
+        """The session's stream (the stand-in payload speaks only the RFB banner)."""
+        return VncEndpoint(host=self.node_ip, port=self.port)
+
+
+def connect(address: str) -> None:
+    """Join the cluster at ``address`` (``HOST:6379``) as a driver in the remotecli namespace.
+
+    The token comes from ``RAY_AUTH_TOKEN_PATH`` (see :func:`remotecli.cluster.nodes.
+    ray_environment`); without the right one Ray refuses and this raises :class:`ClusterError`.
+    """
+    if ray.is_initialized():
+        return
+    try:
+        ray.init(address=address, namespace=NAMESPACE, logging_level=logging.ERROR)
+    except Exception as exc:  # Ray raises ConnectionError, AuthenticationError, RuntimeError
+        raise ClusterError(
+            f"cannot join the Ray cluster at {address}: {str(exc).splitlines()[0]}; check that "
+            "the head runs and RAY_AUTH_TOKEN_PATH names the cluster's token"
+        ) from exc
+
+
+def actor_name(session_id: str) -> str:
+    """Return the Ray actor name of a session."""
+    return f"{ACTOR_PREFIX}{session_id}"
+
+
+def place_session(session_id: str, *, timeout: float = PLACE_TIMEOUT) -> Placement:
+    """Create the session's actor, wait until Ray placed it and its payload runs; say where.
+
+    Raises :class:`ClusterError` when no host had a free slot within ``timeout`` (the actor is
+    then killed, so it does not take a slot later) or the payload failed to start.
+    """
+    actor = _SessionActor.options(
+        name=actor_name(session_id),
+        namespace=NAMESPACE,
+        lifetime="detached",
+        num_cpus=0,
+        resources={SLOT_RESOURCE: 1},
+        max_restarts=0,
+    ).remote(session_id)
+    try:
+        report = ray.get(actor.start.remote(), timeout=timeout)
+    except GetTimeoutError as exc:
+        ray.kill(actor)
+        raise ClusterError(
+            f"no host took session {session_id} within {timeout:.0f} s: every "
+            f"{SLOT_RESOURCE} is taken or no host joined; add a host or end a session",
+            session_id=session_id,
+        ) from exc
+    except RayActorError as exc:
+        ray.kill(actor)
+        raise ClusterError(
+            f"session {session_id}'s actor died while starting: {exc}", session_id=session_id
+        ) from exc
+    return Placement.from_report(report)
+
+
+def find_sessions() -> dict[str, Placement]:
+    """After a controller restart: the placements of every session actor still alive, by id."""
+    found: dict[str, Placement] = {}
+    for name in ray.util.list_named_actors(all_namespaces=False):
+        if not name.startswith(ACTOR_PREFIX):
+            continue
+        session_id = name.removeprefix(ACTOR_PREFIX)
+        placement = find_session(session_id)
+        if placement is not None:
+            found[session_id] = placement
+    return found
+
+
+def find_session(session_id: str, *, timeout: float = 10.0) -> Placement | None:
+    """Return where a session's actor runs, or None when it is gone."""
+    try:
+        actor: Any = ray.get_actor(actor_name(session_id), namespace=NAMESPACE)
+        return Placement.from_report(ray.get(actor.start_report.remote(), timeout=timeout))
+    except (ValueError, RayActorError, GetTimeoutError):
+        return None
+
+
+def end_session(session_id: str) -> None:
+    """Stop the session's payload and kill its actor (its slot frees); idempotent."""
+    try:
+        actor = ray.get_actor(actor_name(session_id), namespace=NAMESPACE)
+    except ValueError:
+        return
+    with contextlib.suppress(RayActorError, GetTimeoutError):
+        ray.get(actor.stop.remote(), timeout=10)
+    ray.kill(actor)
+
+
+def node_table() -> list[dict[str, Any]]:
+    """Return Ray's node table now (one dict per node: ``NodeID``, ``Alive``, addresses)."""
+    nodes: list[dict[str, Any]] = ray.nodes()  # type: ignore[no-untyped-call]
+    return nodes
+
+
+def node_alive(node_id: str) -> bool:
+    """Whether Ray's node table has the node alive now."""
+    return any(node["NodeID"] == node_id and node["Alive"] for node in node_table())
+
+
+def wait_until_gone(session_id: str, *, timeout: float = 10.0) -> None:
+    """Wait until the session's actor name is free again (after :func:`end_session`)."""
+    deadline = time.monotonic() + timeout
+    while actor_name(session_id) in ray.util.list_named_actors():
+        if time.monotonic() > deadline:
+            raise ClusterError(f"session {session_id}'s actor is still listed after {timeout} s")
+        time.sleep(0.1)

@@ -1,0 +1,239 @@
+"""Sessions placed by Ray on a real three-node cluster (head, two workers) in network namespaces.
+
+One cluster for the module (tests/ray_cluster.py): token authentication on, dashboard off, the
+tuned health checks, two session slots per worker. Each test drives it as a controller would,
+from a Ray driver process in a namespace of its own. The last test kills a worker, so the
+order of the tests matters.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import MS
+
+pytestmark = pytest.mark.e2e
+
+
+def _skip_reason() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root: it creates network namespaces and veth pairs"
+    for program in ("ip", "unshare"):
+        if shutil.which(program) is None:
+            return f"needs {program} (iproute2, util-linux)"
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        return "needs ray: pip install -e '.[cluster]'"
+    return None
+
+
+if (_reason := _skip_reason()) is not None:
+    print(f"tests/e2e/test_cluster.py skipped: {_reason}")
+    pytest.skip(_reason, allow_module_level=True)
+
+from remotecli.cluster.watch import LOST_BOUND  # noqa: E402
+from tests.ray_cluster import Cluster, leftovers, ray_cluster  # noqa: E402
+
+PRELUDE = """
+import json, socket, time
+from remotecli.cluster import placement, watch
+from remotecli.exceptions import ClusterError
+placement.connect(ADDRESS)
+def banner(p):
+    with socket.create_connection((p.node_ip, p.port), timeout=5) as s:
+        return s.recv(12).decode()
+def out(value):
+    print("RESULT " + json.dumps(value), flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    """One real cluster for the module, removed after its last test."""
+    root = Path("/tmp") / f"rc-test-{os.getpid()}"
+    with ray_cluster(root, workers=2, slots=2, prefix=f"rt{os.getpid() % 100000}") as running:
+        yield running
+
+
+def drive(cluster: Cluster, code: str, *, timeout: float = 120, **options: Any) -> Any:
+    """Run ``code`` as a controller's Ray driver; return what it passed to ``out``."""
+    program = f"ADDRESS = {cluster.address!r}\n{PRELUDE}\n{code}"
+    done = cluster.python(program, timeout=timeout * MS * 1000, **options)
+    for line in done.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line.removeprefix("RESULT "))
+    raise AssertionError(f"the driver gave no result ({done.returncode}): {done.stderr[-3000:]}")
+
+
+def test_sessions_fill_one_host_then_the_next(cluster: Cluster) -> None:
+    """Ray places sessions by slots: two per worker, each reachable, a fifth finds no slot."""
+    result = drive(
+        cluster,
+        """
+placed = [placement.place_session(f"s{i}") for i in range(4)]
+hosts = sorted(p.host for p in placed)
+banners = [banner(p) for p in placed]
+try:
+    placement.place_session("s4", timeout=3)
+    refused = None
+except ClusterError as exc:
+    refused = exc.message
+for p in placed:
+    placement.end_session(p.session_id)
+out({"hosts": hosts, "banners": banners, "refused": refused,
+     "ips": sorted({p.node_ip for p in placed})})
+""",
+    )
+    assert result["hosts"] == ["w1", "w1", "w2", "w2"]
+    assert result["ips"] == ["10.200.0.2", "10.200.0.3"]
+    assert result["banners"] == ["RFB 003.008\n"] * 4
+    assert "no host took session s4" in result["refused"]
+
+
+def test_driver_without_the_token_is_refused(cluster: Cluster) -> None:
+    """A driver with no token, or a wrong one, cannot join the cluster."""
+    program = f"""
+import json
+from remotecli.cluster import placement
+from remotecli.exceptions import ClusterError
+try:
+    placement.connect({cluster.address!r})
+    answer = "joined"
+except ClusterError as exc:
+    answer = exc.message
+print("RESULT " + json.dumps(answer), flush=True)
+"""
+    for extra in ({}, {"RAY_AUTH_TOKEN": "0" * 64}):
+        done = cluster.python(program, token=False, extra=extra, timeout=120)
+        assert "RESULT" in done.stdout, done.stderr[-3000:]
+        answer = json.loads(done.stdout.split("RESULT ", 1)[1].splitlines()[0])
+        assert answer.startswith(f"cannot join the Ray cluster at {cluster.address}"), answer
+
+
+def test_restarted_controller_finds_its_sessions(cluster: Cluster) -> None:
+    """Detached named actors outlive their driver: the next driver finds them by name."""
+    first = drive(
+        cluster,
+        """
+placed = [placement.place_session(f"r{i}") for i in range(2)]
+out([[p.session_id, p.host, p.port] for p in placed])
+""",
+    )
+    second = drive(
+        cluster,
+        """
+found = placement.find_sessions()
+alive = {i: banner(p) for i, p in found.items()}
+out({"found": sorted([p.session_id, p.host, p.port] for p in found.values()), "alive": alive})
+for session_id in found:
+    placement.end_session(session_id)
+""",
+    )
+    assert second["found"] == sorted(first)
+    assert second["alive"] == {"r0": "RFB 003.008\n", "r1": "RFB 003.008\n"}
+
+
+def lose_host(cluster: Cluster, name: str, sessions: int, how: str) -> dict[str, Any]:
+    """Place ``sessions`` sessions, make host ``name`` fail (``kill`` or ``cut``), and return
+    what a watching driver saw: each lost session's reason and seconds, then a new placement."""
+    signal_dir = cluster.root / f"lose-{name}"
+    signal_dir.mkdir()
+    code = f"""
+import pathlib, threading
+signals = pathlib.Path({str(signal_dir)!r})
+placed = [placement.place_session(f"{name}-{{i}}") for i in range({sessions})]
+(signals / "placed").write_text(json.dumps(sorted({{p.host for p in placed}})))
+while not (signals / "failed").exists():
+    time.sleep(0.05)
+failed_at = float((signals / "failed").read_text())
+reasons = {{}}
+def watch_one(p):
+    reasons[p.session_id] = [watch.wait_session(p), time.time() - failed_at, p.host]
+threads = [threading.Thread(target=watch_one, args=(p,)) for p in placed if p.host == {name!r}]
+for t in threads: t.start()
+for t in threads: t.join()
+table = watch.check_hosts({{p.session_id: p for p in placed}})
+try:
+    after = placement.place_session("{name}-new", timeout=10)
+    new = [after.host, banner(after)]
+    placed.append(after)
+except ClusterError as exc:
+    new = [None, exc.message]
+out({{"placed": sorted({{p.host for p in placed}}), "reasons": reasons, "table": table,
+     "new": new}})
+for p in placed:
+    if p.host != {name!r}:
+        placement.end_session(p.session_id)
+"""
+    process = cluster.popen_python(f"ADDRESS = {cluster.address!r}\n{PRELUDE}\n{code}")
+    deadline = time.monotonic() + 60_000 * MS
+    while not (signal_dir / "placed").exists():
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "the sessions were not placed"
+        time.sleep(0.05)
+    victim = next(node for node in cluster.workers if node.name == name)
+    if how == "kill":
+        victim.kill()
+    else:
+        cluster.network.cut(name)
+    (signal_dir / "failed").write_text(str(time.time()))
+    stdout, stderr = process.communicate(timeout=120_000 * MS)
+    assert "RESULT " in stdout, stderr[-3000:]
+    result: dict[str, Any] = json.loads(stdout.split("RESULT ", 1)[1].splitlines()[0])
+    assert result["reasons"], f"no session was on {name}"
+    for reason, seconds, host in result["reasons"].values():
+        assert (reason, host) == (f"host {name} lost", name)
+        print(f"session on {name} ({how}) reported lost {seconds:.2f} s after the failure")
+        assert seconds < LOST_BOUND * MS * 1000
+    assert set(result["table"]) == set(result["reasons"])
+    return result
+
+
+def test_killed_host_sessions_are_lost_within_the_bound(cluster: Cluster) -> None:
+    """Killing a worker's processes: its sessions end "host w1 lost" in bound, new ones go to w2."""
+    result = lose_host(cluster, "w1", 3, "kill")
+    assert result["placed"] == ["w1", "w2"]
+    assert result["new"] == ["w2", "RFB 003.008\n"]
+
+
+def test_silent_host_sessions_are_lost_within_the_bound(cluster: Cluster) -> None:
+    """A worker whose link is cut (processes alive, no answer) is lost in bound; none is left."""
+    result = lose_host(cluster, "w2", 1, "cut")
+    assert result["placed"] == ["w2"]
+    assert result["new"][0] is None
+    assert "no host took session w2-new" in result["new"][1]
+
+
+def test_status_command_shows_hosts_and_refuses_a_wrong_token(cluster: Cluster) -> None:
+    """`remotecli cluster status` lists the nodes (two now dead) and fails with a wrong token."""
+    status = ["-m", "remotecli", "cluster", "status", cluster.address, "--token-file"]
+    done = cluster.run_python([*status, str(cluster.token_path)])
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = sorted(done.stdout.splitlines())
+    assert lines == [
+        "10.200.0.1\talive\t0 slots",
+        "10.200.0.2\tdead\t0 slots",
+        "10.200.0.3\tdead\t0 slots",
+    ]
+    wrong = cluster.root / "wrong_token"
+    wrong.write_text("0" * 64)
+    done = cluster.run_python([*status, str(wrong)])
+    assert done.returncode == 1
+    assert "Unauthenticated" in done.stderr  # the GCS's own word, logged by Ray's client
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: cannot join the Ray cluster at {cluster.address}"), last
+
+
+def test_teardown_leaves_nothing(cluster: Cluster) -> None:
+    """After the cluster stops, no namespace, veth or Ray process of it is left."""
+    cluster.stop()
+    assert leftovers(cluster.network.prefix) == []
