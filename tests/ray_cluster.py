@@ -26,7 +26,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from remotecli.cluster.actor import HOST_NAME_VARIABLE
+from remotecli.cluster.actor import DATA_DIR_VARIABLE, HOST_NAME_VARIABLE
 from remotecli.cluster.nodes import NodeSettings, ray_start_argv
 
 SUBNET = "10.200.0"
@@ -158,12 +158,20 @@ class Cluster:
             block=True,
         )
         ray = str(Path(sys.executable).parent / "ray")
-        holder = ["ip", "netns", "exec", node.netns, "unshare", "--pid", "--fork", "--kill-child"]
+        # nsenter, not `ip netns exec`: that one remounts /sys, hiding the host's cgroup
+        # hierarchies from the local driver the session actors run.
+        holder = ["nsenter", f"--net=/var/run/netns/{node.netns}"]
+        holder += ["unshare", "--pid", "--fork", "--kill-child"]
         holder += ["--mount-proc", ray, *argv[1:]]
         log = (self.root / f"{node.name}.log").open("wb")
         env = self.env()
         env[HOST_NAME_VARIABLE] = node.name  # the name a lost host is reported by
+        env[DATA_DIR_VARIABLE] = str(self.data_dir(node))
         node.process = subprocess.Popen(holder, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+    def data_dir(self, node: Node) -> Path:
+        """Where the node's sessions' directories go (short: Unix socket paths must fit)."""
+        return self.root / f"{node.name}d"
 
     def python(
         self, code: str, *, token: bool = True, timeout: float = 120, extra: Mapping[str, str] = {}

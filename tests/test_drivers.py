@@ -55,5 +55,23 @@ def test_every_driver_name_builds_a_driver_of_that_name(tmp_path: Path) -> None:
     """DRIVER_NAMES is the one list: create_driver builds each, and refuses any other name."""
     assert DRIVER_NAMES[0] == ControllerConfig().driver
     assert create_driver("qemu", tmp_path).name == "qemu"
-    with pytest.raises(ConfigError, match="choose one of: local, qemu"):
+    with pytest.raises(ConfigError, match="choose one of: local, qemu, cluster"):
         create_driver("docker", tmp_path)
+
+
+def test_cluster_driver_needs_its_address_and_token_file(tmp_path: Path) -> None:
+    """driver cluster is refused without cluster_address and cluster_token_file, built with."""
+    with pytest.raises(ConfigError, match="cluster_address"):
+        create_driver("cluster", tmp_path, ControllerConfig(data_dir=tmp_path))
+    config = load_controller_config(
+        {"data_dir": tmp_path, "driver": "cluster"},
+        environ={
+            "REMOTECLI_CLUSTER_ADDRESS": "10.0.0.1:6379",
+            "REMOTECLI_CLUSTER_TOKEN_FILE": str(tmp_path / "token"),
+        },
+    )
+    assert (config.cluster_address, config.cluster_token_file) == (
+        "10.0.0.1:6379",
+        tmp_path / "token",
+    )
+    assert create_driver("cluster", tmp_path, config).name == "cluster"

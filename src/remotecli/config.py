@@ -80,6 +80,8 @@ CONTROLLER_ENV = {
     "REMOTECLI_DATA_DIR": "data_dir",
     "REMOTECLI_STORE_URL": "store_url",
     "REMOTECLI_DRIVER": "driver",
+    "REMOTECLI_CLUSTER_ADDRESS": "cluster_address",
+    "REMOTECLI_CLUSTER_TOKEN_FILE": "cluster_token_file",
     "REMOTECLI_SESSION_TTL": "session_ttl",
     "REMOTECLI_IDLE_STOP": "idle_stop",
     "REMOTECLI_HIBERNATE_AFTER": "hibernate_after",
@@ -113,7 +115,7 @@ CONTROLLER_ENV = {
 }
 """Environment variable → ControllerConfig field (docs/configuration.md lists each)."""
 
-DRIVER_NAMES = ("local", "qemu")
+DRIVER_NAMES = ("local", "qemu", "cluster")
 """Every session driver, the default first (``remotecli.drivers.create_driver`` builds them)."""
 
 QEMU_ACCELERATORS = ("auto", "kvm", "tcg")
@@ -184,6 +186,9 @@ class ControllerConfig:
     # DATA_DIR/remotecli.sqlite3. Its password may be in it: never shown.
     store_url: str | None = field(default=None, repr=False)
     driver: str = "local"
+    # driver cluster: the Ray head's GCS address (HEAD:6379) and the cluster's token file
+    cluster_address: str | None = None
+    cluster_token_file: Path | None = None
     session_ttl: float = 3600.0  # seconds a session may live; 0 = forever
     idle_stop: float = 1800.0  # seconds without a viewer before a ready session stops; 0 = never
     # seconds without a viewer before a ready session is hibernated (saved to disk, no process),
@@ -429,6 +434,8 @@ _CONTROLLER_PARSERS: dict[str, Callable[[object], object]] = {
     "data_dir": lambda v: Path(str(v)).expanduser(),
     "store_url": parse_store_url,
     "driver": str,
+    "cluster_address": str,
+    "cluster_token_file": lambda v: Path(str(v)).expanduser(),
     "session_ttl": lambda v: parse_duration(v, "session_ttl"),
     "idle_stop": lambda v: parse_duration(v, "idle_stop"),
     "hibernate_after": lambda v: parse_duration(v, "hibernate_after"),

@@ -1,10 +1,17 @@
 """The session actor: one detached, named Ray actor per session, on the host Ray picked.
 
 It holds one session slot (:data:`remotecli.cluster.nodes.SLOT_RESOURCE`) for as long as it
-lives and reports where the session's stream can be reached. For now its payload is a stand-in:
-a real TCP server on the node's address that speaks the 12-byte RFB banner, like
-``tests/banner_driver.py``; running the host's session driver (local or qemu) inside it is the
-next step (docs/cluster.md, "Not done yet").
+lives and reports where the session's stream can be reached. Given a session's spec, its
+payload is the host's own :class:`~remotecli.drivers.local.LocalDriver` (Xvnc + tmux + xterm
+under bubblewrap), its VNC socket exposed on the node's address by a
+:class:`~remotecli.cluster.channel.SessionChannel` behind a secret the actor makes. Without a
+spec (the foundation's tests and bench) the payload is a stand-in that speaks only the RFB
+banner, like ``tests/banner_driver.py``.
+
+The channel secret is made here and returned by :meth:`SessionActor.start` (and
+:meth:`SessionActor.start_report`) to the caller, never passed to the actor's constructor:
+Ray keeps an actor's creation arguments in its GCS for restarts, a method's result only goes
+back to the caller that asked.
 """
 
 from __future__ import annotations
@@ -13,13 +20,34 @@ import asyncio
 import contextlib
 import os
 import socket
+from pathlib import Path
 from typing import Any
 
 import ray
 
+from remotecli.cluster.channel import SessionChannel, new_secret
+
 BANNER = b"RFB 003.008\n"
 HOST_NAME_VARIABLE = "REMOTECLI_HOST_NAME"
 """Set on a host's ``ray start`` (``remotecli cluster join --name``); else its hostname."""
+DATA_DIR_VARIABLE = "REMOTECLI_HOST_DATA_DIR"
+"""Set on a host's ``ray start``: where its sessions' directories go (kept short: the VNC
+socket's path must fit a Unix socket address)."""
+DEFAULT_DATA_DIR = "/var/lib/remotecli/cluster"
+
+_driver: Any = None
+"""The host's one LocalDriver in this Ray worker process (one actor per worker process)."""
+
+
+def host_driver() -> Any:
+    """Return this worker's LocalDriver, made on first use (egress none: no firewall rules)."""
+    global _driver
+    if _driver is None:
+        from remotecli.drivers.local import LocalDriver
+
+        data_dir = Path(os.environ.get(DATA_DIR_VARIABLE) or DEFAULT_DATA_DIR)
+        _driver = LocalDriver(data_dir, egress="none")
+    return _driver
 
 
 class SessionActor:
@@ -28,17 +56,30 @@ class SessionActor:
     def __init__(self, session_id: str) -> None:
         self.session_id = session_id
         self._server: asyncio.Server | None = None
+        self._channel: SessionChannel | None = None
+        self._local = False
         self._ended: asyncio.Event | None = None
         self._report: dict[str, Any] = {}
 
-    async def start(self) -> dict[str, Any]:
-        """Start the payload and return where it is: host, node id and IP, stream port."""
+    async def start(self, spec: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Start the payload and return where it is: host, node id and IP, stream port, and
+        (for a real session) the channel secret and the seconds the local driver took.
+
+        ``spec``: ``provider``, ``command``, ``env``, ``width``, ``height``, ``home_files``
+        of a :class:`~remotecli.drivers.base.SessionSpec`. Raises the local driver's
+        :class:`~remotecli.exceptions.DriverError` when the session cannot start.
+        """
         context = ray.get_runtime_context()
         node_ip: str = ray.util.get_node_ip_address()  # type: ignore[no-untyped-call]
         self._ended = asyncio.Event()
-        self._server = await asyncio.start_server(_serve_banner, node_ip, 0)
-        port = self._server.sockets[0].getsockname()[1]
+        extra: dict[str, Any] = {}
+        if spec is None:
+            self._server = await asyncio.start_server(_serve_banner, node_ip, 0)
+            port = self._server.sockets[0].getsockname()[1]
+        else:
+            port, extra = await self._start_local(spec, node_ip)
         self._report = {
+            **extra,
             "session_id": self.session_id,
             "host": os.environ.get(HOST_NAME_VARIABLE) or socket.gethostname(),
             "node_id": context.get_node_id(),
@@ -48,6 +89,37 @@ class SessionActor:
         }
         return self._report
 
+    async def _start_local(self, spec: dict[str, Any], node_ip: str) -> tuple[int, dict[str, Any]]:
+        from remotecli.drivers.base import SessionSpec
+
+        driver = host_driver()
+        workdir = driver.data_dir / "s" / self.session_id
+        workdir.parent.mkdir(parents=True, exist_ok=True)
+        session = SessionSpec(
+            session_id=self.session_id,
+            provider=str(spec["provider"]),
+            command=tuple(spec["command"]),
+            workdir=workdir,
+            env=dict(spec.get("env") or {}),
+            width=int(spec.get("width", 1280)),
+            height=int(spec.get("height", 720)),
+            home_files=dict(spec.get("home_files") or {}),
+            keeps_signin=bool(spec.get("keeps_signin", False)),
+        )
+        began = asyncio.get_running_loop().time()
+        endpoint = await driver.start(session, lambda step: None)
+        seconds = asyncio.get_running_loop().time() - began
+        self._local = True
+        secret = new_secret()
+        self._channel = SessionChannel(secret, str(endpoint.unix_path))
+        port = await self._channel.listen(node_ip)
+        posture = driver.posture()
+        return port, {
+            "channel_secret": secret,
+            "local_seconds": seconds,
+            "sandbox": f"{posture.sandbox}; uids: {posture.uids}; limits: {posture.limits}",
+        }
+
     async def start_report(self) -> dict[str, Any]:
         """Return what :meth:`start` returned (a restarted controller asks again)."""
         return self._report
@@ -56,8 +128,19 @@ class SessionActor:
         """Return, with the reason, once the session ends by itself or is stopped."""
         if self._ended is None:
             return "not started"
-        await self._ended.wait()
-        return "stopped"
+        if not self._local:
+            await self._ended.wait()
+            return "stopped"
+        ended = asyncio.ensure_future(self._ended.wait())
+        died = asyncio.ensure_future(host_driver().wait(self.session_id))
+        done, pending = await asyncio.wait({ended, died}, return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            task.cancel()
+        return "stopped" if ended in done else str(died.result())
+
+    async def refused(self) -> int:
+        """How many connections the channel refused (a wrong or missing secret)."""
+        return self._channel.refused if self._channel is not None else 0
 
     async def stop(self) -> None:
         """End the payload; idempotent. The controller then kills the actor (its slot frees)."""
@@ -66,6 +149,12 @@ class SessionActor:
             with contextlib.suppress(Exception):
                 await self._server.wait_closed()
             self._server = None
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None
+        if self._local:
+            await host_driver().stop(self.session_id)
+            self._local = False
         if self._ended is not None:
             self._ended.set()
 

@@ -13,11 +13,11 @@ import contextlib
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from remotecli.cluster.actor import SessionActor
 from remotecli.cluster.nodes import SLOT_RESOURCE
@@ -34,13 +34,16 @@ _SessionActor: Any = ray.remote(SessionActor)  # Ray types actor classes loosely
 
 @dataclass(frozen=True)
 class Placement:
-    """Where Ray put a session: the host's name, Ray's node id and IP, the stream's port."""
+    """Where Ray put a session: the host's name, Ray's node id and IP, the stream's port and
+    its channel secret (None for the stand-in payload)."""
 
     session_id: str
     host: str
     node_id: str
     node_ip: str
     port: int
+    channel_secret: str | None = field(default=None, repr=False)
+    local_seconds: float | None = None
 
     @classmethod
     def from_report(cls, report: Mapping[str, Any]) -> Placement:
@@ -51,11 +54,13 @@ class Placement:
             str(report["node_id"]),
             str(report["node_ip"]),
             int(report["port"]),
+            report.get("channel_secret"),
+            report.get("local_seconds"),
         )
 
     def endpoint(self) -> VncEndpoint:
-        """The session's stream (the stand-in payload speaks only the RFB banner)."""
-        return VncEndpoint(host=self.node_ip, port=self.port)
+        """The session's stream: the channel on its host (the stand-in speaks only the banner)."""
+        return VncEndpoint(host=self.node_ip, port=self.port, channel_secret=self.channel_secret)
 
 
 def connect(address: str) -> None:
@@ -80,8 +85,14 @@ def actor_name(session_id: str) -> str:
     return f"{ACTOR_PREFIX}{session_id}"
 
 
-def place_session(session_id: str, *, timeout: float = PLACE_TIMEOUT) -> Placement:
+def place_session(
+    session_id: str, spec: Mapping[str, Any] | None = None, *, timeout: float = PLACE_TIMEOUT
+) -> Placement:
     """Create the session's actor, wait until Ray placed it and its payload runs; say where.
+
+    ``spec`` (see :meth:`SessionActor.start`) runs a real session with the host's local driver;
+    None runs the banner stand-in. It is a method's argument, not the constructor's: Ray keeps
+    no copy of it (a kept sign-in may be in its ``home_files``).
 
     Raises :class:`ClusterError` when no host had a free slot within ``timeout`` (the actor is
     then killed, so it does not take a slot later) or the payload failed to start.
@@ -95,7 +106,8 @@ def place_session(session_id: str, *, timeout: float = PLACE_TIMEOUT) -> Placeme
         max_restarts=0,
     ).remote(session_id)
     try:
-        report = ray.get(actor.start.remote(), timeout=timeout)
+        pending = actor.start.remote(dict(spec)) if spec is not None else actor.start.remote()
+        report = ray.get(pending, timeout=timeout)
     except GetTimeoutError as exc:
         ray.kill(actor)
         raise ClusterError(
@@ -107,6 +119,13 @@ def place_session(session_id: str, *, timeout: float = PLACE_TIMEOUT) -> Placeme
         ray.kill(actor)
         raise ClusterError(
             f"session {session_id}'s actor died while starting: {exc}", session_id=session_id
+        ) from exc
+    except RayTaskError as exc:  # the payload raised: the local driver's reason
+        ray.kill(actor)
+        cause = getattr(exc, "cause", None)
+        reason = getattr(cause, "message", None) or str(exc).splitlines()[-1]
+        raise ClusterError(
+            f"session {session_id} did not start on its host: {reason}", session_id=session_id
         ) from exc
     return Placement.from_report(report)
 

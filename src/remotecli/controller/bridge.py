@@ -9,7 +9,9 @@ request head to the last close frame, is shared by both views (:mod:`remotecli.c
 the text view is :mod:`remotecli.controller.tty_bridge`. The VNC view adds:
 
 1. the :class:`VncAuthorizer` decides, from the request alone, who may watch which session and
-   where its VNC server listens (a Unix socket, or loopback TCP with a password);
+   where its VNC server listens (a Unix socket, loopback TCP with a password, or a cluster
+   host's session channel, to which the bridge first writes the channel secret and a newline:
+   :mod:`remotecli.cluster.channel`);
 2. when the endpoint carries a password, the bridge answers the server's VNC Authentication
    itself with :class:`remotecli.rfb.RfbClient` and later offers the viewer security type None
    (:class:`remotecli.rfb.NoAuthServerHandshake`), so the browser never sees the password;
@@ -28,6 +30,7 @@ import prometheus_client
 from websockets.http11 import Request
 from websockets.typing import BytesLike, Subprotocol
 
+from remotecli.cluster.channel import preamble
 from remotecli.controller.relay import (
     CONNECT_TIMEOUT,
     Credentials,
@@ -150,6 +153,8 @@ class _VncViewer(ViewerSocket):
                 await self._dial(
                     upstream, unix_path=endpoint.unix_path, host=endpoint.host, port=endpoint.port
                 )
+                if endpoint.channel_secret is not None:
+                    upstream.write(preamble(endpoint.channel_secret))  # before any RFB byte
                 if endpoint.password is not None:
                     self.server_rfb = RfbClient(password=endpoint.password, client_init=False)
                     self._vnc_auth = asyncio.get_running_loop().create_future()

@@ -180,6 +180,7 @@ def endpoint_to_json(endpoint: VncEndpoint | None) -> str | None:
             "host": endpoint.host,
             "port": endpoint.port,
             "password": endpoint.password,
+            "channel_secret": endpoint.channel_secret,
         }
     )
 
@@ -193,6 +194,7 @@ def endpoint_from_json(text: str | None) -> VncEndpoint | None:
         host=data.get("host"),
         port=data.get("port"),
         password=data.get("password"),
+        channel_secret=data.get("channel_secret"),
     )
 
 

@@ -1,8 +1,9 @@
 """Session drivers: each starts and stops one session's sandbox and says where its VNC server is.
 
 ``local`` (Xvnc + tmux + xterm under bubblewrap) is the embedded default; ``qemu`` runs each
-session in a microVM. The names are :data:`remotecli.config.DRIVER_NAMES`; :func:`create_driver`
-is the one place that maps a name to a driver and hands it its settings.
+session in a microVM; ``cluster`` places each session on a host of a Ray cluster, which runs
+it with its own local driver. The names are :data:`remotecli.config.DRIVER_NAMES`;
+:func:`create_driver` is the one place that maps a name to a driver and hands it its settings.
 """
 
 from __future__ import annotations
@@ -56,6 +57,16 @@ def create_driver(name: str, data_dir: Path, config: ControllerConfig | None = N
             egress=config.egress,
             tcg_cache_mib=max(1, config.qemu_tcg_cache // 1024**2),
         )
+    if name == "cluster":
+        from remotecli.cluster.driver import ClusterDriver
+
+        if config is None or not config.cluster_address or config.cluster_token_file is None:
+            raise ConfigError(
+                "driver cluster needs cluster_address (HEAD:6379) and cluster_token_file "
+                "(the head's token file); see docs/cluster.md",
+                driver=name,
+            )
+        return ClusterDriver(config.cluster_address, config.cluster_token_file)
     raise ConfigError(
         f"unknown driver {name!r}; choose one of: {', '.join(DRIVER_NAMES)}", driver=name
     )

@@ -26,13 +26,16 @@ class VncEndpoint:
     Exactly one of ``unix_path`` or ``host``/``port`` is set. A Unix socket is reachable only by
     the controller's user (directory mode 0700). A TCP endpoint is always on loopback and then
     carries the per-session VNC ``password`` (RFB security type 2) that the bridge answers for
-    the viewer, so the browser never sees it.
+    the viewer, so the browser never sees it. A TCP endpoint on another host (the cluster
+    driver) carries instead a ``channel_secret`` that the bridge sends, with a newline, before
+    any RFB byte (:mod:`remotecli.cluster.channel`).
     """
 
     unix_path: str | None = None
     host: str | None = None
     port: int | None = None
     password: str | None = None
+    channel_secret: str | None = field(default=None, repr=False)
 
     def describe(self) -> str:
         """Name the endpoint for logs and error messages (never the password)."""

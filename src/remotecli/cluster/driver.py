@@ -1,0 +1,141 @@
+"""The cluster driver: the Driver seam delegated to Ray (``driver = "cluster"``).
+
+Each session is a detached named actor (:mod:`remotecli.cluster.placement`) that runs the
+host's own local driver and exposes the session's VNC socket on its host's address behind a
+channel secret (:mod:`remotecli.cluster.channel`); :meth:`ClusterDriver.start` returns that
+channel as the session's :class:`VncEndpoint`, which the bridge dials. Ray's client API blocks,
+so every call to it runs in a worker thread. Verbs that need the session's files or sockets on
+its host (hibernate, collect, the text view, a session's loopback, headless runs) are refused
+for now, each with a :class:`DriverError` naming why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from remotecli.cluster import placement, watch
+from remotecli.cluster.host import use_token
+from remotecli.cluster.placement import Placement
+from remotecli.drivers.base import ProgressCallback, RunOutput, SessionSpec, VncEndpoint
+from remotecli.exceptions import ClusterError, DriverError
+from remotecli.providers import HostPrograms
+
+NOT_YET = 'is not done for the cluster driver yet (docs/cluster.md, "Not done yet")'
+
+
+class ClusterDriver:
+    """Places sessions on the cluster's hosts; one instance per controller."""
+
+    name = "cluster"
+
+    def __init__(self, address: str, token_file: Path) -> None:
+        self.address = address
+        self.token_file = token_file
+        self._programs = HostPrograms()
+        self._placements: dict[str, Placement] = {}
+        self._connected = False
+        self._lock = asyncio.Lock()
+
+    async def _connect(self) -> None:
+        async with self._lock:
+            if not self._connected:
+                use_token(self.token_file)
+                await asyncio.to_thread(placement.connect, self.address)
+                self._connected = True
+
+    def can_run(self, command: Sequence[str]) -> tuple[str, ...] | str:
+        """Answer from this host's programs: every host runs the same install (docs/cluster.md)."""
+        return self._programs.can_run(command)
+
+    def preparing(self, command: Sequence[str]) -> str | None:
+        """Nothing is prepared ahead."""
+        return None
+
+    def isolation(self) -> Mapping[str, object]:
+        """Say where sessions run, for ``/readyz``."""
+        return {"sessions": f"on the Ray cluster at {self.address}, in each host's local sandbox"}
+
+    async def start(self, spec: SessionSpec, progress: ProgressCallback) -> VncEndpoint:
+        """Place the session with Ray; return its channel once the host's Xvnc showed a banner."""
+        await self._connect()
+        payload = {
+            "provider": spec.provider,
+            "command": list(spec.command),
+            "env": dict(spec.env),
+            "width": spec.width,
+            "height": spec.height,
+            "home_files": dict(spec.home_files),
+            "keeps_signin": spec.keeps_signin,
+        }
+        try:
+            placed = await asyncio.to_thread(placement.place_session, spec.session_id, payload)
+        except ClusterError as exc:
+            raise DriverError(exc.message, session_id=spec.session_id) from exc
+        self._placements[spec.session_id] = placed
+        progress(f"placed on host {placed.host} ({placed.node_ip})")
+        return placed.endpoint()
+
+    async def wait(self, session_id: str) -> str:
+        """Return when the session ends: "host HOST lost" for a dead host, else the reason."""
+        placed = self._placements.get(session_id)
+        if placed is None:
+            return f"session {session_id} is not running in this driver"
+        try:
+            return await asyncio.to_thread(watch.wait_session, placed)
+        except ValueError:  # its actor is gone (stopped)
+            return "stopped"
+
+    async def stop(self, session_id: str) -> None:
+        """End the session's actor (the host's driver removes its processes); idempotent."""
+        self._placements.pop(session_id, None)
+        if self._connected:
+            await asyncio.to_thread(placement.end_session, session_id)
+
+    async def recover(self, session_id: str, workdir: Path) -> VncEndpoint | None:
+        """Find the session's detached actor again by name; None when it is gone."""
+        await self._connect()
+        placed = await asyncio.to_thread(placement.find_session, session_id)
+        if placed is None:
+            return None
+        self._placements[session_id] = placed
+        return placed.endpoint()
+
+    async def close(self) -> None:
+        """Stop every session this driver placed."""
+        await asyncio.gather(*(self.stop(sid) for sid in list(self._placements)))
+
+    async def prepare(self) -> None:
+        """Nothing slow: the cluster is joined on the first session."""
+
+    def detach(self, session_id: str) -> bool:
+        """Let go: the actor is detached and outlives this controller; :meth:`recover` finds it."""
+        return self._placements.pop(session_id, None) is not None
+
+    async def hibernate(self, session_id: str) -> bool:
+        """Refuse: the host's local driver cannot hibernate."""
+        return False
+
+    async def resume(
+        self, session_id: str, workdir: Path, progress: ProgressCallback
+    ) -> VncEndpoint:
+        raise DriverError(f"resuming {NOT_YET}", session_id=session_id)
+
+    async def recover_hibernated(self, session_id: str, workdir: Path) -> bool:
+        return False
+
+    async def start_run(self, spec: SessionSpec, progress: ProgressCallback) -> RunOutput:
+        raise DriverError(f"headless runs {NOT_YET}", session_id=spec.session_id)
+
+    async def collect(self, session_id: str, paths: Sequence[str]) -> dict[str, bytes]:
+        """Nothing is read back yet: a kept sign-in is not saved from a cluster session."""
+        return {}
+
+    async def tty_socket(self, session_id: str) -> str:
+        raise DriverError(f"the text view {NOT_YET}", session_id=session_id)
+
+    async def connect_loopback(
+        self, session_id: str, port: int, *, address: str = "127.0.0.1"
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        raise DriverError(f"reaching a session's loopback {NOT_YET}", session_id=session_id)

@@ -1,0 +1,188 @@
+"""A controller with the cluster driver, run inside the test cluster's controller namespace.
+
+``tests/e2e/test_cluster_driver.py`` runs :func:`main` there (the cluster's addresses exist
+only in its namespaces): the controller as ``remotecli up`` runs it (gateway, API, bridge),
+driven through its HTTP API and the gateway's WebSocket path, as a browser would. It writes
+``placed`` in ``signals`` once its sessions run, waits for the test to write ``failed`` (after
+killing a worker), and prints one ``RESULT`` line of JSON.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import ray
+from websockets.asyncio.client import connect
+from websockets.typing import Subprotocol
+
+from remotecli.cluster import placement
+from remotecli.config import ControllerConfig
+from remotecli.controller.server import Controller
+from tests.conftest import MS
+from tests.e2e.sessions_api import create_ready_session
+from tests.rfb_viewer import RfbViewer
+
+TIMEOUT = 60_000 * MS
+
+
+def raw_answer(host: str, port: int, first: bytes | None) -> bytes:
+    """Connect to a channel, send ``first`` (or nothing), and return all it sends back."""
+    with socket.create_connection((host, port), timeout=10) as sock:
+        if first is not None:
+            sock.sendall(first)
+        sock.settimeout(8)
+        received = b""
+        try:
+            while chunk := sock.recv(4096):
+                received += chunk
+        except TimeoutError:
+            received += b"<no close>"
+        return received
+
+
+async def viewer_init(base: str, api: httpx.AsyncClient, session_id: str) -> list[int]:
+    """Open the gateway's VNC path with a ticket and return ServerInit's framebuffer size."""
+    ticket = (await api.post(f"/api/sessions/{session_id}/ticket")).json()["ticket"]
+    url = f"ws{base.removeprefix('http')}/api/sessions/{session_id}/vnc?ticket={ticket}"
+    async with connect(url, subprotocols=[Subprotocol("binary")], max_size=None) as ws:
+
+        async def receive() -> bytes:
+            data = await ws.recv()
+            assert isinstance(data, bytes)
+            return data
+
+        init = await asyncio.wait_for(RfbViewer(receive, ws.send).handshake(), TIMEOUT)
+        return [init.width, init.height]
+
+
+async def state_of(api: httpx.AsyncClient, session_id: str) -> dict[str, Any]:
+    body: dict[str, Any] = (await api.get(f"/api/sessions/{session_id}")).json()
+    return body
+
+
+def actor(session_id: str) -> Any:
+    """The session's Ray actor, by name."""
+    return ray.get_actor(placement.actor_name(session_id), namespace=placement.NAMESPACE)
+
+
+def report_of(session_id: str) -> dict[str, Any]:
+    """What the session's actor reported when it started."""
+    report: dict[str, Any] = ray.get(actor(session_id).start_report.remote())
+    return report
+
+
+async def stop_all(api: httpx.AsyncClient, ids: list[str]) -> None:
+    """Delete the sessions and wait until each is stopped."""
+    for sid in ids:
+        await api.delete(f"/api/sessions/{sid}")
+    async with asyncio.timeout(TIMEOUT):
+        for sid in ids:
+            while (await state_of(api, sid))["state"] not in ("stopped", "failed"):
+                await asyncio.sleep(0.05)
+
+
+async def run(address: str, token_file: Path, data_dir: Path, signals: Path) -> dict[str, Any]:
+    config = ControllerConfig(
+        listen=("127.0.0.1", 0),
+        data_dir=data_dir,
+        driver="cluster",
+        cluster_address=address,
+        cluster_token_file=token_file,
+        create_rate=None,
+    )
+    controller = Controller(config)
+    await controller.start()
+    result: dict[str, Any] = {}
+    try:
+        base = controller.url()
+        headers = {"Authorization": f"Bearer {controller.admin_token}"}
+        async with httpx.AsyncClient(base_url=base, headers=headers, timeout=TIMEOUT) as api:
+            began = time.monotonic()
+            first = await create_ready_session(api, TIMEOUT)
+            result["create_to_ready"] = [time.monotonic() - began]
+            ids = [first]
+            for _ in range(2):
+                began = time.monotonic()
+                ids.append(await create_ready_session(api, TIMEOUT))
+                result["create_to_ready"].append(time.monotonic() - began)
+            placed = {sid: await asyncio.to_thread(placement.find_session, sid) for sid in ids}
+            result["hosts"] = {sid: p.host for sid, p in placed.items() if p is not None}
+            result["local_seconds"] = [p.local_seconds for p in placed.values() if p is not None]
+            reports: list[dict[str, Any]] = [await asyncio.to_thread(report_of, sid) for sid in ids]
+            result["sandbox"] = sorted({str(report.get("sandbox")) for report in reports})
+            result["inits"] = [await viewer_init(base, api, sid) for sid in ids]
+            some = next(p for p in placed.values() if p is not None)
+            assert some.channel_secret is not None
+            wrong = "0" * 64 + "\n"
+            nothing = await asyncio.to_thread(raw_answer, some.node_ip, some.port, None)
+            result["no_secret"] = nothing.decode("latin-1")
+            result["wrong_secret"] = await asyncio.to_thread(
+                raw_answer, some.node_ip, some.port, wrong.encode()
+            )
+            result["wrong_secret"] = result["wrong_secret"].decode("latin-1")
+            right = (some.channel_secret + "\n").encode()
+            banner = await asyncio.to_thread(raw_answer_banner, some.node_ip, some.port, right)
+            result["right_secret"] = banner
+            (signals / "placed").write_text(json.dumps(result["hosts"]))
+            while not (signals / "failed").exists():
+                await asyncio.sleep(0.05)
+            failed_at = float((signals / "failed").read_text())
+            lost = {sid for sid, host in result["hosts"].items() if host == "w1"}
+            result["lost"] = {}
+            deadline = time.monotonic() + TIMEOUT
+            while len(result["lost"]) < len(lost) and time.monotonic() < deadline:
+                for sid in lost - set(result["lost"]):
+                    body = await state_of(api, sid)
+                    if body["state"] == "failed":
+                        result["lost"][sid] = [body["reason"], time.time() - failed_at]
+                await asyncio.sleep(0.1)
+            # w2's slots may all be taken by the survivors: end them, then place a new one.
+            survivors = [sid for sid in ids if sid not in lost]
+            await stop_all(api, survivors)
+            began = time.monotonic()
+            after = await create_ready_session(api, TIMEOUT)
+            result["after_seconds"] = time.monotonic() - began
+            found = await asyncio.to_thread(placement.find_session, after)
+            result["after_host"] = found.host if found is not None else None
+            result["after_init"] = await viewer_init(base, api, after)
+            await stop_all(api, [after])
+            result["states"] = {sid: (await state_of(api, sid))["state"] for sid in [*ids, after]}
+            result["left"] = sorted(placement.ACTOR_PREFIX + s for s in [*ids, after])
+            result["left"] = [
+                name
+                for name in await asyncio.to_thread(ray.util.list_named_actors)
+                if name in result["left"]
+            ]
+    finally:
+        await controller.close()
+    return result
+
+
+def raw_answer_banner(host: str, port: int, first: bytes) -> str:
+    """Connect with the right secret and return the first 12 bytes: the VNC server's banner."""
+    with socket.create_connection((host, port), timeout=10) as sock:
+        sock.sendall(first)
+        received = b""
+        while len(received) < 12:
+            chunk = sock.recv(12 - len(received))
+            if not chunk:
+                break
+            received += chunk
+        return received.decode("latin-1")
+
+
+def main() -> None:
+    address, token_file, data_dir, signals = sys.argv[1:5]
+    result = asyncio.run(run(address, Path(token_file), Path(data_dir), Path(signals)))
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
