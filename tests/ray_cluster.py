@@ -52,10 +52,24 @@ class Node:
     process: subprocess.Popen[bytes] | None = None
 
     def kill(self) -> None:
-        """Kill every process of the node at once (SIGKILL to its PID namespace's holder)."""
+        """Kill every process of the node at once and return once none of them is left.
+
+        SIGKILL to the holder makes the kernel kill the node's PID namespace, but that
+        teardown is asynchronous: a raylet with a large address space can outlive the holder by
+        a moment. Stragglers (found by the node's temp directory on their command line) are
+        killed again until ``/proc`` shows none, so a leftovers check after this is not a race.
+        """
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGKILL)
             self.process.wait(timeout=10)
+        deadline = time.monotonic() + 20
+        while stragglers := processes_naming(str(self.temp_dir)):
+            if time.monotonic() > deadline:
+                break  # the leftovers check names them
+            for pid, _ in stragglers:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.1)
 
 
 @dataclass
@@ -108,14 +122,21 @@ def leftovers(prefix: str) -> list[str]:
     left = [f"netns {name}" for name in found if name.startswith(prefix)]
     links = run(["ip", "-o", "link", "show"]).stdout
     left += [f"link {line.split(':')[1].strip()}" for line in links.splitlines() if prefix in line]
+    left += [f"process {pid}: {cmdline[:120]}" for pid, cmdline in processes_naming(prefix)]
+    return left
+
+
+def processes_naming(text: str) -> list[tuple[int, str]]:
+    """The live processes whose command line contains ``text`` (zombies have none)."""
+    found = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         with contextlib.suppress(OSError):
             cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            if prefix in cmdline:
-                left.append(f"process {proc.name}: {cmdline[:120]}")
-    return left
+            if text in cmdline:
+                found.append((int(proc.name), cmdline))
+    return found
 
 
 @dataclass
