@@ -23,13 +23,25 @@ from websockets.asyncio.client import connect
 from websockets.typing import Subprotocol
 
 from remotecli.cluster import placement
-from remotecli.config import ControllerConfig
+from remotecli.cluster.channel import preamble
+from remotecli.config import ControllerConfig, ProviderConfig
+from remotecli.controller.identity import ADMIN_USER
 from remotecli.controller.server import Controller
 from tests.conftest import MS
 from tests.e2e.sessions_api import create_ready_session
 from tests.rfb_viewer import RfbViewer
 
 TIMEOUT = 60_000 * MS
+KEEPER = "keeper"
+KEPT = b'{"token": "kept-before"}'
+KEEPER_COMMAND = (
+    "sh",
+    "-c",
+    "cp ~/.standin/credentials.json ~/.standin/seen.json && "
+    "printf refreshed > ~/.standin/token && exec sleep 3600",
+)
+"""A provider that keeps ``~/.standin``: it copies the sign-in it started with and adds a file,
+as a CLI refreshing its token would."""
 
 
 def raw_answer(host: str, port: int, first: bytes | None) -> bytes:
@@ -96,6 +108,7 @@ async def run(address: str, token_file: Path, data_dir: Path, signals: Path) -> 
         cluster_address=address,
         cluster_token_file=token_file,
         create_rate=None,
+        providers=(ProviderConfig(KEEPER, KEEPER_COMMAND, keep=("~/.standin",)),),
     )
     controller = Controller(config)
     await controller.start()
@@ -104,6 +117,7 @@ async def run(address: str, token_file: Path, data_dir: Path, signals: Path) -> 
         base = controller.url()
         headers = {"Authorization": f"Bearer {controller.admin_token}"}
         async with httpx.AsyncClient(base_url=base, headers=headers, timeout=TIMEOUT) as api:
+            result["signin"] = await kept_signin(controller, api)
             began = time.monotonic()
             first = await create_ready_session(api, TIMEOUT)
             result["create_to_ready"] = [time.monotonic() - began]
@@ -127,7 +141,7 @@ async def run(address: str, token_file: Path, data_dir: Path, signals: Path) -> 
                 raw_answer, some.node_ip, some.port, wrong.encode()
             )
             result["wrong_secret"] = result["wrong_secret"].decode("latin-1")
-            right = (some.channel_secret + "\n").encode()
+            right = preamble(some.channel_secret)
             banner = await asyncio.to_thread(raw_answer_banner, some.node_ip, some.port, right)
             result["right_secret"] = banner
             (signals / "placed").write_text(json.dumps(result["hosts"]))
@@ -163,6 +177,38 @@ async def run(address: str, token_file: Path, data_dir: Path, signals: Path) -> 
     finally:
         await controller.close()
     return result
+
+
+async def kept_signin(controller: Controller, api: httpx.AsyncClient) -> dict[str, Any]:
+    """Keep a sign-in, run a session of its provider on the cluster, end it; say what moved.
+
+    Returns the files the session's HOME held while it ran (read over its channel, as the
+    keeper does), and the kept sign-in's version and files after the session ended.
+    """
+    signins = controller.signins
+    assert signins is not None
+    signins.save(ADMIN_USER, KEEPER, {".standin/credentials.json": KEPT}, None)
+    created = await api.post("/api/sessions", json={"provider": KEEPER})
+    assert created.status_code == 201, created.text
+    session_id: str = created.json()["id"]
+    async with asyncio.timeout(TIMEOUT):
+        while (body := await state_of(api, session_id))["state"] != "ready":
+            assert body["state"] not in ("failed", "stopped"), body
+            await asyncio.sleep(0.05)
+        driver = controller.manager.driver if controller.manager is not None else None
+        assert driver is not None
+        while b"refreshed" not in (held := await driver.collect(session_id, ["~/.standin"])).get(
+            ".standin/token", b""
+        ):
+            await asyncio.sleep(0.1)
+    await stop_all(api, [session_id])
+    kept = signins.load(ADMIN_USER, KEEPER)
+    assert kept is not None
+    return {
+        "held": {path: data.decode() for path, data in sorted(held.items())},
+        "version": kept.version,
+        "kept": {path: data.decode() for path, data in sorted(kept.files.items())},
+    }
 
 
 def raw_answer_banner(host: str, port: int, first: bytes) -> str:

@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pytest
 from websockets.asyncio.client import connect
 
 from remotecli.cluster import channel
-from remotecli.cluster.channel import SessionChannel, new_secret, preamble, preamble_ok
+from remotecli.cluster.channel import (
+    SessionChannel,
+    decode_files,
+    encode_files,
+    new_secret,
+    preamble,
+    preamble_ok,
+)
 from remotecli.drivers.base import VncEndpoint
 from tests.conftest import MS
 from tests.test_bridge import make_stack, start_echo
@@ -17,16 +25,20 @@ from tests.test_bridge import make_stack, start_echo
 TIMEOUT = 5_000 * MS
 
 
-def test_preamble_is_the_secret_and_a_newline_only() -> None:
-    """Only the exact secret and its newline pass; a prefix, a longer line or another fail."""
+def test_preamble_is_the_secret_a_verb_and_a_newline_only() -> None:
+    """Only the exact secret, a known verb and the newline pass; the verb is what it returns."""
     secret = new_secret()
     assert len(secret) == 64
     assert secret != new_secret()
-    assert preamble_ok(preamble(secret), secret)
-    assert not preamble_ok(secret.encode(), secret)
-    assert not preamble_ok(preamble(secret)[1:], secret)
-    assert not preamble_ok(preamble(secret + "0"), secret)
-    assert not preamble_ok(preamble("0" * 64), secret)
+    assert preamble_ok(preamble(secret), secret) == "vnc"
+    assert preamble_ok(preamble(secret, "put"), secret) == "put"
+    assert preamble_ok(preamble(secret, "get"), secret) == "get"
+    assert preamble_ok(preamble(secret)[:-1], secret) is None
+    assert preamble_ok(secret.encode() + b"\n", secret) is None  # no verb
+    assert preamble_ok(preamble(secret, "tty"), secret) is None
+    assert preamble_ok(preamble(secret)[1:], secret) is None
+    assert preamble_ok(preamble(secret + "0"), secret) is None
+    assert preamble_ok(preamble("0" * 64), secret) is None
 
 
 async def answer(port: int, first: bytes | None, *, more: bytes = b"") -> bytes:
@@ -58,7 +70,8 @@ async def test_channel_relays_only_after_the_right_secret(
         assert await answer(port, preamble("0" * 64) + b"RFB 003.008\n") == b""
         assert await answer(port, b"a" * 70_000 + b"\n") == b""
         assert await answer(port, preamble(secret)[:-1]) == b""  # no newline: timed out
-        assert relay.refused == 4
+        assert await answer(port, secret.encode() + b"\n" + b"RFB 003.008\n") == b""  # no verb
+        assert relay.refused == 5
         assert len(echo.writers) == 1  # only the right one reached the socket
     finally:
         await relay.close()
@@ -82,3 +95,56 @@ async def test_bridge_sends_the_channel_secret_before_rfb(tmp_path: Path) -> Non
         await stack.gateway.shutdown(grace=0)
         await relay.close()
         echo.server.close()
+
+
+async def test_kept_files_go_in_once_before_the_start_and_come_back_after(tmp_path: Path) -> None:
+    """``put`` hands files over once, before the session starts; ``get`` reads its HOME after.
+
+    A wrong secret gets no byte for either verb; ``get`` before the start and a second ``put``
+    are refused by name; a malformed frame is answered with the cause, not a crash.
+    """
+    home = {".standin/token": b"refreshed"}
+    asked: list[list[str]] = []
+
+    async def collect(paths: Sequence[str]) -> Mapping[str, bytes]:
+        asked.append(list(paths))
+        return home
+
+    secret = new_secret()
+    relay = SessionChannel(secret, None, collect)
+    port = await relay.listen("127.0.0.1")
+
+    def ask(verb: str, message: dict[str, object], key: str = secret) -> dict[str, object]:
+        return channel.request("127.0.0.1", port, key, verb, message, timeout=5)
+
+    try:
+        files = {".standin/credentials.json": b"\x00kept\xff"}
+        with pytest.raises(OSError, match="closed without an answer"):
+            await asyncio.to_thread(ask, "put", {"files": encode_files(files)}, "0" * 64)
+        assert await asyncio.to_thread(ask, "get", {"paths": ["~/.standin"]}) == {
+            "error": "the session has not started"
+        }
+        bad = await asyncio.to_thread(ask, "put", {"files": {"a": "not base64!"}})
+        assert str(bad["error"]).startswith("bad request")
+        answer = await asyncio.to_thread(ask, "put", {"files": encode_files(files)})
+        assert answer == {"ok": True}
+        again = await asyncio.to_thread(ask, "put", {"files": encode_files(files)})
+        assert again == {"error": "kept files are taken once, before the session starts"}
+        assert relay.take_files() == files
+        assert relay.take_files() == {}
+        relay.vnc_path = str(tmp_path / "vnc.sock")  # the session runs
+        answer = await asyncio.to_thread(ask, "get", {"paths": ["~/.standin"]})
+        assert decode_files(answer["files"]) == home
+        assert asked == [["~/.standin"]]
+        assert relay.refused == 1
+    finally:
+        await relay.close()
+
+
+def test_a_spec_with_kept_files_is_refused_before_ray_sees_it() -> None:
+    """``place_session`` refuses a spec carrying ``home_files``: Ray would keep a copy of it."""
+    pytest.importorskip("ray", reason="needs ray: pip install -e '.[cluster]'")
+    from remotecli.cluster import placement
+
+    with pytest.raises(ValueError, match="over the session's channel"):
+        placement.place_session("s1", {"command": ["sh"], "home_files": {"a": b"secret"}})

@@ -44,6 +44,7 @@ if (_reason := _skip_reason()) is not None:
     pytest.skip(_reason, allow_module_level=True)
 
 from remotecli.cluster.watch import LOST_BOUND  # noqa: E402
+from tests.cluster_controller import KEPT  # noqa: E402
 from tests.ray_cluster import Cluster, leftovers, ray_cluster  # noqa: E402
 
 
@@ -95,6 +96,17 @@ def test_sessions_land_on_the_workers_and_stream_through_the_bridge(run: dict[st
     ]
     for width, height in run["inits"]:
         assert (width, height) == (1280, 720)
+
+
+def test_a_kept_signin_reaches_the_host_and_comes_back(run: dict[str, Any]) -> None:
+    """A kept sign-in is in the session's HOME on its host; what the CLI added is kept after."""
+    kept = json.loads(KEPT)
+    assert json.loads(run["signin"]["held"][".standin/credentials.json"]) == kept
+    assert json.loads(run["signin"]["held"][".standin/seen.json"]) == kept  # the CLI read it
+    assert run["signin"]["held"][".standin/token"] == "refreshed"
+    assert run["signin"]["version"] == 2  # the one saved before, then the session's
+    assert run["signin"]["kept"][".standin/token"] == "refreshed"
+    assert json.loads(run["signin"]["kept"][".standin/credentials.json"]) == kept
 
 
 def test_the_channel_refuses_a_missing_or_wrong_secret(run: dict[str, Any]) -> None:

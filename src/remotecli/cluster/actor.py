@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import os
 import socket
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,37 +62,55 @@ class SessionActor:
         self._ended: asyncio.Event | None = None
         self._report: dict[str, Any] = {}
 
-    async def start(self, spec: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Start the payload and return where it is: host, node id and IP, stream port, and
-        (for a real session) the channel secret and the seconds the local driver took.
+    async def open(self) -> dict[str, Any]:
+        """Open the session's channel on the node's address (Ray placed the actor: a slot is
+        held) and return where it is: host, node id and IP, channel port, secret.
 
-        ``spec``: ``provider``, ``command``, ``env``, ``width``, ``height``, ``home_files``
-        of a :class:`~remotecli.drivers.base.SessionSpec`. Raises the local driver's
+        The controller then ``put``s the session's kept files over the channel (never as an
+        argument Ray would keep) and calls :meth:`start`.
+        """
+        node_ip: str = ray.util.get_node_ip_address()  # type: ignore[no-untyped-call]
+        secret = new_secret()
+        self._channel = SessionChannel(secret, None, self._collect)
+        port = await self._channel.listen(node_ip)
+        self._report = self._where(node_ip, port, {"channel_secret": secret})
+        return self._report
+
+    async def start(self, spec: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Start the payload and return where it is (as :meth:`open`), for a real session with
+        the seconds the host's local driver took and the sandbox's posture.
+
+        ``spec``: ``provider``, ``command``, ``env``, ``width``, ``height``, ``keeps_signin``
+        of a :class:`~remotecli.drivers.base.SessionSpec`; its kept files are those a ``put``
+        brought over the channel. Raises the local driver's
         :class:`~remotecli.exceptions.DriverError` when the session cannot start.
         """
-        context = ray.get_runtime_context()
         node_ip: str = ray.util.get_node_ip_address()  # type: ignore[no-untyped-call]
         self._ended = asyncio.Event()
-        extra: dict[str, Any] = {}
         if spec is None:
             self._server = await asyncio.start_server(_serve_banner, node_ip, 0)
-            port = self._server.sockets[0].getsockname()[1]
+            self._report = self._where(node_ip, self._server.sockets[0].getsockname()[1], {})
         else:
-            port, extra = await self._start_local(spec, node_ip)
-        self._report = {
+            if self._channel is None:
+                await self.open()
+            self._report = {**self._report, **await self._start_local(spec)}
+        return self._report
+
+    def _where(self, node_ip: str, port: int, extra: dict[str, Any]) -> dict[str, Any]:
+        return {
             **extra,
             "session_id": self.session_id,
             "host": os.environ.get(HOST_NAME_VARIABLE) or socket.gethostname(),
-            "node_id": context.get_node_id(),
+            "node_id": ray.get_runtime_context().get_node_id(),
             "node_ip": node_ip,
             "port": port,
             "pid": os.getpid(),
         }
-        return self._report
 
-    async def _start_local(self, spec: dict[str, Any], node_ip: str) -> tuple[int, dict[str, Any]]:
+    async def _start_local(self, spec: dict[str, Any]) -> dict[str, Any]:
         from remotecli.drivers.base import SessionSpec
 
+        assert self._channel is not None
         driver = host_driver()
         workdir = driver.data_dir / "s" / self.session_id
         workdir.parent.mkdir(parents=True, exist_ok=True)
@@ -103,22 +122,25 @@ class SessionActor:
             env=dict(spec.get("env") or {}),
             width=int(spec.get("width", 1280)),
             height=int(spec.get("height", 720)),
-            home_files=dict(spec.get("home_files") or {}),
+            home_files=self._channel.take_files(),
             keeps_signin=bool(spec.get("keeps_signin", False)),
         )
         began = asyncio.get_running_loop().time()
         endpoint = await driver.start(session, lambda step: None)
         seconds = asyncio.get_running_loop().time() - began
         self._local = True
-        secret = new_secret()
-        self._channel = SessionChannel(secret, str(endpoint.unix_path))
-        port = await self._channel.listen(node_ip)
+        self._channel.vnc_path = str(endpoint.unix_path)
         posture = driver.posture()
-        return port, {
-            "channel_secret": secret,
+        return {
             "local_seconds": seconds,
             "sandbox": f"{posture.sandbox}; uids: {posture.uids}; limits: {posture.limits}",
         }
+
+    async def _collect(self, paths: Sequence[str]) -> Mapping[str, bytes]:
+        if not self._local:
+            return {}
+        files: Mapping[str, bytes] = await host_driver().collect(self.session_id, paths)
+        return files
 
     async def start_report(self) -> dict[str, Any]:
         """Return what :meth:`start` returned (a restarted controller asks again)."""

@@ -22,6 +22,8 @@ from remotecli.drivers.base import ProgressCallback, RunOutput, SessionSpec, Vnc
 from remotecli.exceptions import ClusterError, DriverError
 from remotecli.providers import HostPrograms
 
+COLLECT_TIMEOUT = 10.0
+"""How long reading a session's kept files back from its host may take."""
 NOT_YET = 'is not done for the cluster driver yet (docs/cluster.md, "Not done yet")'
 
 
@@ -66,11 +68,12 @@ class ClusterDriver:
             "env": dict(spec.env),
             "width": spec.width,
             "height": spec.height,
-            "home_files": dict(spec.home_files),
             "keeps_signin": spec.keeps_signin,
         }
         try:
-            placed = await asyncio.to_thread(placement.place_session, spec.session_id, payload)
+            placed = await asyncio.to_thread(
+                placement.place_session, spec.session_id, payload, files=dict(spec.home_files)
+            )
         except ClusterError as exc:
             raise DriverError(exc.message, session_id=spec.session_id) from exc
         self._placements[spec.session_id] = placed
@@ -129,8 +132,16 @@ class ClusterDriver:
         raise DriverError(f"headless runs {NOT_YET}", session_id=spec.session_id)
 
     async def collect(self, session_id: str, paths: Sequence[str]) -> dict[str, bytes]:
-        """Nothing is read back yet: a kept sign-in is not saved from a cluster session."""
-        return {}
+        """Read the kept files from the session's HOME on its host, over its channel."""
+        placed = self._placements.get(session_id)
+        if placed is None or not paths:
+            return {}
+        try:
+            return await asyncio.to_thread(
+                placement.read_back, placed, paths, timeout=COLLECT_TIMEOUT
+            )
+        except ClusterError as exc:
+            raise DriverError(exc.message, session_id=session_id) from exc
 
     async def tty_socket(self, session_id: str) -> str:
         raise DriverError(f"the text view {NOT_YET}", session_id=session_id)

@@ -12,13 +12,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
+from remotecli.cluster import channel
 from remotecli.cluster.actor import SessionActor
 from remotecli.cluster.nodes import SLOT_RESOURCE
 from remotecli.drivers.base import VncEndpoint
@@ -86,17 +87,26 @@ def actor_name(session_id: str) -> str:
 
 
 def place_session(
-    session_id: str, spec: Mapping[str, Any] | None = None, *, timeout: float = PLACE_TIMEOUT
+    session_id: str,
+    spec: Mapping[str, Any] | None = None,
+    *,
+    files: Mapping[str, bytes] | None = None,
+    timeout: float = PLACE_TIMEOUT,
 ) -> Placement:
     """Create the session's actor, wait until Ray placed it and its payload runs; say where.
 
     ``spec`` (see :meth:`SessionActor.start`) runs a real session with the host's local driver;
-    None runs the banner stand-in. It is a method's argument, not the constructor's: Ray keeps
-    no copy of it (a kept sign-in may be in its ``home_files``).
+    None runs the banner stand-in. For a real session the actor first opens its channel
+    (:meth:`SessionActor.open`, once Ray found a slot), ``files`` (the kept sign-in, path
+    relative to HOME → bytes) go over that channel, and only then does ``start(spec)`` run:
+    neither the files nor the spec are constructor arguments, which Ray keeps for restarts.
 
     Raises :class:`ClusterError` when no host had a free slot within ``timeout`` (the actor is
-    then killed, so it does not take a slot later) or the payload failed to start.
+    then killed, so it does not take a slot later), the files could not be handed over, or
+    the payload failed to start.
     """
+    if spec is not None and "home_files" in spec:
+        raise ValueError("kept files go over the session's channel (files=), never in its spec")
     actor = _SessionActor.options(
         name=actor_name(session_id),
         namespace=NAMESPACE,
@@ -106,8 +116,13 @@ def place_session(
         max_restarts=0,
     ).remote(session_id)
     try:
-        pending = actor.start.remote(dict(spec)) if spec is not None else actor.start.remote()
-        report = ray.get(pending, timeout=timeout)
+        if spec is None:
+            report = ray.get(actor.start.remote(), timeout=timeout)
+        else:
+            opened = Placement.from_report(ray.get(actor.open.remote(), timeout=timeout))
+            if files:
+                hand_over(opened, files, timeout=timeout)
+            report = ray.get(actor.start.remote(dict(spec)), timeout=timeout)
     except GetTimeoutError as exc:
         ray.kill(actor)
         raise ClusterError(
@@ -127,7 +142,59 @@ def place_session(
         raise ClusterError(
             f"session {session_id} did not start on its host: {reason}", session_id=session_id
         ) from exc
+    except ClusterError:
+        ray.kill(actor)
+        raise
     return Placement.from_report(report)
+
+
+def hand_over(placed: Placement, files: Mapping[str, bytes], *, timeout: float) -> None:
+    """``put`` a session's kept files to its channel before it starts; ClusterError if refused."""
+    assert placed.channel_secret is not None
+    try:
+        answer = channel.request(
+            placed.node_ip,
+            placed.port,
+            placed.channel_secret,
+            "put",
+            {"files": channel.encode_files(files)},
+            timeout=timeout,
+        )
+    except (OSError, ValueError) as exc:
+        answer = {"error": str(exc) or type(exc).__name__}
+    if answer.get("ok") is not True:
+        raise ClusterError(
+            f"session {placed.session_id}'s kept sign-in did not reach host {placed.host}: "
+            f"{answer.get('error')}",
+            session_id=placed.session_id,
+        )
+
+
+def read_back(placed: Placement, paths: Sequence[str], *, timeout: float) -> dict[str, bytes]:
+    """``get`` the kept files at ``paths`` from a running session's HOME over its channel.
+
+    Raises :class:`ClusterError` when the channel cannot be reached or refuses.
+    """
+    if placed.channel_secret is None:
+        return {}
+    try:
+        answer = channel.request(
+            placed.node_ip,
+            placed.port,
+            placed.channel_secret,
+            "get",
+            {"paths": list(paths)},
+            timeout=timeout,
+        )
+        if "error" not in answer:
+            return channel.decode_files(answer.get("files"))
+    except (OSError, ValueError) as exc:
+        answer = {"error": str(exc) or type(exc).__name__}
+    raise ClusterError(
+        f"session {placed.session_id}'s kept files could not be read from host {placed.host}: "
+        f"{answer['error']}",
+        session_id=placed.session_id,
+    )
 
 
 def find_sessions() -> dict[str, Placement]:

@@ -149,12 +149,15 @@ class RunManager:
         keeper: SignInKeeper,
         *,
         clock: Clock = time.time,
+        controller_id: str | None = None,
     ) -> None:
         self.config = config
         self.store = store
         self.driver = driver
         self.catalogue = catalogue
         self.keeper = keeper
+        self.controller_id = controller_id
+        """Recorded on its runs; :meth:`recover` settles only those (None: every run)."""
         self._clock = clock
         self._live: dict[str, _Live] = {}
         self._closing = False
@@ -183,7 +186,9 @@ class RunManager:
             raise ServiceUnavailable("the controller is shutting down; try again in a moment")
         self._check_limits(owner)
         now = self._clock()
-        record = self.store.create_run(new_run_id(), owner, provider, prompt, timeout, now)
+        record = self.store.create_run(
+            new_run_id(), owner, provider, prompt, timeout, now, controller=self.controller_id
+        )
         home_files, base = self.keeper.restore(owner, provider)
         spec = SessionSpec(
             session_id=record.id,
@@ -285,7 +290,7 @@ class RunManager:
 
     async def recover(self) -> None:
         """Settle the runs a previous controller left running: their sandboxes go, they fail."""
-        for record in self.store.active_runs():
+        for record in self.store.active_runs(self.controller_id):
             with contextlib.suppress(RemoteCliError, OSError):
                 await self.driver.recover(record.id, self._workdir(record.id))
             self.store.apply_run(record.id, RunStep.FAIL, self._clock(), reason=RESTART_REASON)

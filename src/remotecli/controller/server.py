@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
+import secrets
 import signal
 import socket
 import tempfile
@@ -47,6 +49,7 @@ from remotecli.providers import Catalogue
 log = get_logger("controller")
 
 ADMIN_TOKEN_FILE = "admin.token"  # noqa: S105 (a file name)
+CONTROLLER_ID_FILE = "controller.id"
 STORE_FILE = "remotecli.sqlite3"
 SOCKET_NAME = "controller.sock"
 URL_FILE = "url"  # DATA_DIR/run/url: the serving controller's base URL, for `user add`
@@ -181,6 +184,27 @@ def _bind_tcp(address: tuple[str, int]) -> socket.socket:
     return sock
 
 
+def ensure_controller_id(data_dir: Path) -> str:
+    """Return this controller's id, made once and kept in ``controller.id`` (mode 0600).
+
+    Sessions record the controller that runs them, so controllers sharing one database each
+    recover, reap and stop on shutdown only their own; a restart on the same data dir is the
+    same controller, and takes its sessions back.
+    """
+    path = data_dir / CONTROLLER_ID_FILE
+    with contextlib.suppress(FileNotFoundError):
+        text = path.read_text(encoding="utf-8").strip()
+        if re.fullmatch(r"[A-Za-z0-9_-]{8,64}", text):
+            return text
+        raise ConfigError(
+            f"{path} does not hold a controller id (8 to 64 of A-Z, a-z, 0-9, _ and -); "
+            "remove it to make a new one"
+        )
+    controller_id = secrets.token_urlsafe(9)
+    _write_private(path, controller_id + "\n")
+    return controller_id
+
+
 def _write_private(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` (mode 0600), replacing it whole."""
     temporary = path.with_name(path.name + ".tmp")
@@ -278,7 +302,13 @@ class Controller:
         catalogue = Catalogue(config.providers, driver=driver)
         self.signins = signins = SignIns.open(store, data_dir, config.secret_key)
         self.manager = manager = SessionManager(
-            config, store, driver, catalogue, registry=self.registry, signins=signins
+            config,
+            store,
+            driver,
+            catalogue,
+            registry=self.registry,
+            signins=signins,
+            controller_id=ensure_controller_id(data_dir),
         )
         await manager.start()
         self.identity = identity = Identity.of_store(

@@ -65,7 +65,10 @@ LABEL_MAX = 64
 """Characters a session's label may have."""
 
 STORE_POLL = 1.0
-"""Seconds between looks for changes another process made to the store (a removed user)."""
+"""Seconds between looks for changes another process made to the store (a removed user, a
+stop another controller asked for)."""
+REMOTE_STOP_WAIT = 30.0
+"""How long a stop asked of another controller is waited for before answering ``stopping``."""
 
 Clock = Callable[[], float]
 
@@ -154,8 +157,12 @@ class SessionManager:
         clock: Clock = time.time,
         registry: prometheus_client.CollectorRegistry | None = None,
         signins: SignIns | None = None,
+        controller_id: str | None = None,
     ) -> None:
         self.config = config
+        self.controller_id = controller_id
+        """Recorded on the sessions this manager creates; it recovers, reaps and stops on
+        shutdown only those (and unrecorded ones). None: every session is its own."""
         self.store = store
         self.driver = driver
         self.catalogue = catalogue
@@ -172,7 +179,9 @@ class SessionManager:
         self._started = False
         self._metrics = _Metrics(registry)
         self.keeper = SignInKeeper(signins, driver)
-        self.runs = RunManager(config, store, driver, catalogue, self.keeper, clock=clock)
+        self.runs = RunManager(
+            config, store, driver, catalogue, self.keeper, clock=clock, controller_id=controller_id
+        )
         """The headless runs (``/api/runs``): same driver, catalogue and kept sign-ins."""
 
     # --- lifecycle of the manager --------------------------------------------------------------
@@ -210,7 +219,7 @@ class SessionManager:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         # A hibernated session has no process: it stays hibernated for the next start.
-        active = [r for r in self.store.active_sessions() if r.state is not State.HIBERNATED]
+        active = [r for r in self._own_active() if r.state is not State.HIBERNATED]
         if self.config.on_shutdown == "keep":
             active = [r for r in active if not await self._keep(r)]
         await asyncio.gather(
@@ -248,7 +257,7 @@ class SessionManager:
         else is stopped through the driver and marked ``failed`` (it was running, starting or
         hibernated) or ``stopped`` (it was stopping).
         """
-        for record in self.store.active_sessions():
+        for record in self._own_active():
             workdir = self._workdir(record.id)
             if record.state in (State.READY, State.HIBERNATED) and await self._recover_asleep(
                 record, workdir
@@ -318,7 +327,7 @@ class SessionManager:
 
         Returns the ids stopped. Runs on start and whenever the store changes underneath.
         """
-        doomed = [r.id for r in self.store.removed_owners_with_sessions()]
+        doomed = [r.id for r in self.store.removed_owners_with_sessions() if self._runs(r)]
         if doomed:
             await asyncio.gather(
                 *(
@@ -340,6 +349,7 @@ class SessionManager:
                 if version != seen:
                     seen = version
                     await self.end_removed_users()
+                    await self.carry_out_stops()
             except Exception:  # the watch must outlive one bad round
                 log.exception("store watch round failed")
 
@@ -385,7 +395,12 @@ class SessionManager:
         if self._creation_rate is not None:
             self._creation_rate.check(owner)
         record = self.store.create_session(
-            new_session_id(), owner, provider, self._clock(), label=clean_label(label)
+            new_session_id(),
+            owner,
+            provider,
+            self._clock(),
+            label=clean_label(label),
+            controller=self.controller_id,
         )
         if self._creation_rate is not None:
             self._creation_rate.spend(owner)  # only once accepted: a full disk costs nothing
@@ -514,10 +529,52 @@ class SessionManager:
         record = self.store.session(session_id)
         if is_final(record.state):
             return record
+        if not self._runs(record):
+            return await self._ask_owner_to_stop(record, reason, cause)
         runtime = self._runtime.setdefault(session_id, _Runtime())
         if runtime.stopping is None:
             runtime.stopping = asyncio.create_task(self._stop(session_id, reason, cause))
         return await asyncio.shield(runtime.stopping)
+
+    def _runs(self, record: SessionRecord) -> bool:
+        """Whether this manager runs ``record`` (it made it, or no controller is recorded)."""
+        return self.controller_id is None or record.controller in (None, self.controller_id)
+
+    def _own_active(self) -> list[SessionRecord]:
+        return self.store.active_sessions(self.controller_id)
+
+    async def _ask_owner_to_stop(
+        self, record: SessionRecord, reason: str | None, cause: str | None
+    ) -> SessionRecord:
+        """Stop a session another controller runs: record ``stopping`` in the shared store; its
+        controller sees it within :data:`STORE_POLL` and stops it (keeping its sign-in, as its
+        own stop would). Returns the session once final, or as it is after
+        :data:`REMOTE_STOP_WAIT` (still ``stopping`` while its controller is down: that one's
+        restart ends it)."""
+        if record.state is not State.STOPPING:
+            with contextlib.suppress(Conflict):  # it ended or was asked meanwhile
+                record = self._apply(record.id, Event.STOP, reason=reason, cause=cause)
+        deadline = self._clock() + REMOTE_STOP_WAIT
+        while not is_final(record.state) and self._clock() < deadline:
+            await asyncio.sleep(STORE_POLL / 4)
+            record = self.store.session(record.id)
+        return record
+
+    async def carry_out_stops(self) -> list[str]:
+        """Stop this manager's sessions that another controller recorded ``stopping``.
+
+        Returns their ids. The store watch calls it every :data:`STORE_POLL`.
+        """
+        asked = [
+            r.id
+            for r in self._own_active()
+            if r.state is State.STOPPING
+            and (r.id not in self._runtime or self._runtime[r.id].stopping is None)
+        ]
+        if asked:
+            await asyncio.gather(*(self.stop(sid) for sid in asked), return_exceptions=True)
+            log.info("sessions stopped at another controller's request", session_ids=asked)
+        return asked
 
     async def _stop(self, session_id: str, reason: str | None, cause: str | None) -> SessionRecord:
         record = self.store.session(session_id)
@@ -642,7 +699,7 @@ class SessionManager:
         asleep = self.config.hibernate_after
         doomed: dict[str, str] = {}
         drowsy: list[str] = []
-        for record in self.store.active_sessions():
+        for record in self._own_active():
             if record.state is State.STOPPING:
                 continue
             runtime = self._runtime.get(record.id)

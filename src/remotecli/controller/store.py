@@ -358,15 +358,22 @@ class Store(RunTable):
     # --- sessions ------------------------------------------------------------------------------
 
     def create_session(
-        self, session_id: str, owner: str, provider: str, now: float, label: str | None = None
+        self,
+        session_id: str,
+        owner: str,
+        provider: str,
+        now: float,
+        label: str | None = None,
+        controller: str | None = None,
     ) -> SessionRecord:
-        """Insert a new ``pending`` session and log its creation; raise Conflict on a taken id."""
+        """Insert a new ``pending`` session run by ``controller`` and log its creation; raise
+        Conflict on a taken id."""
         try:
             with self._transaction() as db:
                 db.execute(
                     "INSERT INTO sessions (id, owner, provider, state, created_at, updated_at,"
-                    " label) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (session_id, owner, provider, State.PENDING.value, now, now, label),
+                    " label, controller) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (session_id, owner, provider, State.PENDING.value, now, now, label, controller),
                 )
                 db.execute(
                     "INSERT INTO transitions (session_id, from_state, to_state, event, at)"
@@ -417,13 +424,16 @@ class Store(RunTable):
         ).fetchone()
         return None if row is None else session_record(row)
 
-    def active_sessions(self) -> list[SessionRecord]:
-        """Return every session not in a final state, oldest first."""
+    def active_sessions(self, controller: str | None = None) -> list[SessionRecord]:
+        """Return every session not in a final state, oldest first; with ``controller``, only
+        those it runs (and those no controller was recorded for)."""
         marks = ",".join("?" * len(ACTIVE_STATES))
-        rows = self._db.execute(
-            f"SELECT * FROM sessions WHERE state IN ({marks}) ORDER BY created_at",  # noqa: S608
-            [s.value for s in ACTIVE_STATES],
-        )
+        query = f"SELECT * FROM sessions WHERE state IN ({marks})"  # noqa: S608
+        params: list[str] = [s.value for s in ACTIVE_STATES]
+        if controller is not None:
+            query += " AND (controller IS NULL OR controller = ?)"
+            params.append(controller)
+        rows = self._db.execute(query + " ORDER BY created_at", params)
         return [session_record(r) for r in rows]
 
     def count_active(self, owner: str | None = None) -> int:

@@ -34,15 +34,31 @@ class RunTable:
             yield self._db
 
     def create_run(
-        self, run_id: str, owner: str, provider: str, prompt: str, timeout_s: float, now: float
+        self,
+        run_id: str,
+        owner: str,
+        provider: str,
+        prompt: str,
+        timeout_s: float,
+        now: float,
+        controller: str | None = None,
     ) -> RunRecord:
-        """Insert a new ``queued`` run; raise Conflict on a taken id."""
+        """Insert a new ``queued`` run of ``controller``; raise Conflict on a taken id."""
         try:
             with self._transaction() as db:
                 db.execute(
-                    "INSERT INTO runs (id, owner, provider, prompt, state, timeout_s, created_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (run_id, owner, provider, prompt, RunState.QUEUED.value, timeout_s, now),
+                    "INSERT INTO runs (id, owner, provider, prompt, state, timeout_s, created_at,"
+                    " controller) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        run_id,
+                        owner,
+                        provider,
+                        prompt,
+                        RunState.QUEUED.value,
+                        timeout_s,
+                        now,
+                        controller,
+                    ),
                 )
         except Conflict as exc:
             raise Conflict(f"cannot create run {run_id}: {exc}", run_id=run_id) from exc
@@ -72,14 +88,15 @@ class RunTable:
         )
         return [run_record(r) for r in rows]
 
-    def active_runs(self) -> list[RunRecord]:
-        """Return every run still ``queued`` or ``running``, oldest first."""
-        states = tuple(s.value for s in ACTIVE_RUN_STATES)
-        rows = self._db.execute(
-            f"SELECT * FROM runs WHERE state IN ({', '.join('?' * len(states))})"  # noqa: S608
-            " ORDER BY created_at",
-            states,
-        )
+    def active_runs(self, controller: str | None = None) -> list[RunRecord]:
+        """Return every run still ``queued`` or ``running``, oldest first; with ``controller``,
+        only its own (and those no controller was recorded for)."""
+        params: list[str] = [s.value for s in ACTIVE_RUN_STATES]
+        query = f"SELECT * FROM runs WHERE state IN ({', '.join('?' * len(params))})"  # noqa: S608
+        if controller is not None:
+            query += " AND (controller IS NULL OR controller = ?)"
+            params.append(controller)
+        rows = self._db.execute(query + " ORDER BY created_at", params)
         return [run_record(r) for r in rows]
 
     def apply_run(

@@ -70,6 +70,12 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX runs_by_owner ON runs(owner, created_at)",
         "CREATE INDEX runs_by_state ON runs(state)",
     ),
+    (
+        # Several controllers on one database (docs/cluster.md): the one that created a
+        # session runs it; NULL for sessions from before, which every controller takes as its own.
+        "ALTER TABLE sessions ADD COLUMN controller TEXT",
+        "ALTER TABLE runs ADD COLUMN controller TEXT",
+    ),
 )
 """Schema migrations in order; migration ``n`` brings ``user_version`` from ``n`` to ``n + 1``."""
 
@@ -93,6 +99,8 @@ class SessionRecord:
     bytes_out: int
     label: str | None = None
     end_cause: str | None = None
+    controller: str | None = None
+    """The controller that runs it (None: any; a database one controller had alone)."""
 
 
 @dataclass(frozen=True)
@@ -140,6 +148,8 @@ class RunRecord:
     events: str | None = field(repr=False)
     input_tokens: int | None
     output_tokens: int | None
+    controller: str | None = None
+    """The controller that runs it (None: any)."""
 
 
 @dataclass(frozen=True)
@@ -230,4 +240,5 @@ def session_record(row: Row) -> SessionRecord:
         bytes_out=row["bytes_out"],
         label=row["label"],
         end_cause=row["end_cause"],
+        controller=row["controller"],
     )
