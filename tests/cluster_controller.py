@@ -32,6 +32,8 @@ from tests.e2e.sessions_api import create_ready_session
 from tests.rfb_viewer import RfbViewer
 
 TIMEOUT = 60_000 * MS
+ADMIN_TOKEN = "cluster-admin-token-" + "0" * 24
+SHARED_SESSIONS = 6
 KEEPER = "keeper"
 KEPT = b'{"token": "kept-before"}'
 KEEPER_COMMAND = (
@@ -100,16 +102,85 @@ async def stop_all(api: httpx.AsyncClient, ids: list[str]) -> None:
                 await asyncio.sleep(0.05)
 
 
-async def run(address: str, token_file: Path, data_dir: Path, signals: Path) -> dict[str, Any]:
-    config = ControllerConfig(
+def controller_config(
+    address: str, token_file: Path, data_dir: Path, store_url: str | None
+) -> ControllerConfig:
+    """A controller with the cluster driver, on ``store_url`` (None: SQLite in ``data_dir``)."""
+    return ControllerConfig(
         listen=("127.0.0.1", 0),
         data_dir=data_dir,
         driver="cluster",
         cluster_address=address,
         cluster_token_file=token_file,
         create_rate=None,
+        max_sessions=16,  # a user alone may hold 16 // 2 = 8 (the fair share)
+        max_sessions_per_user=8,
+        store_url=store_url,
+        admin_token=ADMIN_TOKEN,
         providers=(ProviderConfig(KEEPER, KEEPER_COMMAND, keep=("~/.standin",)),),
     )
+
+
+async def typed_through(base: str, api: httpx.AsyncClient, session_id: str, text: str) -> list[int]:
+    """Open the VNC path at the gateway ``base``, shake hands, type ``text`` and Return."""
+    ticket = (await api.post(f"/api/sessions/{session_id}/ticket")).json()["ticket"]
+    url = f"ws{base.removeprefix('http')}/api/sessions/{session_id}/vnc?ticket={ticket}"
+    async with connect(url, subprotocols=[Subprotocol("binary")], max_size=None) as ws:
+
+        async def receive() -> bytes:
+            data = await ws.recv()
+            assert isinstance(data, bytes)
+            return data
+
+        viewer = RfbViewer(receive, ws.send)
+        init = await asyncio.wait_for(viewer.handshake(), TIMEOUT)
+        await viewer.wait_non_blank(TIMEOUT)  # the terminal is drawn: keys reach the shell
+        await viewer.type(text + "\n")
+        await asyncio.wait_for(viewer.framebuffer_update(), TIMEOUT)  # the keys were processed
+        return [init.width, init.height]
+
+
+async def shared(controllers: list[Controller], apis: list[httpx.AsyncClient]) -> dict[str, Any]:
+    """Two controllers on one database: six sessions, made alternately at each; each viewed and
+    typed into through the *other* controller's gateway, then deleted there too."""
+    owners: dict[str, int] = {}
+    for index in range(SHARED_SESSIONS):
+        owners[await create_ready_session(apis[index % 2], TIMEOUT)] = index % 2
+    placed = {sid: await asyncio.to_thread(placement.find_session, sid) for sid in owners}
+    result: dict[str, Any] = {
+        "hosts": {sid: p.host if p is not None else None for sid, p in placed.items()},
+        "controllers": {
+            sid: controllers[0].store.session(sid).controller if controllers[0].store else None
+            for sid in owners
+        },
+        "inits": {},
+        "typed": {},
+    }
+
+    for sid, mine in owners.items():
+        other = 1 - mine
+        text = f"echo typed-{sid} > ~/typed"
+        result["inits"][sid] = await typed_through(controllers[other].url(), apis[other], sid, text)
+    for sid, mine in owners.items():
+        manager = controllers[mine].manager
+        assert manager is not None
+        async with asyncio.timeout(TIMEOUT):
+            while not (held := await manager.driver.collect(sid, ["~/typed"])).get("typed"):
+                await asyncio.sleep(0.1)
+        result["typed"][sid] = held["typed"].decode().strip()
+
+    stopped = {}
+    for sid, mine in owners.items():
+        answer = await apis[1 - mine].delete(f"/api/sessions/{sid}")
+        stopped[sid] = answer.json()["state"]
+    result["stopped_elsewhere"] = stopped
+    return result
+
+
+async def run(
+    address: str, token_file: Path, data_dir: Path, signals: Path, store_url: str | None
+) -> dict[str, Any]:
+    config = controller_config(address, token_file, data_dir, store_url)
     controller = Controller(config)
     await controller.start()
     result: dict[str, Any] = {}
@@ -118,11 +189,23 @@ async def run(address: str, token_file: Path, data_dir: Path, signals: Path) -> 
         headers = {"Authorization": f"Bearer {controller.admin_token}"}
         async with httpx.AsyncClient(base_url=base, headers=headers, timeout=TIMEOUT) as api:
             result["signin"] = await kept_signin(controller, api)
+            if store_url is not None:
+                second = Controller(
+                    controller_config(address, token_file, data_dir.with_name("ctl-b"), store_url)
+                )
+                await second.start()
+                try:
+                    async with httpx.AsyncClient(
+                        base_url=second.url(), headers=headers, timeout=TIMEOUT
+                    ) as other:
+                        result["shared"] = await shared([controller, second], [api, other])
+                finally:
+                    await second.close()
             began = time.monotonic()
             first = await create_ready_session(api, TIMEOUT)
             result["create_to_ready"] = [time.monotonic() - began]
             ids = [first]
-            for _ in range(2):
+            for _ in range(3):  # one more than a host has slots: both are used
                 began = time.monotonic()
                 ids.append(await create_ready_session(api, TIMEOUT))
                 result["create_to_ready"].append(time.monotonic() - began)
@@ -226,7 +309,8 @@ def raw_answer_banner(host: str, port: int, first: bytes) -> str:
 
 def main() -> None:
     address, token_file, data_dir, signals = sys.argv[1:5]
-    result = asyncio.run(run(address, Path(token_file), Path(data_dir), Path(signals)))
+    store_url = sys.argv[5] if len(sys.argv) > 5 else None
+    result = asyncio.run(run(address, Path(token_file), Path(data_dir), Path(signals), store_url))
     print("RESULT " + json.dumps(result), flush=True)
 
 

@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ if (_reason := _skip_reason()) is not None:
 
 from remotecli.cluster.watch import LOST_BOUND  # noqa: E402
 from tests.cluster_controller import KEPT  # noqa: E402
+from tests.postgres import PostgresServer  # noqa: E402
 from tests.ray_cluster import Cluster, leftovers, ray_cluster  # noqa: E402
 
 
@@ -52,25 +54,29 @@ from tests.ray_cluster import Cluster, leftovers, ray_cluster  # noqa: E402
 def cluster() -> Iterator[Cluster]:
     """One real cluster for the module, removed after its last test."""
     root = Path("/tmp") / f"rd{os.getpid()}"
-    with ray_cluster(root, workers=2, slots=2, prefix=f"rd{os.getpid() % 100000}") as running:
+    with ray_cluster(root, workers=2, slots=3, prefix=f"rd{os.getpid() % 100000}") as running:
         yield running
 
 
 @pytest.fixture(scope="module")
-def run(cluster: Cluster) -> dict[str, Any]:
-    """Run the controller program; kill worker w1 once it says its sessions are placed."""
+def run(cluster: Cluster, postgres_server: PostgresServer) -> dict[str, Any]:
+    """Run the controller program (two controllers on one PostgreSQL database for a while);
+    kill worker w1 once it says its sessions are placed."""
     signals = cluster.root / "signals"
     signals.mkdir()
     argv = ["ip", "netns", "exec", cluster.controller_netns, sys.executable]
     argv += ["-m", "tests.cluster_controller", cluster.address, str(cluster.token_path)]
-    argv += [str(cluster.root / "ctl"), str(signals)]
+    argv += [str(cluster.root / "ctl"), str(signals), postgres_server.new_database()]
     process = subprocess.Popen(
         argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cluster.env()
     )
     deadline = time.monotonic() + 180_000 * MS
     while not (signals / "placed").exists():
         assert process.poll() is None, process.communicate()[1][-4000:]
-        assert time.monotonic() < deadline, "the sessions were not placed"
+        if time.monotonic() > deadline:
+            process.kill()
+            stderr = process.communicate()[1]
+            raise AssertionError(f"the sessions were not placed: {stderr[-4000:]}")
         time.sleep(0.05)
     hosts = json.loads((signals / "placed").read_text())
     assert "w1" in hosts.values(), hosts
@@ -88,7 +94,7 @@ def run(cluster: Cluster) -> dict[str, Any]:
 def test_sessions_land_on_the_workers_and_stream_through_the_bridge(run: dict[str, Any]) -> None:
     """Sessions created through the API run on w1 and w2; the viewer reads the real ServerInit."""
     assert set(run["hosts"].values()) == {"w1", "w2"}
-    assert len(run["inits"]) == 3
+    assert len(run["inits"]) == 4
     assert run["sandbox"] == [
         "bubblewrap: user, mount, pid, ipc, uts, cgroup and network namespaces; "
         "uids: one unprivileged host uid per session; limits: "
@@ -107,6 +113,22 @@ def test_a_kept_signin_reaches_the_host_and_comes_back(run: dict[str, Any]) -> N
     assert run["signin"]["version"] == 2  # the one saved before, then the session's
     assert run["signin"]["kept"][".standin/token"] == "refreshed"
     assert json.loads(run["signin"]["kept"][".standin/credentials.json"]) == kept
+
+
+def test_two_controllers_share_the_cluster_and_serve_each_others_sessions(
+    run: dict[str, Any],
+) -> None:
+    """Six sessions made alternately at two controllers on one PostgreSQL database spread over
+    both workers; each is viewed (RFB handshake) and typed into through the other controller's
+    gateway, the command runs in it, and a delete there stops it at the one that runs it."""
+    shared = run["shared"]
+    assert len(shared["hosts"]) == 6
+    assert set(shared["hosts"].values()) == {"w1", "w2"}
+    assert sorted(Counter(shared["controllers"].values()).values()) == [3, 3]
+    for session_id, init in shared["inits"].items():
+        assert init == [1280, 720]
+        assert shared["typed"][session_id] == f"typed-{session_id}"
+    assert set(shared["stopped_elsewhere"].values()) == {"stopped"}
 
 
 def test_the_channel_refuses_a_missing_or_wrong_secret(run: dict[str, Any]) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from remotecli.cluster import placement, watch
 from remotecli.cluster.host import use_token
@@ -39,6 +40,9 @@ class ClusterDriver:
         self._placements: dict[str, Placement] = {}
         self._connected = False
         self._lock = asyncio.Lock()
+        self._table_lock = asyncio.Lock()
+        self._table: list[dict[str, Any]] = []
+        self._table_at = float("-inf")
 
     async def _connect(self) -> None:
         async with self._lock:
@@ -86,9 +90,19 @@ class ClusterDriver:
         if placed is None:
             return f"session {session_id} is not running in this driver"
         try:
-            return await asyncio.to_thread(watch.wait_session, placed)
+            return await watch.await_session(placed, self._node_table)
         except ValueError:  # its actor is gone (stopped)
             return "stopped"
+
+    async def _node_table(self) -> list[dict[str, Any]]:
+        """Ray's node table, read at most once per :data:`watch.POLL` for every waiting session
+        (a read is a short blocking call, in a worker thread; a wait holds none)."""
+        async with self._table_lock:
+            now = asyncio.get_running_loop().time()
+            if now - self._table_at >= watch.POLL:
+                self._table = await asyncio.to_thread(placement.node_table)
+                self._table_at = asyncio.get_running_loop().time()
+            return self._table
 
     async def stop(self, session_id: str) -> None:
         """End the session's actor (the host's driver removes its processes); idempotent."""

@@ -11,8 +11,9 @@ session until it ends or its host is lost. Measured bounds are in docs/cluster.m
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 import ray
@@ -51,6 +52,38 @@ def lost_sessions(
 def check_hosts(placements: Mapping[str, Placement]) -> dict[str, str]:
     """Apply :func:`lost_sessions` to Ray's node table now."""
     return lost_sessions(placements, node_table())
+
+
+async def await_session(
+    placement: Placement, nodes: Callable[[], Awaitable[Iterable[Mapping[str, Any]]]]
+) -> str:
+    """Return once the session ends, with its reason (``"host HOST lost"`` for a dead host).
+
+    The same rule as :func:`wait_session`, holding no thread while it waits: the actor's
+    ``wait`` result is awaited as a future, and ``nodes`` gives Ray's node table (a caller
+    watching many sessions reads it once per :data:`POLL` for all of them).
+    """
+    actor: Any = await asyncio.to_thread(
+        ray.get_actor, actor_name(placement.session_id), namespace=NAMESPACE
+    )
+    pending = asyncio.wrap_future(actor.wait.remote().future())
+    try:
+        while True:
+            done, _ = await asyncio.wait({pending}, timeout=POLL)
+            if done:
+                try:
+                    return str(pending.result())
+                except ActorUnavailableError:
+                    await asyncio.sleep(POLL)  # the host is silent: the node table decides
+                    pending = asyncio.wrap_future(actor.wait.remote().future())
+                except ActorDiedError as exc:
+                    if lost_sessions({placement.session_id: placement}, await nodes()):
+                        return lost_reason(placement)
+                    return f"session actor died: {str(exc).splitlines()[0]}"
+            if lost_sessions({placement.session_id: placement}, await nodes()):
+                return lost_reason(placement)
+    finally:
+        pending.cancel()
 
 
 def wait_session(placement: Placement) -> str:
