@@ -894,7 +894,10 @@ _SLOTS_OPTION = click.option(
     help="Session slots this host offers (default: from its cores and memory).",
 )
 _NAME_OPTION = click.option(
-    "--name", default=None, help="The name a lost host is reported by (default: its hostname)."
+    "--name",
+    default=None,
+    help="The name this host is shown and a lost host reported by (default: its hostname); "
+    "letters, digits, '-', '_', '.'.",
 )
 
 
@@ -918,7 +921,7 @@ def cluster_head(
 
     if create_token(token_file):
         click.echo(f"wrote a new cluster token to {token_file}; copy it to every host")
-    settings = NodeSettings(host_slots(slots), include_dashboard=dashboard)
+    settings = NodeSettings(host_slots(slots), include_dashboard=dashboard, name=name)
     argv = ray_start_argv(settings, head_address=None, node_ip=node_ip)
     sys.exit(run_ray_start(argv, token_file, name))
 
@@ -936,7 +939,8 @@ def cluster_join(
     from remotecli.cluster.host import host_slots, run_ray_start
     from remotecli.cluster.nodes import NodeSettings, ray_start_argv
 
-    argv = ray_start_argv(NodeSettings(host_slots(slots)), head_address=address, node_ip=node_ip)
+    settings = NodeSettings(host_slots(slots), name=name)
+    argv = ray_start_argv(settings, head_address=address, node_ip=node_ip)
     sys.exit(run_ray_start(argv, token_file, name))
 
 

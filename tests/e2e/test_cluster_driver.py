@@ -97,6 +97,33 @@ def test_sessions_land_on_the_workers_and_stream_through_the_bridge(run: dict[st
         assert (width, height) == (1280, 720)
 
 
+def test_readyz_metrics_and_the_store_show_each_worker_and_its_sessions(
+    run: dict[str, Any],
+) -> None:
+    """/readyz lists the head and both workers with their slots, free slots and this controller's
+    sessions, /metrics has the same per host, the store and the API name each session's worker,
+    and once w1 is killed /readyz shows it down with no free slot."""
+    placed: dict[str, str] = run["hosts"]
+    on = {name: sorted(s for s, h in placed.items() if h == name) for name in ("w1", "w2")}
+    readyz = run["readyz"]
+    assert sorted(readyz) == ["head", "w1", "w2"]
+    assert (readyz["head"]["slots"], readyz["head"]["sessions"]) == (0, [])
+    for name in ("w1", "w2"):
+        host = readyz[name]
+        assert (host["up"], host["slots"], host["sessions"]) == (True, 2, on[name])
+        assert host["slots_free"] == 2 - len(on[name])
+        assert f'remotecli_host_sessions{{host="{name}"}} {float(len(on[name]))}' in run["metrics"]
+        assert f'remotecli_host_slots{{host="{name}"}} 2.0' in run["metrics"]
+        free = f'remotecli_host_slots_free{{host="{name}"}} {float(2 - len(on[name]))}'
+        assert free in run["metrics"]
+        assert f'remotecli_host_up{{host="{name}"}} 1.0' in run["metrics"]
+    assert run["api_hosts"] == placed
+    assert run["store_hosts"] == placed
+    lost = run["readyz_after_loss"]["w1"]
+    assert (lost["up"], lost["slots_free"]) == (False, 0)
+    assert run["readyz_after_loss"]["w2"]["up"] is True
+
+
 def test_the_channel_refuses_a_missing_or_wrong_secret(run: dict[str, Any]) -> None:
     """A connection without the secret, or with a wrong one, gets no byte; the right one RFB."""
     assert run["no_secret"] == ""

@@ -162,6 +162,11 @@ class SessionOut(BaseModel):
     viewers: int
     bytes_in: int = Field(description="Bytes viewers sent to the session")
     bytes_out: int = Field(description="Bytes the session sent to viewers")
+    host: str | None = Field(
+        default=None,
+        description="The host it runs (or ran) on, with the cluster driver; null on the "
+        "controller's own host",
+    )
     open_url: str | None = Field(
         default=None,
         description="The latest link the session asked a browser to open (a sign-in page): "
@@ -212,6 +217,7 @@ def _session_fields(record: SessionRecord, viewers: int, open_url: str | None) -
         "viewers": viewers,
         "bytes_in": record.bytes_in,
         "bytes_out": record.bytes_out,
+        "host": record.host,
     }
 
 
@@ -259,7 +265,9 @@ def operations_router(
 
         For the metrics token, the admin or on the metrics listener, it also says how many
         sessions are active and, under ``sandbox``, what isolation and limits the driver
-        enforces on this host (the local driver's sandbox, the qemu driver's accelerator).
+        enforces on this host (the local driver's sandbox, the qemu driver's accelerator);
+        with the cluster driver, ``hosts``: each host's name, address, up, slots, free slots
+        and this controller's sessions on it, as last read from the cluster.
         """
         if not manager.ready:
             return error_response(ServiceUnavailable("starting up or shutting down"))
@@ -269,6 +277,9 @@ def operations_router(
             isolation = manager.isolation()
             if isolation is not None:
                 body["sandbox"] = isolation
+            hosts = manager.hosts()
+            if hosts is not None:
+                body["hosts"] = [host.to_json() for host in hosts]
         return JSONResponse(body)
 
     @router.get("/metrics", response_class=PlainTextResponse, responses={401: {"model": ErrorOut}})

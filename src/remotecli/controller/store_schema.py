@@ -70,6 +70,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX runs_by_owner ON runs(owner, created_at)",
         "CREATE INDEX runs_by_state ON runs(state)",
     ),
+    (
+        # Many hosts: the host a driver placed the session on (docs/cluster.md); NULL for a
+        # session on the controller's own host, and for every session stored before.
+        "ALTER TABLE sessions ADD COLUMN host TEXT",
+    ),
 )
 """Schema migrations in order; migration ``n`` brings ``user_version`` from ``n`` to ``n + 1``."""
 
@@ -93,6 +98,8 @@ class SessionRecord:
     bytes_out: int
     label: str | None = None
     end_cause: str | None = None
+    host: str | None = None
+    """The host it was placed on (a cluster's); None on the controller's own host."""
 
 
 @dataclass(frozen=True)
@@ -181,6 +188,7 @@ def endpoint_to_json(endpoint: VncEndpoint | None) -> str | None:
             "port": endpoint.port,
             "password": endpoint.password,
             "channel_secret": endpoint.channel_secret,
+            "host_name": endpoint.host_name,
         }
     )
 
@@ -195,6 +203,7 @@ def endpoint_from_json(text: str | None) -> VncEndpoint | None:
         port=data.get("port"),
         password=data.get("password"),
         channel_secret=data.get("channel_secret"),
+        host_name=data.get("host_name"),
     )
 
 
@@ -230,4 +239,5 @@ def session_record(row: Row) -> SessionRecord:
         bytes_out=row["bytes_out"],
         label=row["label"],
         end_cause=row["end_cause"],
+        host=row["host"],
     )
