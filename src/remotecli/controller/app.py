@@ -174,6 +174,30 @@ class SessionOut(BaseModel):
     )
 
 
+class HostOut(BaseModel):
+    name: str = Field(description="The host's name (its --name when it joined)")
+    address: str = Field(description="Its IP address in the cluster")
+    up: bool = Field(description="Alive in the cluster; false once it is lost")
+    slots: int = Field(description="Sessions it offers in all")
+    slots_free: int = Field(description="Sessions it would take now")
+    sessions: list[str] = Field(description="The ids of this controller's sessions on it")
+
+
+class ReadyOut(BaseModel):
+    status: str = Field(description="ready")
+    active_sessions: int | None = Field(
+        default=None, description="Sessions not stopped or failed (operators only)"
+    )
+    sandbox: dict[str, Any] | None = Field(
+        default=None, description="What the driver enforces where sessions run (operators only)"
+    )
+    hosts: list[HostOut] | None = Field(
+        default=None,
+        description="The hosts sessions run on, as last read (operators only; the cluster "
+        "driver only)",
+    )
+
+
 class SessionHealthOut(SessionOut):
     healthy: bool = Field(description="Ready, and its sandbox is watched and running")
     novnc_path: str = Field(description="The original's WebSocket path of the same stream")
@@ -248,9 +272,9 @@ def operations_router(
     """``/healthz``, ``/readyz`` and ``/metrics``; ``operator`` says who may read the details.
 
     ``/healthz`` and ``/readyz``'s status are for anyone (load balancers). ``/readyz``'s
-    details (active sessions, the sandbox and accelerator) and ``/metrics`` need ``operator``:
-    on the API's port that is the metrics token or the admin's credentials; on the metrics
-    listener (``metrics_listen``) everyone, since its address is the protection.
+    details (active sessions, the sandbox and accelerator, a cluster's hosts) and ``/metrics``
+    need ``operator``: on the API's port that is the metrics token or the admin's credentials;
+    on the metrics listener (``metrics_listen``) everyone, since its address is the protection.
     """
     router = APIRouter(tags=["operations"])
 
@@ -259,7 +283,7 @@ def operations_router(
         """Answer while the process serves requests."""
         return {"status": "ok"}
 
-    @router.get("/readyz", responses={503: {"model": ErrorOut}})
+    @router.get("/readyz", responses={200: {"model": ReadyOut}, 503: {"model": ErrorOut}})
     async def readyz(request: Request) -> Response:
         """Answer 200 once sessions were recovered and the store answers; 503 otherwise.
 
