@@ -951,15 +951,17 @@ def cluster_status(address: str, token_file: Path) -> None:
     """Show the cluster's hosts, their session slots and the sessions placed on them."""
     from remotecli.cluster import placement
     from remotecli.cluster.host import use_token
-    from remotecli.cluster.nodes import SLOT_RESOURCE
+    from remotecli.cluster.hosts import summarise_hosts
 
     use_token(token_file)
     placement.connect(address)
-    for node in placement.node_table():
-        state = "alive" if node["Alive"] else "dead"
-        slots = int(node["Resources"].get(SLOT_RESOURCE, 0)) if node["Alive"] else 0
-        click.echo(f"{node['NodeManagerAddress']}\t{state}\t{slots} slots")
-    for session_id, where in sorted(placement.find_sessions().items()):
+    sessions = placement.find_sessions()
+    nodes, available = placement.node_table(), placement.available_per_node()
+    for host in summarise_hosts(nodes, available, sessions.values()):
+        state = "alive" if host.up else "dead"
+        free = f"{host.slots_free} of {host.slots} slots free"
+        click.echo(f"{host.name}\t{host.address}\t{state}\t{free}\t{len(host.sessions)} sessions")
+    for session_id, where in sorted(sessions.items()):
         click.echo(f"session {session_id}\t{where.host}\t{where.node_ip}:{where.port}")
 
 
