@@ -58,6 +58,9 @@ class EchoDriver:
     def isolation(self) -> None:
         return None
 
+    def hosts(self) -> None:
+        """Nothing: the echo sessions run in this process."""
+
     def preparing(self, command: Any) -> None:
         return None
 

@@ -89,6 +89,9 @@ class BannerDriver:
         """Nothing to say about isolation here (see the Driver seam)."""
         return None
 
+    def hosts(self) -> None:
+        """Nothing: the stand-in's sessions run on this host."""
+
     def can_run(self, command: Sequence[str]) -> tuple[str, ...] | str:
         """Answer as the local driver does: the program must be on this host (never run here)."""
         return HostPrograms().can_run(command)

@@ -14,6 +14,7 @@ import json
 import socket
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +91,18 @@ def report_of(session_id: str) -> dict[str, Any]:
     """What the session's actor reported when it started."""
     report: dict[str, Any] = ray.get(actor(session_id).start_report.remote())
     return report
+
+
+async def hosts_when(
+    api: httpx.AsyncClient, done: Callable[[dict[str, dict[str, Any]]], bool]
+) -> dict[str, dict[str, Any]]:
+    """Poll /readyz's hosts (by name) until ``done`` says so; the last seen after 15 s."""
+    deadline = time.monotonic() + 15_000 * MS
+    while True:
+        hosts = {h["name"]: h for h in (await api.get("/readyz")).json().get("hosts", [])}
+        if done(hosts) or time.monotonic() > deadline:
+            return hosts
+        await asyncio.sleep(0.2)
 
 
 async def stop_all(api: httpx.AsyncClient, ids: list[str]) -> None:
@@ -227,6 +240,17 @@ async def run(
             right = preamble(some.channel_secret)
             banner = await asyncio.to_thread(raw_answer_banner, some.node_ip, some.port, right)
             result["right_secret"] = banner
+            placed_ids = set(ids)
+            result["readyz"] = await hosts_when(
+                api,
+                lambda hosts: {s for h in hosts.values() for s in h["sessions"]} == placed_ids,
+            )
+            scraped = (await api.get("/metrics")).text.splitlines()
+            result["metrics"] = [line for line in scraped if line.startswith("remotecli_host_")]
+            result["api_hosts"] = {sid: (await state_of(api, sid))["host"] for sid in ids}
+            assert controller.manager is not None
+            store = controller.manager.store
+            result["store_hosts"] = {sid: store.session(sid).host for sid in ids}
             (signals / "placed").write_text(json.dumps(result["hosts"]))
             while not (signals / "failed").exists():
                 await asyncio.sleep(0.05)
@@ -240,6 +264,9 @@ async def run(
                     if body["state"] == "failed":
                         result["lost"][sid] = [body["reason"], time.time() - failed_at]
                 await asyncio.sleep(0.1)
+            result["readyz_after_loss"] = await hosts_when(
+                api, lambda hosts: not hosts.get("w1", {}).get("up", True)
+            )
             # w2's slots may all be taken by the survivors: end them, then place a new one.
             survivors = [sid for sid in ids if sid not in lost]
             await stop_all(api, survivors)

@@ -15,6 +15,7 @@ nodes share this machine's 2 cores and one /tmp (each with its own ``--temp-dir`
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import secrets
 import shutil
@@ -172,7 +173,7 @@ class Cluster:
     def start_node(self, node: Node, settings: NodeSettings, *, head: bool) -> None:
         """Start ``ray start --block`` for the node in its namespaces; return once it runs."""
         argv = ray_start_argv(
-            settings,
+            dataclasses.replace(settings, name=node.name),
             head_address=None if head else self.address,
             node_ip=node.address,
             temp_dir=node.temp_dir,

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from remotecli.cluster.nodes import (
     HEALTH_CHECK,
+    HOST_LABEL,
     SLOT_RESOURCE,
     NodeSettings,
     ray_start_argv,
     session_slots,
 )
+from remotecli.exceptions import ConfigError
 
 GIB = 1 << 30
 
@@ -39,3 +43,19 @@ def test_join_argv_names_the_head_and_carries_no_system_config() -> None:
     assert "--address=10.0.0.1:6379" in argv
     assert "--node-ip-address=10.0.0.2" in argv
     assert not any(a.startswith(("--head", "--system-config")) for a in argv)
+
+
+def test_a_named_host_carries_its_name_as_a_node_label() -> None:
+    """``--name`` becomes the node label the controller names the host by; none without it."""
+    named = NodeSettings(slots=2, name="host-2.eu")
+    argv = ray_start_argv(named, head_address="10.0.0.1:6379", node_ip="10.0.0.2")
+    assert f"--labels={HOST_LABEL}=host-2.eu" in argv
+    unnamed = ray_start_argv(NodeSettings(slots=2), head_address=None, node_ip="10.0.0.1")
+    assert not any(a.startswith("--labels") for a in unnamed)
+
+
+@pytest.mark.parametrize("name", ["two words", "-dash", "a,b=c", "x" * 64, ""])
+def test_a_name_ray_cannot_label_is_refused_with_the_rule(name: str) -> None:
+    """A name Ray would refuse as a label value (spaces, separators, too long) is a ConfigError."""
+    with pytest.raises(ConfigError, match="letters, digits"):
+        ray_start_argv(NodeSettings(slots=2, name=name), head_address=None, node_ip="10.0.0.1")

@@ -41,6 +41,7 @@ PAGES = (
     "terminal.js",
     "reconnect.js",
     "runs.js",
+    "hosts.js",
 )
 API_DOC = Path(__file__).resolve().parents[1] / "docs/api.md"
 
@@ -58,6 +59,8 @@ READERS = {
     "tokens": "UsageCountOut",
     "period": "UsageOut",
     "limits": "LimitsOut",
+    "ready": "ReadyOut",
+    "host": "HostOut",
 }
 # The variables the pages hold the data of each event of a run's stream in (RUN_EVENTS in api.js).
 RUN_EVENT_READERS = {
@@ -88,6 +91,7 @@ CALLS: dict[tuple[str, str], tuple[bool, str | None]] = {
     ("get", "/api/runs/{run_id}"): (False, "RunOut"),
     ("delete", "/api/runs/{run_id}"): (False, "RunOut"),
     ("get", "/api/usage"): (False, "UsageOut"),
+    ("get", "/readyz"): (False, "ReadyOut"),
 }
 
 

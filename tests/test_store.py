@@ -394,3 +394,39 @@ def test_reopen_connects_to_the_same_database(store: Store) -> None:
     else:
         assert store.path.name == "remotecli.sqlite3"
     other.close()
+
+
+def test_host_migration_keeps_sessions_and_ready_records_the_host(
+    open_store: StoreOpener, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store from before sessions had a host gains the column on open (its sessions' host
+    NULL); entering ready records the host the endpoint names, in the same transition, and a
+    session on the controller's own host keeps NULL."""
+    import remotecli.controller.store as store_module
+
+    monkeypatch.setattr(store_module, "MIGRATIONS", MIGRATIONS[:-1])
+    monkeypatch.setattr(store_module, "SCHEMA_VERSION", SCHEMA_VERSION - 1)
+    old = open_store()
+    assert old.schema_version == SCHEMA_VERSION - 1
+    old.add_user("alice", 1.0)
+    old._db.execute(
+        "INSERT INTO sessions (id, owner, provider, state, created_at, updated_at)"
+        " VALUES ('old', 'alice', 'shell', 'ready', 2.0, 2.0)"
+    )
+    old.close()
+    monkeypatch.undo()
+
+    store = open_store()
+    assert store.schema_version == SCHEMA_VERSION
+    assert store.session("old").host is None
+    store.create_session("placed", "alice", "shell", 3.0)
+    store.create_session("here", "alice", "shell", 3.0)
+    for session_id, host_name in (("placed", "w1"), ("here", None)):
+        store.apply(session_id, Event.START, 4.0)
+        endpoint = VncEndpoint(host="10.0.0.2", port=40000, host_name=host_name)
+        _, record = store.apply(session_id, Event.READY, 5.0, endpoint=endpoint)
+        assert record.host == host_name
+        assert record.endpoint == endpoint
+    store.apply("placed", Event.FAIL, 6.0, reason="host w1 lost")
+    assert open_store().session("placed").host == "w1"
+    assert open_store().session("here").host is None

@@ -894,7 +894,10 @@ _SLOTS_OPTION = click.option(
     help="Session slots this host offers (default: from its cores and memory).",
 )
 _NAME_OPTION = click.option(
-    "--name", default=None, help="The name a lost host is reported by (default: its hostname)."
+    "--name",
+    default=None,
+    help="The name this host is shown and a lost host reported by (default: its hostname); "
+    "letters, digits, '-', '_', '.'.",
 )
 
 
@@ -918,7 +921,7 @@ def cluster_head(
 
     if create_token(token_file):
         click.echo(f"wrote a new cluster token to {token_file}; copy it to every host")
-    settings = NodeSettings(host_slots(slots), include_dashboard=dashboard)
+    settings = NodeSettings(host_slots(slots), include_dashboard=dashboard, name=name)
     argv = ray_start_argv(settings, head_address=None, node_ip=node_ip)
     sys.exit(run_ray_start(argv, token_file, name))
 
@@ -936,7 +939,8 @@ def cluster_join(
     from remotecli.cluster.host import host_slots, run_ray_start
     from remotecli.cluster.nodes import NodeSettings, ray_start_argv
 
-    argv = ray_start_argv(NodeSettings(host_slots(slots)), head_address=address, node_ip=node_ip)
+    settings = NodeSettings(host_slots(slots), name=name)
+    argv = ray_start_argv(settings, head_address=address, node_ip=node_ip)
     sys.exit(run_ray_start(argv, token_file, name))
 
 
@@ -947,15 +951,17 @@ def cluster_status(address: str, token_file: Path) -> None:
     """Show the cluster's hosts, their session slots and the sessions placed on them."""
     from remotecli.cluster import placement
     from remotecli.cluster.host import use_token
-    from remotecli.cluster.nodes import SLOT_RESOURCE
+    from remotecli.cluster.hosts import summarise_hosts
 
     use_token(token_file)
     placement.connect(address)
-    for node in placement.node_table():
-        state = "alive" if node["Alive"] else "dead"
-        slots = int(node["Resources"].get(SLOT_RESOURCE, 0)) if node["Alive"] else 0
-        click.echo(f"{node['NodeManagerAddress']}\t{state}\t{slots} slots")
-    for session_id, where in sorted(placement.find_sessions().items()):
+    sessions = placement.find_sessions()
+    nodes, available = placement.node_table(), placement.available_per_node()
+    for host in summarise_hosts(nodes, available, sessions.values()):
+        state = "alive" if host.up else "dead"
+        free = f"{host.slots_free} of {host.slots} slots free"
+        click.echo(f"{host.name}\t{host.address}\t{state}\t{free}\t{len(host.sessions)} sessions")
+    for session_id, where in sorted(sessions.items()):
         click.echo(f"session {session_id}\t{where.host}\t{where.node_ip}:{where.port}")
 
 

@@ -221,15 +221,16 @@ def test_silent_host_sessions_are_lost_within_the_bound(cluster: Cluster) -> Non
 
 
 def test_status_command_shows_hosts_and_refuses_a_wrong_token(cluster: Cluster) -> None:
-    """`remotecli cluster status` lists the nodes (two now dead) and fails with a wrong token."""
+    """`remotecli cluster status` lists the hosts by name (two now dead, no session left) and
+    fails with a wrong token."""
     status = ["-m", "remotecli", "cluster", "status", cluster.address, "--token-file"]
     done = cluster.run_python([*status, str(cluster.token_path)])
     assert done.returncode == 0, done.stderr[-3000:]
     lines = sorted(done.stdout.splitlines())
     assert lines == [
-        "10.200.0.1\talive\t0 slots",
-        "10.200.0.2\tdead\t0 slots",
-        "10.200.0.3\tdead\t0 slots",
+        "head\t10.200.0.1\talive\t0 of 0 slots free\t0 sessions",
+        "w1\t10.200.0.2\tdead\t0 of 0 slots free\t0 sessions",
+        "w2\t10.200.0.3\tdead\t0 of 0 slots free\t0 sessions",
     ]
     wrong = cluster.root / "wrong_token"
     wrong.write_text("0" * 64)

@@ -49,12 +49,15 @@ from tests.cluster_controller import KEPT  # noqa: E402
 from tests.postgres import PostgresServer  # noqa: E402
 from tests.ray_cluster import Cluster, leftovers, ray_cluster  # noqa: E402
 
+SLOTS = 3
+"""Each worker's session slots: six sessions fill both (the two-controller test)."""
+
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
     """One real cluster for the module, removed after its last test."""
     root = Path("/tmp") / f"rd{os.getpid()}"
-    with ray_cluster(root, workers=2, slots=3, prefix=f"rd{os.getpid() % 100000}") as running:
+    with ray_cluster(root, workers=2, slots=SLOTS, prefix=f"rd{os.getpid() % 100000}") as running:
         yield running
 
 
@@ -129,6 +132,33 @@ def test_two_controllers_share_the_cluster_and_serve_each_others_sessions(
         assert init == [1280, 720]
         assert shared["typed"][session_id] == f"typed-{session_id}"
     assert set(shared["stopped_elsewhere"].values()) == {"stopped"}
+
+
+def test_readyz_metrics_and_the_store_show_each_worker_and_its_sessions(
+    run: dict[str, Any],
+) -> None:
+    """/readyz lists the head and both workers with their slots, free slots and this controller's
+    sessions, /metrics has the same per host, the store and the API name each session's worker,
+    and once w1 is killed /readyz shows it down with no free slot."""
+    placed: dict[str, str] = run["hosts"]
+    on = {name: sorted(s for s, h in placed.items() if h == name) for name in ("w1", "w2")}
+    readyz = run["readyz"]
+    assert sorted(readyz) == ["head", "w1", "w2"]
+    assert (readyz["head"]["slots"], readyz["head"]["sessions"]) == (0, [])
+    for name in ("w1", "w2"):
+        host = readyz[name]
+        assert (host["up"], host["slots"], host["sessions"]) == (True, SLOTS, on[name])
+        assert host["slots_free"] == SLOTS - len(on[name])
+        assert f'remotecli_host_sessions{{host="{name}"}} {float(len(on[name]))}' in run["metrics"]
+        assert f'remotecli_host_slots{{host="{name}"}} {float(SLOTS)}' in run["metrics"]
+        free = f'remotecli_host_slots_free{{host="{name}"}} {float(SLOTS - len(on[name]))}'
+        assert free in run["metrics"]
+        assert f'remotecli_host_up{{host="{name}"}} 1.0' in run["metrics"]
+    assert run["api_hosts"] == placed
+    assert run["store_hosts"] == placed
+    lost = run["readyz_after_loss"]["w1"]
+    assert (lost["up"], lost["slots_free"]) == (False, 0)
+    assert run["readyz_after_loss"]["w2"]["up"] is True
 
 
 def test_the_channel_refuses_a_missing_or_wrong_secret(run: dict[str, Any]) -> None:

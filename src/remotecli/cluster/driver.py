@@ -7,25 +7,49 @@ channel as the session's :class:`VncEndpoint`, which the bridge dials. Ray's cli
 so every call to it runs in a worker thread. Verbs that need the session's files or sockets on
 its host (hibernate, collect, the text view, a session's loopback, headless runs) are refused
 for now, each with a :class:`DriverError` naming why.
+
+The hosts (:meth:`ClusterDriver.hosts`, for ``/readyz`` and ``/metrics``) are read from Ray
+by a background task every :data:`HOSTS_REFRESH` seconds, in a worker thread; the answer is
+that last snapshot, so a slow or unreachable head never holds up ``/readyz``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from remotecli.cluster import placement, watch
 from remotecli.cluster.host import use_token
+from remotecli.cluster.hosts import summarise_hosts
 from remotecli.cluster.placement import Placement
-from remotecli.drivers.base import ProgressCallback, RunOutput, SessionSpec, VncEndpoint
-from remotecli.exceptions import ClusterError, DriverError
+from remotecli.drivers.base import (
+    HostStatus,
+    ProgressCallback,
+    RunOutput,
+    SessionSpec,
+    VncEndpoint,
+)
+from remotecli.exceptions import ClusterError, DriverError, RemoteCliError
+from remotecli.logs import get_logger
 from remotecli.providers import HostPrograms
+
+log = get_logger("cluster.driver")
 
 COLLECT_TIMEOUT = 10.0
 """How long reading a session's kept files back from its host may take."""
 NOT_YET = 'is not done for the cluster driver yet (docs/cluster.md, "Not done yet")'
+
+HOSTS_REFRESH = 2.0
+"""Seconds between two reads of the cluster's hosts (the snapshot ``/readyz`` shows)."""
+
+
+def read_hosts(placements: Sequence[Placement]) -> list[HostStatus]:
+    """Read Ray's node table and free slots now and summarise them per host (blocks)."""
+    return summarise_hosts(placement.node_table(), placement.available_per_node(), placements)
 
 
 class ClusterDriver:
@@ -43,6 +67,9 @@ class ClusterDriver:
         self._table_lock = asyncio.Lock()
         self._table: list[dict[str, Any]] = []
         self._table_at = float("-inf")
+        self._hosts: tuple[HostStatus, ...] = ()
+        self._hosts_read_at: float | None = None
+        self._hosts_task: asyncio.Task[None] | None = None
 
     async def _connect(self) -> None:
         async with self._lock:
@@ -60,8 +87,33 @@ class ClusterDriver:
         return None
 
     def isolation(self) -> Mapping[str, object]:
-        """Say where sessions run, for ``/readyz``."""
-        return {"sessions": f"on the Ray cluster at {self.address}, in each host's local sandbox"}
+        """Say where sessions run, for ``/readyz``, and how old the hosts' snapshot is."""
+        read_at = self._hosts_read_at
+        return {
+            "sessions": f"on the Ray cluster at {self.address}, in each host's local sandbox",
+            "hosts_age_s": None if read_at is None else round(time.monotonic() - read_at, 1),
+        }
+
+    def hosts(self) -> Sequence[HostStatus]:
+        """Return the hosts as last read from Ray (empty until the first read); never blocks."""
+        return self._hosts
+
+    async def refresh_hosts(self) -> None:
+        """Read the hosts from Ray now (in a worker thread) and keep them for :meth:`hosts`."""
+        await self._connect()
+        placed = list(self._placements.values())  # copied here: the thread must not see it change
+        self._hosts = tuple(await asyncio.to_thread(read_hosts, placed))
+        self._hosts_read_at = time.monotonic()
+
+    async def _refresh_hosts_forever(self) -> None:
+        while True:
+            try:
+                await self.refresh_hosts()
+            except RemoteCliError as exc:  # the last snapshot stays; its age says how old
+                log.warning("reading the cluster's hosts failed", error=exc.message)
+            except Exception:  # a Ray surprise must not end the refresh
+                log.exception("reading the cluster's hosts crashed")
+            await asyncio.sleep(HOSTS_REFRESH)
 
     async def start(self, spec: SessionSpec, progress: ProgressCallback) -> VncEndpoint:
         """Place the session with Ray; return its channel once the host's Xvnc showed a banner."""
@@ -94,12 +146,13 @@ class ClusterDriver:
         except ValueError:  # its actor is gone (stopped)
             return "stopped"
 
-    async def _node_table(self) -> list[dict[str, Any]]:
+    async def _node_table(self, fresh: bool) -> list[dict[str, Any]]:
         """Ray's node table, read at most once per :data:`watch.POLL` for every waiting session
-        (a read is a short blocking call, in a worker thread; a wait holds none)."""
+        unless ``fresh`` (a read is a short blocking call, in a worker thread; a wait holds
+        none)."""
         async with self._table_lock:
             now = asyncio.get_running_loop().time()
-            if now - self._table_at >= watch.POLL:
+            if fresh or now - self._table_at >= watch.POLL:
                 self._table = await asyncio.to_thread(placement.node_table)
                 self._table_at = asyncio.get_running_loop().time()
             return self._table
@@ -120,11 +173,20 @@ class ClusterDriver:
         return placed.endpoint()
 
     async def close(self) -> None:
-        """Stop every session this driver placed."""
+        """Stop every session this driver placed, and the hosts' refresh."""
+        if self._hosts_task is not None:
+            self._hosts_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._hosts_task
+            self._hosts_task = None
         await asyncio.gather(*(self.stop(sid) for sid in list(self._placements)))
 
     async def prepare(self) -> None:
-        """Nothing slow: the cluster is joined on the first session."""
+        """Start reading the hosts in the background (it joins the cluster); return at once."""
+        if self._hosts_task is None:
+            self._hosts_task = asyncio.create_task(
+                self._refresh_hosts_forever(), name="cluster-hosts"
+            )
 
     def detach(self, session_id: str) -> bool:
         """Let go: the actor is detached and outlives this controller; :meth:`recover` finds it."""

@@ -8,9 +8,12 @@ and ``remotecli cluster join`` run the argv they return with the environment of
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+
+from remotecli.exceptions import ConfigError
 
 SLOT_RESOURCE = "remotecli_session_slot"
 """The custom Ray resource each host offers, one unit per session it may run."""
@@ -38,6 +41,24 @@ HEALTH_CHECK = {
 
 GCS_PORT = 6379
 
+HOST_LABEL = "remotecli-host"
+"""The Ray node label that carries a host's name (``--name``), so the controller can name
+hosts that run no session yet (:mod:`remotecli.cluster.hosts`)."""
+
+HOST_NAME_PATTERN = re.compile(r"[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?")
+"""What Ray accepts as a label value: 1-63 letters, digits, ``-``, ``_``, ``.``, alphanumeric
+at both ends."""
+
+
+def check_host_name(name: str) -> str:
+    """Return ``name`` if Ray can label a node with it; ConfigError naming the rule otherwise."""
+    if HOST_NAME_PATTERN.fullmatch(name) is None:
+        raise ConfigError(
+            f"the host name {name!r} cannot label a Ray node: use 1-63 letters, digits, '-', "
+            "'_' or '.', starting and ending with a letter or digit"
+        )
+    return name
+
 
 def session_slots(cores: int, memory_bytes: int) -> int:
     """Return how many sessions a host with ``cores`` CPUs and ``memory_bytes`` of RAM offers."""
@@ -53,6 +74,8 @@ class NodeSettings:
     slots: int
     system_config: Mapping[str, int] | None = None  # the head's only; Ray hands it to the rest
     include_dashboard: bool = False
+    name: str | None = None
+    """The host's name, carried as the node label :data:`HOST_LABEL`; None: no label."""
 
 
 def ray_start_argv(
@@ -66,10 +89,14 @@ def ray_start_argv(
     """Return ``ray start`` for a head (``head_address`` None) or a node joining that head.
 
     Every node gets zero CPUs for Ray's own scheduling (a session actor asks for none) and
-    ``slots`` units of :data:`SLOT_RESOURCE`; the dashboard is off unless asked for.
+    ``slots`` units of :data:`SLOT_RESOURCE`; the dashboard is off unless asked for. A named
+    host carries its name as the label :data:`HOST_LABEL` (ConfigError for a name Ray would
+    refuse, see :func:`check_host_name`).
     """
     argv = ["ray", "start", f"--node-ip-address={node_ip}", "--num-cpus=0", "--num-gpus=0"]
     argv += [f"--resources={json.dumps({SLOT_RESOURCE: settings.slots})}"]
+    if settings.name is not None:
+        argv += [f"--labels={HOST_LABEL}={check_host_name(settings.name)}"]
     argv += [f"--object-store-memory={OBJECT_STORE_BYTES}", "--disable-usage-stats"]
     if head_address is None:
         argv += ["--head", f"--port={GCS_PORT}"]

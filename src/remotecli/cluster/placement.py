@@ -61,7 +61,12 @@ class Placement:
 
     def endpoint(self) -> VncEndpoint:
         """The session's stream: the channel on its host (the stand-in speaks only the banner)."""
-        return VncEndpoint(host=self.node_ip, port=self.port, channel_secret=self.channel_secret)
+        return VncEndpoint(
+            host=self.node_ip,
+            port=self.port,
+            channel_secret=self.channel_secret,
+            host_name=self.host,
+        )
 
 
 def connect(address: str) -> None:
@@ -234,6 +239,18 @@ def node_table() -> list[dict[str, Any]]:
     """Return Ray's node table now (one dict per node: ``NodeID``, ``Alive``, addresses)."""
     nodes: list[dict[str, Any]] = ray.nodes()  # type: ignore[no-untyped-call]
     return nodes
+
+
+def available_per_node() -> dict[str, dict[str, float]]:
+    """Return each live node's available resources now, by node id (a used-up one is missing).
+
+    Ray's DeveloperAPI (``ray._private.state``, as Ray's own ``ray.util.tpu`` reads it; Ray is
+    pinned to 2.60.0): one GCS call for every node, as :func:`node_table` is.
+    """
+    from ray._private.state import available_resources_per_node
+
+    available: dict[str, dict[str, float]] = available_resources_per_node()  # type: ignore[no-untyped-call]
+    return available
 
 
 def node_alive(node_id: str) -> bool:

@@ -55,13 +55,14 @@ def check_hosts(placements: Mapping[str, Placement]) -> dict[str, str]:
 
 
 async def await_session(
-    placement: Placement, nodes: Callable[[], Awaitable[Iterable[Mapping[str, Any]]]]
+    placement: Placement, nodes: Callable[[bool], Awaitable[Iterable[Mapping[str, Any]]]]
 ) -> str:
     """Return once the session ends, with its reason (``"host HOST lost"`` for a dead host).
 
     The same rule as :func:`wait_session`, holding no thread while it waits: the actor's
-    ``wait`` result is awaited as a future, and ``nodes`` gives Ray's node table (a caller
-    watching many sessions reads it once per :data:`POLL` for all of them).
+    ``wait`` result is awaited as a future, and ``nodes(fresh)`` gives Ray's node table (a caller
+    watching many sessions reads it once per :data:`POLL` for all of them; ``fresh`` asks for
+    a read now, when the actor died and the table must say whether its host did).
     """
     actor: Any = await asyncio.to_thread(
         ray.get_actor, actor_name(placement.session_id), namespace=NAMESPACE
@@ -76,11 +77,11 @@ async def await_session(
                 except ActorUnavailableError:
                     await asyncio.sleep(POLL)  # the host is silent: the node table decides
                     pending = asyncio.wrap_future(actor.wait.remote().future())
-                except ActorDiedError as exc:
-                    if lost_sessions({placement.session_id: placement}, await nodes()):
+                except ActorDiedError as exc:  # a fresh table: the GCS marked the node first
+                    if lost_sessions({placement.session_id: placement}, await nodes(True)):
                         return lost_reason(placement)
                     return f"session actor died: {str(exc).splitlines()[0]}"
-            if lost_sessions({placement.session_id: placement}, await nodes()):
+            if lost_sessions({placement.session_id: placement}, await nodes(False)):
                 return lost_reason(placement)
     finally:
         pending.cancel()

@@ -162,10 +162,39 @@ class SessionOut(BaseModel):
     viewers: int
     bytes_in: int = Field(description="Bytes viewers sent to the session")
     bytes_out: int = Field(description="Bytes the session sent to viewers")
+    host: str | None = Field(
+        default=None,
+        description="The host it runs (or ran) on, with the cluster driver; null on the "
+        "controller's own host",
+    )
     open_url: str | None = Field(
         default=None,
         description="The latest link the session asked a browser to open (a sign-in page): "
         "open it in your own browser",
+    )
+
+
+class HostOut(BaseModel):
+    name: str = Field(description="The host's name (its --name when it joined)")
+    address: str = Field(description="Its IP address in the cluster")
+    up: bool = Field(description="Alive in the cluster; false once it is lost")
+    slots: int = Field(description="Sessions it offers in all")
+    slots_free: int = Field(description="Sessions it would take now")
+    sessions: list[str] = Field(description="The ids of this controller's sessions on it")
+
+
+class ReadyOut(BaseModel):
+    status: str = Field(description="ready")
+    active_sessions: int | None = Field(
+        default=None, description="Sessions not stopped or failed (operators only)"
+    )
+    sandbox: dict[str, Any] | None = Field(
+        default=None, description="What the driver enforces where sessions run (operators only)"
+    )
+    hosts: list[HostOut] | None = Field(
+        default=None,
+        description="The hosts sessions run on, as last read (operators only; the cluster "
+        "driver only)",
     )
 
 
@@ -212,6 +241,7 @@ def _session_fields(record: SessionRecord, viewers: int, open_url: str | None) -
         "viewers": viewers,
         "bytes_in": record.bytes_in,
         "bytes_out": record.bytes_out,
+        "host": record.host,
     }
 
 
@@ -242,9 +272,9 @@ def operations_router(
     """``/healthz``, ``/readyz`` and ``/metrics``; ``operator`` says who may read the details.
 
     ``/healthz`` and ``/readyz``'s status are for anyone (load balancers). ``/readyz``'s
-    details (active sessions, the sandbox and accelerator) and ``/metrics`` need ``operator``:
-    on the API's port that is the metrics token or the admin's credentials; on the metrics
-    listener (``metrics_listen``) everyone, since its address is the protection.
+    details (active sessions, the sandbox and accelerator, a cluster's hosts) and ``/metrics``
+    need ``operator``: on the API's port that is the metrics token or the admin's credentials;
+    on the metrics listener (``metrics_listen``) everyone, since its address is the protection.
     """
     router = APIRouter(tags=["operations"])
 
@@ -253,13 +283,15 @@ def operations_router(
         """Answer while the process serves requests."""
         return {"status": "ok"}
 
-    @router.get("/readyz", responses={503: {"model": ErrorOut}})
+    @router.get("/readyz", responses={200: {"model": ReadyOut}, 503: {"model": ErrorOut}})
     async def readyz(request: Request) -> Response:
         """Answer 200 once sessions were recovered and the store answers; 503 otherwise.
 
         For the metrics token, the admin or on the metrics listener, it also says how many
         sessions are active and, under ``sandbox``, what isolation and limits the driver
-        enforces on this host (the local driver's sandbox, the qemu driver's accelerator).
+        enforces on this host (the local driver's sandbox, the qemu driver's accelerator);
+        with the cluster driver, ``hosts``: each host's name, address, up, slots, free slots
+        and this controller's sessions on it, as last read from the cluster.
         """
         if not manager.ready:
             return error_response(ServiceUnavailable("starting up or shutting down"))
@@ -269,6 +301,9 @@ def operations_router(
             isolation = manager.isolation()
             if isolation is not None:
                 body["sandbox"] = isolation
+            hosts = manager.hosts()
+            if hosts is not None:
+                body["hosts"] = [host.to_json() for host in hosts]
         return JSONResponse(body)
 
     @router.get("/metrics", response_class=PlainTextResponse, responses={401: {"model": ErrorOut}})

@@ -38,11 +38,12 @@ from remotecli.auth import TicketBook
 from remotecli.config import ControllerConfig
 from remotecli.controller.connect import SignInKeeper, relay_callback
 from remotecli.controller.events import SessionEvent, SessionEvents, Subscription
+from remotecli.controller.host_metrics import HostCollector
 from remotecli.controller.runs import RunManager
 from remotecli.controller.signins import SignIns
 from remotecli.controller.store import SessionRecord, Store
 from remotecli.controller.viewers import ViewerCloser
-from remotecli.drivers.base import Driver, SessionSpec, VncEndpoint
+from remotecli.drivers.base import Driver, HostStatus, SessionSpec, VncEndpoint
 from remotecli.exceptions import (
     Conflict,
     NotFound,
@@ -178,6 +179,8 @@ class SessionManager:
         self._closing = False
         self._started = False
         self._metrics = _Metrics(registry)
+        if registry is not None:
+            registry.register(HostCollector(self.hosts))
         self.keeper = SignInKeeper(signins, driver)
         self.runs = RunManager(
             config, store, driver, catalogue, self.keeper, clock=clock, controller_id=controller_id
@@ -494,6 +497,10 @@ class SessionManager:
     def isolation(self) -> Mapping[str, object] | None:
         """Return what the driver says about its isolation on this host (``/readyz``)."""
         return self.driver.isolation()
+
+    def hosts(self) -> Sequence[HostStatus] | None:
+        """Return the hosts the driver runs sessions on, as last seen (``/readyz``, metrics)."""
+        return self.driver.hosts()
 
     def owned(self, owner: str) -> list[SessionRecord]:
         """Return ``owner``'s sessions, newest first."""

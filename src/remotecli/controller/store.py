@@ -459,9 +459,10 @@ class Store(RunTable):
     ) -> tuple[State, SessionRecord]:
         """Apply ``event`` to a session and log it, in one transaction.
 
-        Entering ``ready`` stores ``endpoint`` (a resumed session has a new one); ``ready_at``
-        keeps the first time. Returns the previous state and the updated session. Raises
-        :class:`Conflict` (and changes nothing) when the transition table refuses the event,
+        Entering ``ready`` stores ``endpoint`` (a resumed session has a new one) and the host
+        it names (:attr:`VncEndpoint.host_name`, None on the controller's own host);
+        ``ready_at`` keeps the first time. Returns the previous state and the updated session.
+        Raises :class:`Conflict` (and changes nothing) when the transition table refuses the event,
         :class:`NotFound` when there is no such session.
         """
         with self._transaction() as db:
@@ -474,6 +475,7 @@ class Store(RunTable):
                 "UPDATE sessions SET state = ?, updated_at = ?,"
                 " reason = COALESCE(?, reason), end_cause = COALESCE(?, end_cause),"
                 " endpoint = CASE WHEN ? = 'ready' THEN ? ELSE endpoint END,"
+                " host = CASE WHEN ? = 'ready' THEN ? ELSE host END,"
                 " ready_at = CASE WHEN ? = 'ready' THEN COALESCE(ready_at, ?) ELSE ready_at END"
                 " WHERE id = ?",
                 (
@@ -483,6 +485,8 @@ class Store(RunTable):
                     cause,
                     after.value,
                     endpoint_to_json(endpoint),
+                    after.value,
+                    None if endpoint is None else endpoint.host_name,
                     after.value,
                     now,
                     session_id,

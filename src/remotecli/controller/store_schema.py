@@ -75,6 +75,9 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # session runs it; NULL for sessions from before, which every controller takes as its own.
         "ALTER TABLE sessions ADD COLUMN controller TEXT",
         "ALTER TABLE runs ADD COLUMN controller TEXT",
+        # Many hosts: the host a driver placed the session on (docs/cluster.md); NULL for a
+        # session on the controller's own host, and for every session stored before.
+        "ALTER TABLE sessions ADD COLUMN host TEXT",
     ),
 )
 """Schema migrations in order; migration ``n`` brings ``user_version`` from ``n`` to ``n + 1``."""
@@ -101,6 +104,8 @@ class SessionRecord:
     end_cause: str | None = None
     controller: str | None = None
     """The controller that runs it (None: any; a database one controller had alone)."""
+    host: str | None = None
+    """The host it was placed on (a cluster's); None on the controller's own host."""
 
 
 @dataclass(frozen=True)
@@ -191,6 +196,7 @@ def endpoint_to_json(endpoint: VncEndpoint | None) -> str | None:
             "port": endpoint.port,
             "password": endpoint.password,
             "channel_secret": endpoint.channel_secret,
+            "host_name": endpoint.host_name,
         }
     )
 
@@ -205,6 +211,7 @@ def endpoint_from_json(text: str | None) -> VncEndpoint | None:
         port=data.get("port"),
         password=data.get("password"),
         channel_secret=data.get("channel_secret"),
+        host_name=data.get("host_name"),
     )
 
 
@@ -241,4 +248,5 @@ def session_record(row: Row) -> SessionRecord:
         label=row["label"],
         end_cause=row["end_cause"],
         controller=row["controller"],
+        host=row["host"],
     )

@@ -28,7 +28,9 @@ class VncEndpoint:
     carries the per-session VNC ``password`` (RFB security type 2) that the bridge answers for
     the viewer, so the browser never sees it. A TCP endpoint on another host (the cluster
     driver) carries instead a ``channel_secret`` that the bridge sends, with a newline, before
-    any RFB byte (:mod:`remotecli.cluster.channel`).
+    any RFB byte (:mod:`remotecli.cluster.channel`). ``host_name`` names the machine a driver
+    that places sessions on many hosts put the session on (the store records it); None when
+    the session runs on the controller's own host.
     """
 
     unix_path: str | None = None
@@ -36,12 +38,40 @@ class VncEndpoint:
     port: int | None = None
     password: str | None = None
     channel_secret: str | None = field(default=None, repr=False)
+    host_name: str | None = None
 
     def describe(self) -> str:
         """Name the endpoint for logs and error messages (never the password)."""
         if self.unix_path is not None:
             return f"unix:{self.unix_path}"
         return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class HostStatus:
+    """One host sessions can run on, as a driver last saw it (``/readyz``, ``/metrics``)."""
+
+    name: str
+    address: str
+    """The host's IP address as the driver reaches it."""
+    up: bool
+    slots: int
+    """How many sessions it offers in all."""
+    slots_free: int
+    """How many more it would take now (0 for a host that is down)."""
+    sessions: tuple[str, ...]
+    """The ids of this controller's sessions on it, sorted."""
+
+    def to_json(self) -> dict[str, object]:
+        """Return it as ``/readyz`` shows it."""
+        return {
+            "name": self.name,
+            "address": self.address,
+            "up": self.up,
+            "slots": self.slots,
+            "slots_free": self.slots_free,
+            "sessions": list(self.sessions),
+        }
 
 
 @dataclass(frozen=True)
@@ -122,6 +152,14 @@ class Driver(Protocol):
         """Return what isolation and limits this driver enforces on this host, for ``/readyz``.
 
         JSON-ready; None when the driver has nothing to say. Must be quick.
+        """
+        ...
+
+    def hosts(self) -> Sequence[HostStatus] | None:
+        """Return the hosts sessions run on, as last seen, for ``/readyz`` and ``/metrics``.
+
+        None for a driver that runs sessions on the controller's own host only. Must be quick
+        and must not block (a driver that asks the network answers from a cached snapshot).
         """
         ...
 

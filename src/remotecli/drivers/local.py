@@ -246,6 +246,9 @@ class LocalDriver:
         """Return :meth:`posture` as JSON, for ``/readyz``."""
         return self.posture().to_json()
 
+    def hosts(self) -> None:
+        """Nothing: sessions run on the controller's own host (``/readyz``'s sandbox says how)."""
+
     def posture(self) -> Posture:
         """Say what the sandbox enforces here, in words (``/readyz`` shows it)."""
         limits = self.limits

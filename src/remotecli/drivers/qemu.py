@@ -242,6 +242,9 @@ class QemuDriver:
             )
         return await relay_open(vm.relay_port, vm.tty_secret, f"connect {address} {port}")
 
+    def hosts(self) -> None:
+        """Nothing: the microVMs run on the controller's own host."""
+
     def isolation(self) -> Mapping[str, object] | None:
         """Say which accelerator the VMs use and where that came from, for ``/readyz``; no I/O."""
         return {

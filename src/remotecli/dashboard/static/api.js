@@ -9,7 +9,8 @@
  * SSE `data:` object of GET /api/sessions/{id}/events). The pages hold each answer in a variable
  * named for it (`problem`: ErrorOut, `provider`, `session` or `current`, `ticket`, `callback`,
  * `sse`, `me`: MeOut, `run`: RunOut, `tokens`: a run's usage, `period`: UsageOut, `limits`: its
- * limits), so the test can find every field they read.
+ * limits, `ready`: GET /readyz's ReadyOut, `host`: one of its HostOut), so the test can find
+ * every field they read.
  */
 export const API_FIELDS = {
   ErrorOut: ["message"],
@@ -29,6 +30,8 @@ export const API_FIELDS = {
     "viewers",
   ],
   MeOut: ["name"],
+  ReadyOut: ["hosts"],
+  HostOut: ["name", "address", "up", "slots", "slots_free", "sessions"],
   TicketOut: ["ticket", "vnc_path"],
   CallbackOut: ["status", "body"],
   events: ["state", "reason", "message", "url"],

@@ -2,12 +2,14 @@
 // "My sessions" (named by their labels, ended ones kept with their reason, a notice once for
 // those a restart ended), the progress of a new session from its event stream, the provider
 // sign-in a session asks for, and the live view, as text (terminal.js) or as the desktop
-// (viewer.js); beside it, in a tab of its own, Ask: headless runs (runs.js). Plain ES modules,
+// (viewer.js); beside it, in a tab of its own, Ask: headless runs (runs.js); for the admin, the
+// cluster's hosts (hosts.js). Plain ES modules,
 // no build step. Labels are the user's text: they reach the page
 // only through textContent, value and document.title, never as markup.
 
 import { api, ApiError, endedMessage, FINAL_STATES, followEvents, webLink } from "./api.js";
 import { button, element } from "./elements.js";
+import { HostsPanel } from "./hosts.js";
 import { askable, AskPanel } from "./runs.js";
 import { ASLEEP_TEXT, SessionList, sessionLabel, stored } from "./sessions.js";
 import { FONT_SIZES, TextView } from "./terminal.js";
@@ -16,6 +18,8 @@ import { Viewer } from "./viewer.js";
 const NOVNC_URL = "/dashboard/remote-cli/novnc/rfb.js";
 const REFRESH_MS = 5000;
 const COPIED_MS = 2000;
+// The user who sees the admin's view (the hosts): remotecli's ADMIN_USER.
+const ADMIN = "admin";
 // The view chosen for each session ("text" or "desktop"), the text view's font size, and the view
 // new sessions open in (unset: text, as for every terminal provider).
 const VIEWS_KEY = "remotecli.views";
@@ -212,6 +216,7 @@ async function loadAccount() {
     return; // the banner says why the server is not answering; "Signed in" stays
   }
   if (!$("main").hidden) $("account-name").textContent = `Signed in as ${me.name}`;
+  if (me.name === ADMIN) hosts.start();
 }
 
 /**
@@ -234,6 +239,7 @@ async function signOut() {
   page.hiddenLinks.clear();
   list.clear();
   ask.clear();
+  hosts.stop();
   $("progress").hidden = true;
   showLogin("Signed out. Sign in again with your token to start a session.");
 }
@@ -730,6 +736,7 @@ async function terminate(session, confirmed = false) {
 // --- the panes: the live view, or Ask (runs.js draws it) -------------------------------------
 
 const ask = new AskPanel({ unauthorised: () => showLogin() });
+const hosts = new HostsPanel($("hosts-section"), $("hosts"), $("hosts-note"));
 
 /**
  * Show the live view or Ask beside the sidebar. Ask lies over the view, which keeps its size and
