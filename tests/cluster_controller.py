@@ -23,11 +23,13 @@ import ray
 from websockets.asyncio.client import connect
 from websockets.typing import Subprotocol
 
+from remotecli.client import AsyncClient
 from remotecli.cluster import placement
 from remotecli.cluster.channel import preamble
 from remotecli.config import ControllerConfig, ProviderConfig
 from remotecli.controller.identity import ADMIN_USER
 from remotecli.controller.server import Controller
+from remotecli.exceptions import ClusterError
 from tests.conftest import MS
 from tests.e2e.sessions_api import create_ready_session
 from tests.rfb_viewer import RfbViewer
@@ -45,6 +47,15 @@ KEEPER_COMMAND = (
 )
 """A provider that keeps ``~/.standin``: it copies the sign-in it started with and adds a file,
 as a CLI refreshing its token would."""
+KEEPER_RUN = (
+    "sh",
+    "-c",
+    'echo first; sleep 1; cat ~/.standin/token; echo; echo "$0"; '
+    "printf run-refreshed > ~/.standin/token",
+    "{prompt}",
+)
+"""Its headless command: a line, a pause, the token the kept sign-in brought, the prompt; then
+it rotates the token, as a CLI would during a run."""
 
 
 def raw_answer(host: str, port: int, first: bytes | None) -> bytes:
@@ -130,7 +141,7 @@ def controller_config(
         max_sessions_per_user=8,
         store_url=store_url,
         admin_token=ADMIN_TOKEN,
-        providers=(ProviderConfig(KEEPER, KEEPER_COMMAND, keep=("~/.standin",)),),
+        providers=(ProviderConfig(KEEPER, KEEPER_COMMAND, keep=("~/.standin",), run=KEEPER_RUN),),
     )
 
 
@@ -202,6 +213,7 @@ async def run(
         headers = {"Authorization": f"Bearer {controller.admin_token}"}
         async with httpx.AsyncClient(base_url=base, headers=headers, timeout=TIMEOUT) as api:
             result["signin"] = await kept_signin(controller, api)
+            result["run"] = await headless_run(controller)
             if store_url is not None:
                 second = Controller(
                     controller_config(address, token_file, data_dir.with_name("ctl-b"), store_url)
@@ -318,6 +330,40 @@ async def kept_signin(controller: Controller, api: httpx.AsyncClient) -> dict[st
         "held": {path: data.decode() for path, data in sorted(held.items())},
         "version": kept.version,
         "kept": {path: data.decode() for path, data in sorted(kept.files.items())},
+    }
+
+
+async def headless_run(controller: Controller) -> dict[str, Any]:
+    """``POST /api/runs`` of the keeper's provider (after :func:`kept_signin`); follow its
+    events; say what streamed, how it ended, what sign-in is kept after, and whether its actor
+    is gone."""
+    signins = controller.signins
+    assert signins is not None
+    async with AsyncClient(controller.url(), controller.admin_token, timeout=TIMEOUT) as client:
+        began = time.monotonic()
+        run = await client.create_run(KEEPER, "second")
+        events = []
+        first_text = None
+        async with asyncio.timeout(TIMEOUT):
+            async for event in client.events(run["id"]):
+                events.append([event.type, event.data])
+                if event.type == "text" and first_text is None:
+                    first_text = time.monotonic() - began
+        state = (await client.run(run["id"]))["state"]
+    kept = signins.load(ADMIN_USER, KEEPER)
+    assert kept is not None
+    try:
+        await asyncio.to_thread(placement.wait_until_gone, run["id"])
+        gone = True
+    except ClusterError:
+        gone = False
+    return {
+        "events": events,
+        "state": state,
+        "version": kept.version,
+        "kept_token": kept.files.get(".standin/token", b"").decode(),
+        "actor_gone": gone,
+        "first_text_s": first_text,
     }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from websockets.asyncio.client import connect
@@ -18,9 +19,15 @@ from remotecli.cluster.channel import (
     preamble,
     preamble_ok,
 )
-from remotecli.drivers.base import VncEndpoint
+from remotecli.drivers.base import RUN_ERRORS_MAX, VncEndpoint
+from remotecli.drivers.qemu_runframes import FRAME_MAX as RUN_FRAME_MAX
+from remotecli.drivers.qemu_runframes import Errors, Output, RunFrames
+from remotecli.exceptions import DriverError
 from tests.conftest import MS
 from tests.test_bridge import make_stack, start_echo
+
+if TYPE_CHECKING:
+    from remotecli.cluster.run import ClusterRun as ClusterRunType
 
 TIMEOUT = 5_000 * MS
 
@@ -148,3 +155,184 @@ def test_a_spec_with_kept_files_is_refused_before_ray_sees_it() -> None:
 
     with pytest.raises(ValueError, match="over the session's channel"):
         placement.place_session("s1", {"command": ["sh"], "home_files": {"a": b"secret"}})
+
+
+class QueuedRun:
+    """A RunOutput fed by the test: each queued chunk is read once, b"" ends the output.
+
+    In memory, standing in for the host's local run (which needs root and a sandbox): it leaves
+    out the sandbox, not the channel's streaming, which is what these tests prove.
+    """
+
+    def __init__(self, status: int = 0, errors: str = "") -> None:
+        self.chunks: asyncio.Queue[bytes] = asyncio.Queue()
+        self.status = status
+        self._errors = errors
+
+    async def read(self) -> bytes:
+        return await self.chunks.get()
+
+    async def wait(self) -> int:
+        return self.status
+
+    def errors(self) -> str:
+        return self._errors
+
+
+def read_run_frames(received: bytes) -> tuple[list[int], bytes, bytes, int | None]:
+    """Parse a ``run`` stream: each stdout frame's size, stdout, stderr, the status."""
+    frames = RunFrames()
+    frames.receive_data(received)
+    frames.receive_eof()
+    sizes, out, err = [], b"", b""
+    for event in frames.events_received():
+        if isinstance(event, Output):
+            sizes.append(len(event.data))
+            out += event.data
+        elif isinstance(event, Errors):
+            err += event.data
+    return sizes, out, err, frames.status
+
+
+async def test_run_streams_the_output_once_in_bounded_frames_then_errors_and_status(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``run`` streams output as it comes (in frames of at most 64 KiB), then the end of
+    standard error and the exit status; a wrong secret, a run not yet started and a second
+    ``run`` get no byte, and ``get`` reads the run's HOME."""
+    monkeypatch.setattr(channel, "PREAMBLE_TIMEOUT", 200 * MS)
+    secret = new_secret()
+    assert preamble_ok(preamble(secret, "run"), secret) == "run"
+
+    async def collect(paths: Sequence[str]) -> Mapping[str, bytes]:
+        return {".standin/token": b"run-refreshed"}
+
+    relay = SessionChannel(secret, None, collect)
+    port = await relay.listen("127.0.0.1")
+    try:
+        assert await answer(port, preamble(secret, "run")) == b""  # no run yet
+        run = QueuedRun(status=3, errors="e" * 5000)
+        relay.run = run
+        assert await answer(port, preamble("0" * 64, "run")) == b""
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(preamble(secret, "run"))
+        run.chunks.put_nowait(b"first\n")
+        async with asyncio.timeout(TIMEOUT):
+            first = await reader.readexactly(5 + len(b"first\n"))
+        assert first == b"o\x00\x00\x00\x06first\n"  # it came before the run ended
+        big = bytes(range(256)) * 400  # 102,400 bytes in one read
+        run.chunks.put_nowait(big)
+        run.chunks.put_nowait(b"")
+        async with asyncio.timeout(TIMEOUT):
+            rest = await reader.read()
+        writer.close()
+        sizes, out, err, status = read_run_frames(first + rest)
+        assert out == b"first\n" + big
+        assert sizes == [6, RUN_FRAME_MAX, len(big) - RUN_FRAME_MAX]
+        assert err == b"e" * RUN_ERRORS_MAX
+        assert status == 3
+        assert await answer(port, preamble(secret, "run")) == b""  # read once only
+        got = await asyncio.to_thread(
+            channel.request, "127.0.0.1", port, secret, "get", {"paths": ["~/.standin"]}, timeout=5
+        )
+        assert decode_files(got["files"]) == {".standin/token": b"run-refreshed"}
+        assert relay.refused == 3
+    finally:
+        await relay.close()
+
+
+ALIVE = [{"NodeID": "n1", "Alive": True}]
+DEAD = [{"NodeID": "n1", "Alive": False}]
+
+
+async def start_cluster_run(
+    run: QueuedRun, table: list[list[dict[str, object]]]
+) -> tuple[SessionChannel, ClusterRunType]:
+    """A channel on loopback serving ``run``, and the controller's ClusterRun reading it on a
+    host "w1" whose node table is ``table[0]`` (the test swaps it)."""
+    from remotecli.cluster.placement import Placement
+    from remotecli.cluster.run import ClusterRun, open_run
+
+    secret = new_secret()
+    relay = SessionChannel(secret, None)
+    relay.run = run
+    port = await relay.listen("127.0.0.1")
+    placed = Placement("run-x", "w1", "n1", "127.0.0.1", port, secret)
+
+    async def nodes(fresh: bool) -> list[dict[str, object]]:
+        return table[0]
+
+    reader, writer = await open_run(placed, within=TIMEOUT)
+    return relay, ClusterRun(placed, reader, writer, nodes)
+
+
+async def test_a_cluster_run_reads_the_output_as_it_comes_and_its_status() -> None:
+    """The controller's ClusterRun gets the first output before the command ended, then the
+    rest, the exit status and the end of standard error."""
+    pytest.importorskip("ray", reason="needs ray: pip install -e '.[cluster]'")
+    run = QueuedRun(status=0, errors="warning: slow\n")
+    relay, output = await start_cluster_run(run, [ALIVE])
+    try:
+        run.chunks.put_nowait(b"first\n")
+        async with asyncio.timeout(TIMEOUT):
+            assert await output.read() == b"first\n"
+            run.chunks.put_nowait(b"second\n")
+            run.chunks.put_nowait(b"")
+            rest = b""
+            while chunk := await output.read():
+                rest += chunk
+            assert rest == b"second\n"
+            assert await output.wait() == 0
+        assert output.errors() == "warning: slow\n"
+    finally:
+        output.stop()
+        await relay.close()
+
+
+async def test_a_cluster_run_fails_host_lost_when_its_node_dies(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A run whose node Ray declares dead fails "host w1 lost": while its stream is silent (a
+    cut link), and when its stream ended first (killed processes close their sockets); a stream
+    that ends without a status on a live node fails with that after the bound."""
+    pytest.importorskip("ray", reason="needs ray: pip install -e '.[cluster]'")
+    from remotecli.cluster import run as cluster_run
+
+    monkeypatch.setattr(cluster_run, "LOST_BOUND", 1_000 * MS)
+    monkeypatch.setattr(cluster_run, "POLL", 50 * MS)
+    table = [ALIVE]
+    silent, output = await start_cluster_run(QueuedRun(), table)
+    try:
+        await asyncio.sleep(150 * MS)
+        table[0] = DEAD
+        async with asyncio.timeout(TIMEOUT):
+            assert await output.read() == b""
+            with pytest.raises(DriverError, match=r"^host w1 lost$"):
+                await output.wait()
+    finally:
+        output.stop()
+        await silent.close()
+
+    table = [ALIVE]
+    killed, output = await start_cluster_run(QueuedRun(), table)
+    try:
+        await killed.close()  # the host's sockets close; Ray has not decided yet
+        await asyncio.sleep(150 * MS)
+        table[0] = DEAD
+        async with asyncio.timeout(TIMEOUT):
+            with pytest.raises(DriverError, match=r"^host w1 lost$"):
+                await output.wait()
+    finally:
+        output.stop()
+
+    run = QueuedRun()
+    broken, output = await start_cluster_run(run, [ALIVE])
+    try:
+        run.chunks.put_nowait(b"some\n")
+        async with asyncio.timeout(TIMEOUT):
+            assert await output.read() == b"some\n"  # the stream runs
+            await broken.close()  # then ends without a status; the node lives on
+            with pytest.raises(DriverError, match="ended before the command's exit status"):
+                await output.wait()
+    finally:
+        output.stop()

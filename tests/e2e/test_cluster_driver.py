@@ -118,6 +118,22 @@ def test_a_kept_signin_reaches_the_host_and_comes_back(run: dict[str, Any]) -> N
     assert json.loads(run["signin"]["kept"][".standin/credentials.json"]) == kept
 
 
+def test_a_headless_run_streams_from_its_host_and_keeps_its_signin(run: dict[str, Any]) -> None:
+    """``POST /api/runs`` on the cluster: the first line streams as its own event before the
+    rest, the run ends ``done`` having read the kept sign-in, the token it rotated is kept
+    after, and its actor is gone."""
+    events = run["run"]["events"]
+    texts = [data["text"] for kind, data in events if kind == "text"]
+    assert texts[0] == "first\n"  # read before the command's pause ended
+    assert "".join(texts) == "first\nrefreshed\nsecond\n"
+    assert events[-1][0] == "done", events[-1]
+    assert events[-1][1]["exit_code"] == 0
+    assert run["run"]["state"] == "done"
+    assert run["run"]["kept_token"] == "run-refreshed"
+    assert run["run"]["version"] == 3  # the session's save, then the run's
+    assert run["run"]["actor_gone"] is True
+
+
 def test_two_controllers_share_the_cluster_and_serve_each_others_sessions(
     run: dict[str, Any],
 ) -> None:

@@ -82,14 +82,19 @@ class SessionActor:
 
         ``spec``: ``provider``, ``command``, ``env``, ``width``, ``height``, ``keeps_signin``
         of a :class:`~remotecli.drivers.base.SessionSpec`; its kept files are those a ``put``
-        brought over the channel. Raises the local driver's
-        :class:`~remotecli.exceptions.DriverError` when the session cannot start.
+        brought over the channel. With ``"run": True`` the command runs headless instead
+        (:meth:`LocalDriver.start_run`): its output is the channel's ``run`` verb. Raises the
+        local driver's :class:`~remotecli.exceptions.DriverError` when it cannot start.
         """
         node_ip: str = ray.util.get_node_ip_address()  # type: ignore[no-untyped-call]
         self._ended = asyncio.Event()
         if spec is None:
             self._server = await asyncio.start_server(_serve_banner, node_ip, 0)
             self._report = self._where(node_ip, self._server.sockets[0].getsockname()[1], {})
+        elif spec.get("run"):
+            if self._channel is None:
+                await self.open()
+            self._report = {**self._report, **await self._start_run(spec)}
         else:
             if self._channel is None:
                 await self.open()
@@ -135,6 +140,32 @@ class SessionActor:
             "local_seconds": seconds,
             "sandbox": f"{posture.sandbox}; uids: {posture.uids}; limits: {posture.limits}",
         }
+
+    async def _start_run(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """Start a headless run with the host's local driver; the channel streams its output.
+
+        Its sandbox, HOME included, stays until :meth:`stop`: the controller reads the kept
+        sign-in back (``get``) after the command ended.
+        """
+        from remotecli.drivers.base import SessionSpec
+
+        assert self._channel is not None
+        driver = host_driver()
+        workdir = driver.data_dir / "s" / self.session_id
+        workdir.parent.mkdir(parents=True, exist_ok=True)
+        run = SessionSpec(
+            session_id=self.session_id,
+            provider=str(spec["provider"]),
+            command=tuple(spec["command"]),
+            workdir=workdir,
+            env=dict(spec.get("env") or {}),
+            home_files=self._channel.take_files(),
+            keeps_signin=bool(spec.get("keeps_signin", False)),
+        )
+        began = asyncio.get_running_loop().time()
+        self._channel.run = await driver.start_run(run, lambda step: None)
+        self._local = True
+        return {"local_seconds": asyncio.get_running_loop().time() - began, "run": True}
 
     async def _collect(self, paths: Sequence[str]) -> Mapping[str, bytes]:
         if not self._local:

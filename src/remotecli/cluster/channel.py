@@ -16,7 +16,13 @@ connection before any byte is written. The verbs:
   over the channel, never as a Ray argument (Ray keeps actor specs to restart them);
 - ``get``: one frame ``{"paths": [...]}`` (the provider's kept paths), answered by a frame of the
   files found in the session's HOME, ``{"files": {...}}``: the sign-in made in the session,
-  read back when it ends.
+  read back when it ends;
+- ``run`` (a headless run): nothing more is read; the channel writes the run's command's
+  output as it comes, in the run frames of :mod:`remotecli.drivers.qemu_runframes` (``o``
+  standard output, then one ``e`` with the end of standard error, then ``x`` and the exit
+  status), and closes. One ``run`` connection per run: the output is read once, so a second
+  one (or one before the run started) is closed with no byte written. A slow reader slows the
+  command (the socket's buffers fill, then its pipe), as on one host.
 
 What this leaves out: the bytes are not encrypted (the hosts' network must be private, as for
 Ray's own traffic).
@@ -35,8 +41,12 @@ import struct
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
+from remotecli.drivers.base import RUN_ERRORS_MAX, RunOutput
+from remotecli.drivers.qemu_runframes import EXIT, STDERR, STDOUT
+from remotecli.drivers.qemu_runframes import FRAME_MAX as RUN_FRAME_MAX
+
 SECRET_BYTES = 32
-VERBS = ("vnc", "put", "get")
+VERBS = ("vnc", "put", "get", "run")
 PREAMBLE_MAX = 2 * SECRET_BYTES + 1 + max(len(verb) for verb in VERBS) + 1
 """The hex secret, a space, the longest verb and the newline: a longer line is refused."""
 PREAMBLE_TIMEOUT = 5.0
@@ -84,6 +94,13 @@ async def read_frame(reader: asyncio.StreamReader) -> dict[str, Any]:
     return message
 
 
+def run_frame(kind: bytes, payload: bytes) -> bytes:
+    """Encode one run frame (kind, 4-byte big-endian length, payload), as the guest relay does."""
+    if len(payload) > RUN_FRAME_MAX:
+        raise ValueError(f"a run frame of {len(payload)} bytes is over {RUN_FRAME_MAX}")
+    return kind + struct.pack(">I", len(payload)) + payload
+
+
 def encode_files(files: Mapping[str, bytes]) -> dict[str, str]:
     """Files (path → bytes) as JSON: path → base64."""
     return {path: base64.b64encode(data).decode("ascii") for path, data in files.items()}
@@ -103,7 +120,8 @@ class SessionChannel:
 
     ``vnc_path`` is None until the session runs (a ``vnc`` before that is closed); ``collect``
     reads kept files from the session's HOME for ``get``. Files a ``put`` brought wait in
-    :meth:`take_files` for the session's start.
+    :meth:`take_files` for the session's start. For a headless run, ``run`` is its output
+    once it started (set by the actor); a ``run`` connection streams it.
     """
 
     def __init__(self, secret: str, vnc_path: str | None, collect: Collect | None = None) -> None:
@@ -113,6 +131,8 @@ class SessionChannel:
         self.refused = 0
         self._files: dict[str, bytes] | None = None
         self._started = vnc_path is not None
+        self.run: RunOutput | None = None
+        self._run_taken = False
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -155,6 +175,8 @@ class SessionChannel:
                 return
             if verb == "vnc":
                 await self._relay(reader, writer)
+            elif verb == "run":
+                await self._stream_run(writer)
             else:
                 async with asyncio.timeout(FRAME_TIMEOUT):
                     writer.write(frame(await self._answer(verb, reader)))
@@ -174,6 +196,24 @@ class SessionChannel:
         finally:
             vnc_writer.close()
 
+    async def _stream_run(self, writer: asyncio.StreamWriter) -> None:
+        """Write the run's output as run frames, then its errors and exit status (see above)."""
+        run = self.run
+        if run is None or self._run_taken:
+            self.refused += 1
+            return
+        self._run_taken = True
+        while data := await run.read():
+            for start in range(0, len(data), RUN_FRAME_MAX):
+                writer.write(run_frame(STDOUT, data[start : start + RUN_FRAME_MAX]))
+            await writer.drain()
+        status = await run.wait()
+        errors = run.errors().encode("utf-8", "replace")[-RUN_ERRORS_MAX:]
+        if errors:
+            writer.write(run_frame(STDERR, errors))
+        writer.write(run_frame(EXIT, str(status).encode("ascii")))
+        await writer.drain()
+
     async def _answer(self, verb: str, reader: asyncio.StreamReader) -> dict[str, Any]:
         try:
             request = await read_frame(reader)
@@ -185,7 +225,7 @@ class SessionChannel:
             paths = request.get("paths")
             if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
                 return {"error": "paths must be a list of strings"}
-            if self.collect is None or self.vnc_path is None:
+            if self.collect is None or (self.vnc_path is None and self.run is None):
                 return {"error": "the session has not started"}
             return {"files": encode_files(await self.collect(paths))}
         except ValueError as exc:  # json.JSONDecodeError and binascii.Error are ValueErrors

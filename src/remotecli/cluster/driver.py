@@ -3,10 +3,12 @@
 Each session is a detached named actor (:mod:`remotecli.cluster.placement`) that runs the
 host's own local driver and exposes the session's VNC socket on its host's address behind a
 channel secret (:mod:`remotecli.cluster.channel`); :meth:`ClusterDriver.start` returns that
-channel as the session's :class:`VncEndpoint`, which the bridge dials. Ray's client API blocks,
-so every call to it runs in a worker thread. Verbs that need the session's files or sockets on
-its host (hibernate, collect, the text view, a session's loopback, headless runs) are refused
-for now, each with a :class:`DriverError` naming why.
+channel as the session's :class:`VncEndpoint`, which the bridge dials. A headless run is
+placed the same way and its output read over its channel (:mod:`remotecli.cluster.run`).
+Ray's client API blocks, so every call to it runs in a worker thread; a run's stream and a
+session's wait hold none. Verbs that need more of the session's sockets on its host
+(hibernate, the text view, a session's loopback) are refused for now, each with a
+:class:`DriverError` naming why.
 
 The hosts (:meth:`ClusterDriver.hosts`, for ``/readyz`` and ``/metrics``) are read from Ray
 by a background task every :data:`HOSTS_REFRESH` seconds, in a worker thread; the answer is
@@ -26,6 +28,7 @@ from remotecli.cluster import placement, watch
 from remotecli.cluster.host import use_token
 from remotecli.cluster.hosts import summarise_hosts
 from remotecli.cluster.placement import Placement
+from remotecli.cluster.run import ClusterRun, open_run
 from remotecli.drivers.base import (
     HostStatus,
     ProgressCallback,
@@ -62,6 +65,7 @@ class ClusterDriver:
         self.token_file = token_file
         self._programs = HostPrograms()
         self._placements: dict[str, Placement] = {}
+        self._runs: dict[str, ClusterRun] = {}
         self._connected = False
         self._lock = asyncio.Lock()
         self._table_lock = asyncio.Lock()
@@ -158,8 +162,12 @@ class ClusterDriver:
             return self._table
 
     async def stop(self, session_id: str) -> None:
-        """End the session's actor (the host's driver removes its processes); idempotent."""
+        """End the session's (or run's) actor (the host's driver removes its processes);
+        idempotent."""
         self._placements.pop(session_id, None)
+        run = self._runs.pop(session_id, None)
+        if run is not None:
+            run.stop()
         if self._connected:
             await asyncio.to_thread(placement.end_session, session_id)
 
@@ -205,7 +213,37 @@ class ClusterDriver:
         return False
 
     async def start_run(self, spec: SessionSpec, progress: ProgressCallback) -> RunOutput:
-        raise DriverError(f"headless runs {NOT_YET}", session_id=spec.session_id)
+        """Place the run as a session (one slot, the kept sign-in ``put`` over its channel), start
+        it headless with the host's local driver, and return its output read over the channel.
+
+        The run's actor and its HOME stay until :meth:`stop` (:meth:`collect` reads the sign-in
+        back after the command ended). Raises :class:`DriverError` naming what failed; nothing
+        is left running then.
+        """
+        await self._connect()
+        payload = {
+            "provider": spec.provider,
+            "command": list(spec.command),
+            "env": dict(spec.env),
+            "keeps_signin": spec.keeps_signin,
+            "run": True,
+        }
+        try:
+            placed = await asyncio.to_thread(
+                placement.place_session, spec.session_id, payload, files=dict(spec.home_files)
+            )
+        except ClusterError as exc:
+            raise DriverError(exc.message, session_id=spec.session_id) from exc
+        self._placements[spec.session_id] = placed
+        progress(f"placed on host {placed.host} ({placed.node_ip})")
+        try:
+            reader, writer = await open_run(placed, within=COLLECT_TIMEOUT)
+        except BaseException:  # a failed or cancelled start leaves nothing running
+            await asyncio.shield(self.stop(spec.session_id))
+            raise
+        run = ClusterRun(placed, reader, writer, self._node_table)
+        self._runs[spec.session_id] = run
+        return run
 
     async def collect(self, session_id: str, paths: Sequence[str]) -> dict[str, bytes]:
         """Read the kept files from the session's HOME on its host, over its channel."""

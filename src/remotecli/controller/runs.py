@@ -293,6 +293,10 @@ class RunManager:
         for record in self.store.active_runs(self.controller_id):
             with contextlib.suppress(RemoteCliError, OSError):
                 await self.driver.recover(record.id, self._workdir(record.id))
+            with contextlib.suppress(RemoteCliError, OSError):
+                # A driver whose runs outlive the controller (the cluster's detached actors)
+                # found it again: end it.
+                await self.driver.stop(record.id)
             self.store.apply_run(record.id, RunStep.FAIL, self._clock(), reason=RESTART_REASON)
             log.info("run settled after a restart", run_id=record.id)
 
