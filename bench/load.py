@@ -67,7 +67,7 @@ class EchoDriver:
     async def collect(self, session_id: str, paths: Any) -> dict[str, bytes]:
         return {}
 
-    async def tty_socket(self, session_id: str) -> str:
+    async def tty_endpoint(self, session_id: str) -> Any:
         from remotecli.exceptions import DriverError
 
         raise DriverError("the echo driver's sessions have no text terminal")

@@ -23,7 +23,13 @@ from typing import Any
 
 from remotecli.config import ControllerConfig
 from remotecli.controller.server import Controller
-from remotecli.drivers.base import ProgressCallback, RunOutput, SessionSpec, VncEndpoint
+from remotecli.drivers.base import (
+    ProgressCallback,
+    RunOutput,
+    SessionSpec,
+    TtyEndpoint,
+    VncEndpoint,
+)
 from remotecli.exceptions import DriverError, UpstreamRefused
 from remotecli.providers import HostPrograms
 
@@ -60,6 +66,10 @@ class BannerDriver:
         self.resumed: list[str] = []
         self.fail_resume: str | None = None  # set it to make resume() fail with this message
         self._asleep: dict[str, Path] = {}
+
+    async def tty_endpoint(self, session_id: str) -> TtyEndpoint:
+        """Return the session's text terminal: the Unix socket :meth:`tty_socket` names."""
+        return TtyEndpoint(unix_path=await self.tty_socket(session_id))
 
     async def tty_socket(self, session_id: str) -> str:
         """Return the socket a test put in ``tty_paths`` for the session; else refuse."""

@@ -37,6 +37,8 @@ from tests.rfb_viewer import RfbViewer
 TIMEOUT = 60_000 * MS
 ADMIN_TOKEN = "cluster-admin-token-" + "0" * 24
 SHARED_SESSIONS = 6
+LOOPBACK_PORT = 8765
+"""Where the text view starts a web server on a session's loopback (the callback relay's)."""
 KEEPER = "keeper"
 KEPT = b'{"token": "kept-before"}'
 KEEPER_COMMAND = (
@@ -86,6 +88,55 @@ async def viewer_init(base: str, api: httpx.AsyncClient, session_id: str) -> lis
 
         init = await asyncio.wait_for(RfbViewer(receive, ws.send).handshake(), TIMEOUT)
         return [init.width, init.height]
+
+
+async def typed_in_text_view(
+    base: str, api: httpx.AsyncClient, session_id: str, command: str, expect: str
+) -> str:
+    """Open the session's text view at the gateway ``base``, type ``command`` and Return, and
+    return ``expect`` once the terminal showed it."""
+    ticket = (await api.post(f"/api/sessions/{session_id}/ticket")).json()["ticket"]
+    url = f"ws{base.removeprefix('http')}/api/sessions/{session_id}/tty?ticket={ticket}"
+    async with connect(url, subprotocols=[Subprotocol("tty")], max_size=None) as ws:
+        await ws.send(json.dumps({"type": "resize", "cols": 100, "rows": 30}))
+        await ws.send(f"{command}\r".encode())
+        seen = b""
+        async with asyncio.timeout(TIMEOUT):
+            while expect.encode() not in seen:
+                message = await ws.recv()
+                seen += message if isinstance(message, bytes) else message.encode()
+    return expect
+
+
+async def callback(api: httpx.AsyncClient, session_id: str) -> list[Any]:
+    """Relay a sign-in callback to ``localhost:LOOPBACK_PORT`` in the session: status, answer."""
+    url = f"http://localhost:{LOOPBACK_PORT}/"
+    answer = await api.post(f"/api/sessions/{session_id}/callback", json={"url": url})
+    return [answer.status_code, answer.json()]
+
+
+async def text_view_and_loopback(
+    base: str, api: httpx.AsyncClient, session_id: str
+) -> dict[str, Any]:
+    """Run a command typed into the session's text view, then start a web server on the
+    session's loopback from it and relay a sign-in callback to that.
+
+    Returns what the terminal showed, and the callback relay's answers before the server
+    listens and once it does.
+    """
+    result: dict[str, Any] = {}
+    result["text"] = await typed_in_text_view(
+        base, api, session_id, "echo tty-$((6 * 7))-ok", "tty-42-ok"
+    )
+    result["before"] = await callback(api, session_id)
+    server = f"/usr/bin/python3 -m http.server {LOOPBACK_PORT} --bind 127.0.0.1"
+    started = f"cd ~ && ({server} >/dev/null 2>&1 &) && echo server-$((1 + 1))"
+    await typed_in_text_view(base, api, session_id, started, "server-2")
+    async with asyncio.timeout(TIMEOUT):
+        while (after := await callback(api, session_id))[0] != 200:
+            await asyncio.sleep(0.1)
+    result["after"] = after[1]
+    return result
 
 
 async def state_of(api: httpx.AsyncClient, session_id: str) -> dict[str, Any]:
@@ -185,6 +236,11 @@ async def shared(controllers: list[Controller], apis: list[httpx.AsyncClient]) -
         other = 1 - mine
         text = f"echo typed-{sid} > ~/typed"
         result["inits"][sid] = await typed_through(controllers[other].url(), apis[other], sid, text)
+    made_at_first = next(sid for sid, mine in owners.items() if mine == 0)
+    result["text_elsewhere"] = await typed_in_text_view(
+        controllers[1].url(), apis[1], made_at_first, "echo elsewhere-$((2 + 3))", "elsewhere-5"
+    )
+    result["callback_elsewhere"] = await callback(apis[1], made_at_first)
     for sid, mine in owners.items():
         manager = controllers[mine].manager
         assert manager is not None
@@ -240,6 +296,7 @@ async def run(
             reports: list[dict[str, Any]] = [await asyncio.to_thread(report_of, sid) for sid in ids]
             result["sandbox"] = sorted({str(report.get("sandbox")) for report in reports})
             result["inits"] = [await viewer_init(base, api, sid) for sid in ids]
+            result["tty"] = await text_view_and_loopback(base, api, first)
             some = next(p for p in placed.values() if p is not None)
             assert some.channel_secret is not None
             wrong = "0" * 64 + "\n"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from websockets.asyncio.client import connect
@@ -15,16 +15,19 @@ from remotecli.cluster.channel import (
     SessionChannel,
     decode_files,
     encode_files,
+    frame,
     new_secret,
     preamble,
     preamble_ok,
 )
-from remotecli.drivers.base import RUN_ERRORS_MAX, VncEndpoint
+from remotecli.drivers.base import RUN_ERRORS_MAX, TtyEndpoint, VncEndpoint
 from remotecli.drivers.qemu_runframes import FRAME_MAX as RUN_FRAME_MAX
 from remotecli.drivers.qemu_runframes import Errors, Output, RunFrames
-from remotecli.exceptions import DriverError
+from remotecli.exceptions import DriverError, UpstreamRefused
 from tests.conftest import MS
 from tests.test_bridge import make_stack, start_echo
+from tests.test_tty_bridge import make_stack as make_tty_stack
+from tests.test_tty_bridge import start_tty
 
 if TYPE_CHECKING:
     from remotecli.cluster.run import ClusterRun as ClusterRunType
@@ -40,9 +43,11 @@ def test_preamble_is_the_secret_a_verb_and_a_newline_only() -> None:
     assert preamble_ok(preamble(secret), secret) == "vnc"
     assert preamble_ok(preamble(secret, "put"), secret) == "put"
     assert preamble_ok(preamble(secret, "get"), secret) == "get"
+    assert preamble_ok(preamble(secret, "tty"), secret) == "tty"
+    assert preamble_ok(preamble(secret, "loopback"), secret) == "loopback"
     assert preamble_ok(preamble(secret)[:-1], secret) is None
     assert preamble_ok(secret.encode() + b"\n", secret) is None  # no verb
-    assert preamble_ok(preamble(secret, "tty"), secret) is None
+    assert preamble_ok(preamble(secret, "shell"), secret) is None
     assert preamble_ok(preamble(secret)[1:], secret) is None
     assert preamble_ok(preamble(secret + "0"), secret) is None
     assert preamble_ok(preamble("0" * 64), secret) is None
@@ -145,6 +150,138 @@ async def test_kept_files_go_in_once_before_the_start_and_come_back_after(tmp_pa
         assert asked == [["~/.standin"]]
         assert relay.refused == 1
     finally:
+        await relay.close()
+
+
+async def test_tty_relays_to_the_sessions_terminal_only_after_the_right_secret(
+    tmp_path: Path,
+) -> None:
+    """``tty`` joins the right secret to the terminal socket the host names; a wrong secret, a
+    session not started and one without a terminal get no byte and never reach it."""
+    terminal = await start_echo(tmp_path, "unix")
+    assert terminal.endpoint.unix_path is not None
+    path: str = terminal.endpoint.unix_path
+    asked: list[str] = []
+
+    async def tty() -> str:
+        asked.append("tty")
+        if path == "none":
+            raise DriverError("session s1 ended before its text terminal was ready")
+        return path
+
+    secret = new_secret()
+    relay = SessionChannel(secret, None, tty=tty)
+    port = await relay.listen("127.0.0.1")
+    try:
+        assert await answer(port, preamble(secret, "tty") + b"early") == b""  # not started
+        relay.vnc_path = str(tmp_path / "vnc.sock")  # the session runs
+        assert await answer(port, preamble("0" * 64, "tty") + b"typed") == b""
+        assert asked == []  # neither asked the host for its terminal
+        typed = b"\x00\x00\x00\x00\x03ls\r"
+        assert await answer(port, preamble(secret, "tty"), more=typed) == typed
+        path = "none"
+        assert await answer(port, preamble(secret, "tty") + b"typed") == b""
+        assert asked == ["tty", "tty"]
+        assert relay.refused == 1
+        assert len(terminal.writers) == 1  # only the right one reached the terminal
+    finally:
+        await relay.close()
+        terminal.server.close()
+
+
+async def test_text_view_writes_the_secret_and_tty_before_any_record(tmp_path: Path) -> None:
+    """A text viewer reaches a terminal behind a channel: the bridge sends the secret and
+    ``tty`` first, then type-0 records, and the terminal's output comes back."""
+    terminal = await start_tty(tmp_path / "tty.sock")
+
+    async def tty() -> str:
+        return terminal.path
+
+    secret = new_secret()
+    relay = SessionChannel(secret, str(tmp_path / "vnc.sock"), tty=tty)
+    port = await relay.listen("127.0.0.1")
+    stack = await make_tty_stack(TtyEndpoint(host="127.0.0.1", port=port, channel_secret=secret))
+    try:
+        async with connect(stack.url(query="?ticket=t1")) as ws:
+            await ws.send(b"echo hi\r")
+            assert await asyncio.wait_for(ws.recv(), TIMEOUT) == b"echo hi\r"
+        assert terminal.input() == b"echo hi\r"
+        assert relay.refused == 0
+        assert secret not in repr(TtyEndpoint(host="h", port=1, channel_secret=secret))
+    finally:
+        await stack.gateway.shutdown(grace=0)
+        await relay.close()
+        terminal.close()
+
+
+async def test_loopback_connects_only_to_a_port_on_the_sessions_loopback() -> None:
+    """``loopback`` relays bytes to the port the host's driver connected on the session's
+    loopback, after ``{"ok": true}``; a wrong secret gets no byte, and a bad address or port,
+    an oversized request, a session not started or nothing listening are refused by name."""
+    connected: list[int] = []
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connected.append(1)
+        while data := await reader.read(1 << 16):
+            writer.write(data)
+            await writer.drain()
+        writer.close()
+
+    listener = await asyncio.start_server(echo, "127.0.0.1", 0)
+    listening: int = listener.sockets[0].getsockname()[1]
+    asked: list[tuple[int, str]] = []
+
+    async def loopback(port: int, address: str) -> channel.Streams:
+        asked.append((port, address))
+        try:
+            return await asyncio.open_connection(address, port)
+        except ConnectionRefusedError as exc:  # as the local driver says it
+            raise UpstreamRefused(f"{address}:{port} refused the connection") from exc
+
+    secret = new_secret()
+    relay = SessionChannel(secret, None, loopback=loopback)
+    port = await relay.listen("127.0.0.1")
+
+    async def open_(address: str, target: Any, key: str = secret) -> channel.Streams:
+        """Ask for ``target``: anything JSON carries, which the host checks, not this client."""
+        return await channel.open_loopback("127.0.0.1", port, key, address, target, timeout=TIMEOUT)
+
+    try:
+        with pytest.raises(DriverError, match="the session has not started"):
+            await open_("127.0.0.1", listening)
+        relay.vnc_path = "/run/vnc.sock"  # the session runs
+        with pytest.raises(OSError, match="closed without an answer"):
+            await open_("127.0.0.1", listening, "0" * 64)
+        for address in ["10.0.0.1", "localhost"]:
+            with pytest.raises(DriverError, match="not a session's loopback address"):
+                await open_(address, listening)
+        for bad in [0, 65536, "80", True, None]:
+            with pytest.raises(DriverError, match="is not a TCP port"):
+                await open_("127.0.0.1", bad)
+        assert asked == []  # none of those reached the host's driver
+        oversized = frame({"address": "127.0.0.1", "port": listening, "pad": "x" * 5000})
+        assert await answer(port, preamble(secret, "loopback") + oversized) == frame(
+            {
+                "error": f"bad request: a channel frame of {len(oversized) - 4} bytes is over 4096",
+                "kind": "driver",
+            }
+        )
+        reader, writer = await open_("127.0.0.1", listening)
+        try:
+            sent = b"GET /callback?code=x HTTP/1.0\r\n\r\n"
+            writer.write(sent)
+            assert await asyncio.wait_for(reader.readexactly(len(sent)), TIMEOUT) == sent
+        finally:
+            writer.close()
+        listener.close()
+        await listener.wait_closed()
+        with pytest.raises(UpstreamRefused, match="refused the connection"):
+            await open_("127.0.0.1", listening)
+        assert asked == [(listening, "127.0.0.1")] * 2
+        assert connected == [1]
+        assert relay.refused == 1
+    finally:
+        listener.close()
         await relay.close()
 
 

@@ -32,6 +32,7 @@ from remotecli.controller.server import Controller, add_user_token
 from remotecli.controller.session_stream import WRITE_BUFFER_HIGH
 from remotecli.controller.tty_bridge import TtyViewer
 from remotecli.controller.viewers import TtyTarget, VncTarget
+from remotecli.drivers.base import TtyEndpoint
 from remotecli.exceptions import (
     Conflict,
     DriverError,
@@ -124,9 +125,9 @@ async def start_tty(path: Path, *, read: bool = True) -> TtyServer:
 
 @dataclass
 class Authorizer:
-    """A small in-test authorizer: session s1's terminal is ``socket_path``; or a refusal."""
+    """A small in-test authorizer: session s1's terminal is ``endpoint``; or a refusal."""
 
-    socket_path: str
+    endpoint: TtyEndpoint
     refusal: Exception | None = None
     calls: list[dict[str, str | None]] = field(default_factory=list)
     attached: list[str] = field(default_factory=list)
@@ -160,7 +161,7 @@ class Authorizer:
             raise self.refusal
         if session_id != "s1":
             raise NotFound(f"no session {session_id}")
-        return TtyTarget(session_id, "admin", self.socket_path)
+        return TtyTarget(session_id, "admin", self.endpoint)
 
     def viewer_attached(self, session_id: str) -> None:
         self.attached.append(session_id)
@@ -187,8 +188,10 @@ class Stack:
         return viewer
 
 
-async def make_stack(socket_path: str) -> Stack:
-    authorizer = Authorizer(socket_path)
+async def make_stack(terminal: str | TtyEndpoint) -> Stack:
+    """A gateway and bridge whose session s1's terminal is ``terminal`` (a path: Unix socket)."""
+    endpoint = TtyEndpoint(unix_path=terminal) if isinstance(terminal, str) else terminal
+    authorizer = Authorizer(endpoint)
     registry = prometheus_client.CollectorRegistry()
     bridge = VncBridge(authorizer, tty_authorizer=authorizer, registry=registry)
     gateway = Gateway(GatewayConfig(listen=("127.0.0.1", 0)), bridge.local_upgrades())
@@ -450,7 +453,7 @@ async def test_gateway_shutdown_closes_1001(stack: Stack) -> None:
 
 async def test_no_text_path_without_a_tty_authorizer(tty: TtyServer) -> None:
     """A bridge built without a TtyAuthorizer serves the VNC paths only."""
-    bridge = VncBridge(Authorizer(tty.path))
+    bridge = VncBridge(Authorizer(TtyEndpoint(unix_path=tty.path)))
     assert [u.pattern.pattern for u in bridge.local_upgrades()] == [
         r"/api/sessions/(?P<id>[A-Za-z0-9_-]{1,64})/vnc",
         r"/api/auth/session/(?P<id>[A-Za-z0-9_-]{1,64})/novnc/websock",

@@ -1,7 +1,8 @@
 """The text terminal's protocol, controller side: records for the session's tty server.
 
 Theory of operation. A session's text terminal is served inside its sandbox on a Unix stream
-socket (the driver names it: ``Driver.tty_socket``). The controller writes records to it::
+socket (the driver names it: ``Driver.tty_endpoint``; on another host the session's channel
+relays it, verb ``tty``). The controller writes records to it::
 
     type (1 byte) | length (4 bytes, big-endian) | payload (length bytes)
 

@@ -107,6 +107,19 @@ def test_sessions_land_on_the_workers_and_stream_through_the_bridge(run: dict[st
         assert (width, height) == (1280, 720)
 
 
+def test_the_text_view_and_the_sessions_loopback_reach_the_host(run: dict[str, Any]) -> None:
+    """Through the gateway, a cluster session's text view runs a command typed into it and shows
+    its output; a sign-in callback relayed to its loopback is refused while nothing listens
+    there, and answered by the web server started from the text view once it does."""
+    tty = run["tty"]
+    assert tty["text"] == "tty-42-ok"
+    status, answer = tty["before"]
+    assert status == 502
+    assert "nothing listens on localhost:8765 in the session" in answer["message"]
+    assert tty["after"]["status"] == 200
+    assert "Directory listing for /" in tty["after"]["body"]
+
+
 def test_a_kept_signin_reaches_the_host_and_comes_back(run: dict[str, Any]) -> None:
     """A kept sign-in is in the session's HOME on its host; what the CLI added is kept after."""
     kept = json.loads(KEPT)
@@ -139,7 +152,8 @@ def test_two_controllers_share_the_cluster_and_serve_each_others_sessions(
 ) -> None:
     """Six sessions made alternately at two controllers on one PostgreSQL database spread over
     both workers; each is viewed (RFB handshake) and typed into through the other controller's
-    gateway, the command runs in it, and a delete there stops it at the one that runs it."""
+    gateway, the command runs in it, and a delete there stops it at the one that runs it; the
+    other controller also opens a session's text view and relays a callback to its loopback."""
     shared = run["shared"]
     assert len(shared["hosts"]) == 6
     assert set(shared["hosts"].values()) == {"w1", "w2"}
@@ -148,6 +162,10 @@ def test_two_controllers_share_the_cluster_and_serve_each_others_sessions(
         assert init == [1280, 720]
         assert shared["typed"][session_id] == f"typed-{session_id}"
     assert set(shared["stopped_elsewhere"].values()) == {"stopped"}
+    assert shared["text_elsewhere"] == "elsewhere-5"
+    status, answer = shared["callback_elsewhere"]
+    assert status == 502  # reached the session's loopback, where nothing listens
+    assert "nothing listens on localhost:8765 in the session" in answer["message"]
 
 
 def test_readyz_metrics_and_the_store_show_each_worker_and_its_sessions(

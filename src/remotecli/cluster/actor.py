@@ -71,7 +71,9 @@ class SessionActor:
         """
         node_ip: str = ray.util.get_node_ip_address()  # type: ignore[no-untyped-call]
         secret = new_secret()
-        self._channel = SessionChannel(secret, None, self._collect)
+        self._channel = SessionChannel(
+            secret, None, self._collect, tty=self._tty_path, loopback=self._connect_loopback
+        )
         port = await self._channel.listen(node_ip)
         self._report = self._where(node_ip, port, {"channel_secret": secret})
         return self._report
@@ -172,6 +174,19 @@ class SessionActor:
             return {}
         files: Mapping[str, bytes] = await host_driver().collect(self.session_id, paths)
         return files
+
+    async def _tty_path(self) -> str:
+        """The channel's ``tty``: the session's text terminal socket, from the host's driver."""
+        path: str = await host_driver().tty_socket(self.session_id)
+        return path
+
+    async def _connect_loopback(
+        self, port: int, address: str
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """The channel's ``loopback``: the host's driver connects in the session's namespace."""
+        streams: tuple[asyncio.StreamReader, asyncio.StreamWriter]
+        streams = await host_driver().connect_loopback(self.session_id, port, address=address)
+        return streams
 
     async def start_report(self) -> dict[str, Any]:
         """Return what :meth:`start` returned (a restarted controller asks again)."""

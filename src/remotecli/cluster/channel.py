@@ -1,4 +1,4 @@
-"""The session channel: a session's VNC socket and kept files on its host's address, by secret.
+"""The session channel: a session's VNC socket, terminal, loopback and kept files, by secret.
 
 Theory of operation. The session actor runs the host's local driver, whose VNC server listens
 on a Unix socket only the host's root reaches. :class:`SessionChannel` listens on the node's
@@ -22,7 +22,16 @@ connection before any byte is written. The verbs:
   standard output, then one ``e`` with the end of standard error, then ``x`` and the exit
   status), and closes. One ``run`` connection per run: the output is read once, so a second
   one (or one before the run started) is closed with no byte written. A slow reader slows the
-  command (the socket's buffers fill, then its pipe), as on one host.
+  command (the socket's buffers fill, then its pipe), as on one host;
+- ``tty``: the connection is joined to the session's text terminal (the host's local driver
+  names its Unix socket) and bytes relayed both ways as they are (tty records in, the
+  terminal's output out); a session with no terminal closes the connection, no byte written;
+- ``loopback``: one frame ``{"address": "127.0.0.1" or "::1", "port": N}`` (at most
+  :data:`REQUEST_MAX` bytes); the host's local driver connects to that port on the session's
+  own loopback. The answer is a frame ``{"ok": true}``, then bytes relayed both ways as they
+  are, or ``{"error": "...", "kind": K}`` and the connection closed (``K`` the
+  :class:`~remotecli.exceptions.UpstreamError` kind, e.g. ``refused`` when nothing listens,
+  else ``driver``): how the controller relays a sign-in callback to a CLI on another host.
 
 What this leaves out: the bytes are not encrypted (the hosts' network must be private, as for
 Ray's own traffic).
@@ -44,17 +53,38 @@ from typing import Any
 from remotecli.drivers.base import RUN_ERRORS_MAX, RunOutput
 from remotecli.drivers.qemu_runframes import EXIT, STDERR, STDOUT
 from remotecli.drivers.qemu_runframes import FRAME_MAX as RUN_FRAME_MAX
+from remotecli.exceptions import (
+    DriverError,
+    RemoteCliError,
+    UpstreamConnectTimeout,
+    UpstreamError,
+    UpstreamRefused,
+    UpstreamUnreachable,
+)
 
 SECRET_BYTES = 32
-VERBS = ("vnc", "put", "get", "run")
+VERBS = ("vnc", "put", "get", "run", "tty", "loopback")
 PREAMBLE_MAX = 2 * SECRET_BYTES + 1 + max(len(verb) for verb in VERBS) + 1
 """The hex secret, a space, the longest verb and the newline: a longer line is refused."""
 PREAMBLE_TIMEOUT = 5.0
 FRAME_MAX = 8 * 1024**2
 """A frame's most bytes: the kept files' cap (4 MiB, sandbox/keep.py) in base64, and JSON."""
 FRAME_TIMEOUT = 30.0
+REQUEST_MAX = 4096
+"""A ``loopback`` request's and answer's most bytes (a frame of an address, a port, a reason)."""
+LOOPBACK_ADDRESSES = ("127.0.0.1", "::1")
+"""The addresses a ``loopback`` may name: the session's own loopback, as the local driver's."""
 
 Collect = Callable[[Sequence[str]], Awaitable[Mapping[str, bytes]]]
+TtyPath = Callable[[], Awaitable[str]]
+"""Returns the Unix socket of the session's text terminal; raises DriverError when it has none."""
+Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+Loopback = Callable[[int, str], Awaitable[Streams]]
+"""Connects to (port, address) on the session's own loopback; raises UpstreamError or
+DriverError as :meth:`remotecli.drivers.local.LocalDriver.connect_loopback` does."""
+_UPSTREAM_KINDS: dict[str, type[UpstreamError]] = {
+    error.kind: error for error in (UpstreamRefused, UpstreamUnreachable, UpstreamConnectTimeout)
+}
 
 
 def new_secret() -> str:
@@ -83,11 +113,12 @@ def frame(message: Mapping[str, Any]) -> bytes:
     return struct.pack(">I", len(body)) + body
 
 
-async def read_frame(reader: asyncio.StreamReader) -> dict[str, Any]:
-    """Read one frame; raise ValueError for an oversized or malformed one."""
+async def read_frame(reader: asyncio.StreamReader, *, limit: int = FRAME_MAX) -> dict[str, Any]:
+    """Read one frame of at most ``limit`` bytes; raise ValueError for an oversized or
+    malformed one."""
     (length,) = struct.unpack(">I", await reader.readexactly(4))
-    if length > FRAME_MAX:
-        raise ValueError(f"a channel frame of {length} bytes is over {FRAME_MAX}")
+    if length > limit:
+        raise ValueError(f"a channel frame of {length} bytes is over {limit}")
     message = json.loads(await reader.readexactly(length))
     if not isinstance(message, dict):
         raise ValueError("a channel frame must be a JSON object")
@@ -115,19 +146,42 @@ def decode_files(value: object) -> dict[str, bytes]:
     return {path: base64.b64decode(data, validate=True) for path, data in value.items()}
 
 
+def loopback_target(request: Mapping[str, Any]) -> tuple[str, int]:
+    """Return the (address, port) a ``loopback`` request names; ValueError unless it is a port
+    on the session's own loopback (:data:`LOOPBACK_ADDRESSES`, 1..65535)."""
+    address, port = request.get("address"), request.get("port")
+    if address not in LOOPBACK_ADDRESSES:
+        raise ValueError(f"{address!r} is not a session's loopback address (127.0.0.1 or ::1)")
+    if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
+        raise ValueError(f"{port!r} is not a TCP port (1..65535)")
+    return str(address), port
+
+
 class SessionChannel:
     """Listens on a host address; relays ``vnc`` to the Unix ``vnc_path``, serves ``put``/``get``.
 
-    ``vnc_path`` is None until the session runs (a ``vnc`` before that is closed); ``collect``
-    reads kept files from the session's HOME for ``get``. Files a ``put`` brought wait in
-    :meth:`take_files` for the session's start. For a headless run, ``run`` is its output
-    once it started (set by the actor); a ``run`` connection streams it.
+    ``vnc_path`` is None until the session runs (a ``vnc``, ``tty``, ``loopback`` or ``get``
+    before that is refused); ``collect`` reads kept files from the session's HOME for ``get``,
+    ``tty`` names its text terminal's socket, ``loopback`` connects to its loopback (None: the
+    verb is refused). Files a ``put`` brought wait in :meth:`take_files` for the session's start.
+    For a headless run, ``run`` is its output once it started (set by the actor); a ``run``
+    connection streams it.
     """
 
-    def __init__(self, secret: str, vnc_path: str | None, collect: Collect | None = None) -> None:
+    def __init__(
+        self,
+        secret: str,
+        vnc_path: str | None,
+        collect: Collect | None = None,
+        *,
+        tty: TtyPath | None = None,
+        loopback: Loopback | None = None,
+    ) -> None:
         self.secret = secret
         self.vnc_path = vnc_path
         self.collect = collect
+        self.tty = tty
+        self.loopback = loopback
         self.refused = 0
         self._files: dict[str, bytes] | None = None
         self._started = vnc_path is not None
@@ -177,6 +231,10 @@ class SessionChannel:
                 await self._relay(reader, writer)
             elif verb == "run":
                 await self._stream_run(writer)
+            elif verb == "tty":
+                await self._serve_tty(reader, writer)
+            elif verb == "loopback":
+                await self._serve_loopback(reader, writer)
             else:
                 async with asyncio.timeout(FRAME_TIMEOUT):
                     writer.write(frame(await self._answer(verb, reader)))
@@ -212,6 +270,42 @@ class SessionChannel:
         if errors:
             writer.write(run_frame(STDERR, errors))
         writer.write(run_frame(EXIT, str(status).encode("ascii")))
+
+    async def _serve_tty(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Join the connection to the session's terminal; close unwritten when it has none."""
+        if self.tty is None or self.vnc_path is None:
+            return
+        try:
+            async with asyncio.timeout(FRAME_TIMEOUT):
+                terminal = await asyncio.open_unix_connection(await self.tty())
+        except RemoteCliError:  # the session has no terminal (ended, or never had one)
+            return
+        await _join((reader, writer), terminal)
+
+    async def _serve_loopback(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """Connect to the port a frame names on the session's loopback; answer, then relay."""
+        try:
+            async with asyncio.timeout(FRAME_TIMEOUT):
+                address, port = loopback_target(await read_frame(reader, limit=REQUEST_MAX))
+                if self.loopback is None or self.vnc_path is None:
+                    raise DriverError("the session has not started")
+                upstream = await self.loopback(port, address)
+        except ValueError as exc:  # json.JSONDecodeError is a ValueError
+            answer: dict[str, Any] = {"error": f"bad request: {exc}", "kind": "driver"}
+        except RemoteCliError as exc:
+            kind = exc.kind if isinstance(exc, UpstreamError) else "driver"
+            answer = {"error": exc.message[:500], "kind": kind}  # fits REQUEST_MAX escaped
+        else:
+            try:
+                writer.write(frame({"ok": True}))
+                await writer.drain()
+                await _join((reader, writer), upstream)
+            finally:
+                upstream[1].close()
+            return
+        writer.write(frame(answer))
         await writer.drain()
 
     async def _answer(self, verb: str, reader: asyncio.StreamReader) -> dict[str, Any]:
@@ -240,6 +334,51 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
     finally:
         with contextlib.suppress(OSError, RuntimeError):
             writer.write_eof()
+
+
+async def _join(one: Streams, other: Streams) -> None:
+    """Relay bytes both ways between two connections until both ends closed; close ``other``."""
+    try:
+        await asyncio.gather(_pipe(one[0], other[1]), _pipe(other[0], one[1]))
+    finally:
+        other[1].close()
+
+
+async def open_loopback(
+    host: str,
+    port: int,
+    secret: str,
+    address: str,
+    target: int,
+    *,
+    timeout: float,  # noqa: ASYNC109 -- bounds the connect and the host's answer together
+) -> Streams:
+    """Ask the channel at ``host``:``port`` for a connection to ``address``:``target`` on the
+    session's loopback; return it once the host said it is open (bytes then flow as they are).
+
+    Raises what the host's driver raised, by kind: :class:`UpstreamRefused` (nothing listens),
+    :class:`UpstreamUnreachable`, :class:`UpstreamConnectTimeout`, else :class:`DriverError`
+    with its reason; OSError or TimeoutError when the channel cannot be reached or says
+    nothing (a wrong secret looks like that: the channel writes nothing).
+    """
+    async with asyncio.timeout(timeout):
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            writer.write(preamble(secret, "loopback") + frame({"address": address, "port": target}))
+            answer = await read_frame(reader, limit=REQUEST_MAX)
+        except asyncio.IncompleteReadError as exc:
+            writer.close()
+            raise OSError(f"the channel at {host}:{port} closed without an answer") from exc
+        except BaseException:
+            writer.close()
+            raise
+    if answer.get("ok") is True:
+        return reader, writer
+    writer.close()
+    reason = str(answer.get("error") or "the host gave no reason")
+    raise _UPSTREAM_KINDS.get(str(answer.get("kind")), DriverError)(
+        reason, address=address, port=target
+    )
 
 
 def request(

@@ -6,9 +6,11 @@ channel secret (:mod:`remotecli.cluster.channel`); :meth:`ClusterDriver.start` r
 channel as the session's :class:`VncEndpoint`, which the bridge dials. A headless run is
 placed the same way and its output read over its channel (:mod:`remotecli.cluster.run`).
 Ray's client API blocks, so every call to it runs in a worker thread; a run's stream and a
-session's wait hold none. Verbs that need more of the session's sockets on its host
-(hibernate, the text view, a session's loopback) are refused for now, each with a
-:class:`DriverError` naming why.
+session's wait hold none. Verbs that need the session's files or sockets on its host are served
+over the same channel by verb: the text view (``tty``: the bridge dials the channel itself,
+:meth:`ClusterDriver.tty_endpoint`), a session's loopback (``loopback``: the sign-in callback
+relay) and its kept files (``get``). Hibernation is refused, with a :class:`DriverError`
+naming why.
 
 The hosts (:meth:`ClusterDriver.hosts`, for ``/readyz`` and ``/metrics``) are read from Ray
 by a background task every :data:`HOSTS_REFRESH` seconds, in a worker thread; the answer is
@@ -24,7 +26,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from remotecli.cluster import placement, watch
+from remotecli.cluster import channel, placement, watch
 from remotecli.cluster.host import use_token
 from remotecli.cluster.hosts import summarise_hosts
 from remotecli.cluster.placement import Placement
@@ -34,6 +36,7 @@ from remotecli.drivers.base import (
     ProgressCallback,
     RunOutput,
     SessionSpec,
+    TtyEndpoint,
     VncEndpoint,
 )
 from remotecli.exceptions import ClusterError, DriverError, RemoteCliError
@@ -44,6 +47,8 @@ log = get_logger("cluster.driver")
 
 COLLECT_TIMEOUT = 10.0
 """How long reading a session's kept files back from its host may take."""
+LOOPBACK_TIMEOUT = 10.0
+"""How long opening a connection on a session's loopback, on its host, may take."""
 NOT_YET = 'is not done for the cluster driver yet (docs/cluster.md, "Not done yet")'
 
 HOSTS_REFRESH = 2.0
@@ -257,10 +262,53 @@ class ClusterDriver:
         except ClusterError as exc:
             raise DriverError(exc.message, session_id=session_id) from exc
 
-    async def tty_socket(self, session_id: str) -> str:
-        raise DriverError(f"the text view {NOT_YET}", session_id=session_id)
+    async def _placed(self, session_id: str) -> Placement:
+        """Where the session runs: this controller's placement, else its actor's (a session
+        another controller on the same store placed); DriverError when it has none."""
+        placed = self._placements.get(session_id)
+        if placed is None:
+            await self._connect()
+            placed = await asyncio.to_thread(placement.find_session, session_id)
+        if placed is None or placed.channel_secret is None:
+            raise DriverError(
+                f"session {session_id} is not running on the cluster", session_id=session_id
+            )
+        return placed
+
+    async def tty_endpoint(self, session_id: str) -> TtyEndpoint:
+        """Return the session's channel for the verb ``tty``: the bridge dials it and writes the
+        secret first; the host relays to the session's terminal."""
+        placed = await self._placed(session_id)
+        return TtyEndpoint(
+            host=placed.node_ip, port=placed.port, channel_secret=placed.channel_secret
+        )
 
     async def connect_loopback(
         self, session_id: str, port: int, *, address: str = "127.0.0.1"
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        raise DriverError(f"reaching a session's loopback {NOT_YET}", session_id=session_id)
+        """Connect to ``address``:``port`` on the session's own loopback, on its host, over its
+        channel (``loopback``); return once the host's driver connected.
+
+        Raises what the host's driver raised (UpstreamRefused when nothing listens), or
+        DriverError when the channel cannot be reached or the address is not a loopback one.
+        """
+        if address not in channel.LOOPBACK_ADDRESSES or not 0 < port < 65536:
+            raise DriverError(f"{address}:{port} is not on a session's loopback")
+        placed = await self._placed(session_id)
+        assert placed.channel_secret is not None
+        try:
+            return await channel.open_loopback(
+                placed.node_ip,
+                placed.port,
+                placed.channel_secret,
+                address,
+                port,
+                timeout=LOOPBACK_TIMEOUT,
+            )
+        except (OSError, TimeoutError, ValueError) as exc:
+            raise DriverError(
+                f"session {session_id}'s channel on host {placed.host} "
+                f"({placed.node_ip}:{placed.port}) did not open its loopback: "
+                f"{str(exc) or type(exc).__name__}",
+                session_id=session_id,
+            ) from exc

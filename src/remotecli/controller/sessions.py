@@ -43,7 +43,7 @@ from remotecli.controller.runs import RunManager
 from remotecli.controller.signins import SignIns
 from remotecli.controller.store import SessionRecord, Store
 from remotecli.controller.viewers import ViewerCloser
-from remotecli.drivers.base import Driver, HostStatus, SessionSpec, VncEndpoint
+from remotecli.drivers.base import Driver, HostStatus, SessionSpec, TtyEndpoint, VncEndpoint
 from remotecli.exceptions import (
     Conflict,
     NotFound,
@@ -900,14 +900,14 @@ class SessionManager:
             )
         return record.endpoint
 
-    async def tty_socket(self, owner: str, session_id: str) -> str:
-        """Return the Unix socket of ``owner``'s session's text terminal; 404, 409 as viewable.
+    async def tty_endpoint(self, owner: str, session_id: str) -> TtyEndpoint:
+        """Return where ``owner``'s session's text terminal listens; 404, 409 as viewable.
 
         A hibernated session is resumed first (:meth:`wake`). Raises the driver's DriverError
-        when the session has no terminal socket.
+        when the session has no text terminal.
         """
         await self.wake(owner, session_id)
-        return await self.driver.tty_socket(session_id)
+        return await self.driver.tty_endpoint(session_id)
 
     def viewer_attached(self, session_id: str) -> None:
         """Count a viewer in (a session with a viewer is never idle)."""

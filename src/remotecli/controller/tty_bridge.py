@@ -6,9 +6,10 @@ view differs in what it connects to and how it translates messages:
 
 1. the :class:`TtyAuthorizer` checks the same credentials as the VNC view (a ticket, or the
    login cookie with an allowed Origin), then asks the driver where the session's terminal
-   listens (a Unix stream socket). A refusal is an HTTP answer before the upgrade; a driver
-   that cannot name the socket, or a socket that does not answer, gets the upgrade and a close
-   with 1011 naming the cause;
+   listens: a Unix stream socket, or a session channel on another host (the cluster driver),
+   to which the secret and the verb ``tty`` are written before any record. A refusal is an
+   HTTP answer before the upgrade; a driver that cannot name the terminal, or a terminal that
+   does not answer, gets the upgrade and a close with 1011 naming the cause;
 2. a binary message is input (keystrokes, paste: UTF-8 bytes as the terminal takes them),
    written as type-0 records of at most 64 KiB (:func:`remotecli.tty.input_records`);
 3. a text message is a JSON control message; the only one is ``{"type": "resize", "cols": C,
@@ -29,6 +30,7 @@ from websockets.frames import Frame
 from websockets.http11 import Request
 from websockets.typing import BytesLike, Subprotocol
 
+from remotecli.cluster.channel import preamble
 from remotecli.controller.relay import (
     CONNECT_TIMEOUT,
     Credentials,
@@ -98,15 +100,20 @@ class TtyViewer(ViewerSocket):
         if not self._admit(target.owner):
             return
         upstream = Upstream(self, "the terminal server")
+        endpoint = target.endpoint
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT):
-                await self._dial(upstream, unix_path=target.socket_path)
+                await self._dial(
+                    upstream, unix_path=endpoint.unix_path, host=endpoint.host, port=endpoint.port
+                )
+                if endpoint.channel_secret is not None:
+                    upstream.write(preamble(endpoint.channel_secret, "tty"))  # before any record
         except (OSError, TimeoutError, RemoteCliError) as exc:
             upstream.abort()
             self._unavailable(
                 request,
                 SessionError(
-                    f"terminal socket unix:{target.socket_path} {describe_failure(exc)}; "
+                    f"terminal {endpoint.describe()} {describe_failure(exc)}; "
                     "the session may have stopped"
                 ),
             )

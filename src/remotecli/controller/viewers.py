@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from remotecli.controller.identity import Identity
-from remotecli.drivers.base import VncEndpoint
+from remotecli.drivers.base import TtyEndpoint, VncEndpoint
 
 
 @dataclass(frozen=True)
@@ -32,11 +32,11 @@ class VncTarget:
 
 @dataclass(frozen=True)
 class TtyTarget:
-    """The session a text viewer was allowed to reach, and its terminal's Unix socket."""
+    """The session a text viewer was allowed to reach, and where its terminal listens."""
 
     session_id: str
     owner: str
-    socket_path: str
+    endpoint: TtyEndpoint
 
 
 class ViewerAccounting(Protocol):
@@ -107,8 +107,8 @@ class ViewableSessions(Protocol):
         404 if not theirs, 409 unless ready (or hibernated)."""
         ...
 
-    async def tty_socket(self, owner: str, session_id: str) -> str:
-        """Return the terminal socket of ``owner``'s session; 404, 409 as :meth:`viewable`."""
+    async def tty_endpoint(self, owner: str, session_id: str) -> TtyEndpoint:
+        """Return where ``owner``'s session's terminal listens; 404, 409 as :meth:`wake`."""
         ...
 
     def viewer_attached(self, session_id: str) -> None:
@@ -167,10 +167,10 @@ class ViewerAccess:
         ticket: str | None,
         client: str = "unknown",
     ) -> TtyTarget:
-        """Return the terminal socket the viewer may connect to; refuse before the upgrade.
+        """Return the terminal the viewer may connect to; refuse before the upgrade.
 
         The same rules as :meth:`authorize_vnc` (a ticket from either view's request works for
-        the session it was issued for, once); then the driver names the socket (DriverError
+        the session it was issued for, once); then the driver names the terminal (DriverError
         when the session has none).
         """
         user = self.identity.viewer_user(
@@ -181,8 +181,8 @@ class ViewerAccess:
             host=host,
             client=client,
         )
-        path = await self.sessions.tty_socket(user, session_id)
-        return TtyTarget(session_id=session_id, owner=user, socket_path=path)
+        endpoint = await self.sessions.tty_endpoint(user, session_id)
+        return TtyTarget(session_id=session_id, owner=user, endpoint=endpoint)
 
     def viewer_attached(self, session_id: str) -> None:
         """Count a viewer in (a session with a viewer is never idle)."""

@@ -48,6 +48,28 @@ class VncEndpoint:
 
 
 @dataclass(frozen=True)
+class TtyEndpoint:
+    """Where a session's text terminal (the tty protocol, :mod:`remotecli.tty`) listens.
+
+    Exactly one of ``unix_path`` or ``host``/``port`` is set. A Unix socket is on the
+    controller's host and reachable only by the controller's user. A TCP endpoint is a session
+    channel on another host (the cluster driver): the bridge writes its ``channel_secret``
+    with the verb ``tty`` (:func:`remotecli.cluster.channel.preamble`) before any record.
+    """
+
+    unix_path: str | None = None
+    host: str | None = None
+    port: int | None = None
+    channel_secret: str | None = field(default=None, repr=False)
+
+    def describe(self) -> str:
+        """Name the endpoint for logs and error messages (never the secret)."""
+        if self.unix_path is not None:
+            return f"unix:{self.unix_path}"
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
 class HostStatus:
     """One host sessions can run on, as a driver last saw it (``/readyz``, ``/metrics``)."""
 
@@ -259,13 +281,15 @@ class Driver(Protocol):
         """
         ...
 
-    async def tty_socket(self, session_id: str) -> str:
-        """Return the Unix socket path of the session's text terminal (the tty protocol), once it
-        is there; raise :class:`remotecli.exceptions.DriverError` when the session has none.
+    async def tty_endpoint(self, session_id: str) -> TtyEndpoint:
+        """Return where the session's text terminal (the tty protocol) listens, once it is
+        there; raise :class:`remotecli.exceptions.DriverError` when the session has none.
 
-        The socket is reachable only by the controller's user. What is read from it is the
-        session's own (hostile) terminal output: relay it to the session's owner only. The
-        protocol is described in ``docs/drivers.md`` and :mod:`remotecli.sandbox.tty_server`.
+        On the controller's host a Unix socket reachable only by the controller's user; on
+        another host a channel the bridge opens with its secret (:class:`TtyEndpoint`). What is
+        read from it is the session's own (hostile) terminal output: relay it to the session's
+        owner only. The protocol is described in ``docs/drivers.md`` and
+        :mod:`remotecli.sandbox.tty_server`.
         """
         ...
 

@@ -52,6 +52,7 @@ from remotecli.drivers.base import (
     ProgressCallback,
     RunOutput,
     SessionSpec,
+    TtyEndpoint,
     VncEndpoint,
 )
 from remotecli.drivers.local_channels import (
@@ -720,6 +721,10 @@ class LocalDriver:
                 f"the VNC socket of session {session.spec.session_id} sent no RFB banner",
             ) from exc
         return f"{major}.{minor}"
+
+    async def tty_endpoint(self, session_id: str) -> TtyEndpoint:
+        """Return the session's text terminal: its Unix socket (:meth:`tty_socket`)."""
+        return TtyEndpoint(unix_path=await self.tty_socket(session_id))
 
     async def tty_socket(self, session_id: str) -> str:
         """Return the Unix socket of the session's text terminal (the tty protocol).

@@ -40,7 +40,13 @@ from typing import Any, TextIO
 import structlog
 
 from remotecli.drivers import qemu_hibernate
-from remotecli.drivers.base import ProgressCallback, RunOutput, SessionSpec, VncEndpoint
+from remotecli.drivers.base import (
+    ProgressCallback,
+    RunOutput,
+    SessionSpec,
+    TtyEndpoint,
+    VncEndpoint,
+)
 from remotecli.drivers.qemu_accel import AcceleratorChoice
 from remotecli.drivers.qemu_guest import (
     TtyProxy,
@@ -213,6 +219,10 @@ class QemuDriver:
             )
         # A hostile archive is bounded work, but not on the event loop every user shares.
         return await asyncio.to_thread(read_collected, answer, declared)
+
+    async def tty_endpoint(self, session_id: str) -> TtyEndpoint:
+        """Return the VM's text terminal: a Unix socket (:meth:`tty_socket`)."""
+        return TtyEndpoint(unix_path=await self.tty_socket(session_id))
 
     async def tty_socket(self, session_id: str) -> str:
         """Return the Unix socket of the VM's text terminal (a :class:`TtyProxy`)."""
