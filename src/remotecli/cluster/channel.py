@@ -18,8 +18,11 @@ connection before any byte is written. The verbs:
   files found in the session's HOME, ``{"files": {...}}``: the sign-in made in the session,
   read back when it ends.
 
-What this leaves out: the bytes are not encrypted (the hosts' network must be private, as for
-Ray's own traffic).
+With TLS (:mod:`remotecli.cluster.channel_tls`, on by default: ``cluster_channel_tls``) the
+channel listens with the session's own certificate and every client pins it: the TLS handshake
+comes first, and the secret line is the first byte inside it. A client that does not speak TLS,
+or pins another certificate, gets no byte. Without TLS the bytes are not encrypted (the hosts'
+network must then be private, as for Ray's own traffic).
 """
 
 from __future__ import annotations
@@ -31,9 +34,12 @@ import hmac
 import json
 import secrets
 import socket
+import ssl
 import struct
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
+
+from remotecli.cluster.channel_tls import client_context
 
 SECRET_BYTES = 32
 VERBS = ("vnc", "put", "get")
@@ -116,9 +122,15 @@ class SessionChannel:
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def listen(self, host: str) -> int:
-        """Start listening on ``host``; return the port."""
-        self._server = await asyncio.start_server(self._serve, host, 0)
+    async def listen(self, host: str, *, tls: ssl.SSLContext | None = None) -> int:
+        """Start listening on ``host`` (with TLS when ``tls`` is given); return the port."""
+        self._server = await asyncio.start_server(
+            self._serve,
+            host,
+            0,
+            ssl=tls,
+            ssl_handshake_timeout=PREAMBLE_TIMEOUT if tls is not None else None,
+        )
         port: int = self._server.sockets[0].getsockname()[1]
         return port
 
@@ -199,20 +211,37 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
             await writer.drain()
     finally:
         with contextlib.suppress(OSError, RuntimeError):
-            writer.write_eof()
+            if writer.can_write_eof():
+                writer.write_eof()
+            else:  # TLS has no half-close: the peer learns of the end by the close
+                writer.close()
 
 
 def request(
-    host: str, port: int, secret: str, verb: str, message: Mapping[str, Any], *, timeout: float
+    host: str,
+    port: int,
+    secret: str,
+    verb: str,
+    message: Mapping[str, Any],
+    *,
+    timeout: float,
+    cert: str | None = None,
 ) -> dict[str, Any]:
     """Send one ``put`` or ``get`` to a channel and return its answer (blocking, for a thread).
 
-    Raises OSError when the channel cannot be reached or closes without an answer (a wrong
-    secret looks like that: the channel writes nothing), ValueError for a malformed answer.
+    ``cert``: the channel's certificate (PEM), pinned; None for a plain TCP channel. Raises
+    OSError when the channel cannot be reached, its certificate is not ``cert``
+    (:class:`ssl.SSLCertVerificationError`, before the secret is sent) or it closes without an
+    answer (a wrong secret looks like that: the channel writes nothing), ValueError for a
+    malformed answer.
     """
-    with socket.create_connection((host, port), timeout=timeout) as sock:
+    with contextlib.ExitStack() as stack:
+        sock = stack.enter_context(socket.create_connection((host, port), timeout=timeout))
+        if cert is not None:
+            sock = stack.enter_context(client_context(cert).wrap_socket(sock))
         sock.sendall(preamble(secret, verb) + frame(message))
-        sock.shutdown(socket.SHUT_WR)
+        if cert is None:  # TLS has no half-close; the channel reads one frame, then answers
+            sock.shutdown(socket.SHUT_WR)
         received = bytearray()
         while chunk := sock.recv(65536):
             received += chunk
