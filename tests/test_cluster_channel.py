@@ -181,6 +181,27 @@ async def test_tls_channel_answers_only_a_client_pinning_its_certificate(tmp_pat
         echo.server.close()
 
 
+async def test_tls_channel_closes_when_the_vnc_server_ends(tmp_path: Path) -> None:
+    """TLS has no half-close: the VNC server ending its side closes the client's connection."""
+    echo = await start_echo(tmp_path, "unix")
+    secret = new_secret()
+    cert, key = new_identity()
+    relay = SessionChannel(secret, str(echo.endpoint.unix_path))
+    port = await relay.listen("127.0.0.1", tls=server_context(cert, key))
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", port, ssl=client_context(cert), server_hostname=""
+    )
+    try:
+        writer.write(preamble(secret) + b"RFB 003.008\n")
+        assert await asyncio.wait_for(reader.readexactly(12), TIMEOUT) == b"RFB 003.008\n"
+        echo.writers[0].close()  # the VNC server goes away
+        assert await asyncio.wait_for(reader.read(), TIMEOUT) == b""
+    finally:
+        writer.close()
+        await relay.close()
+        echo.server.close()
+
+
 async def test_bridge_pins_the_channel_certificate(tmp_path: Path) -> None:
     """The bridge relays through a TLS channel it pins, and refuses one with another certificate."""
     echo = await start_echo(tmp_path, "unix")
