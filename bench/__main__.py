@@ -33,6 +33,7 @@ BENCHMARKS = (
     "load",
     "qemu",
     "cluster",
+    "channel",
 )
 
 

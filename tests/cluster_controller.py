@@ -26,6 +26,7 @@ from websockets.typing import Subprotocol
 from remotecli.client import AsyncClient
 from remotecli.cluster import placement
 from remotecli.cluster.channel import preamble
+from remotecli.cluster.channel_tls import client_context
 from remotecli.config import ControllerConfig, ProviderConfig
 from remotecli.controller.identity import ADMIN_USER
 from remotecli.controller.server import Controller
@@ -60,9 +61,15 @@ KEEPER_RUN = (
 it rotates the token, as a CLI would during a run."""
 
 
-def raw_answer(host: str, port: int, first: bytes | None) -> bytes:
+def channel_socket(host: str, port: int, cert: str | None) -> socket.socket:
+    """Connect to a channel: inside TLS pinning ``cert``, or plain TCP when it is None."""
+    sock = socket.create_connection((host, port), timeout=10)
+    return sock if cert is None else client_context(cert).wrap_socket(sock)
+
+
+def raw_answer(host: str, port: int, first: bytes | None, cert: str | None = None) -> bytes:
     """Connect to a channel, send ``first`` (or nothing), and return all it sends back."""
-    with socket.create_connection((host, port), timeout=10) as sock:
+    with channel_socket(host, port, cert) as sock:
         if first is not None:
             sock.sendall(first)
         sock.settimeout(8)
@@ -299,15 +306,22 @@ async def run(
             result["tty"] = await text_view_and_loopback(base, api, first)
             some = next(p for p in placed.values() if p is not None)
             assert some.channel_secret is not None
+            cert = some.channel_cert
+            result["channel_tls"] = cert is not None
             wrong = "0" * 64 + "\n"
-            nothing = await asyncio.to_thread(raw_answer, some.node_ip, some.port, None)
+            nothing = await asyncio.to_thread(raw_answer, some.node_ip, some.port, None, cert)
             result["no_secret"] = nothing.decode("latin-1")
             result["wrong_secret"] = await asyncio.to_thread(
-                raw_answer, some.node_ip, some.port, wrong.encode()
+                raw_answer, some.node_ip, some.port, wrong.encode(), cert
             )
             result["wrong_secret"] = result["wrong_secret"].decode("latin-1")
             right = preamble(some.channel_secret)
-            banner = await asyncio.to_thread(raw_answer_banner, some.node_ip, some.port, right)
+            result["right_secret_plain_tcp"] = (
+                await asyncio.to_thread(raw_answer, some.node_ip, some.port, right)
+            ).decode("latin-1")
+            banner = await asyncio.to_thread(
+                raw_answer_banner, some.node_ip, some.port, right, cert
+            )
             result["right_secret"] = banner
             placed_ids = set(ids)
             result["readyz"] = await hosts_when(
@@ -424,9 +438,9 @@ async def headless_run(controller: Controller) -> dict[str, Any]:
     }
 
 
-def raw_answer_banner(host: str, port: int, first: bytes) -> str:
+def raw_answer_banner(host: str, port: int, first: bytes, cert: str | None) -> str:
     """Connect with the right secret and return the first 12 bytes: the VNC server's banner."""
-    with socket.create_connection((host, port), timeout=10) as sock:
+    with channel_socket(host, port, cert) as sock:
         sock.sendall(first)
         received = b""
         while len(received) < 12:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
 from remotecli.cluster import channel
 from remotecli.cluster.channel import (
@@ -20,6 +22,7 @@ from remotecli.cluster.channel import (
     preamble,
     preamble_ok,
 )
+from remotecli.cluster.channel_tls import client_context, new_identity, server_context
 from remotecli.drivers.base import RUN_ERRORS_MAX, TtyEndpoint, VncEndpoint
 from remotecli.drivers.qemu_runframes import FRAME_MAX as RUN_FRAME_MAX
 from remotecli.drivers.qemu_runframes import Errors, Output, RunFrames
@@ -282,6 +285,128 @@ async def test_loopback_connects_only_to_a_port_on_the_sessions_loopback() -> No
         assert relay.refused == 1
     finally:
         listener.close()
+
+
+async def tls_answer(port: int, cert: str, first: bytes, *, more: bytes = b"") -> bytes:
+    """As :func:`answer`, inside TLS that pins ``cert``."""
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", port, ssl=client_context(cert), server_hostname=""
+    )
+    writer.write(first + more)
+    try:
+        async with asyncio.timeout(TIMEOUT):
+            if more:
+                return await reader.readexactly(len(more))
+            return await reader.read()
+    finally:
+        writer.close()
+
+
+async def test_tls_channel_answers_only_a_client_pinning_its_certificate(tmp_path: Path) -> None:
+    """Over TLS the right certificate and secret relay; another pin or plain TCP get no byte."""
+    echo = await start_echo(tmp_path, "unix")
+    secret = new_secret()
+    cert, key = new_identity()
+    other, _ = new_identity()
+    relay = SessionChannel(secret, str(echo.endpoint.unix_path))
+    port = await relay.listen("127.0.0.1", tls=server_context(cert, key))
+    try:
+        banner = b"RFB 003.008\n"
+        assert await tls_answer(port, cert, preamble(secret), more=banner) == banner
+        with pytest.raises(ssl.SSLCertVerificationError):
+            await tls_answer(port, other, preamble(secret), more=banner)
+        assert await answer(port, preamble(secret) + banner) == b""  # plain TCP, right secret
+        assert await tls_answer(port, cert, preamble("0" * 64) + banner) == b""
+        assert relay.refused == 1  # the wrong secret; the other two never got past TLS
+        assert len(echo.writers) == 1
+    finally:
+        await relay.close()
+        echo.server.close()
+
+
+async def test_tls_channel_closes_when_the_vnc_server_ends(tmp_path: Path) -> None:
+    """TLS has no half-close: the VNC server ending its side closes the client's connection."""
+    echo = await start_echo(tmp_path, "unix")
+    secret = new_secret()
+    cert, key = new_identity()
+    relay = SessionChannel(secret, str(echo.endpoint.unix_path))
+    port = await relay.listen("127.0.0.1", tls=server_context(cert, key))
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", port, ssl=client_context(cert), server_hostname=""
+    )
+    try:
+        writer.write(preamble(secret) + b"RFB 003.008\n")
+        assert await asyncio.wait_for(reader.readexactly(12), TIMEOUT) == b"RFB 003.008\n"
+        echo.writers[0].close()  # the VNC server goes away
+        assert await asyncio.wait_for(reader.read(), TIMEOUT) == b""
+    finally:
+        writer.close()
+        await relay.close()
+        echo.server.close()
+
+
+async def test_bridge_pins_the_channel_certificate(tmp_path: Path) -> None:
+    """The bridge relays through a TLS channel it pins, and refuses one with another certificate."""
+    echo = await start_echo(tmp_path, "unix")
+    secret = new_secret()
+    cert, key = new_identity()
+    other, _ = new_identity()
+    relay = SessionChannel(secret, str(echo.endpoint.unix_path))
+    port = await relay.listen("127.0.0.1", tls=server_context(cert, key))
+    endpoint = VncEndpoint(host="127.0.0.1", port=port, channel_secret=secret, channel_cert=cert)
+    stack = await make_stack(endpoint)
+    wrong = await make_stack(
+        VncEndpoint(host="127.0.0.1", port=port, channel_secret=secret, channel_cert=other)
+    )
+    try:
+        async with connect(stack.url(query="?ticket=t1")) as ws:
+            await ws.send(b"hello")
+            assert await asyncio.wait_for(ws.recv(), TIMEOUT) == b"hello"
+        async with connect(wrong.url(query="?ticket=t1")) as ws:
+            with pytest.raises(ConnectionClosed) as closed:
+                await asyncio.wait_for(ws.recv(), TIMEOUT)
+        assert closed.value.rcvd is not None
+        assert closed.value.rcvd.code == 1011
+        assert "certificate verify failed" in closed.value.rcvd.reason
+        assert relay.refused == 0
+        assert len(echo.writers) == 1
+        assert cert not in repr(endpoint)
+    finally:
+        await stack.gateway.shutdown(grace=0)
+        await wrong.gateway.shutdown(grace=0)
+        await relay.close()
+        echo.server.close()
+
+
+async def test_kept_files_go_both_ways_over_tls(tmp_path: Path) -> None:
+    """``put`` and ``get`` work over a TLS channel; a client pinning another certificate fails
+    in the handshake, before its secret or files are sent."""
+
+    async def collect(paths: Sequence[str]) -> Mapping[str, bytes]:
+        return {".standin/token": b"refreshed"}
+
+    secret = new_secret()
+    cert, key = new_identity()
+    other, _ = new_identity()
+    relay = SessionChannel(secret, None, collect)
+    port = await relay.listen("127.0.0.1", tls=server_context(cert, key))
+
+    def ask(verb: str, message: dict[str, object], pin: str) -> dict[str, object]:
+        return channel.request("127.0.0.1", port, secret, verb, message, timeout=5, cert=pin)
+
+    try:
+        files = {".standin/credentials.json": b"\x00kept\xff"}
+        with pytest.raises(ssl.SSLCertVerificationError):
+            await asyncio.to_thread(ask, "put", {"files": encode_files(files)}, other)
+        assert await asyncio.to_thread(ask, "put", {"files": encode_files(files)}, cert) == {
+            "ok": True
+        }
+        assert relay.take_files() == files
+        relay.vnc_path = str(tmp_path / "vnc.sock")  # the session runs
+        answer = await asyncio.to_thread(ask, "get", {"paths": ["~/.standin"]}, cert)
+        assert decode_files(answer["files"]) == {".standin/token": b"refreshed"}
+        assert relay.refused == 0
+    finally:
         await relay.close()
 
 

@@ -75,3 +75,19 @@ def test_cluster_driver_needs_its_address_and_token_file(tmp_path: Path) -> None
         tmp_path / "token",
     )
     assert create_driver("cluster", tmp_path, config).name == "cluster"
+
+
+def test_cluster_channel_tls_is_on_unless_switched_off(tmp_path: Path) -> None:
+    """The session channel's TLS is on by default, off by ``false`` or ``off``; else refused."""
+    base = {"data_dir": tmp_path, "driver": "cluster", "cluster_address": "10.0.0.1:6379"}
+    base["cluster_token_file"] = tmp_path / "token"
+    config = load_controller_config(base, environ={})
+    assert config.cluster_channel_tls is True
+    assert create_driver("cluster", tmp_path, config).channel_tls is True  # type: ignore[attr-defined]
+    off = load_controller_config(base, environ={"REMOTECLI_CLUSTER_CHANNEL_TLS": "off"})
+    assert off.cluster_channel_tls is False
+    assert create_driver("cluster", tmp_path, off).channel_tls is False  # type: ignore[attr-defined]
+    flagged = load_controller_config({**base, "cluster_channel_tls": False}, environ={})
+    assert flagged.cluster_channel_tls is False
+    with pytest.raises(ConfigError, match="not on or off"):
+        load_controller_config(base, environ={"REMOTECLI_CLUSTER_CHANNEL_TLS": "maybe"})

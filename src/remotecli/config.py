@@ -82,6 +82,7 @@ CONTROLLER_ENV = {
     "REMOTECLI_DRIVER": "driver",
     "REMOTECLI_CLUSTER_ADDRESS": "cluster_address",
     "REMOTECLI_CLUSTER_TOKEN_FILE": "cluster_token_file",
+    "REMOTECLI_CLUSTER_CHANNEL_TLS": "cluster_channel_tls",
     "REMOTECLI_SESSION_TTL": "session_ttl",
     "REMOTECLI_IDLE_STOP": "idle_stop",
     "REMOTECLI_HIBERNATE_AFTER": "hibernate_after",
@@ -189,6 +190,9 @@ class ControllerConfig:
     # driver cluster: the Ray head's GCS address (HEAD:6379) and the cluster's token file
     cluster_address: str | None = None
     cluster_token_file: Path | None = None
+    # the session channel (bridge to host) with TLS, each session's certificate pinned; off only
+    # when the hosts' network is private (docs/cluster.md, "The session channel")
+    cluster_channel_tls: bool = True
     session_ttl: float = 3600.0  # seconds a session may live; 0 = forever
     idle_stop: float = 1800.0  # seconds without a viewer before a ready session stops; 0 = never
     # seconds without a viewer before a ready session is hibernated (saved to disk, no process),
@@ -265,6 +269,18 @@ def parse_store_url(value: object) -> str | None:
             name="store_url",
         )
     return text
+
+
+def parse_switch(value: object, name: str) -> bool:
+    """Parse on or off: a boolean, or ``true``/``false``, ``on``/``off``, ``yes``/``no``, 1/0."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "on", "yes"):
+        return True
+    if text in ("0", "false", "off", "no"):
+        return False
+    raise ConfigError(f"{name} = {value!r} is not on or off; write true or false", name=name)
 
 
 def parse_duration(value: object, name: str) -> float:
@@ -436,6 +452,7 @@ _CONTROLLER_PARSERS: dict[str, Callable[[object], object]] = {
     "driver": str,
     "cluster_address": str,
     "cluster_token_file": lambda v: Path(str(v)).expanduser(),
+    "cluster_channel_tls": lambda v: parse_switch(v, "cluster_channel_tls"),
     "session_ttl": lambda v: parse_duration(v, "session_ttl"),
     "idle_stop": lambda v: parse_duration(v, "idle_stop"),
     "hibernate_after": lambda v: parse_duration(v, "hibernate_after"),

@@ -3,7 +3,8 @@
 One cluster (tests/ray_cluster.py) and one controller run (tests/cluster_controller.py, in the
 controller's namespace): sessions created through the API run the workers' real local driver
 (Xvnc, tmux, xterm under bubblewrap), a viewer reaches them through the gateway and the bridge
-over each session's channel, the channel refuses a missing or wrong secret, and a killed worker
+over each session's channel (TLS, each session's certificate pinned), the channel refuses a
+missing or wrong secret and plain TCP, and a killed worker
 fails its sessions "host w1 lost" within the bound while a new session lands on the other.
 """
 
@@ -196,9 +197,12 @@ def test_readyz_metrics_and_the_store_show_each_worker_and_its_sessions(
 
 
 def test_the_channel_refuses_a_missing_or_wrong_secret(run: dict[str, Any]) -> None:
-    """A connection without the secret, or with a wrong one, gets no byte; the right one RFB."""
+    """Inside TLS pinning the session's certificate, a connection without the secret or with a
+    wrong one gets no byte, the right one RFB; plain TCP with the right secret gets no byte."""
+    assert run["channel_tls"] is True
     assert run["no_secret"] == ""
     assert run["wrong_secret"] == ""
+    assert run["right_secret_plain_tcp"] == ""
     assert run["right_secret"].startswith("RFB 003.")
 
 

@@ -27,6 +27,7 @@ from typing import Any
 import ray
 
 from remotecli.cluster.channel import SessionChannel, new_secret
+from remotecli.cluster.channel_tls import new_identity, server_context
 
 BANNER = b"RFB 003.008\n"
 HOST_NAME_VARIABLE = "REMOTECLI_HOST_NAME"
@@ -62,20 +63,28 @@ class SessionActor:
         self._ended: asyncio.Event | None = None
         self._report: dict[str, Any] = {}
 
-    async def open(self) -> dict[str, Any]:
+    async def open(self, tls: bool = True) -> dict[str, Any]:
         """Open the session's channel on the node's address (Ray placed the actor: a slot is
-        held) and return where it is: host, node id and IP, channel port, secret.
+        held) and return where it is: host, node id and IP, channel port, secret and, with
+        ``tls``, the channel's certificate (``channel_cert``, PEM) for the controller to pin.
 
-        The controller then ``put``s the session's kept files over the channel (never as an
-        argument Ray would keep) and calls :meth:`start`.
+        With ``tls`` the channel is served with a key pair made here for this session; the
+        private key stays in this process. The controller then ``put``s the session's kept
+        files over the channel (never as an argument Ray would keep) and calls :meth:`start`.
         """
         node_ip: str = ray.util.get_node_ip_address()  # type: ignore[no-untyped-call]
         secret = new_secret()
+        extra: dict[str, Any] = {"channel_secret": secret}
+        context = None
+        if tls:
+            cert, key = new_identity(f"remotecli-session-{self.session_id}")
+            context = server_context(cert, key)
+            extra["channel_cert"] = cert
         self._channel = SessionChannel(
             secret, None, self._collect, tty=self._tty_path, loopback=self._connect_loopback
         )
-        port = await self._channel.listen(node_ip)
-        self._report = self._where(node_ip, port, {"channel_secret": secret})
+        port = await self._channel.listen(node_ip, tls=context)
+        self._report = self._where(node_ip, port, extra)
         return self._report
 
     async def start(self, spec: dict[str, Any] | None = None) -> dict[str, Any]:

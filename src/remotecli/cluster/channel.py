@@ -33,8 +33,11 @@ connection before any byte is written. The verbs:
   :class:`~remotecli.exceptions.UpstreamError` kind, e.g. ``refused`` when nothing listens,
   else ``driver``): how the controller relays a sign-in callback to a CLI on another host.
 
-What this leaves out: the bytes are not encrypted (the hosts' network must be private, as for
-Ray's own traffic).
+With TLS (:mod:`remotecli.cluster.channel_tls`, on by default: ``cluster_channel_tls``) the
+channel listens with the session's own certificate and every client pins it: the TLS handshake
+comes first, and the secret line is the first byte inside it. A client that does not speak TLS,
+or pins another certificate, gets no byte. Without TLS the bytes are not encrypted (the hosts'
+network must then be private, as for Ray's own traffic).
 """
 
 from __future__ import annotations
@@ -46,10 +49,12 @@ import hmac
 import json
 import secrets
 import socket
+import ssl
 import struct
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
+from remotecli.cluster.channel_tls import client_context
 from remotecli.drivers.base import RUN_ERRORS_MAX, RunOutput
 from remotecli.drivers.qemu_runframes import EXIT, STDERR, STDOUT
 from remotecli.drivers.qemu_runframes import FRAME_MAX as RUN_FRAME_MAX
@@ -190,9 +195,15 @@ class SessionChannel:
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def listen(self, host: str) -> int:
-        """Start listening on ``host``; return the port."""
-        self._server = await asyncio.start_server(self._serve, host, 0)
+    async def listen(self, host: str, *, tls: ssl.SSLContext | None = None) -> int:
+        """Start listening on ``host`` (with TLS when ``tls`` is given); return the port."""
+        self._server = await asyncio.start_server(
+            self._serve,
+            host,
+            0,
+            ssl=tls,
+            ssl_handshake_timeout=PREAMBLE_TIMEOUT if tls is not None else None,
+        )
         port: int = self._server.sockets[0].getsockname()[1]
         return port
 
@@ -333,7 +344,10 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
             await writer.drain()
     finally:
         with contextlib.suppress(OSError, RuntimeError):
-            writer.write_eof()
+            if writer.can_write_eof():
+                writer.write_eof()
+            else:  # TLS has no half-close: the peer learns of the end by the close
+                writer.close()
 
 
 async def _join(one: Streams, other: Streams) -> None:
@@ -382,16 +396,30 @@ async def open_loopback(
 
 
 def request(
-    host: str, port: int, secret: str, verb: str, message: Mapping[str, Any], *, timeout: float
+    host: str,
+    port: int,
+    secret: str,
+    verb: str,
+    message: Mapping[str, Any],
+    *,
+    timeout: float,
+    cert: str | None = None,
 ) -> dict[str, Any]:
     """Send one ``put`` or ``get`` to a channel and return its answer (blocking, for a thread).
 
-    Raises OSError when the channel cannot be reached or closes without an answer (a wrong
-    secret looks like that: the channel writes nothing), ValueError for a malformed answer.
+    ``cert``: the channel's certificate (PEM), pinned; None for a plain TCP channel. Raises
+    OSError when the channel cannot be reached, its certificate is not ``cert``
+    (:class:`ssl.SSLCertVerificationError`, before the secret is sent) or it closes without an
+    answer (a wrong secret looks like that: the channel writes nothing), ValueError for a
+    malformed answer.
     """
-    with socket.create_connection((host, port), timeout=timeout) as sock:
+    with contextlib.ExitStack() as stack:
+        sock = stack.enter_context(socket.create_connection((host, port), timeout=timeout))
+        if cert is not None:
+            sock = stack.enter_context(client_context(cert).wrap_socket(sock))
         sock.sendall(preamble(secret, verb) + frame(message))
-        sock.shutdown(socket.SHUT_WR)
+        if cert is None:  # TLS has no half-close; the channel reads one frame, then answers
+            sock.shutdown(socket.SHUT_WR)
         received = bytearray()
         while chunk := sock.recv(65536):
             received += chunk

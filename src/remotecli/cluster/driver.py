@@ -65,9 +65,11 @@ class ClusterDriver:
 
     name = "cluster"
 
-    def __init__(self, address: str, token_file: Path) -> None:
+    def __init__(self, address: str, token_file: Path, *, channel_tls: bool = True) -> None:
+        """``channel_tls``: serve each session's channel with TLS, its certificate pinned."""
         self.address = address
         self.token_file = token_file
+        self.channel_tls = channel_tls
         self._programs = HostPrograms()
         self._placements: dict[str, Placement] = {}
         self._runs: dict[str, ClusterRun] = {}
@@ -137,7 +139,11 @@ class ClusterDriver:
         }
         try:
             placed = await asyncio.to_thread(
-                placement.place_session, spec.session_id, payload, files=dict(spec.home_files)
+                placement.place_session,
+                spec.session_id,
+                payload,
+                files=dict(spec.home_files),
+                tls=self.channel_tls,
             )
         except ClusterError as exc:
             raise DriverError(exc.message, session_id=spec.session_id) from exc

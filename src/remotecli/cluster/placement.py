@@ -35,8 +35,9 @@ _SessionActor: Any = ray.remote(SessionActor)  # Ray types actor classes loosely
 
 @dataclass(frozen=True)
 class Placement:
-    """Where Ray put a session: the host's name, Ray's node id and IP, the stream's port and
-    its channel secret (None for the stand-in payload)."""
+    """Where Ray put a session: the host's name, Ray's node id and IP, the stream's port, its
+    channel secret (None for the stand-in payload) and the channel's certificate (PEM; None
+    when the channel is plain TCP)."""
 
     session_id: str
     host: str
@@ -45,6 +46,7 @@ class Placement:
     port: int
     channel_secret: str | None = field(default=None, repr=False)
     local_seconds: float | None = None
+    channel_cert: str | None = field(default=None, repr=False)
 
     @classmethod
     def from_report(cls, report: Mapping[str, Any]) -> Placement:
@@ -57,6 +59,7 @@ class Placement:
             int(report["port"]),
             report.get("channel_secret"),
             report.get("local_seconds"),
+            report.get("channel_cert"),
         )
 
     def endpoint(self) -> VncEndpoint:
@@ -65,6 +68,7 @@ class Placement:
             host=self.node_ip,
             port=self.port,
             channel_secret=self.channel_secret,
+            channel_cert=self.channel_cert,
             host_name=self.host,
         )
 
@@ -97,6 +101,7 @@ def place_session(
     *,
     files: Mapping[str, bytes] | None = None,
     timeout: float = PLACE_TIMEOUT,
+    tls: bool = True,
 ) -> Placement:
     """Create the session's actor, wait until Ray placed it and its payload runs; say where.
 
@@ -105,6 +110,8 @@ def place_session(
     (:meth:`SessionActor.open`, once Ray found a slot), ``files`` (the kept sign-in, path
     relative to HOME → bytes) go over that channel, and only then does ``start(spec)`` run:
     neither the files nor the spec are constructor arguments, which Ray keeps for restarts.
+    ``tls``: the channel is served with TLS and the session's certificate, which every client
+    here pins (:mod:`remotecli.cluster.channel_tls`).
 
     Raises :class:`ClusterError` when no host had a free slot within ``timeout`` (the actor is
     then killed, so it does not take a slot later), the files could not be handed over, or
@@ -124,7 +131,7 @@ def place_session(
         if spec is None:
             report = ray.get(actor.start.remote(), timeout=timeout)
         else:
-            opened = Placement.from_report(ray.get(actor.open.remote(), timeout=timeout))
+            opened = Placement.from_report(ray.get(actor.open.remote(tls), timeout=timeout))
             if files:
                 hand_over(opened, files, timeout=timeout)
             report = ray.get(actor.start.remote(dict(spec)), timeout=timeout)
@@ -164,6 +171,7 @@ def hand_over(placed: Placement, files: Mapping[str, bytes], *, timeout: float) 
             "put",
             {"files": channel.encode_files(files)},
             timeout=timeout,
+            cert=placed.channel_cert,
         )
     except (OSError, ValueError) as exc:
         answer = {"error": str(exc) or type(exc).__name__}
@@ -190,6 +198,7 @@ def read_back(placed: Placement, paths: Sequence[str], *, timeout: float) -> dic
             "get",
             {"paths": list(paths)},
             timeout=timeout,
+            cert=placed.channel_cert,
         )
         if "error" not in answer:
             return channel.decode_files(answer.get("files"))

@@ -10,7 +10,8 @@ the text view is :mod:`remotecli.controller.tty_bridge`. The VNC view adds:
 
 1. the :class:`VncAuthorizer` decides, from the request alone, who may watch which session and
    where its VNC server listens (a Unix socket, loopback TCP with a password, or a cluster
-   host's session channel, to which the bridge first writes the channel secret and a newline:
+   host's session channel, to which the bridge first writes the channel secret and a newline,
+   inside TLS that pins the session's certificate when the endpoint has one:
    :mod:`remotecli.cluster.channel`);
 2. when the endpoint carries a password, the bridge answers the server's VNC Authentication
    itself with :class:`remotecli.rfb.RfbClient` and later offers the viewer security type None
@@ -31,6 +32,7 @@ from websockets.http11 import Request
 from websockets.typing import BytesLike, Subprotocol
 
 from remotecli.cluster.channel import preamble
+from remotecli.cluster.channel_tls import client_context
 from remotecli.controller.relay import (
     CONNECT_TIMEOUT,
     Credentials,
@@ -151,7 +153,11 @@ class _VncViewer(ViewerSocket):
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT):
                 await self._dial(
-                    upstream, unix_path=endpoint.unix_path, host=endpoint.host, port=endpoint.port
+                    upstream,
+                    unix_path=endpoint.unix_path,
+                    host=endpoint.host,
+                    port=endpoint.port,
+                    tls=client_context(cert) if (cert := endpoint.channel_cert) else None,
                 )
                 if endpoint.channel_secret is not None:
                     upstream.write(preamble(endpoint.channel_secret))  # before any RFB byte

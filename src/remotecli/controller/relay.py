@@ -40,6 +40,7 @@ import dataclasses
 import functools
 import re
 import secrets
+import ssl
 import time
 from collections.abc import Callable, Sequence
 from typing import ClassVar, cast
@@ -382,8 +383,10 @@ class ViewerSocket(asyncio.Protocol):
         unix_path: str | None = None,
         host: str | None = None,
         port: int | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
-        """Connect ``upstream`` to the session: Unix ``unix_path``, else TCP ``host``:``port``.
+        """Connect ``upstream`` to the session: Unix ``unix_path``, else TCP ``host``:``port``,
+        with TLS when ``tls`` is given (the handshake, and its certificate check, come first).
 
         Raises OSError, or SessionError when the session closed it at once. The caller bounds
         the time and, on failure, aborts ``upstream`` and calls :meth:`_unavailable`.
@@ -394,7 +397,7 @@ class ViewerSocket(asyncio.Protocol):
         else:
             assert host is not None
             assert port is not None
-            await loop.create_connection(lambda: upstream, host, port)
+            await loop.create_connection(lambda: upstream, host, port, ssl=tls)
         self.upstream = upstream
         if upstream.lost_reason is not None:
             raise SessionError(upstream.lost_reason)

@@ -196,6 +196,7 @@ def endpoint_to_json(endpoint: VncEndpoint | None) -> str | None:
             "port": endpoint.port,
             "password": endpoint.password,
             "channel_secret": endpoint.channel_secret,
+            "channel_cert": endpoint.channel_cert,
             "host_name": endpoint.host_name,
         }
     )
@@ -211,6 +212,7 @@ def endpoint_from_json(text: str | None) -> VncEndpoint | None:
         port=data.get("port"),
         password=data.get("password"),
         channel_secret=data.get("channel_secret"),
+        channel_cert=data.get("channel_cert"),
         host_name=data.get("host_name"),
     )
 

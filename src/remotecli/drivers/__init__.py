@@ -66,7 +66,11 @@ def create_driver(name: str, data_dir: Path, config: ControllerConfig | None = N
                 "(the head's token file); see docs/cluster.md",
                 driver=name,
             )
-        return ClusterDriver(config.cluster_address, config.cluster_token_file)
+        return ClusterDriver(
+            config.cluster_address,
+            config.cluster_token_file,
+            channel_tls=config.cluster_channel_tls,
+        )
     raise ConfigError(
         f"unknown driver {name!r}; choose one of: {', '.join(DRIVER_NAMES)}", driver=name
     )

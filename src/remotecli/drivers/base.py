@@ -28,9 +28,10 @@ class VncEndpoint:
     carries the per-session VNC ``password`` (RFB security type 2) that the bridge answers for
     the viewer, so the browser never sees it. A TCP endpoint on another host (the cluster
     driver) carries instead a ``channel_secret`` that the bridge sends, with a newline, before
-    any RFB byte (:mod:`remotecli.cluster.channel`). ``host_name`` names the machine a driver
-    that places sessions on many hosts put the session on (the store records it); None when
-    the session runs on the controller's own host.
+    any RFB byte (:mod:`remotecli.cluster.channel`), and, when that channel is served with TLS,
+    its ``channel_cert`` (PEM, public), the only certificate the bridge accepts there.
+    ``host_name`` names the machine a driver that places sessions on many hosts put the session
+    on (the store records it); None when the session runs on the controller's own host.
     """
 
     unix_path: str | None = None
@@ -38,6 +39,7 @@ class VncEndpoint:
     port: int | None = None
     password: str | None = None
     channel_secret: str | None = field(default=None, repr=False)
+    channel_cert: str | None = field(default=None, repr=False)
     host_name: str | None = None
 
     def describe(self) -> str:
