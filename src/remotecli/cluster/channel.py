@@ -366,6 +366,7 @@ async def open_loopback(
     target: int,
     *,
     timeout: float,  # noqa: ASYNC109 -- bounds the connect and the host's answer together
+    cert: str | None = None,
 ) -> Streams:
     """Ask the channel at ``host``:``port`` for a connection to ``address``:``target`` on the
     session's loopback; return it once the host said it is open (bytes then flow as they are).
@@ -373,10 +374,13 @@ async def open_loopback(
     Raises what the host's driver raised, by kind: :class:`UpstreamRefused` (nothing listens),
     :class:`UpstreamUnreachable`, :class:`UpstreamConnectTimeout`, else :class:`DriverError`
     with its reason; OSError or TimeoutError when the channel cannot be reached or says
-    nothing (a wrong secret looks like that: the channel writes nothing).
+    nothing (a wrong secret looks like that: the channel writes nothing). With ``cert`` the
+    connection is TLS pinning that certificate (an ``ssl.SSLError``, an OSError, when the peer
+    does not hold its key).
     """
+    tls = client_context(cert) if cert is not None else None
     async with asyncio.timeout(timeout):
-        reader, writer = await asyncio.open_connection(host, port)
+        reader, writer = await asyncio.open_connection(host, port, ssl=tls)
         try:
             writer.write(preamble(secret, "loopback") + frame({"address": address, "port": target}))
             answer = await read_frame(reader, limit=REQUEST_MAX)

@@ -286,7 +286,10 @@ class ClusterDriver:
         secret first; the host relays to the session's terminal."""
         placed = await self._placed(session_id)
         return TtyEndpoint(
-            host=placed.node_ip, port=placed.port, channel_secret=placed.channel_secret
+            host=placed.node_ip,
+            port=placed.port,
+            channel_secret=placed.channel_secret,
+            channel_cert=placed.channel_cert,
         )
 
     async def connect_loopback(
@@ -310,6 +313,7 @@ class ClusterDriver:
                 address,
                 port,
                 timeout=LOOPBACK_TIMEOUT,
+                cert=placed.channel_cert,
             )
         except (OSError, TimeoutError, ValueError) as exc:
             raise DriverError(

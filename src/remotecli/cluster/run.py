@@ -28,6 +28,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 from remotecli.cluster.channel import preamble
+from remotecli.cluster.channel_tls import client_context
 from remotecli.cluster.placement import Placement
 from remotecli.cluster.watch import LOST_BOUND, POLL, lost_reason, lost_sessions
 from remotecli.drivers.base import RUN_ERRORS_MAX
@@ -55,7 +56,8 @@ async def open_run(
     assert placed.channel_secret is not None
     try:
         async with asyncio.timeout(within):
-            reader, writer = await asyncio.open_connection(placed.node_ip, placed.port)
+            tls = client_context(cert) if (cert := placed.channel_cert) else None
+            reader, writer = await asyncio.open_connection(placed.node_ip, placed.port, ssl=tls)
             writer.write(preamble(placed.channel_secret, "run"))
             await writer.drain()
     except (OSError, TimeoutError) as exc:

@@ -31,6 +31,7 @@ from websockets.http11 import Request
 from websockets.typing import BytesLike, Subprotocol
 
 from remotecli.cluster.channel import preamble
+from remotecli.cluster.channel_tls import client_context
 from remotecli.controller.relay import (
     CONNECT_TIMEOUT,
     Credentials,
@@ -104,7 +105,11 @@ class TtyViewer(ViewerSocket):
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT):
                 await self._dial(
-                    upstream, unix_path=endpoint.unix_path, host=endpoint.host, port=endpoint.port
+                    upstream,
+                    unix_path=endpoint.unix_path,
+                    host=endpoint.host,
+                    port=endpoint.port,
+                    tls=client_context(cert) if (cert := endpoint.channel_cert) else None,
                 )
                 if endpoint.channel_secret is not None:
                     upstream.write(preamble(endpoint.channel_secret, "tty"))  # before any record

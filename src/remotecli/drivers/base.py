@@ -56,13 +56,15 @@ class TtyEndpoint:
     Exactly one of ``unix_path`` or ``host``/``port`` is set. A Unix socket is on the
     controller's host and reachable only by the controller's user. A TCP endpoint is a session
     channel on another host (the cluster driver): the bridge writes its ``channel_secret``
-    with the verb ``tty`` (:func:`remotecli.cluster.channel.preamble`) before any record.
+    with the verb ``tty`` (:func:`remotecli.cluster.channel.preamble`) before any record,
+    inside TLS pinning ``channel_cert`` when the channel has one.
     """
 
     unix_path: str | None = None
     host: str | None = None
     port: int | None = None
     channel_secret: str | None = field(default=None, repr=False)
+    channel_cert: str | None = field(default=None, repr=False)
 
     def describe(self) -> str:
         """Name the endpoint for logs and error messages (never the secret)."""
