@@ -56,6 +56,7 @@ class ClusterDriver:
     """Places sessions on the cluster's hosts; one instance per controller."""
 
     name = "cluster"
+    can_adopt = True  # any controller finds a session's detached actor by name
 
     def __init__(self, address: str, token_file: Path) -> None:
         self.address = address
