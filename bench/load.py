@@ -50,6 +50,7 @@ class EchoDriver:
     """
 
     name = "echo"
+    can_adopt = False  # recover() knows no session
 
     def __init__(self) -> None:
         self._servers: dict[str, asyncio.Server] = {}

@@ -51,6 +51,7 @@ class BannerDriver:
     """Starts one banner server per session; tests can hold a start, fail it, or crash a session."""
 
     name = "banner"
+    can_adopt = False  # recover() knows only this instance's sessions
 
     def __init__(self, *, fail_start: str | None = None) -> None:
         self.fail_start = fail_start

@@ -219,3 +219,14 @@ def test_run_limits_and_quota_settings() -> None:
         load_controller_config({}, environ={"REMOTECLI_QUOTA_PERIOD": "year"})
     with pytest.raises(ConfigError, match="run_timeout must be more than 0"):
         load_controller_config({}, environ={"REMOTECLI_RUN_TIMEOUT": "0"})
+
+
+def test_controller_takeover_after_is_zero_or_three_heartbeats() -> None:
+    """``controller_takeover_after`` defaults to 30 s, takes 0 (never) and durations of at least
+    three heartbeats, and refuses a shorter one, naming the smallest it takes."""
+    assert load_controller_config({}, environ={}).controller_takeover_after == 30.0
+    variable = "REMOTECLI_CONTROLLER_TAKEOVER_AFTER"
+    assert load_controller_config({}, environ={variable: "0"}).controller_takeover_after == 0
+    assert load_controller_config({}, environ={variable: "1m"}).controller_takeover_after == 60
+    with pytest.raises(ConfigError, match="at least 15s"):
+        load_controller_config({}, environ={variable: "10s"})

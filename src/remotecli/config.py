@@ -110,6 +110,7 @@ CONTROLLER_ENV = {
     "REMOTECLI_QEMU_POOL_SIZE": "qemu_pool_size",
     "REMOTECLI_QEMU_TCG_CACHE": "qemu_tcg_cache",
     "REMOTECLI_ON_SHUTDOWN": "on_shutdown",
+    "REMOTECLI_CONTROLLER_TAKEOVER_AFTER": "controller_takeover_after",
     "REMOTECLI_METRICS_LISTEN": "metrics_listen",
     "REMOTECLI_KEEP_ENDED_SESSIONS": "keep_ended_sessions",
     "REMOTECLI_GC_INTERVAL": "gc_interval",
@@ -125,6 +126,9 @@ CONTROLLER_TOKEN_ENV = "REMOTECLI_TOKEN"  # noqa: S105 (a variable name, not a s
 CONTROLLER_SECRET_KEY_ENV = "REMOTECLI_SECRET_KEY"  # noqa: S105 (a variable name)
 CONTROLLER_METRICS_TOKEN_ENV = "REMOTECLI_METRICS_TOKEN"  # noqa: S105 (a variable name)
 ON_SHUTDOWN_CHOICES = ("stop", "keep")
+
+CONTROLLER_HEARTBEAT = 5.0
+"""Seconds between two heartbeats of a controller in the store (docs/cluster.md)."""
 SECRET_KEY_BYTES = 32  # AES-256
 CONTROLLER_CONFIG_ENV = "REMOTECLI_CONFIG"
 
@@ -224,6 +228,9 @@ class ControllerConfig:
     create_rate: tuple[int, float] | None = (10, 30.0)  # N creations per S seconds per user
     # stop: end every session on shutdown; keep: leave those the driver can take back (qemu)
     on_shutdown: str = "stop"
+    # Several controllers, cluster driver: seconds without another controller's heartbeat
+    # before this one takes over its sessions; 0 = never (docs/cluster.md)
+    controller_takeover_after: float = 30.0
     # /metrics and /readyz's details: bearer token (REMOTECLI_METRICS_TOKEN), a listener apart
     metrics_token: str | None = field(default=None, repr=False)
     metrics_listen: tuple[str, int] | None = None
@@ -445,6 +452,20 @@ def _parse_keep(name: str, value: object) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _parse_takeover_after(value: object) -> float:
+    """0, or at least three heartbeats: one late heartbeat must not look like a lost controller."""
+    seconds = parse_duration(value, "controller_takeover_after")
+    if 0 < seconds < 3 * CONTROLLER_HEARTBEAT:
+        raise ConfigError(
+            f"controller_takeover_after = {value!r} is shorter than three heartbeats "
+            f"({3 * CONTROLLER_HEARTBEAT:g}s), so a controller merely slow would lose its "
+            "sessions; write 0 (never take over) or at least "
+            f"{3 * CONTROLLER_HEARTBEAT:g}s",
+            name="controller_takeover_after",
+        )
+    return seconds
+
+
 _CONTROLLER_PARSERS: dict[str, Callable[[object], object]] = {
     "listen": lambda v: v if isinstance(v, tuple) else parse_listen(str(v)),
     "data_dir": lambda v: Path(str(v)).expanduser(),
@@ -478,6 +499,7 @@ _CONTROLLER_PARSERS: dict[str, Callable[[object], object]] = {
     "tls_cert": str,
     "tls_key": str,
     "on_shutdown": lambda v: _parse_choice(v, "on_shutdown", ON_SHUTDOWN_CHOICES),
+    "controller_takeover_after": _parse_takeover_after,
     "metrics_listen": lambda v: v if isinstance(v, tuple) else parse_listen(str(v)),
     "keep_ended_sessions": lambda v: parse_duration(v, "keep_ended_sessions"),
     "gc_interval": lambda v: parse_duration(v, "gc_interval"),

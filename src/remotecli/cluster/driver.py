@@ -64,6 +64,7 @@ class ClusterDriver:
     """Places sessions on the cluster's hosts; one instance per controller."""
 
     name = "cluster"
+    can_adopt = True  # any controller finds a session's detached actor by name
 
     def __init__(self, address: str, token_file: Path, *, channel_tls: bool = True) -> None:
         """``channel_tls``: serve each session's channel with TLS, its certificate pinned."""

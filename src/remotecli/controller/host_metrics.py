@@ -1,4 +1,4 @@
-"""Per-host series for ``/metrics``: each host's state, slots, free slots and sessions.
+"""The sessions' series for ``/metrics``, and per host: each one's state, slots and sessions.
 
 A Prometheus collector over the driver's hosts (:meth:`remotecli.drivers.base.Driver.hosts`),
 asked at each scrape; the driver answers from its cached snapshot, so a scrape never waits for
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 
+import prometheus_client
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -45,3 +46,29 @@ class HostCollector(Collector):
             for family, value in zip(families, host_values(host), strict=True):
                 family.add_metric([host.name], value)
         yield from families
+
+
+class SessionMetrics:
+    """The session manager's counters, histogram and gauges."""
+
+    def __init__(self, registry: prometheus_client.CollectorRegistry | None) -> None:
+        self.transitions = prometheus_client.Counter(
+            "remotecli_session_transitions",
+            "Session state changes, by the state entered.",
+            ["state"],
+            registry=registry,
+        )
+        self.start_seconds = prometheus_client.Histogram(
+            "remotecli_session_start_seconds",
+            "Seconds from session creation to ready.",
+            buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60),
+            registry=registry,
+        )
+        self.active = prometheus_client.Gauge(
+            "remotecli_sessions_active", "Sessions not stopped or failed.", registry=registry
+        )
+        self.viewers = prometheus_client.Gauge(
+            "remotecli_session_viewers",
+            "Viewers (desktop and text) attached to sessions.",
+            registry=registry,
+        )

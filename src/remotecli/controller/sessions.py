@@ -38,7 +38,8 @@ from remotecli.auth import TicketBook
 from remotecli.config import ControllerConfig
 from remotecli.controller.connect import SignInKeeper, relay_callback
 from remotecli.controller.events import SessionEvent, SessionEvents, Subscription
-from remotecli.controller.host_metrics import HostCollector
+from remotecli.controller.host_metrics import HostCollector, SessionMetrics
+from remotecli.controller.peers import Peers, last_viewed, takeover_reason, watched_elsewhere
 from remotecli.controller.runs import RunManager
 from remotecli.controller.signins import SignIns
 from remotecli.controller.store import SessionRecord, Store
@@ -115,30 +116,6 @@ class _Runtime:
     """The driver refused this idle spell; asked again after the next viewer leaves."""
 
 
-class _Metrics:
-    def __init__(self, registry: prometheus_client.CollectorRegistry | None) -> None:
-        self.transitions = prometheus_client.Counter(
-            "remotecli_session_transitions",
-            "Session state changes, by the state entered.",
-            ["state"],
-            registry=registry,
-        )
-        self.start_seconds = prometheus_client.Histogram(
-            "remotecli_session_start_seconds",
-            "Seconds from session creation to ready.",
-            buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60),
-            registry=registry,
-        )
-        self.active = prometheus_client.Gauge(
-            "remotecli_sessions_active", "Sessions not stopped or failed.", registry=registry
-        )
-        self.viewers = prometheus_client.Gauge(
-            "remotecli_session_viewers",
-            "Viewers (desktop and text) attached to sessions.",
-            registry=registry,
-        )
-
-
 class SessionManager:
     """Creates, watches, stops and reaps sessions; the verbs the API and the bridge call.
 
@@ -178,7 +155,7 @@ class SessionManager:
         self._store_watch: asyncio.Task[None] | None = None
         self._closing = False
         self._started = False
-        self._metrics = _Metrics(registry)
+        self._metrics = SessionMetrics(registry)
         if registry is not None:
             registry.register(HostCollector(self.hosts))
         self.keeper = SignInKeeper(signins, driver)
@@ -186,6 +163,17 @@ class SessionManager:
             config, store, driver, catalogue, self.keeper, clock=clock, controller_id=controller_id
         )
         """The headless runs (``/api/runs``): same driver, catalogue and kept sign-ins."""
+        self.peers = None
+        """Heartbeat, viewers at other controllers, takeover (:mod:`.peers`); None without id."""
+        if controller_id is not None:
+            self.peers = Peers(
+                store,
+                controller_id,
+                takeover_after=config.controller_takeover_after,
+                can_adopt=driver.can_adopt,
+                clock=clock,
+                adopt=self._recover_one,
+            )
 
     # --- lifecycle of the manager --------------------------------------------------------------
 
@@ -199,6 +187,8 @@ class SessionManager:
         await self.recover()
         await self.runs.recover()
         await self.end_removed_users()
+        if self.peers is not None:
+            self.peers.beat()
         self._started = True
         self._reaper = asyncio.create_task(self._reap_forever(), name="session-reaper")
         self._store_watch = asyncio.create_task(self._watch_store(), name="store-watch")
@@ -261,45 +251,54 @@ class SessionManager:
         hibernated) or ``stopped`` (it was stopping).
         """
         for record in self._own_active():
-            workdir = self._workdir(record.id)
-            if record.state in (State.READY, State.HIBERNATED) and await self._recover_asleep(
-                record, workdir
-            ):
-                continue
-            try:
-                endpoint = await self.driver.recover(record.id, workdir)
-            except RemoteCliError as exc:
-                endpoint = None
-                log.warning("recover failed", session_id=record.id, error=exc.message)
-            except Exception:  # one session's leftovers must not keep the controller down
-                endpoint = None
-                log.exception("recover crashed", session_id=record.id)
-            if endpoint is not None and record.state is State.HIBERNATED:
-                # Resumed by the last controller, which stopped before recording it.
-                record = self._apply(record.id, Event.RESUME, endpoint=endpoint)
-            if endpoint is not None and record.state is State.READY:
-                runtime = self._runtime.setdefault(record.id, _Runtime())
-                runtime.idle_since = self._clock()
-                runtime.task = asyncio.create_task(self._watch(record.id))
-                log.info("session recovered", session_id=record.id)
-                continue
-            if endpoint is not None:
-                with contextlib.suppress(RemoteCliError):
-                    await self.driver.stop(record.id)
-            if record.state is State.STOPPING:
-                self._apply(record.id, Event.STOPPED, reason="stopped while remote-cli was down")
-            else:
-                ended = "its processes were gone" if endpoint is None else "it could not be kept"
-                if record.state is State.HIBERNATED:
-                    ended = "its saved state was gone or unusable"
-                self._apply(
-                    record.id,
-                    Event.FAIL,
-                    reason=f"remote-cli was restarted while the session was "
-                    f"{record.state.value} and {ended}; start a new one",
-                    cause="restart",
-                )
+            await self._recover_one(record)
         self._metrics.active.set(self.store.count_active())
+
+    async def _recover_one(self, record: SessionRecord, lost: str | None = None) -> None:
+        """Recover one session as :meth:`recover` does; ``lost`` names the silent controller
+        it was taken over from (:mod:`.peers`), None on this controller's own restart."""
+        workdir = self._workdir(record.id)
+        if record.state in (State.READY, State.HIBERNATED) and await self._recover_asleep(
+            record, workdir
+        ):
+            return
+        try:
+            endpoint = await self.driver.recover(record.id, workdir)
+        except RemoteCliError as exc:
+            endpoint = None
+            log.warning("recover failed", session_id=record.id, error=exc.message)
+        except Exception:  # one session's leftovers must not keep the controller down
+            endpoint = None
+            log.exception("recover crashed", session_id=record.id)
+        if endpoint is not None and record.state is State.HIBERNATED:
+            # Resumed by the last controller, which stopped before recording it.
+            record = self._apply(record.id, Event.RESUME, endpoint=endpoint)
+        if endpoint is not None and record.state is State.READY:
+            runtime = self._runtime.setdefault(record.id, _Runtime())
+            runtime.idle_since = self._clock()
+            runtime.task = asyncio.create_task(self._watch(record.id))
+            log.info("session recovered", session_id=record.id, lost_controller=lost)
+            return
+        if endpoint is not None:
+            with contextlib.suppress(RemoteCliError):
+                await self.driver.stop(record.id)
+        if record.state is State.STOPPING:
+            where = "remote-cli was down" if lost is None else f"its controller {lost} was down"
+            self._apply(record.id, Event.STOPPED, reason=f"stopped while {where}")
+        else:
+            ended = "its processes were gone" if endpoint is None else "it could not be kept"
+            if record.state is State.HIBERNATED:
+                ended = "its saved state was gone or unusable"
+            what = "remote-cli was restarted"
+            if lost is not None:
+                what = takeover_reason(lost, self.controller_id, self.config)
+            self._apply(
+                record.id,
+                Event.FAIL,
+                reason=f"{what} while the session was {record.state.value} and {ended}; "
+                "start a new one",
+                cause="restart",
+            )
 
     async def _recover_asleep(self, record: SessionRecord, workdir: Path) -> bool:
         """Keep ``record`` hibernated if the driver holds its whole saved state; True if so.
@@ -353,6 +352,8 @@ class SessionManager:
                     seen = version
                     await self.end_removed_users()
                     await self.carry_out_stops()
+                if self.peers is not None:
+                    await self.peers.round()
             except Exception:  # the watch must outlive one bad round
                 log.exception("store watch round failed")
 
@@ -710,8 +711,10 @@ class SessionManager:
             if record.state is State.STOPPING:
                 continue
             runtime = self._runtime.get(record.id)
-            unwatched = runtime is not None and runtime.viewers == 0
-            idle_for = now - runtime.idle_since if runtime is not None else 0.0
+            unwatched = (
+                runtime is not None and runtime.viewers == 0 and not watched_elsewhere(record, now)
+            )
+            idle_for = now - last_viewed(runtime.idle_since, record) if runtime is not None else 0.0
             if ttl and now - record.created_at >= ttl:
                 doomed[record.id] = f"its time to live ({describe_duration(ttl)}) ran out"
             elif (
@@ -772,6 +775,7 @@ class SessionManager:
         try:
             record = self.store.session(session_id)
             busy = runtime.viewers or runtime.stopping is not None or runtime.resuming is not None
+            busy = busy or watched_elsewhere(record, self._clock())
             if record.state is not State.READY or busy or self._closing:
                 return False
             await self.keeper.checkpoint(session_id)  # HOME is reachable until the save
@@ -910,9 +914,13 @@ class SessionManager:
         return await self.driver.tty_endpoint(session_id)
 
     def viewer_attached(self, session_id: str) -> None:
-        """Count a viewer in (a session with a viewer is never idle)."""
+        """Count a viewer in (a session with a viewer is never idle, whichever controller
+        runs it: :mod:`.peers`)."""
         self._runtime.setdefault(session_id, _Runtime()).viewers += 1
         self._metrics.viewers.inc()
+        record = self.store.find_session(session_id) if self.peers is not None else None
+        if self.peers is not None and record is not None:
+            self.peers.viewer_attached(record)
 
     def viewer_detached(self, session_id: str, bytes_in: int, bytes_out: int) -> None:
         """Count a viewer out, add its bytes to the session, restart the idle clock."""
@@ -923,6 +931,8 @@ class SessionManager:
             runtime.cannot_hibernate = False  # a new idle spell: the driver is asked again
         self._metrics.viewers.dec()
         self.store.add_bytes(session_id, bytes_in, bytes_out)
+        if self.peers is not None:
+            self.peers.viewer_detached(session_id)
 
     # --- internals -----------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 
 from remotecli.config import STORE_URL_SCHEMES
+from remotecli.controller.store_controllers import ControllerTable
 from remotecli.controller.store_db import (
     Database,
     PostgresDatabase,
@@ -69,7 +70,7 @@ def is_store_url(url: str) -> bool:
     return url.partition("://")[0] in STORE_URL_SCHEMES and "://" in url
 
 
-class Store(RunTable):
+class Store(ControllerTable, RunTable):
     """The store; open it with :meth:`open` (SQLite) or :meth:`connect` (PostgreSQL), and
     :meth:`close` it on shutdown."""
 

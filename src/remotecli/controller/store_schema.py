@@ -79,6 +79,13 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # session on the controller's own host, and for every session stored before.
         "ALTER TABLE sessions ADD COLUMN host TEXT",
     ),
+    (
+        # Several controllers, continued (docs/cluster.md): when a viewer attached through a
+        # controller that does not run the session was last seen (its owner's reaper counts
+        # it), and each controller's heartbeat (survivors take over one silent too long).
+        "ALTER TABLE sessions ADD COLUMN viewed_at REAL",
+        "CREATE TABLE controllers (id TEXT PRIMARY KEY, seen_at REAL NOT NULL)",
+    ),
 )
 """Schema migrations in order; migration ``n`` brings ``user_version`` from ``n`` to ``n + 1``."""
 
@@ -106,6 +113,9 @@ class SessionRecord:
     """The controller that runs it (None: any; a database one controller had alone)."""
     host: str | None = None
     """The host it was placed on (a cluster's); None on the controller's own host."""
+    viewed_at: float | None = None
+    """When a viewer attached through another controller than its own was last seen (None:
+    never); its controller's reaper counts it (:mod:`remotecli.controller.peers`)."""
 
 
 @dataclass(frozen=True)
@@ -251,4 +261,5 @@ def session_record(row: Row) -> SessionRecord:
         end_cause=row["end_cause"],
         controller=row["controller"],
         host=row["host"],
+        viewed_at=row["viewed_at"],
     )

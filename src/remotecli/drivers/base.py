@@ -158,6 +158,11 @@ class Driver(Protocol):
     """Starts and stops session sandboxes. One instance per controller."""
 
     name: str
+    can_adopt: bool
+    """True when :meth:`recover` also finds sessions another controller's driver started (the
+    cluster's actors, on hosts every controller reaches): only then may this controller take
+    over a silent controller's sessions (docs/cluster.md). False when a session lives on its
+    controller's own host (the local and qemu drivers)."""
 
     def can_run(self, command: Sequence[str]) -> tuple[str, ...] | str:
         """Return ``command`` as this driver will run it (its program resolved), or why it cannot.

@@ -191,6 +191,7 @@ class LocalDriver:
     """
 
     name = "local"
+    can_adopt = False  # sessions live on this host
 
     def __init__(
         self,

@@ -123,6 +123,7 @@ class QemuDriver:
     """Sessions as QEMU microVMs; one instance per controller."""
 
     name = "qemu"
+    can_adopt = False  # microVMs live on this host
 
     def __init__(
         self,
