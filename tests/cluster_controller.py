@@ -38,6 +38,8 @@ from tests.rfb_viewer import RfbViewer
 TIMEOUT = 60_000 * MS
 ADMIN_TOKEN = "cluster-admin-token-" + "0" * 24
 SHARED_SESSIONS = 6
+TAKEOVER_AFTER = 15.0
+"""The shortest ``controller_takeover_after`` allowed (three heartbeats)."""
 LOOPBACK_PORT = 8765
 """Where the text view starts a web server on a session's loopback (the callback relay's)."""
 KEEPER = "keeper"
@@ -185,9 +187,10 @@ async def stop_all(api: httpx.AsyncClient, ids: list[str]) -> None:
 
 
 def controller_config(
-    address: str, token_file: Path, data_dir: Path, store_url: str | None
+    address: str, token_file: Path, data_dir: Path, store_url: str | None, **extra: Any
 ) -> ControllerConfig:
-    """A controller with the cluster driver, on ``store_url`` (None: SQLite in ``data_dir``)."""
+    """A controller with the cluster driver, on ``store_url`` (None: SQLite in ``data_dir``);
+    a silent one's sessions are taken over after :data:`TAKEOVER_AFTER`."""
     return ControllerConfig(
         listen=("127.0.0.1", 0),
         data_dir=data_dir,
@@ -200,7 +203,39 @@ def controller_config(
         store_url=store_url,
         admin_token=ADMIN_TOKEN,
         providers=(ProviderConfig(KEEPER, KEEPER_COMMAND, keep=("~/.standin",), run=KEEPER_RUN),),
+        controller_takeover_after=TAKEOVER_AFTER,
+        **extra,
     )
+
+
+async def taken_over(
+    controller: Controller, api: httpx.AsyncClient, session_id: str, silent: str
+) -> dict[str, Any]:
+    """Wait until ``controller`` adopted ``session_id`` from ``silent`` (a controller gone
+    quiet); type into it through this controller's gateway, read the file back, delete it here;
+    say what held and how long after the silent one's last heartbeat it was adopted."""
+    store, manager = controller.store, controller.manager
+    assert store is not None
+    assert manager is not None
+    last_beat = store.controllers()[silent]
+    async with asyncio.timeout(TAKEOVER_AFTER + TIMEOUT):
+        while (record := store.session(session_id)).controller != manager.controller_id:
+            await asyncio.sleep(0.2)
+    result: dict[str, Any] = {
+        "seconds": time.time() - last_beat,
+        "state": record.state.value,
+        "init": await typed_through(
+            controller.url(), api, session_id, f"echo taken-{session_id} > ~/typed"
+        ),
+    }
+    async with asyncio.timeout(TIMEOUT):
+        while b"taken-" not in (held := await manager.driver.collect(session_id, ["~/typed"])).get(
+            "typed", b""
+        ):
+            await asyncio.sleep(0.1)
+    result["typed"] = held["typed"].decode().strip()
+    result["stopped"] = (await api.delete(f"/api/sessions/{session_id}")).json()["state"]
+    return result
 
 
 async def typed_through(base: str, api: httpx.AsyncClient, session_id: str, text: str) -> list[int]:
@@ -279,16 +314,32 @@ async def run(
             result["run"] = await headless_run(controller)
             if store_url is not None:
                 second = Controller(
-                    controller_config(address, token_file, data_dir.with_name("ctl-b"), store_url)
+                    controller_config(
+                        address,
+                        token_file,
+                        data_dir.with_name("ctl-b"),
+                        store_url,
+                        on_shutdown="keep",  # its sessions outlive it: the first takes them
+                    )
                 )
                 await second.start()
+                closed = False
                 try:
                     async with httpx.AsyncClient(
                         base_url=second.url(), headers=headers, timeout=TIMEOUT
                     ) as other:
                         result["shared"] = await shared([controller, second], [api, other])
-                finally:
+                        left = await create_ready_session(other, TIMEOUT)
                     await second.close()
+                    closed = True
+                    assert second.manager is not None
+                    silent = second.manager.controller_id
+                    assert silent is not None
+                    result["takeover"] = await taken_over(controller, api, left, silent)
+                    result["takeover"]["session"] = left
+                finally:
+                    if not closed:
+                        await second.close()
             began = time.monotonic()
             first = await create_ready_session(api, TIMEOUT)
             result["create_to_ready"] = [time.monotonic() - began]

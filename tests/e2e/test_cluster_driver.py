@@ -46,7 +46,7 @@ if (_reason := _skip_reason()) is not None:
     pytest.skip(_reason, allow_module_level=True)
 
 from remotecli.cluster.watch import LOST_BOUND  # noqa: E402
-from tests.cluster_controller import KEPT  # noqa: E402
+from tests.cluster_controller import KEPT, TAKEOVER_AFTER  # noqa: E402
 from tests.postgres import PostgresServer  # noqa: E402
 from tests.ray_cluster import Cluster, leftovers, ray_cluster  # noqa: E402
 
@@ -194,6 +194,22 @@ def test_readyz_metrics_and_the_store_show_each_worker_and_its_sessions(
     lost = run["readyz_after_loss"]["w1"]
     assert (lost["up"], lost["slots_free"]) == (False, 0)
     assert run["readyz_after_loss"]["w2"]["up"] is True
+
+
+def test_a_silent_controllers_session_is_taken_over_and_keeps_running(
+    run: dict[str, Any],
+) -> None:
+    """A session made at the second controller, which then shut down keeping it, is adopted by
+    the first no sooner than the takeover bound after the second's last heartbeat and within a
+    few store-watch rounds of it; it is still ready, is typed into through the first
+    controller's gateway, and is deleted there."""
+    taken = run["takeover"]
+    print(f"session adopted {taken['seconds']:.1f} s after its controller's last heartbeat")
+    assert TAKEOVER_AFTER <= taken["seconds"] < TAKEOVER_AFTER + 5
+    assert taken["state"] == "ready"
+    assert taken["init"] == [1280, 720]
+    assert taken["typed"] == f"taken-{taken['session']}"
+    assert taken["stopped"] == "stopped"
 
 
 def test_the_channel_refuses_a_missing_or_wrong_secret(run: dict[str, Any]) -> None:
