@@ -38,6 +38,7 @@ from tests.rfb_viewer import RfbViewer
 TIMEOUT = 60_000 * MS
 ADMIN_TOKEN = "cluster-admin-token-" + "0" * 24
 SHARED_SESSIONS = 6
+SESSION_MEMORY = 1536 * 1024**2
 TAKEOVER_AFTER = 15.0
 """The shortest ``controller_takeover_after`` allowed (three heartbeats)."""
 LOOPBACK_PORT = 8765
@@ -204,6 +205,9 @@ def controller_config(
         admin_token=ADMIN_TOKEN,
         providers=(ProviderConfig(KEEPER, KEEPER_COMMAND, keep=("~/.standin",), run=KEEPER_RUN),),
         controller_takeover_after=TAKEOVER_AFTER,
+        session_memory=SESSION_MEMORY,  # the hosts' sessions get the controller's limits
+        session_processes=512,
+        session_cpus=0.5,
         **extra,
     )
 
@@ -353,6 +357,7 @@ async def run(
             result["local_seconds"] = [p.local_seconds for p in placed.values() if p is not None]
             reports: list[dict[str, Any]] = [await asyncio.to_thread(report_of, sid) for sid in ids]
             result["sandbox"] = sorted({str(report.get("sandbox")) for report in reports})
+            result["limits"] = [report.get("limits") for report in reports]
             result["inits"] = [await viewer_init(base, api, sid) for sid in ids]
             result["tty"] = await text_view_and_loopback(base, api, first)
             some = next(p for p in placed.values() if p is not None)

@@ -121,6 +121,14 @@ def test_the_text_view_and_the_sessions_loopback_reach_the_host(run: dict[str, A
     assert "Directory listing for /" in tty["after"]["body"]
 
 
+def test_the_hosts_sessions_get_the_controllers_limits(run: dict[str, Any]) -> None:
+    """Each session on a host runs under the controller's session_memory, session_processes
+    and session_cpus (1.5 GiB, 512, 0.5 CPU here), not the local driver's defaults."""
+    assert run["limits"] == [
+        {"memory": "1.5 GiB", "processes": "512", "cpu": "0.5 CPU, weight 100"}
+    ] * len(run["inits"])
+
+
 def test_a_kept_signin_reaches_the_host_and_comes_back(run: dict[str, Any]) -> None:
     """A kept sign-in is in the session's HOME on its host; what the CLI added is kept after."""
     kept = json.loads(KEPT)

@@ -41,14 +41,21 @@ _driver: Any = None
 """The host's one LocalDriver in this Ray worker process (one actor per worker process)."""
 
 
-def host_driver() -> Any:
-    """Return this worker's LocalDriver, made on first use (egress none: no firewall rules)."""
+def host_driver(limits: Mapping[str, Any] | None = None) -> Any:
+    """Return this worker's LocalDriver, made on first use (egress none: no firewall rules).
+
+    ``limits`` (a :class:`~remotecli.sandbox.cgroups.Limits` as a dict: the controller's
+    ``session_memory``, ``session_processes``, ``session_cpus``, ``session_home_size``) are the
+    session's, taken when the driver is made: a worker process runs one actor, so one session.
+    """
     global _driver
     if _driver is None:
         from remotecli.drivers.local import LocalDriver
+        from remotecli.sandbox.cgroups import Limits
 
         data_dir = Path(os.environ.get(DATA_DIR_VARIABLE) or DEFAULT_DATA_DIR)
-        _driver = LocalDriver(data_dir, egress="none")
+        chosen = Limits(**limits) if limits else None
+        _driver = LocalDriver(data_dir, limits=chosen, egress="none")
     return _driver
 
 
@@ -127,7 +134,7 @@ class SessionActor:
         from remotecli.drivers.base import SessionSpec
 
         assert self._channel is not None
-        driver = host_driver()
+        driver = host_driver(spec.get("limits"))
         workdir = driver.data_dir / "s" / self.session_id
         workdir.parent.mkdir(parents=True, exist_ok=True)
         session = SessionSpec(
@@ -150,6 +157,11 @@ class SessionActor:
         return {
             "local_seconds": seconds,
             "sandbox": f"{posture.sandbox}; uids: {posture.uids}; limits: {posture.limits}",
+            "limits": {
+                "memory": posture.memory,
+                "processes": posture.processes,
+                "cpu": posture.cpu,
+            },
         }
 
     async def _start_run(self, spec: dict[str, Any]) -> dict[str, Any]:
@@ -161,7 +173,7 @@ class SessionActor:
         from remotecli.drivers.base import SessionSpec
 
         assert self._channel is not None
-        driver = host_driver()
+        driver = host_driver(spec.get("limits"))
         workdir = driver.data_dir / "s" / self.session_id
         workdir.parent.mkdir(parents=True, exist_ok=True)
         run = SessionSpec(

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -42,6 +43,7 @@ from remotecli.drivers.base import (
 from remotecli.exceptions import ClusterError, DriverError, RemoteCliError
 from remotecli.logs import get_logger
 from remotecli.providers import HostPrograms
+from remotecli.sandbox.cgroups import Limits
 
 log = get_logger("cluster.driver")
 
@@ -66,11 +68,21 @@ class ClusterDriver:
     name = "cluster"
     can_adopt = True  # any controller finds a session's detached actor by name
 
-    def __init__(self, address: str, token_file: Path, *, channel_tls: bool = True) -> None:
-        """``channel_tls``: serve each session's channel with TLS, its certificate pinned."""
+    def __init__(
+        self,
+        address: str,
+        token_file: Path,
+        *,
+        channel_tls: bool = True,
+        limits: Limits | None = None,
+    ) -> None:
+        """``channel_tls``: serve each session's channel with TLS, its certificate pinned.
+        ``limits``: what each session (and run) may use on its host (the controller's
+        ``session_*`` settings; None: the local driver's defaults)."""
         self.address = address
         self.token_file = token_file
         self.channel_tls = channel_tls
+        self.limits = limits
         self._programs = HostPrograms()
         self._placements: dict[str, Placement] = {}
         self._runs: dict[str, ClusterRun] = {}
@@ -127,6 +139,10 @@ class ClusterDriver:
                 log.exception("reading the cluster's hosts crashed")
             await asyncio.sleep(HOSTS_REFRESH)
 
+    def _limits(self) -> dict[str, Any] | None:
+        """The sessions' limits as the actor takes them (plain values: they are no secret)."""
+        return None if self.limits is None else dataclasses.asdict(self.limits)
+
     async def start(self, spec: SessionSpec, progress: ProgressCallback) -> VncEndpoint:
         """Place the session with Ray; return its channel once the host's Xvnc showed a banner."""
         await self._connect()
@@ -137,6 +153,7 @@ class ClusterDriver:
             "width": spec.width,
             "height": spec.height,
             "keeps_signin": spec.keeps_signin,
+            "limits": self._limits(),
         }
         try:
             placed = await asyncio.to_thread(
@@ -239,10 +256,15 @@ class ClusterDriver:
             "env": dict(spec.env),
             "keeps_signin": spec.keeps_signin,
             "run": True,
+            "limits": self._limits(),
         }
         try:
             placed = await asyncio.to_thread(
-                placement.place_session, spec.session_id, payload, files=dict(spec.home_files)
+                placement.place_session,
+                spec.session_id,
+                payload,
+                files=dict(spec.home_files),
+                tls=self.channel_tls,
             )
         except ClusterError as exc:
             raise DriverError(exc.message, session_id=spec.session_id) from exc

@@ -9,10 +9,14 @@ it with its own local driver. The names are :data:`remotecli.config.DRIVER_NAMES
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from remotecli.config import DRIVER_NAMES, ControllerConfig
 from remotecli.drivers.base import Driver, ProgressCallback, SessionSpec, VncEndpoint
 from remotecli.exceptions import ConfigError
+
+if TYPE_CHECKING:
+    from remotecli.sandbox.cgroups import Limits
 
 __all__ = [
     "DRIVER_NAMES",
@@ -24,6 +28,18 @@ __all__ = [
 ]
 
 
+def session_limits(config: ControllerConfig) -> Limits:
+    """What one session may use, from the controller's ``session_*`` settings."""
+    from remotecli.sandbox.cgroups import Limits
+
+    return Limits(
+        memory_bytes=config.session_memory,
+        pids=config.session_processes,
+        cpus=config.session_cpus,
+        home_bytes=config.session_home_size,
+    )
+
+
 def create_driver(name: str, data_dir: Path, config: ControllerConfig | None = None) -> Driver:
     """Return the driver called ``name``, keeping its state under ``data_dir``.
 
@@ -33,17 +49,10 @@ def create_driver(name: str, data_dir: Path, config: ControllerConfig | None = N
     """
     if name == "local":
         from remotecli.drivers.local import LocalDriver
-        from remotecli.sandbox.cgroups import Limits
 
         if config is None:
             return LocalDriver(data_dir)
-        limits = Limits(
-            memory_bytes=config.session_memory,
-            pids=config.session_processes,
-            cpus=config.session_cpus,
-            home_bytes=config.session_home_size,
-        )
-        return LocalDriver(data_dir, limits=limits, egress=config.egress)
+        return LocalDriver(data_dir, limits=session_limits(config), egress=config.egress)
     if name == "qemu":
         from remotecli.drivers.qemu import QemuDriver
 
@@ -70,6 +79,7 @@ def create_driver(name: str, data_dir: Path, config: ControllerConfig | None = N
             config.cluster_address,
             config.cluster_token_file,
             channel_tls=config.cluster_channel_tls,
+            limits=session_limits(config),
         )
     raise ConfigError(
         f"unknown driver {name!r}; choose one of: {', '.join(DRIVER_NAMES)}", driver=name
