@@ -273,7 +273,10 @@ def _controller_options(command: Callable[..., None]) -> Callable[..., None]:
         click.option(
             "--driver",
             type=click.Choice(DRIVER_NAMES),
-            help="Where sessions run: local sandboxes (default) or qemu microVMs.",
+            help=(
+                "Where sessions run: local sandboxes (default), qemu microVMs, or the hosts of a "
+                "Ray cluster (needs cluster_address and cluster_token_file; docs/cluster.md)."
+            ),
         ),
         click.option(
             "--config",
