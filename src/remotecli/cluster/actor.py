@@ -130,14 +130,16 @@ class SessionActor:
             "pid": os.getpid(),
         }
 
-    async def _start_local(self, spec: dict[str, Any]) -> dict[str, Any]:
+    def _session_spec(self, spec: dict[str, Any]) -> tuple[Any, Any]:
+        """The host's driver (made with the spec's limits) and the local SessionSpec of this
+        session or run: its workdir under the host's data dir, the kept files ``put`` brought."""
         from remotecli.drivers.base import SessionSpec
 
         assert self._channel is not None
         driver = host_driver(spec.get("limits"))
         workdir = driver.data_dir / "s" / self.session_id
         workdir.parent.mkdir(parents=True, exist_ok=True)
-        session = SessionSpec(
+        return driver, SessionSpec(
             session_id=self.session_id,
             provider=str(spec["provider"]),
             command=tuple(spec["command"]),
@@ -148,6 +150,10 @@ class SessionActor:
             home_files=self._channel.take_files(),
             keeps_signin=bool(spec.get("keeps_signin", False)),
         )
+
+    async def _start_local(self, spec: dict[str, Any]) -> dict[str, Any]:
+        assert self._channel is not None
+        driver, session = self._session_spec(spec)
         began = asyncio.get_running_loop().time()
         endpoint = await driver.start(session, lambda step: None)
         seconds = asyncio.get_running_loop().time() - began
@@ -170,21 +176,8 @@ class SessionActor:
         Its sandbox, HOME included, stays until :meth:`stop`: the controller reads the kept
         sign-in back (``get``) after the command ended.
         """
-        from remotecli.drivers.base import SessionSpec
-
         assert self._channel is not None
-        driver = host_driver(spec.get("limits"))
-        workdir = driver.data_dir / "s" / self.session_id
-        workdir.parent.mkdir(parents=True, exist_ok=True)
-        run = SessionSpec(
-            session_id=self.session_id,
-            provider=str(spec["provider"]),
-            command=tuple(spec["command"]),
-            workdir=workdir,
-            env=dict(spec.get("env") or {}),
-            home_files=self._channel.take_files(),
-            keeps_signin=bool(spec.get("keeps_signin", False)),
-        )
+        driver, run = self._session_spec(spec)
         began = asyncio.get_running_loop().time()
         self._channel.run = await driver.start_run(run, lambda step: None)
         self._local = True

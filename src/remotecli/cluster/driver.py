@@ -143,18 +143,13 @@ class ClusterDriver:
         """The sessions' limits as the actor takes them (plain values: they are no secret)."""
         return None if self.limits is None else dataclasses.asdict(self.limits)
 
-    async def start(self, spec: SessionSpec, progress: ProgressCallback) -> VncEndpoint:
-        """Place the session with Ray; return its channel once the host's Xvnc showed a banner."""
-        await self._connect()
-        payload = {
-            "provider": spec.provider,
-            "command": list(spec.command),
-            "env": dict(spec.env),
-            "width": spec.width,
-            "height": spec.height,
-            "keeps_signin": spec.keeps_signin,
-            "limits": self._limits(),
-        }
+    async def _place(
+        self, spec: SessionSpec, payload: dict[str, Any], progress: ProgressCallback
+    ) -> Placement:
+        """Place a session or run with Ray, its kept files over its channel; keep and say where.
+
+        Raises :class:`DriverError` with the cluster's reason when it could not be placed.
+        """
         try:
             placed = await asyncio.to_thread(
                 placement.place_session,
@@ -167,6 +162,21 @@ class ClusterDriver:
             raise DriverError(exc.message, session_id=spec.session_id) from exc
         self._placements[spec.session_id] = placed
         progress(f"placed on host {placed.host} ({placed.node_ip})")
+        return placed
+
+    async def start(self, spec: SessionSpec, progress: ProgressCallback) -> VncEndpoint:
+        """Place the session with Ray; return its channel once the host's Xvnc showed a banner."""
+        await self._connect()
+        payload = {
+            "provider": spec.provider,
+            "command": list(spec.command),
+            "env": dict(spec.env),
+            "width": spec.width,
+            "height": spec.height,
+            "keeps_signin": spec.keeps_signin,
+            "limits": self._limits(),
+        }
+        placed = await self._place(spec, payload, progress)
         return placed.endpoint()
 
     async def wait(self, session_id: str) -> str:
@@ -258,18 +268,7 @@ class ClusterDriver:
             "run": True,
             "limits": self._limits(),
         }
-        try:
-            placed = await asyncio.to_thread(
-                placement.place_session,
-                spec.session_id,
-                payload,
-                files=dict(spec.home_files),
-                tls=self.channel_tls,
-            )
-        except ClusterError as exc:
-            raise DriverError(exc.message, session_id=spec.session_id) from exc
-        self._placements[spec.session_id] = placed
-        progress(f"placed on host {placed.host} ({placed.node_ip})")
+        placed = await self._place(spec, payload, progress)
         try:
             reader, writer = await open_run(placed, within=COLLECT_TIMEOUT)
         except BaseException:  # a failed or cancelled start leaves nothing running
