@@ -187,6 +187,12 @@ async def stop_all(api: httpx.AsyncClient, ids: list[str]) -> None:
                 await asyncio.sleep(0.05)
 
 
+def admin_api(controller: Controller) -> httpx.AsyncClient:
+    """An HTTP client of ``controller``'s API as its admin."""
+    headers = {"Authorization": f"Bearer {controller.admin_token}"}
+    return httpx.AsyncClient(base_url=controller.url(), headers=headers, timeout=TIMEOUT)
+
+
 def controller_config(
     address: str, token_file: Path, data_dir: Path, store_url: str | None, **extra: Any
 ) -> ControllerConfig:
@@ -312,8 +318,7 @@ async def run(
     result: dict[str, Any] = {}
     try:
         base = controller.url()
-        headers = {"Authorization": f"Bearer {controller.admin_token}"}
-        async with httpx.AsyncClient(base_url=base, headers=headers, timeout=TIMEOUT) as api:
+        async with admin_api(controller) as api:
             result["signin"] = await kept_signin(controller, api)
             result["run"] = await headless_run(controller)
             if store_url is not None:
@@ -329,18 +334,25 @@ async def run(
                 await second.start()
                 closed = False
                 try:
-                    async with httpx.AsyncClient(
-                        base_url=second.url(), headers=headers, timeout=TIMEOUT
-                    ) as other:
+                    async with admin_api(second) as other:
                         result["shared"] = await shared([controller, second], [api, other])
                         left = await create_ready_session(other, TIMEOUT)
+                    doomed, doomed_session, doomed_id = await start_doomed(
+                        address, token_file, data_dir.with_name("ctl-c"), store_url
+                    )
                     await second.close()
                     closed = True
+                    doomed.kill()  # SIGKILL: no shutdown, its Ray driver dies with it
+                    await doomed.wait()
                     assert second.manager is not None
                     silent = second.manager.controller_id
                     assert silent is not None
-                    result["takeover"] = await taken_over(controller, api, left, silent)
+                    result["takeover"], result["killed_takeover"] = await asyncio.gather(
+                        taken_over(controller, api, left, silent),
+                        taken_over(controller, api, doomed_session, doomed_id),
+                    )
                     result["takeover"]["session"] = left
+                    result["killed_takeover"]["session"] = doomed_session
                 finally:
                     if not closed:
                         await second.close()
@@ -358,6 +370,7 @@ async def run(
             reports: list[dict[str, Any]] = [await asyncio.to_thread(report_of, sid) for sid in ids]
             result["sandbox"] = sorted({str(report.get("sandbox")) for report in reports})
             result["limits"] = [report.get("limits") for report in reports]
+            result["network"] = [report.get("network") for report in reports]
             result["inits"] = [await viewer_init(base, api, sid) for sid in ids]
             result["tty"] = await text_view_and_loopback(base, api, first)
             some = next(p for p in placed.values() if p is not None)
@@ -494,6 +507,48 @@ async def headless_run(controller: Controller) -> dict[str, Any]:
     }
 
 
+async def start_doomed(
+    address: str, token_file: Path, data_dir: Path, store_url: str
+) -> tuple[asyncio.subprocess.Process, str, str]:
+    """Start a third controller on the same store in its own process (:func:`doomed`); return
+    the process, the session it made and its controller id, once its session is ready."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with (data_dir.parent / "ctl-c.log").open("wb") as log:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "tests.cluster_controller",
+            "--doomed",
+            address,
+            str(token_file),
+            str(data_dir),
+            store_url,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=log,
+        )
+    assert process.stdout is not None
+    line = b""
+    async with asyncio.timeout(TIMEOUT):
+        while not line.startswith(b"READY "):  # its log lines come first
+            line = await process.stdout.readline()
+            if not line:
+                raise AssertionError("the third controller ended before its session was ready")
+    _, session_id, controller_id = line.decode().split()
+    return process, session_id, controller_id
+
+
+async def doomed(address: str, token_file: Path, data_dir: Path, store_url: str) -> None:
+    """The third controller's program: start, make a ready session, print ``READY SESSION
+    CONTROLLER``, then wait to be killed (the test kills it with SIGKILL)."""
+    controller = Controller(controller_config(address, token_file, data_dir, store_url))
+    await controller.start()
+    async with admin_api(controller) as api:
+        session_id = await create_ready_session(api, TIMEOUT)
+    assert controller.manager is not None
+    print(f"READY {session_id} {controller.manager.controller_id}", flush=True)
+    await asyncio.Event().wait()
+
+
 def raw_answer_banner(host: str, port: int, first: bytes, cert: str | None) -> str:
     """Connect with the right secret and return the first 12 bytes: the VNC server's banner."""
     with channel_socket(host, port, cert) as sock:
@@ -508,6 +563,10 @@ def raw_answer_banner(host: str, port: int, first: bytes, cert: str | None) -> s
 
 
 def main() -> None:
+    if sys.argv[1] == "--doomed":
+        address, token_file, data_dir, database = sys.argv[2:6]
+        asyncio.run(doomed(address, Path(token_file), Path(data_dir), database))
+        return
     address, token_file, data_dir, signals = sys.argv[1:5]
     store_url = sys.argv[5] if len(sys.argv) > 5 else None
     result = asyncio.run(run(address, Path(token_file), Path(data_dir), Path(signals), store_url))

@@ -151,6 +151,8 @@ class Cluster:
     workers: list[Node]
     controller_netns: str
     controller_address: str
+    node_env: dict[str, str] = field(default_factory=dict)
+    """More variables for each node's ``ray start``."""
 
     @property
     def address(self) -> str:
@@ -189,6 +191,7 @@ class Cluster:
         env = self.env()
         env[HOST_NAME_VARIABLE] = node.name  # the name a lost host is reported by
         env[DATA_DIR_VARIABLE] = str(self.data_dir(node))
+        env.update(self.node_env)
         node.process = subprocess.Popen(holder, stdout=log, stderr=subprocess.STDOUT, env=env)
 
     def data_dir(self, node: Node) -> Path:
@@ -238,8 +241,17 @@ def ray_cluster(
     slots: int = 2,
     system_config: Mapping[str, int] | None = None,
     prefix: str | None = None,
+    drivers: Sequence[str] = (),
+    default_route: bool = False,
+    node_env: Mapping[str, str] | None = None,
 ) -> Iterator[Cluster]:
-    """Start a head (no slots) and ``workers`` nodes (``slots`` each); tear all down after."""
+    """Start a head (no slots) and ``workers`` nodes (``slots`` each; worker i joins with
+    ``drivers[i]``, ``local`` past their end); tear all down after.
+
+    ``default_route``: each worker routes what is not on the cluster's subnet via the head, as
+    a host with a way out would (pasta, a session's egress ``open``, needs one); nothing
+    answers there. ``node_env``: more variables for every worker's ``ray start`` (what
+    ``cluster join`` would set, such as a microVM host's image cache)."""
     prefix = prefix or f"rc{os.getpid() % 100000}"
     root.mkdir(parents=True, exist_ok=True)
     token_path = root / "auth_token"
@@ -254,14 +266,18 @@ def ray_cluster(
         for index in range(workers):
             netns, address = network.add(f"w{index + 1}", 2 + index)
             nodes.append(Node(f"w{index + 1}", netns, address, root / f"w{index + 1}"))
+            if default_route:
+                run(["ip", "-n", netns, "route", "add", "default", "via", head_ip, "dev", "eth0"])
         ctl_ns, ctl_ip = network.add("c", 10)
         cluster = Cluster(network, token_path, root, head, nodes, ctl_ns, ctl_ip)
+        cluster.node_env = dict(node_env or {})
         started.append(head)
         cluster.start_node(head, NodeSettings(slots=0, system_config=system_config), head=True)
         wait_for_nodes(cluster, 1)
-        for node in nodes:
+        for index, node in enumerate(nodes):
             started.append(node)
-            cluster.start_node(node, NodeSettings(slots=slots), head=False)
+            driver = drivers[index] if index < len(drivers) else "local"
+            cluster.start_node(node, NodeSettings(slots=slots, driver=driver), head=False)
         wait_for_nodes(cluster, 1 + workers)
         yield cluster
     finally:

@@ -70,14 +70,18 @@ async def answer(port: int, first: bytes | None, *, more: bytes = b"") -> bytes:
         writer.close()
 
 
+@pytest.mark.parametrize("kind", ["unix", "tcp"])
 async def test_channel_relays_only_after_the_right_secret(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
 ) -> None:
-    """The right secret reaches the VNC socket; none, a wrong or an overlong one get no byte."""
+    """The right secret reaches the VNC server, at a Unix socket (the local sandbox's) or a
+    loopback TCP port (a microVM's); none, a wrong or an overlong one get no byte."""
     monkeypatch.setattr(channel, "PREAMBLE_TIMEOUT", 200 * MS)
-    echo = await start_echo(tmp_path, "unix")
+    echo = await start_echo(tmp_path, kind)
     secret = new_secret()
-    relay = SessionChannel(secret, str(echo.endpoint.unix_path))
+    vnc = echo.endpoint
+    target = vnc.unix_path if vnc.unix_path is not None else (str(vnc.host), int(vnc.port or 0))
+    relay = SessionChannel(secret, target)
     port = await relay.listen("127.0.0.1")
     try:
         assert await answer(port, preamble(secret), more=b"RFB 003.008\n") == b"RFB 003.008\n"

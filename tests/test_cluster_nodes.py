@@ -7,6 +7,7 @@ import json
 import pytest
 
 from remotecli.cluster.nodes import (
+    DRIVER_LABEL,
     HEALTH_CHECK,
     HOST_LABEL,
     SLOT_RESOURCE,
@@ -45,13 +46,14 @@ def test_join_argv_names_the_head_and_carries_no_system_config() -> None:
     assert not any(a.startswith(("--head", "--system-config")) for a in argv)
 
 
-def test_a_named_host_carries_its_name_as_a_node_label() -> None:
-    """``--name`` becomes the node label the controller names the host by; none without it."""
-    named = NodeSettings(slots=2, name="host-2.eu")
+def test_a_host_carries_its_driver_and_name_as_node_labels() -> None:
+    """``--name`` becomes the node label the controller names the host by (none without it);
+    ``--driver`` the label sessions select hosts by, ``local`` unless said."""
+    named = NodeSettings(slots=2, name="host-2.eu", driver="qemu")
     argv = ray_start_argv(named, head_address="10.0.0.1:6379", node_ip="10.0.0.2")
-    assert f"--labels={HOST_LABEL}=host-2.eu" in argv
+    assert f"--labels={DRIVER_LABEL}=qemu,{HOST_LABEL}=host-2.eu" in argv
     unnamed = ray_start_argv(NodeSettings(slots=2), head_address=None, node_ip="10.0.0.1")
-    assert not any(a.startswith("--labels") for a in unnamed)
+    assert [a for a in unnamed if a.startswith("--labels")] == [f"--labels={DRIVER_LABEL}=local"]
 
 
 @pytest.mark.parametrize("name", ["two words", "-dash", "a,b=c", "x" * 64, ""])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -91,3 +92,41 @@ def test_cluster_channel_tls_is_on_unless_switched_off(tmp_path: Path) -> None:
     assert flagged.cluster_channel_tls is False
     with pytest.raises(ConfigError, match="not on or off"):
         load_controller_config(base, environ={"REMOTECLI_CLUSTER_CHANNEL_TLS": "maybe"})
+
+
+def test_cluster_hosts_get_the_controllers_driver_egress_and_memory(tmp_path: Path) -> None:
+    """``cluster_host_driver`` (local unless said; qemu; else refused) and the controller's
+    egress and qemu_memory are what the cluster driver sends each host's actor."""
+    base = {"data_dir": tmp_path, "driver": "cluster", "cluster_address": "10.0.0.1:6379"}
+    base["cluster_token_file"] = tmp_path / "token"
+    plain = create_driver("cluster", tmp_path, load_controller_config(base, environ={}))
+    assert plain._host_settings()["driver"] == "local"  # type: ignore[attr-defined]
+    environ = {"REMOTECLI_CLUSTER_HOST_DRIVER": "qemu", "REMOTECLI_EGRESS": "none"}
+    config = load_controller_config({**base, "qemu_memory": "512M"}, environ=environ)
+    settings = create_driver("cluster", tmp_path, config)._host_settings()  # type: ignore[attr-defined]
+    assert (settings["driver"], settings["egress"], settings["qemu_memory_mib"]) == (
+        "qemu",
+        "none",
+        512,
+    )
+    with pytest.raises(ConfigError, match="cluster_host_driver"):
+        load_controller_config({**base, "cluster_host_driver": "firecracker"}, environ={})
+
+
+def test_a_microvm_host_will_not_join_without_a_guest_image(tmp_path: Path) -> None:
+    """``cluster join --driver qemu`` on a host with no guest image exits 1 naming the command
+    that builds one, before ``ray start`` runs (no token file is even needed)."""
+    from click.testing import CliRunner
+
+    from remotecli.cli import cli
+
+    argv = ["cluster", "join", "10.0.0.1:6379", "--node-ip", "10.0.0.2"]
+    argv += ["--token-file", str(tmp_path / "missing"), "--driver", "qemu"]
+    result = CliRunner().invoke(cli, argv, env={"HOME": str(tmp_path)})
+    assert result.exit_code == 1, result.output
+    assert "this host cannot run microVM sessions" in result.output
+    if shutil.which("qemu-system-x86_64") is None:
+        assert "qemu" in result.output  # the first thing it lacks
+    else:
+        assert f"no guest image in {tmp_path}/.cache/remotecli/images" in result.output
+        assert "remotecli image build --cache-dir" in result.output

@@ -904,6 +904,41 @@ _NAME_OPTION = click.option(
 )
 
 
+_DRIVER_OPTION = click.option(
+    "--driver",
+    type=click.Choice(["local", "qemu"]),
+    default="local",
+    show_default=True,
+    help="What this host runs sessions with: its local sandbox, or microVMs (needs a guest "
+    "image: `remotecli image build`). Sessions go to hosts with their controller's "
+    "cluster_host_driver.",
+)
+
+
+def _check_host_driver(driver: str) -> None:
+    """Refuse to join as a microVM host without QEMU or a guest image, naming the fix; else
+    tell the host's session actors where the images are (the joining user's cache)."""
+    if driver != "qemu":
+        return
+    import os
+
+    from remotecli.cluster.actor import IMAGE_CACHE_VARIABLE
+    from remotecli.drivers.qemu_machine import require_qemu
+    from remotecli.exceptions import DriverError
+    from remotecli.images import default_cache_dir, find_image
+
+    try:
+        require_qemu()
+        image = find_image(default_cache_dir())
+    except DriverError as exc:
+        raise click.ClickException(f"this host cannot run microVM sessions: {exc.message}") from exc
+    os.environ[IMAGE_CACHE_VARIABLE] = str(image.directory.parent)
+    click.echo(
+        f"microVM sessions from the guest image {image.directory}; the first session of each "
+        "provider on this host makes its template (minutes without KVM)"
+    )
+
+
 @cli.group()
 def cluster() -> None:
     """Place sessions across many hosts with Ray: start the head, join hosts, show them."""
@@ -914,17 +949,26 @@ def cluster() -> None:
 @_NODE_IP_OPTION
 @_SLOTS_OPTION
 @_NAME_OPTION
+@_DRIVER_OPTION
 @click.option("--dashboard", is_flag=True, help="Also run Ray's dashboard (off by default).")
 def cluster_head(
-    token_file: Path, node_ip: str, slots: int | None, name: str | None, dashboard: bool
+    token_file: Path,
+    node_ip: str,
+    slots: int | None,
+    name: str | None,
+    driver: str,
+    dashboard: bool,
 ) -> None:
     """Start this host as the cluster's head (`ray start --head`, token auth on)."""
     from remotecli.cluster.host import create_token, host_slots, run_ray_start
     from remotecli.cluster.nodes import NodeSettings, ray_start_argv
 
+    _check_host_driver(driver)
     if create_token(token_file):
         click.echo(f"wrote a new cluster token to {token_file}; copy it to every host")
-    settings = NodeSettings(host_slots(slots), include_dashboard=dashboard, name=name)
+    settings = NodeSettings(
+        host_slots(slots), include_dashboard=dashboard, name=name, driver=driver
+    )
     argv = ray_start_argv(settings, head_address=None, node_ip=node_ip)
     sys.exit(run_ray_start(argv, token_file, name))
 
@@ -935,14 +979,21 @@ def cluster_head(
 @_NODE_IP_OPTION
 @_SLOTS_OPTION
 @_NAME_OPTION
+@_DRIVER_OPTION
 def cluster_join(
-    address: str, token_file: Path, node_ip: str, slots: int | None, name: str | None
+    address: str,
+    token_file: Path,
+    node_ip: str,
+    slots: int | None,
+    name: str | None,
+    driver: str,
 ) -> None:
     """Join this host to the cluster whose head is at ADDRESS (HOST:6379)."""
     from remotecli.cluster.host import host_slots, run_ray_start
     from remotecli.cluster.nodes import NodeSettings, ray_start_argv
 
-    settings = NodeSettings(host_slots(slots), name=name)
+    _check_host_driver(driver)
+    settings = NodeSettings(host_slots(slots), name=name, driver=driver)
     argv = ray_start_argv(settings, head_address=address, node_ip=node_ip)
     sys.exit(run_ray_start(argv, token_file, name))
 

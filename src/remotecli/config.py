@@ -83,6 +83,7 @@ CONTROLLER_ENV = {
     "REMOTECLI_CLUSTER_ADDRESS": "cluster_address",
     "REMOTECLI_CLUSTER_TOKEN_FILE": "cluster_token_file",
     "REMOTECLI_CLUSTER_CHANNEL_TLS": "cluster_channel_tls",
+    "REMOTECLI_CLUSTER_HOST_DRIVER": "cluster_host_driver",
     "REMOTECLI_SESSION_TTL": "session_ttl",
     "REMOTECLI_IDLE_STOP": "idle_stop",
     "REMOTECLI_HIBERNATE_AFTER": "hibernate_after",
@@ -197,6 +198,9 @@ class ControllerConfig:
     # the session channel (bridge to host) with TLS, each session's certificate pinned; off only
     # when the hosts' network is private (docs/cluster.md, "The session channel")
     cluster_channel_tls: bool = True
+    # driver cluster: what the hosts run sessions with, local (sandbox) | qemu (microVMs); a
+    # session goes only to a host that joined with that driver (`cluster join --driver`)
+    cluster_host_driver: str = "local"
     session_ttl: float = 3600.0  # seconds a session may live; 0 = forever
     idle_stop: float = 1800.0  # seconds without a viewer before a ready session stops; 0 = never
     # seconds without a viewer before a ready session is hibernated (saved to disk, no process),
@@ -474,6 +478,7 @@ _CONTROLLER_PARSERS: dict[str, Callable[[object], object]] = {
     "cluster_address": str,
     "cluster_token_file": lambda v: Path(str(v)).expanduser(),
     "cluster_channel_tls": lambda v: parse_switch(v, "cluster_channel_tls"),
+    "cluster_host_driver": lambda v: _parse_choice(v, "cluster_host_driver", ("local", "qemu")),
     "session_ttl": lambda v: parse_duration(v, "session_ttl"),
     "idle_stop": lambda v: parse_duration(v, "idle_stop"),
     "hibernate_after": lambda v: parse_duration(v, "hibernate_after"),

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,27 +17,18 @@ from typing import Any
 
 import pytest
 
+from tests.cluster_skip import skip_module_unless
 from tests.conftest import MS
 
 pytestmark = pytest.mark.e2e
 
 
-def _skip_reason() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root: it creates network namespaces and veth pairs"
-    for program in ("ip", "unshare"):
-        if shutil.which(program) is None:
-            return f"needs {program} (iproute2, util-linux)"
-    try:
-        import ray  # noqa: F401
-    except ImportError:
-        return "needs ray: pip install -e '.[cluster]'"
-    return None
-
-
-if (_reason := _skip_reason()) is not None:
-    print(f"tests/e2e/test_cluster.py skipped: {_reason}")
-    pytest.skip(_reason, allow_module_level=True)
+skip_module_unless(
+    "tests/e2e/test_cluster.py",
+    "it creates network namespaces and veth pairs",
+    ("ip", "unshare"),
+    "install iproute2 and util-linux",
+)
 
 from remotecli.cluster.watch import LOST_BOUND  # noqa: E402
 from tests.ray_cluster import Cluster, leftovers, ray_cluster  # noqa: E402

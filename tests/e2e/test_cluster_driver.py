@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -23,27 +22,18 @@ from typing import Any
 
 import pytest
 
+from tests.cluster_skip import skip_module_unless
 from tests.conftest import MS
 
 pytestmark = pytest.mark.e2e
 
 
-def _skip_reason() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root: it creates network namespaces and runs sandboxes"
-    for program in ("ip", "unshare", "Xvnc", "xterm", "tmux", "bwrap"):
-        if shutil.which(program) is None:
-            return f"needs {program}: run scripts/install-system-deps.sh run"
-    try:
-        import ray  # noqa: F401
-    except ImportError:
-        return "needs ray: pip install -e '.[cluster]'"
-    return None
-
-
-if (_reason := _skip_reason()) is not None:
-    print(f"tests/e2e/test_cluster_driver.py skipped: {_reason}")
-    pytest.skip(_reason, allow_module_level=True)
+skip_module_unless(
+    "tests/e2e/test_cluster_driver.py",
+    "it creates network namespaces and runs sandboxes",
+    ("ip", "unshare", "Xvnc", "xterm", "tmux", "bwrap"),
+    "run scripts/install-system-deps.sh run",
+)
 
 from remotecli.cluster.watch import LOST_BOUND  # noqa: E402
 from tests.cluster_controller import KEPT, TAKEOVER_AFTER  # noqa: E402
@@ -58,7 +48,8 @@ SLOTS = 3
 def cluster() -> Iterator[Cluster]:
     """One real cluster for the module, removed after its last test."""
     root = Path("/tmp") / f"rd{os.getpid()}"
-    with ray_cluster(root, workers=2, slots=SLOTS, prefix=f"rd{os.getpid() % 100000}") as running:
+    prefix = f"rd{os.getpid() % 100000}"
+    with ray_cluster(root, workers=2, slots=SLOTS, prefix=prefix, default_route=True) as running:
         yield running
 
 
@@ -121,12 +112,14 @@ def test_the_text_view_and_the_sessions_loopback_reach_the_host(run: dict[str, A
     assert "Directory listing for /" in tty["after"]["body"]
 
 
-def test_the_hosts_sessions_get_the_controllers_limits(run: dict[str, Any]) -> None:
+def test_the_hosts_sessions_get_the_controllers_limits_and_egress(run: dict[str, Any]) -> None:
     """Each session on a host runs under the controller's session_memory, session_processes
-    and session_cpus (1.5 GiB, 512, 0.5 CPU here), not the local driver's defaults."""
+    and session_cpus (1.5 GiB, 512, 0.5 CPU here), not the local driver's defaults, and with
+    its egress (``open``, the default: the host's driver installed its egress filter)."""
     assert run["limits"] == [
         {"memory": "1.5 GiB", "processes": "512", "cpu": "0.5 CPU, weight 100"}
     ] * len(run["inits"])
+    assert run["network"] == ["open"] * len(run["inits"])
 
 
 def test_a_kept_signin_reaches_the_host_and_comes_back(run: dict[str, Any]) -> None:
@@ -211,7 +204,22 @@ def test_a_silent_controllers_session_is_taken_over_and_keeps_running(
     the first no sooner than the takeover bound after the second's last heartbeat and within a
     few store-watch rounds of it; it is still ready, is typed into through the first
     controller's gateway, and is deleted there."""
-    taken = run["takeover"]
+    check_taken_over(run["takeover"])
+
+
+def test_a_killed_controllers_session_is_taken_over_and_keeps_running(
+    run: dict[str, Any],
+) -> None:
+    """A session made at a third controller, in its own process, which was then killed
+    (SIGKILL: no shutdown, its Ray driver gone with it), is adopted by the first as a silent
+    one's is: its detached actor outlived its driver, it is still ready, typed into through
+    the first controller's gateway, and deleted there."""
+    check_taken_over(run["killed_takeover"])
+
+
+def check_taken_over(taken: dict[str, Any]) -> None:
+    """The adoption came no sooner than the bound after the last heartbeat and within a few
+    store-watch rounds; the session was still ready, was typed into and then stopped."""
     print(f"session adopted {taken['seconds']:.1f} s after its controller's last heartbeat")
     assert TAKEOVER_AFTER <= taken["seconds"] < TAKEOVER_AFTER + 5
     assert taken["state"] == "ready"

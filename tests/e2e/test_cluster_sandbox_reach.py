@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -32,6 +31,7 @@ from typing import Any
 
 import pytest
 
+from tests.cluster_skip import skip_module_unless
 from tests.conftest import MS
 
 pytestmark = pytest.mark.e2e
@@ -45,26 +45,21 @@ PROBE_TIMEOUT = 1_500 * MS
 """Seconds each connect may take: with egress open a refused one ends here (pasta's lost RST)."""
 
 
-def _skip_reason() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root: it creates network namespaces, sandboxes and a firewall rule"
-    for program in ("ip", "unshare", "nsenter", "ss", "bwrap", "pasta", "nft"):
-        if shutil.which(program) is None:
-            return f"needs {program}: run scripts/install-system-deps.sh test"
+def _more() -> str | None:
     if not Path("/usr/bin/python3").exists():
         return "the probe needs Debian's /usr/bin/python3"
-    try:
-        import ray  # noqa: F401
-    except ImportError:
-        return "needs ray: pip install -e '.[cluster]'"
     from remotecli.sandbox.network import tun_problem
 
     return tun_problem()
 
 
-if (_reason := _skip_reason()) is not None:
-    print(f"tests/e2e/test_cluster_sandbox_reach.py skipped: {_reason}")
-    pytest.skip(_reason, allow_module_level=True)
+skip_module_unless(
+    "tests/e2e/test_cluster_sandbox_reach.py",
+    "it creates network namespaces, sandboxes and a firewall rule",
+    ("ip", "unshare", "nsenter", "ss", "bwrap", "pasta", "nft"),
+    "run scripts/install-system-deps.sh test",
+    _more,
+)
 
 from tests.ray_cluster import Cluster, leftovers, ray_cluster, run  # noqa: E402
 

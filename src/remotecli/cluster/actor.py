@@ -2,8 +2,10 @@
 
 It holds one session slot (:data:`remotecli.cluster.nodes.SLOT_RESOURCE`) for as long as it
 lives and reports where the session's stream can be reached. Given a session's spec, its
-payload is the host's own :class:`~remotecli.drivers.local.LocalDriver` (Xvnc + tmux + xterm
-under bubblewrap), its VNC socket exposed on the node's address by a
+payload runs with the host's own driver (:func:`host_driver`: the
+:class:`~remotecli.drivers.local.LocalDriver`, Xvnc + tmux + xterm under bubblewrap, or on a
+host that joined with ``--driver qemu`` the :class:`~remotecli.drivers.qemu.QemuDriver`, a
+microVM clone), its VNC server exposed on the node's address by a
 :class:`~remotecli.cluster.channel.SessionChannel` behind a secret the actor makes. Without a
 spec (the foundation's tests and bench) the payload is a stand-in that speaks only the RFB
 banner, like ``tests/banner_driver.py``.
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import socket
 from collections.abc import Mapping, Sequence
@@ -36,26 +39,63 @@ DATA_DIR_VARIABLE = "REMOTECLI_HOST_DATA_DIR"
 """Set on a host's ``ray start``: where its sessions' directories go (kept short: the VNC
 socket's path must fit a Unix socket address)."""
 DEFAULT_DATA_DIR = "/var/lib/remotecli/cluster"
+IMAGE_CACHE_VARIABLE = "REMOTECLI_HOST_IMAGE_CACHE"
+"""Set on a microVM host's ``ray start`` (``cluster join --driver qemu``): where its guest
+images are; its templates are kept beside them. Else ``~/.cache/remotecli/images`` of the
+user Ray's workers run as."""
+
+HOST_DRIVERS = ("local", "qemu")
+"""What a host can run its sessions with: its local sandbox, or microVMs (``join --driver``)."""
 
 _driver: Any = None
-"""The host's one LocalDriver in this Ray worker process (one actor per worker process)."""
+"""The host's one driver in this Ray worker process (one actor per worker process)."""
 
 
-def host_driver(limits: Mapping[str, Any] | None = None) -> Any:
-    """Return this worker's LocalDriver, made on first use (egress none: no firewall rules).
+def host_data_dir() -> Path:
+    """Where this host keeps its sessions' directories (:data:`DATA_DIR_VARIABLE`)."""
+    return Path(os.environ.get(DATA_DIR_VARIABLE) or DEFAULT_DATA_DIR)
 
-    ``limits`` (a :class:`~remotecli.sandbox.cgroups.Limits` as a dict: the controller's
-    ``session_memory``, ``session_processes``, ``session_cpus``, ``session_home_size``) are the
-    session's, taken when the driver is made: a worker process runs one actor, so one session.
+
+def host_driver(settings: Mapping[str, Any] | None = None) -> Any:
+    """Return this worker's driver, made on first use from the controller's ``settings``.
+
+    ``settings`` (all optional): ``driver``, one of :data:`HOST_DRIVERS` (default ``local``);
+    ``limits``, a :class:`~remotecli.sandbox.cgroups.Limits` as a dict (the controller's
+    ``session_memory``, ``session_processes``, ``session_cpus``, ``session_home_size``, for the
+    local sandbox); ``egress`` (``open`` or ``none``, default ``none``: the host's driver
+    installs its own egress filter for ``open``); ``qemu_memory_mib``, a microVM's memory.
+    They are taken when the driver is made: a worker process runs one actor, so one session.
+    A microVM host finds its guest image and templates where ``remotecli image build`` put
+    them on that host.
     """
     global _driver
     if _driver is None:
-        from remotecli.drivers.local import LocalDriver
-        from remotecli.sandbox.cgroups import Limits
+        settings = settings or {}
+        data_dir = host_data_dir()
+        kind = settings.get("driver") or "local"
+        egress = str(settings.get("egress") or "none")
+        if kind == "qemu":
+            from remotecli.drivers.qemu import QemuDriver
+            from remotecli.drivers.qemu_machine import DEFAULT_MEMORY_MIB
 
-        data_dir = Path(os.environ.get(DATA_DIR_VARIABLE) or DEFAULT_DATA_DIR)
-        chosen = Limits(**limits) if limits else None
-        _driver = LocalDriver(data_dir, limits=chosen, egress="none")
+            memory = int(settings.get("qemu_memory_mib") or DEFAULT_MEMORY_MIB)
+            images = os.environ.get(IMAGE_CACHE_VARIABLE)
+            _driver = QemuDriver(
+                data_dir,
+                image_cache=Path(images) if images else None,
+                memory_mib=memory,
+                egress=egress,
+            )
+        elif kind == "local":
+            from remotecli.drivers.local import LocalDriver
+            from remotecli.sandbox.cgroups import Limits
+
+            limits = settings.get("limits")
+            _driver = LocalDriver(
+                data_dir, limits=Limits(**limits) if limits else None, egress=egress
+            )
+        else:
+            raise ValueError(f"host driver {kind!r} is unknown; choose one of {HOST_DRIVERS}")
     return _driver
 
 
@@ -136,8 +176,8 @@ class SessionActor:
         from remotecli.drivers.base import SessionSpec
 
         assert self._channel is not None
-        driver = host_driver(spec.get("limits"))
-        workdir = driver.data_dir / "s" / self.session_id
+        driver = host_driver(spec.get("host"))
+        workdir = host_data_dir() / "s" / self.session_id
         workdir.parent.mkdir(parents=True, exist_ok=True)
         return driver, SessionSpec(
             session_id=self.session_id,
@@ -158,17 +198,25 @@ class SessionActor:
         endpoint = await driver.start(session, lambda step: None)
         seconds = asyncio.get_running_loop().time() - began
         self._local = True
-        self._channel.vnc_path = str(endpoint.unix_path)
-        posture = driver.posture()
-        return {
-            "local_seconds": seconds,
-            "sandbox": f"{posture.sandbox}; uids: {posture.uids}; limits: {posture.limits}",
-            "limits": {
+        if endpoint.unix_path is not None:
+            self._channel.vnc_path = endpoint.unix_path
+        else:  # a microVM's VNC on this host's loopback, behind its VNC password
+            self._channel.vnc_path = (str(endpoint.host), int(endpoint.port))
+        report: dict[str, Any] = {"local_seconds": seconds, "driver": driver.name}
+        if endpoint.password is not None:
+            report["vnc_password"] = endpoint.password
+        if hasattr(driver, "posture"):
+            posture = driver.posture()
+            report["sandbox"] = f"{posture.sandbox}; uids: {posture.uids}; limits: {posture.limits}"
+            report["limits"] = {
                 "memory": posture.memory,
                 "processes": posture.processes,
                 "cpu": posture.cpu,
-            },
-        }
+            }
+        else:
+            report["sandbox"] = json.dumps(driver.isolation(), sort_keys=True)
+        report["network"] = driver.egress
+        return report
 
     async def _start_run(self, spec: dict[str, Any]) -> dict[str, Any]:
         """Start a headless run with the host's local driver; the channel streams its output.

@@ -163,9 +163,12 @@ def loopback_target(request: Mapping[str, Any]) -> tuple[str, int]:
 
 
 class SessionChannel:
-    """Listens on a host address; relays ``vnc`` to the Unix ``vnc_path``, serves ``put``/``get``.
+    """Listens on a host address; relays ``vnc`` to the session's VNC server, serves the verbs.
 
-    ``vnc_path`` is None until the session runs (a ``vnc``, ``tty``, ``loopback`` or ``get``
+    ``vnc_path`` is the VNC server's address: a Unix socket's path (the host's local driver) or
+    ``(host, port)`` on the host's loopback (a microVM's VNC, which then asks for the session's
+    VNC password: the controller's bridge answers it). It is None until the session runs (a
+    ``vnc``, ``tty``, ``loopback`` or ``get``
     before that is refused); ``collect`` reads kept files from the session's HOME for ``get``,
     ``tty`` names its text terminal's socket, ``loopback`` connects to its loopback (None: the
     verb is refused). Files a ``put`` brought wait in :meth:`take_files` for the session's start.
@@ -176,7 +179,7 @@ class SessionChannel:
     def __init__(
         self,
         secret: str,
-        vnc_path: str | None,
+        vnc_path: str | tuple[str, int] | None,
         collect: Collect | None = None,
         *,
         tty: TtyPath | None = None,
@@ -259,7 +262,10 @@ class SessionChannel:
     async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.vnc_path is None:
             return
-        vnc_reader, vnc_writer = await asyncio.open_unix_connection(self.vnc_path)
+        if isinstance(self.vnc_path, str):
+            vnc_reader, vnc_writer = await asyncio.open_unix_connection(self.vnc_path)
+        else:
+            vnc_reader, vnc_writer = await asyncio.open_connection(*self.vnc_path)
         try:
             await asyncio.gather(_pipe(reader, vnc_writer), _pipe(vnc_reader, writer))
         finally:

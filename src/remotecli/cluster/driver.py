@@ -1,9 +1,10 @@
 """The cluster driver: the Driver seam delegated to Ray (``driver = "cluster"``).
 
-Each session is a detached named actor (:mod:`remotecli.cluster.placement`) that runs the
-host's own local driver and exposes the session's VNC socket on its host's address behind a
-channel secret (:mod:`remotecli.cluster.channel`); :meth:`ClusterDriver.start` returns that
-channel as the session's :class:`VncEndpoint`, which the bridge dials. A headless run is
+Each session is a detached named actor (:mod:`remotecli.cluster.placement`) on a host that
+joined with the controller's ``cluster_host_driver`` (``local`` or ``qemu``); it runs that host's
+own driver and exposes the session's VNC server on its host's address behind a channel
+secret (:mod:`remotecli.cluster.channel`); :meth:`ClusterDriver.start` returns that channel as
+the session's :class:`VncEndpoint`, which the bridge dials. A headless run is
 placed the same way and its output read over its channel (:mod:`remotecli.cluster.run`).
 Ray's client API blocks, so every call to it runs in a worker thread; a run's stream and a
 session's wait hold none. Verbs that need the session's files or sockets on its host are served
@@ -75,14 +76,23 @@ class ClusterDriver:
         *,
         channel_tls: bool = True,
         limits: Limits | None = None,
+        host_driver: str = "local",
+        egress: str = "none",
+        qemu_memory_mib: int | None = None,
     ) -> None:
         """``channel_tls``: serve each session's channel with TLS, its certificate pinned.
         ``limits``: what each session (and run) may use on its host (the controller's
-        ``session_*`` settings; None: the local driver's defaults)."""
+        ``session_*`` settings; None: the local driver's defaults). ``host_driver``: what the
+        hosts run sessions with (``local`` or ``qemu``; only hosts that joined with it take
+        them), with ``egress`` (``open`` or ``none``) and, for microVMs, ``qemu_memory_mib``
+        (None: the qemu driver's default)."""
         self.address = address
         self.token_file = token_file
         self.channel_tls = channel_tls
         self.limits = limits
+        self.host_driver = host_driver
+        self.egress = egress
+        self.qemu_memory_mib = qemu_memory_mib
         self._programs = HostPrograms()
         self._placements: dict[str, Placement] = {}
         self._runs: dict[str, ClusterRun] = {}
@@ -114,7 +124,8 @@ class ClusterDriver:
         """Say where sessions run, for ``/readyz``, and how old the hosts' snapshot is."""
         read_at = self._hosts_read_at
         return {
-            "sessions": f"on the Ray cluster at {self.address}, in each host's local sandbox",
+            "sessions": f"on the Ray cluster at {self.address}, on hosts with driver "
+            f"{self.host_driver} (egress {self.egress})",
             "hosts_age_s": None if read_at is None else round(time.monotonic() - read_at, 1),
         }
 
@@ -139,9 +150,15 @@ class ClusterDriver:
                 log.exception("reading the cluster's hosts crashed")
             await asyncio.sleep(HOSTS_REFRESH)
 
-    def _limits(self) -> dict[str, Any] | None:
-        """The sessions' limits as the actor takes them (plain values: they are no secret)."""
-        return None if self.limits is None else dataclasses.asdict(self.limits)
+    def _host_settings(self) -> dict[str, Any]:
+        """How the host's driver is made, as the actor takes it (:func:`~remotecli.cluster.
+        actor.host_driver`; plain values: they are no secret)."""
+        return {
+            "driver": self.host_driver,
+            "limits": None if self.limits is None else dataclasses.asdict(self.limits),
+            "egress": self.egress,
+            "qemu_memory_mib": self.qemu_memory_mib,
+        }
 
     async def _place(
         self, spec: SessionSpec, payload: dict[str, Any], progress: ProgressCallback
@@ -157,6 +174,7 @@ class ClusterDriver:
                 payload,
                 files=dict(spec.home_files),
                 tls=self.channel_tls,
+                host_driver=self.host_driver,
             )
         except ClusterError as exc:
             raise DriverError(exc.message, session_id=spec.session_id) from exc
@@ -174,7 +192,7 @@ class ClusterDriver:
             "width": spec.width,
             "height": spec.height,
             "keeps_signin": spec.keeps_signin,
-            "limits": self._limits(),
+            "host": self._host_settings(),
         }
         placed = await self._place(spec, payload, progress)
         return placed.endpoint()
@@ -266,7 +284,7 @@ class ClusterDriver:
             "env": dict(spec.env),
             "keeps_signin": spec.keeps_signin,
             "run": True,
-            "limits": self._limits(),
+            "host": self._host_settings(),
         }
         placed = await self._place(spec, payload, progress)
         try:

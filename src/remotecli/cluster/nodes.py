@@ -45,6 +45,11 @@ HOST_LABEL = "remotecli-host"
 """The Ray node label that carries a host's name (``--name``), so the controller can name
 hosts that run no session yet (:mod:`remotecli.cluster.hosts`)."""
 
+DRIVER_LABEL = "remotecli-driver"
+"""The Ray node label that says what a host runs its sessions with: ``local`` (the local
+sandbox) or ``qemu`` (microVMs); a session asks for the value its controller's
+``cluster_host_driver`` names (Ray's label selector), so it lands only on such a host."""
+
 HOST_NAME_PATTERN = re.compile(r"[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?")
 """What Ray accepts as a label value: 1-63 letters, digits, ``-``, ``_``, ``.``, alphanumeric
 at both ends."""
@@ -76,6 +81,8 @@ class NodeSettings:
     include_dashboard: bool = False
     name: str | None = None
     """The host's name, carried as the node label :data:`HOST_LABEL`; None: no label."""
+    driver: str = "local"
+    """What the host runs sessions with, carried as the node label :data:`DRIVER_LABEL`."""
 
 
 def ray_start_argv(
@@ -89,14 +96,16 @@ def ray_start_argv(
     """Return ``ray start`` for a head (``head_address`` None) or a node joining that head.
 
     Every node gets zero CPUs for Ray's own scheduling (a session actor asks for none) and
-    ``slots`` units of :data:`SLOT_RESOURCE`; the dashboard is off unless asked for. A named
-    host carries its name as the label :data:`HOST_LABEL` (ConfigError for a name Ray would
-    refuse, see :func:`check_host_name`).
+    ``slots`` units of :data:`SLOT_RESOURCE`; the dashboard is off unless asked for. Its
+    driver is the label :data:`DRIVER_LABEL`; a named host carries its name as the label
+    :data:`HOST_LABEL` (ConfigError for a name Ray would refuse, see :func:`check_host_name`).
     """
     argv = ["ray", "start", f"--node-ip-address={node_ip}", "--num-cpus=0", "--num-gpus=0"]
     argv += [f"--resources={json.dumps({SLOT_RESOURCE: settings.slots})}"]
+    labels = [f"{DRIVER_LABEL}={settings.driver}"]
     if settings.name is not None:
-        argv += [f"--labels={HOST_LABEL}={check_host_name(settings.name)}"]
+        labels.append(f"{HOST_LABEL}={check_host_name(settings.name)}")
+    argv += [f"--labels={','.join(labels)}"]
     argv += [f"--object-store-memory={OBJECT_STORE_BYTES}", "--disable-usage-stats"]
     if head_address is None:
         argv += ["--head", f"--port={GCS_PORT}"]

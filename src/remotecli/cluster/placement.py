@@ -21,14 +21,18 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from remotecli.cluster import channel
 from remotecli.cluster.actor import SessionActor
-from remotecli.cluster.nodes import SLOT_RESOURCE
+from remotecli.cluster.nodes import DRIVER_LABEL, SLOT_RESOURCE
 from remotecli.drivers.base import VncEndpoint
 from remotecli.exceptions import ClusterError
 
 NAMESPACE = "remotecli"
 ACTOR_PREFIX = "remotecli-session-"
 PLACE_TIMEOUT = 30.0
-"""How long a session may wait for a slot and its payload's start before placement fails."""
+"""How long a session may wait for a slot on a host before placement fails."""
+START_TIMEOUT = 300.0
+"""How long the host's driver may take to start the session once placed: a microVM host makes
+a provider's template the first time it runs it (minutes without KVM); the local sandbox and a
+cloned microVM take about a second, and each driver bounds its own steps."""
 
 _SessionActor: Any = ray.remote(SessionActor)  # Ray types actor classes loosely
 
@@ -36,8 +40,9 @@ _SessionActor: Any = ray.remote(SessionActor)  # Ray types actor classes loosely
 @dataclass(frozen=True)
 class Placement:
     """Where Ray put a session: the host's name, Ray's node id and IP, the stream's port, its
-    channel secret (None for the stand-in payload) and the channel's certificate (PEM; None
-    when the channel is plain TCP)."""
+    channel secret (None for the stand-in payload), the channel's certificate (PEM; None
+    when the channel is plain TCP) and, for a microVM, its VNC password (the bridge answers
+    the VNC server's challenge with it, as for a microVM on the controller's own host)."""
 
     session_id: str
     host: str
@@ -47,6 +52,7 @@ class Placement:
     channel_secret: str | None = field(default=None, repr=False)
     local_seconds: float | None = None
     channel_cert: str | None = field(default=None, repr=False)
+    vnc_password: str | None = field(default=None, repr=False)
 
     @classmethod
     def from_report(cls, report: Mapping[str, Any]) -> Placement:
@@ -60,6 +66,7 @@ class Placement:
             report.get("channel_secret"),
             report.get("local_seconds"),
             report.get("channel_cert"),
+            report.get("vnc_password"),
         )
 
     def endpoint(self) -> VncEndpoint:
@@ -67,6 +74,7 @@ class Placement:
         return VncEndpoint(
             host=self.node_ip,
             port=self.port,
+            password=self.vnc_password,
             channel_secret=self.channel_secret,
             channel_cert=self.channel_cert,
             host_name=self.host,
@@ -101,7 +109,9 @@ def place_session(
     *,
     files: Mapping[str, bytes] | None = None,
     timeout: float = PLACE_TIMEOUT,
+    start_timeout: float = START_TIMEOUT,
     tls: bool = True,
+    host_driver: str = "local",
 ) -> Placement:
     """Create the session's actor, wait until Ray placed it and its payload runs; say where.
 
@@ -111,11 +121,12 @@ def place_session(
     relative to HOME → bytes) go over that channel, and only then does ``start(spec)`` run:
     neither the files nor the spec are constructor arguments, which Ray keeps for restarts.
     ``tls``: the channel is served with TLS and the session's certificate, which every client
-    here pins (:mod:`remotecli.cluster.channel_tls`).
+    here pins (:mod:`remotecli.cluster.channel_tls`). ``host_driver``: only a host that joined
+    with that driver (its :data:`~remotecli.cluster.nodes.DRIVER_LABEL`) takes the session.
 
-    Raises :class:`ClusterError` when no host had a free slot within ``timeout`` (the actor is
-    then killed, so it does not take a slot later), the files could not be handed over, or
-    the payload failed to start.
+    Raises :class:`ClusterError` when no such host had a free slot within ``timeout`` (the
+    actor is then killed, so it does not take a slot later), the files could not be handed
+    over, or the payload failed to start (within ``start_timeout``).
     """
     if spec is not None and "home_files" in spec:
         raise ValueError("kept files go over the session's channel (files=), never in its spec")
@@ -125,8 +136,10 @@ def place_session(
         lifetime="detached",
         num_cpus=0,
         resources={SLOT_RESOURCE: 1},
+        label_selector={DRIVER_LABEL: host_driver},
         max_restarts=0,
     ).remote(session_id)
+    started = False
     try:
         if spec is None:
             report = ray.get(actor.start.remote(), timeout=timeout)
@@ -134,12 +147,20 @@ def place_session(
             opened = Placement.from_report(ray.get(actor.open.remote(tls), timeout=timeout))
             if files:
                 hand_over(opened, files, timeout=timeout)
-            report = ray.get(actor.start.remote(dict(spec)), timeout=timeout)
+            started = True
+            report = ray.get(actor.start.remote(dict(spec)), timeout=start_timeout)
     except GetTimeoutError as exc:
         ray.kill(actor)
+        if started:
+            raise ClusterError(
+                f"session {session_id} did not start on its host within {start_timeout:.0f} s",
+                session_id=session_id,
+            ) from exc
         raise ClusterError(
             f"no host took session {session_id} within {timeout:.0f} s: every "
-            f"{SLOT_RESOURCE} is taken or no host joined; add a host or end a session",
+            f"{SLOT_RESOURCE} of the hosts with driver {host_driver} is taken, or no such host "
+            f"joined (remotecli cluster join --driver {host_driver}); add a host or end a "
+            "session",
             session_id=session_id,
         ) from exc
     except RayActorError as exc:

@@ -80,6 +80,9 @@ def create_driver(name: str, data_dir: Path, config: ControllerConfig | None = N
             config.cluster_token_file,
             channel_tls=config.cluster_channel_tls,
             limits=session_limits(config),
+            host_driver=config.cluster_host_driver,
+            egress=config.egress,
+            qemu_memory_mib=config.qemu_memory // 1024**2,
         )
     raise ConfigError(
         f"unknown driver {name!r}; choose one of: {', '.join(DRIVER_NAMES)}", driver=name
