@@ -218,14 +218,22 @@ def _teardown_note(left: list[str]) -> str:
     return f"teardown LEFT: {'; '.join(left)[:500]}"
 
 
+def _cluster_probe(cluster: Cluster, label: str, workdir: Path) -> Probe:
+    """A controller with the cluster driver in the cluster's controller namespace (egress
+    none: the test network has no way out), over Ray's TLS when the cluster has it."""
+    argv = ["ip", "netns", "exec", cluster.controller_netns, sys.executable, "-m"]
+    argv += ["bench.readyprobe", "--driver", "cluster", "--cluster-address", cluster.address]
+    argv += ["--cluster-token-file", str(cluster.token_path), "--egress", "none"]
+    argv += ["--data-dir", str(cluster.root / "ctl")]
+    if "controller" in cluster.tls_dirs:
+        argv += ["--cluster-tls-dir", str(cluster.tls_dirs["controller"])]
+    return Probe(label, argv, cluster.env(token=False), workdir / f"{label}.log")
+
+
 def _start_probes(cluster: Cluster, workdir: Path) -> list[Probe]:
     """The cluster controller (in the controller's namespace), then the embedded ones (here)."""
     argv = [sys.executable, "-m", "bench.readyprobe"]
-    ctl = ["ip", "netns", "exec", cluster.controller_netns, *argv]
-    ctl += ["--driver", "cluster", "--cluster-address", cluster.address]
-    ctl += ["--cluster-token-file", str(cluster.token_path)]
-    ctl += ["--data-dir", str(cluster.root / "ctl")]
-    probes = [Probe("cluster", ctl, cluster.env(token=False), workdir / "ctl.log")]
+    probes = [_cluster_probe(cluster, "cluster", workdir)]
     here = dict(os.environ, PYTHONPATH=cluster.env()["PYTHONPATH"])
     for egress in ("none", "open"):
         local = [*argv, "--driver", "local", "--egress", egress]
@@ -276,6 +284,28 @@ def _memory_with_a_session(cluster: Cluster, probe: Probe, notes: list[str]) -> 
     return rows
 
 
+def _time_under_tls(rounds: int, workdir: Path) -> tuple[list[float], list[str], str]:
+    """Create to ready on a second cluster whose Ray traffic is under TLS: the times, errors
+    and what its teardown left."""
+    from tests.ray_cluster import ray_cluster
+
+    prefix = f"rt{os.getpid() % 10000}"
+    root = Path("/tmp") / prefix
+    times: dict[str, list[float]] = {}
+    errors: list[str] = []
+    try:
+        with ray_cluster(root, workers=2, slots=2, prefix=prefix, tls=True) as cluster:
+            probe = _cluster_probe(cluster, "cluster, Ray TLS", workdir)
+            try:
+                probe.answer()
+                times, errors = _time_rounds([probe], rounds)
+            finally:
+                probe.close()
+    finally:
+        left = _left_behind(prefix, workdir)
+    return times.get("cluster, Ray TLS", []), errors, _teardown_note(left)
+
+
 def _sessions(quick: bool, workdir: Path) -> list[Section]:
     """Create to ready through the cluster driver and the embedded default; memory per host."""
     from tests.ray_cluster import ray_cluster
@@ -315,6 +345,8 @@ def _sessions(quick: bool, workdir: Path) -> list[Section]:
                 memory.rows.append(_mib(process, f"controller process, {label}"))
     finally:
         left = _left_behind(prefix, workdir)
+    tls_times, tls_errors, tls_left = _time_under_tls(rounds, workdir)
+    errors += [f"Ray TLS: {message}" for message in tls_errors]
     section = Section(title, ["controller", "sessions ready", "p50 ms", "p90 ms", "max ms"])
     cluster_times = times.get("cluster", [])
     embedded = times.get("embedded (none)", [])
@@ -330,6 +362,14 @@ def _sessions(quick: bool, workdir: Path) -> list[Section]:
             ratio(percentile(cluster_times, 0.9), percentile(embedded, 0.9)),
             ratio(max(cluster_times, default=None), max(embedded, default=None)),
         ],
+        _ready_row("cluster driver, Ray's traffic under TLS (another cluster)", tls_times, rounds),
+        [
+            "cluster, Ray TLS / cluster, plain",
+            "",
+            ratio(percentile(tls_times, 0.5), percentile(cluster_times, 0.5)),
+            ratio(percentile(tls_times, 0.9), percentile(cluster_times, 0.9)),
+            ratio(max(tls_times, default=None), max(cluster_times, default=None)),
+        ],
     ]
     section.notes = [
         f"{rounds} shell sessions per controller, in interleaved rounds, each timed from "
@@ -341,6 +381,9 @@ def _sessions(quick: bool, workdir: Path) -> list[Section]:
         f"cluster: head (no slots) and 2 workers of 2 slots, up in {up:.1f} s; its controller "
         "runs in the cluster's controller namespace, the embedded ones on this host.",
         _teardown_note(left),
+        "Ray TLS: the same head and 2 workers, started afterwards with every Ray process "
+        "under TLS (`cluster tls-ca`, `tls-cert`, `--tls-dir`), timed by its own controller; "
+        + tls_left,
     ]
     section.notes += [f"error: {message}" for message in errors[:5]]
     memory.notes[:0] = [

@@ -136,6 +136,7 @@ def main() -> None:
     parser.add_argument("--egress", choices=("open", "none"), default="open")
     parser.add_argument("--cluster-address")
     parser.add_argument("--cluster-token-file", type=Path)
+    parser.add_argument("--cluster-tls-dir", type=Path)
     args = parser.parse_args()
     config = ControllerConfig(
         listen=("127.0.0.1", 0),
@@ -144,6 +145,7 @@ def main() -> None:
         egress=args.egress,
         cluster_address=args.cluster_address,
         cluster_token_file=args.cluster_token_file,
+        cluster_tls_dir=args.cluster_tls_dir,
         create_rate=None,  # one user creates them all, as fast as it can
         log_level="warning",
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import sys
 import time
@@ -197,8 +198,12 @@ def controller_config(
     address: str, token_file: Path, data_dir: Path, store_url: str | None, **extra: Any
 ) -> ControllerConfig:
     """A controller with the cluster driver, on ``store_url`` (None: SQLite in ``data_dir``);
-    a silent one's sessions are taken over after :data:`TAKEOVER_AFTER`."""
+    a silent one's sessions are taken over after :data:`TAKEOVER_AFTER`. With Ray's TLS on,
+    its certificate is ``REMOTECLI_CLUSTER_TLS_DIR``'s, as ``remotecli up`` would read it
+    (the harness also set Ray's variables: this program imports Ray before the config)."""
+    tls_dir = os.environ.get("REMOTECLI_CLUSTER_TLS_DIR")
     return ControllerConfig(
+        cluster_tls_dir=Path(tls_dir) if tls_dir else None,
         listen=("127.0.0.1", 0),
         data_dir=data_dir,
         driver="cluster",
@@ -337,7 +342,7 @@ async def run(
                     async with admin_api(second) as other:
                         result["shared"] = await shared([controller, second], [api, other])
                         left = await create_ready_session(other, TIMEOUT)
-                    doomed, doomed_session, doomed_id = await start_doomed(
+                    doomed, doomed_session, doomed_run, doomed_id = await start_doomed(
                         address, token_file, data_dir.with_name("ctl-c"), store_url
                     )
                     await second.close()
@@ -347,10 +352,16 @@ async def run(
                     assert second.manager is not None
                     silent = second.manager.controller_id
                     assert silent is not None
-                    result["takeover"], result["killed_takeover"] = await asyncio.gather(
+                    (
+                        result["takeover"],
+                        result["killed_takeover"],
+                        result["killed_run"],
+                    ) = await asyncio.gather(
                         taken_over(controller, api, left, silent),
                         taken_over(controller, api, doomed_session, doomed_id),
+                        run_taken_over(controller, doomed_run),
                     )
+                    result["killed_run"]["lost"] = doomed_id
                     result["takeover"]["session"] = left
                     result["killed_takeover"]["session"] = doomed_session
                 finally:
@@ -509,9 +520,10 @@ async def headless_run(controller: Controller) -> dict[str, Any]:
 
 async def start_doomed(
     address: str, token_file: Path, data_dir: Path, store_url: str
-) -> tuple[asyncio.subprocess.Process, str, str]:
+) -> tuple[asyncio.subprocess.Process, str, str, str]:
     """Start a third controller on the same store in its own process (:func:`doomed`); return
-    the process, the session it made and its controller id, once its session is ready."""
+    the process, the session and the run it made and its controller id, once its session is
+    ready and its run streams."""
     data_dir.mkdir(parents=True, exist_ok=True)
     with (data_dir.parent / "ctl-c.log").open("wb") as log:
         process = await asyncio.create_subprocess_exec(
@@ -533,20 +545,48 @@ async def start_doomed(
             line = await process.stdout.readline()
             if not line:
                 raise AssertionError("the third controller ended before its session was ready")
-    _, session_id, controller_id = line.decode().split()
-    return process, session_id, controller_id
+    _, session_id, run_id, controller_id = line.decode().split()
+    return process, session_id, run_id, controller_id
 
 
 async def doomed(address: str, token_file: Path, data_dir: Path, store_url: str) -> None:
-    """The third controller's program: start, make a ready session, print ``READY SESSION
-    CONTROLLER``, then wait to be killed (the test kills it with SIGKILL)."""
+    """The third controller's program: start, make a ready session and a run that has begun
+    its output and goes on, print ``READY SESSION RUN CONTROLLER``, then wait to be killed (the
+    test kills it with SIGKILL)."""
     controller = Controller(controller_config(address, token_file, data_dir, store_url))
     await controller.start()
     async with admin_api(controller) as api:
         session_id = await create_ready_session(api, TIMEOUT)
+    async with AsyncClient(controller.url(), controller.admin_token, timeout=TIMEOUT) as client:
+        run = await client.create_run("shell", "echo started; exec sleep 600")
+        async with asyncio.timeout(TIMEOUT):
+            async for event in client.events(run["id"]):
+                if event.type == "text":
+                    break
     assert controller.manager is not None
-    print(f"READY {session_id} {controller.manager.controller_id}", flush=True)
+    print(f"READY {session_id} {run['id']} {controller.manager.controller_id}", flush=True)
     await asyncio.Event().wait()
+
+
+async def run_taken_over(controller: Controller, run_id: str) -> dict[str, Any]:
+    """Wait until ``controller`` ended a killed controller's run; say how, and whether its
+    actor (its slot) is gone."""
+    store = controller.store
+    assert store is not None
+    async with asyncio.timeout(TAKEOVER_AFTER + TIMEOUT):
+        while (record := store.run(run_id)).state.value in ("queued", "running"):
+            await asyncio.sleep(0.2)
+    try:
+        await asyncio.to_thread(placement.wait_until_gone, run_id)
+        gone = True
+    except ClusterError:
+        gone = False
+    return {
+        "state": record.state.value,
+        "reason": record.reason,
+        "controller": record.controller,
+        "actor_gone": gone,
+    }
 
 
 def raw_answer_banner(host: str, port: int, first: bytes, cert: str | None) -> str:

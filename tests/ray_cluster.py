@@ -29,6 +29,7 @@ from pathlib import Path
 
 from remotecli.cluster.actor import DATA_DIR_VARIABLE, HOST_NAME_VARIABLE
 from remotecli.cluster.nodes import NodeSettings, ray_start_argv
+from remotecli.cluster.ray_tls import issue, make_ca, tls_environment
 
 SUBNET = "10.200.0"
 """The private test range; addresses exist only inside the namespaces made here."""
@@ -153,20 +154,27 @@ class Cluster:
     controller_address: str
     node_env: dict[str, str] = field(default_factory=dict)
     """More variables for each node's ``ray start``."""
+    tls_dirs: dict[str, Path] = field(default_factory=dict)
+    """With Ray's TLS on: each node's certificate directory by name, the controllers' as
+    ``controller`` (:mod:`remotecli.cluster.ray_tls`); empty: Ray's traffic is plain."""
 
     @property
     def address(self) -> str:
         """The GCS address a driver or a joining node connects to."""
         return f"{self.head.address}:6379"
 
-    def env(self, *, token: bool = True) -> dict[str, str]:
-        """The environment of a Ray process of this cluster (token auth on, no usage stats)."""
+    def env(self, *, token: bool = True, tls: bool = True) -> dict[str, str]:
+        """The environment of a Ray process of this cluster (token auth on, no usage stats),
+        with the controllers' TLS certificate when the cluster has TLS and ``tls``."""
         env = dict(os.environ)
         for name in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS"):
             env.pop(name, None)
         env.update(RAY_AUTH_MODE="token", RAY_USAGE_STATS_ENABLED="0", HOME=str(self.root))
         if token:
             env["RAY_AUTH_TOKEN_PATH"] = str(self.token_path)
+        if tls and "controller" in self.tls_dirs:
+            env.update(tls_environment(self.tls_dirs["controller"]))
+            env["REMOTECLI_CLUSTER_TLS_DIR"] = str(self.tls_dirs["controller"])
         env["PYTHONPATH"] = os.pathsep.join(
             [str(Path(__file__).resolve().parents[1] / "src"), str(Path(__file__).parent.parent)]
         )
@@ -192,6 +200,8 @@ class Cluster:
         env[HOST_NAME_VARIABLE] = node.name  # the name a lost host is reported by
         env[DATA_DIR_VARIABLE] = str(self.data_dir(node))
         env.update(self.node_env)
+        if node.name in self.tls_dirs:
+            env.update(tls_environment(self.tls_dirs[node.name]))
         node.process = subprocess.Popen(holder, stdout=log, stderr=subprocess.STDOUT, env=env)
 
     def data_dir(self, node: Node) -> Path:
@@ -212,8 +222,9 @@ class Cluster:
     def run_python(
         self, args: Sequence[str], timeout: float = 120
     ) -> subprocess.CompletedProcess[str]:
-        """Run ``python ARGS`` in the controller's namespace with no Ray variables but the mode."""
-        env = self.env(token=False)
+        """Run ``python ARGS`` in the controller's namespace with no Ray variables but the mode
+        (no token, no TLS: the command line must say them)."""
+        env = self.env(token=False, tls=False)
         argv = ["ip", "netns", "exec", self.controller_netns, sys.executable, *args]
         return subprocess.run(
             argv, capture_output=True, text=True, env=env, timeout=timeout, check=False
@@ -244,6 +255,7 @@ def ray_cluster(
     drivers: Sequence[str] = (),
     default_route: bool = False,
     node_env: Mapping[str, str] | None = None,
+    tls: bool = False,
 ) -> Iterator[Cluster]:
     """Start a head (no slots) and ``workers`` nodes (``slots`` each; worker i joins with
     ``drivers[i]``, ``local`` past their end); tear all down after.
@@ -251,7 +263,9 @@ def ray_cluster(
     ``default_route``: each worker routes what is not on the cluster's subnet via the head, as
     a host with a way out would (pasta, a session's egress ``open``, needs one); nothing
     answers there. ``node_env``: more variables for every worker's ``ray start`` (what
-    ``cluster join`` would set, such as a microVM host's image cache)."""
+    ``cluster join`` would set, such as a microVM host's image cache). ``tls``: Ray's traffic
+    is encrypted, each node and the controllers with a certificate for their address from one
+    CA made here (``cluster tls-ca``, ``tls-cert``)."""
     prefix = prefix or f"rc{os.getpid() % 100000}"
     root.mkdir(parents=True, exist_ok=True)
     token_path = root / "auth_token"
@@ -271,6 +285,15 @@ def ray_cluster(
         ctl_ns, ctl_ip = network.add("c", 10)
         cluster = Cluster(network, token_path, root, head, nodes, ctl_ns, ctl_ip)
         cluster.node_env = dict(node_env or {})
+        if tls:
+            make_ca(root / "tls-ca")
+            for node in [head, *nodes]:
+                cluster.tls_dirs[node.name] = issue(
+                    root / "tls-ca", root / f"tls-{node.name}", [node.address], node.name
+                )
+            cluster.tls_dirs["controller"] = issue(
+                root / "tls-ca", root / "tls-controller", [ctl_ip], "controller"
+            )
         started.append(head)
         cluster.start_node(head, NodeSettings(slots=0, system_config=system_config), head=True)
         wait_for_nodes(cluster, 1)

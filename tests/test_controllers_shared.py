@@ -27,9 +27,10 @@ from remotecli.controller.peers import VIEW_FRESH, VIEW_REFRESH
 from remotecli.controller.server import ensure_controller_id
 from remotecli.controller.sessions import SessionManager
 from remotecli.controller.store import Store
-from remotecli.drivers.base import VncEndpoint
+from remotecli.drivers.base import ProgressCallback, RunOutput, SessionSpec, VncEndpoint
 from remotecli.exceptions import ConfigError
 from remotecli.providers import Catalogue
+from remotecli.runs import RunState
 from remotecli.states import State
 from tests.banner_driver import BannerDriver
 from tests.conftest import MS, StoreOpener
@@ -80,6 +81,20 @@ class SharedBannerDriver(BannerDriver):
         self.can_adopt = can_adopt
         self.recovered: list[str] = []
 
+    async def start_run(self, spec: SessionSpec, progress: ProgressCallback) -> RunOutput:
+        """A run that writes one line and then waits until some instance stops it (as any
+        controller ends a cluster run's actor by its name)."""
+        run = HeldRun()
+        self.registry[f"run {spec.session_id}"] = run
+        return run
+
+    async def stop(self, session_id: str) -> None:
+        run = self.registry.pop(f"run {session_id}", None)
+        if run is not None:
+            run.end()
+            self.stopped.append(session_id)
+        await super().stop(session_id)
+
     def detach(self, session_id: str) -> bool:
         sandbox = self._sandboxes.pop(session_id, None)
         if sandbox is None:
@@ -95,6 +110,30 @@ class SharedBannerDriver(BannerDriver):
         self._sandboxes[session_id] = sandbox
         self.recovered.append(session_id)
         return sandbox.endpoint  # type: ignore[no-any-return]
+
+
+class HeldRun:
+    """A run's output: one line, then nothing until :meth:`end` (status 143, as SIGTERM)."""
+
+    def __init__(self) -> None:
+        self._lines = [b"working\n"]
+        self._ended = asyncio.Event()
+
+    async def read(self) -> bytes:
+        if self._lines:
+            return self._lines.pop()
+        await self._ended.wait()
+        return b""
+
+    async def wait(self) -> int:
+        await self._ended.wait()
+        return 143
+
+    def errors(self) -> str:
+        return ""
+
+    def end(self) -> None:
+        self._ended.set()
 
 
 async def side(
@@ -372,6 +411,53 @@ async def test_two_survivors_take_each_session_exactly_once(
             assert record.controller in by
             assert by[record.controller].recovered.count(session_id) == 1
         assert sorted(b.driver.recovered + c.driver.recovered) == sorted(ids)
+    finally:
+        await c.manager.close()
+        await b.manager.close()
+        await a.manager.close()
+
+
+async def test_a_silent_controllers_run_is_ended_once_and_stays_ended(
+    open_store: StoreOpener, tmp_path: Path
+) -> None:
+    """``ctl-a`` goes silent (its store watch stops: killed or paused) during a run. Past the
+    takeover bound ``ctl-b`` and ``ctl-c`` both try to take it: one adopts it, ends it through
+    its driver (the run's sandbox or actor, as any controller ends a cluster run's by name) and
+    fails it with a reason naming ``ctl-a``; ``ctl-a``'s own settling of the run, which sees
+    the output end, leaves that end as it is; ``ctl-a``'s heartbeat is forgotten after."""
+    clock, registry = StepClock(), dict[str, Any]()
+    a = await keeping_side(tmp_path, open_store, "ctl-a", registry, clock)
+    b = await keeping_side(tmp_path, open_store, "ctl-b", registry, clock)
+    c = await keeping_side(tmp_path, open_store, "ctl-c", registry, clock)
+    a.store.add_token("bob", hash_token("bob-token"), clock())
+    try:
+        run_id = a.manager.runs.create("bob", "shell", "sleep 600").id
+        async with asyncio.timeout(TIMEOUT):
+            while a.store.run(run_id).state is not RunState.RUNNING:
+                await asyncio.sleep(0.02)
+        assert a.manager._store_watch is not None
+        a.manager._store_watch.cancel()  # silent from now on; its run goes on
+        clock.now += 31
+        assert b.manager.peers is not None
+        assert c.manager.peers is not None
+        b.manager.peers.beat()
+        c.manager.peers.beat()
+        took_b, took_c = await asyncio.gather(
+            b.manager.peers.take_over(), c.manager.peers.take_over()
+        )
+        assert sorted(took_b + took_c) == [run_id]
+        ender = b if took_b else c
+        record = a.store.run(run_id)
+        assert record.state is RunState.FAILED
+        assert record.reason is not None
+        assert record.reason.startswith("its controller ctl-a went silent (no heartbeat for 30 s)")
+        assert "streams through the controller that started it" in record.reason
+        assert ender.driver.stopped == [run_id]
+        async with asyncio.timeout(TIMEOUT):  # ctl-a's run task saw its output end and settled
+            while a.manager.runs._live.get(run_id) is not None:
+                await asyncio.sleep(0.02)
+        assert a.store.run(run_id).reason == record.reason
+        assert "ctl-a" not in a.store.controllers()
     finally:
         await c.manager.close()
         await b.manager.close()

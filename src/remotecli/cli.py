@@ -904,6 +904,13 @@ _NAME_OPTION = click.option(
 )
 
 
+_TLS_DIR_OPTION = click.option(
+    "--tls-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="Encrypt Ray's own traffic: this host's directory from `remotecli cluster tls-cert` "
+    "(node.crt, node.key, ca.crt). Every host and controller of a cluster uses TLS, or none.",
+)
 _DRIVER_OPTION = click.option(
     "--driver",
     type=click.Choice(["local", "qemu"]),
@@ -950,6 +957,7 @@ def cluster() -> None:
 @_SLOTS_OPTION
 @_NAME_OPTION
 @_DRIVER_OPTION
+@_TLS_DIR_OPTION
 @click.option("--dashboard", is_flag=True, help="Also run Ray's dashboard (off by default).")
 def cluster_head(
     token_file: Path,
@@ -957,6 +965,7 @@ def cluster_head(
     slots: int | None,
     name: str | None,
     driver: str,
+    tls_dir: Path | None,
     dashboard: bool,
 ) -> None:
     """Start this host as the cluster's head (`ray start --head`, token auth on)."""
@@ -970,7 +979,7 @@ def cluster_head(
         host_slots(slots), include_dashboard=dashboard, name=name, driver=driver
     )
     argv = ray_start_argv(settings, head_address=None, node_ip=node_ip)
-    sys.exit(run_ray_start(argv, token_file, name))
+    sys.exit(run_ray_start(argv, token_file, name, tls_dir))
 
 
 @cluster.command("join")
@@ -980,6 +989,7 @@ def cluster_head(
 @_SLOTS_OPTION
 @_NAME_OPTION
 @_DRIVER_OPTION
+@_TLS_DIR_OPTION
 def cluster_join(
     address: str,
     token_file: Path,
@@ -987,6 +997,7 @@ def cluster_join(
     slots: int | None,
     name: str | None,
     driver: str,
+    tls_dir: Path | None,
 ) -> None:
     """Join this host to the cluster whose head is at ADDRESS (HOST:6379)."""
     from remotecli.cluster.host import host_slots, run_ray_start
@@ -995,19 +1006,24 @@ def cluster_join(
     _check_host_driver(driver)
     settings = NodeSettings(host_slots(slots), name=name, driver=driver)
     argv = ray_start_argv(settings, head_address=address, node_ip=node_ip)
-    sys.exit(run_ray_start(argv, token_file, name))
+    sys.exit(run_ray_start(argv, token_file, name, tls_dir))
 
 
 @cluster.command("status")
 @click.argument("address")
 @_TOKEN_FILE_OPTION
-def cluster_status(address: str, token_file: Path) -> None:
+@_TLS_DIR_OPTION
+def cluster_status(address: str, token_file: Path, tls_dir: Path | None) -> None:
     """Show the cluster's hosts, their session slots and the sessions placed on them."""
+    from remotecli.cluster.ray_tls import export_tls
+
+    if tls_dir is not None:
+        export_tls(tls_dir)  # before Ray is imported: it reads them once
     from remotecli.cluster import placement
     from remotecli.cluster.host import use_token
     from remotecli.cluster.hosts import summarise_hosts
 
-    use_token(token_file)
+    use_token(token_file, tls_dir)
     placement.connect(address)
     sessions = placement.find_sessions()
     nodes, available = placement.node_table(), placement.available_per_node()
@@ -1017,6 +1033,50 @@ def cluster_status(address: str, token_file: Path) -> None:
         click.echo(f"{host.name}\t{host.address}\t{state}\t{free}\t{len(host.sessions)} sessions")
     for session_id, where in sorted(sessions.items()):
         click.echo(f"session {session_id}\t{where.host}\t{where.node_ip}:{where.port}")
+
+
+@cluster.command("tls-ca")
+@click.option(
+    "--dir",
+    "directory",
+    type=click.Path(path_type=Path, file_okay=False),
+    required=True,
+    help="Where to write ca.crt and ca.key (mode 0600; keep it off the hosts).",
+)
+def cluster_tls_ca(directory: Path) -> None:
+    """Make the cluster's CA, which signs every host's certificate for Ray's TLS."""
+    from remotecli.cluster.ray_tls import make_ca
+
+    click.echo(f"wrote {make_ca(directory)} and its key; issue each host's with `tls-cert`")
+
+
+@cluster.command("tls-cert")
+@click.option(
+    "--ca-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    required=True,
+    help="The CA's directory (`tls-ca`).",
+)
+@click.option(
+    "--ip",
+    "addresses",
+    multiple=True,
+    required=True,
+    help="An address the other hosts dial this one at (repeatable; IP or DNS name).",
+)
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path, file_okay=False),
+    required=True,
+    help="The directory to write (node.crt, node.key, ca.crt); copy it to the host.",
+)
+@click.option("--name", default="remotecli-host", help="The certificate's common name.")
+def cluster_tls_cert(ca_dir: Path, addresses: tuple[str, ...], out: Path, name: str) -> None:
+    """Issue a host's (or a controller's) certificate for Ray's TLS, signed by the CA."""
+    from remotecli.cluster.ray_tls import issue
+
+    written = issue(ca_dir, out, addresses, name)
+    click.echo(f"wrote {written}: copy it to the host and pass it as --tls-dir")
 
 
 def main() -> None:

@@ -84,6 +84,7 @@ CONTROLLER_ENV = {
     "REMOTECLI_CLUSTER_TOKEN_FILE": "cluster_token_file",
     "REMOTECLI_CLUSTER_CHANNEL_TLS": "cluster_channel_tls",
     "REMOTECLI_CLUSTER_HOST_DRIVER": "cluster_host_driver",
+    "REMOTECLI_CLUSTER_TLS_DIR": "cluster_tls_dir",
     "REMOTECLI_SESSION_TTL": "session_ttl",
     "REMOTECLI_IDLE_STOP": "idle_stop",
     "REMOTECLI_HIBERNATE_AFTER": "hibernate_after",
@@ -201,6 +202,9 @@ class ControllerConfig:
     # driver cluster: what the hosts run sessions with, local (sandbox) | qemu (microVMs); a
     # session goes only to a host that joined with that driver (`cluster join --driver`)
     cluster_host_driver: str = "local"
+    # driver cluster: this controller's directory from `cluster tls-cert` when the cluster's
+    # Ray traffic is encrypted (every host joined with --tls-dir); None: plain
+    cluster_tls_dir: Path | None = None
     session_ttl: float = 3600.0  # seconds a session may live; 0 = forever
     idle_stop: float = 1800.0  # seconds without a viewer before a ready session stops; 0 = never
     # seconds without a viewer before a ready session is hibernated (saved to disk, no process),
@@ -478,6 +482,7 @@ _CONTROLLER_PARSERS: dict[str, Callable[[object], object]] = {
     "cluster_address": str,
     "cluster_token_file": lambda v: Path(str(v)).expanduser(),
     "cluster_channel_tls": lambda v: parse_switch(v, "cluster_channel_tls"),
+    "cluster_tls_dir": lambda v: Path(str(v)).expanduser(),
     "cluster_host_driver": lambda v: _parse_choice(v, "cluster_host_driver", ("local", "qemu")),
     "session_ttl": lambda v: parse_duration(v, "session_ttl"),
     "idle_stop": lambda v: parse_duration(v, "idle_stop"),

@@ -48,9 +48,10 @@ def out(value):
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
-    """One real cluster for the module, removed after its last test."""
+    """One real cluster for the module, Ray's TLS on, removed after its last test."""
     root = Path("/tmp") / f"rc-test-{os.getpid()}"
-    with ray_cluster(root, workers=2, slots=2, prefix=f"rt{os.getpid() % 100000}") as running:
+    prefix = f"rt{os.getpid() % 100000}"
+    with ray_cluster(root, workers=2, slots=2, prefix=prefix, tls=True) as running:
         yield running
 
 
@@ -107,6 +108,66 @@ print("RESULT " + json.dumps(answer), flush=True)
         assert "RESULT" in done.stdout, done.stderr[-3000:]
         answer = json.loads(done.stdout.split("RESULT ", 1)[1].splitlines()[0])
         assert answer.startswith(f"cannot join the Ray cluster at {cluster.address}"), answer
+
+
+PROBE = """
+import json, socket, ssl, sys
+HTTP2 = b"PRI * HTTP/2.0\\r\\n\\r\\nSM\\r\\n\\r\\n" + bytes.fromhex("000000040000000000")
+def answer(host, port, context):
+    with socket.create_connection((host, port), timeout=10) as raw:
+        sock = raw
+        try:
+            if context is not None:
+                sock = context.wrap_socket(raw, server_hostname=host)
+            sock.sendall(HTTP2)
+            data = sock.recv(9)
+        except (ssl.SSLError, ConnectionError, TimeoutError) as exc:
+            return "refused: " + type(exc).__name__
+        return data.hex()
+def context(ca, cert=None, key=None):
+    made = ssl.create_default_context(cafile=ca)
+    made.set_alpn_protocols(["h2"])
+    if cert is not None:
+        made.load_cert_chain(cert, key)
+    return made
+host, port, ca, ours, other = sys.argv[1:6]
+found = {
+    "plain": answer(host, int(port), None),
+    "no certificate": answer(host, int(port), context(ca)),
+    "another CA's certificate": answer(
+        host, int(port), context(ca, other + "/node.crt", other + "/node.key")
+    ),
+    "the cluster's certificate": answer(
+        host, int(port), context(ca, ours + "/node.crt", ours + "/node.key")
+    ),
+}
+print("RESULT " + json.dumps(found), flush=True)
+"""
+
+
+def test_rays_traffic_needs_a_certificate_from_the_clusters_ca(cluster: Cluster) -> None:
+    """Ray's TLS on, from the hosts' network: the GCS answers an HTTP/2 (gRPC) client that
+    shows a certificate from the cluster's CA with a SETTINGS frame, and nobody else. Plain
+    TCP, TLS without a client certificate and TLS with another CA's certificate get no HTTP/2
+    frame: the token never crosses the wire in the clear, and holding it is not enough."""
+    from remotecli.cluster.ray_tls import issue, make_ca
+
+    make_ca(cluster.root / "attacker-ca")
+    issue(
+        cluster.root / "attacker-ca", cluster.root / "attacker", [cluster.controller_address], "x"
+    )
+    ca = str(cluster.tls_dirs["controller"] / "ca.crt")
+    args = [cluster.head.address, "6379", ca, str(cluster.tls_dirs["controller"])]
+    args.append(str(cluster.root / "attacker"))
+    done = cluster.run_python(["-c", PROBE, *args])
+    assert "RESULT " in done.stdout, done.stderr[-3000:]
+    found = json.loads(done.stdout.split("RESULT ", 1)[1].splitlines()[0])
+    print(found)
+    settings = found.pop("the cluster's certificate")
+    assert settings[6:8] == "04", settings  # an HTTP/2 frame of type SETTINGS
+    for who, seen in found.items():
+        assert seen.startswith("refused") or seen[6:8] != "04", (who, seen)
+        assert seen == "" or seen.startswith(("refused", "15")), (who, seen)  # 0x15: TLS alert
 
 
 def test_restarted_controller_finds_its_sessions(cluster: Cluster) -> None:
@@ -213,7 +274,8 @@ def test_silent_host_sessions_are_lost_within_the_bound(cluster: Cluster) -> Non
 def test_status_command_shows_hosts_and_refuses_a_wrong_token(cluster: Cluster) -> None:
     """`remotecli cluster status` lists the hosts by name (two now dead, no session left) and
     fails with a wrong token."""
-    status = ["-m", "remotecli", "cluster", "status", cluster.address, "--token-file"]
+    tls = ["--tls-dir", str(cluster.tls_dirs["controller"])]
+    status = ["-m", "remotecli", "cluster", "status", cluster.address, *tls, "--token-file"]
     done = cluster.run_python([*status, str(cluster.token_path)])
     assert done.returncode == 0, done.stderr[-3000:]
     lines = sorted(done.stdout.splitlines())

@@ -46,10 +46,12 @@ SLOTS = 3
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
-    """One real cluster for the module, removed after its last test."""
+    """One real cluster for the module (Ray's TLS on), removed after its last test."""
     root = Path("/tmp") / f"rd{os.getpid()}"
     prefix = f"rd{os.getpid() % 100000}"
-    with ray_cluster(root, workers=2, slots=SLOTS, prefix=prefix, default_route=True) as running:
+    with ray_cluster(
+        root, workers=2, slots=SLOTS, prefix=prefix, default_route=True, tls=True
+    ) as running:
         yield running
 
 
@@ -215,6 +217,17 @@ def test_a_killed_controllers_session_is_taken_over_and_keeps_running(
     one's is: its detached actor outlived its driver, it is still ready, typed into through
     the first controller's gateway, and deleted there."""
     check_taken_over(run["killed_takeover"])
+
+
+def test_a_killed_controllers_run_is_ended_and_its_slot_freed(run: dict[str, Any]) -> None:
+    """The killed controller's run (``sleep 600`` after its first line) is ended by the first
+    controller once it takes over: failed with a reason naming the killed one, and its actor,
+    which held a slot on a host, is gone."""
+    killed = run["killed_run"]
+    assert killed["state"] == "failed"
+    assert killed["reason"].startswith(f"its controller {killed['lost']} went silent")
+    assert killed["controller"] != killed["lost"]
+    assert killed["actor_gone"] is True
 
 
 def check_taken_over(taken: dict[str, Any]) -> None:

@@ -79,13 +79,15 @@ class ClusterDriver:
         host_driver: str = "local",
         egress: str = "none",
         qemu_memory_mib: int | None = None,
+        tls_dir: Path | None = None,
     ) -> None:
         """``channel_tls``: serve each session's channel with TLS, its certificate pinned.
         ``limits``: what each session (and run) may use on its host (the controller's
         ``session_*`` settings; None: the local driver's defaults). ``host_driver``: what the
         hosts run sessions with (``local`` or ``qemu``; only hosts that joined with it take
         them), with ``egress`` (``open`` or ``none``) and, for microVMs, ``qemu_memory_mib``
-        (None: the qemu driver's default)."""
+        (None: the qemu driver's default). ``tls_dir``: this controller's certificate for
+        Ray's TLS (:mod:`remotecli.cluster.ray_tls`), when the cluster encrypts its traffic."""
         self.address = address
         self.token_file = token_file
         self.channel_tls = channel_tls
@@ -93,6 +95,7 @@ class ClusterDriver:
         self.host_driver = host_driver
         self.egress = egress
         self.qemu_memory_mib = qemu_memory_mib
+        self.tls_dir = tls_dir
         self._programs = HostPrograms()
         self._placements: dict[str, Placement] = {}
         self._runs: dict[str, ClusterRun] = {}
@@ -108,7 +111,7 @@ class ClusterDriver:
     async def _connect(self) -> None:
         async with self._lock:
             if not self._connected:
-                use_token(self.token_file)
+                use_token(self.token_file, self.tls_dir)
                 await asyncio.to_thread(placement.connect, self.address)
                 self._connected = True
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from remotecli.cluster.actor import HOST_NAME_VARIABLE
 from remotecli.cluster.nodes import ray_environment, session_slots
+from remotecli.cluster.ray_tls import export_tls, tls_environment
 from remotecli.exceptions import ConfigError
 
 
@@ -36,18 +37,35 @@ def host_slots(slots: int | None) -> int:
     return session_slots(os.cpu_count() or 1, memory)
 
 
-def use_token(token_file: Path) -> None:
-    """Make this process a token-holding member of the cluster (before ``ray.init``)."""
+def member_environment(token_file: Path, tls_dir: Path | None = None) -> dict[str, str]:
+    """Ray's variables for a member of the cluster: its token and, with ``tls_dir`` (a host
+    directory :func:`remotecli.cluster.ray_tls.issue` wrote), TLS on Ray's traffic.
+
+    Raises :class:`ConfigError` naming what is missing.
+    """
     if not token_file.is_file():
         raise ConfigError(f"no token at {token_file}: copy the head's token file to this host")
-    os.environ.update(ray_environment(token_file.resolve()))
+    env = ray_environment(token_file.resolve())
+    if tls_dir is not None:
+        env.update(tls_environment(tls_dir))
+    return env
 
 
-def run_ray_start(argv: list[str], token_file: Path, name: str | None) -> int:
-    """Run ``ray start`` (``argv`` from :func:`ray_start_argv`) with the token; its status."""
-    if not token_file.is_file():
-        raise ConfigError(f"no token at {token_file}: copy the head's token file to this host")
-    env = dict(os.environ, **ray_environment(token_file.resolve()))
+def use_token(token_file: Path, tls_dir: Path | None = None) -> None:
+    """Make this process a token-holding member of the cluster (before ``ray.init``), over
+    TLS with ``tls_dir``'s certificate when given (:func:`~remotecli.cluster.ray_tls.
+    export_tls`: before Ray is imported, or ConfigError)."""
+    if tls_dir is not None:
+        export_tls(tls_dir)
+    os.environ.update(member_environment(token_file))
+
+
+def run_ray_start(
+    argv: list[str], token_file: Path, name: str | None, tls_dir: Path | None = None
+) -> int:
+    """Run ``ray start`` (``argv`` from :func:`ray_start_argv`) with the token (and TLS with
+    ``tls_dir``); its exit status."""
+    env = dict(os.environ, **member_environment(token_file, tls_dir))
     if name is not None:
         env[HOST_NAME_VARIABLE] = name
     ray = Path(sys.executable).parent / "ray"

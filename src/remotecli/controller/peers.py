@@ -24,7 +24,7 @@ import dataclasses
 from collections.abc import Awaitable, Callable
 
 from remotecli.config import CONTROLLER_HEARTBEAT, ControllerConfig
-from remotecli.controller.store import SessionRecord, Store
+from remotecli.controller.store import RunRecord, SessionRecord, Store
 from remotecli.logs import get_logger
 from remotecli.quotas import describe_duration
 
@@ -37,6 +37,8 @@ VIEW_FRESH = 2 * VIEW_REFRESH
 
 Adopt = Callable[[SessionRecord, str], Awaitable[None]]
 """Recovers one adopted session (now recorded as this controller's) lost with the named one."""
+SettleRun = Callable[[RunRecord, str], Awaitable[None]]
+"""Ends one adopted run (now recorded as this controller's), with the reason given."""
 
 
 def watched_elsewhere(record: SessionRecord, now: float) -> bool:
@@ -73,6 +75,7 @@ class Peers:
         can_adopt: bool,
         clock: Callable[[], float],
         adopt: Adopt,
+        settle_run: SettleRun | None = None,
     ) -> None:
         self.store = store
         self.controller_id = controller_id
@@ -81,6 +84,7 @@ class Peers:
         self.can_adopt = can_adopt
         self._clock = clock
         self._adopt = adopt
+        self._settle_run = settle_run
         self._viewing: dict[str, _Viewing] = {}
         self._beat_at = float("-inf")
 
@@ -159,5 +163,28 @@ class Peers:
                     )
                 except Exception:  # one session must not keep the others from being adopted
                     log.exception("recovering a session taken over failed", session_id=record.id)
+            adopted += await self._take_runs(lost)
             self.store.forget_controller(lost, silent_since)
         return adopted
+
+    async def _take_runs(self, lost: str) -> list[str]:
+        """End the runs the silent controller ``lost`` ran, each adopted once: a run's output
+        streamed through that controller, so it cannot go on; its sandbox or actor goes."""
+        if self._settle_run is None:
+            return []
+        taken: list[str] = []
+        for record in self.store.runs_run_by(lost):
+            if not self.store.adopt_run(record.id, lost, self.controller_id):
+                continue  # another survivor took it first
+            taken.append(record.id)
+            log.warning("run taken over", run_id=record.id, lost_controller=lost)
+            reason = (
+                f"its controller {lost} went silent (no heartbeat for "
+                f"{describe_duration(self.takeover_after)}) and {self.controller_id} ended it: "
+                "a run's output streams through the controller that started it"
+            )
+            try:
+                await self._settle_run(record, reason)
+            except Exception:  # one run must not keep the others from being ended
+                log.exception("ending a run taken over failed", run_id=record.id)
+        return taken

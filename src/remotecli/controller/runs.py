@@ -41,6 +41,7 @@ from remotecli.controller.connect import SignInKeeper
 from remotecli.controller.store import RunRecord, Store, Usage
 from remotecli.drivers.base import Driver, RunOutput, SessionSpec
 from remotecli.exceptions import (
+    Conflict,
     NotFound,
     RemoteCliError,
     ServiceUnavailable,
@@ -300,6 +301,15 @@ class RunManager:
             self.store.apply_run(record.id, RunStep.FAIL, self._clock(), reason=RESTART_REASON)
             log.info("run settled after a restart", run_id=record.id)
 
+    async def settle_taken(self, record: RunRecord, reason: str) -> None:
+        """End a run this controller took over from a silent one (:mod:`.peers`): its sandbox
+        or actor goes (the cluster's outlive their controller), and it fails with ``reason``.
+        A run that ended meanwhile stays as it ended."""
+        with contextlib.suppress(RemoteCliError, OSError):
+            await self.driver.stop(record.id)
+        with contextlib.suppress(Conflict):
+            self.store.apply_run(record.id, RunStep.FAIL, self._clock(), reason=reason)
+
     async def close(self) -> None:
         """Refuse new runs and end every running one (``failed``: the controller shut down)."""
         self._closing = True
@@ -447,6 +457,8 @@ class RunManager:
                 events=events,
                 tokens=live.tokens,
             )
+        except Conflict:  # another controller ended it while this one was silent: it stays so
+            log.warning("run ended elsewhere meanwhile", run_id=run_id)
         except (RemoteCliError, OverflowError, ValueError) as exc:
             log.error("run output not stored", run_id=run_id, error=str(exc))
             self.store.apply_run(

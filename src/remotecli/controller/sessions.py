@@ -173,6 +173,7 @@ class SessionManager:
                 can_adopt=driver.can_adopt,
                 clock=clock,
                 adopt=self._recover_one,
+                settle_run=self.runs.settle_taken,
             )
 
     # --- lifecycle of the manager --------------------------------------------------------------

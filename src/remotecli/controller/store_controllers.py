@@ -2,7 +2,8 @@
 
 Heartbeats (``controllers``: each controller's id and when it last wrote), the time a viewer
 attached through another controller was last seen (``sessions.viewed_at``), and taking over a
-silent controller's sessions, one compare-and-set on ``sessions.controller`` each. Heartbeats
+silent controller's sessions and runs, one compare-and-set on ``sessions.controller`` (or
+``runs.controller``) each. Heartbeats
 and viewer times are single autocommitted statements: they do not bump PostgreSQL's
 ``data_version`` (which wakes every controller's store watch), and losing one costs nothing.
 """
@@ -13,7 +14,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 from remotecli.controller.store_db import Database
-from remotecli.controller.store_schema import SessionRecord, session_record
+from remotecli.controller.store_schema import RunRecord, SessionRecord, run_record, session_record
 
 
 class ControllerTable:
@@ -50,12 +51,14 @@ class ControllerTable:
 
     def forget_controller(self, controller: str, before: float) -> bool:
         """Remove ``controller``'s heartbeat if still older than ``before`` and it runs no
-        active session any more; True if removed (it writes a new one if it comes back)."""
+        active session or run any more; True if removed (it writes a new one if it comes
+        back)."""
         cursor = self._db.execute(
             "DELETE FROM controllers WHERE id = ? AND seen_at < ? AND NOT EXISTS"
             " (SELECT 1 FROM sessions WHERE controller = ?"
-            " AND state NOT IN ('stopped', 'failed'))",
-            (controller, before, controller),
+            " AND state NOT IN ('stopped', 'failed')) AND NOT EXISTS"
+            " (SELECT 1 FROM runs WHERE controller = ? AND state IN ('queued', 'running'))",
+            (controller, before, controller, controller),
         )
         return cursor.rowcount > 0
 
@@ -79,6 +82,26 @@ class ControllerTable:
                 "UPDATE sessions SET controller = ? WHERE id = ? AND controller = ?"
                 " AND state NOT IN ('stopped', 'failed')",
                 (controller, session_id, lost),
+            )
+        return cursor.rowcount == 1
+
+    def runs_run_by(self, controller: str) -> list[RunRecord]:
+        """Return the runs still queued or running that ``controller`` (exactly) runs."""
+        rows = self._db.execute(
+            "SELECT * FROM runs WHERE controller = ? AND state IN ('queued', 'running')"
+            " ORDER BY created_at",
+            (controller,),
+        )
+        return [run_record(r) for r in rows]
+
+    def adopt_run(self, run_id: str, lost: str, controller: str) -> bool:
+        """Make ``controller`` the one to settle the run ``run_id`` if ``lost`` still runs it
+        (a compare-and-set, as :meth:`adopt_session`)."""
+        with self._transaction() as db:
+            cursor = db.execute(
+                "UPDATE runs SET controller = ? WHERE id = ? AND controller = ?"
+                " AND state IN ('queued', 'running')",
+                (controller, run_id, lost),
             )
         return cursor.rowcount == 1
 

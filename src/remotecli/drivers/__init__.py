@@ -67,20 +67,25 @@ def create_driver(name: str, data_dir: Path, config: ControllerConfig | None = N
             tcg_cache_mib=max(1, config.qemu_tcg_cache // 1024**2),
         )
     if name == "cluster":
-        from remotecli.cluster.driver import ClusterDriver
-
         if config is None or not config.cluster_address or config.cluster_token_file is None:
             raise ConfigError(
                 "driver cluster needs cluster_address (HEAD:6379) and cluster_token_file "
                 "(the head's token file); see docs/cluster.md",
                 driver=name,
             )
+        if config.cluster_tls_dir is not None:
+            from remotecli.cluster.ray_tls import export_tls
+
+            export_tls(config.cluster_tls_dir)  # before Ray is imported: it reads them once
+        from remotecli.cluster.driver import ClusterDriver
+
         return ClusterDriver(
             config.cluster_address,
             config.cluster_token_file,
             channel_tls=config.cluster_channel_tls,
             limits=session_limits(config),
             host_driver=config.cluster_host_driver,
+            tls_dir=config.cluster_tls_dir,
             egress=config.egress,
             qemu_memory_mib=config.qemu_memory // 1024**2,
         )
