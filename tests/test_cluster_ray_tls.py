@@ -53,6 +53,14 @@ def test_nothing_is_replaced_and_a_missing_ca_or_address_is_named(tmp_path: Path
         issue(tmp_path / "nowhere", tmp_path / "h3", ["10.0.0.3"], "h3")
     with pytest.raises(ConfigError, match="--ip"):
         issue(tmp_path / "ca", tmp_path / "h4", [], "h4")
+    with pytest.raises(ConfigError, match="holds the CA's key"):
+        issue(tmp_path / "ca", tmp_path / "ca", ["10.0.0.5"], "h5")
+    assert not (tmp_path / "ca" / "node.key").exists()
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "ca.crt").write_text("not a certificate")
+    (tmp_path / "bad" / "ca.key").write_text("not a key")
+    with pytest.raises(ConfigError, match="not one `remotecli cluster tls-ca` made"):
+        issue(tmp_path / "bad", tmp_path / "h6", ["10.0.0.6"], "h6")
 
 
 def test_the_environment_names_the_files_and_refuses_a_readable_key(tmp_path: Path) -> None:

@@ -28,7 +28,7 @@ from remotecli.controller.server import ensure_controller_id
 from remotecli.controller.sessions import SessionManager
 from remotecli.controller.store import Store
 from remotecli.drivers.base import ProgressCallback, RunOutput, SessionSpec, VncEndpoint
-from remotecli.exceptions import ConfigError
+from remotecli.exceptions import ConfigError, ServiceUnavailable
 from remotecli.providers import Catalogue
 from remotecli.runs import RunState
 from remotecli.states import State
@@ -417,6 +417,18 @@ async def test_two_survivors_take_each_session_exactly_once(
         await a.manager.close()
 
 
+async def silent_with_a_run(side: Side) -> str:
+    """Start a run of bob's at ``side`` and, once it runs, make ``side`` silent (its store
+    watch, which beats, ends: as a controller killed or paused); its run goes on. The id."""
+    run_id = side.manager.runs.create("bob", "shell", "sleep 600").id
+    async with asyncio.timeout(TIMEOUT):
+        while side.store.run(run_id).state is not RunState.RUNNING:
+            await asyncio.sleep(0.02)
+    assert side.manager._store_watch is not None
+    side.manager._store_watch.cancel()
+    return run_id
+
+
 async def test_a_silent_controllers_run_is_ended_once_and_stays_ended(
     open_store: StoreOpener, tmp_path: Path
 ) -> None:
@@ -431,12 +443,7 @@ async def test_a_silent_controllers_run_is_ended_once_and_stays_ended(
     c = await keeping_side(tmp_path, open_store, "ctl-c", registry, clock)
     a.store.add_token("bob", hash_token("bob-token"), clock())
     try:
-        run_id = a.manager.runs.create("bob", "shell", "sleep 600").id
-        async with asyncio.timeout(TIMEOUT):
-            while a.store.run(run_id).state is not RunState.RUNNING:
-                await asyncio.sleep(0.02)
-        assert a.manager._store_watch is not None
-        a.manager._store_watch.cancel()  # silent from now on; its run goes on
+        run_id = await silent_with_a_run(a)
         clock.now += 31
         assert b.manager.peers is not None
         assert c.manager.peers is not None
@@ -460,6 +467,43 @@ async def test_a_silent_controllers_run_is_ended_once_and_stays_ended(
         assert "ctl-a" not in a.store.controllers()
     finally:
         await c.manager.close()
+        await b.manager.close()
+        await a.manager.close()
+
+
+async def test_a_run_whose_ending_failed_is_ended_at_the_next_round(
+    open_store: StoreOpener, tmp_path: Path
+) -> None:
+    """Ending an adopted run fails once (the database away at that moment): the run, now
+    ``ctl-b``'s, is still running after the takeover, and ``ctl-b``'s next round ends it."""
+    clock, registry = StepClock(), dict[str, Any]()
+    a = await keeping_side(tmp_path, open_store, "ctl-a", registry, clock)
+    b = await keeping_side(tmp_path, open_store, "ctl-b", registry, clock)
+    a.store.add_token("bob", hash_token("bob-token"), clock())
+    try:
+        run_id = await silent_with_a_run(a)
+        peers = b.manager.peers
+        assert peers is not None
+        settle, failures = peers._settle_run, [ServiceUnavailable("the database is away")]
+        assert settle is not None
+
+        async def flaky(record: Any, reason: str) -> None:
+            if failures:
+                raise failures.pop()
+            await settle(record, reason)
+
+        peers._settle_run = flaky
+        clock.now += 31
+        peers.beat()
+        assert await peers.take_over() == [run_id]
+        record = b.store.run(run_id)
+        assert (record.state, record.controller) == (RunState.RUNNING, "ctl-b")
+        clock.now += CONTROLLER_HEARTBEAT
+        await peers.round()
+        record = b.store.run(run_id)
+        assert record.state is RunState.FAILED
+        assert "ctl-a went silent" in (record.reason or "")
+    finally:
         await b.manager.close()
         await a.manager.close()
 

@@ -133,7 +133,9 @@ async def test_half_close_is_passed_on_and_the_answer_still_arrives() -> None:
 
 
 async def test_a_peer_that_does_not_read_stops_reading_the_other_side() -> None:
-    """With the upstream not reading, the tunnel holds at most PIPE_SIZE and stops reading."""
+    """With the upstream not reading, the tunnel stops reading once PIPE_SIZE bytes wait: it
+    holds less than PIPE_SIZE plus one copying read (the read that crossed it is kept; which
+    path, splice or copy, the bytes took depends on how the kernel hands them over)."""
     loop = asyncio.get_running_loop()
     chunk = os.urandom(1 << 20)
     async with rig() as r:
@@ -151,8 +153,8 @@ async def test_a_peer_that_does_not_read_stops_reading_the_other_side() -> None:
                         if not r.tunnel.client.transport.is_reading():
                             break
         end = r.tunnel.client
-        assert end.pending <= PIPE_SIZE
-        assert end.queued > 0  # the bulk went through the pipe: the splice path
+        assert end.pending < PIPE_SIZE + COPY_SIZE
+        assert end.queued > 0 or end.held_size > 0  # what the upstream did not take yet
         assert r.tunnel.upstream.transport.get_write_buffer_size() == end.pending
         assert sent < 64 << 20  # kernel buffers plus one pipe, not an unbounded amount
         held = sent

@@ -922,11 +922,13 @@ _DRIVER_OPTION = click.option(
 )
 
 
-def _check_host_driver(driver: str) -> None:
+def _prepare_host_driver(driver: str) -> None:
     """Refuse to join as a microVM host without QEMU or a guest image, naming the fix; else
-    tell the host's session actors where the images are (the joining user's cache)."""
+    tell the host's session actors where the images are (the joining user's cache) and make
+    the templates its sessions clone, so no session waits for a cold boot."""
     if driver != "qemu":
         return
+    import asyncio
     import os
 
     from remotecli.cluster.actor import IMAGE_CACHE_VARIABLE
@@ -941,9 +943,25 @@ def _check_host_driver(driver: str) -> None:
         raise click.ClickException(f"this host cannot run microVM sessions: {exc.message}") from exc
     os.environ[IMAGE_CACHE_VARIABLE] = str(image.directory.parent)
     click.echo(
-        f"microVM sessions from the guest image {image.directory}; the first session of each "
-        "provider on this host makes its template (minutes without KVM)"
+        f"microVM sessions from the guest image {image.directory}; making the templates its "
+        "providers' sessions clone (once: minutes without KVM, at once when made already)"
     )
+    state = asyncio.run(_make_templates(image.directory.parent))
+    click.echo(f"the shell's template: {state}")
+
+
+async def _make_templates(image_cache: Path) -> str:
+    """Make a microVM host's templates beside its images (a scratch data dir, removed after)."""
+    import tempfile
+
+    from remotecli.drivers.qemu import QemuDriver
+
+    with tempfile.TemporaryDirectory(prefix="remotecli-join-") as scratch:
+        driver = QemuDriver(Path(scratch), image_cache=image_cache, egress="none")
+        try:
+            return await driver.make_templates()
+        finally:
+            await driver.close()
 
 
 @cli.group()
@@ -972,7 +990,7 @@ def cluster_head(
     from remotecli.cluster.host import create_token, host_slots, run_ray_start
     from remotecli.cluster.nodes import NodeSettings, ray_start_argv
 
-    _check_host_driver(driver)
+    _prepare_host_driver(driver)
     if create_token(token_file):
         click.echo(f"wrote a new cluster token to {token_file}; copy it to every host")
     settings = NodeSettings(
@@ -1003,7 +1021,7 @@ def cluster_join(
     from remotecli.cluster.host import host_slots, run_ray_start
     from remotecli.cluster.nodes import NodeSettings, ray_start_argv
 
-    _check_host_driver(driver)
+    _prepare_host_driver(driver)
     settings = NodeSettings(host_slots(slots), name=name, driver=driver)
     argv = ray_start_argv(settings, head_address=address, node_ip=node_ip)
     sys.exit(run_ray_start(argv, token_file, name, tls_dir))

@@ -35,10 +35,11 @@ skip_module_unless(
     "run scripts/install-system-deps.sh run",
 )
 
+from remotecli.cluster.nodes import NodeSettings  # noqa: E402
 from remotecli.cluster.watch import LOST_BOUND  # noqa: E402
 from tests.cluster_controller import KEPT, TAKEOVER_AFTER  # noqa: E402
 from tests.postgres import PostgresServer  # noqa: E402
-from tests.ray_cluster import Cluster, leftovers, ray_cluster  # noqa: E402
+from tests.ray_cluster import Cluster, leftovers, ray_cluster, wait_for_nodes  # noqa: E402
 
 SLOTS = 3
 """Each worker's session slots: six sessions fill both (the two-controller test)."""
@@ -264,6 +265,61 @@ def test_a_killed_worker_fails_its_sessions_and_new_ones_go_elsewhere(
     assert run["after_init"] == [1280, 720]
 
 
+def session_cgroups(session_id: str) -> list[Path]:
+    """The session's cgroups in every hierarchy (each under its own ``remotecli`` parent, which
+    sits where the creating process's own cgroup was: the root, or a few levels below)."""
+    root = Path("/sys/fs/cgroup")
+    patterns = ["*/" * depth + f"remotecli/{session_id}" for depth in range(1, 5)]
+    return [cgroup for pattern in patterns for cgroup in root.glob(pattern)]
+
+
+ALIVE_AT_MOST = """
+import ray, sys, time
+ray.init(address="ADDRESS", logging_level="ERROR")
+deadline = time.monotonic() + 30
+while sum(node["Alive"] for node in ray.nodes()) > COUNT:
+    if time.monotonic() > deadline:
+        sys.exit("a killed host is still alive in Ray's node table")
+    time.sleep(0.2)
+"""
+
+SWEEP_PROBE = """
+import json, sys, ray
+from remotecli.cluster import placement
+placement.connect(sys.argv[1])
+spec = {"provider": "shell", "command": ["true"], "run": True, "host": {"egress": "none"}}
+placed = placement.place_session("sweep-probe", spec)
+actor = ray.get_actor(placement.actor_name("sweep-probe"), namespace=placement.NAMESPACE)
+swept = ray.get(actor.swept.remote(), timeout=60)
+placement.end_session("sweep-probe")
+print("RESULT " + json.dumps({"host": placed.host, "swept": swept}), flush=True)
+"""
+
+
+def test_a_lost_hosts_leftovers_are_swept_when_it_runs_again(
+    run: dict[str, Any], cluster: Cluster
+) -> None:
+    """w1 was killed with sessions on it; their directories stayed on the host (its kernel
+    lives on). w1 joins again and w2 goes: the first actor placed on w1 sweeps them (each id
+    reported swept), and their directories and cgroups are gone."""
+    w1, w2 = cluster.workers
+    lost = sorted(run["lost"])
+    sessions = cluster.data_dir(w1) / "s"
+    assert all((sessions / sid).is_dir() for sid in lost)  # what the kill left
+    w2.kill()  # first, and known dead: the probe must not be placed on a dying host
+    gone = cluster.python(ALIVE_AT_MOST.replace("COUNT", "1").replace("ADDRESS", cluster.address))
+    assert gone.returncode == 0, gone.stderr[-2000:]
+    cluster.start_node(w1, NodeSettings(slots=SLOTS), head=False)
+    wait_for_nodes(cluster, 2)
+    done = cluster.python(SWEEP_PROBE.replace("sys.argv[1]", repr(cluster.address)))
+    assert "RESULT " in done.stdout, done.stderr[-3000:]
+    probe = json.loads(done.stdout.split("RESULT ", 1)[1].splitlines()[0])
+    assert probe["host"] == "w1"
+    assert sorted(probe["swept"]) == lost
+    assert [p.name for p in sessions.iterdir()] == []
+    assert [c for s in lost for c in session_cgroups(s)] == []
+
+
 def test_nothing_is_left_after_teardown(run: dict[str, Any], cluster: Cluster) -> None:
     """Ended sessions leave no actor, no session directory on w2, and the cluster nothing."""
     assert run["left"] == []
@@ -273,9 +329,12 @@ def test_nothing_is_left_after_teardown(run: dict[str, Any], cluster: Cluster) -
         assert not sessions.exists() or list(sessions.iterdir()) == []
     cluster.stop()
     assert leftovers(cluster.network.prefix) == []
-    # The killed host's kernel lives on here: its lost sessions' cgroups stay, empty, until
-    # that host's next start sweeps them (docs/cluster.md); the test removes them itself.
+    # The killed host's kernel lives on here: its lost sessions' cgroups stayed, empty, until
+    # that host ran again and swept them (the test above); any still here is removed, named.
+    left = []
     for session_id in run["lost"]:
-        for cgroup in Path("/sys/fs/cgroup").glob(f"*/remotecli/{session_id}"):
+        for cgroup in session_cgroups(session_id):
             assert (cgroup / "cgroup.procs").read_text() == ""
             cgroup.rmdir()
+            left.append(str(cgroup))
+    assert left == []

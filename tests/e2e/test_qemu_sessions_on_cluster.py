@@ -116,6 +116,15 @@ def test_deleting_the_sessions_ends_their_microvms(run: dict[str, Any], cluster:
     assert processes_naming(str(cluster.data_dir(cluster.workers[0]))) == []
 
 
+async def test_joining_as_a_microvm_host_makes_or_finds_the_templates(image: GuestImage) -> None:
+    """What ``cluster join --driver qemu`` does before ``ray start``: the shell's template (and
+    each provider's the image holds) is made beside the image cache, or found there."""
+    from remotecli.cli import _make_templates
+
+    state = await _make_templates(image.directory.parent)
+    assert state.startswith("ready ("), state
+
+
 def test_nothing_is_left_after_teardown(cluster: Cluster) -> None:
     """Once the cluster is stopped, no namespace or process of it is left."""
     prefix = cluster.network.prefix

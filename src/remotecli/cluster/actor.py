@@ -31,8 +31,11 @@ import ray
 
 from remotecli.cluster.channel import SessionChannel, new_secret
 from remotecli.cluster.channel_tls import new_identity, server_context
+from remotecli.cluster.sweep import SESSION_NAME, sweep_leftovers
 
 BANNER = b"RFB 003.008\n"
+ACTOR_PREFIX = "remotecli-session-"
+"""A session's (or run's) actor is named this prefix and its id (:mod:`.placement`)."""
 HOST_NAME_VARIABLE = "REMOTECLI_HOST_NAME"
 """Set on a host's ``ray start`` (``remotecli cluster join --name``); else its hostname."""
 DATA_DIR_VARIABLE = "REMOTECLI_HOST_DATA_DIR"
@@ -46,6 +49,9 @@ user Ray's workers run as."""
 
 HOST_DRIVERS = ("local", "qemu")
 """What a host can run its sessions with: its local sandbox, or microVMs (``join --driver``)."""
+
+QEMU_MEMORY_MIB = (64, 65536)
+"""The memory a host gives a microVM when a controller asks, in MiB (bounds, inclusive)."""
 
 _driver: Any = None
 """The host's one driver in this Ray worker process (one actor per worker process)."""
@@ -79,6 +85,8 @@ def host_driver(settings: Mapping[str, Any] | None = None) -> Any:
             from remotecli.drivers.qemu_machine import DEFAULT_MEMORY_MIB
 
             memory = int(settings.get("qemu_memory_mib") or DEFAULT_MEMORY_MIB)
+            if not QEMU_MEMORY_MIB[0] <= memory <= QEMU_MEMORY_MIB[1]:
+                raise ValueError(f"a microVM of {memory} MiB is outside {QEMU_MEMORY_MIB} MiB")
             images = os.environ.get(IMAGE_CACHE_VARIABLE)
             _driver = QemuDriver(
                 data_dir,
@@ -103,12 +111,15 @@ class SessionActor:
     """Runs one session on this node; every method is async, on the actor's one event loop."""
 
     def __init__(self, session_id: str) -> None:
+        if not SESSION_NAME.fullmatch(session_id):  # it names the session's directory
+            raise ValueError(f"{session_id!r} is not a session's or run's id")
         self.session_id = session_id
         self._server: asyncio.Server | None = None
         self._channel: SessionChannel | None = None
         self._local = False
         self._ended: asyncio.Event | None = None
         self._report: dict[str, Any] = {}
+        self._sweep: asyncio.Task[list[str]] | None = None
 
     async def open(self, tls: bool = True) -> dict[str, Any]:
         """Open the session's channel on the node's address (Ray placed the actor: a slot is
@@ -179,6 +190,8 @@ class SessionActor:
         driver = host_driver(spec.get("host"))
         workdir = host_data_dir() / "s" / self.session_id
         workdir.parent.mkdir(parents=True, exist_ok=True)
+        if self._sweep is None:  # in the background: the session does not wait for it
+            self._sweep = asyncio.get_running_loop().create_task(self._sweep_host(driver))
         return driver, SessionSpec(
             session_id=self.session_id,
             provider=str(spec["provider"]),
@@ -230,6 +243,18 @@ class SessionActor:
         self._channel.run = await driver.start_run(run, lambda step: None)
         self._local = True
         return {"local_seconds": asyncio.get_running_loop().time() - began, "run": True}
+
+    async def _sweep_host(self, driver: Any) -> list[str]:
+        """End what sessions of this host's lost actors left (:mod:`.sweep`); the ids swept."""
+        try:
+            live = await asyncio.to_thread(_live_session_ids)
+            return await sweep_leftovers(driver, host_data_dir(), {*live, self.session_id})
+        except Exception:  # a sweep's trouble must not touch the session
+            return []
+
+    async def swept(self) -> list[str]:
+        """The ids of other sessions' leftovers this actor's sweep removed (after it ran)."""
+        return await asyncio.shield(self._sweep) if self._sweep is not None else []
 
     async def _collect(self, paths: Sequence[str]) -> Mapping[str, bytes]:
         if not self._local:
@@ -287,6 +312,16 @@ class SessionActor:
             self._local = False
         if self._ended is not None:
             self._ended.set()
+
+
+def _live_session_ids() -> set[str]:
+    """The ids of every session and run whose actor is alive in the cluster now (blocks)."""
+    named: list[dict[str, str]] = ray.util.list_named_actors(all_namespaces=True)
+    return {
+        entry["name"].removeprefix(ACTOR_PREFIX)
+        for entry in named
+        if entry["name"].startswith(ACTOR_PREFIX)
+    }
 
 
 async def _serve_banner(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -228,8 +228,12 @@ class ClusterDriver:
         run = self._runs.pop(session_id, None)
         if run is not None:
             run.stop()
-        if self._connected:
-            await asyncio.to_thread(placement.end_session, session_id)
+        try:
+            await self._connect()  # one another controller placed (taken over) has an actor too
+        except ClusterError as exc:  # no cluster: nothing of it can be ended from here
+            log.warning("cannot end a session's actor", session_id=session_id, error=exc.message)
+            return
+        await asyncio.to_thread(placement.end_session, session_id)
 
     async def recover(self, session_id: str, workdir: Path) -> VncEndpoint | None:
         """Find the session's detached actor again by name; None when it is gone."""

@@ -20,15 +20,17 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from remotecli.cluster import channel
+from remotecli.cluster.actor import ACTOR_PREFIX as ACTOR_PREFIX
 from remotecli.cluster.actor import SessionActor
 from remotecli.cluster.nodes import DRIVER_LABEL, SLOT_RESOURCE
 from remotecli.drivers.base import VncEndpoint
 from remotecli.exceptions import ClusterError
 
 NAMESPACE = "remotecli"
-ACTOR_PREFIX = "remotecli-session-"
 PLACE_TIMEOUT = 30.0
 """How long a session may wait for a slot on a host before placement fails."""
+STOP_TIMEOUT = 10.0
+"""How long a session's actor may take to end its payload before it is killed anyway."""
 START_TIMEOUT = 300.0
 """How long the host's driver may take to start the session once placed: a microVM host makes
 a provider's template the first time it runs it (minutes without KVM); the local sandbox and a
@@ -150,7 +152,7 @@ def place_session(
             started = True
             report = ray.get(actor.start.remote(dict(spec)), timeout=start_timeout)
     except GetTimeoutError as exc:
-        ray.kill(actor)
+        _abandon(actor, started)
         if started:
             raise ClusterError(
                 f"session {session_id} did not start on its host within {start_timeout:.0f} s",
@@ -168,8 +170,8 @@ def place_session(
         raise ClusterError(
             f"session {session_id}'s actor died while starting: {exc}", session_id=session_id
         ) from exc
-    except RayTaskError as exc:  # the payload raised: the local driver's reason
-        ray.kill(actor)
+    except RayTaskError as exc:  # the payload raised: the host's driver's reason
+        _abandon(actor, started)
         cause = getattr(exc, "cause", None)
         reason = getattr(cause, "message", None) or str(exc).splitlines()[-1]
         raise ClusterError(
@@ -179,6 +181,16 @@ def place_session(
         ray.kill(actor)
         raise
     return Placement.from_report(report)
+
+
+def _abandon(actor: Any, started: bool) -> None:
+    """Kill a session's actor that did not start; once its start was asked, first let it end
+    what its host's driver may have begun (a microVM's QEMU runs in a session of its own and
+    would outlive the actor's process), for at most ``STOP_TIMEOUT``."""
+    if started:
+        with contextlib.suppress(RayActorError, GetTimeoutError, RayTaskError):
+            ray.get(actor.stop.remote(), timeout=STOP_TIMEOUT)
+    ray.kill(actor)
 
 
 def hand_over(placed: Placement, files: Mapping[str, bytes], *, timeout: float) -> None:
@@ -261,7 +273,7 @@ def end_session(session_id: str) -> None:
     except ValueError:
         return
     with contextlib.suppress(RayActorError, GetTimeoutError):
-        ray.get(actor.stop.remote(), timeout=10)
+        ray.get(actor.stop.remote(), timeout=STOP_TIMEOUT)
     ray.kill(actor)
 
 

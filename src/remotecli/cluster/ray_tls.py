@@ -49,7 +49,10 @@ LOCAL_NAMES = ("localhost", "127.0.0.1")
 
 def _private(path: Path, data: bytes) -> None:
     """Write ``data`` to a new file only its owner can read; refuse to replace one."""
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError as exc:
+        raise ConfigError(f"{path} appeared meanwhile; nothing was replaced") from exc
     with os.fdopen(descriptor, "wb") as file:
         file.write(data)
 
@@ -99,13 +102,23 @@ def issue(ca_dir: Path, out_dir: Path, addresses: Sequence[str], name: str) -> P
     try:
         ca_cert = x509.load_pem_x509_certificate((ca_dir / CA_CERT).read_bytes())
         ca_key = serialization.load_pem_private_key((ca_dir / CA_KEY).read_bytes(), None)
-    except OSError as exc:
+    except FileNotFoundError as exc:
         raise ConfigError(
-            f"no CA in {ca_dir} ({exc.strerror}): make one with `remotecli cluster tls-ca`"
+            f"no CA in {ca_dir} ({exc.filename} is missing): make one with `remotecli cluster "
+            "tls-ca`"
         ) from exc
+    except OSError as exc:
+        raise ConfigError(f"cannot read the CA in {ca_dir}: {exc.strerror}") from exc
+    except ValueError as exc:
+        raise ConfigError(f"the CA in {ca_dir} is not one `remotecli cluster tls-ca` made") from exc
     if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
         raise ConfigError(f"{ca_dir / CA_KEY} is not a key `remotecli cluster tls-ca` made")
     out_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if (out_dir / CA_KEY).exists():
+        raise ConfigError(
+            f"{out_dir} holds the CA's key: a host's directory must not (it is copied to the "
+            "host); name another --out"
+        )
     if (out_dir / NODE_KEY).exists():
         raise ConfigError(f"{out_dir} already holds a host's key; remove it to issue another")
     key = ec.generate_private_key(ec.SECP256R1())
@@ -118,7 +131,7 @@ def issue(ca_dir: Path, out_dir: Path, addresses: Sequence[str], name: str) -> P
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + NODE_VALIDITY)
+        .not_valid_after(min(now + NODE_VALIDITY, ca_cert.not_valid_after_utc))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage(usage), critical=False)
         .add_extension(_san(addresses), critical=False)

@@ -20,6 +20,7 @@ controllers are assumed to agree within a second or two (NTP).
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections.abc import Awaitable, Callable
 
@@ -85,6 +86,8 @@ class Peers:
         self._clock = clock
         self._adopt = adopt
         self._settle_run = settle_run
+        self._unsettled: dict[str, tuple[RunRecord, str]] = {}
+        """Runs adopted here whose ending failed (the database away): tried again each round."""
         self._viewing: dict[str, _Viewing] = {}
         self._beat_at = float("-inf")
 
@@ -106,6 +109,8 @@ class Peers:
             self.beat()
             if gap < self.takeover_after:
                 await self.take_over()
+            if self._unsettled:
+                await asyncio.gather(*(self._settle(*held) for held in self._unsettled.values()))
         self.refresh_views()
 
     # --- viewers of sessions another controller runs -------------------------------------------
@@ -163,7 +168,9 @@ class Peers:
                     )
                 except Exception:  # one session must not keep the others from being adopted
                     log.exception("recovering a session taken over failed", session_id=record.id)
+            self.beat()  # adopting may take a while: this controller is not silent meanwhile
             adopted += await self._take_runs(lost)
+            self.beat()
             self.store.forget_controller(lost, silent_since)
         return adopted
 
@@ -172,19 +179,28 @@ class Peers:
         streamed through that controller, so it cannot go on; its sandbox or actor goes."""
         if self._settle_run is None:
             return []
-        taken: list[str] = []
+        reason = (
+            f"its controller {lost} went silent (no heartbeat for "
+            f"{describe_duration(self.takeover_after)}) and {self.controller_id} ended it: "
+            "a run's output streams through the controller that started it"
+        )
+        taken = []
         for record in self.store.runs_run_by(lost):
-            if not self.store.adopt_run(record.id, lost, self.controller_id):
-                continue  # another survivor took it first
-            taken.append(record.id)
-            log.warning("run taken over", run_id=record.id, lost_controller=lost)
-            reason = (
-                f"its controller {lost} went silent (no heartbeat for "
-                f"{describe_duration(self.takeover_after)}) and {self.controller_id} ended it: "
-                "a run's output streams through the controller that started it"
-            )
-            try:
-                await self._settle_run(record, reason)
-            except Exception:  # one run must not keep the others from being ended
-                log.exception("ending a run taken over failed", run_id=record.id)
-        return taken
+            if self.store.adopt_run(record.id, lost, self.controller_id):
+                log.warning("run taken over", run_id=record.id, lost_controller=lost)
+                taken.append(record)
+            # else another survivor took it first
+        await asyncio.gather(*(self._settle(record, reason) for record in taken))
+        return [record.id for record in taken]
+
+    async def _settle(self, record: RunRecord, reason: str) -> None:
+        """End one adopted run; if that fails, keep it to try again next round (it is this
+        controller's now: no other survivor will)."""
+        assert self._settle_run is not None
+        try:
+            await self._settle_run(record, reason)
+        except Exception:  # one run must not keep the others from being ended
+            log.exception("ending a run taken over failed", run_id=record.id)
+            self._unsettled[record.id] = (record, reason)
+        else:
+            self._unsettled.pop(record.id, None)

@@ -431,6 +431,10 @@ class LocalDriver:
         try:
             pid_text, marker, uid_text = (workdir / PID_FILE).read_text().split()
         except (OSError, ValueError):
+            # No pid file: no process of it can be told from others (and none can be left
+            # when the mount namespace that held the workdir's tmpfs is gone, as for a host's
+            # lost session actor); its empty cgroup and its directory still go.
+            self._sweep_cgroup(session_id)
             remove_workdir(workdir)
             return None
         uid = None if uid_text == "-" else int(uid_text)
@@ -442,15 +446,19 @@ class LocalDriver:
             pgid = None
         leftovers = session_processes(marker, pgid, uid)
         await reap(marker, pgid, kill(leftovers), uid)
-        if self.cgroups is not None and self.cgroups.version is not None:
-            # Only this session's cgroup: others may belong to sessions of other controllers.
-            others = {e.name for p in self.cgroups.parents if p.is_dir() for e in p.iterdir()}
-            with contextlib.suppress(OSError, RemoteCliError):
-                self.cgroups.sweep(keep=others - {session_id})
+        self._sweep_cgroup(session_id)
         remove_workdir(workdir)
         if leftovers:
             log.info("session_leftovers_killed", session_id=session_id, pids=leftovers)
         return None
+
+    def _sweep_cgroup(self, session_id: str) -> None:
+        """Remove the session's cgroup if it is empty; only its own: others may belong to
+        sessions of other controllers."""
+        if self.cgroups is not None and self.cgroups.version is not None:
+            others = {e.name for p in self.cgroups.parents if p.is_dir() for e in p.iterdir()}
+            with contextlib.suppress(OSError, RemoteCliError):
+                self.cgroups.sweep(keep=others - {session_id})
 
     async def close(self) -> None:
         """Stop every session this driver started."""

@@ -574,6 +574,13 @@ class QemuDriver:
         await self._accel.prepare(host_tsc_khz(_read_cpuinfo()))
         self._warming = asyncio.create_task(self._warm_templates(), name="qemu-templates")
 
+    async def make_templates(self) -> str:
+        """Make the templates :meth:`prepare` would start in the background, now, and say how
+        the shell's went (a cluster host does this before it takes sessions)."""
+        await self._accel.prepare(host_tsc_khz(_read_cpuinfo()))
+        await self._warm_templates()
+        return self._template_state
+
     def preparing(self, command: Sequence[str]) -> str | None:
         """Say how far the template for ``command`` is, while it is being made; else None."""
         return self._preparing.get(tuple(command))

@@ -21,8 +21,9 @@ nothing copied is held.
 
 Backpressure: what the peer's socket cannot take yet (``EAGAIN``) stays in the pipe or the held
 bytes and is flushed when the peer is writable; reading goes on until :data:`PIPE_SIZE` bytes
-wait, then stops until the peer takes some. So a peer that does not read costs at most about
-that much plus the kernel's socket buffers, and a peer that is only briefly full costs no stop
+wait (the read that crossed it kept: less than :data:`PIPE_SIZE` + :data:`COPY_SIZE`), then
+stops until the peer takes some. So a peer that does not read costs at most that much plus the
+kernel's socket buffers, and a peer that is only briefly full costs no stop
 and restart. Pipes come from a small per-thread pool and are held only while bytes are in
 them: an idle tunnel holds none (two descriptors per tunnel, as with transports). An EOF is
 passed on as a half-close (``shutdown(SHUT_WR)``) once everything before it is delivered; the
