@@ -190,10 +190,17 @@ async def test_claude_codes_first_screen_is_drawn_in_a_clone(
                     if background_share(desktop) > 0.5 and lit > 0.01:
                         break
                     await asyncio.sleep(50 * MS)
-        async with asyncio.timeout(TEMPLATE_TIMEOUT):
-            while (record := (await api.get(f"/api/sessions/{session_id}")).json())["state"] in (
-                "ready",
-                "stopping",
-            ):
-                await asyncio.sleep(200 * MS)
+        console = system.driver.serial_log(session_id)  # None once the VM ended
+        try:
+            async with asyncio.timeout(TEMPLATE_TIMEOUT):
+                while (record := (await api.get(f"/api/sessions/{session_id}")).json())[
+                    "state"
+                ] in ("ready", "stopping"):
+                    await asyncio.sleep(200 * MS)
+        except TimeoutError:
+            # Say why Claude Code did not exit: the guest's console (seen once: a disk error).
+            tail = console.read_text(errors="replace")[-3000:] if console is not None else ""
+            raise AssertionError(
+                f"Claude Code did not exit offline; its console:\n{tail}"
+            ) from None
         assert "the session's command exited with status" in (record["reason"] or ""), record
