@@ -164,12 +164,24 @@ class ClusterDriver:
         }
 
     async def _place(
-        self, spec: SessionSpec, payload: dict[str, Any], progress: ProgressCallback
+        self, spec: SessionSpec, progress: ProgressCallback, *, run: bool = False
     ) -> Placement:
-        """Place a session or run with Ray, its kept files over its channel; keep and say where.
+        """Place a session (or with ``run`` a headless run) with Ray, its spec as the actor's
+        ``start`` takes it and its kept files over its channel; keep and say where.
 
         Raises :class:`DriverError` with the cluster's reason when it could not be placed.
         """
+        await self._connect()
+        payload = {
+            "provider": spec.provider,
+            "command": list(spec.command),
+            "env": dict(spec.env),
+            "width": spec.width,
+            "height": spec.height,
+            "keeps_signin": spec.keeps_signin,
+            "run": run,
+            "host": self._host_settings(),
+        }
         try:
             placed = await asyncio.to_thread(
                 placement.place_session,
@@ -187,17 +199,7 @@ class ClusterDriver:
 
     async def start(self, spec: SessionSpec, progress: ProgressCallback) -> VncEndpoint:
         """Place the session with Ray; return its channel once the host's Xvnc showed a banner."""
-        await self._connect()
-        payload = {
-            "provider": spec.provider,
-            "command": list(spec.command),
-            "env": dict(spec.env),
-            "width": spec.width,
-            "height": spec.height,
-            "keeps_signin": spec.keeps_signin,
-            "host": self._host_settings(),
-        }
-        placed = await self._place(spec, payload, progress)
+        placed = await self._place(spec, progress)
         return placed.endpoint()
 
     async def wait(self, session_id: str) -> str:
@@ -284,16 +286,7 @@ class ClusterDriver:
         back after the command ended). Raises :class:`DriverError` naming what failed; nothing
         is left running then.
         """
-        await self._connect()
-        payload = {
-            "provider": spec.provider,
-            "command": list(spec.command),
-            "env": dict(spec.env),
-            "keeps_signin": spec.keeps_signin,
-            "run": True,
-            "host": self._host_settings(),
-        }
-        placed = await self._place(spec, payload, progress)
+        placed = await self._place(spec, progress, run=True)
         try:
             reader, writer = await open_run(placed, within=COLLECT_TIMEOUT)
         except BaseException:  # a failed or cancelled start leaves nothing running

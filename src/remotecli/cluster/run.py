@@ -7,7 +7,8 @@ the kept sign-in ``put`` over the channel) and the actor starts the host's
 :func:`open_run` connects to the run's channel with the verb ``run`` (an asyncio connection:
 no thread is held while the run goes) and :class:`ClusterRun` reads its frames in a task, as
 :class:`~remotecli.drivers.qemu_run.QemuRun` reads a microVM's: standard output kept for
-:meth:`ClusterRun.read` (at most :data:`BUFFER_MAX` unread bytes: past that the socket is not
+:meth:`ClusterRun.read` (at most :data:`~remotecli.drivers.framed_run.BUFFER_MAX` unread
+bytes: past that the socket is not
 read, and the host's command waits on its full pipe), the end of standard error for
 :meth:`ClusterRun.errors`, the exit status for :meth:`ClusterRun.wait`.
 
@@ -23,7 +24,6 @@ declared dead in that time, else with the stream's own failure.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
@@ -31,16 +31,11 @@ from remotecli.cluster.channel import preamble
 from remotecli.cluster.channel_tls import client_context
 from remotecli.cluster.placement import Placement
 from remotecli.cluster.watch import LOST_BOUND, POLL, lost_reason, lost_sessions
-from remotecli.drivers.base import RUN_ERRORS_MAX
-from remotecli.drivers.qemu_runframes import Errors, Output, RunFrames
-from remotecli.exceptions import DriverError, RemoteProtocolError
+from remotecli.drivers.framed_run import FramedRun
+from remotecli.exceptions import DriverError
 from remotecli.logs import get_logger
 
 log = get_logger("cluster.run")
-
-BUFFER_MAX = 1 << 20
-"""Unread standard output kept on the controller before the host's stream is no longer read."""
-_CHUNK = 65536
 
 Nodes = Callable[[bool], Awaitable[Iterable[Mapping[str, Any]]]]
 """Ray's node table: ``nodes(fresh)``, as :func:`remotecli.cluster.watch.await_session` takes it."""
@@ -69,12 +64,13 @@ async def open_run(
     return reader, writer
 
 
-class ClusterRun:
+class ClusterRun(FramedRun):
     """The command of one headless run on a cluster host (a
-    :class:`~remotecli.drivers.base.RunOutput`).
+    :class:`~remotecli.drivers.base.RunOutput`) read over its channel, its host watched.
 
     Read :meth:`read` until it returns b"": a command whose output nobody reads stops once
-    :data:`BUFFER_MAX` bytes wait here and the sockets' buffers are full.
+    :data:`~remotecli.drivers.framed_run.BUFFER_MAX` bytes wait here and the sockets' buffers
+    are full.
     """
 
     def __init__(
@@ -85,83 +81,24 @@ class ClusterRun:
         nodes: Nodes,
     ) -> None:
         self.placed = placed
-        self._reader = reader
-        self._writer = writer
         self._nodes = nodes
-        self._frames = RunFrames()
-        self._stdout = bytearray()
-        self._stderr = bytearray()
-        self._more = asyncio.Event()
-        """Set when standard output grew or the stream ended."""
-        self._room = asyncio.Event()
-        self._room.set()
-        self._done = asyncio.Event()
-        self._failure: str | None = None
-        loop = asyncio.get_running_loop()
-        name = placed.session_id
-        self._receiving = loop.create_task(self._receive(), name=f"run-{name}")
-        self._watching = loop.create_task(self._watch(), name=f"run-{name}-host")
-
-    async def read(self) -> bytes:
-        """Return the standard output that arrived since the last call, waiting for some;
-        b"" once the stream ended (the command's exit, or a failure :meth:`wait` names)."""
-        while not self._stdout and not self._done.is_set():
-            self._more.clear()
-            await self._more.wait()
-        data = bytes(self._stdout)
-        self._stdout.clear()
-        self._room.set()
-        return data
-
-    async def wait(self) -> int:
-        """Return the command's exit status once it ended.
-
-        Raises :class:`DriverError` with the cause when the run ended without one: "host HOST
-        lost", the stream broken, or the run stopped.
-        """
-        await self._done.wait()
-        if self._frames.status is not None:
-            return self._frames.status
-        raise DriverError(
-            self._failure or "the run ended without its exit status",
-            session_id=self.placed.session_id,
+        super().__init__(placed.session_id, reader, writer)
+        self._tasks.append(
+            asyncio.get_running_loop().create_task(self._watch(), name=f"run-{self.name}-host")
         )
 
-    def errors(self) -> str:
-        """Return the end of the command's standard error (at most RUN_ERRORS_MAX bytes)."""
-        return self._stderr.decode("utf-8", "replace")
+    def _ended_early(self) -> str:
+        return (
+            f"the run's stream from host {self.placed.host} ended before the command's exit status"
+        )
 
-    def stop(self) -> None:
-        """Close the connection and stop watching; :meth:`wait` raises if no status came."""
-        if not self._done.is_set():
-            self._end("the run was stopped before its command ended")
-        self._receiving.cancel()
-        self._watching.cancel()
+    def _broken(self, message: str) -> str:
+        return f"the run's stream from host {self.placed.host} broke: {message}"
 
-    async def _receive(self) -> None:
-        try:
-            while self._frames.status is None:  # the channel closes after the status
-                await self._room.wait()
-                data = await self._reader.read(_CHUNK)
-                if not data and self._frames.status is None:
-                    failure = (
-                        f"the run's stream from host {self.placed.host} ended before the "
-                        "command's exit status"
-                    )
-                    break
-                self._frames.receive_data(data)
-                self._take()
-            else:
-                self._end(None)
-                return
-        except RemoteProtocolError as exc:  # the host's own code broke the framing
-            self._take()
-            failure = f"the run's stream from host {self.placed.host} broke: {exc.message}"
-        except OSError as exc:
-            failure = f"the connection to host {self.placed.host} failed ({exc})"
-        await self._judge(failure)
+    def _connection_failed(self, error: OSError) -> str:
+        return f"the connection to host {self.placed.host} failed ({error})"
 
-    async def _judge(self, failure: str) -> None:
+    async def _failed(self, failure: str) -> None:
         """The stream ended without a status: "host HOST lost" if Ray says so within the bound."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + LOST_BOUND
@@ -185,27 +122,3 @@ class ClusterRun:
             log.warning("reading the node table failed", error=str(exc))
             return False
         return bool(lost_sessions({self.placed.session_id: self.placed}, table))
-
-    def _take(self) -> None:
-        for event in self._frames.events_received():
-            if isinstance(event, Output):
-                self._stdout += event.data
-                self._more.set()
-                if len(self._stdout) >= BUFFER_MAX:
-                    self._room.clear()
-            elif isinstance(event, Errors):
-                self._stderr += event.data
-                del self._stderr[:-RUN_ERRORS_MAX]
-
-    def _end(self, failure: str | None) -> None:
-        if self._done.is_set():
-            return
-        self._failure = failure
-        with contextlib.suppress(OSError, RuntimeError):
-            self._writer.close()
-        self._done.set()
-        self._more.set()
-        current = asyncio.current_task()
-        for task in (self._receiving, self._watching):
-            if task is not current:
-                task.cancel()

@@ -31,8 +31,6 @@ import prometheus_client
 from websockets.http11 import Request
 from websockets.typing import BytesLike, Subprotocol
 
-from remotecli.cluster.channel import preamble
-from remotecli.cluster.channel_tls import client_context
 from remotecli.controller.relay import (
     CONNECT_TIMEOUT,
     Credentials,
@@ -152,15 +150,7 @@ class _VncViewer(ViewerSocket):
         upstream = Upstream(self, "the VNC server")
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT):
-                await self._dial(
-                    upstream,
-                    unix_path=endpoint.unix_path,
-                    host=endpoint.host,
-                    port=endpoint.port,
-                    tls=client_context(cert) if (cert := endpoint.channel_cert) else None,
-                )
-                if endpoint.channel_secret is not None:
-                    upstream.write(preamble(endpoint.channel_secret))  # before any RFB byte
+                await self._dial(upstream, endpoint, "vnc")  # the secret before any RFB byte
                 if endpoint.password is not None:
                     self.server_rfb = RfbClient(password=endpoint.password, client_init=False)
                     self._vnc_auth = asyncio.get_running_loop().create_future()

@@ -40,7 +40,6 @@ import dataclasses
 import functools
 import re
 import secrets
-import ssl
 import time
 from collections.abc import Callable, Sequence
 from typing import ClassVar, cast
@@ -54,8 +53,11 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 from websockets.typing import BytesLike, Subprotocol
 
+from remotecli.cluster.channel import preamble
+from remotecli.cluster.channel_tls import client_context
 from remotecli.controller.session_stream import WRITE_BUFFER_HIGH, Upstream
 from remotecli.controller.viewers import ViewerAccounting
+from remotecli.drivers.base import TtyEndpoint, VncEndpoint
 from remotecli.exceptions import (
     NotFound,
     RemoteCliError,
@@ -377,30 +379,30 @@ class ViewerSocket(asyncio.Protocol):
             self.transport.close()
 
     async def _dial(
-        self,
-        upstream: Upstream,
-        *,
-        unix_path: str | None = None,
-        host: str | None = None,
-        port: int | None = None,
-        tls: ssl.SSLContext | None = None,
+        self, upstream: Upstream, endpoint: VncEndpoint | TtyEndpoint, verb: str
     ) -> None:
-        """Connect ``upstream`` to the session: Unix ``unix_path``, else TCP ``host``:``port``,
-        with TLS when ``tls`` is given (the handshake, and its certificate check, come first).
+        """Connect ``upstream`` to the session at ``endpoint``: its Unix socket, else TCP, with
+        TLS pinning the endpoint's ``channel_cert`` when it has one (the handshake, and its
+        certificate check, come first); on a session channel the secret and ``verb`` are the
+        first bytes written (:func:`~remotecli.cluster.channel.preamble`).
 
         Raises OSError, or SessionError when the session closed it at once. The caller bounds
         the time and, on failure, aborts ``upstream`` and calls :meth:`_unavailable`.
         """
         loop = asyncio.get_running_loop()
-        if unix_path is not None:
-            await loop.create_unix_connection(lambda: upstream, unix_path)
+        if endpoint.unix_path is not None:
+            await loop.create_unix_connection(lambda: upstream, endpoint.unix_path)
         else:
-            assert host is not None
-            assert port is not None
-            await loop.create_connection(lambda: upstream, host, port, ssl=tls)
+            assert endpoint.host is not None
+            assert endpoint.port is not None
+            cert = endpoint.channel_cert
+            tls = client_context(cert) if cert is not None else None
+            await loop.create_connection(lambda: upstream, endpoint.host, endpoint.port, ssl=tls)
         self.upstream = upstream
         if upstream.lost_reason is not None:
             raise SessionError(upstream.lost_reason)
+        if endpoint.channel_secret is not None:
+            upstream.write(preamble(endpoint.channel_secret, verb))  # before any other byte
 
     def _unavailable(self, request: Request, exc: RemoteCliError) -> None:
         """Upgrade anyway and close with ``exc``'s code and reason (a browser can read those)."""

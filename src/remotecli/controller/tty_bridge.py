@@ -30,8 +30,6 @@ from websockets.frames import Frame
 from websockets.http11 import Request
 from websockets.typing import BytesLike, Subprotocol
 
-from remotecli.cluster.channel import preamble
-from remotecli.cluster.channel_tls import client_context
 from remotecli.controller.relay import (
     CONNECT_TIMEOUT,
     Credentials,
@@ -104,15 +102,7 @@ class TtyViewer(ViewerSocket):
         endpoint = target.endpoint
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT):
-                await self._dial(
-                    upstream,
-                    unix_path=endpoint.unix_path,
-                    host=endpoint.host,
-                    port=endpoint.port,
-                    tls=client_context(cert) if (cert := endpoint.channel_cert) else None,
-                )
-                if endpoint.channel_secret is not None:
-                    upstream.write(preamble(endpoint.channel_secret, "tty"))  # before any record
+                await self._dial(upstream, endpoint, "tty")
         except (OSError, TimeoutError, RemoteCliError) as exc:
             upstream.abort()
             self._unavailable(
